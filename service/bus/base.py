@@ -1,0 +1,115 @@
+"""The contract between a bus adapter and the rest of the service.
+
+A bus pulls raw messages and hands them on as :class:`SourceBatch` objects through the
+``emit`` callable it is given; it never decodes events itself (the aggregator does, in
+one tight loop per batch). Control messages about partitions travel the same way so
+that they stay ordered with the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from service.events import Metric
+
+__all__ = [
+    "Bus",
+    "BusItem",
+    "Emit",
+    "PartitionCheckpoint",
+    "PartitionsAssigned",
+    "PartitionsRevoked",
+    "Restore",
+    "SourceBatch",
+]
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """Messages from one source partition, in order.
+
+    ``records`` holds one entry per transport message: ``bytes`` (undecoded text of a
+    Kafka message: one event or a JSON array) or an already-decoded JSON value (an
+    element of an HTTP response's ``events`` list).
+    ``offsets`` (Kafka) gives each record's offset for dead-letter ``source`` fields;
+    when absent, ``source`` alone describes where the records came from.
+    ``next_position`` is what to persist so that a restart continues after this batch.
+    ``caught_up`` says the partition had nothing more to read when this was fetched
+    (an idle, caught-up partition must not hold the watermark back).
+    """
+
+    partition: str
+    records: list[Any]
+    source: str
+    next_position: str | None
+    received_at: float
+    offsets: list[int] | None = None
+    caught_up: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionCheckpoint:
+    """What was durably stored for one source partition."""
+
+    partition: str
+    position: str | None
+    state: bytes | None
+
+
+@dataclass(slots=True)
+class PartitionsAssigned:
+    """The bus now reads these partitions; restored state comes along."""
+
+    checkpoints: list[PartitionCheckpoint]
+
+
+@dataclass(slots=True)
+class PartitionsRevoked:
+    """The bus gives these partitions up. ``done`` is resolved once their state and
+    outputs are durable, so the bus can let go of them safely."""
+
+    partitions: list[str]
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+BusItem = SourceBatch | PartitionsAssigned | PartitionsRevoked
+Emit = Callable[[BusItem], Awaitable[None]]
+Restore = Callable[[Sequence[str]], Awaitable[dict[str, PartitionCheckpoint]]]
+"""Loads the stored checkpoints of the given partitions (missing ones are absent)."""
+
+
+class Bus(Protocol):
+    """A VaBus transport."""
+
+    name: str  # transport name for logs and metrics: "http", "kafka", "demo", "memory"
+
+    async def start(self) -> None:
+        """Connect. Retries transient failures itself; raises only on permanent ones."""
+
+    async def stop(self) -> None:
+        """Disconnect. Idempotent."""
+
+    async def run(self, emit: Emit, restore: Restore) -> None:
+        """Pull forever, handing each batch to ``emit`` (which applies backpressure).
+
+        Before the first batch of a partition, call ``restore`` and emit
+        :class:`PartitionsAssigned`, then continue from the restored positions.
+        Returns when cancelled or after :meth:`stop_intake`.
+        """
+
+    def stop_intake(self) -> None:
+        """Stop pulling new messages; :meth:`run` returns soon after."""
+
+    async def commit(self, positions: Mapping[str, str]) -> None:
+        """Tell the bus that everything before these positions is durable."""
+
+    async def send_metrics(self, metrics: Sequence[Metric]) -> None:
+        """Publish the service's own metrics to the bus."""
+
+    async def check(self) -> None:
+        """Raise a :class:`~service.errors.TransientError` if the bus is unreachable."""

@@ -1,0 +1,27 @@
+"""Where open-window state and source positions are kept between runs.
+
+A checkpoint is written only after every output derived from the events before its
+positions is durable; a restart loads it, restores the windows and continues reading
+from the stored positions, so nothing is lost and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from service.bus.base import PartitionCheckpoint
+
+__all__ = ["CheckpointStore"]
+
+
+class CheckpointStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
+        """Stored checkpoints of these partitions; partitions never saved are absent."""
+
+    async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        """Store atomically: after a crash either all of these or none are visible."""

@@ -1,0 +1,134 @@
+"""The messages that flow through the service: input events, aggregates, dead letters, metrics.
+
+Everything here is a frozen, slotted dataclass so that it is cheap, hashable where it
+matters and cannot be changed behind a stage's back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+__all__ = [
+    "AGG_FUNCS",
+    "REJECT_REASONS",
+    "Aggregate",
+    "DeadLetter",
+    "Event",
+    "Metric",
+    "iso_utc",
+]
+
+AGG_FUNCS: Final = (
+    "sum", "avg", "min", "max", "count", "first", "last",
+    "stddev", "p50", "p90", "p95", "p99",
+)  # fmt: skip
+
+REJECT_REASONS: Final = (
+    "invalid_json",
+    "not_an_object",
+    "missing_name",
+    "invalid_name",
+    "missing_value",
+    "invalid_value",
+    "missing_timestamp",
+    "invalid_timestamp",
+    "future_timestamp",
+    "unknown_agg_func",
+    "too_large",
+    "late",
+    "cardinality_limit",
+)
+
+
+def iso_utc(ts: float) -> str:
+    """Unix seconds -> ISO-8601 UTC with a trailing ``Z`` (millisecond precision)."""
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated input event. The hot path works on tuples; this is the public form."""
+
+    name: str
+    value: float
+    timestamp: float
+    agg_func: str = "sum"
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "timestamp": self.timestamp,
+            "agg_func": self.agg_func,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """The result of one window for one (name, agg_func)."""
+
+    name: str
+    agg_func: str
+    value: float
+    count: int
+    window_start: float
+    window_end: float
+    emitted_at: float
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "agg_func": self.agg_func,
+            "value": self.value,
+            "count": self.count,
+            "window_start": iso_utc(self.window_start),
+            "window_end": iso_utc(self.window_end),
+            "emitted_at": iso_utc(self.emitted_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input the service could not aggregate, with the reason why.
+
+    ``raw`` is the element's JSON text (or the undecodable message text, truncated).
+    """
+
+    raw: str
+    reason: str
+    detail: str
+    source: str
+    received_at: float
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "raw": self.raw,
+            "reason": self.reason,
+            "detail": self.detail,
+            "source": self.source,
+            "received_at": iso_utc(self.received_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One of the service's own metrics, as sent to the bus."""
+
+    name: str
+    value: float
+    timestamp: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "name": self.name,
+            "value": self.value if math.isfinite(self.value) else None,
+            "timestamp": self.timestamp,
+        }
+        if self.labels:
+            obj["labels"] = self.labels
+        return obj
