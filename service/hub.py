@@ -1,0 +1,211 @@
+"""EventHub: in-process publish/subscribe where every subscriber owns its queue and task.
+
+A subscriber's failure, slowness or restart stays its own. Two kinds of subscriber:
+
+* **required** (the data path): ``publish`` waits for room in its queue, so a slow
+  stage slows the publisher (backpressure) and nothing is ever dropped. A handler
+  that raises is retried on the same items with backoff until it succeeds.
+* **best-effort** (observers): ``publish`` never waits for them; when their queue is
+  full the item is dropped and counted. A handler that keeps failing on the same items
+  gives them up after ``max_attempts`` and goes on.
+
+Handlers take a *list* of items: the subscriber task drains up to ``max_batch`` queued
+items at once, so a stage that can batch (the sender) gets whole batches for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from service.clock import Clock, SystemClock
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+
+__all__ = ["EventHub", "Handler", "SubscriberStats"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[list[Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class SubscriberStats:
+    processed: int = 0
+    errors: int = 0
+    restarts: int = 0
+    dropped: int = 0
+    depth: int = 0
+
+
+class _Subscriber:
+    def __init__(
+        self,
+        name: str,
+        topic: str,
+        handler: Handler,
+        *,
+        maxsize: int,
+        max_batch: int,
+        required: bool,
+        accepts: Callable[[Any], bool] | None,
+        max_attempts: int | None,
+    ) -> None:
+        self.name = name
+        self.topic = topic
+        self.handler = handler
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.max_batch = max_batch
+        self.required = required
+        self.accepts = accepts
+        self.max_attempts = max_attempts
+        self.stats = SubscriberStats()
+        self.task: asyncio.Task[None] | None = None
+
+
+class EventHub:
+    """Routes items by topic to subscribers; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        metrics: MetricsCollector,
+        clock: Clock | None = None,
+        restart_backoff: Backoff | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock or SystemClock()
+        self._backoff = restart_backoff or Backoff(initial_s=0.1, maximum_s=30.0)
+        self._subs: dict[str, _Subscriber] = {}
+        self._started = False
+
+    def subscribe(
+        self,
+        topic: str,
+        name: str,
+        handler: Handler,
+        *,
+        maxsize: int = 64,
+        max_batch: int = 64,
+        required: bool = True,
+        accepts: Callable[[Any], bool] | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        """Add a subscriber. ``accepts`` filters items; ``max_attempts`` (best-effort only)
+        bounds retries of one failing batch. May be called while the hub runs."""
+        if name in self._subs:
+            raise ValueError(f"subscriber {name!r} already exists")
+        if maxsize < 1 or max_batch < 1:
+            raise ValueError("maxsize and max_batch must be at least 1")
+        sub = _Subscriber(
+            name,
+            topic,
+            handler,
+            maxsize=maxsize,
+            max_batch=max_batch,
+            required=required,
+            accepts=accepts,
+            max_attempts=None if required else (max_attempts or 3),
+        )
+        self._subs[name] = sub
+        if self._started:
+            self._spawn(sub)
+
+    async def unsubscribe(self, name: str) -> None:
+        """Remove a subscriber; items still queued for it are discarded."""
+        sub = self._subs.pop(name)
+        await self._cancel(sub)
+
+    async def publish(self, topic: str, item: Any) -> None:
+        for sub in list(self._subs.values()):
+            if sub.topic != topic or (sub.accepts is not None and not sub.accepts(item)):
+                continue
+            if sub.required:
+                await sub.queue.put(item)
+            else:
+                try:
+                    sub.queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    sub.stats.dropped += 1
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for sub in self._subs.values():
+            self._spawn(sub)
+
+    async def drain(self) -> None:
+        """Wait until every queue is empty and every handler idle, in subscription order,
+        so that a stage's outputs reach the next stage before that one is waited for."""
+        for sub in list(self._subs.values()):
+            await sub.queue.join()
+
+    async def stop(self) -> None:
+        """Cancel every subscriber task; undelivered items are discarded (drain first)."""
+        self._started = False
+        for sub in list(self._subs.values()):
+            await self._cancel(sub)
+
+    def stats(self) -> dict[str, SubscriberStats]:
+        for sub in self._subs.values():
+            sub.stats.depth = sub.queue.qsize()
+        return {name: sub.stats for name, sub in self._subs.items()}
+
+    def _spawn(self, sub: _Subscriber) -> None:
+        sub.task = asyncio.create_task(self._serve(sub), name=f"hub:{sub.name}")
+
+    async def _cancel(self, sub: _Subscriber) -> None:
+        if sub.task is None:
+            return
+        sub.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sub.task
+        sub.task = None
+
+    async def _serve(self, sub: _Subscriber) -> None:
+        while True:
+            batch = [await sub.queue.get()]
+            while len(batch) < sub.max_batch:
+                try:
+                    batch.append(sub.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            self._metrics.set_queue_depth(sub.name, sub.queue.qsize())
+            try:
+                await self._deliver(sub, batch)
+            finally:
+                for _ in batch:
+                    sub.queue.task_done()
+
+    async def _deliver(self, sub: _Subscriber, batch: list[Any]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await sub.handler(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                attempt += 1
+                sub.stats.errors += 1
+                sub.stats.restarts += 1
+                self._metrics.on_subscriber_crash(sub.name)
+                if sub.max_attempts is not None and attempt >= sub.max_attempts:
+                    sub.stats.dropped += len(batch)
+                    log.exception(
+                        "subscriber %s failed %d times; giving up %d item(s)",
+                        sub.name, attempt, len(batch),
+                    )  # fmt: skip
+                    return
+                delay = self._backoff.delay(attempt)
+                log.exception(
+                    "subscriber %s failed (attempt %d); restarting in %.1fs",
+                    sub.name, attempt, delay,
+                )  # fmt: skip
+                await self._clock.sleep(delay)
+            else:
+                sub.stats.processed += len(batch)
+                return

@@ -1,0 +1,163 @@
+"""EventHub: isolated subscribers, backpressure, crash restarts, best-effort drops."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service.clock import ManualClock
+from service.hub import EventHub
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+
+
+def make_hub() -> tuple[EventHub, ManualClock]:
+    clock = ManualClock()
+    return EventHub(MetricsCollector(clock), clock, Backoff("fixed", 1.0, 1.0)), clock
+
+
+async def wait_for(cond: Any, clock: ManualClock | None = None) -> None:
+    async with asyncio.timeout(5):
+        while not cond():
+            if clock is not None:
+                clock.advance(1.0)
+            await asyncio.sleep(0)
+
+
+async def test_items_reach_every_subscriber_of_the_topic_in_order() -> None:
+    hub, _ = make_hub()
+    got: dict[str, list[int]] = {"a": [], "b": [], "other": []}
+
+    def collect(key: str) -> Any:
+        async def handle(items: list[int]) -> None:
+            got[key].extend(items)
+        return handle
+
+    hub.subscribe("t", "a", collect("a"))
+    hub.subscribe("t", "b", collect("b"), accepts=lambda i: i % 2 == 0)
+    hub.subscribe("u", "other", collect("other"))
+    await hub.start()
+    for i in range(10):
+        await hub.publish("t", i)
+    await hub.drain()
+    await hub.stop()
+    assert got == {"a": list(range(10)), "b": [0, 2, 4, 6, 8], "other": []}
+
+
+async def test_crashing_subscriber_is_retried_while_others_go_on() -> None:
+    hub, clock = make_hub()
+    healthy: list[int] = []
+    flaky: list[int] = []
+    failures = 2
+
+    async def ok(items: list[int]) -> None:
+        healthy.extend(items)
+
+    async def fails_twice(items: list[int]) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("boom")
+        flaky.extend(items)
+
+    hub.subscribe("t", "healthy", ok)
+    hub.subscribe("t", "flaky", fails_twice)
+    await hub.start()
+    await hub.publish("t", 1)
+    await wait_for(lambda: healthy == [1])
+    await wait_for(lambda: flaky == [1], clock)
+    stats = hub.stats()
+    assert (stats["flaky"].restarts, stats["flaky"].processed) == (2, 1)
+    assert stats["healthy"].errors == 0
+    await hub.stop()
+
+
+async def test_full_required_queue_makes_the_publisher_wait() -> None:
+    hub, _ = make_hub()
+    gate = asyncio.Event()
+    seen: list[int] = []
+
+    async def slow(items: list[int]) -> None:
+        await gate.wait()
+        seen.extend(items)
+
+    hub.subscribe("t", "slow", slow, maxsize=2, max_batch=1)
+    await hub.start()
+    await hub.publish("t", 0)  # taken by the task
+    await wait_for(lambda: hub.stats()["slow"].depth == 0)
+    await hub.publish("t", 1)
+    await hub.publish("t", 2)
+    blocked = asyncio.create_task(hub.publish("t", 3))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    gate.set()
+    await asyncio.wait_for(blocked, 5)
+    await hub.drain()
+    assert seen == [0, 1, 2, 3]
+    await hub.stop()
+
+
+async def test_best_effort_subscriber_drops_and_counts_when_full() -> None:
+    hub, _ = make_hub()
+    gate = asyncio.Event()
+
+    async def slow(items: list[int]) -> None:
+        await gate.wait()
+
+    hub.subscribe("t", "observer", slow, maxsize=1, max_batch=1, required=False)
+    await hub.start()
+    await hub.publish("t", 0)
+    await wait_for(lambda: hub.stats()["observer"].depth == 0)
+    for i in range(1, 5):
+        await hub.publish("t", i)  # never blocks
+    assert hub.stats()["observer"].dropped == 3
+    gate.set()
+    await hub.stop()
+
+
+async def test_best_effort_subscriber_gives_up_a_poison_batch_and_goes_on() -> None:
+    hub, clock = make_hub()
+    seen: list[int] = []
+
+    async def poison_on_zero(items: list[int]) -> None:
+        if 0 in items:
+            raise ValueError("poison")
+        seen.extend(items)
+
+    hub.subscribe("t", "obs", poison_on_zero, max_batch=1, required=False, max_attempts=2)
+    await hub.start()
+    await hub.publish("t", 0)
+    await hub.publish("t", 1)
+    await wait_for(lambda: seen == [1], clock)
+    assert hub.stats()["obs"].dropped == 1
+    await hub.stop()
+
+
+async def test_subscriber_added_at_run_time_starts_receiving() -> None:
+    hub, _ = make_hub()
+    await hub.start()
+    got: list[int] = []
+
+    async def handle(items: list[int]) -> None:
+        got.extend(items)
+
+    hub.subscribe("t", "late", handle)
+    await hub.publish("t", 5)
+    await hub.drain()
+    assert got == [5]
+    await hub.unsubscribe("late")
+    await hub.publish("t", 6)
+    assert got == [5]
+    await hub.stop()
+
+
+def test_duplicate_subscriber_name_is_refused() -> None:
+    hub, _ = make_hub()
+
+    async def h(items: list[int]) -> None: ...
+
+    hub.subscribe("t", "x", h)
+    with pytest.raises(ValueError, match="already exists"):
+        hub.subscribe("t", "x", h)
