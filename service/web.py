@@ -1,0 +1,169 @@
+"""The operator's HTTP surface: /healthz, /readyz, /metrics, /status.
+
+The app only reads: it calls the readiness checks and the status callable it is given
+and renders the metrics collector. It holds no reference to the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Self
+
+from aiohttp import web
+
+from service.metrics import MetricsCollector
+
+__all__ = [
+    "METRICS_KEY",
+    "READINESS_KEY",
+    "READINESS_TIMEOUT_KEY",
+    "STATUS_KEY",
+    "ReadinessCheck",
+    "WebServer",
+    "build_web_app",
+]
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+"""Returns when the dependency is reachable; raises (with a secret-free message) if not."""
+
+READINESS_TIMEOUT_S: Final = 2.0
+_MAX_REASON_CHARS: Final = 300
+
+METRICS_KEY: Final = web.AppKey("metrics", MetricsCollector)
+READINESS_KEY: Final = web.AppKey[Mapping[str, ReadinessCheck]]("readiness_checks")
+READINESS_TIMEOUT_KEY: Final = web.AppKey("readiness_timeout_s", float)
+STATUS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("status")
+
+
+def build_web_app(
+    metrics: MetricsCollector,
+    readiness: Mapping[str, ReadinessCheck],
+    status: Callable[[], Mapping[str, Any]],
+    *,
+    readiness_timeout_s: float = READINESS_TIMEOUT_S,
+) -> web.Application:
+    """The app serving the four endpoints.
+
+    ``readiness`` names each dependency /readyz checks; all run concurrently, each
+    bounded by ``readiness_timeout_s``. ``status`` must be cheap and JSON-able: it is
+    merged over the metrics snapshot on every /status request.
+    """
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app[READINESS_KEY] = dict(readiness)
+    app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
+    app[STATUS_KEY] = status
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/status", _status)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    # Answering at all proves the event loop is alive; that is the whole check.
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    checks = request.app[READINESS_KEY]
+    names = list(checks)
+    timeout_s = request.app[READINESS_TIMEOUT_KEY]
+    failures = await asyncio.gather(*(_run_check(checks[n], timeout_s) for n in names))
+    results = {n: (f or "ok") for n, f in zip(names, failures, strict=True)}
+    if any(failures):
+        return web.json_response({"status": "not_ready", "checks": results}, status=503)
+    return web.json_response({"status": "ready", "checks": results})
+
+
+async def _run_check(check: ReadinessCheck, timeout_s: float) -> str | None:
+    """``None`` when the check passed, else a short reason fit for the response."""
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            await check()
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            return f"no answer within {timeout_s:g} s"
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return reason[:_MAX_REASON_CHARS]
+    return None
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    # content_type= would reject the charset parameter Prometheus puts in its type
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.content_type})
+
+
+async def _status(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].snapshot()
+    body.update(request.app[STATUS_KEY]())
+    return web.json_response(body)
+
+
+class WebServer:
+    """Serves ``app`` on ``host:port`` (port 0 picks a free one; see :attr:`port`).
+
+    ``stop()`` gives in-flight requests ``shutdown_timeout_s`` to finish, so that it
+    fits inside the service's shutdown deadline.
+    """
+
+    def __init__(
+        self, host: str, port: int, app: web.Application, *, shutdown_timeout_s: float = 2.0
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._app = app
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port. Only valid between ``start()`` and ``stop()``."""
+        if self._port is None:
+            raise RuntimeError("WebServer is not running")
+        return self._port
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        # Scrapes and probes every few seconds would drown the log: no access log.
+        runner = web.AppRunner(
+            self._app, access_log=None, shutdown_timeout=self._shutdown_timeout_s
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self._requested_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = _bound_port(runner)
+        log.info("HTTP server listening on %s:%d", self.host, self._port)
+
+    async def stop(self) -> None:
+        runner, self._runner, self._port = self._runner, None, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        # (host, port) for IPv4, (host, port, flow, scope) for IPv6
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("the HTTP server bound no TCP address")
