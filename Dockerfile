@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+# VaBus Aggregator: `docker run IMAGE` runs the service configured by environment
+# variables (see .env.example); `docker run IMAGE emulator ...` runs the VaBus emulator.
+
+# Build stage: wheels for the package and its dependencies, so the runtime stage
+# needs neither build tools nor the package index.
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN pip wheel --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+# No service settings are baked in as ENV: they would override a mounted /app/.env.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels /wheels/vabus_aggregator-*.whl \
+    && groupadd --system --gid 10001 vabus \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /app vabus \
+    && mkdir -p /app/state \
+    && chown -R 10001:10001 /app
+# The working directory holds the optional `.env` and the default STATE_DIR (./state).
+WORKDIR /app
+USER 10001:10001
+VOLUME ["/app/state"]
+EXPOSE 8080
+# Liveness only (/healthz); readiness of the bus and outputs is /readyz. The port comes
+# from the same configuration the service reads (environment, then /app/.env).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; from service.config import load_config; urllib.request.urlopen(f'http://127.0.0.1:{load_config().http.port}/healthz', timeout=4)"]
+ENTRYPOINT ["vabus-aggregator"]
+CMD ["run"]
