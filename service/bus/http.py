@@ -1,0 +1,363 @@
+"""HttpBus: the VaBus HTTP protocol v1 client (long-poll with cursors).
+
+The cursor is the position of the single partition ``"http"``: it travels in
+``SourceBatch.next_position`` and is stored with the checkpoint, so a restart continues
+after the last durable batch (the server replays from an older cursor). Against a server
+that ignores cursors, events fetched but not yet durable when the process dies are lost.
+
+A response body that is not JSON, or has no ``events`` list, is handed on once as a
+single ``bytes`` record (the aggregator dead-letters it) together with the envelope's
+cursor if one can be read. Otherwise the cursor cannot advance: the same request is
+retried with backoff, and the same bad body is never handed on twice for one cursor,
+so a broken server produces one dead letter, not one per retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Self
+
+import aiohttp
+import orjson
+
+from service.bus.base import (
+    Emit,
+    PartitionCheckpoint,
+    PartitionsAssigned,
+    Restore,
+    SourceBatch,
+)
+from service.clock import Clock
+from service.config import BusConfig
+from service.errors import TransientError
+from service.events import Metric
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+
+__all__ = ["PARTITION", "HttpBus", "split_json_array"]
+
+log = logging.getLogger(__name__)
+
+PARTITION: Final = "http"
+RAW_LIMIT: Final = 64 * 1024  # an unparseable body is handed on truncated to this
+_MIN_EMPTY_POLL_S: Final = 0.05  # a server that ignores `wait` must not make us spin
+_CHECK_TIMEOUT_S: Final = 5.0
+
+
+class _ResponseError(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
+        self.retriable = status >= 500 or status in (408, 429)
+
+
+@dataclass(slots=True)
+class _Fetched:
+    request_cursor: str | None
+    records: list[Any]
+    next_cursor: str | None
+    caught_up: bool
+    events: int  # events in the answer; 0 for an unparseable body
+    seconds: float  # how long the request took
+
+
+class HttpBus:
+    """Pulls ``GET {base}/events`` in a loop with one request always in flight.
+
+    While batch *n* is being emitted, the request for batch *n+1* (with batch *n*'s
+    cursor) is already on the wire; batches are still emitted strictly in order.
+    """
+
+    name = "http"
+
+    def __init__(
+        self,
+        config: BusConfig,
+        metrics: MetricsCollector,
+        clock: Clock,
+        *,
+        backoff: Backoff | None = None,
+        metrics_attempts: int = 3,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._backoff = backoff or Backoff(initial_s=0.1, maximum_s=10.0)
+        self._metrics_attempts = metrics_attempts
+        self._base = config.http_base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._intake_stopped = False
+        self._inflight: asyncio.Task[_Fetched] | None = None
+        self._bad_cursor: str | None = None
+        self._bad_bodies: set[int] = set()  # hashes of bad bodies handed on for _bad_cursor
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the HTTP session; the server is contacted only by :meth:`run`."""
+        if self._session is None:
+            self._intake_stopped = False
+            self._session = aiohttp.ClientSession(headers=self._headers())
+
+    async def stop(self) -> None:
+        self.stop_intake()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def stop_intake(self) -> None:
+        """Abandon the request in flight: its events were not emitted, so with cursors
+        they are fetched again after a restart."""
+        self._intake_stopped = True
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    # -- data path ------------------------------------------------------------------
+    async def run(self, emit: Emit, restore: Restore) -> None:
+        await self.start()
+        stored = await restore([PARTITION])
+        checkpoint = stored.get(PARTITION) or PartitionCheckpoint(PARTITION, None, None)
+        await emit(PartitionsAssigned([checkpoint]))
+        cursor = checkpoint.position
+        announced_caught_up = False
+        pending = self._spawn(cursor, delay_s=0.0)
+        try:
+            while not self._intake_stopped:
+                try:
+                    fetched = await pending
+                except asyncio.CancelledError:
+                    if self._intake_stopped and pending.cancelled():
+                        return
+                    raise
+                cursor = fetched.next_cursor
+                idle = fetched.events == 0 and fetched.seconds < _MIN_EMPTY_POLL_S
+                pending = self._spawn(cursor, _MIN_EMPTY_POLL_S - fetched.seconds if idle else 0)
+                # An empty answer only matters once: it tells the aggregator we caught up.
+                if fetched.records or not announced_caught_up:
+                    self._metrics.on_messages_received(
+                        self.name, len(fetched.records), fetched.events
+                    )
+                    await emit(self._batch(fetched))
+                    announced_caught_up = fetched.caught_up
+        finally:
+            pending.cancel()
+            await asyncio.wait({pending})
+            self._inflight = None
+
+    def _spawn(self, cursor: str | None, delay_s: float) -> asyncio.Task[_Fetched]:
+        self._inflight = asyncio.create_task(self._fetch(cursor, delay_s))
+        return self._inflight
+
+    def _batch(self, fetched: _Fetched) -> SourceBatch:
+        return SourceBatch(
+            partition=PARTITION,
+            records=fetched.records,
+            source=f"http cursor={fetched.request_cursor or 'none'}",
+            next_position=fetched.next_cursor,
+            received_at=self._clock.now(),
+            caught_up=fetched.caught_up,
+        )
+
+    async def _fetch(self, cursor: str | None, delay_s: float) -> _Fetched:
+        """One answer for ``cursor``, retrying forever with backoff."""
+        if delay_s > 0:
+            await self._clock.sleep(delay_s)
+        attempt = 0
+        while True:
+            try:
+                fetched = await self._get_events(cursor)
+                if fetched is not None:
+                    return fetched
+                problem, retriable = "repeated the same unparseable body", False
+            except _ResponseError as exc:
+                problem, retriable = str(exc), exc.retriable
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem, retriable = f"{type(exc).__name__}: {exc}", True
+            attempt += 1
+            delay = self._backoff.delay(attempt)
+            self._metrics.on_bus_error(self.name, retriable)
+            log.log(
+                logging.WARNING if retriable else logging.ERROR,
+                "VaBus GET %s/events (cursor=%s) failed: %s; retry %d in %.2f s",
+                self._base, cursor, problem, attempt, delay,
+            )  # fmt: skip
+            await self._clock.sleep(delay)
+
+    async def _get_events(self, cursor: str | None) -> _Fetched | None:
+        """``None`` when the body is one already handed on for this cursor."""
+        config = self._config
+        params = {"limit": str(config.http_batch_limit), "wait": f"{config.http_wait_s:g}"}
+        if cursor is not None:
+            params["cursor"] = cursor
+        timeout = aiohttp.ClientTimeout(total=config.http_wait_s + config.http_timeout_s)
+        started = self._clock.monotonic()
+        async with self._require_session().get(
+            f"{self._base}/events", params=params, timeout=timeout
+        ) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise _ResponseError(response.status, body)
+        seconds = self._clock.monotonic() - started
+        events, next_cursor = _parse_envelope(body)
+        if events is not None:
+            caught_up = len(events) < self._config.http_batch_limit
+            return _Fetched(cursor, events, next_cursor or cursor, caught_up, len(events), seconds)
+        if cursor != self._bad_cursor:
+            self._bad_cursor, self._bad_bodies = cursor, set()
+        if hash(body) in self._bad_bodies:
+            return None
+        self._bad_bodies.add(hash(body))
+        log.error(
+            "VaBus answered GET %s/events (cursor=%s) with a body that is not an events "
+            "envelope (%d bytes); handing it on as one invalid record",
+            self._base, cursor, len(body),
+        )  # fmt: skip
+        return _Fetched(cursor, [body[:RAW_LIMIT]], next_cursor or cursor, False, 0, seconds)
+
+    # -- side channels ----------------------------------------------------------------
+    async def commit(self, positions: Mapping[str, str]) -> None:
+        """Nothing to do: the cursor is stored with the checkpoint."""
+
+    async def send_metrics(self, metrics: Sequence[Metric]) -> None:
+        """POST to ``{base}/metrics``; after a few failed attempts the metrics are dropped
+        with a warning (they must never hold up the data path)."""
+        if not metrics:
+            return
+        if self._session is None:
+            log.warning("dropping %d metrics: the HTTP bus is not started", len(metrics))
+            return
+        body = orjson.dumps([m.to_json_obj() for m in metrics])
+        timeout = aiohttp.ClientTimeout(total=self._config.http_timeout_s)
+        problem = ""
+        for attempt in range(1, self._metrics_attempts + 1):
+            try:
+                async with self._session.post(
+                    f"{self._base}/metrics",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=timeout,
+                ) as response:
+                    answer = await response.read()
+                    if response.status < 300:
+                        return
+                    raise _ResponseError(response.status, answer)
+            except (_ResponseError, aiohttp.ClientError, TimeoutError) as exc:
+                problem = str(exc) or type(exc).__name__
+            if attempt < self._metrics_attempts:
+                await self._clock.sleep(self._backoff.delay(attempt))
+        log.warning(
+            "dropping %d metrics: POST %s/metrics failed %d times, last: %s",
+            len(metrics), self._base, self._metrics_attempts, problem,
+        )  # fmt: skip
+
+    async def check(self) -> None:
+        url = f"{self._base}/events"
+        timeout = aiohttp.ClientTimeout(total=_CHECK_TIMEOUT_S)
+        params = {"limit": "0", "wait": "0"}
+        session = self._session or aiohttp.ClientSession(headers=self._headers())
+        try:
+            async with session.get(url, params=params, timeout=timeout) as response:
+                if response.status != 200:
+                    raise TransientError(f"VaBus at {url} answered HTTP {response.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise TransientError(f"VaBus at {url} is unreachable: {reason}") from exc
+        finally:
+            if session is not self._session:
+                await session.close()
+
+    def _headers(self) -> dict[str, str]:
+        token = self._config.token.value
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("HttpBus.start() was not called")
+        return self._session
+
+
+def _parse_envelope(body: bytes) -> tuple[list[Any] | None, str | None]:
+    """``(events, cursor)``; ``events`` is None when the body is not an envelope.
+
+    orjson refuses numbers outside a double (``1e999``, 400-digit integers) that are
+    still JSON; then the standard library parses the envelope and the events are handed
+    on as their exact texts (``bytes``), which the aggregator rejects one by one.
+    """
+    try:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _parse_envelope_slowly(body)
+    if not isinstance(envelope, dict):
+        return None, None
+    events, cursor = envelope.get("events"), envelope.get("cursor")
+    cursor = cursor if isinstance(cursor, str) else None
+    return (events if isinstance(events, list) else None), cursor
+
+
+def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, str | None]:
+    try:
+        text = body.decode("utf-8")
+        envelope = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(envelope, dict):
+        return None, None
+    cursor = envelope.get("cursor")
+    cursor = cursor if isinstance(cursor, str) else None
+    if not isinstance(envelope.get("events"), list):
+        return None, cursor
+    return [e.encode() for e in _events_texts(text)], cursor
+
+
+def _events_texts(text: str) -> list[str]:
+    """The element texts of the top-level ``events`` array of a valid JSON object."""
+    decoder = json.JSONDecoder()
+    found: list[str] = []
+    pos = _skip_ws(text, _skip_ws(text, 0) + 1)  # past "{"
+    while text[pos] != "}":
+        key, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past ":"
+        if key == "events":
+            found, pos = split_json_array(text, pos)  # the last duplicate wins, as in json
+        else:
+            _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    return found
+
+
+def split_json_array(text: str, pos: int = 0) -> tuple[list[str], int]:
+    """The exact texts of the elements of the JSON array at ``text[pos]``, and the index
+    after it. Raises ``ValueError`` if there is no well-formed array there."""
+    decoder = json.JSONDecoder()
+    if text[pos : pos + 1] != "[":
+        raise ValueError(f"expected '[' at {pos}")
+    pos = _skip_ws(text, pos + 1)
+    elements: list[str] = []
+    if text[pos : pos + 1] == "]":
+        return elements, pos + 1
+    while True:
+        _, end = decoder.raw_decode(text, pos)
+        elements.append(text[pos:end])
+        pos = _skip_ws(text, end)
+        if text[pos : pos + 1] == "]":
+            return elements, pos + 1
+        if text[pos : pos + 1] != ",":
+            raise ValueError(f"expected ',' or ']' at {pos}")
+        pos = _skip_ws(text, pos + 1)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
