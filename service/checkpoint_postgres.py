@@ -1,0 +1,175 @@
+"""PostgresCheckpointStore: checkpoints as rows of ``vabus_checkpoints``.
+
+One row per (namespace, partition). ``save`` upserts every given row in one
+transaction. :func:`save_in_transaction` does the same inside a caller's transaction,
+so that a later change can commit checkpoints together with the sink's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import asyncpg
+
+from service.bus.base import PartitionCheckpoint
+from service.errors import PermanentSinkError, ServiceError, TransientError
+from service.schema import (
+    CHECKPOINT_TABLE,
+    classify_connect_error,
+    ensure_checkpoint_table,
+    pg_error_kind,
+    quote_identifier,
+)
+
+__all__ = ["ROW_FORMAT", "PostgresCheckpointStore", "save_in_transaction"]
+
+ROW_FORMAT: Final = 1
+"""Version of how a row encodes a checkpoint; rows of other versions are refused."""
+
+
+def _upsert_sql(table: str) -> str:
+    return f"""
+        INSERT INTO {quote_identifier(table)}
+            (namespace, partition, position, state, format, updated_at)
+        SELECT $1, p, pos, st, $5, now()
+        FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(p, pos, st)
+        ON CONFLICT (namespace, partition) DO UPDATE SET
+            position = EXCLUDED.position,
+            state = EXCLUDED.state,
+            format = EXCLUDED.format,
+            updated_at = now()"""
+
+
+async def save_in_transaction(
+    conn: Any,
+    namespace: str,
+    checkpoints: Sequence[PartitionCheckpoint],
+    table: str = CHECKPOINT_TABLE,
+) -> None:
+    """Upsert ``checkpoints`` on ``conn``; the caller owns the transaction."""
+    latest = {c.partition: c for c in checkpoints}  # one row per key, last wins
+    rows = list(latest.values())
+    await conn.execute(
+        _upsert_sql(table),
+        namespace,
+        [c.partition for c in rows],
+        [c.position for c in rows],
+        [c.state for c in rows],
+        ROW_FORMAT,
+    )
+
+
+class PostgresCheckpointStore:
+    """Implements :class:`~service.checkpoint.CheckpointStore` in PostgreSQL.
+
+    Given a pool, the store borrows it (the owner closes it); given a DSN, it opens
+    and closes a small pool of its own. ``start`` creates the table if it is missing.
+    Errors: :class:`TransientError` while the server is unreachable,
+    :class:`PermanentSinkError` for anything retrying cannot fix.
+    """
+
+    def __init__(
+        self,
+        pool_or_dsn: Any,
+        namespace: str,
+        *,
+        table: str = CHECKPOINT_TABLE,
+        timeout_s: float = 10.0,
+    ) -> None:
+        quote_identifier(table)  # a bad name fails here, not at the first save
+        self.namespace = namespace
+        self._table = table
+        self._dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
+        self._borrowed = None if isinstance(pool_or_dsn, str) else pool_or_dsn
+        self._pool: Any = None
+        self._timeout_s = timeout_s
+        self._select = (
+            f"SELECT partition, position, state, format FROM {quote_identifier(table)} "
+            "WHERE namespace = $1 AND partition = ANY($2::text[])"
+        )
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        if self._borrowed is not None:
+            pool = self._borrowed
+        else:
+            try:
+                pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=2, timeout=self._timeout_s
+                )
+            except Exception as exc:
+                raise classify_connect_error(exc) from exc
+        try:
+            async with pool.acquire(timeout=self._timeout_s) as conn:
+                await ensure_checkpoint_table(conn, self._table)
+        except Exception as exc:
+            if self._borrowed is None:
+                await pool.close()
+            raise self._classify(exc) from exc
+        self._pool = pool
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and self._borrowed is None:
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _started_pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("PostgresCheckpointStore is not started")
+        return self._pool
+
+    async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
+        pool = self._started_pool()
+        try:
+            async with pool.acquire(timeout=self._timeout_s) as conn:
+                rows = await conn.fetch(self._select, self.namespace, list(partitions))
+        except Exception as exc:
+            raise self._classify(exc) from exc
+        result: dict[str, PartitionCheckpoint] = {}
+        for row in rows:
+            if row["format"] != ROW_FORMAT:
+                raise PermanentSinkError(
+                    f"checkpoint of {self.namespace!r}/{row['partition']!r} in {self._table} "
+                    f"has format {row['format']}, this service reads {ROW_FORMAT}; run a "
+                    "matching service version"
+                )
+            state = row["state"]
+            result[row["partition"]] = PartitionCheckpoint(
+                partition=row["partition"],
+                position=row["position"],
+                state=None if state is None else bytes(state),
+            )
+        return result
+
+    async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        if not checkpoints:
+            return
+        pool = self._started_pool()
+        try:
+            async with pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+                await save_in_transaction(conn, self.namespace, checkpoints, self._table)
+        except Exception as exc:
+            raise self._classify(exc) from exc
+
+    def _classify(self, exc: Exception) -> ServiceError:
+        if pg_error_kind(exc) == "transient":
+            return TransientError(f"PostgreSQL unavailable for checkpoints: {exc}")
+        return PermanentSinkError(
+            f"checkpoint table {self._table} refused the operation "
+            f"(SQLSTATE {getattr(exc, 'sqlstate', '?')}): {type(exc).__name__}: {exc}"
+        )

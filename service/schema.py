@@ -1,0 +1,256 @@
+"""PostgreSQL schema: the aggregates table, the dead-letter table and the checkpoint table.
+
+Table names come from configuration, so they are validated as identifiers and quoted;
+values are never interpolated into SQL. Every statement is idempotent (``IF NOT
+EXISTS``), so :func:`migrate` may run at every start-up and from ``vabus-aggregator
+migrate`` alike. Concurrent migrations (several instances starting together) are
+serialised by a transaction-scoped advisory lock, because concurrent ``CREATE TABLE IF
+NOT EXISTS`` can still fail on the catalog's unique indexes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import asyncpg
+
+from service.errors import PermanentSinkError, TransientError
+
+__all__ = [
+    "CHECKPOINT_TABLE",
+    "PgErrorKind",
+    "TableNames",
+    "checkpoint_ddl",
+    "classify_connect_error",
+    "ensure_checkpoint_table",
+    "ensure_schema",
+    "migrate",
+    "migrate_connection",
+    "pg_error_kind",
+    "quote_identifier",
+    "schema_ddl",
+]
+
+CHECKPOINT_TABLE: Final = "vabus_checkpoints"
+
+log = logging.getLogger(__name__)
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_MAX_IDENT = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
+# Arbitrary constant key for pg_advisory_xact_lock: "vabus" in ASCII.
+_MIGRATION_LOCK_KEY: Final = 0x7661627573
+
+
+def quote_identifier(name: str) -> str:
+    """``table`` or ``schema.table`` -> the quoted SQL form; raises ``ValueError`` otherwise.
+
+    Only letters, digits and underscores are accepted (not starting with a digit, at
+    most 63 characters per part), so quoting cannot be escaped. Quoting keeps the case
+    as written: ``Events`` and ``events`` are different tables.
+    """
+    parts = name.split(".")
+    if len(parts) > 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise ValueError(
+            f"invalid table name {name!r}: expected 'table' or 'schema.table' made of "
+            "letters, digits and underscores (not starting with a digit, at most 63 each)"
+        )
+    return ".".join(f'"{p}"' for p in parts)
+
+
+def _index_name(table: str, suffix: str) -> str:
+    """A quoted, unqualified index name derived from ``table`` that fits in 63 characters."""
+    base = table.replace(".", "_")
+    name = f"{base}_{suffix}"
+    if len(name) > _MAX_IDENT:
+        digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:8]
+        name = f"{base[: _MAX_IDENT - len(suffix) - 10]}_{digest}_{suffix}"
+    return f'"{name}"'
+
+
+@dataclass(frozen=True, slots=True)
+class TableNames:
+    """Validated, quoted table names used to build SQL."""
+
+    aggregates: str
+    dead_letters: str
+    checkpoints: str
+
+    @classmethod
+    def of(
+        cls, table: str, dead_letter_table: str, checkpoint_table: str = CHECKPOINT_TABLE
+    ) -> TableNames:
+        """Raises ``ValueError`` naming the bad table name."""
+        return cls(
+            quote_identifier(table),
+            quote_identifier(dead_letter_table),
+            quote_identifier(checkpoint_table),
+        )
+
+
+def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
+    """DDL for the aggregates and dead-letter tables (contract §5, §6, §10)."""
+    agg = quote_identifier(table)
+    dlq = quote_identifier(dead_letter_table)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {agg} (
+            name         text             NOT NULL,
+            agg_func     text             NOT NULL,
+            window_start timestamptz      NOT NULL,
+            window_end   timestamptz      NOT NULL,
+            value        double precision NOT NULL,
+            count        bigint           NOT NULL,
+            emitted_at   timestamptz      NOT NULL,
+            updated_at   timestamptz      NOT NULL DEFAULT now(),
+            PRIMARY KEY (name, agg_func, window_start, window_end)
+        )""",
+        # The primary key serves per-name range queries; this one serves "all names
+        # in a time range" (dashboards, reports, retention deletes).
+        f"CREATE INDEX IF NOT EXISTS {_index_name(table, 'window_start_idx')} "
+        f"ON {agg} (window_start)",
+        f"""CREATE TABLE IF NOT EXISTS {dlq} (
+            id          bigserial   PRIMARY KEY,
+            raw         text        NOT NULL,
+            reason      text        NOT NULL,
+            detail      text        NOT NULL DEFAULT '',
+            source      text        NOT NULL DEFAULT '',
+            received_at timestamptz NOT NULL,
+            stored_at   timestamptz NOT NULL DEFAULT now()
+        )""",
+        f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'received_at_idx')} "
+        f"ON {dlq} (received_at)",
+        f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'reason_idx')} "
+        f"ON {dlq} (reason, received_at)",
+    ]
+
+
+def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
+    """DDL for the checkpoint table (one row per namespace and source partition)."""
+    cp = quote_identifier(checkpoint_table)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {cp} (
+            namespace  text        NOT NULL,
+            partition  text        NOT NULL,
+            position   text,
+            state      bytea,
+            format     int         NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (namespace, partition)
+        )"""
+    ]
+
+
+async def _run_ddl(conn: Any, statements: list[str]) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
+        for stmt in statements:
+            await conn.execute(stmt)
+
+
+async def migrate_connection(conn: Any, table: str, dead_letter_table: str) -> None:
+    """Create every table and index on an open asyncpg connection, in one transaction."""
+    await _run_ddl(conn, schema_ddl(table, dead_letter_table) + checkpoint_ddl())
+
+
+async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
+    """:func:`migrate_connection` for start-up: a user without ``CREATE`` privilege (the
+    schema having been created by ``vabus-aggregator migrate`` as another user) passes
+    as long as every table already exists."""
+    await _ensure(conn, [table, dead_letter_table, CHECKPOINT_TABLE],
+                  schema_ddl(table, dead_letter_table) + checkpoint_ddl())  # fmt: skip
+
+
+async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:
+    """Create the checkpoint table only (for a checkpoint store used without the sink);
+    like :func:`ensure_schema`, an existing table needs no ``CREATE`` privilege."""
+    await _ensure(conn, [checkpoint_table], checkpoint_ddl(checkpoint_table))
+
+
+async def _ensure(conn: Any, tables: list[str], statements: list[str]) -> None:
+    try:
+        await _run_ddl(conn, statements)
+    except asyncpg.InsufficientPrivilegeError:
+        found = await conn.fetchval(
+            "SELECT count(to_regclass(t)) FROM unnest($1::text[]) AS t",
+            [quote_identifier(t) for t in tables],
+        )
+        if found != len(tables):
+            raise
+        log.info("schema: no CREATE privilege, but tables %s exist; using them", tables)
+
+
+async def migrate(dsn: str, table: str, dead_letter_table: str, *, timeout_s: float = 30.0) -> None:
+    """Create or upgrade the schema behind ``dsn``.
+
+    Raises ``ValueError`` for a bad table name, :class:`TransientError` when the server
+    cannot be reached and :class:`PermanentSinkError` when it refuses (e.g. missing
+    ``CREATE`` privilege or wrong credentials).
+    """
+    TableNames.of(table, dead_letter_table)  # fail on bad names before connecting
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    except Exception as exc:
+        raise classify_connect_error(exc) from exc
+    try:
+        await migrate_connection(conn, table, dead_letter_table)
+    except Exception as exc:
+        if pg_error_kind(exc) == "transient":
+            raise TransientError(f"schema migration interrupted: {exc}") from exc
+        if isinstance(exc, asyncpg.PostgresError):
+            raise PermanentSinkError(
+                f"schema migration failed (SQLSTATE {exc.sqlstate}): {exc}; the database "
+                "user needs CREATE privilege on the target schema"
+            ) from exc
+        raise
+    finally:
+        await conn.close()
+
+
+PgErrorKind = Literal["transient", "data", "schema", "other"]
+
+# SQLSTATE classes where trying again later can succeed: connection exceptions,
+# transaction rollback (serialization failure, deadlock), insufficient resources,
+# object not in prerequisite state (lock not available), operator intervention
+# (admin shutdown, cannot connect now, query cancelled) and system errors (I/O).
+_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58"})
+_DATA_CLASSES: Final = frozenset({"22", "23"})
+
+
+def pg_error_kind(exc: BaseException) -> PgErrorKind:
+    """What an exception from asyncpg means for a retry loop.
+
+    ``transient``: the server or connection is unavailable, retry later; ``data``: a
+    row's value is refused (find it and dead-letter it); ``schema``: tables, columns or
+    privileges do not match (an operator must act); ``other``: anything else.
+    """
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        return "transient"  # the table changed under a prepared statement; a retry re-prepares
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, asyncpg.PostgresError) and isinstance(sqlstate, str):
+        if sqlstate[:2] in _TRANSIENT_CLASSES:
+            return "transient"
+        if sqlstate[:2] in _DATA_CLASSES:
+            return "data"
+        if sqlstate[:2] == "42":
+            return "schema"
+        return "other"
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return "data"  # asyncpg's client-side DataError: a value it cannot encode
+    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
+        # connection lost or closed, refused, reset, or no answer in time
+        return "transient"
+    return "other"
+
+
+def classify_connect_error(exc: BaseException) -> Exception:
+    """Map a failure to open a connection or pool onto the service's error tree."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in ("28", "3D"):
+        return PermanentSinkError(
+            f"PostgreSQL refused the connection (SQLSTATE {sqlstate}): {exc}; "
+            "check the user, password and database name in POSTGRES_DSN"
+        )
+    return TransientError(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}")

@@ -1,0 +1,306 @@
+"""PostgresSink: idempotent multi-row upserts of aggregates, plus the dead-letter table.
+
+A write is one transaction. Aggregates are de-duplicated by key in Python (last one
+wins) and upserted with ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE``
+in chunks, so a batch holding one key twice never hits "ON CONFLICT DO UPDATE command
+cannot affect row a second time". A chunk that PostgreSQL refuses for its data (SQLSTATE
+class 22/23) is bisected under savepoints until the bad rows are found; each becomes a
+dead letter with reason ``invalid_value`` and everything else is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import asyncpg
+import orjson
+
+from service.clock import Clock, SystemClock
+from service.config import PostgresConfig
+from service.errors import PermanentSinkError, TransientError
+from service.events import Aggregate, DeadLetter
+from service.metrics import MetricsCollector
+from service.schema import TableNames, classify_connect_error, ensure_schema, pg_error_kind
+
+__all__ = ["PostgresSink", "SinkStatements", "write_batch"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS: Final = 10_000
+_AggKey = tuple[str, str, float, float]
+T = TypeVar("T")
+
+
+class SinkStatements:
+    """The SQL of one sink, built once from validated table names."""
+
+    def __init__(self, tables: TableNames) -> None:
+        self.tables = tables
+        self.aggregates_label = tables.aggregates.replace('"', "")  # for messages, unquoted
+        # Times travel as epoch float8 and become timestamptz in the server: cheaper
+        # than building datetimes in Python, and out-of-range values fail per row (22008)
+        # where bisection can isolate them.
+        self.upsert = f"""
+            INSERT INTO {tables.aggregates}
+                (name, agg_func, window_start, window_end, value, count, emitted_at, updated_at)
+            SELECT n, f, to_timestamp(ws), to_timestamp(we), v, c, to_timestamp(ea), now()
+            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
+                        $6::int8[], $7::float8[]) AS u(n, f, ws, we, v, c, ea)
+            ON CONFLICT (name, agg_func, window_start, window_end) DO UPDATE SET
+                value = EXCLUDED.value,
+                count = EXCLUDED.count,
+                emitted_at = EXCLUDED.emitted_at,
+                updated_at = now()"""
+        self.insert_dead_letters = f"""
+            INSERT INTO {tables.dead_letters} (raw, reason, detail, source, received_at)
+            SELECT r, re, d, s, to_timestamp(ra)
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])
+                AS u(r, re, d, s, ra)"""
+
+
+def _dedupe(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
+    """One aggregate per primary key, the last one given winning."""
+    latest: dict[_AggKey, Aggregate] = {}
+    for a in aggregates:
+        latest[(a.name, a.agg_func, a.window_start, a.window_end)] = a
+    return list(latest.values())
+
+
+def _storable_text(s: str) -> str:
+    """PostgreSQL text refuses NUL and lone surrogates; dead letters must always store."""
+    if "\x00" in s:
+        s = s.replace("\x00", "\\u0000")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s
+
+
+async def _upsert(conn: Any, sql: SinkStatements, rows: Sequence[Aggregate]) -> None:
+    await conn.execute(
+        sql.upsert,
+        [a.name for a in rows],
+        [a.agg_func for a in rows],
+        [a.window_start for a in rows],
+        [a.window_end for a in rows],
+        [a.value for a in rows],
+        [a.count for a in rows],
+        [a.emitted_at for a in rows],
+    )
+
+
+async def _insert_dead_letters(conn: Any, sql: SinkStatements, rows: Sequence[DeadLetter]) -> None:
+    await conn.execute(
+        sql.insert_dead_letters,
+        [_storable_text(d.raw) for d in rows],
+        [_storable_text(d.reason) for d in rows],
+        [_storable_text(d.detail) for d in rows],
+        [_storable_text(d.source) for d in rows],
+        [d.received_at for d in rows],
+    )
+
+
+async def _store_isolating(
+    conn: Any,
+    rows: Sequence[T],
+    store: Callable[[Sequence[T]], Awaitable[None]],
+) -> list[tuple[T, Exception]]:
+    """Store ``rows`` in chunks; return the rows PostgreSQL refused for their data.
+
+    Each attempt runs under a savepoint so that a refused statement does not abort the
+    enclosing transaction. Non-data errors propagate unchanged.
+    """
+    refused: list[tuple[T, Exception]] = []
+    # A stack popped from the end: chunks are reversed so that rows go in in order.
+    pending = [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)][::-1]
+    while pending:
+        chunk = pending.pop()
+        try:
+            async with conn.transaction():
+                await store(chunk)
+        except Exception as exc:
+            if pg_error_kind(exc) != "data":
+                raise
+            if len(chunk) == 1:
+                refused.append((chunk[0], exc))
+            else:
+                mid = len(chunk) // 2
+                pending += [chunk[mid:], chunk[:mid]]
+    return refused
+
+
+async def write_batch(
+    conn: Any,
+    sql: SinkStatements,
+    aggregates: Sequence[Aggregate],
+    dead_letters: Sequence[DeadLetter],
+    now: float,
+) -> list[DeadLetter]:
+    """Store one batch inside the caller's open transaction.
+
+    Returns the dead letters created for aggregates PostgreSQL refused (already stored
+    in the dead-letter table). Kept apart from connection handling so that a caller can
+    add more rows (e.g. checkpoints) to the same transaction.
+    """
+    refused = await _store_isolating(
+        conn, _dedupe(aggregates), lambda rows: _upsert(conn, sql, rows)
+    )
+    created = [
+        DeadLetter(
+            raw=orjson.dumps(agg.to_json_obj()).decode(),
+            reason="invalid_value",
+            detail=f"PostgreSQL refused the aggregate (SQLSTATE {_exc_state(exc)}): {exc}",
+            source=f"sink:postgres:{sql.aggregates_label}",
+            received_at=now,
+        )
+        for agg, exc in refused
+    ]
+    unstorable = await _store_isolating(
+        conn, [*dead_letters, *created], lambda rows: _insert_dead_letters(conn, sql, rows)
+    )
+    for dl, exc in unstorable:
+        # Nothing further downstream can hold it: say so loudly rather than block the sink.
+        log.error("dropping a dead letter PostgreSQL refuses (%s): %r", exc, dl)
+    return created
+
+
+def _exc_state(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "?"))
+
+
+class PostgresSink:
+    """Aggregates and dead letters into PostgreSQL through an asyncpg pool.
+
+    ``start`` creates the pool and runs the migration; it raises
+    :class:`TransientError` while the server is unreachable. The pool outlives server
+    restarts: writes fail with :class:`TransientError` while it is down and succeed
+    again once it is back.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        cfg: PostgresConfig,
+        metrics: MetricsCollector,
+        *,
+        clock: Clock | None = None,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 60.0,
+        check_timeout_s: float = 3.0,
+    ) -> None:
+        self._cfg = cfg
+        self._metrics = metrics
+        self._clock = clock or SystemClock()
+        self._sql = SinkStatements(TableNames.of(cfg.table, cfg.dead_letter_table))
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self._check_timeout_s = check_timeout_s
+        self._pool: Any = None
+
+    @property
+    def pool(self) -> Any:
+        """The started asyncpg pool (shared with a PostgreSQL checkpoint store)."""
+        if self._pool is None:
+            raise RuntimeError("PostgresSink is not started")
+        return self._pool
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._cfg.dsn.value,
+                min_size=self._cfg.pool_min_size,
+                max_size=self._cfg.pool_max_size,
+                timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s,
+            )
+        except Exception as exc:
+            raise classify_connect_error(exc) from exc
+        try:
+            async with pool.acquire(timeout=self._connect_timeout_s) as conn:
+                await ensure_schema(conn, self._cfg.table, self._cfg.dead_letter_table)
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, Exception):
+                raise self._classify(exc) from exc
+            raise
+        self._pool = pool
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def write(
+        self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
+    ) -> None:
+        """Upsert ``aggregates`` and insert ``dead_letters`` in one transaction."""
+        if not aggregates and not dead_letters:
+            return
+        pool = self.pool
+        started = self._clock.monotonic()
+        try:
+            async with pool.acquire(timeout=self._connect_timeout_s) as conn, conn.transaction():
+                created = await write_batch(
+                    conn, self._sql, aggregates, dead_letters, self._clock.now()
+                )
+        except Exception as exc:
+            err = self._classify(exc)
+            self._metrics.on_sink_error(self.name, err.retriable)
+            raise err from exc
+        if created:
+            log.warning(
+                "postgres: %d aggregate(s) refused by the database were dead-lettered",
+                len(created),
+            )
+        self._metrics.on_sink_write(
+            self.name,
+            len(aggregates) - len(created),
+            len(dead_letters) + len(created),
+            self._clock.monotonic() - started,
+        )
+
+    async def check(self) -> None:
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=self._check_timeout_s) as conn:
+                await conn.fetchval("SELECT 1", timeout=self._check_timeout_s)
+        except Exception as exc:
+            raise TransientError(
+                f"PostgreSQL unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
+        kind = pg_error_kind(exc)
+        if kind == "transient":
+            return TransientError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}")
+        tables = f"{self._sql.tables.aggregates} / {self._sql.tables.dead_letters}"
+        if kind == "schema":
+            return PermanentSinkError(
+                f"PostgreSQL refused the write to {tables} (SQLSTATE {_exc_state(exc)}): {exc}; "
+                "run `vabus-aggregator migrate` with a user that may create them, and grant "
+                "the service's user SELECT, INSERT, UPDATE on them (and USAGE on the "
+                "dead-letter id sequence)"
+            )
+        return PermanentSinkError(
+            f"PostgreSQL write to {tables} failed (SQLSTATE {_exc_state(exc)}): "
+            f"{type(exc).__name__}: {exc}"
+        )

@@ -1,0 +1,193 @@
+"""KafkaSink against a real broker: message schema, keys, partitions, topics, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
+
+from service.config import KafkaConfig
+from service.errors import PermanentSinkError, TransientError
+from service.events import Aggregate, DeadLetter
+from service.metrics import MetricsCollector
+from service.sinks.kafka import KafkaSink, encode_aggregates
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_040.0
+ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+def agg(name: str, value: float = 1.0, count: int = 1, start: float = T0) -> Aggregate:
+    return Aggregate(
+        name=name, agg_func="avg", value=value, count=count,
+        window_start=start, window_end=start + 60, emitted_at=start + 61.5,
+    )  # fmt: skip
+
+
+def config(bootstrap: str, topic: str) -> KafkaConfig:
+    return KafkaConfig(
+        bootstrap_servers=(bootstrap,), topic=topic, dlq_topic=f"{topic}.dlq", linger_ms=5
+    )
+
+
+async def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 30.0) -> list[Any]:
+    """The first ``n`` records of ``topic`` (all partitions); fails after the deadline."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(records) < n:
+                batches = await consumer.getmany(timeout_ms=500)
+                for batch in batches.values():
+                    records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+@pytest.fixture
+async def sink(kafka_bootstrap: str, unique_name: str) -> AsyncIterator[KafkaSink]:
+    async with KafkaSink(config(kafka_bootstrap, unique_name), MetricsCollector()) as s:
+        yield s
+
+
+async def test_aggregates_are_keyed_by_name_and_carry_exactly_the_contract_fields(
+    sink: KafkaSink, kafka_bootstrap: str, unique_name: str
+) -> None:
+    await sink.write([agg("cpu.load", 0.5, 4), agg("héllo wörld", -2.0, 1)], [])
+
+    records = await consume(kafka_bootstrap, unique_name, 2)
+    by_key = {r.key: orjson.loads(r.value) for r in records}
+    assert by_key == {
+        b"cpu.load": {
+            "name": "cpu.load", "agg_func": "avg", "value": 0.5, "count": 4,
+            "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z",
+        },
+        "héllo wörld".encode(): {
+            "name": "héllo wörld", "agg_func": "avg", "value": -2.0, "count": 1,
+            "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z",
+        },
+    }  # fmt: skip
+    times = ("window_start", "window_end", "emitted_at")
+    assert all(ISO_Z.fullmatch(m[t]) for m in by_key.values() for t in times)
+
+
+def test_the_fast_encoder_writes_exactly_the_aggregate_json_of_the_contract() -> None:
+    aggregates = [agg("cpu", 0.1 + 0.2, 3), agg("x" * 200, -1e300, 0, start=T0 + 0.001)]
+
+    assert encode_aggregates(aggregates) == [
+        (a.name.encode(), orjson.dumps(a.to_json_obj())) for a in aggregates
+    ]
+
+
+async def test_dead_letters_go_to_the_dlq_topic_with_every_contract_field(
+    sink: KafkaSink, kafka_bootstrap: str, unique_name: str
+) -> None:
+    letter = DeadLetter(
+        raw='{"name": "x", "value": "NaN"}', reason="invalid_value", detail="value must be finite",
+        source="kafka:events/2@99", received_at=T0 + 0.25,
+    )  # fmt: skip
+
+    await sink.write([], [letter])
+
+    [record] = await consume(kafka_bootstrap, f"{unique_name}.dlq", 1)
+    assert record.key == b"invalid_value"
+    assert orjson.loads(record.value) == {
+        "raw": '{"name": "x", "value": "NaN"}', "reason": "invalid_value",
+        "detail": "value must be finite", "source": "kafka:events/2@99",
+        "received_at": "2023-11-14T22:14:00.250Z",
+    }  # fmt: skip
+
+
+async def test_every_record_of_a_large_write_is_delivered_and_one_name_keeps_one_partition(
+    sink: KafkaSink, kafka_bootstrap: str, unique_name: str
+) -> None:
+    names = [f"metric-{i}" for i in range(500)]
+    batch = [agg(name, start=T0 + 60 * w) for w in range(10) for name in names]
+
+    await sink.write(batch, [])
+
+    records = await consume(kafka_bootstrap, unique_name, len(batch))
+    assert len(records) == len(batch)
+    partitions_of: dict[bytes, set[int]] = {}
+    for r in records:
+        partitions_of.setdefault(r.key, set()).add(r.partition)
+    assert all(len(p) == 1 for p in partitions_of.values())
+    # Same placement as the Java client's default partitioner, so mixed producers agree.
+    partitioner = DefaultPartitioner()
+    assert all(
+        p == {partitioner(key, [0, 1, 2], [0, 1, 2])} for key, p in partitions_of.items()
+    )
+    assert len({p for ps in partitions_of.values() for p in ps}) == 3
+
+
+async def test_start_creates_both_topics_and_accepts_them_when_they_exist(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    cfg = config(kafka_bootstrap, unique_name)
+    async with KafkaSink(cfg, MetricsCollector()), KafkaSink(cfg, MetricsCollector()) as second:
+        await second.check()
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        topics = await admin.describe_topics([unique_name, f"{unique_name}.dlq"])
+    finally:
+        await admin.close()
+    assert [(t["topic"], t["error_code"], len(t["partitions"])) for t in topics] == [
+        (unique_name, 0, 3),
+        (f"{unique_name}.dlq", 0, 3),
+    ]
+
+
+async def test_a_record_over_the_request_size_limit_is_a_permanent_error_naming_the_setting(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    cfg = replace(config(kafka_bootstrap, unique_name), max_request_size=4096)
+    letter = DeadLetter(
+        raw="x" * 10_000, reason="too_large", detail="", source="http:cursor=1", received_at=T0
+    )
+    async with KafkaSink(cfg, MetricsCollector()) as sink:
+        with pytest.raises(PermanentSinkError, match="KAFKA_MAX_REQUEST_SIZE"):
+            await sink.write([agg("cpu")], [letter])
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_unreachable_broker_is_a_transient_error_naming_the_servers(
+    unique_name: str,
+) -> None:
+    servers = f"127.0.0.1:{_closed_port()}"
+
+    with pytest.raises(TransientError, match=re.escape(servers)):
+        await KafkaSink(config(servers, unique_name), MetricsCollector()).start()
+
+
+async def test_check_passes_while_the_broker_answers_metadata(sink: KafkaSink) -> None:
+    await sink.check()
+
+
+async def test_check_on_a_stopped_sink_is_a_transient_error(sink: KafkaSink) -> None:
+    await sink.stop()
+
+    with pytest.raises(TransientError, match="not started"):
+        await sink.check()

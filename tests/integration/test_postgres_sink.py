@@ -1,0 +1,256 @@
+"""PostgresSink against a real PostgreSQL: schema, idempotent upserts, poison rows, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from service.config import PostgresConfig, Secret
+from service.devstack import EmbeddedPostgres
+from service.errors import PermanentSinkError, TransientError
+from service.events import Aggregate, DeadLetter
+from service.metrics import MetricsCollector
+from service.schema import migrate
+from service.sinks.postgres import PostgresSink
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_040.0
+
+
+def agg(name: str, value: float = 1.0, count: int = 1, start: float = T0) -> Aggregate:
+    return Aggregate(
+        name=name, agg_func="sum", value=value, count=count,
+        window_start=start, window_end=start + 60, emitted_at=start + 61,
+    )  # fmt: skip
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def config(dsn: str, prefix: str) -> PostgresConfig:
+    return PostgresConfig(
+        dsn=Secret(dsn), table=f"{prefix}_agg", dead_letter_table=f"{prefix}_dlq",
+        pool_min_size=1, pool_max_size=2,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
+    c = await asyncpg.connect(postgres_dsn)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def sink(postgres_dsn: str, unique_name: str, conn: Any) -> AsyncIterator[PostgresSink]:
+    async with PostgresSink(config(postgres_dsn, unique_name), MetricsCollector()) as s:
+        yield s
+    await conn.execute(f"DROP TABLE IF EXISTS {unique_name}_agg, {unique_name}_dlq")
+
+
+async def rows(conn: Any, table: str) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in await conn.fetch(
+            f"SELECT name, agg_func, window_start, window_end, value, count, emitted_at "
+            f"FROM {table} ORDER BY name, window_start"
+        )
+    ]
+
+
+async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_again(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    table, dlq = f"{unique_name}_agg", f"{unique_name}_dlq"
+    try:
+        # Several instances starting together must not trip over each other.
+        await asyncio.gather(*(migrate(postgres_dsn, table, dlq) for _ in range(4)))
+        await migrate(postgres_dsn, table, dlq)
+
+        columns = {
+            r["column_name"]: r["data_type"]
+            for r in await conn.fetch(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_name = $1",
+                table,
+            )
+        }
+        assert columns == {
+            "name": "text", "agg_func": "text",
+            "window_start": "timestamp with time zone", "window_end": "timestamp with time zone",
+            "value": "double precision", "count": "bigint",
+            "emitted_at": "timestamp with time zone", "updated_at": "timestamp with time zone",
+        }  # fmt: skip
+        pk = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = $1::regclass AND contype = 'p'",
+            table,
+        )
+        assert pk == "PRIMARY KEY (name, agg_func, window_start, window_end)"
+        dlq_columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = $1", dlq
+        )
+        assert {r["column_name"] for r in dlq_columns} == {
+            "id", "raw", "reason", "detail", "source", "received_at", "stored_at",
+        }  # fmt: skip
+        indexes = {
+            r["indexdef"].split(" USING ")[1]
+            for r in await conn.fetch(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = ANY($1::text[])", [table, dlq]
+            )
+        }
+        assert {"btree (window_start)", "btree (received_at)", "btree (reason, received_at)"} <= (
+            indexes
+        )
+        assert await conn.fetchval("SELECT to_regclass('vabus_checkpoints')") is not None
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}, {dlq}")
+
+
+async def test_writing_the_same_aggregate_twice_leaves_one_row_with_the_new_values(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    await sink.write([agg("cpu", 1.0, 1), agg("mem", 5.0, 2)], [])
+    await sink.write([agg("cpu", 7.5, 3)], [])
+    await sink.write([agg("cpu", 7.5, 3)], [])
+
+    assert await rows(conn, f"{unique_name}_agg") == [
+        {"name": "cpu", "agg_func": "sum", "window_start": utc(T0), "window_end": utc(T0 + 60),
+         "value": 7.5, "count": 3, "emitted_at": utc(T0 + 61)},
+        {"name": "mem", "agg_func": "sum", "window_start": utc(T0), "window_end": utc(T0 + 60),
+         "value": 5.0, "count": 2, "emitted_at": utc(T0 + 61)},
+    ]  # fmt: skip
+
+
+async def test_a_batch_holding_one_key_twice_stores_the_last_one(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    await sink.write([agg("cpu", 1.0, 1), agg("cpu", 2.0, 2), agg("cpu", 3.0, 3)], [])
+
+    stored = await rows(conn, f"{unique_name}_agg")
+    assert [(r["value"], r["count"]) for r in stored] == [(3.0, 3)]
+
+
+async def test_a_row_postgresql_refuses_is_dead_lettered_alone_and_the_rest_is_stored(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    good = [agg(f"name-{i:05d}", float(i), i) for i in range(2_500)]
+    poison = [agg("bad\x00name", 1.0), agg("late-bad\x00", 2.0)]
+    batch = [*good[:1000], poison[0], *good[1000:], poison[1]]
+
+    await sink.write(batch, [])
+
+    stored = await rows(conn, f"{unique_name}_agg")
+    assert [r["name"] for r in stored] == [a.name for a in good]
+    letters = await conn.fetch(
+        f"SELECT raw, reason, detail, source FROM {unique_name}_dlq ORDER BY id"
+    )
+    assert [orjson.loads(r["raw"]) for r in letters] == [p.to_json_obj() for p in poison]
+    assert {r["reason"] for r in letters} == {"invalid_value"}
+    assert all("22021" in r["detail"] for r in letters)
+
+
+async def test_dead_letters_are_stored_with_every_contract_field(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    letters = [
+        DeadLetter(raw='{"name": 1}', reason="invalid_name", detail="name must be a string",
+                   source="kafka:events/0@17", received_at=T0 + 0.25),
+        # Raw text straight from the wire may hold bytes PostgreSQL text cannot.
+        DeadLetter(raw="not json \x00 at all", reason="invalid_json", detail="bad JSON",
+                   source="http:cursor=9", received_at=T0 + 1),
+    ]  # fmt: skip
+
+    await sink.write([agg("cpu")], letters)
+
+    stored = await conn.fetch(
+        f"SELECT id, raw, reason, detail, source, received_at, stored_at "
+        f"FROM {unique_name}_dlq ORDER BY id"
+    )
+    fields = ("raw", "reason", "detail", "source", "received_at")
+    assert [tuple(r[f] for f in fields) for r in stored] == [
+        ('{"name": 1}', "invalid_name", "name must be a string", "kafka:events/0@17",
+         utc(T0 + 0.25)),
+        ("not json \\u0000 at all", "invalid_json", "bad JSON", "http:cursor=9", utc(T0 + 1)),
+    ]  # fmt: skip
+    assert all(r["id"] is not None and r["stored_at"] is not None for r in stored)
+    assert len(await rows(conn, f"{unique_name}_agg")) == 1
+
+
+async def test_a_dropped_table_is_a_permanent_error_that_says_to_run_migrate(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    await conn.execute(f"DROP TABLE {unique_name}_agg")
+
+    with pytest.raises(PermanentSinkError, match=r"42P01.*vabus-aggregator migrate"):
+        await sink.write([agg("cpu")], [])
+
+
+async def test_a_user_without_create_privilege_can_run_on_tables_made_by_migrate(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    table, dlq, role = f"{unique_name}_agg", f"{unique_name}_dlq", f"{unique_name}_writer"
+    await migrate(postgres_dsn, table, dlq)
+    await conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        assert not await conn.fetchval(f"SELECT has_schema_privilege('{role}', 'public', 'CREATE')")
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON {table}, {dlq} TO {role}")
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON vabus_checkpoints TO {role}")
+        await conn.execute(f"GRANT USAGE ON SEQUENCE {dlq}_id_seq TO {role}")
+        assert postgres_dsn.startswith("postgresql://postgres@")  # the test edits the user
+        writer_dsn = postgres_dsn.replace("postgres@", f"{role}@", 1)
+
+        async with PostgresSink(config(writer_dsn, unique_name), MetricsCollector()) as sink:
+            await sink.write([agg("cpu")], [])
+        assert len(await rows(conn, table)) == 1
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}, {dlq}")
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_table_name_that_is_not_an_identifier_is_refused_before_connecting() -> None:
+    cfg = PostgresConfig(dsn=Secret("postgresql://nowhere/db"), table='events"; DROP TABLE x; --')
+
+    with pytest.raises(ValueError, match="invalid table name"):
+        PostgresSink(cfg, MetricsCollector())
+
+
+async def test_writes_fail_transiently_while_postgresql_is_down_and_succeed_after_restart(
+    pg_restartable: EmbeddedPostgres, unique_name: str
+) -> None:
+    sink = PostgresSink(config(pg_restartable.dsn, unique_name), MetricsCollector())
+    async with sink:
+        await sink.write([agg("cpu", 1.0)], [])
+        await sink.check()
+
+        await pg_restartable.stop()
+        with pytest.raises(TransientError):
+            await sink.write([agg("cpu", 2.0)], [])
+        with pytest.raises(TransientError):
+            await sink.check()
+
+        await pg_restartable.start()
+        await sink.write([agg("cpu", 3.0)], [])
+        await sink.check()
+
+    c = await asyncpg.connect(pg_restartable.dsn)
+    try:
+        assert await c.fetchval(f"SELECT value FROM {unique_name}_agg") == 3.0
+    finally:
+        await c.close()
+
+
+async def test_start_fails_transiently_when_postgresql_is_unreachable(unique_name: str) -> None:
+    cfg = config("postgresql://postgres@127.0.0.1:1/postgres", unique_name)
+
+    with pytest.raises(TransientError, match="unreachable"):
+        await PostgresSink(cfg, MetricsCollector(), connect_timeout_s=2).start()
