@@ -1,0 +1,531 @@
+"""VaBus over Kafka: one consumer-group member that hands on per-partition batches.
+
+Positions are owned by the checkpoint store, not by Kafka: on every assignment the
+stored position of each partition is sought to (the checkpointed window state matches
+exactly that offset); Kafka's committed offset, then the earliest offset, are only
+fallbacks for partitions that were never checkpointed. Committing to Kafka is advisory.
+
+Rebalance ordering guarantees (the aggregator relies on them):
+
+* ``PartitionsAssigned`` is emitted before any batch of those partitions; newly
+  assigned partitions stay paused until it has been emitted.
+* After ``PartitionsRevoked`` no batch of those partitions is emitted, and the group
+  is held (up to ``revoke_timeout_s``) until downstream resolves ``done``.
+
+Both hold because every emit goes through one lock, and a batch is emitted only for a
+partition that is currently announced ("live"). Records fetched for a partition that
+is not live are dropped: the next assignment seeks every partition explicitly, so they
+are read again by whichever member gets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from service.bus.base import (
+    Emit,
+    PartitionCheckpoint,
+    PartitionsAssigned,
+    PartitionsRevoked,
+    Restore,
+    SourceBatch,
+)
+from service.clock import Clock
+from service.config import BusConfig, KafkaConfig
+from service.errors import TransientError
+from service.events import Metric
+from service.kafka_client import client_options
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+
+__all__ = ["KafkaBus"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
+_FETCH_MAX_BYTES = 64 * 1024 * 1024  # smaller values measurably slow consumption (infra notes)
+_POLL_TIMEOUT_MS = 500
+_MAX_RECORDS = 20_000
+_CAUGHT_UP_REPORT_S = 1.0  # empty "caught up" batches, at most this often per partition
+_RESTORE_ATTEMPTS = 5
+_METRICS_TIMEOUT_S = 5.0
+_CHECK_TIMEOUT_S = 5.0
+_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+
+
+def _partition_id(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+@dataclass(slots=True)
+class _Live:
+    """An assigned partition that downstream knows about."""
+
+    partition: str
+    next_offset: int
+    caught_up_reported_at: float = float("-inf")
+
+
+class KafkaBus:
+    """The ``kafka://`` transport (contract §4).
+
+    ``run`` may be called once per started bus. ``emit`` is called from the poll loop
+    and from the rebalance callbacks, never concurrently.
+    """
+
+    name = "kafka"
+
+    def __init__(
+        self,
+        bus_cfg: BusConfig,
+        kafka_cfg: KafkaConfig,
+        metrics: MetricsCollector,
+        clock: Clock,
+        *,
+        connect_attempts: int = 10,
+        backoff: Backoff = Backoff(initial_s=0.5, maximum_s=10.0),  # noqa: B008 - frozen
+        revoke_timeout_s: float = 30.0,
+    ) -> None:
+        self._cfg = bus_cfg
+        self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
+        self._servers = self._options["bootstrap_servers"]
+        self._metrics = metrics
+        self._clock = clock
+        self._connect_attempts = max(1, connect_attempts)
+        self._backoff = backoff
+        self._revoke_timeout_s = revoke_timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._live: dict[TopicPartition, _Live] = {}
+        self._emit_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()  # stop_intake() or stop()
+        self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
+        self._failure: BaseException | None = None
+
+    async def __aenter__(self) -> KafkaBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect (retrying with backoff), then wait until the input topic exists.
+
+        The input topic belongs to the producers, so it is never created here.
+        Raises :class:`TransientError` when the broker stays unreachable.
+        """
+        if self._consumer is not None:
+            return
+        self._stopping.clear()
+        self._closing.clear()
+        consumer = await self._connect_consumer()
+        self._consumer = consumer
+        try:
+            topics = await self._wait_for_topic(consumer)
+            self._producer = await self._start_metrics_producer(topics)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Leave the group and disconnect. Idempotent; pending rebalance waits end."""
+        self._stopping.set()
+        self._closing.set()
+        producer, self._producer = self._producer, None
+        consumer, self._consumer = self._consumer, None
+        if producer is not None:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+        if consumer is not None:
+            await consumer.stop()
+        self._live.clear()
+
+    async def _connect_consumer(self) -> AIOKafkaConsumer:
+        session_ms = self._cfg.kafka_session_timeout_ms
+        for attempt in range(1, self._connect_attempts + 1):
+            consumer = AIOKafkaConsumer(
+                **self._options,
+                group_id=self._cfg.kafka_group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=session_ms,
+                heartbeat_interval_ms=max(100, session_ms // 3),
+                # the group waits this long for a member still checkpointing its revoked
+                # partitions before it is thrown out
+                rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),
+                max_partition_fetch_bytes=_MAX_PARTITION_FETCH_BYTES,
+                fetch_max_bytes=_FETCH_MAX_BYTES,
+            )
+            try:
+                await consumer.start()
+            except asyncio.CancelledError:
+                await consumer.stop()
+                raise
+            except KafkaError as exc:
+                with contextlib.suppress(KafkaError):
+                    await consumer.stop()
+                remaining = self._connect_attempts - attempt
+                if remaining == 0:
+                    raise TransientError(
+                        f"Kafka bus: cannot connect to {self._servers} after {attempt} "
+                        f"attempts ({type(exc).__name__}); check VABUS_URL and that the "
+                        "broker is running"
+                    ) from exc
+                delay = self._backoff.delay(attempt)
+                log.warning(
+                    "kafka bus: cannot connect to %s (%s), %d retries remaining, next in %.1fs",
+                    self._servers, type(exc).__name__, remaining, delay,
+                )  # fmt: skip
+                await self._clock.sleep(delay)
+            else:
+                log.info("kafka bus: connected to %s", self._servers)
+                return consumer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
+        topic = self._cfg.kafka_topic
+        attempt = 0
+        while True:
+            topics: set[str] = await consumer.topics()
+            if topic in topics:
+                return topics
+            attempt += 1
+            delay = min(self._backoff.delay(attempt), 5.0)
+            log.warning(
+                "kafka bus: input topic %r does not exist on %s yet (attempt %d), "
+                "waiting %.1fs; it is not created by this service",
+                topic, self._servers, attempt, delay,
+            )  # fmt: skip
+            await self._clock.sleep(delay)
+
+    async def _start_metrics_producer(self, topics: set[str]) -> AIOKafkaProducer | None:
+        """A small producer for our own metrics; failure only costs metrics, so it is logged."""
+        topic = self._cfg.kafka_metrics_topic
+        try:
+            if topic not in topics:
+                admin = AIOKafkaAdminClient(**self._options)
+                await admin.start()
+                try:
+                    # one partition, replication 1: metrics are best-effort; operators who
+                    # want them durable create the topic themselves
+                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
+                finally:
+                    await admin.close()
+                for name, code, *_ in getattr(response, "topic_errors", []):
+                    if code not in (0, _TOPIC_ALREADY_EXISTS):
+                        log.warning("kafka bus: creating topic %r failed (error %d)", name, code)
+            producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
+            await producer.start()
+        except KafkaError as exc:
+            log.warning("kafka bus: metrics topic %r unavailable (%s)", topic, exc)
+            return None
+        return producer
+
+    def _require_consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("KafkaBus is not started")
+        return self._consumer
+
+    # -- intake -----------------------------------------------------------------------
+    def stop_intake(self) -> None:
+        self._stopping.set()
+
+    async def run(self, emit: Emit, restore: Restore) -> None:
+        """Join the group and poll until :meth:`stop_intake`; broker errors are retried.
+
+        Raises what a rebalance callback could not handle (e.g. ``restore`` failing
+        persistently): continuing would read partitions without their state.
+        """
+        consumer = self._require_consumer()
+        listener = _Listener(self, emit, restore)
+        consumer.subscribe(topics=[self._cfg.kafka_topic], listener=listener)
+        stop_waiter = asyncio.ensure_future(self._stopping.wait())
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                poll = asyncio.ensure_future(
+                    consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=_MAX_RECORDS)
+                )
+                await asyncio.wait({poll, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if self._stopping.is_set():
+                    # records of an unfinished poll are simply read again after a restart
+                    poll.cancel()
+                    await asyncio.gather(poll, return_exceptions=True)
+                    break
+                try:
+                    data = poll.result()
+                except KafkaError as exc:
+                    attempt += 1
+                    await self._after_poll_error(exc, attempt)
+                    continue
+                attempt = 0
+                await self._emit_polled(consumer, data, emit)
+        finally:
+            stop_waiter.cancel()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _after_poll_error(self, exc: KafkaError, attempt: int) -> None:
+        retriable = bool(getattr(exc, "retriable", False))
+        self._metrics.on_bus_error(self.name, retriable)
+        delay = self._backoff.delay(attempt)
+        log.warning(
+            "kafka bus: poll failed on %s (%s: %s), attempt %d, retrying in %.1fs",
+            self._servers, type(exc).__name__, exc, attempt, delay,
+        )  # fmt: skip
+        await self._sleep_unless_stopping(delay)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    async def _emit_polled(
+        self, consumer: AIOKafkaConsumer, data: Mapping[TopicPartition, list[Any]], emit: Emit
+    ) -> None:
+        now = self._clock.now()
+        mono = self._clock.monotonic()
+        topic = self._cfg.kafka_topic
+        received = 0
+        async with self._emit_lock:
+            assigned = consumer.assignment()
+            for tp, msgs in data.items():
+                live = self._live.get(tp)
+                if live is None or not msgs:
+                    continue  # not announced: the next assignment seeks it again
+                if msgs[0].offset < live.next_offset:  # fetched before a seek
+                    msgs = [m for m in msgs if m.offset >= live.next_offset]
+                    if not msgs:
+                        continue
+                live.next_offset = msgs[-1].offset + 1
+                highwater = consumer.highwater(tp) if tp in assigned else None
+                caught_up = highwater is not None and live.next_offset >= highwater
+                if caught_up:
+                    live.caught_up_reported_at = mono
+                received += len(msgs)
+                await emit(
+                    SourceBatch(
+                        partition=live.partition,
+                        records=[b"" if m.value is None else m.value for m in msgs],
+                        offsets=[m.offset for m in msgs],
+                        source=f"kafka {topic}/{tp.partition}",
+                        next_position=str(live.next_offset),
+                        received_at=now,
+                        caught_up=caught_up,
+                    )
+                )
+            for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
+                if tp in data or tp not in assigned:
+                    continue
+                if mono - live.caught_up_reported_at < _CAUGHT_UP_REPORT_S:
+                    continue
+                highwater = consumer.highwater(tp)
+                if highwater is None or live.next_offset < highwater:
+                    continue
+                live.caught_up_reported_at = mono
+                await emit(
+                    SourceBatch(
+                        partition=live.partition,
+                        records=[],
+                        source=f"kafka {topic}/{tp.partition}",
+                        next_position=None,
+                        received_at=now,
+                        caught_up=True,
+                    )
+                )
+        if received:
+            # one Kafka message may hold a JSON array; the bus does not decode, so the
+            # event count is reported as the message count
+            self._metrics.on_messages_received(self.name, received, received)
+
+    # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
+    async def _on_assigned(
+        self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition], emit: Emit,
+        restore: Restore,
+    ) -> None:  # fmt: skip
+        tps = sorted(assigned)
+        ids = [_partition_id(tp) for tp in tps]
+        stored = await self._restore(restore, ids)
+        checkpoints: list[PartitionCheckpoint] = []
+        positions: dict[TopicPartition, int] = {}
+        for tp, pid in zip(tps, ids, strict=True):
+            cp = stored.get(pid) or PartitionCheckpoint(pid, None, None)
+            checkpoints.append(cp)
+            if cp.position is None:
+                continue
+            try:
+                positions[tp] = int(cp.position)
+            except ValueError:
+                log.warning("kafka bus: ignoring stored position %r of %s", cp.position, pid)
+                continue
+            consumer.seek(tp, positions[tp])
+        for tp in tps:
+            if tp not in positions:
+                # committed offset, else earliest (auto_offset_reset); waits for the lookup
+                positions[tp] = await consumer.position(tp)
+        async with self._emit_lock:
+            for tp, pid in zip(tps, ids, strict=True):
+                self._live[tp] = _Live(pid, positions[tp])
+            await emit(PartitionsAssigned(checkpoints))
+        consumer.resume(*tps)
+        log.info("kafka bus: assigned %s at %s", ids, [positions[tp] for tp in tps])
+
+    async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
+        for attempt in range(1, _RESTORE_ATTEMPTS + 1):
+            try:
+                return await restore(ids)
+            except Exception as exc:
+                if not getattr(exc, "retriable", False) or attempt == _RESTORE_ATTEMPTS:
+                    raise
+                delay = self._backoff.delay(attempt)
+                log.warning(
+                    "kafka bus: restoring %s failed (%s), %d retries remaining",
+                    ids, exc, _RESTORE_ATTEMPTS - attempt,
+                )  # fmt: skip
+                await self._clock.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _on_revoked(self, revoked: set[TopicPartition], emit: Emit) -> None:
+        async with self._emit_lock:
+            ids = [self._live.pop(tp).partition for tp in sorted(revoked) if tp in self._live]
+            if not ids:
+                return
+            item = PartitionsRevoked(ids)
+            await emit(item)
+        try:
+            async with asyncio.timeout(self._revoke_timeout_s):
+                await item.done
+        except TimeoutError:
+            log.error(
+                "kafka bus: downstream did not confirm revoked partitions %s within %.0fs; "
+                "letting them go (the new owner resumes from the last checkpoint)",
+                ids, self._revoke_timeout_s,
+            )  # fmt: skip
+        except Exception as exc:  # downstream could not checkpoint them
+            log.error(
+                "kafka bus: revoked partitions %s were not checkpointed (%r); the new owner "
+                "resumes from their previous checkpoint",
+                ids, exc,
+            )  # fmt: skip
+        else:
+            log.info("kafka bus: revoked %s", ids)
+
+    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a rebalance callback so that :meth:`stop` can end it and its failure
+        reaches :meth:`run` (aiokafka would only log it)."""
+        if self._closing.is_set():
+            work.close()
+            return
+        task = asyncio.ensure_future(work)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("kafka bus: rebalance handling failed: %r", exc)
+            self._failure = exc
+            self._stopping.set()
+
+    # -- positions and metrics ----------------------------------------------------------
+    async def commit(self, positions: Mapping[str, str]) -> None:
+        """Commit offsets of the partitions still assigned here; others are ignored.
+
+        Never raises for broker trouble: the checkpoint store, not Kafka, is the source
+        of truth, so a failed commit is logged and counted.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets = {
+            tp: int(positions[live.partition])
+            for tp, live in self._live.items()
+            if live.partition in positions
+        }
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
+        except KafkaError as exc:
+            self._metrics.on_bus_error(self.name, bool(getattr(exc, "retriable", False)))
+            log.warning("kafka bus: commit to %s failed (%s)", self._servers, exc)
+
+    async def send_metrics(self, metrics: Sequence[Metric]) -> None:
+        """Produce one JSON object per metric; gives up after a few seconds and logs."""
+        producer = self._producer
+        if producer is None or not metrics:
+            return
+        topic = self._cfg.kafka_metrics_topic
+        try:
+            async with asyncio.timeout(_METRICS_TIMEOUT_S):
+                sent: list[Awaitable[Any]] = [
+                    await producer.send(topic, orjson.dumps(m.to_json_obj()), key=m.name.encode())
+                    for m in metrics
+                ]
+                await asyncio.gather(*sent)
+        except (KafkaError, TimeoutError) as exc:
+            self._metrics.on_bus_error(self.name, True)
+            log.warning("kafka bus: metrics not sent to %r (%r)", topic, exc)
+
+    async def check(self) -> None:
+        """Raise :class:`TransientError` unless the broker answers and the topic exists."""
+        topic = self._cfg.kafka_topic
+        try:
+            async with asyncio.timeout(_CHECK_TIMEOUT_S):
+                if self._consumer is not None:
+                    topics: set[str] = await self._consumer.topics()
+                else:
+                    probe = AIOKafkaConsumer(**self._options, request_timeout_ms=4000)
+                    try:
+                        await probe.start()
+                        topics = await probe.topics()
+                    finally:
+                        await probe.stop()
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise TransientError(
+                f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
+            ) from exc
+        if topic not in topics:
+            raise TransientError(f"Kafka bus {self._servers}: topic {topic!r} does not exist")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, bus: KafkaBus, emit: Emit, restore: Restore) -> None:
+        self._bus = bus
+        self._emit = emit
+        self._restore = restore
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._bus._guard(self._bus._on_revoked(set(revoked), self._emit))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._bus._consumer
+        if consumer is None or not assigned:
+            return
+        # before any await: the fetcher must not return records of these partitions
+        # until they are positioned and announced
+        consumer.pause(*assigned)
+        await self._bus._guard(
+            self._bus._on_assigned(consumer, set(assigned), self._emit, self._restore)
+        )
