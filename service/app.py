@@ -1,0 +1,224 @@
+"""Wiring and lifecycle: build the components, run them in one TaskGroup, drain on stop.
+
+Shutdown is a numbered drain under one deadline (SHUTDOWN_TIMEOUT):
+1 stop intake -> 2 drain the hub -> 3 checkpoint open windows, flush outputs and commit
+positions -> 4 final metrics -> 5 close everything (reverse order of start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from service.aggregation.aggregator import EventAggregator
+from service.aggregation.stage import AggregatorStage
+from service.bus.base import Bus, BusItem
+from service.checkpoint import CheckpointStore
+from service.clock import Clock, SystemClock
+from service.config import Config
+from service.errors import TransientError
+from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
+from service.hub import EventHub
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+from service.sender import DataSender
+from service.sinks.base import Sink
+from service.web import WebServer, build_web_app
+from service.wiring import build_bus, build_sinks, build_store
+
+__all__ = ["Service", "run"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+
+
+async def start_with_retry(name: str, start: Callable[[], Awaitable[None]], clock: Clock) -> None:
+    """Connect-with-retry: a dependency that is down at start-up delays us, never kills us."""
+    backoff = Backoff(initial_s=0.5, maximum_s=15.0)
+    attempt = 0
+    while True:
+        try:
+            await start()
+            if attempt:
+                log.info("%s connected after %d retries", name, attempt)
+            return
+        except TransientError as exc:
+            attempt += 1
+            delay = backoff.delay(attempt)
+            log.warning("%s not reachable (attempt %d, retrying in %.1fs): %s",
+                        name, attempt, delay, exc)  # fmt: skip
+            await clock.sleep(delay)
+
+
+class Service:
+    """One running aggregator. Tests build it with fakes; ``run`` builds it from config."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        bus: Bus,
+        sinks: list[Sink],
+        store: CheckpointStore,
+        metrics: MetricsCollector,
+        clock: Clock,
+        serve_http: bool = True,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.sinks = sinks
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.serve_http = serve_http
+        self.hub = EventHub(metrics, clock)
+        self.aggregator = EventAggregator(
+            config.aggregation, metrics, clock, max_message_bytes=config.bus.max_message_bytes
+        )
+        self.sender = DataSender(
+            sinks, store, bus.commit, metrics, clock, batch_size=config.runtime.sink_batch_size
+        )
+        stage = AggregatorStage(
+            self.aggregator, self.hub, clock, config.runtime.checkpoint_interval_s
+        )
+        q = config.runtime.queue_size
+        self.hub.subscribe(INPUT, "aggregator", stage.handle, maxsize=q, max_batch=16)
+        self.hub.subscribe(OUTPUT, "sender", self.sender.handle, maxsize=q, max_batch=256)
+        self.stopping = asyncio.Event()
+        self.web: WebServer | None = None
+        self.phase = "starting"
+
+    def request_stop(self) -> None:
+        """What a signal does: only set an event."""
+        self.stopping.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "bus": {"transport": self.bus.name, "url": self.config.bus.url},
+            "outputs": [s.name for s in self.sinks],
+            "degraded_outputs": dict(self.sender.degraded),
+            "watermark": self.aggregator.watermark,
+            "open_windows": self.aggregator.open_windows,
+            "partitions": self.aggregator.partitions(),
+            "subscribers": {
+                name: {
+                    "processed": st.processed,
+                    "errors": st.errors,
+                    "restarts": st.restarts,
+                    "dropped": st.dropped,
+                    "depth": st.depth,
+                }
+                for name, st in self.hub.stats().items()
+            },
+        }
+
+    async def run(self) -> None:
+        rt = self.config.runtime
+        async with AsyncExitStack() as stack:
+            if self.serve_http:
+                checks = {"bus": self.bus.check, **{s.name: s.check for s in self.sinks}}
+                app = build_web_app(self.metrics, checks, self.status)
+                self.web = WebServer(self.config.http.host, self.config.http.port, app)
+                await self.web.start()
+                stack.push_async_callback(self.web.stop)
+            for sink in self.sinks:
+                await start_with_retry(f"output {sink.name}", sink.start, self.clock)
+                stack.push_async_callback(sink.stop)
+            await start_with_retry("checkpoint store", self.store.start, self.clock)
+            stack.push_async_callback(self.store.stop)
+            await start_with_retry(f"bus {self.bus.name}", self.bus.start, self.clock)
+            stack.push_async_callback(self.bus.stop)
+            await self.hub.start()
+            stack.push_async_callback(self.hub.stop)
+            self.phase = "running"
+            log.info("running: bus=%s outputs=%s", self.config.bus.url,
+                     ",".join(s.name for s in self.sinks))  # fmt: skip
+            async with asyncio.TaskGroup() as tg:
+                intake = tg.create_task(self.bus.run(self._emit, self.store.load), name="intake")
+                ticker = tg.create_task(self._tick_forever(), name="ticker")
+                reporter = tg.create_task(
+                    self.metrics.publish_forever(self.bus.send_metrics, rt.metrics_interval_s),
+                    name="metrics",
+                )
+                stop_wait = tg.create_task(self.stopping.wait(), name="stop-wait")
+                await asyncio.wait({intake, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                try:
+                    async with asyncio.timeout(rt.shutdown_timeout_s):
+                        await self._drain(intake)
+                except TimeoutError:
+                    log.error("shutdown did not finish within %.0fs (phase %s); exiting anyway",
+                              rt.shutdown_timeout_s, self.phase)  # fmt: skip
+                ticker.cancel()
+                reporter.cancel()
+                intake.cancel()
+            self.phase = "5/5 close"
+            log.info("shutdown 5/5: closing connections")
+
+    async def _emit(self, item: BusItem) -> None:
+        await self.hub.publish(INPUT, item)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await self.clock.sleep(TICK_S)
+            await self.hub.publish(INPUT, Tick())
+
+    async def _drain(self, intake: asyncio.Task[None]) -> None:
+        self.phase = "1/5 stop intake"
+        log.info("shutdown 1/5: stopping intake")
+        self.bus.stop_intake()
+        with contextlib.suppress(asyncio.CancelledError):
+            await intake
+        self.phase = "2/5 drain"
+        log.info("shutdown 2/5: draining queued batches")
+        await self.hub.drain()
+        self.phase = "3/5 checkpoint"
+        log.info("shutdown 3/5: checkpointing %d open window(s), flushing outputs, committing",
+                 self.aggregator.open_windows)  # fmt: skip
+        request = CheckpointRequest()
+        await self.hub.publish(INPUT, request)
+        await request.done
+        self.phase = "4/5 final metrics"
+        log.info("shutdown 4/5: final metrics")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.bus.send_metrics(self.metrics.to_bus_metrics())
+
+
+def install_signal_handlers(service: Service) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if service.stopping.is_set():
+            log.warning("second %s: exiting immediately", sig.name)
+            os._exit(130)
+        log.info("%s received: shutting down gracefully", sig.name)
+        service.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run(config: Config, *, clock: Clock | None = None) -> None:
+    """Run the service from configuration until SIGTERM/SIGINT."""
+    clock = clock or SystemClock()
+    metrics = MetricsCollector(clock)
+    service = Service(
+        config,
+        bus=build_bus(config, metrics, clock),
+        sinks=build_sinks(config, metrics),
+        store=build_store(config),
+        metrics=metrics,
+        clock=clock,
+    )
+    install_signal_handlers(service)
+    await service.run()

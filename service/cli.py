@@ -1,0 +1,82 @@
+"""Sub-commands: run, demo, check, migrate, emulator. Exit codes: 0 ok, 1 failure,
+2 invalid configuration or usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.config import Config, load_config
+from service.emulator import add_arguments as add_emulator_arguments
+from service.errors import ConfigError
+from service.logs import setup_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vabus-aggregator",
+        description="Aggregate VaBus events into tumbling windows; write them to Kafka/PostgreSQL.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the service, configured by environment variables and .env")
+    demo = sub.add_parser(
+        "demo", help="run on an embedded broker + PostgreSQL with the emulator as the bus"
+    )
+    demo.add_argument("--rate", type=float, default=2000.0, help="events per second (2000)")
+    demo.add_argument("--names", type=int, default=20, help="distinct event names (20)")
+    demo.add_argument("--interval", type=float, default=10.0, help="window seconds (10)")
+    demo.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")
+    demo.add_argument("--workdir", default=".demo", help="data directory (.demo)")
+    demo.add_argument("--http-port", type=int, default=8080, help="service HTTP port (8080)")
+    sub.add_parser("check", help="test every configured connection; exit 0 if all are reachable")
+    sub.add_parser("migrate", help="create or upgrade the PostgreSQL schema")
+    emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
+    add_emulator_arguments(emu)
+    return p
+
+
+def _load(environ: dict[str, str] | None = None) -> Config:
+    return load_config(environ)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "emulator":
+        from service.emulator import main as emulator_main
+
+        setup_logging("INFO", "text")
+        return asyncio.run(emulator_main(args))
+    if args.command == "demo":
+        from service.demo import main as demo_main
+
+        return demo_main(args)
+    try:
+        config = _load()
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log.level, config.log.format)
+    if args.command == "run":
+        from service.app import run
+
+        log.info("configuration: %s", config.redacted())
+        asyncio.run(run(config))
+        return EXIT_OK
+    if args.command == "check":
+        from service.checks import check_all
+
+        return asyncio.run(check_all(config))
+    if args.command == "migrate":
+        from service.checks import migrate
+
+        return asyncio.run(migrate(config))
+    return EXIT_CONFIG

@@ -1,0 +1,47 @@
+"""Control items that travel the hub beside the data, so they stay ordered with it.
+
+bus --SourceBatch/PartitionsAssigned/PartitionsRevoked--> "input" --> aggregator stage
+ticker --Tick/CheckpointRequest--> "input"
+aggregator stage --Outputs/Checkpoint--> "output" --> DataSender --> sinks, store, bus commit
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from service.bus.base import PartitionCheckpoint
+
+__all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "Tick"]
+
+INPUT = "input"
+OUTPUT = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes (about once a second): lets idle windows flush and checkpoints happen."""
+
+
+@dataclass(slots=True)
+class CheckpointRequest:
+    """Checkpoint everything now (shutdown); ``done`` resolves when it is durable."""
+
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Make these partition states durable, then commit their positions to the bus.
+
+    Travels behind the outputs it covers, so the sender has written them first.
+    """
+
+    checkpoints: list[PartitionCheckpoint]
+    done: asyncio.Future[None] | None = None
+
+    @property
+    def positions(self) -> dict[str, str]:
+        return {c.partition: c.position for c in self.checkpoints if c.position is not None}

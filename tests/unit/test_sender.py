@@ -1,0 +1,112 @@
+"""DataSender: fan-out to every sink, retries, and checkpoint ordering."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import pytest
+
+from service.aggregation.aggregator import Outputs
+from service.bus.base import PartitionCheckpoint
+from service.clock import ManualClock
+from service.errors import PermanentSinkError
+from service.events import Aggregate, DeadLetter
+from service.flow import Checkpoint
+from service.metrics import MetricsCollector
+from service.retry import Backoff
+from service.sender import DataSender
+from service.sinks.memory import MemorySink
+
+
+class RecordingStore:
+    """A checkpoint store fake that also records what the sinks held at save time."""
+
+    def __init__(self, sinks: Sequence[MemorySink]) -> None:
+        self.saved: list[list[PartitionCheckpoint]] = []
+        self.sink_sizes_at_save: list[list[int]] = []
+        self._sinks = sinks
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
+        return {}
+
+    async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        self.saved.append(list(checkpoints))
+        self.sink_sizes_at_save.append([len(s.aggregates) for s in self._sinks])
+
+
+def agg(name: str, start: float = 0.0) -> Aggregate:
+    return Aggregate(name, "sum", 1.0, 1, start, start + 60, 100.0)
+
+
+async def make(
+    n_sinks: int = 2,
+) -> tuple[DataSender, list[MemorySink], RecordingStore, list[Mapping[str, str]], ManualClock]:
+    clock = ManualClock()
+    sinks = [MemorySink(f"s{i}") for i in range(n_sinks)]
+    for s in sinks:
+        await s.start()
+    store = RecordingStore(sinks)
+    commits: list[Mapping[str, str]] = []
+
+    async def commit(positions: Mapping[str, str]) -> None:
+        commits.append(dict(positions))
+
+    sender = DataSender(sinks, store, commit, MetricsCollector(clock), clock,
+                        batch_size=2, backoff=Backoff("fixed", 1.0, 1.0))  # fmt: skip
+    return sender, sinks, store, commits, clock
+
+
+async def test_outputs_reach_every_sink_in_chunks_of_batch_size() -> None:
+    sender, sinks, _, _, _ = await make()
+    dl = DeadLetter("{}", "missing_name", "x", "test", 1.0)
+    await sender.handle([Outputs([agg("a"), agg("b")], [dl]), Outputs([agg("c")], [])])
+    for s in sinks:
+        assert sorted(k[0] for k in s.aggregates) == ["a", "b", "c"]
+        assert s.dead_letters == [dl]
+        assert [len(w[0]) for w in s.writes] == [2, 1]
+
+
+async def test_checkpoint_is_saved_after_earlier_outputs_and_then_committed() -> None:
+    sender, _, store, commits, _ = await make()
+    cp = PartitionCheckpoint("p0", "10", b"{}")
+    done = asyncio.get_running_loop().create_future()
+    await sender.handle([Outputs([agg("a")], []), Checkpoint([cp], done), Outputs([agg("b")], [])])
+    assert store.saved == [[cp]]
+    assert store.sink_sizes_at_save == [[1, 1]]  # "a" durable before the checkpoint, "b" after
+    assert commits == [{"p0": "10"}]
+    assert done.done()
+
+
+async def test_transient_sink_failure_is_retried_without_blocking_the_other_sink() -> None:
+    sender, sinks, _, _, clock = await make()
+    sinks[0].fail_next(2)
+    task = asyncio.create_task(sender.handle([Outputs([agg("a")], [])]))
+    await sinks[1].wait_until(lambda s: len(s.aggregates) == 1)
+    assert not sinks[0].aggregates
+    assert "s0" in sender.degraded
+    async with asyncio.timeout(5):
+        while not task.done():
+            clock.advance(1.0)
+            await asyncio.sleep(0)
+    await task
+    assert len(sinks[0].aggregates) == 1
+    assert sender.degraded == {}
+
+
+async def test_permanent_sink_error_is_raised_for_the_hub_to_retry() -> None:
+    sender, sinks, _, _, _ = await make(1)
+    sinks[0].fail_next(1, PermanentSinkError("table missing"))
+    with pytest.raises(PermanentSinkError):
+        await sender.handle([Outputs([agg("a")], [])])
+
+
+async def test_checkpoint_already_done_is_not_saved_again() -> None:
+    sender, _, store, _, _ = await make()
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    await sender.handle([Checkpoint([PartitionCheckpoint("p0", "1", None)], done)])
+    assert store.saved == []
