@@ -10,7 +10,9 @@ from service.config import KafkaConfig
 __all__ = ["client_options"]
 
 
-def client_options(cfg: KafkaConfig, bootstrap_servers: tuple[str, ...] | None = None) -> dict[str, Any]:
+def client_options(
+    cfg: KafkaConfig, bootstrap_servers: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for AIOKafkaProducer/Consumer/AdminClient: servers and security.
 
     SSL uses the system trust store unless ``ssl_cafile`` is given; SASL mechanisms are

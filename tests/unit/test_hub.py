@@ -33,6 +33,7 @@ async def test_items_reach_every_subscriber_of_the_topic_in_order() -> None:
     def collect(key: str) -> Any:
         async def handle(items: list[int]) -> None:
             got[key].extend(items)
+
         return handle
 
     hub.subscribe("t", "a", collect("a"))
