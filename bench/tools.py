@@ -1,0 +1,94 @@
+"""What the benchmark can run, and how to launch each tool.
+
+``limit`` and ``baseline`` are this folder's own scripts, run with the repo's Python.
+``service_*`` is the service itself (``python -m service run``) configured only by
+environment, as an operator would. ``quix`` and ``bytewax`` are the reference scripts of
+``../shared/bench`` run from their own virtual environments (``setup_venvs.sh`` there);
+they are skipped with a note when those do not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_SCRIPTS = Path(os.environ.get("BENCH_PEER_SCRIPTS", REPO.parent / "shared" / "bench"))
+PEER_VENVS = Path(os.environ.get("BENCH_VENVS", "/tmp/bench-venvs"))
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    label: str
+    kind: Literal["limit", "stream"]
+    runner: Literal["repo", "service", "peer"]
+    output: Literal["none", "kafka", "postgres"] = "kafka"
+    bus: Literal["kafka", "http"] = "kafka"
+    paced: bool = False  # input fed at a fixed rate instead of preloaded
+    script: str = ""  # repo: module name; peer: script file name
+    venv: str = ""  # peer only
+
+    def python(self) -> str:
+        return str(PEER_VENVS / self.venv / "bin" / "python") if self.venv else sys.executable
+
+    def missing(self) -> str:
+        """Why this tool cannot run here, or ''."""
+        if self.runner != "peer":
+            return ""
+        if not Path(self.python()).exists():
+            return f"no venv at {PEER_VENVS / self.venv} (run {PEER_SCRIPTS}/setup_venvs.sh)"
+        if not (PEER_SCRIPTS / self.script).exists():
+            return f"no script {PEER_SCRIPTS / self.script}"
+        return ""
+
+
+TOOLS: dict[str, Tool] = {t.name: t for t in (
+    Tool("limit", "LIMIT: aiokafka getmany + orjson decode, nothing else", "limit", "repo",
+         output="none", script="bench.limit"),
+    Tool("baseline", "BASELINE: hand-written aiokafka + dict windows + producer", "stream",
+         "repo", script="bench.baseline"),
+    Tool("service_kafka_kafka", "service: Kafka -> Kafka", "stream", "service"),
+    Tool("service_kafka_pg", "service: Kafka -> PostgreSQL", "stream", "service",
+         output="postgres"),
+    Tool("service_http_pg", "service: HTTP (emulator) -> PostgreSQL", "stream", "service",
+         output="postgres", bus="http"),
+    Tool("service_http_pg_paced", "service: HTTP -> PostgreSQL, input paced (latency)",
+         "stream", "service", output="postgres", bus="http", paced=True),
+    Tool("quix", "Quix Streams (RocksDB + changelog)", "stream", "peer", script="run_quix.py",
+         venv="quix"),
+    Tool("bytewax", "Bytewax, 1 worker", "stream", "peer", script="run_bytewax.py",
+         venv="bytewax"),
+)}  # fmt: skip
+
+DEFAULT_TOOLS = ("limit", "baseline", "service_kafka_kafka", "service_kafka_pg",
+                 "service_http_pg", "service_http_pg_paced", "quix", "bytewax")
+PEERS = ("baseline", "quix", "bytewax")  # the ratio columns besides the limit
+
+
+def version_of(tool: Tool) -> str:
+    """The package version that the tool's row stands for."""
+    if tool.runner == "service":
+        return f"vabus-aggregator @{_git_head()}"
+    dist = {"quix": "quixstreams", "bytewax": "bytewax"}.get(tool.name, "aiokafka")
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    try:
+        out = subprocess.run([tool.python(), "-c", code], capture_output=True, text=True,
+                             timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return f"{dist} ?"
+    return f"{dist} {out.stdout.strip()}"
+
+
+def _git_head() -> str:
+    # read-only: `describe --dirty` would refresh (write) the index under other writers
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip()
