@@ -5,11 +5,13 @@ The cursor is the position of the single partition ``"http"``: it travels in
 after the last durable batch (the server replays from an older cursor). Against a server
 that ignores cursors, events fetched but not yet durable when the process dies are lost.
 
-A response body that is not JSON, or has no ``events`` list, is handed on once as a
-single ``bytes`` record (the aggregator dead-letters it) together with the envelope's
-cursor if one can be read. Otherwise the cursor cannot advance: the same request is
-retried with backoff, and the same bad body is never handed on twice for one cursor,
-so a broken server produces one dead letter, not one per retry.
+A response body that is not JSON, or has no ``events`` list, must not cost the valid
+events beside it nor make the client loop. So the same cursor is asked again with
+``limit=1`` until the bad element stands alone; only that body is handed on, as a single
+``bytes`` record (the aggregator dead-letters it as ``invalid_json``), and the cursor is
+read from the envelope's text to move past it. A server whose bodies carry no readable
+cursor at all cannot be moved past: the request is retried with backoff, and the same
+bad body is never handed on twice for one cursor (one dead letter, not one per retry).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Self
@@ -46,6 +49,11 @@ PARTITION: Final = "http"
 RAW_LIMIT: Final = 64 * 1024  # an unparseable body is handed on truncated to this
 _MIN_EMPTY_POLL_S: Final = 0.05  # a server that ignores `wait` must not make us spin
 _CHECK_TIMEOUT_S: Final = 5.0
+_CURSOR_TEXT: Final = re.compile(rb'"cursor"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+class _Narrow(Exception):
+    """Ask the same cursor again, one event at a time, to isolate a bad element."""
 
 
 class _ResponseError(Exception):
@@ -93,6 +101,7 @@ class HttpBus:
         self._inflight: asyncio.Task[_Fetched] | None = None
         self._bad_cursor: str | None = None
         self._bad_bodies: set[int] = set()  # hashes of bad bodies handed on for _bad_cursor
+        self._narrow_left = 0  # requests still made with limit=1 after an unparseable body
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +187,8 @@ class HttpBus:
                 if fetched is not None:
                     return fetched
                 problem, retriable = "repeated the same unparseable body", False
+            except _Narrow:
+                continue
             except _ResponseError as exc:
                 problem, retriable = str(exc), exc.retriable
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -195,7 +206,8 @@ class HttpBus:
     async def _get_events(self, cursor: str | None) -> _Fetched | None:
         """``None`` when the body is one already handed on for this cursor."""
         config = self._config
-        params = {"limit": str(config.http_batch_limit), "wait": f"{config.http_wait_s:g}"}
+        limit = 1 if self._narrow_left else config.http_batch_limit
+        params = {"limit": str(limit), "wait": f"{config.http_wait_s:g}"}
         if cursor is not None:
             params["cursor"] = cursor
         timeout = aiohttp.ClientTimeout(total=config.http_wait_s + config.http_timeout_s)
@@ -209,8 +221,22 @@ class HttpBus:
         seconds = self._clock.monotonic() - started
         events, next_cursor = _parse_envelope(body)
         if events is not None:
-            caught_up = len(events) < self._config.http_batch_limit
+            if self._narrow_left:
+                self._narrow_left = 0 if not events else self._narrow_left - 1
+            caught_up = len(events) < limit
             return _Fetched(cursor, events, next_cursor or cursor, caught_up, len(events), seconds)
+        if limit > 1 and cursor is not None:
+            # The bad element is among the next `limit`: find it alone, keep the others.
+            # (Without a cursor the server is queue-like: what it sent cannot be re-asked.)
+            self._narrow_left = limit
+            log.warning(
+                "VaBus answered GET %s/events (cursor=%s) with an unparseable body; "
+                "asking again one event at a time to isolate the bad element",
+                self._base, cursor,
+            )  # fmt: skip
+            raise _Narrow
+        self._narrow_left = 0
+        next_cursor = next_cursor or _cursor_from_text(body)
         if cursor != self._bad_cursor:
             self._bad_cursor, self._bad_bodies = cursor, set()
         if hash(body) in self._bad_bodies:
@@ -301,6 +327,18 @@ def _parse_envelope(body: bytes) -> tuple[list[Any] | None, str | None]:
     events, cursor = envelope.get("events"), envelope.get("cursor")
     cursor = cursor if isinstance(cursor, str) else None
     return (events if isinstance(events, list) else None), cursor
+
+
+def _cursor_from_text(body: bytes) -> str | None:
+    """The last ``"cursor": "..."`` of a body that is not valid JSON as a whole."""
+    found = _CURSOR_TEXT.findall(body[-4096:])
+    if not found:
+        return None
+    try:
+        cursor = json.loads(found[-1])
+    except ValueError:
+        return None
+    return cursor if isinstance(cursor, str) else None
 
 
 def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, str | None]:

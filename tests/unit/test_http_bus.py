@@ -270,6 +270,24 @@ async def test_unparseable_body_is_handed_on_once_per_cursor(
     assert "not an events envelope" in caplog.text
 
 
+async def test_a_broken_element_is_isolated_and_skipped_without_losing_its_neighbours(
+    emulator: Emulator,
+) -> None:
+    # A server relaying a producer's raw bytes: the element breaks the whole envelope.
+    emulator.append(numbered(0, 5))
+    emulator.append([b"{not json"])
+    emulator.append(numbered(5, 12))
+    recorder = Recorder()
+    start = restore_from(PartitionCheckpoint("http", emulator.stats()["oldest_cursor"], None))
+    async with running(http_bus(emulator.url, http_batch_limit=10), recorder, start):
+        await recorder.wait_for(lambda: len(recorder.records) == 13)
+    good = [r for r in recorder.records if isinstance(r, dict)]
+    assert [e["value"] for e in good] == list(range(12))  # all, in order, once
+    assert [r for r in recorder.records if not isinstance(r, dict)] == [
+        b'{"events":[{not json],"cursor":"' + emulator.stats()["end_cursor"][:-2].encode() + b'6"}'
+    ]
+
+
 async def test_numbers_beyond_a_double_arrive_as_their_exact_texts(emulator: Emulator) -> None:
     emulator.append([b'{"name":"a","value":1e999,"timestamp":1}', {"name": "b", "value": 2}])
     recorder = Recorder()
