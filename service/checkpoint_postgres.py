@@ -18,6 +18,7 @@ from service.errors import PermanentSinkError, ServiceError, TransientError
 from service.schema import (
     CHECKPOINT_TABLE,
     classify_connect_error,
+    dsn_fingerprint,
     ensure_checkpoint_table,
     pg_error_kind,
     quote_identifier,
@@ -51,6 +52,8 @@ async def save_in_transaction(
     """Upsert ``checkpoints`` on ``conn``; the caller owns the transaction."""
     latest = {c.partition: c for c in checkpoints}  # one row per key, last wins
     rows = list(latest.values())
+    if not rows:
+        return
     await conn.execute(
         _upsert_sql(table),
         namespace,
@@ -84,6 +87,7 @@ class PostgresCheckpointStore:
         self._dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
         self._borrowed = None if isinstance(pool_or_dsn, str) else pool_or_dsn
         self._pool: Any = None
+        self._fingerprint = None if self._dsn is None else dsn_fingerprint(self._dsn)
         self._timeout_s = timeout_s
         self._select = (
             f"SELECT partition, position, state, format FROM {quote_identifier(table)} "
@@ -165,6 +169,17 @@ class PostgresCheckpointStore:
                 await save_in_transaction(conn, self.namespace, checkpoints, self._table)
         except Exception as exc:
             raise self._classify(exc) from exc
+
+    def shares_transaction_with(self, sink: object) -> bool:
+        """True for a sink writing to the database of this store's DSN (a PostgreSQL
+        sink built from the same POSTGRES_DSN): checkpoints can then be saved inside
+        the sink's write transaction (see :meth:`save_in`)."""
+        theirs = getattr(sink, "database_fingerprint", None)
+        return self._fingerprint is not None and theirs == self._fingerprint
+
+    async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        """:meth:`save` on a connection whose transaction the caller owns."""
+        await save_in_transaction(conn, self.namespace, checkpoints, self._table)
 
     def _classify(self, exc: Exception) -> ServiceError:
         if pg_error_kind(exc) == "transient":

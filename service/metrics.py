@@ -139,6 +139,10 @@ class MetricsCollector:
         self.sink_aggregates_written: defaultdict[str, int] = defaultdict(int)
         self.sink_dead_letters_written: defaultdict[str, int] = defaultdict(int)
         self.sink_errors: defaultdict[tuple[str, bool], int] = defaultdict(int)
+        self.sink_retries: defaultdict[str, int] = defaultdict(int)
+        self.sink_circuit_open: dict[str, bool] = {}
+        self._sink_degraded_s: defaultdict[str, float] = defaultdict(float)
+        self._sink_degraded_since: dict[str, float] = {}
         self.subscriber_crashes: defaultdict[str, int] = defaultdict(int)
         self.queue_depth: dict[str, int] = {}
         self.latest_aggregates: deque[Aggregate] = deque(maxlen=LATEST_AGGREGATES)
@@ -192,6 +196,31 @@ class MetricsCollector:
 
     def on_sink_error(self, sink: str, retriable: bool) -> None:
         self.sink_errors[(sink, retriable)] += 1
+
+    def on_sink_retry(self, sink: str) -> None:
+        """A failed write to ``sink`` (or the checkpoint store) will be tried again."""
+        self.sink_retries[sink] += 1
+
+    def on_sink_degraded(self, sink: str) -> None:
+        """``sink`` started failing; time counts as degraded until it recovers."""
+        self._sink_degraded_since.setdefault(sink, self.clock.monotonic())
+        self._sink_degraded_s[sink] += 0.0  # the sink shows up at 0 right away
+
+    def on_sink_recovered(self, sink: str) -> None:
+        since = self._sink_degraded_since.pop(sink, None)
+        if since is not None:
+            self._sink_degraded_s[sink] += max(0.0, self.clock.monotonic() - since)
+
+    def set_sink_circuit(self, sink: str, is_open: bool) -> None:
+        self.sink_circuit_open[sink] = is_open
+
+    def sink_degraded_seconds(self) -> dict[str, float]:
+        """Seconds each sink spent failing so far, including an outage still going on."""
+        now = self.clock.monotonic()
+        out = dict(self._sink_degraded_s)
+        for sink, since in self._sink_degraded_since.items():
+            out[sink] = out.get(sink, 0.0) + max(0.0, now - since)
+        return out
 
     def on_aggregates_durable(self, emitted_at: Sequence[float]) -> None:
         """Aggregates emitted at these wall times are now durable in every output."""
@@ -248,6 +277,9 @@ class MetricsCollector:
             "sink_aggregates_written": dict(self.sink_aggregates_written),
             "sink_dead_letters_written": dict(self.sink_dead_letters_written),
             "sink_errors": _by_retriable(self.sink_errors),
+            "sink_retries": dict(self.sink_retries),
+            "sink_degraded_seconds": self.sink_degraded_seconds(),
+            "sink_circuit_open": dict(self.sink_circuit_open),
             "emit_to_durable_seconds": {
                 "count": self.emit_to_durable.count,
                 **self.latency_quantiles(),
@@ -271,6 +303,8 @@ class MetricsCollector:
             ("events_late", self.events_late),
             ("aggregates_emitted", self.aggregates_emitted),
             ("sink_errors", sum(self.sink_errors.values())),
+            ("sink_retries", sum(self.sink_retries.values())),
+            ("sink_degraded_seconds", sum(self.sink_degraded_seconds().values())),
             ("bus_errors", sum(self.bus_errors.values())),
             ("open_windows", self.open_windows),
             ("queue_depth", sum(self.queue_depth.values())),
@@ -365,12 +399,22 @@ class _PrometheusView:
              {(s, _bool(r)): n for (s, r), n in m.sink_errors.items()}),
             ("subscriber_crashes", "Hub subscriber task crashes.", ["subscriber"],
              {(s,): n for s, n in m.subscriber_crashes.items()}),
+            ("sink_retries", "Sink writes retried after a transient failure.", ["sink"],
+             {(s,): n for s, n in m.sink_retries.items()}),
         ]  # fmt: skip
         for name, doc, label_names, values in labelled:
             family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=label_names)
             for label_values, n in values.items():
                 family.add_metric(list(label_values), n)
             yield family
+        degraded = CounterMetricFamily(
+            f"{PREFIX}_sink_degraded_seconds",
+            "Seconds a sink spent failing (retrying), including an ongoing outage.",
+            labels=["sink"],
+        )
+        for s, seconds in m.sink_degraded_seconds().items():
+            degraded.add_metric([s], seconds)
+        yield degraded
         yield from self._gauges()
         yield from self._histograms()
 
@@ -383,6 +427,14 @@ class _PrometheusView:
         for s, d in m.queue_depth.items():
             depth.add_metric([s], d)
         yield depth
+        circuit = GaugeMetricFamily(
+            f"{PREFIX}_sink_circuit_open",
+            "1 while a sink's circuit breaker is open (writes paused for a cool-down).",
+            labels=["sink"],
+        )
+        for s, is_open in m.sink_circuit_open.items():
+            circuit.add_metric([s], 1.0 if is_open else 0.0)
+        yield circuit
         yield GaugeMetricFamily(
             f"{PREFIX}_events_per_second",
             f"Events received per second over the last {RATE_WINDOW_S:g} s.",

@@ -1,14 +1,23 @@
-"""Backoff policies, kept apart from the operations they pace."""
+"""Backoff policies and a circuit breaker, kept apart from the operations they pace."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
-__all__ = ["Backoff", "BackoffKind"]
+__all__ = [
+    "BACKOFF_KINDS",
+    "Backoff",
+    "BackoffKind",
+    "BreakerState",
+    "CircuitBreaker",
+    "output_backoff",
+]
 
 BackoffKind = Literal["exponential", "linear", "fixed", "random"]
+BACKOFF_KINDS: Final[tuple[BackoffKind, ...]] = ("exponential", "linear", "fixed", "random")
+BreakerState = Literal["closed", "open", "half_open"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +51,59 @@ class Backoff:
             # "equal jitter": never less than half the step, so retries still spread out
             d = d / 2 + r.uniform(0, d / 2)
         return d
+
+
+def output_backoff(
+    kind: BackoffKind = "exponential", initial_s: float = 0.2, maximum_s: float = 30.0
+) -> Backoff:
+    """The default pacing of output retries (RETRY_BACKOFF / RETRY_INITIAL / RETRY_MAX)."""
+    return Backoff(kind=kind, initial_s=initial_s, maximum_s=maximum_s)
+
+
+class CircuitBreaker:
+    """Consecutive-failure breaker for one dependency, on caller-supplied monotonic time.
+
+    closed: calls go through. After ``failure_threshold`` consecutive failures it
+    opens for ``cooldown_s``: callers wait (:meth:`wait_s`) instead of hammering the
+    dependency. When the cool-down ends it is half-open: one probe call goes through;
+    success closes it, failure opens it for another cool-down. Nothing here sleeps or
+    reads a clock, so the caller's injected clock drives it.
+    """
+
+    __slots__ = ("_failures", "_opened_at", "cooldown_s", "failure_threshold", "opens")
+
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 15.0) -> None:
+        if failure_threshold < 1 or cooldown_s < 0:
+            raise ValueError("failure_threshold must be >= 1 and cooldown_s >= 0")
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self._failures = 0
+        self._opened_at: float | None = None
+        self.opens = 0  # how many times it opened, for metrics and tests
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def state(self, now: float) -> BreakerState:
+        if self._opened_at is None:
+            return "closed"
+        return "open" if now - self._opened_at < self.cooldown_s else "half_open"
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until a call may go through (0 when closed or half-open)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown_s - now)
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+
+    def record_failure(self, now: float) -> None:
+        self._failures += 1
+        if self._opened_at is not None or self._failures >= self.failure_threshold:
+            # a failed half-open probe (or the threshold reached) opens a new cool-down
+            if self._opened_at is None or self.state(now) == "half_open":
+                self.opens += 1
+            self._opened_at = now

@@ -26,6 +26,7 @@ __all__ = [
     "TableNames",
     "checkpoint_ddl",
     "classify_connect_error",
+    "dsn_fingerprint",
     "ensure_checkpoint_table",
     "ensure_schema",
     "migrate",
@@ -91,6 +92,24 @@ class TableNames:
         )
 
 
+def dsn_fingerprint(dsn: str) -> str:
+    """A stable, non-secret identifier of a DSN: equal DSNs reach the same database."""
+    return hashlib.sha256(dsn.encode()).hexdigest()[:16]
+
+
+def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> str:
+    """DDL adding ``column`` to a table made by an older version (or by hand, from the
+    contract's column list). It checks the catalog first, so the usual no-op neither
+    needs ownership nor takes ALTER TABLE's exclusive lock at every start-up."""
+    # quoted_table comes from quote_identifier: letters, digits, _ and " only.
+    return f"""DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{quoted_table}'::regclass
+                       AND attname = '{column}' AND NOT attisdropped) THEN
+            ALTER TABLE {quoted_table} ADD COLUMN {column} {definition};
+        END IF;
+    END $$"""
+
+
 def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
     """DDL for the aggregates and dead-letter tables (contract §5, §6, §10)."""
     agg = quote_identifier(table)
@@ -107,6 +126,10 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
             updated_at   timestamptz      NOT NULL DEFAULT now(),
             PRIMARY KEY (name, agg_func, window_start, window_end)
         )""",
+        # The revision guard of the upsert compares (count, emitted_at); a table from
+        # before emitted_at existed gets it, old rows ranking below any new emission.
+        _add_column_if_missing(agg, "emitted_at", "timestamptz NOT NULL DEFAULT '-infinity'"),
+        _add_column_if_missing(agg, "updated_at", "timestamptz NOT NULL DEFAULT now()"),
         # The primary key serves per-name range queries; this one serves "all names
         # in a time range" (dashboards, reports, retention deletes).
         f"CREATE INDEX IF NOT EXISTS {_index_name(table, 'window_start_idx')} "

@@ -2,32 +2,77 @@
 
 Every configured output is *required*: a checkpoint (and so the source commit) happens
 only after all outputs before it are durable in every sink. A sink that fails
-transiently is retried with backoff, on its own, while the others go on; the hub's
-bounded queues turn the wait into backpressure up to the bus.
+transiently is retried on its own, while the others go on; the hub's bounded queues
+turn the wait into backpressure up to the bus.
+
+Retries: each sink (and the checkpoint store) has a :class:`Backoff` between attempts
+and a :class:`CircuitBreaker`: after ``breaker_threshold`` consecutive failures the
+sink is left alone for ``breaker_cooldown_s``, then one probe write goes through. Every
+retry is counted (``sink_retries_total{sink}``), as is the time from the first failure
+to the next success (``sink_degraded_seconds_total{sink}``). :meth:`readiness_check`
+makes ``/readyz`` report a sink whose writes are failing, even when a bare ping works.
+
+One transaction for the last rows and the checkpoint: when the checkpoint store lives
+in the same PostgreSQL database as the PostgreSQL sink (both implement the optional
+capabilities below), the rows written just before a checkpoint and the checkpoint rows
+commit in one transaction, after every other sink has acknowledged those rows. So the
+stored positions can never name rows that PostgreSQL does not hold, and a checkpoint
+costs no extra commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
 
 from service.aggregation.aggregator import Outputs
+from service.bus.base import PartitionCheckpoint
 from service.checkpoint import CheckpointStore
 from service.clock import Clock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
 from service.metrics import MetricsCollector
-from service.retry import Backoff
+from service.retry import Backoff, CircuitBreaker, output_backoff
 from service.sinks.base import Sink
 
-__all__ = ["DataSender"]
+__all__ = ["CHECKPOINT_STORE", "DataSender", "TransactionalSink", "TransactionalStore"]
 
 log = logging.getLogger(__name__)
 
 Commit = Callable[[Mapping[str, str]], Awaitable[None]]
+InTransaction = Callable[[Any], Awaitable[None]]
+"""A step run on the sink's open connection, inside the write's transaction."""
+
+CHECKPOINT_STORE = "checkpoints"
+"""The name the checkpoint store has in retry logs, metrics and ``degraded``."""
+
+
+@runtime_checkable
+class TransactionalSink(Protocol):
+    """Optional sink capability: write rows and run ``then`` in one transaction."""
+
+    name: str
+
+    async def write_in_transaction(
+        self,
+        aggregates: Sequence[Aggregate],
+        dead_letters: Sequence[DeadLetter],
+        then: InTransaction,
+    ) -> None: ...
+
+
+@runtime_checkable
+class TransactionalStore(Protocol):
+    """Optional store capability: save checkpoints inside a sink's transaction."""
+
+    def shares_transaction_with(self, sink: object) -> bool:
+        """True when ``sink``'s connections reach the database this store writes to."""
+
+    async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None: ...
 
 
 class DataSender:
@@ -41,6 +86,8 @@ class DataSender:
         *,
         batch_size: int = 5000,
         backoff: Backoff | None = None,
+        breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 15.0,
     ) -> None:
         self._sinks = list(sinks)
         self._store = store
@@ -48,8 +95,29 @@ class DataSender:
         self._metrics = metrics
         self._clock = clock
         self._batch_size = batch_size
-        self._backoff = backoff or Backoff(initial_s=0.2, maximum_s=30.0)
+        self._backoff = backoff or output_backoff()
+        names = [s.name for s in self._sinks] + [CHECKPOINT_STORE]
+        self.breakers = {n: CircuitBreaker(breaker_threshold, breaker_cooldown_s) for n in names}
         self.degraded: dict[str, str] = {}  # sink -> last error, while it is failing
+        self._tx_store: TransactionalStore | None = None
+        self._partner = self._transaction_partner()
+        if self._partner is not None:
+            log.info("checkpoints commit in the same transaction as output %s", self._partner.name)
+
+    @property
+    def checkpoint_partner(self) -> str | None:
+        """The output whose transaction also stores checkpoints, if any."""
+        return None if self._partner is None else self._partner.name
+
+    def _transaction_partner(self) -> TransactionalSink | None:
+        store = self._store
+        if not isinstance(store, TransactionalStore):
+            return None
+        for sink in self._sinks:
+            if isinstance(sink, TransactionalSink) and store.shares_transaction_with(sink):
+                self._tx_store = store
+                return sink
+        return None
 
     async def handle(self, items: list[Any]) -> None:
         """Hub handler: consecutive outputs are written together; a checkpoint first
@@ -61,59 +129,109 @@ class DataSender:
                 aggregates.extend(item.aggregates)
                 dead_letters.extend(item.dead_letters)
             elif type(item) is Checkpoint:
-                await self.write(aggregates, dead_letters)
+                await self._write_then_checkpoint(aggregates, dead_letters, item)
                 aggregates, dead_letters = [], []
-                await self._checkpoint(item)
             else:
                 raise TypeError(f"unexpected output item {type(item).__name__}")
         await self.write(aggregates, dead_letters)
 
-    async def write(self, aggregates: list[Aggregate], dead_letters: list[DeadLetter]) -> None:
+    def _chunks(
+        self, aggregates: list[Aggregate], dead_letters: list[DeadLetter]
+    ) -> Iterator[tuple[list[Aggregate], list[DeadLetter]]]:
         step = self._batch_size
         for i in range(0, max(len(aggregates), len(dead_letters)), step):
-            chunk_a, chunk_d = aggregates[i : i + step], dead_letters[i : i + step]
-            await asyncio.gather(*(self._write_one(s, chunk_a, chunk_d) for s in self._sinks))
+            yield aggregates[i : i + step], dead_letters[i : i + step]
+
+    async def write(self, aggregates: list[Aggregate], dead_letters: list[DeadLetter]) -> None:
+        for chunk_a, chunk_d in self._chunks(aggregates, dead_letters):
+            await self._write_all(self._sinks, chunk_a, chunk_d)
             if chunk_a:
                 self._metrics.on_aggregates_durable([a.emitted_at for a in chunk_a])
 
-    # Sinks report their own write/error metrics: only they know how many rows they
-    # stored and how many they had to dead-letter.
-    async def _write_one(
-        self, sink: Sink, aggregates: list[Aggregate], dead_letters: list[DeadLetter]
+    async def _write_all(
+        self, sinks: Sequence[Sink], aggregates: list[Aggregate], dead_letters: list[DeadLetter]
     ) -> None:
+        # Sinks report their own write/error metrics: only they know how many rows they
+        # stored and how many they had to dead-letter.
+        await asyncio.gather(
+            *(self._retrying(s.name, partial(s.write, aggregates, dead_letters)) for s in sinks)
+        )
+
+    async def _retrying(self, name: str, attempt_once: Callable[[], Awaitable[None]]) -> None:
+        """Run ``attempt_once`` until it succeeds; :class:`TransientError` is retried with
+        backoff and the breaker, anything else propagates (the hub restarts us)."""
+        breaker = self.breakers[name]
         attempt = 0
         while True:
+            wait = breaker.wait_s(self._clock.monotonic())
+            if wait > 0:
+                await self._clock.sleep(wait)
             try:
-                await sink.write(aggregates, dead_letters)
+                await attempt_once()
             except TransientError as exc:
                 attempt += 1
-                self.degraded[sink.name] = str(exc)
+                now = self._clock.monotonic()
+                if name not in self.degraded:
+                    self._metrics.on_sink_degraded(name)
+                self.degraded[name] = str(exc)
+                breaker.record_failure(now)
+                is_open = breaker.state(now) == "open"
+                self._metrics.set_sink_circuit(name, is_open)
+                self._metrics.on_sink_retry(name)
                 delay = self._backoff.delay(attempt)
+                if is_open:
+                    delay = max(delay, breaker.wait_s(now))
                 log.warning(
-                    "output %s failed (attempt %d, retrying in %.1fs): %s",
-                    sink.name, attempt, delay, exc,
+                    "output %s failed (attempt %d%s, retrying in %.1fs): %s",
+                    name, attempt, ", circuit open" if is_open else "", delay, exc,
                 )  # fmt: skip
                 await self._clock.sleep(delay)
                 continue
-            if self.degraded.pop(sink.name, None) is not None:
-                log.info("output %s recovered after %d failed attempt(s)", sink.name, attempt)
+            breaker.record_success()
+            if self.degraded.pop(name, None) is not None:
+                self._metrics.on_sink_recovered(name)
+                self._metrics.set_sink_circuit(name, False)
+                log.info("output %s recovered after %d failed attempt(s)", name, attempt)
             return
 
-    async def _checkpoint(self, cp: Checkpoint) -> None:
-        if cp.done is not None and cp.done.done():
-            return  # a retried hub delivery: already done
+    async def _write_then_checkpoint(
+        self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint
+    ) -> None:
+        partner, store = self._partner, self._tx_store
+        already_done = cp.done is not None and cp.done.done()  # a retried hub delivery
+        if partner is None or store is None or already_done:
+            await self.write(aggregates, dead_letters)
+            if not already_done:
+                await self._checkpoint(cp, None)
+            return
+        *head, (last_a, last_d) = [*self._chunks(aggregates, dead_letters)] or [([], [])]
+        for chunk_a, chunk_d in head:
+            await self._write_all(self._sinks, chunk_a, chunk_d)
+            if chunk_a:
+                self._metrics.on_aggregates_durable([a.emitted_at for a in chunk_a])
+        # The other sinks must hold the last rows before the checkpoint can commit.
+        await self._write_all([s for s in self._sinks if s.name != partner.name], last_a, last_d)
+        await self._checkpoint(cp, (partner, store, last_a, last_d))
+        if last_a:
+            self._metrics.on_aggregates_durable([a.emitted_at for a in last_a])
+
+    async def _checkpoint(
+        self,
+        cp: Checkpoint,
+        with_rows: (
+            tuple[TransactionalSink, TransactionalStore, list[Aggregate], list[DeadLetter]] | None
+        ),
+    ) -> None:
         started = self._clock.monotonic()
-        attempt = 0
-        while True:
-            try:
-                await self._store.save(cp.checkpoints)
-                break
-            except TransientError as exc:
-                attempt += 1
-                delay = self._backoff.delay(attempt)
-                log.warning("checkpoint store failed (attempt %d, retrying in %.1fs): %s",
-                            attempt, delay, exc)  # fmt: skip
-                await self._clock.sleep(delay)
+        if with_rows is None:
+            await self._retrying(CHECKPOINT_STORE, lambda: self._store.save(cp.checkpoints))
+        else:
+            sink, store, rows_a, rows_d = with_rows
+
+            async def save(conn: Any) -> None:
+                await store.save_in(conn, cp.checkpoints)
+
+            await self._retrying(sink.name, lambda: sink.write_in_transaction(rows_a, rows_d, save))
         positions = cp.positions
         if positions:
             try:
@@ -123,3 +241,27 @@ class DataSender:
         self._metrics.on_checkpoint(self._clock.monotonic() - started)
         if cp.done is not None and not cp.done.done():
             cp.done.set_result(None)
+
+    def readiness_check(self, sink: Sink) -> Callable[[], Awaitable[None]]:
+        """``sink.check`` that also fails while the sink's writes are failing (so a sink
+        that answers a ping but refuses writes is not reported ready)."""
+        name = sink.name
+
+        async def check() -> None:
+            failing = self.degraded.get(name)
+            if failing is not None:
+                breaker = self.breakers[name]
+                now = self._clock.monotonic()
+                state = breaker.state(now)
+                circuit = (
+                    f"circuit open for {breaker.wait_s(now):.0f} s more"
+                    if state == "open"
+                    else f"circuit {state.replace('_', '-')}"
+                )
+                raise TransientError(
+                    f"writes failing ({breaker.consecutive_failures} in a row, {circuit}): "
+                    f"{failing}"
+                )
+            await sink.check()
+
+        return check

@@ -51,7 +51,10 @@ def checkpoint_namespace(cfg: Config) -> str:
 
 def build_store(cfg: Config) -> CheckpointStore:
     """PostgreSQL when it is an output (shared by every instance of a consumer group, so
-    partitions can move between machines); otherwise a file in STATE_DIR."""
+    partitions can move between machines); otherwise a file in STATE_DIR.
+
+    The PostgreSQL store is built from the same DSN as the PostgreSQL sink, which is how
+    the DataSender recognises that checkpoints can commit in the sink's transaction."""
     namespace = checkpoint_namespace(cfg)
     if "postgres" in cfg.outputs:
         from service.checkpoint_postgres import PostgresCheckpointStore

@@ -3,15 +3,32 @@
 Records are grouped by partition (murmur2 of the key, as the Java client does, so one
 name always lands on one partition) and handed to the producer as whole batches: about
 three times the throughput of one ``send()`` per record. ``write`` returns once the
-broker acknowledged every record (``acks=all``). A failed write may have delivered part
-of the batch; retrying it duplicates those records, which consumers see as the same
-aggregate again (same key, window and value), never as a different result.
+broker acknowledged every record (``acks=all``).
+
+No transactions, no idempotent producer (tansu refuses both with aiokafka), so the
+guarantee rests on deterministic content, a revision and the commit order:
+
+* A failed write may have delivered part of the batch; the retry (or a replay after a
+  crash, from the last checkpoint) delivers those records again. A replayed aggregate
+  is recomputed from the same events: same key, window, value and ``count``.
+* Each value carries ``"revision"`` (= ``count``, the number of events in it) besides
+  the contract fields. A later emission of one window can only hold more events, so a
+  consumer that keeps, per ``(name, agg_func, window_start)``, the record with the
+  greatest ``(revision, emitted_at)`` never lets an older value replace a newer one,
+  whatever order duplicates arrive in. Records of one name stay in one partition, so
+  they also arrive in emission order.
+* Source positions are committed only after every record before them is acknowledged.
+
+An aggregate that cannot be encoded (a name holding a lone UTF-16 surrogate, which
+UTF-8 JSON cannot carry) goes to the dead-letter topic with reason ``invalid_value``
+instead of blocking the output.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -46,7 +63,7 @@ from service.events import Aggregate, DeadLetter, iso_utc
 from service.kafka_client import client_options
 from service.metrics import MetricsCollector
 
-__all__ = ["KafkaSink", "encode_aggregates"]
+__all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +85,60 @@ _MAX_BATCH_BYTES: Final = 512 * 1024
 _Record = tuple[bytes, bytes]  # key, value
 
 
-def encode_aggregates(aggregates: Sequence[Aggregate]) -> list[_Record]:
-    """(key, value) records: exactly ``Aggregate.to_json_obj()`` as JSON, keyed by name.
+def encode_aggregates(
+    aggregates: Sequence[Aggregate],
+) -> tuple[list[_Record], list[tuple[Aggregate, Exception]]]:
+    """(records, refused): ``Aggregate.to_json_obj()`` plus ``"revision"`` as JSON,
+    keyed by name; ``refused`` holds the aggregates that cannot be encoded, with why.
 
     Formatting ISO times dominates the cost, and a batch repeats the same few window
     bounds and emission times, so each distinct time is formatted once per batch.
     """
     iso = functools.lru_cache(maxsize=None)(iso_utc)
     dumps = orjson.dumps
-    return [
-        (
-            a.name.encode(),
-            dumps(
-                {
-                    "name": a.name,
-                    "agg_func": a.agg_func,
-                    "value": a.value,
-                    "count": a.count,
-                    "window_start": iso(a.window_start),
-                    "window_end": iso(a.window_end),
-                    "emitted_at": iso(a.emitted_at),
-                }
-            ),
-        )
-        for a in aggregates
-    ]
+    records: list[_Record] = []
+    refused: list[tuple[Aggregate, Exception]] = []
+    for a in aggregates:
+        try:
+            records.append(
+                (
+                    a.name.encode(),
+                    dumps(
+                        {
+                            "name": a.name,
+                            "agg_func": a.agg_func,
+                            "value": a.value,
+                            "count": a.count,
+                            "window_start": iso(a.window_start),
+                            "window_end": iso(a.window_end),
+                            "emitted_at": iso(a.emitted_at),
+                            "revision": a.count,
+                        }
+                    ),
+                )
+            )
+        except (UnicodeEncodeError, TypeError) as exc:  # lone surrogates in the name
+            refused.append((a, exc))
+    return records, refused
+
+
+def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
+    """(reason, JSON): always valid UTF-8 JSON, even when a field holds a lone surrogate
+    (then non-ASCII characters are written as ``\\u`` escapes), and at most
+    ``max_bytes`` long: ``raw`` is cut (and says so) rather than the output refusing a
+    record it can never deliver."""
+    key = d.reason.encode("utf-8", "backslashreplace")
+    obj = d.to_json_obj()
+    raw = d.raw
+    while True:
+        try:
+            value = orjson.dumps(obj)
+        except TypeError:
+            value = json.dumps(obj).encode()
+        if len(key) + len(value) <= max_bytes or not raw:
+            return key, value
+        raw = raw[: len(raw) // 2]
+        obj["raw"] = raw + "...[truncated]"
 
 
 class KafkaSink:
@@ -193,12 +239,29 @@ class KafkaSink:
             raise RuntimeError("KafkaSink is not started")
         started = self._clock.monotonic()
         futures: list[asyncio.Future[Any]] = []
+        records, refused = encode_aggregates(aggregates)
+        created = [
+            DeadLetter(
+                raw=json.dumps(a.to_json_obj()),
+                reason="invalid_value",
+                detail=f"the Kafka output cannot encode this aggregate as UTF-8 JSON: {exc}",
+                source=f"sink:kafka:{self._cfg.topic}",
+                received_at=self._clock.now(),
+            )
+            for a, exc in refused
+        ]
+        if created:
+            log.warning("kafka: %d aggregate(s) that cannot be encoded were dead-lettered",
+                        len(created))  # fmt: skip
         try:
             try:
-                await self._send(self._cfg.topic, encode_aggregates(aggregates), futures)
+                await self._send(self._cfg.topic, records, futures)
                 await self._send(
                     self._cfg.dlq_topic,
-                    [(d.reason.encode(), orjson.dumps(d.to_json_obj())) for d in dead_letters],
+                    [
+                        encode_dead_letter(d, self._cfg.max_request_size - _RECORD_OVERHEAD)
+                        for d in (*dead_letters, *created)
+                    ],
                     futures,
                 )
             finally:
@@ -210,7 +273,10 @@ class KafkaSink:
             self._metrics.on_sink_error(self.name, err.retriable)
             raise err from exc
         self._metrics.on_sink_write(
-            self.name, len(aggregates), len(dead_letters), self._clock.monotonic() - started
+            self.name,
+            len(records),
+            len(dead_letters) + len(created),
+            self._clock.monotonic() - started,
         )
 
     async def _send(
@@ -224,8 +290,7 @@ class KafkaSink:
             if len(key) + len(value) > limit:
                 # Checked here so that the error names the record, not a whole batch.
                 raise MessageSizeTooLargeError(
-                    f"a record for {topic!r} with key {key[:80]!r} is "
-                    f"{len(key) + len(value)} bytes"
+                    f"a record for {topic!r} with key {key[:80]!r} is {len(key) + len(value)} bytes"
                 )
         producer = self._producer
         partitions = sorted(await producer.partitions_for(topic))

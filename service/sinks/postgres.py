@@ -1,11 +1,23 @@
 """PostgresSink: idempotent multi-row upserts of aggregates, plus the dead-letter table.
 
-A write is one transaction. Aggregates are de-duplicated by key in Python (last one
-wins) and upserted with ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE``
-in chunks, so a batch holding one key twice never hits "ON CONFLICT DO UPDATE command
-cannot affect row a second time". A chunk that PostgreSQL refuses for its data (SQLSTATE
-class 22/23) is bisected under savepoints until the bad rows are found; each becomes a
-dead letter with reason ``invalid_value`` and everything else is stored.
+A write is one transaction. Aggregates are de-duplicated by key in Python (the highest
+revision wins) and upserted with ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
+UPDATE`` in chunks, so a batch holding one key twice never hits "ON CONFLICT DO UPDATE
+command cannot affect row a second time".
+
+Revision guard: an aggregate's revision is ``(count, emitted_at)`` — a later emission
+of one window can only hold a superset of its events, so more events means newer, and
+equal counts are ordered by emission time. The upsert only replaces a stored row whose
+revision is lower (``DO UPDATE ... WHERE (t.count, t.emitted_at) < (EXCLUDED.count,
+EXCLUDED.emitted_at)``), so a stale replay never overwrites a newer row and an exact
+duplicate costs no row version.
+
+Errors by SQLSTATE class (see :func:`service.schema.pg_error_kind`): connection,
+transaction-rollback and resource classes are :class:`TransientError` (the sender
+retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
+savepoints until the bad rows are found, each becomes a dead letter with reason
+``invalid_value`` and everything else is stored; schema and permission errors (42) are
+a :class:`PermanentSinkError` whose message says what the operator must do.
 """
 
 from __future__ import annotations
@@ -23,7 +35,13 @@ from service.config import PostgresConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.metrics import MetricsCollector
-from service.schema import TableNames, classify_connect_error, ensure_schema, pg_error_kind
+from service.schema import (
+    TableNames,
+    classify_connect_error,
+    dsn_fingerprint,
+    ensure_schema,
+    pg_error_kind,
+)
 
 __all__ = ["PostgresSink", "SinkStatements", "write_batch"]
 
@@ -44,7 +62,7 @@ class SinkStatements:
         # than building datetimes in Python, and out-of-range values fail per row (22008)
         # where bisection can isolate them.
         self.upsert = f"""
-            INSERT INTO {tables.aggregates}
+            INSERT INTO {tables.aggregates} AS t
                 (name, agg_func, window_start, window_end, value, count, emitted_at, updated_at)
             SELECT n, f, to_timestamp(ws), to_timestamp(we), v, c, to_timestamp(ea), now()
             FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
@@ -53,7 +71,8 @@ class SinkStatements:
                 value = EXCLUDED.value,
                 count = EXCLUDED.count,
                 emitted_at = EXCLUDED.emitted_at,
-                updated_at = now()"""
+                updated_at = now()
+            WHERE (t.count, t.emitted_at) < (EXCLUDED.count, EXCLUDED.emitted_at)"""
         self.insert_dead_letters = f"""
             INSERT INTO {tables.dead_letters} (raw, reason, detail, source, received_at)
             SELECT r, re, d, s, to_timestamp(ra)
@@ -62,10 +81,14 @@ class SinkStatements:
 
 
 def _dedupe(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
-    """One aggregate per primary key, the last one given winning."""
+    """One aggregate per primary key: the highest revision ``(count, emitted_at)``,
+    the last one given among equals."""
     latest: dict[_AggKey, Aggregate] = {}
     for a in aggregates:
-        latest[(a.name, a.agg_func, a.window_start, a.window_end)] = a
+        key = (a.name, a.agg_func, a.window_start, a.window_end)
+        seen = latest.get(key)
+        if seen is None or (seen.count, seen.emitted_at) <= (a.count, a.emitted_at):
+            latest[key] = a
     return list(latest.values())
 
 
@@ -201,6 +224,8 @@ class PostgresSink:
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s
         self._pool: Any = None
+        self.database_fingerprint = dsn_fingerprint(cfg.dsn.value)
+        """Identifies the database (not the secret DSN), to find a shared checkpoint store."""
 
     @property
     def pool(self) -> Any:
@@ -255,6 +280,24 @@ class PostgresSink:
         """Upsert ``aggregates`` and insert ``dead_letters`` in one transaction."""
         if not aggregates and not dead_letters:
             return
+        await self._write(aggregates, dead_letters, None)
+
+    async def write_in_transaction(
+        self,
+        aggregates: Sequence[Aggregate],
+        dead_letters: Sequence[DeadLetter],
+        then: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        """Like :meth:`write`, then ``await then(conn)`` before the same commit (used to
+        store checkpoints atomically with the rows they cover). Runs even with no rows."""
+        await self._write(aggregates, dead_letters, then)
+
+    async def _write(
+        self,
+        aggregates: Sequence[Aggregate],
+        dead_letters: Sequence[DeadLetter],
+        then: Callable[[Any], Awaitable[None]] | None,
+    ) -> None:
         pool = self.pool
         started = self._clock.monotonic()
         try:
@@ -262,6 +305,8 @@ class PostgresSink:
                 created = await write_batch(
                     conn, self._sql, aggregates, dead_letters, self._clock.now()
                 )
+                if then is not None:
+                    await then(conn)
         except Exception as exc:
             err = self._classify(exc)
             self._metrics.on_sink_error(self.name, err.retriable)
@@ -271,6 +316,8 @@ class PostgresSink:
                 "postgres: %d aggregate(s) refused by the database were dead-lettered",
                 len(created),
             )
+        if not aggregates and not dead_letters:
+            return  # a checkpoint alone: no output was written
         self._metrics.on_sink_write(
             self.name,
             len(aggregates) - len(created),
@@ -284,9 +331,7 @@ class PostgresSink:
             async with pool.acquire(timeout=self._check_timeout_s) as conn:
                 await conn.fetchval("SELECT 1", timeout=self._check_timeout_s)
         except Exception as exc:
-            raise TransientError(
-                f"PostgreSQL unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise TransientError(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}") from exc
 
     def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
         kind = pg_error_kind(exc)

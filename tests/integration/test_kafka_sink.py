@@ -75,24 +75,48 @@ async def test_aggregates_are_keyed_by_name_and_carry_exactly_the_contract_field
         b"cpu.load": {
             "name": "cpu.load", "agg_func": "avg", "value": 0.5, "count": 4,
             "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
-            "emitted_at": "2023-11-14T22:15:01.500Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z", "revision": 4,
         },
         "héllo wörld".encode(): {
             "name": "héllo wörld", "agg_func": "avg", "value": -2.0, "count": 1,
             "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
-            "emitted_at": "2023-11-14T22:15:01.500Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z", "revision": 1,
         },
     }  # fmt: skip
     times = ("window_start", "window_end", "emitted_at")
     assert all(ISO_Z.fullmatch(m[t]) for m in by_key.values() for t in times)
 
 
-def test_the_fast_encoder_writes_exactly_the_aggregate_json_of_the_contract() -> None:
+def test_the_fast_encoder_writes_the_contract_json_plus_the_revision() -> None:
     aggregates = [agg("cpu", 0.1 + 0.2, 3), agg("x" * 200, -1e300, 0, start=T0 + 0.001)]
 
-    assert encode_aggregates(aggregates) == [
-        (a.name.encode(), orjson.dumps(a.to_json_obj())) for a in aggregates
-    ]
+    assert encode_aggregates(aggregates) == (
+        [(a.name.encode(), orjson.dumps({**a.to_json_obj(), "revision": a.count}))
+         for a in aggregates],
+        [],
+    )  # fmt: skip
+
+
+def test_an_aggregate_utf8_cannot_carry_is_refused_by_the_encoder_not_raised() -> None:
+    bad = agg("lone \ud800 surrogate")
+
+    records, refused = encode_aggregates([agg("ok"), bad])
+
+    assert [k for k, _ in records] == [b"ok"]
+    assert [a for a, _ in refused] == [bad]
+
+
+async def test_an_unencodable_aggregate_is_dead_lettered_and_the_rest_delivered(
+    sink: KafkaSink, kafka_bootstrap: str, unique_name: str
+) -> None:
+    await sink.write([agg("good"), agg("bad \udcff name")], [])
+
+    [record] = await consume(kafka_bootstrap, unique_name, 1)
+    assert record.key == b"good"
+    [letter] = await consume(kafka_bootstrap, f"{unique_name}.dlq", 1)
+    value = orjson.loads(letter.value)
+    assert letter.key == b"invalid_value" and value["reason"] == "invalid_value"
+    assert "\\udcff" in value["raw"] and value["source"] == f"sink:kafka:{unique_name}"
 
 
 async def test_dead_letters_go_to_the_dlq_topic_with_every_contract_field(
@@ -130,9 +154,7 @@ async def test_every_record_of_a_large_write_is_delivered_and_one_name_keeps_one
     assert all(len(p) == 1 for p in partitions_of.values())
     # Same placement as the Java client's default partitioner, so mixed producers agree.
     partitioner = DefaultPartitioner()
-    assert all(
-        p == {partitioner(key, [0, 1, 2], [0, 1, 2])} for key, p in partitions_of.items()
-    )
+    assert all(p == {partitioner(key, [0, 1, 2], [0, 1, 2])} for key, p in partitions_of.items())
     assert len({p for ps in partitions_of.values() for p in ps}) == 3
 
 
@@ -158,13 +180,26 @@ async def test_start_creates_both_topics_and_accepts_them_when_they_exist(
 async def test_a_record_over_the_request_size_limit_is_a_permanent_error_naming_the_setting(
     kafka_bootstrap: str, unique_name: str
 ) -> None:
+    cfg = replace(config(kafka_bootstrap, unique_name), max_request_size=300)
+    async with KafkaSink(cfg, MetricsCollector()) as sink:
+        with pytest.raises(PermanentSinkError, match="KAFKA_MAX_REQUEST_SIZE"):
+            await sink.write([agg("x" * 200)], [])
+
+
+async def test_a_dead_letter_over_the_request_size_limit_is_delivered_with_raw_cut(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
     cfg = replace(config(kafka_bootstrap, unique_name), max_request_size=4096)
     letter = DeadLetter(
         raw="x" * 10_000, reason="too_large", detail="", source="http:cursor=1", received_at=T0
     )
     async with KafkaSink(cfg, MetricsCollector()) as sink:
-        with pytest.raises(PermanentSinkError, match="KAFKA_MAX_REQUEST_SIZE"):
-            await sink.write([agg("cpu")], [letter])
+        await sink.write([agg("cpu")], [letter])
+
+    [record] = await consume(kafka_bootstrap, f"{unique_name}.dlq", 1)
+    assert len(record.value) <= 4096
+    raw = orjson.loads(record.value)["raw"]
+    assert raw.startswith("xxx") and raw.endswith("...[truncated]")
 
 
 def _closed_port() -> int:

@@ -239,7 +239,7 @@ async def test_writes_fail_transiently_while_postgresql_is_down_and_succeed_afte
             await sink.check()
 
         await pg_restartable.start()
-        await sink.write([agg("cpu", 3.0)], [])
+        await sink.write([agg("cpu", 3.0, count=3)], [])
         await sink.check()
 
     c = await asyncpg.connect(pg_restartable.dsn)
@@ -254,3 +254,77 @@ async def test_start_fails_transiently_when_postgresql_is_unreachable(unique_nam
 
     with pytest.raises(TransientError, match="unreachable"):
         await PostgresSink(cfg, MetricsCollector(), connect_timeout_s=2).start()
+
+
+def emitted(a: Aggregate, at: float) -> Aggregate:
+    return Aggregate(a.name, a.agg_func, a.value, a.count, a.window_start, a.window_end, at)
+
+
+async def test_a_stale_replay_never_overwrites_a_newer_row(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    newer = emitted(agg("cpu", 9.0, count=9), T0 + 100)
+    await sink.write([newer], [])
+
+    await sink.write([agg("cpu", 4.0, count=4)], [])  # fewer events: an older revision
+    await sink.write([emitted(agg("cpu", 8.0, count=9), T0 + 99)], [])  # same count, earlier
+    [row] = await rows(conn, f"{unique_name}_agg")
+    assert (row["value"], row["count"], row["emitted_at"]) == (9.0, 9, utc(T0 + 100))
+
+    await sink.write([emitted(agg("cpu", 10.0, count=10), T0 + 50)], [])  # more events wins
+    [row] = await rows(conn, f"{unique_name}_agg")
+    assert (row["value"], row["count"]) == (10.0, 10)
+
+
+async def test_a_batch_keeps_the_highest_revision_of_a_key_whatever_the_order(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    await sink.write([agg("cpu", 5.0, 5), agg("cpu", 2.0, 2), agg("cpu", 3.0, 3)], [])
+
+    [row] = await rows(conn, f"{unique_name}_agg")
+    assert (row["value"], row["count"]) == (5.0, 5)
+
+
+async def test_migration_adds_emitted_at_to_a_table_made_from_the_contract_columns_only(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    table, dlq = f"{unique_name}_agg", f"{unique_name}_dlq"
+    await conn.execute(
+        f"""CREATE TABLE {table} (name text, agg_func text, window_start timestamptz,
+            window_end timestamptz, value double precision, count bigint, updated_at timestamptz,
+            PRIMARY KEY (name, agg_func, window_start, window_end))"""
+    )
+    await conn.execute(
+        f"INSERT INTO {table} VALUES ('cpu', 'sum', $1, $2, 1.0, 1, now())", utc(T0), utc(T0 + 60)
+    )
+    try:
+        await migrate(postgres_dsn, table, dlq)
+        await migrate(postgres_dsn, table, dlq)  # and again: nothing left to do
+        async with PostgresSink(config(postgres_dsn, unique_name), MetricsCollector()) as s:
+            await s.write([agg("cpu", 2.0, count=1)], [])  # same count: beats the old row
+
+        [row] = await rows(conn, table)
+        assert (row["value"], row["emitted_at"]) == (2.0, utc(T0 + 61))
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}, {dlq}")
+
+
+async def test_write_in_transaction_commits_the_extra_step_with_the_rows_or_neither(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    marks = f"{unique_name}_marks"
+    await conn.execute(f"CREATE TABLE {marks} (k text PRIMARY KEY)")
+    try:
+
+        async def mark(c: Any) -> None:
+            await c.execute(f"INSERT INTO {marks} VALUES ('one')")
+
+        await sink.write_in_transaction([agg("a")], [], mark)
+        with pytest.raises(PermanentSinkError):  # 23505 outside any row: not isolatable
+            await sink.write_in_transaction([agg("b")], [], mark)
+        await sink.write_in_transaction([], [], lambda c: c.execute(f"DELETE FROM {marks}"))
+
+        assert [r["name"] for r in await rows(conn, f"{unique_name}_agg")] == ["a"]
+        assert await conn.fetchval(f"SELECT count(*) FROM {marks}") == 0
+    finally:
+        await conn.execute(f"DROP TABLE {marks}")

@@ -1,0 +1,139 @@
+"""Secrets never leak: not in logs (any logger, DEBUG), /status, /readyz, /metrics, the
+`check` command's lines or error messages, while connections fail in every way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.app import Service
+from service.checkpoint_postgres import PostgresCheckpointStore
+from service.checks import check_all
+from service.clock import SystemClock
+from service.config import PostgresConfig, Secret, load_config
+from service.emulator import Emulator
+from service.errors import ServiceError
+from service.metrics import MetricsCollector
+from service.sinks.postgres import PostgresSink
+from service.wiring import build_bus, build_sinks, build_store
+from tests.e2e.workload import free_port
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "tok-Secret-7f3a9c"
+KAFKA_PASSWORD = "kpw-Secret-51d2e8"
+PG_PASSWORD = "pgpw-Secret-a6b0c4"
+SECRETS = (TOKEN, KAFKA_PASSWORD, PG_PASSWORD)
+
+
+def with_password(dsn: str, user: str) -> str:
+    """The test server's DSN with ``user:PG_PASSWORD`` (the embedded server trusts
+    loopback, so the password is sent but not needed)."""
+    assert dsn.startswith("postgresql://postgres@")
+    return dsn.replace("postgres@", f"{user}:{PG_PASSWORD}@", 1)
+
+
+def environment(bus_port: int, pg_dsn: str, http_port: int, tmp: str) -> dict[str, str]:
+    return {
+        "VABUS_URL": f"http://127.0.0.1:{bus_port}",
+        "VABUS_TOKEN": TOKEN,
+        "STORAGE_TYPE": "postgres,kafka",
+        "POSTGRES_DSN": pg_dsn,
+        "POSTGRES_TABLE": "secrets_test_agg",
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # nobody listens
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "svc",
+        "KAFKA_SASL_PASSWORD": KAFKA_PASSWORD,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(http_port),
+        "STATE_DIR": tmp,
+        "LOG_LEVEL": "DEBUG",
+    }
+
+
+def assert_no_secret(where: str, text: str) -> None:
+    # Only the indexes are reported: a failing assertion must not print the text either.
+    leaked = [i for i, secret in enumerate(SECRETS) if secret in text]
+    assert not leaked, f"{where} leaks secret(s) {leaked} (0 token, 1 Kafka, 2 PostgreSQL)"
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, await r.text()
+
+
+@pytest.mark.timeout(90)
+async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
+    postgres_dsn: str, tmp_path: Any, caplog: pytest.LogCaptureFixture, capsys: Any
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    emulator = Emulator(token="the-right-token")  # our token is wrong: every call is a 401
+    bus_port, http_port = free_port(), free_port()
+    await emulator.start(port=bus_port)
+    config = load_config(
+        environment(bus_port, with_password(postgres_dsn, "postgres"), http_port, str(tmp_path)),
+        dotenv=None,
+    )
+    assert_no_secret("the config repr", repr(config))
+    assert_no_secret("the redacted config", str(config.redacted()))
+    clock = SystemClock()
+    metrics = MetricsCollector(clock)
+    service = Service(
+        config,
+        bus=build_bus(config, metrics, clock),
+        sinks=build_sinks(config, metrics),
+        store=build_store(config),
+        metrics=metrics,
+        clock=clock,
+    )
+    task = asyncio.create_task(service.run())
+    bodies: list[str] = []
+    try:
+        # PostgreSQL starts; the Kafka output keeps failing (nobody listens), so the
+        # service stays in start-up, retrying and logging, while it serves HTTP.
+        async with asyncio.timeout(45):
+            while "output kafka not reachable (attempt 2" not in caplog.text:
+                assert not task.done(), task
+                await asyncio.sleep(0.1)
+        for path in ("/status", "/readyz", "/metrics", "/healthz"):
+            code, body = await get(http_port, path)
+            bodies.append(body)
+            assert_no_secret(path, body)
+        code, readyz = await get(http_port, "/readyz")
+        assert code == 503 and "kafka" in readyz and "bus" in readyz
+
+        # `vabus-aggregator check`: the bus answers 401, Kafka is down, PostgreSQL has
+        # no such role. Each line names the problem without the secret.
+        bad_role = load_config(
+            environment(bus_port, with_password(postgres_dsn, "no_such_role"), 0, str(tmp_path)),
+            dotenv=None,
+        )
+        assert await check_all(bad_role) == 1
+        out = capsys.readouterr().out
+        assert out.count("FAIL") == 3, out
+        assert_no_secret("`check` output", out)
+
+        # Error messages of the PostgreSQL output and checkpoint store themselves.
+        errors: list[str] = []
+        closed = with_password(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", "u")
+        for dsn in (with_password(postgres_dsn, "no_such_role"), closed):
+            sink = PostgresSink(PostgresConfig(dsn=Secret(dsn)), metrics, connect_timeout_s=2)
+            for operation in (sink.start(), PostgresCheckpointStore(dsn, "ns").start()):
+                with pytest.raises(ServiceError) as info:
+                    await operation
+                errors.append(f"{info.value!r} {info.value} {info.value.__cause__}")
+        for message in errors:
+            assert_no_secret("an error message", message)
+    finally:
+        service.request_stop()
+        task.cancel()  # still in start-up: nothing to drain
+        await asyncio.gather(task, return_exceptions=True)
+        await emulator.stop()
+    assert "401" in caplog.text or any("401" in b for b in bodies)
+    assert_no_secret("the logs", caplog.text)
+    assert_no_secret("the log records", " ".join(str(r.__dict__) for r in caplog.records))

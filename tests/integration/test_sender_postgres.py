@@ -1,0 +1,103 @@
+"""DataSender with the real PostgreSQL sink and checkpoint store in one database: the
+rows written just before a checkpoint and the checkpoint commit together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import asyncpg
+import pytest
+
+from service.aggregation.aggregator import Outputs
+from service.bus.base import PartitionCheckpoint
+from service.checkpoint_postgres import PostgresCheckpointStore
+from service.clock import SystemClock
+from service.config import PostgresConfig, Secret
+from service.errors import PermanentSinkError
+from service.events import Aggregate
+from service.flow import Checkpoint
+from service.metrics import MetricsCollector
+from service.sender import DataSender
+from service.sinks.memory import MemorySink
+from service.sinks.postgres import PostgresSink
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_040.0
+
+
+def agg(name: str, count: int = 1) -> Aggregate:
+    return Aggregate(name, "sum", float(count), count, T0, T0 + 60, T0 + 61)
+
+
+@pytest.fixture
+async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
+    c = await asyncpg.connect(postgres_dsn)
+    yield c
+    await c.close()
+
+
+async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_outputs(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    cfg = PostgresConfig(dsn=Secret(postgres_dsn), table=f"{unique_name}_agg",
+                         dead_letter_table=f"{unique_name}_dlq", pool_max_size=2)  # fmt: skip
+    cp_table = f"{unique_name}_cp"
+    metrics = MetricsCollector()
+    commits: list[Mapping[str, str]] = []
+
+    async def commit(positions: Mapping[str, str]) -> None:
+        commits.append(dict(positions))
+
+    memory = MemorySink("kafka-like")
+    try:
+        async with (
+            PostgresSink(cfg, metrics) as pg,
+            PostgresCheckpointStore(postgres_dsn, unique_name, table=cp_table) as store,
+            memory,
+        ):
+            sender = DataSender([memory, pg], store, commit, metrics, SystemClock())
+            assert sender.checkpoint_partner == "postgres"
+
+            # The other output holds the PostgreSQL commit back until it has the rows.
+            memory.pause()
+            done = asyncio.get_running_loop().create_future()
+            cp = Checkpoint([PartitionCheckpoint("p0", "3", b"s1")], done)
+            task = asyncio.create_task(
+                sender.handle([Outputs([agg("a"), agg("b"), agg("c")], []), cp])
+            )
+            await asyncio.sleep(0.3)
+            assert await conn.fetchval(f"SELECT count(*) FROM {cp_table}") == 0
+            memory.resume()
+            await asyncio.wait_for(task, 10)
+            assert done.done() and commits == [{"p0": "3"}]
+            assert await conn.fetchval(f"SELECT count(*) FROM {cfg.table}") == 3
+            assert await store.load(["p0"]) == {"p0": PartitionCheckpoint("p0", "3", b"s1")}
+
+            # A checkpoint that cannot be stored takes the rows of its transaction with it.
+            await conn.execute(f"DROP TABLE {cp_table}")
+            with pytest.raises(PermanentSinkError):
+                await sender.handle(
+                    [Outputs([agg("d")], []), Checkpoint([PartitionCheckpoint("p0", "4", b"")])]
+                )
+            names = await conn.fetch(f"SELECT name FROM {cfg.table} ORDER BY name")
+            assert [r["name"] for r in names] == ["a", "b", "c"]
+            assert commits == [{"p0": "3"}]
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {cfg.table}, {cfg.dead_letter_table}, {cp_table}")
+
+
+async def test_a_store_on_another_database_keeps_separate_transactions(
+    postgres_dsn: str, unique_name: str
+) -> None:
+    cfg = PostgresConfig(dsn=Secret(postgres_dsn), table=f"{unique_name}_agg")
+    store = PostgresCheckpointStore(postgres_dsn + "?application_name=x", unique_name)
+    sender = DataSender([PostgresSink(cfg, MetricsCollector())], store, _no_commit,
+                        MetricsCollector(), SystemClock())  # fmt: skip
+    assert sender.checkpoint_partner is None
+
+
+async def _no_commit(positions: Mapping[str, str]) -> None:
+    return None

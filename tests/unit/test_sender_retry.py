@@ -1,0 +1,197 @@
+"""Output retries: backoff, the circuit breaker, retry/degraded metrics, readiness, and the
+shared-transaction checkpoint path (with fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from service.aggregation.aggregator import Outputs
+from service.bus.base import PartitionCheckpoint
+from service.clock import ManualClock
+from service.errors import TransientError
+from service.events import Aggregate, DeadLetter
+from service.flow import Checkpoint
+from service.metrics import MetricsCollector
+from service.retry import Backoff, CircuitBreaker
+from service.sender import DataSender, TransactionalSink, TransactionalStore
+from service.sinks.memory import MemorySink
+
+
+def agg(name: str) -> Aggregate:
+    return Aggregate(name, "sum", 1.0, 1, 0.0, 60.0, 100.0)
+
+
+def test_breaker_opens_after_the_threshold_probes_once_after_the_cooldown_and_closes() -> None:
+    b = CircuitBreaker(failure_threshold=3, cooldown_s=10.0)
+    b.record_failure(0.0)
+    b.record_failure(1.0)
+    assert (b.state(1.0), b.wait_s(1.0)) == ("closed", 0.0)
+    b.record_failure(2.0)
+    assert (b.state(2.0), b.wait_s(5.0), b.opens) == ("open", 7.0, 1)
+    assert (b.state(12.0), b.wait_s(12.0)) == ("half_open", 0.0)
+    b.record_failure(12.0)  # the probe failed: a new cool-down
+    assert (b.state(12.0), b.wait_s(12.0), b.opens) == ("open", 10.0, 2)
+    b.record_success()
+    assert (b.state(13.0), b.consecutive_failures) == ("closed", 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("fixed", [2.0, 2.0, 2.0]), ("linear", [2.0, 4.0, 6.0]), ("exponential", [2.0, 4.0, 8.0])],
+)
+def test_backoff_kinds_without_jitter(kind: Any, expected: list[float]) -> None:
+    b = Backoff(kind, initial_s=2.0, maximum_s=7.0 if kind == "linear" else 30.0, jitter=False)
+    assert [b.delay(n) for n in (1, 2, 3)] == [min(d, b.maximum_s) for d in expected]
+
+
+async def drive(clock: ManualClock, task: asyncio.Task[None], step: float = 1.0) -> None:
+    async with asyncio.timeout(5):
+        while not task.done():
+            clock.advance(step)
+            for _ in range(5):
+                await asyncio.sleep(0)
+    await task
+
+
+async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time() -> None:
+    clock = ManualClock()
+    metrics = MetricsCollector(clock)
+    sink = MemorySink("s0")
+    await sink.start()
+    sender = DataSender([sink], _NoStore(), _no_commit, metrics, clock,
+                        backoff=Backoff("fixed", 1.0, 1.0),
+                        breaker_threshold=3, breaker_cooldown_s=10.0)  # fmt: skip
+    check = sender.readiness_check(sink)
+    await check()
+    sink.fail_next(7)  # failures at t=0,1,2 (opens), probes at 12,22,32,42, success at 52
+    task = asyncio.create_task(sender.handle([Outputs([agg("a")], [])]))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sink.failed_writes == 1
+    with pytest.raises(TransientError, match=r"writes failing \(1 in a row, circuit closed\)"):
+        await check()
+
+    async with asyncio.timeout(5):
+        while sink.failed_writes < 3:
+            clock.advance(1.0)
+            for _ in range(5):
+                await asyncio.sleep(0)
+    assert metrics.sink_circuit_open == {"s0": True}
+    with pytest.raises(TransientError, match="circuit open for 10 s more"):
+        await check()
+    assert b'vabus_aggregator_sink_circuit_open{sink="s0"} 1.0' in metrics.exposition()
+
+    await drive(clock, task)
+    assert sink.failed_writes == 7 and len(sink.aggregates) == 1
+    assert metrics.sink_retries == {"s0": 7}
+    assert metrics.sink_degraded_seconds() == {"s0": 52.0}
+    assert metrics.sink_circuit_open == {"s0": False}
+    assert sender.breakers["s0"].opens == 5
+    assert sender.degraded == {}
+    await check()
+    text = metrics.exposition()
+    assert b'vabus_aggregator_sink_retries_total{sink="s0"} 7.0' in text
+    assert b'vabus_aggregator_sink_degraded_seconds_total{sink="s0"} 52.0' in text
+    snap = metrics.snapshot()
+    assert snap["sink_retries"] == {"s0": 7} and snap["sink_degraded_seconds"] == {"s0": 52.0}
+
+
+async def test_degraded_time_includes_an_outage_still_going_on() -> None:
+    clock = ManualClock()
+    metrics = MetricsCollector(clock)
+    metrics.on_sink_degraded("pg")
+    clock.advance(4.0)
+    metrics.on_sink_degraded("pg")  # a second failure does not restart the count
+    clock.advance(1.5)
+    assert metrics.sink_degraded_seconds() == {"pg": 5.5}
+
+
+async def test_a_failing_checkpoint_store_is_retried_and_named_checkpoints() -> None:
+    clock = ManualClock()
+    metrics = MetricsCollector(clock)
+    store = _NoStore(fail=2)
+    sender = DataSender([], store, _no_commit, metrics, clock, backoff=Backoff("fixed", 1.0, 1.0))
+    task = asyncio.create_task(sender.handle([Checkpoint([PartitionCheckpoint("p", "1", None)])]))
+    await drive(clock, task)
+    assert store.saved == 1 and metrics.sink_retries == {"checkpoints": 2}
+
+
+class _NoStore:
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.saved = 0
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
+        return {}
+
+    async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise TransientError("store down")
+        self.saved += 1
+
+
+async def _no_commit(positions: Mapping[str, str]) -> None:
+    return None
+
+
+class _TxSink(MemorySink):
+    """A MemorySink that can also run a step "in the same transaction"."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__("tx")
+        self.log = log
+        self.database_fingerprint = "db1"
+
+    async def write_in_transaction(
+        self,
+        aggregates: Sequence[Aggregate],
+        dead_letters: Sequence[DeadLetter],
+        then: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.log.append(f"tx rows {[a.name for a in aggregates]}")
+        await then("conn")
+        await self.write(aggregates, dead_letters)
+
+
+class _TxStore(_NoStore):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def shares_transaction_with(self, sink: object) -> bool:
+        return getattr(sink, "database_fingerprint", None) == "db1"
+
+    async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        self.log.append(f"checkpoint on {conn}")
+
+
+async def test_the_last_chunk_and_the_checkpoint_share_the_partners_transaction() -> None:
+    log: list[str] = []
+    clock = ManualClock()
+    other, tx = MemorySink("other"), _TxSink(log)
+    for s in (other, tx):
+        await s.start()
+    store = _TxStore(log)
+    assert isinstance(tx, TransactionalSink) and isinstance(store, TransactionalStore)
+    sender = DataSender([other, tx], store, _no_commit, MetricsCollector(clock), clock,
+                        batch_size=2)  # fmt: skip
+    assert sender.checkpoint_partner == "tx"
+
+    outputs = Outputs([agg("a"), agg("b"), agg("c")], [])
+    await sender.handle([outputs, Checkpoint([PartitionCheckpoint("p", "1", None)])])
+
+    assert log == ["tx rows ['c']", "checkpoint on conn"]  # a, b went by plain writes
+    assert [[a.name for a in w[0]] for w in other.writes] == [["a", "b"], ["c"]]
+    assert [[a.name for a in w[0]] for w in tx.writes] == [["a", "b"], ["c"]]
+    assert store.saved == 0  # never the separate save
+
+    await sender.handle([Checkpoint([PartitionCheckpoint("p", "2", None)])])
+    assert log[-2:] == ["tx rows []", "checkpoint on conn"]
