@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from environs import Env, EnvValidationError, validate
 
 from service.errors import ConfigError
+from service.retry import BACKOFF_KINDS, BackoffKind
 
 __all__ = [
     "AggregationConfig",
@@ -136,6 +137,9 @@ class RuntimeConfig:
     state_dir: str = "./state"  # STATE_DIR: local checkpoints when PostgreSQL is not an output
     queue_size: int = 64  # HUB_QUEUE_SIZE: batches buffered between stages
     sink_batch_size: int = 5000  # SINK_BATCH_SIZE: aggregates per sink write
+    retry_backoff: BackoffKind = "exponential"  # RETRY_BACKOFF: output retry policy
+    retry_initial_s: float = 0.2  # RETRY_INITIAL: first retry delay
+    retry_max_s: float = 30.0  # RETRY_MAX: longest retry delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +380,14 @@ def _read_runtime(r: _Reader) -> RuntimeConfig:
         state_dir=r.custom("STATE_DIR", d.state_dir, _non_empty, "a directory path"),
         queue_size=r.integer("HUB_QUEUE_SIZE", d.queue_size, low=1),
         sink_batch_size=r.integer("SINK_BATCH_SIZE", d.sink_batch_size, low=1),
+        retry_backoff=r.custom(
+            "RETRY_BACKOFF",
+            d.retry_backoff,
+            lambda v: _pick(v.lower(), {k: k for k in BACKOFF_KINDS}),
+            "exponential, linear, fixed or random",
+        ),
+        retry_initial_s=r.seconds("RETRY_INITIAL", d.retry_initial_s),
+        retry_max_s=r.seconds("RETRY_MAX", d.retry_max_s),
     )
 
 

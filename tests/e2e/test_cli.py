@@ -34,6 +34,7 @@ def run_cli(
         ("LOG_FORMAT", "xml"),
         ("SHUTDOWN_TIMEOUT", "0"),
         ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ("RETRY_BACKOFF", "sometimes"),
     ],
 )
 def test_invalid_configuration_exits_2_naming_the_variable(
