@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 
-from service.aggregation.decode import Rejected, loads_message, parse_event, raw_text
+from service.aggregation.decode import (
+    CANONICAL_FUNCS,
+    Rejected,
+    WireEvent,
+    decode_fast,
+    element_of,
+    fast_ok,
+    loads_message,
+    parse_event,
+    raw_text,
+)
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.windows import closed_boundary
 from service.bus.base import PartitionCheckpoint, SourceBatch
@@ -34,6 +44,10 @@ STATE_FORMAT: Final = 1
 _NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
+_NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FUNCTIONS.items()}
+_ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
+    k: f.add for k, f in FUNCTIONS.items()
+}
 
 
 @dataclass(slots=True)
@@ -57,6 +71,13 @@ class _Partition:
     max_ts: float | None = None
     position: str | None = None
     caught_up: bool = False
+
+
+def _raw_of(ev: WireEvent, evs: Sequence[WireEvent], raws: list[Any] | None, record: Any) -> Any:
+    """The raw element behind ``ev`` (one of ``evs``, decoded from ``record``), for a
+    dead letter. Found by identity: rejections are rare, the hot loop keeps no index."""
+    j = next(i for i, e in enumerate(evs) if e is ev)
+    return raws[j] if raws is not None else element_of(record, j)
 
 
 class EventAggregator:
@@ -199,6 +220,9 @@ class EventAggregator:
         return out
 
     def _aggregate(self, part: _Partition, batch: SourceBatch, out: Outputs) -> None:
+        """The hot loop: no awaits, no logging, no per-event objects beyond the decoded
+        event and its key, names bound to locals. Its results must equal the reference
+        path's (``tests/unit/test_decode_fast.py`` compares them on generated input)."""
         interval = self._interval
         grace = self._cfg.grace_s
         windows = part.windows
@@ -208,59 +232,114 @@ class EventAggregator:
         cap, blocked = self._others_limit(part)
         closed_until = self._closed_until
         budget = self._cfg.max_open_windows
+        open_now = self._open
         now = self._clock.now()
         max_ts = now + self._cfg.max_future_s
+        max_bytes = self._max_bytes
         part_max = _NEG_INF if part.max_ts is None else part.max_ts
         floor = math.floor
-        funcs = FUNCTIONS
+        new_acc = _NEW
+        add_acc = _ADD
+        canon = CANONICAL_FUNCS
+        sum_, avg_, min_, max_ = canon["sum"], canon["avg"], canon["min"], canon["max"]
+        fast = decode_fast
+        wire = WireEvent
+        # The window of the previous event, as the range [q_lo, q_hi) of ts / interval
+        # that floors to it: consecutive events mostly share one. Emptied whenever the
+        # close boundary moves (it may have made that window late).
+        q_lo = q_hi = 0.0
+        keyed: dict[WindowKey, Acc] = {}
+        start = 0.0
+        # The close boundary is floor(x) * interval, x = (max event time - grace) /
+        # interval; it cannot move until x reaches x_next.
+        x_next = _NEG_INF
         accepted = late = 0
         rejects: dict[str, int] = {}
         for idx, record in enumerate(batch.records):
+            raws: list[Any] | None = None
+            evs: Sequence[WireEvent] | None = None
             if type(record) is bytes:
-                if len(record) > self._max_bytes:
-                    detail = f"message of {len(record)} bytes exceeds {self._max_bytes}"
+                if len(record) > max_bytes:
+                    detail = f"message of {len(record)} bytes exceeds {max_bytes}"
                     self._reject(out, rejects, batch, idx, record, "too_large", detail, now)
                     continue
                 try:
-                    decoded = loads_message(record)
-                except Rejected as exc:
-                    self._reject(out, rejects, batch, idx, record, exc.reason, exc.detail, now)
-                    continue
-            else:
-                decoded = record
-            items = decoded if type(decoded) is list else (decoded,)
-            for item in items:
-                try:
-                    name, func, value, ts = parse_event(item, max_ts)
-                except Rejected as exc:
-                    self._reject(out, rejects, batch, idx, item, exc.reason, exc.detail, now)
-                    continue
-                start = floor(ts / interval) * interval
-                if start + interval <= closed_until:
-                    late += 1
-                    self._reject(out, rejects, batch, idx, item, "late",
-                                 f"window starting {start} was already emitted", now)  # fmt: skip
-                    continue
-                keyed = windows.get(start)
-                if keyed is None:
-                    keyed = windows[start] = {}
-                acc = keyed.get((name, func))
+                    decoded = fast(record)
+                except Exception:  # noqa: S110 - any refusal: the reference path decides
+                    pass
+                else:
+                    if type(decoded) is wire:
+                        t = decoded.timestamp  # fast_ok(), inlined
+                        if type(t) is float and 0.0 <= t <= max_ts and decoded.agg_func in canon:
+                            evs = (decoded,)
+                    elif all(fast_ok(e, max_ts) for e in decoded):
+                        evs = decoded
+            if evs is None:
+                evs, raws = self._reference(record, idx, batch, out, rejects, max_ts, now)
+            for ev in evs:
+                name = ev.name
+                func = canon[ev.agg_func]
+                value = ev.value
+                ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
+                q = ts / interval
+                if not q_lo <= q < q_hi:
+                    k = floor(q)
+                    start = k * interval
+                    if start + interval <= closed_until:
+                        late += 1
+                        raw = _raw_of(ev, evs, raws, record)
+                        detail = f"window starting {start} was already emitted"
+                        self._reject(out, rejects, batch, idx, raw, "late", detail, now)
+                        continue
+                    got = windows.get(start)
+                    if got is None:
+                        got = windows[start] = {}
+                    keyed = got
+                    q_lo = float(k)
+                    q_hi = q_lo + 1.0
+                key = (name, func)
+                acc = keyed.get(key)
                 if acc is None:
-                    if self._open >= budget:
-                        self._reject(out, rejects, batch, idx, item, "cardinality_limit",
+                    if open_now >= budget:
+                        raw = _raw_of(ev, evs, raws, record)
+                        self._reject(out, rejects, batch, idx, raw, "cardinality_limit",
                                      f"{budget} open windows reached", now)  # fmt: skip
                         continue
-                    keyed[(name, func)] = funcs[func].new(value, ts)
-                    self._open += 1
+                    keyed[key] = new_acc[func](value, ts)
+                    open_now += 1
+                elif func is sum_ or func is avg_:  # the common functions inlined
+                    # functions._sum_add: count, Neumaier-compensated sum
+                    acc[0] += 1
+                    s = acc[1]
+                    t = s + value
+                    if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
+                        acc[2] += (s - t) + value
+                    else:
+                        acc[2] += (value - t) + s
+                    acc[1] = t
+                elif func is min_:
+                    acc[0] += 1
+                    if value < acc[1]:
+                        acc[1] = value
+                elif func is max_:
+                    acc[0] += 1
+                    if value > acc[1]:
+                        acc[1] = value
                 else:
-                    funcs[func].add(acc, value, ts)
+                    add_acc[func](acc, value, ts)
                 if ts > part_max:
                     part_max = ts
                     if not blocked:
-                        edge = floor((min(ts, cap) - grace) / interval) * interval
-                        if edge > closed_until:
-                            closed_until = edge
+                        x = ((ts if ts < cap else cap) - grace) / interval
+                        if x >= x_next:
+                            k = floor(x)
+                            x_next = k + 1.0
+                            edge = k * interval
+                            if edge > closed_until:
+                                closed_until = edge
+                                q_lo = q_hi = 0.0
                 accepted += 1
+        self._open = open_now
         if part_max != _NEG_INF:
             part.max_ts = part_max
         metrics = self._metrics
@@ -270,6 +349,39 @@ class EventAggregator:
                 metrics.on_events_late(n)
             else:
                 metrics.on_events_rejected(reason, n)
+
+    def _reference(
+        self,
+        record: Any,
+        idx: int,
+        batch: SourceBatch,
+        out: Outputs,
+        rejects: dict[str, int],
+        max_ts: float,
+        now: float,
+    ) -> tuple[list[WireEvent], list[Any]]:
+        """The reference path for one message: dead-letters what is invalid, with its
+        exact reason, and returns the valid events and their raw elements."""
+        if type(record) is bytes:
+            try:
+                decoded = loads_message(record)
+            except Rejected as exc:
+                self._reject(out, rejects, batch, idx, record, exc.reason, exc.detail, now)
+                return [], []
+        else:
+            decoded = record
+        items = decoded if type(decoded) is list else [decoded]
+        evs: list[WireEvent] = []
+        raws: list[Any] = []
+        for item in items:
+            try:
+                name, func, value, ts = parse_event(item, max_ts)
+            except Rejected as exc:
+                self._reject(out, rejects, batch, idx, item, exc.reason, exc.detail, now)
+                continue
+            evs.append(WireEvent(name, value, ts, func))
+            raws.append(item)
+        return evs, raws
 
     def _reject(
         self,

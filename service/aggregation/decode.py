@@ -1,7 +1,17 @@
 """Decoding and validation at the edge (contract §2 and §10).
 
-The hot path calls :func:`parse_event` once per event; it returns a plain tuple and
-raises :class:`Rejected` (rare) with one of the contract's reasons.
+Two paths that must agree exactly:
+
+* **fast** — :data:`decode_fast` (msgspec, typed): one C call turns a message's bytes
+  into :class:`WireEvent` structs (or a list of them), checking types, the name length
+  and the number range on the way. It only *accepts*; whatever it refuses, and every
+  event the aggregator's remaining checks (:func:`fast_ok`) do not pass, goes to the
+  reference path, so reasons and details come from one place.
+* **reference** — :func:`loads_message` (orjson, then the standard library) and
+  :func:`parse_event` per element: the exact reason of every rejection.
+
+``tests/unit/test_decode_fast.py`` checks that the fast path never accepts what the
+reference path rejects, and reads the same numbers.
 """
 
 from __future__ import annotations
@@ -9,17 +19,63 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 import orjson
 
 from service.events import AGG_FUNCS
 
-__all__ = ["MAX_NAME_LENGTH", "RAW_LIMIT", "Rejected", "loads_message", "parse_event", "raw_text"]
+__all__ = [
+    "CANONICAL_FUNCS",
+    "MAX_NAME_LENGTH",
+    "RAW_LIMIT",
+    "Rejected",
+    "WireEvent",
+    "decode_fast",
+    "element_of",
+    "fast_ok",
+    "loads_message",
+    "parse_event",
+    "raw_text",
+]
 
 MAX_NAME_LENGTH: Final = 200
 RAW_LIMIT: Final = 64 * 1024  # dead-letter `raw` is truncated to this many characters
 _FUNCS: Final = frozenset(AGG_FUNCS)
+# agg_func as sent -> its canonical name, for the spellings the fast path takes as they
+# are (absent/null, lower case); any other spelling goes through parse_event.
+CANONICAL_FUNCS: Final[dict[str | None, str]] = {None: "sum", **{f: f for f in AGG_FUNCS}}
+
+
+class WireEvent(msgspec.Struct, gc=False):
+    """A structurally valid event, as msgspec decodes it (unknown fields ignored).
+
+    ``value`` is a finite double (msgspec refuses booleans, strings and numbers out of
+    range; JSON has no NaN). ``timestamp`` is still unchecked: a float may be negative
+    or in the future, a string still has to be parsed (see :func:`fast_ok`).
+    Also the aggregator's common form of an accepted event: the reference path builds
+    these with a float ``timestamp`` and a canonical ``agg_func``.
+    """
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+    value: float
+    timestamp: float | str
+    agg_func: str | None = None
+
+
+decode_fast: Final = msgspec.json.Decoder(WireEvent | list[WireEvent]).decode
+"""bytes -> ``WireEvent | list[WireEvent]``; raises (any exception) when the message is
+not exactly that shape: the caller then takes the reference path."""
+
+
+def fast_ok(ev: WireEvent, max_ts: float) -> bool:
+    """Whether a fast-decoded event is valid as it is (the checks msgspec cannot make).
+
+    The aggregator inlines this test for single-event messages; keep the two in step.
+    """
+    ts = ev.timestamp
+    return type(ts) is float and 0.0 <= ts <= max_ts and ev.agg_func in CANONICAL_FUNCS
 
 
 class Rejected(Exception):
@@ -41,6 +97,17 @@ def loads_message(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise Rejected("invalid_json", f"not valid JSON: {exc}") from None
+
+
+def element_of(record: bytes, index: int) -> Any:
+    """Element ``index`` of a message (the message itself if it is not an array), as the
+    reference decoder reads it: the ``raw`` of a dead letter for an event that was
+    decoded by the fast path and rejected later (late, cardinality limit)."""
+    try:
+        decoded = loads_message(record)
+    except Rejected:  # not expected after a fast decode; keep the bytes then
+        return record
+    return decoded[index] if type(decoded) is list else decoded
 
 
 def raw_text(obj: Any) -> str:
@@ -82,6 +149,14 @@ def _timestamp(raw: Any) -> float:
     return ts
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_event(obj: Any, max_ts: float) -> tuple[str, str, float, float]:
     """Validate one decoded event -> ``(name, agg_func, value, timestamp)``.
 
@@ -96,6 +171,10 @@ def parse_event(obj: Any, max_ts: float) -> tuple[str, str, float, float]:
         raise Rejected(
             "invalid_name", f"'name' must be a non-empty string of at most {MAX_NAME_LENGTH} chars"
         )
+    if not name.isascii() and not _encodable(name):
+        # "\ud800" is valid JSON for the standard library, but no output can store it
+        # (UTF-8 has no lone surrogates): accepted, it would fail every checkpoint.
+        raise Rejected("invalid_name", "'name' holds a lone UTF-16 surrogate (not Unicode text)")
     value: Any = obj.get("value")
     kind = type(value)
     if kind is float:

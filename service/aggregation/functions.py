@@ -85,8 +85,9 @@ def _sum_add(acc: Acc, value: float, ts: float) -> None:
     acc[0] += 1
     s = acc[1]
     t = s + value
-    # Neumaier: recover the low-order bits the addition just rounded away.
-    if abs(s) >= abs(value):
+    # Neumaier: recover the low-order bits the addition just rounded away. The absolute
+    # values are compared without abs() calls: this runs once per event.
+    if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
         acc[2] += (s - t) + value
     else:
         acc[2] += (value - t) + s
