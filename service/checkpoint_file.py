@@ -19,13 +19,13 @@ import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import orjson
 
 from service.bus.base import PartitionCheckpoint
 from service.errors import ServiceError
+from service.lifecycle import AsyncResource
 
 __all__ = ["FORMAT_VERSION", "CheckpointFileError", "FileCheckpointStore", "file_stem"]
 
@@ -48,7 +48,7 @@ class CheckpointFileError(ServiceError):
     """The checkpoint file cannot be trusted; an operator must look at it."""
 
 
-class FileCheckpointStore:
+class FileCheckpointStore(AsyncResource):
     """Implements :class:`~service.checkpoint.CheckpointStore` on a local file.
 
     ``start`` reads the file (raising :class:`CheckpointFileError` if it is unusable);
@@ -74,17 +74,6 @@ class FileCheckpointStore:
     async def stop(self) -> None:
         self._view = None
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _started_view(self) -> dict[str, PartitionCheckpoint]:
         if self._view is None:

@@ -8,13 +8,13 @@ so that a later change can commit checkpoints together with the sink's rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import asyncpg
 
 from service.bus.base import PartitionCheckpoint
 from service.errors import PermanentSinkError, ServiceError, TransientError
+from service.lifecycle import AsyncResource
 from service.schema import (
     CHECKPOINT_TABLE,
     classify_connect_error,
@@ -64,7 +64,7 @@ async def save_in_transaction(
     )
 
 
-class PostgresCheckpointStore:
+class PostgresCheckpointStore(AsyncResource):
     """Implements :class:`~service.checkpoint.CheckpointStore` in PostgreSQL.
 
     Given a pool, the store borrows it (the owner closes it); given a DSN, it opens
@@ -120,17 +120,6 @@ class PostgresCheckpointStore:
         if pool is not None and self._borrowed is None:
             await pool.close()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _started_pool(self) -> Any:
         if self._pool is None:

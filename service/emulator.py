@@ -30,7 +30,7 @@ import secrets
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
@@ -38,6 +38,7 @@ from aiohttp import web
 from service.bus.http import split_json_array
 from service.clock import Clock, SystemClock
 from service.events import AGG_FUNCS
+from service.lifecycle import AsyncResource
 
 __all__ = ["Emulator", "EventLog", "LoadGenerator", "add_arguments", "main"]
 
@@ -94,7 +95,7 @@ class _BadRequest(Exception):
     pass
 
 
-class Emulator:
+class Emulator(AsyncResource):
     """A VaBus v1 server over an in-memory :class:`EventLog`.
 
     The log and counters live in this object, not in the HTTP server: ``stop()`` then
@@ -151,12 +152,6 @@ class Emulator:
         self._wake_waiters()
         await runner.cleanup()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:

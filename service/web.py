@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from aiohttp import web
 
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 
 __all__ = [
@@ -106,7 +107,7 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-class WebServer:
+class WebServer(AsyncResource):
     """Serves ``app`` on ``host:port`` (port 0 picks a free one; see :attr:`port`).
 
     ``stop()`` gives in-flight requests ``shutdown_timeout_s`` to finish, so that it
@@ -153,12 +154,6 @@ class WebServer:
         if runner is not None:
             await runner.cleanup()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
 
 def _bound_port(runner: web.AppRunner) -> int:

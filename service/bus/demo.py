@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from service.bus.base import Emit, PartitionCheckpoint, PartitionsAssigned, Restore, SourceBatch
 from service.clock import Clock
 from service.config import BusConfig
 from service.events import AGG_FUNCS, Metric
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 
 __all__ = ["PARTITION", "DemoBus", "demo_event"]
@@ -47,7 +48,7 @@ def demo_event(seed: int, index: int, names: int, timestamp: float) -> dict[str,
     }
 
 
-class DemoBus:
+class DemoBus(AsyncResource):
     """Paced by ``clock.sleep``: at ``rate`` events/s of the injected clock, in batches of
     at most ``max_batch``. If the pipeline falls behind by more than a second's (or one
     batch's) worth of events, that backlog of *time* is forgiven (positions never skip).
@@ -86,12 +87,6 @@ class DemoBus:
     async def stop(self) -> None:
         self.stop_intake()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def stop_intake(self) -> None:
         self._intake_stopped = True

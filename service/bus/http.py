@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -38,6 +38,7 @@ from service.clock import Clock
 from service.config import BusConfig
 from service.errors import TransientError
 from service.events import Metric
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 from service.retry import Backoff
 
@@ -72,7 +73,7 @@ class _Fetched:
     seconds: float  # how long the request took
 
 
-class HttpBus:
+class HttpBus(AsyncResource):
     """Pulls ``GET {base}/events`` in a loop with one request always in flight.
 
     While batch *n* is being emitted, the request for batch *n+1* (with batch *n*'s
@@ -116,12 +117,6 @@ class HttpBus:
         if session is not None:
             await session.close()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def stop_intake(self) -> None:
         """Abandon the request in flight: its events were not emitted, so with cursors

@@ -45,6 +45,7 @@ from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
 from service.kafka_client import client_options
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 from service.retry import Backoff
 
@@ -76,7 +77,7 @@ class _Live:
     caught_up_reported_at: float = float("-inf")
 
 
-class KafkaBus:
+class KafkaBus(AsyncResource):
     """The ``kafka://`` transport (contract §4).
 
     ``run`` may be called once per started bus. ``emit`` is called from the poll loop
@@ -111,13 +112,6 @@ class KafkaBus:
         self._stopping = asyncio.Event()  # stop_intake() or stop()
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
         self._failure: BaseException | None = None
-
-    async def __aenter__(self) -> KafkaBus:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 from service.bus.base import Emit, PartitionCheckpoint, PartitionsAssigned, Restore, SourceBatch
 from service.clock import Clock, SystemClock
 from service.errors import TransientError
 from service.events import Metric
+from service.lifecycle import AsyncResource
 
 __all__ = ["MemoryBus"]
 
 
-class MemoryBus:
+class MemoryBus(AsyncResource):
     """Emits each partition's records in order, in batches of ``batch_size``.
 
     A position is the index of the next record in that partition's list, as a decimal
@@ -59,12 +60,6 @@ class MemoryBus:
         self.stop_intake()
         self.started = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def stop_intake(self) -> None:
         self._intake_stopped = True

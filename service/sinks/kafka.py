@@ -32,8 +32,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -61,6 +60,7 @@ from service.config import KafkaConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter, iso_utc
 from service.kafka_client import client_options
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
@@ -141,7 +141,7 @@ def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
         obj["raw"] = raw + "...[truncated]"
 
 
-class KafkaSink:
+class KafkaSink(AsyncResource):
     """A producer with ``acks=all`` (not idempotent: tansu refuses idempotent producers).
 
     ``start`` creates the two topics when they are missing (``topic_partitions``
@@ -197,17 +197,6 @@ class KafkaSink:
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _ensure_topics(self) -> None:
         admin = AIOKafkaAdminClient(

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self
 
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
+from service.lifecycle import AsyncResource
 
 __all__ = ["AggregateKey", "MemorySink"]
 
 AggregateKey = tuple[str, str, float, float]  # name, agg_func, window_start, window_end
 
 
-class MemorySink:
+class MemorySink(AsyncResource):
     def __init__(self, name: str = "memory") -> None:
         self.name = name
         self.aggregates: dict[AggregateKey, Aggregate] = {}
@@ -43,17 +42,6 @@ class MemorySink:
     async def stop(self) -> None:
         self.started = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def fail_next(self, n: int, exc: Exception | None = None) -> None:
         """The next ``n`` writes raise ``exc`` (default: a TransientError) and store nothing."""

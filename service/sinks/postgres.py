@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import asyncpg
 import orjson
@@ -34,6 +33,7 @@ from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter
+from service.lifecycle import AsyncResource
 from service.metrics import MetricsCollector
 from service.schema import (
     TableNames,
@@ -195,7 +195,7 @@ def _exc_state(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", "?"))
 
 
-class PostgresSink:
+class PostgresSink(AsyncResource):
     """Aggregates and dead letters into PostgreSQL through an asyncpg pool.
 
     ``start`` creates the pool and runs the migration; it raises
@@ -262,17 +262,6 @@ class PostgresSink:
         if pool is not None:
             await pool.close()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
