@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -37,6 +37,8 @@ __all__ = ["Service", "run"]
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+_CLOSE_RESERVE_S = 2.0  # of SHUTDOWN_TIMEOUT, kept for closing connections (phase 5)
+_MIN_CLOSE_S = 0.5  # closing always gets at least this, even past the deadline
 
 
 async def start_with_retry(name: str, start: Callable[[], Awaitable[None]], clock: Clock) -> None:
@@ -86,7 +88,11 @@ class Service:
             sinks, store, bus.commit, metrics, clock, batch_size=config.runtime.sink_batch_size
         )
         stage = AggregatorStage(
-            self.aggregator, self.hub, clock, config.runtime.checkpoint_interval_s
+            self.aggregator,
+            self.hub,
+            clock,
+            config.runtime.checkpoint_interval_s,
+            idle_timeout_s=config.aggregation.effective_idle_timeout_s,
         )
         q = config.runtime.queue_size
         self.hub.subscribe(INPUT, "aggregator", stage.handle, maxsize=q, max_batch=16)
@@ -121,23 +127,18 @@ class Service:
         }
 
     async def run(self) -> None:
+        """Start, run until stopped, drain, close; everything after the stop request fits
+        in one ``SHUTDOWN_TIMEOUT``: the drain (phases 1-4) gets the deadline less a
+        reserve for closing connections (phase 5), which gets what is left. A dependency
+        that is down cannot hold the process past it, not even while it is starting."""
         rt = self.config.runtime
-        async with AsyncExitStack() as stack:
-            if self.serve_http:
-                checks = {"bus": self.bus.check, **{s.name: s.check for s in self.sinks}}
-                app = build_web_app(self.metrics, checks, self.status)
-                self.web = WebServer(self.config.http.host, self.config.http.port, app)
-                await self.web.start()
-                stack.push_async_callback(self.web.stop)
-            for sink in self.sinks:
-                await start_with_retry(f"output {sink.name}", sink.start, self.clock)
-                stack.push_async_callback(sink.stop)
-            await start_with_retry("checkpoint store", self.store.start, self.clock)
-            stack.push_async_callback(self.store.stop)
-            await start_with_retry(f"bus {self.bus.name}", self.bus.start, self.clock)
-            stack.push_async_callback(self.bus.stop)
-            await self.hub.start()
-            stack.push_async_callback(self.hub.stop)
+        loop = asyncio.get_running_loop()
+        stack = AsyncExitStack()
+        deadline: float | None = None
+        try:
+            if not await self._unless_stopped(self._start(stack)):
+                log.info("stop requested while starting; not started")
+                return
             self.phase = "running"
             log.info("running: bus=%s outputs=%s", self.config.bus.url,
                      ",".join(s.name for s in self.sinks))  # fmt: skip
@@ -151,8 +152,10 @@ class Service:
                 stop_wait = tg.create_task(self.stopping.wait(), name="stop-wait")
                 await asyncio.wait({intake, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
+                deadline = loop.time() + rt.shutdown_timeout_s
+                reserve = min(_CLOSE_RESERVE_S, rt.shutdown_timeout_s * 0.25)
                 try:
-                    async with asyncio.timeout(rt.shutdown_timeout_s):
+                    async with asyncio.timeout_at(deadline - reserve):
                         await self._drain(intake)
                 except TimeoutError:
                     log.error("shutdown did not finish within %.0fs (phase %s); exiting anyway",
@@ -160,8 +163,55 @@ class Service:
                 ticker.cancel()
                 reporter.cancel()
                 intake.cancel()
+        finally:
             self.phase = "5/5 close"
             log.info("shutdown 5/5: closing connections")
+            if deadline is None:  # stopped while starting, or failed: a deadline of its own
+                deadline = loop.time() + rt.shutdown_timeout_s
+            try:
+                async with asyncio.timeout_at(max(deadline, loop.time() + _MIN_CLOSE_S)):
+                    await stack.aclose()
+            except TimeoutError:
+                log.error("closing connections did not finish by the shutdown deadline; "
+                          "exiting anyway (phase 5/5)")  # fmt: skip
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        """Connect everything (each retried while unreachable); what started is closed
+        by ``stack``, in reverse order."""
+        if self.serve_http:
+            checks = {
+                "bus": self.bus.check,
+                **{s.name: self.sender.readiness_check(s) for s in self.sinks},
+            }
+            app = build_web_app(self.metrics, checks, self.status)
+            self.web = WebServer(self.config.http.host, self.config.http.port, app)
+            await self.web.start()
+            stack.push_async_callback(self.web.stop)
+        for sink in self.sinks:
+            stack.push_async_callback(sink.stop)  # before start: a half-started sink closes too
+            await start_with_retry(f"output {sink.name}", sink.start, self.clock)
+        stack.push_async_callback(self.store.stop)
+        await start_with_retry("checkpoint store", self.store.start, self.clock)
+        stack.push_async_callback(self.bus.stop)
+        await start_with_retry(f"bus {self.bus.name}", self.bus.start, self.clock)
+        await self.hub.start()
+        stack.push_async_callback(self.hub.stop)
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless a stop is requested first (then cancel it): False if stopped."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            return False
+        task.result()  # a permanent start-up failure propagates
+        return True
 
     async def _emit(self, item: BusItem) -> None:
         await self.hub.publish(INPUT, item)

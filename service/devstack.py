@@ -144,13 +144,18 @@ def tansu_binary() -> Path:
 class EmbeddedKafka:
     """A tansu broker on ``127.0.0.1:<free port>``; storage is memory unless ``storage_url``.
 
-    A restart picks a new port and, with memory storage, starts empty.
+    A restart picks a new port and, with memory storage, starts empty. With
+    ``keep_port`` a restart binds the port of the first start again, so clients
+    configured with the old address reconnect (broker-restart tests); if another process
+    took the port meanwhile, ``start`` raises :class:`ServerStartError`.
     """
 
     def __init__(self, work_dir: Path, *, storage_url: str | None = None,
                  env: Mapping[str, str] | None = None, start_timeout_s: float = 30.0,
-                 stop_timeout_s: float = 10.0) -> None:
+                 stop_timeout_s: float = 10.0, keep_port: bool = False) -> None:
         self._work_dir = Path(work_dir)
+        self._keep_port = keep_port
+        self._kept_port: int | None = None
         self._storage_url = storage_url
         self._env = env  # e.g. AWS_* variables for an s3:// storage engine
         self._start_timeout_s = start_timeout_s
@@ -177,17 +182,19 @@ class EmbeddedKafka:
         if self._child is not None:
             return
         for attempt in range(3):  # another process may grab the free port before tansu binds
-            port = _free_port()
+            port = self._kept_port or _free_port()
             child = self._spawn(port)
             try:
                 await self._wait_ready(child, port)
             except ServerStartError:
                 await child.stop(signal.SIGKILL, self._stop_timeout_s)
-                if attempt == 2:
+                if attempt == 2 or self._kept_port is not None:
                     raise
                 logger.warning("tansu failed to start on port %s; retrying on another", port)
                 continue
             self._child, self._port = child, port
+            if self._keep_port:
+                self._kept_port = port
             logger.info("tansu ready on 127.0.0.1:%s (pid %s)", port, child.pid)
             return
 

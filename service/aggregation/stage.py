@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,13 +16,36 @@ __all__ = ["AggregatorStage"]
 
 log = logging.getLogger(__name__)
 
+_BACKPRESSURE_S = 0.5
+"""A publish blocked at least this long means the outputs held us up."""
+_SNAPSHOT_COST_RATIO = 10.0
+"""Periodic checkpoints may take at most about 1/10 of the stage's time."""
+
 
 class AggregatorStage:
     """Feeds :class:`EventAggregator` and publishes what it produces, in order.
 
     A checkpoint is taken every ``checkpoint_interval_s`` while something changed,
     right after an idle flush, on a revocation (for the revoked partitions) and on
-    request (shutdown).
+    request (shutdown). The periodic ones are spaced by at least
+    ``_SNAPSHOT_COST_RATIO`` times what the last snapshot took: a snapshot serialises
+    every open window on the event loop (about 70 ms per 100k windows), so with a large
+    state a fixed 1 s period would spend most of the stage's time checkpointing. The
+    price is a longer replay after a crash, never a wrong result.
+
+    At most one periodic checkpoint is in flight: when the next is due and the previous
+    one is not durable yet (an output or the store is down), the stage waits for it. So
+    while an output is down the queues hold at most one snapshot, intake stops within
+    about one checkpoint interval and the events wait in the bus, instead of every
+    second adding a snapshot of the whole state to the output queue.
+
+    Idle flush guard: a :class:`Tick` reaches the aggregator's idle flush only when the
+    stage itself has been quiet for ``idle_timeout_s``: no batch with records, no
+    partition assignment, and no publish held up by backpressure in that time. Without
+    it, windows restored from a checkpoint were flushed before the bus delivered
+    anything (start-up or a consumer-group join slower than the idle timeout), and a
+    Tick queued behind a stage blocked by a down output was taken as silence; both
+    emitted windows early and made their remaining events late.
     """
 
     def __init__(
@@ -30,12 +54,17 @@ class AggregatorStage:
         hub: EventHub,
         clock: Clock,
         checkpoint_interval_s: float,
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self._agg = aggregator
         self._hub = hub
         self._clock = clock
         self._interval = checkpoint_interval_s
+        self._idle_timeout = idle_timeout_s
         self._last_checkpoint = clock.monotonic()
+        self._quiet_since = clock.monotonic()
+        self._snapshot_s = 0.0  # what the last snapshot took
+        self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
         self._dirty = False
         self._inflight: list[Any] | None = None
         self._done = 0
@@ -51,16 +80,21 @@ class AggregatorStage:
 
     async def _handle_one(self, item: Any) -> None:
         if type(item) is SourceBatch:
+            if item.records:
+                self._quiet_since = self._clock.monotonic()
             await self._publish(self._agg.process(item))
             self._dirty = True
         elif type(item) is Tick:
-            flushed = self._agg.tick()
+            quiet = self._clock.monotonic() - self._quiet_since >= self._idle_timeout
+            flushed = self._agg.tick() if quiet else None
             if flushed:
                 await self._publish(flushed)
                 await self._checkpoint(None)
-            elif self._dirty and self._clock.monotonic() - self._last_checkpoint >= self._interval:
+            elif self._dirty and self._checkpoint_due():
+                await self._previous_checkpoint_durable()
                 await self._checkpoint(None)
         elif type(item) is PartitionsAssigned:
+            self._quiet_since = self._clock.monotonic()
             self._agg.restore(item.checkpoints)
             log.info("partitions assigned: %s", [c.partition for c in item.checkpoints])
         elif type(item) is PartitionsRevoked:
@@ -74,11 +108,36 @@ class AggregatorStage:
 
     async def _publish(self, out: Outputs) -> None:
         if out:
-            await self._hub.publish(OUTPUT, out)
+            await self._publish_output(out)
+
+    async def _publish_output(self, item: Outputs | Checkpoint) -> None:
+        started = self._clock.monotonic()
+        await self._hub.publish(OUTPUT, item)
+        now = self._clock.monotonic()
+        if now - started >= _BACKPRESSURE_S:  # held up: that time was not silence
+            self._quiet_since = now
+
+    def _checkpoint_due(self) -> bool:
+        spacing = max(self._interval, _SNAPSHOT_COST_RATIO * self._snapshot_s)
+        return self._clock.monotonic() - self._last_checkpoint >= spacing
+
+    async def _previous_checkpoint_durable(self) -> None:
+        pending = self._pending
+        if pending is None or pending.done():
+            return
+        started = self._clock.monotonic()
+        await asyncio.wait({pending})
+        if self._clock.monotonic() - started >= _BACKPRESSURE_S:  # not silence either
+            self._quiet_since = self._clock.monotonic()
 
     async def _checkpoint(self, request: CheckpointRequest | None) -> None:
-        await self._hub.publish(
-            OUTPUT, Checkpoint(self._agg.snapshot(), None if request is None else request.done)
-        )
+        started = self._clock.monotonic()
+        snapshot = self._agg.snapshot()
+        self._snapshot_s = self._clock.monotonic() - started
+        if request is None:
+            done = self._pending = asyncio.get_running_loop().create_future()
+        else:
+            done = request.done
+        await self._publish_output(Checkpoint(snapshot, done))
         self._last_checkpoint = self._clock.monotonic()
         self._dirty = False

@@ -1,0 +1,132 @@
+"""The aggregator stage's idle-flush guard (found by the fault suite): restored windows
+wait for the bus, and time spent blocked by backpressure is not silence."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.stage import AggregatorStage
+from service.bus.base import PartitionsAssigned, SourceBatch
+from service.clock import ManualClock
+from service.config import AggregationConfig
+from service.flow import Checkpoint, Tick
+from service.metrics import MetricsCollector
+
+NOW = 1_700_000_000.0
+IDLE_S = 5.0
+
+
+class FakeHub:
+    """Collects what the stage publishes; ``gate`` (when set) holds every publish; a
+    checkpoint is made durable at once unless ``durable`` is False (a down output)."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.gate: asyncio.Event | None = None
+        self.durable = True
+
+    async def publish(self, topic: str, item: Any) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.items.append(item)
+        if self.durable and isinstance(item, Checkpoint) and item.done is not None:
+            item.done.set_result(None)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return [i for i in self.items if isinstance(i, Checkpoint)]
+
+    def aggregates(self) -> list[Any]:
+        return [a for i in self.items if isinstance(i, Outputs) for a in i.aggregates]
+
+
+def make(clock: ManualClock) -> tuple[EventAggregator, AggregatorStage, FakeHub]:
+    cfg = AggregationConfig(interval_s=60.0, idle_timeout_s=IDLE_S)
+    agg = EventAggregator(cfg, MetricsCollector(clock), clock)
+    hub = FakeHub()
+    stage = AggregatorStage(agg, hub, clock, 1.0, idle_timeout_s=IDLE_S)  # type: ignore[arg-type]
+    return agg, stage, hub
+
+
+def batch(*events: dict[str, Any]) -> SourceBatch:
+    return SourceBatch("p0", [orjson.dumps(e) for e in events], "test", "1", NOW)
+
+
+async def test_restored_windows_are_not_idle_flushed_before_the_bus_delivers() -> None:
+    clock = ManualClock(NOW)
+    before, _, _ = make(clock)
+    before.process(batch({"name": "a", "value": 1, "timestamp": NOW - 30}))
+    [state] = before.snapshot()
+
+    _, stage, hub = make(clock)
+    clock.advance(100)  # a slow start: connecting, or a consumer-group join
+    await stage.handle([PartitionsAssigned([state])])
+    await stage.handle([Tick()])
+    assert hub.aggregates() == [], "restored windows flushed before any event was read"
+
+    clock.advance(IDLE_S)
+    await stage.handle([Tick()])
+    [flushed] = hub.aggregates()  # still flushed once the bus is really quiet
+    assert (flushed.name, flushed.value) == ("a", 1.0)
+
+
+async def test_a_tick_queued_behind_backpressure_is_not_taken_as_silence() -> None:
+    clock = ManualClock(NOW)
+    _, stage, hub = make(clock)
+    hub.gate = asyncio.Event()
+    bad = {"name": "a", "value": "x", "timestamp": NOW}  # a dead letter: something to publish
+    work = asyncio.create_task(
+        stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW - 30}, bad), Tick()])
+    )
+    await asyncio.sleep(0)
+    clock.advance(30)  # the output is down for 30 s; the Tick waits behind the batch
+    hub.gate.set()
+    await work
+    assert hub.aggregates() == [], "a window was flushed because the output was down"
+
+
+async def test_periodic_checkpoints_back_off_when_snapshots_are_expensive() -> None:
+    """A snapshot of a large state costs event-loop time; periodic checkpoints are spaced
+    to at least ten times that cost (here 0.5 s -> one every 5 s instead of every 1 s)."""
+    clock = ManualClock(NOW)
+    agg, stage, hub = make(clock)
+    real_snapshot = agg.snapshot
+
+    def slow_snapshot(partitions: Any = None) -> Any:
+        clock.advance(0.5)
+        return real_snapshot(partitions)
+
+    agg.snapshot = slow_snapshot  # type: ignore[method-assign]
+    for second in range(20):
+        await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW + second})])
+        clock.advance(1)
+        await stage.handle([Tick()])
+    checkpoints = hub.checkpoints()
+    assert 3 <= len(checkpoints) <= 5, len(checkpoints)  # ~20 s / (1 s + 5 s spacing)
+
+
+async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() -> None:
+    """An output is down: instead of queueing a snapshot of the whole state every
+    second, the stage waits (and so intake stops: the events wait in the bus)."""
+    clock = ManualClock(NOW)
+    _, stage, hub = make(clock)
+    hub.durable = False
+    await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW})])
+    clock.advance(1)
+    await stage.handle([Tick()])
+    [first] = hub.checkpoints()
+    work = asyncio.create_task(
+        stage.handle([batch({"name": "a", "value": 2, "timestamp": NOW}), Tick()])
+    )
+    clock.advance(1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not work.done(), "a second checkpoint was taken while the first was pending"
+    assert len(hub.checkpoints()) == 1
+    assert first.done is not None
+    first.done.set_result(None)
+    await asyncio.wait_for(work, 5)
+    assert len(hub.checkpoints()) == 2
