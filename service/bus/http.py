@@ -133,7 +133,11 @@ class HttpBus(AsyncResource):
         await emit(PartitionsAssigned([checkpoint]))
         cursor = checkpoint.position
         announced_caught_up = False
-        pending = self._spawn(cursor, delay_s=0.0)
+        # Without a stored cursor, a plain read would be queue-like: the server hands the
+        # events out for good, and a crash before the first checkpoint would lose them.
+        # So learn where the stream stands first (limit=0 hands nothing out).
+        probing = cursor is None
+        pending = self._spawn(cursor, delay_s=0.0, limit=0 if probing else None)
         try:
             while not self._intake_stopped:
                 try:
@@ -143,22 +147,26 @@ class HttpBus(AsyncResource):
                         return
                     raise
                 cursor = fetched.next_cursor
-                idle = fetched.events == 0 and fetched.seconds < _MIN_EMPTY_POLL_S
+                idle = not probing and fetched.events == 0 and fetched.seconds < _MIN_EMPTY_POLL_S
                 pending = self._spawn(cursor, _MIN_EMPTY_POLL_S - fetched.seconds if idle else 0)
                 # An empty answer only matters once: it tells the aggregator we caught up.
-                if fetched.records or not announced_caught_up:
+                # (The probe's answer only brings the cursor, unless a server ignored limit.)
+                if fetched.records or not (announced_caught_up or probing):
                     self._metrics.on_messages_received(
                         self.name, len(fetched.records), fetched.events
                     )
                     await emit(self._batch(fetched))
                     announced_caught_up = fetched.caught_up
+                probing = False
         finally:
             pending.cancel()
             await asyncio.wait({pending})
             self._inflight = None
 
-    def _spawn(self, cursor: str | None, delay_s: float) -> asyncio.Task[_Fetched]:
-        self._inflight = asyncio.create_task(self._fetch(cursor, delay_s))
+    def _spawn(
+        self, cursor: str | None, delay_s: float, limit: int | None = None
+    ) -> asyncio.Task[_Fetched]:
+        self._inflight = asyncio.create_task(self._fetch(cursor, delay_s, limit))
         return self._inflight
 
     def _batch(self, fetched: _Fetched) -> SourceBatch:
@@ -171,14 +179,14 @@ class HttpBus(AsyncResource):
             caught_up=fetched.caught_up,
         )
 
-    async def _fetch(self, cursor: str | None, delay_s: float) -> _Fetched:
+    async def _fetch(self, cursor: str | None, delay_s: float, limit: int | None) -> _Fetched:
         """One answer for ``cursor``, retrying forever with backoff."""
         if delay_s > 0:
             await self._clock.sleep(delay_s)
         attempt = 0
         while True:
             try:
-                fetched = await self._get_events(cursor)
+                fetched = await self._get_events(cursor, limit)
                 if fetched is not None:
                     return fetched
                 problem, retriable = "repeated the same unparseable body", False
@@ -198,10 +206,11 @@ class HttpBus(AsyncResource):
             )  # fmt: skip
             await self._clock.sleep(delay)
 
-    async def _get_events(self, cursor: str | None) -> _Fetched | None:
+    async def _get_events(self, cursor: str | None, limit: int | None) -> _Fetched | None:
         """``None`` when the body is one already handed on for this cursor."""
         config = self._config
-        limit = 1 if self._narrow_left else config.http_batch_limit
+        if limit is None:
+            limit = 1 if self._narrow_left else config.http_batch_limit
         params = {"limit": str(limit), "wait": f"{config.http_wait_s:g}"}
         if cursor is not None:
             params["cursor"] = cursor

@@ -203,12 +203,6 @@ async def test_kill9_cycles_over_http_with_cursors_leave_exact_aggregates_in_kaf
     report("http (cursors) -> kafka", stream, kills, out, time.monotonic() - started)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, reported: with no stored cursor HttpBus's first GET has no cursor, "
-    "which is queue-like (destructive); kill -9 before the first checkpoint loses the "
-    "events that GET handed out. Fix: learn the start cursor with limit=0 first.",
-)
 @pytest.mark.timeout(120)
 async def test_kill9_before_the_first_http_checkpoint_loses_nothing(
     postgres_dsn: str, kafka_bootstrap: str, unique_name: str, tmp_path: Path
