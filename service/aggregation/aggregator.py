@@ -161,6 +161,8 @@ class EventAggregator:
 
     def restore(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         """Adopt partitions (newly assigned), with their stored state when there is one."""
+        # restored windows get a full idle period before the quiet rule may flush them
+        self._last_message = self._clock.monotonic()
         for cp in checkpoints:
             old = self._parts.pop(cp.partition, None)
             if old is not None:
