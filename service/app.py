@@ -32,7 +32,7 @@ from service.sinks.base import Sink
 from service.web import WebServer, build_web_app
 from service.wiring import build_bus, build_sinks, build_store
 
-__all__ = ["Service", "run"]
+__all__ = ["Service", "build_service", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +258,11 @@ def install_signal_handlers(service: Service) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def run(config: Config, *, clock: Clock | None = None) -> None:
-    """Run the service from configuration until SIGTERM/SIGINT."""
+def build_service(config: Config, clock: Clock | None = None) -> Service:
+    """The service with the bus, outputs and checkpoint store the configuration names."""
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock)
-    service = Service(
+    return Service(
         config,
         bus=build_bus(config, metrics, clock),
         sinks=build_sinks(config, metrics),
@@ -270,5 +270,10 @@ async def run(config: Config, *, clock: Clock | None = None) -> None:
         metrics=metrics,
         clock=clock,
     )
+
+
+async def run(config: Config, *, clock: Clock | None = None) -> None:
+    """Run the service from configuration until SIGTERM/SIGINT."""
+    service = build_service(config, clock)
     install_signal_handlers(service)
     await service.run()

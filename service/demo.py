@@ -14,14 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
-from service.app import Service, install_signal_handlers
-from service.clock import SystemClock
+from service.app import Service, build_service, install_signal_handlers
 from service.config import load_config
 from service.devstack import DevStack
 from service.emulator import Emulator, LoadGenerator
 from service.logs import setup_logging
 from service.metrics import MetricsCollector
-from service.wiring import build_bus, build_sinks, build_store
 
 __all__ = ["main"]
 
@@ -63,16 +61,8 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
             "STATE_DIR": str(workdir / "state"),
         }
         config = load_config(env, dotenv=None)
-        clock = SystemClock()
-        metrics = MetricsCollector(clock)
-        service = Service(
-            config,
-            bus=build_bus(config, metrics, clock),
-            sinks=build_sinks(config, metrics),
-            store=build_store(config),
-            metrics=metrics,
-            clock=clock,
-        )
+        service = build_service(config)
+        metrics = service.metrics
         install_signal_handlers(service)
         generator = LoadGenerator(
             emulator, rate=args.rate, names=args.names, seed=42, fixed_per_name=True,
