@@ -27,6 +27,7 @@ class MemorySink(AsyncResource):
         self.writes: list[tuple[list[Aggregate], list[DeadLetter]]] = []
         """Every successful write, in order, as given."""
         self.failed_writes = 0
+        self.writes_started = 0  # write() calls entered, held by pause() or not
         self.reachable = True
         """What :meth:`check` reports; tests flip it to simulate an outage."""
         self.started = False
@@ -61,6 +62,9 @@ class MemorySink(AsyncResource):
     ) -> None:
         if not self.started:
             raise RuntimeError(f"MemorySink {self.name!r} is not started")
+        self.writes_started += 1
+        async with self._changed:
+            self._changed.notify_all()
         await self._open.wait()
         if self._failures_left > 0:
             self._failures_left -= 1

@@ -68,7 +68,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             task = asyncio.create_task(
                 sender.handle([Outputs([agg("a"), agg("b"), agg("c")], []), cp])
             )
-            await asyncio.sleep(0.3)
+            await memory.wait_until(lambda m: m.writes_started == 1)  # held by pause()
             assert await conn.fetchval(f"SELECT count(*) FROM {cp_table}") == 0
             memory.resume()
             await asyncio.wait_for(task, 10)

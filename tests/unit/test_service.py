@@ -86,9 +86,13 @@ async def test_sink_outage_holds_the_commit_until_outputs_are_durable(tmp_path: 
     async with asyncio.timeout(10):
         while bus.positions.get("p0") != 2:
             await asyncio.sleep(0.01)
+    handled = service.hub.stats()["aggregator"].processed
     request = CheckpointRequest()
     await service.hub.publish(INPUT, request)
-    await asyncio.sleep(0.2)  # give a wrongly ungated checkpoint time to happen
+    async with asyncio.timeout(10):  # the aggregator has passed the checkpoint on
+        while service.hub.stats()["aggregator"].processed <= handled:
+            await asyncio.sleep(0.01)
+    await sink.wait_until(lambda s: s.writes_started >= 1)  # and the held write began
     assert not request.done.done()
     assert bus.commits == []  # nothing committed while the output holds the aggregate
     sink.resume()
