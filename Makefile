@@ -5,15 +5,27 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-unit lint typecheck bench clean
+.PHONY: install lock run test test-unit lint typecheck bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+LOCK_VENV := .lock-venv
+lock:                   ## refresh constraints.txt: the newest versions pyproject.toml allows
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet '.[dev]'
+	{ sed -n '1,3p' constraints.txt; \
+	  $(LOCK_VENV)/bin/pip --version | awk '{print "pip==" $$2}'; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude vabus-aggregator; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV) build
 
 run: install            ## the service on the embedded stack (broker + PostgreSQL + emulator)
 	$(BIN)/vabus-aggregator demo

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 
@@ -274,8 +274,10 @@ class EventAggregator:
                         t = decoded.timestamp  # fast_ok(), inlined
                         if type(t) is float and 0.0 <= t <= max_ts and decoded.agg_func in canon:
                             evs = (decoded,)
-                    elif all(fast_ok(e, max_ts) for e in decoded):
-                        evs = decoded
+                    else:  # a JSON array: list[WireEvent]
+                        many = cast(list[WireEvent], decoded)
+                        if all(fast_ok(e, max_ts) for e in many):
+                            evs = many
             if evs is None:
                 evs, raws = self._reference(record, idx, batch, out, rejects, max_ts, now)
             for ev in evs:
