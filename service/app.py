@@ -92,7 +92,6 @@ class Service:
             self.hub,
             clock,
             config.runtime.checkpoint_interval_s,
-            idle_timeout_s=config.aggregation.effective_idle_timeout_s,
         )
         q = config.runtime.queue_size
         self.hub.subscribe(INPUT, "aggregator", stage.handle, maxsize=q, max_batch=16)

@@ -13,7 +13,7 @@ import logging
 import math
 from bisect import bisect_left
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
@@ -151,6 +151,7 @@ class MetricsCollector:
         self.sink_write_duration: dict[str, _Histogram] = {}
         self._latencies: deque[float] = deque(maxlen=RESERVOIR_SIZE)
         self._events_rate = _RateMeter(self.clock.monotonic())
+        self._partition_view: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PrometheusView(self))
 
@@ -183,6 +184,14 @@ class MetricsCollector:
 
     def set_watermark(self, event_time: float | None) -> None:
         self.watermark = event_time
+
+    def set_partition_view(self, view: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        """Where the per-partition gauges come from (the aggregator's own view, read
+        when scraped, so idleness is as of the scrape and nothing is copied per batch)."""
+        self._partition_view = view
+
+    def partitions(self) -> Mapping[str, Mapping[str, Any]]:
+        return self._partition_view()
 
     # -- outputs --------------------------------------------------------------------
     def on_sink_write(self, sink: str, aggregates: int, dead_letters: int, seconds: float) -> None:
@@ -440,6 +449,7 @@ class _PrometheusView:
             f"Events received per second over the last {RATE_WINDOW_S:g} s.",
             m.events_per_second(),
         )
+        yield from self._partition_gauges()
         # Absent (not NaN) until the first watermark: "unknown" is not a value.
         if m.watermark is not None:
             yield GaugeMetricFamily(
@@ -449,6 +459,38 @@ class _PrometheusView:
                 f"{PREFIX}_processing_lag_seconds", "Wall time minus the watermark.",
                 m.clock.now() - m.watermark,
             )  # fmt: skip
+
+    def _partition_gauges(self) -> Iterator[PromMetric]:
+        parts = self._m.partitions()
+        labels = ["partition"]
+        wm = GaugeMetricFamily(
+            f"{PREFIX}_partition_watermark_seconds",
+            "A partition's own watermark: its largest event time minus the grace.",
+            labels=labels,
+        )
+        holds = GaugeMetricFamily(
+            f"{PREFIX}_partition_holds_watermark",
+            "1 while the partition holds the watermark back; 0 once silent (idle).",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_partition_lag_messages",
+            "Messages unread in the partition at the bus's last report.",
+            labels=labels,
+        )
+        quiet = GaugeMetricFamily(
+            f"{PREFIX}_partition_seconds_since_message",
+            "Seconds since the partition last delivered a message.",
+            labels=labels,
+        )
+        for p, v in parts.items():
+            if v["watermark"] is not None:
+                wm.add_metric([p], v["watermark"])
+            holds.add_metric([p], 1.0 if v["holds_watermark"] else 0.0)
+            if v["lag"] is not None:
+                lag.add_metric([p], v["lag"])
+            quiet.add_metric([p], v["seconds_since_message"])
+        yield from (wm, holds, lag, quiet)
 
     def _histograms(self) -> Iterator[PromMetric]:
         m = self._m

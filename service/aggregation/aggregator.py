@@ -1,10 +1,13 @@
 """EventAggregator: decodes source batches, windows them, emits closed windows.
 
-State is kept per source partition (so it can be checkpointed and handed over on a
-rebalance), while the watermark is global: the minimum over the partitions that still
-carry data (contract §3/§10). Windows of one key spread over several partitions are
-merged when they close. Everything here is synchronous and CPU-only; the caller owns
-I/O and time (the clock is injected).
+State is kept per source partition (:mod:`service.aggregation.partition`: windows,
+event-time progress, the emitted boundary and the idleness rule), so it can be
+checkpointed and handed over on a rebalance. The watermark is the minimum over the
+partitions that hold it (their own largest event time minus the grace); windows of one
+key spread over several partitions are merged when they close. When no partition holds
+it any more (every one silent), every open window is emitted: the quiet rule.
+Everything here is synchronous and CPU-only; the caller owns I/O and time (the clock
+is injected).
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
-
-import orjson
 
 from service.aggregation.decode import (
     CANONICAL_FUNCS,
@@ -29,6 +30,7 @@ from service.aggregation.decode import (
     raw_text,
 )
 from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.partition import NEG_INF, STATE_FORMAT, PartitionState, WindowKey
 from service.aggregation.windows import closed_boundary
 from service.bus.base import PartitionCheckpoint, SourceBatch
 from service.clock import Clock
@@ -40,10 +42,8 @@ __all__ = ["STATE_FORMAT", "EventAggregator", "Outputs"]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT: Final = 1
-_NEG_INF: Final = -math.inf
+_NEG_INF: Final = NEG_INF
 
-WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
 _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FUNCTIONS.items()}
 _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
     k: f.add for k, f in FUNCTIONS.items()
@@ -65,14 +65,6 @@ class Outputs:
         self.dead_letters.extend(other.dead_letters)
 
 
-@dataclass(slots=True)
-class _Partition:
-    windows: dict[float, dict[WindowKey, Acc]] = field(default_factory=dict)
-    max_ts: float | None = None
-    position: str | None = None
-    caught_up: bool = False
-
-
 def _raw_of(ev: WireEvent, evs: Sequence[WireEvent], raws: list[Any] | None, record: Any) -> Any:
     """The raw element behind ``ev`` (one of ``evs``, decoded from ``record``), for a
     dead letter. Found by identity: rejections are rare, the hot loop keeps no index."""
@@ -91,13 +83,13 @@ class EventAggregator:
     ) -> None:
         self._cfg = cfg
         self._interval = cfg.interval_s
+        self._idle_s = cfg.effective_idle_timeout_s
         self._metrics = metrics
         self._clock = clock
         self._max_bytes = max_message_bytes
-        self._parts: dict[str, _Partition] = {}
-        self._closed_until = _NEG_INF  # windows ending at or before this were emitted
+        self._parts: dict[str, PartitionState] = {}
         self._open = 0
-        self._last_message = clock.monotonic()
+        metrics.set_partition_view(self.partitions)
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -106,82 +98,41 @@ class EventAggregator:
 
     @property
     def watermark(self) -> float | None:
-        """Global event-time watermark (grace applied), or None while unknown."""
-        held: list[float] = []
-        seen: list[float] = []
+        """Event-time watermark (grace applied): the minimum over the partitions that
+        hold it; None while one holds with unknown event time, or none holds."""
+        held = math.inf
         for p in self._parts.values():
-            if p.max_ts is None:
-                if not p.caught_up:
+            if p.holds(self._idle_s):
+                if p.max_ts is None:
                     return None  # unread data of unknown time: hold everything back
-                continue
-            seen.append(p.max_ts)
-            if not p.caught_up:
-                held.append(p.max_ts)
-        if held:
-            return min(held) - self._cfg.grace_s
-        if seen:  # every partition is caught up: none holds the others back
-            return max(seen) - self._cfg.grace_s
-        return None
+                held = min(held, p.max_ts)
+        return None if held == math.inf else held - self._cfg.grace_s
 
     def positions(self) -> dict[str, str]:
         return {k: p.position for k, p in self._parts.items() if p.position is not None}
 
     def partitions(self) -> dict[str, dict[str, Any]]:
-        """A JSON-able view for /status."""
-        return {
-            k: {
-                "position": p.position,
-                "max_event_time": p.max_ts,
-                "caught_up": p.caught_up,
-                "open_windows": sum(len(w) for w in p.windows.values()),
-            }
-            for k, p in self._parts.items()
-        }
+        """A JSON-able view for /status and the per-partition metrics."""
+        now = self._clock.monotonic()
+        grace = self._cfg.grace_s
+        return {k: p.view(self._idle_s, grace, now) for k, p in self._parts.items()}
 
     def snapshot(self, partitions: Iterable[str] | None = None) -> list[PartitionCheckpoint]:
         """Serialise the state of these partitions (all by default) for a checkpoint."""
         keys = (
             list(self._parts) if partitions is None else [k for k in partitions if k in self._parts]
         )
-        out = []
-        for k in keys:
-            p = self._parts[k]
-            body = {
-                "format": STATE_FORMAT,
-                "max_ts": p.max_ts,
-                "closed_until": None if self._closed_until == _NEG_INF else self._closed_until,
-                "windows": [
-                    [start, name, func, acc]
-                    for start, keyed in p.windows.items()
-                    for (name, func), acc in keyed.items()
-                ],
-            }
-            out.append(PartitionCheckpoint(k, p.position, orjson.dumps(body)))
-        return out
+        return [self._parts[k].snapshot(k) for k in keys]
 
     def restore(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         """Adopt partitions (newly assigned), with their stored state when there is one."""
-        # restored windows get a full idle period before the quiet rule may flush them
-        self._last_message = self._clock.monotonic()
+        now = self._clock.monotonic()
         for cp in checkpoints:
             old = self._parts.pop(cp.partition, None)
             if old is not None:
-                self._open -= sum(len(w) for w in old.windows.values())
-            p = _Partition(position=cp.position)
-            if cp.state:
-                body = orjson.loads(cp.state)
-                if body.get("format") != STATE_FORMAT:
-                    raise ValueError(
-                        f"checkpoint of {cp.partition!r} has state format {body.get('format')!r}; "
-                        f"this version reads format {STATE_FORMAT}"
-                    )
-                p.max_ts = body["max_ts"]
-                if body["closed_until"] is not None:
-                    self._closed_until = max(self._closed_until, body["closed_until"])
-                for start, name, func, acc in body["windows"]:
-                    p.windows.setdefault(start, {})[(name, func)] = acc
-                    self._open += 1
-            self._parts[cp.partition] = p
+                self._open -= old.open_windows()
+            p = self._parts[cp.partition] = PartitionState.restored(cp, now)
+            self._open += p.open_windows()
         self._metrics.set_open_windows(self._open)
 
     def release(self, partitions: Iterable[str]) -> list[PartitionCheckpoint]:
@@ -189,39 +140,34 @@ class EventAggregator:
         keys = [k for k in partitions if k in self._parts]
         snap = self.snapshot(keys)
         for k in keys:
-            p = self._parts.pop(k)
-            self._open -= sum(len(w) for w in p.windows.values())
+            self._open -= self._parts.pop(k).open_windows()
         self._metrics.set_open_windows(self._open)
         return snap
 
     # -- processing -------------------------------------------------------------------
     def process(self, batch: SourceBatch) -> Outputs:
-        """Aggregate one batch; returns dead letters and any windows it closed."""
+        """Aggregate one batch; returns dead letters and any windows it closed.
+
+        A batch without records is the bus's report on a partition (caught up or not):
+        it moves only the idleness clock, never the partition's event time.
+        """
         part = self._parts.get(batch.partition)
         if part is None:
-            part = self._parts[batch.partition] = _Partition()
+            part = self._parts[batch.partition] = PartitionState()
+        seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
         out = Outputs()
         if batch.records:
-            self._last_message = self._clock.monotonic()
+            part.last_message_at = seen
             self._aggregate(part, batch, out)
+        part.reported_at = max(part.reported_at, seen)
         if batch.next_position is not None:
             part.position = batch.next_position
         part.caught_up = batch.caught_up
+        part.lag = batch.lag
         self._close_ready(out)
         return out
 
-    def tick(self) -> Outputs:
-        """Called about once a second: flushes every open window after a quiet period
-        of ``idle_timeout`` (no message at all received), so idle streams still emit."""
-        out = Outputs()
-        quiet = self._clock.monotonic() - self._last_message
-        if self._open and quiet >= self._cfg.effective_idle_timeout_s:
-            latest = max(s for p in self._parts.values() for s in p.windows)
-            log.info("no message for %.1fs: flushing %d open window(s)", quiet, self._open)
-            self._emit_through(latest + self._interval, out)
-        return out
-
-    def _aggregate(self, part: _Partition, batch: SourceBatch, out: Outputs) -> None:
+    def _aggregate(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> None:
         """The hot loop: no awaits, no logging, no per-event objects beyond the decoded
         event and its key, names bound to locals. Its results must equal the reference
         path's (``tests/unit/test_decode_fast.py`` compares them on generated input)."""
@@ -232,7 +178,7 @@ class EventAggregator:
         # batches differently): the close boundary advances event by event, as if each
         # event were its own batch. Other partitions cannot move during this batch.
         cap, blocked = self._others_limit(part)
-        closed_until = self._closed_until
+        closed_until = part.closed_until
         budget = self._cfg.max_open_windows
         open_now = self._open
         now = self._clock.now()
@@ -404,12 +350,14 @@ class EventAggregator:
             source = f"{source} offset={batch.offsets[idx]}"
         out.dead_letters.append(DeadLetter(raw_text(raw), reason, detail, source, now))
 
-    def _others_limit(self, part: _Partition) -> tuple[float, bool]:
-        """(cap, blocked): the watermark the other partitions allow while ``part``
-        delivers, and whether one of them holds everything back."""
+    def _others_limit(self, part: PartitionState) -> tuple[float, bool]:
+        """(cap, blocked): the event time the other holding partitions allow while
+        ``part`` delivers, and whether one of them holds everything back. Only reports
+        move other partitions' idleness, so neither changes during this batch."""
         cap = math.inf
+        idle_s = self._idle_s
         for q in self._parts.values():
-            if q is part or q.caught_up:
+            if q is part or not q.holds(idle_s):
                 continue
             if q.max_ts is None:
                 return cap, True
@@ -420,16 +368,34 @@ class EventAggregator:
         wm = self.watermark
         if wm is not None:
             self._metrics.set_watermark(wm)
-            boundary = closed_boundary(wm, self._interval)
-            if boundary > self._closed_until:
-                self._emit_through(boundary, out)
+            self._emit_through(closed_boundary(wm, self._interval), out)
+        elif self._open and not any(p.holds(self._idle_s) for p in self._parts.values()):
+            # every partition is silent: the quiet rule emits what is still open
+            latest = max(s for p in self._parts.values() for s in p.windows)
+            log.info("every partition is silent: flushing %d open window(s)", self._open)
+            self._emit_through(latest + self._interval, out)
 
     def _emit_through(self, boundary: float, out: Outputs) -> None:
-        """Emit every window ending at or before ``boundary``, merged over partitions."""
+        """Emit every window ending at or before ``boundary``, merged over partitions.
+
+        Each partition's emitted boundary only moves up (a partition adopted with an
+        older history pulls the watermark back for a while; the others keep theirs).
+        A holding partition's moves to ``boundary``, which is never above its own
+        event time minus the grace. A silent one's moves only past the windows emitted
+        for it, so when it speaks again it is judged by its own history.
+        """
         interval = self._interval
+        idle_s = self._idle_s
         ready: dict[float, dict[WindowKey, Acc]] = {}
         for p in self._parts.values():
-            for start in [s for s in p.windows if s + interval <= boundary]:
+            if p.closed_until >= boundary:
+                continue
+            starts = [s for s in p.windows if s + interval <= boundary]
+            if p.holds(idle_s):
+                p.closed_until = boundary
+            elif starts:
+                p.closed_until = max(p.closed_until, max(starts) + interval)
+            for start in starts:
                 keyed = p.windows.pop(start)
                 self._open -= len(keyed)
                 into = ready.get(start)
@@ -442,7 +408,6 @@ class EventAggregator:
                         into[key] = acc
                     else:
                         FUNCTIONS[key[1]].merge(mine, acc)
-        self._closed_until = max(self._closed_until, boundary)
         if not ready:
             return
         now = self._clock.now()

@@ -16,8 +16,6 @@ __all__ = ["AggregatorStage"]
 
 log = logging.getLogger(__name__)
 
-_BACKPRESSURE_S = 0.5
-"""A publish blocked at least this long means the outputs held us up."""
 _SNAPSHOT_COST_RATIO = 10.0
 """Periodic checkpoints may take at most about 1/10 of the stage's time."""
 
@@ -39,13 +37,9 @@ class AggregatorStage:
     about one checkpoint interval and the events wait in the bus, instead of every
     second adding a snapshot of the whole state to the output queue.
 
-    Idle flush guard: a :class:`Tick` reaches the aggregator's idle flush only when the
-    stage itself has been quiet for ``idle_timeout_s``: no batch with records, no
-    partition assignment, and no publish held up by backpressure in that time. Without
-    it, windows restored from a checkpoint were flushed before the bus delivered
-    anything (start-up or a consumer-group join slower than the idle timeout), and a
-    Tick queued behind a stage blocked by a down output was taken as silence; both
-    emitted windows early and made their remaining events late.
+    Idle streams need nothing from the stage: the bus reports silent partitions, and
+    the aggregator flushes when a report shows that no partition holds the watermark
+    any more (:mod:`service.aggregation.partition` keeps that rule, in one place).
     """
 
     def __init__(
@@ -54,15 +48,12 @@ class AggregatorStage:
         hub: EventHub,
         clock: Clock,
         checkpoint_interval_s: float,
-        idle_timeout_s: float = 0.0,
     ) -> None:
         self._agg = aggregator
         self._hub = hub
         self._clock = clock
         self._interval = checkpoint_interval_s
-        self._idle_timeout = idle_timeout_s
         self._last_checkpoint = clock.monotonic()
-        self._quiet_since = clock.monotonic()
         self._snapshot_s = 0.0  # what the last snapshot took
         self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
         self._dirty = False
@@ -80,21 +71,13 @@ class AggregatorStage:
 
     async def _handle_one(self, item: Any) -> None:
         if type(item) is SourceBatch:
-            if item.records:
-                self._quiet_since = self._clock.monotonic()
             await self._publish(self._agg.process(item))
             self._dirty = True
         elif type(item) is Tick:
-            quiet = self._clock.monotonic() - self._quiet_since >= self._idle_timeout
-            flushed = self._agg.tick() if quiet else None
-            if flushed:
-                await self._publish(flushed)
-                await self._checkpoint(None)
-            elif self._dirty and self._checkpoint_due():
+            if self._dirty and self._checkpoint_due():
                 await self._previous_checkpoint_durable()
                 await self._checkpoint(None)
         elif type(item) is PartitionsAssigned:
-            self._quiet_since = self._clock.monotonic()
             self._agg.restore(item.checkpoints)
             log.info("partitions assigned: %s", [c.partition for c in item.checkpoints])
         elif type(item) is PartitionsRevoked:
@@ -111,11 +94,7 @@ class AggregatorStage:
             await self._publish_output(out)
 
     async def _publish_output(self, item: Outputs | Checkpoint) -> None:
-        started = self._clock.monotonic()
         await self._hub.publish(OUTPUT, item)
-        now = self._clock.monotonic()
-        if now - started >= _BACKPRESSURE_S:  # held up: that time was not silence
-            self._quiet_since = now
 
     def _checkpoint_due(self) -> bool:
         spacing = max(self._interval, _SNAPSHOT_COST_RATIO * self._snapshot_s)
@@ -123,12 +102,8 @@ class AggregatorStage:
 
     async def _previous_checkpoint_durable(self) -> None:
         pending = self._pending
-        if pending is None or pending.done():
-            return
-        started = self._clock.monotonic()
-        await asyncio.wait({pending})
-        if self._clock.monotonic() - started >= _BACKPRESSURE_S:  # not silence either
-            self._quiet_since = self._clock.monotonic()
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending})
 
     async def _checkpoint(self, request: CheckpointRequest | None) -> None:
         started = self._clock.monotonic()

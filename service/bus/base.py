@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from service.events import Metric
 
 __all__ = [
+    "REPORT_INTERVAL_S",
     "Bus",
     "BusItem",
     "Emit",
@@ -37,8 +38,15 @@ class SourceBatch:
     ``offsets`` (Kafka) gives each record's offset for dead-letter ``source`` fields;
     when absent, ``source`` alone describes where the records came from.
     ``next_position`` is what to persist so that a restart continues after this batch.
-    ``caught_up`` says the partition had nothing more to read when this was fetched
-    (an idle, caught-up partition must not hold the watermark back).
+    ``caught_up`` says the partition had nothing more to read when this was fetched.
+    ``polled_at`` is the bus's monotonic clock when it looked at the partition (the
+    aggregator's clock at processing time when absent); ``lag`` how many messages were
+    still unread then, when the transport knows.
+
+    A batch without records is a *report*: a bus reports each caught-up partition that
+    delivers nothing at least every :data:`REPORT_INTERVAL_S`, because a partition
+    stops holding the watermark only on the evidence of such reports (see
+    :mod:`service.aggregation.partition`).
     """
 
     partition: str
@@ -48,6 +56,12 @@ class SourceBatch:
     received_at: float
     offsets: list[int] | None = None
     caught_up: bool = False
+    polled_at: float | None = None
+    lag: int | None = None
+
+
+REPORT_INTERVAL_S: Final = 1.0
+"""How often a bus reports a caught-up partition that delivers nothing."""
 
 
 @dataclass(frozen=True, slots=True)

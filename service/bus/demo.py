@@ -117,6 +117,7 @@ class DemoBus(AsyncResource):
                     next_position=str(end),
                     received_at=now,
                     caught_up=end >= due,
+                    polled_at=self._clock.monotonic(),
                 )
             )
             position = end

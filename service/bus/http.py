@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from service.bus.base import (
+    REPORT_INTERVAL_S,
     Emit,
     PartitionCheckpoint,
     PartitionsAssigned,
@@ -71,6 +72,7 @@ class _Fetched:
     caught_up: bool
     events: int  # events in the answer; 0 for an unparseable body
     seconds: float  # how long the request took
+    answered_at: float = 0.0  # monotonic clock when the answer arrived
 
 
 class HttpBus(AsyncResource):
@@ -133,6 +135,7 @@ class HttpBus(AsyncResource):
         await emit(PartitionsAssigned([checkpoint]))
         cursor = checkpoint.position
         announced_caught_up = False
+        reported_at = float("-inf")
         # Without a stored cursor, a plain read would be queue-like: the server hands the
         # events out for good, and a crash before the first checkpoint would lose them.
         # So learn where the stream stands first (limit=0 hands nothing out).
@@ -149,14 +152,20 @@ class HttpBus(AsyncResource):
                 cursor = fetched.next_cursor
                 idle = not probing and fetched.events == 0 and fetched.seconds < _MIN_EMPTY_POLL_S
                 pending = self._spawn(cursor, _MIN_EMPTY_POLL_S - fetched.seconds if idle else 0)
-                # An empty answer only matters once: it tells the aggregator we caught up.
-                # (The probe's answer only brings the cursor, unless a server ignored limit.)
-                if fetched.records or not (announced_caught_up or probing):
-                    self._metrics.on_messages_received(
-                        self.name, len(fetched.records), fetched.events
-                    )
-                    await emit(self._batch(fetched))
+                # Empty answers are reported about once a second: the aggregator takes
+                # the stream for silent only on that evidence, stamped with when the
+                # server answered (not when a backpressured emit got to it). The probe's
+                # answer only brings the cursor, unless a server ignored limit.
+                now = fetched.answered_at
+                report_due = now - reported_at >= REPORT_INTERVAL_S
+                if fetched.records or not (probing or (announced_caught_up and not report_due)):
+                    if fetched.records:
+                        self._metrics.on_messages_received(
+                            self.name, len(fetched.records), fetched.events
+                        )
+                    await emit(self._batch(fetched, now))
                     announced_caught_up = fetched.caught_up
+                    reported_at = now
                 probing = False
         finally:
             pending.cancel()
@@ -169,7 +178,7 @@ class HttpBus(AsyncResource):
         self._inflight = asyncio.create_task(self._fetch(cursor, delay_s, limit))
         return self._inflight
 
-    def _batch(self, fetched: _Fetched) -> SourceBatch:
+    def _batch(self, fetched: _Fetched, polled_at: float) -> SourceBatch:
         return SourceBatch(
             partition=PARTITION,
             records=fetched.records,
@@ -177,6 +186,7 @@ class HttpBus(AsyncResource):
             next_position=fetched.next_cursor,
             received_at=self._clock.now(),
             caught_up=fetched.caught_up,
+            polled_at=polled_at,
         )
 
     async def _fetch(self, cursor: str | None, delay_s: float, limit: int | None) -> _Fetched:
@@ -188,6 +198,7 @@ class HttpBus(AsyncResource):
             try:
                 fetched = await self._get_events(cursor, limit)
                 if fetched is not None:
+                    fetched.answered_at = self._clock.monotonic()
                     return fetched
                 problem, retriable = "repeated the same unparseable body", False
             except _Narrow:

@@ -33,6 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from service.bus.base import (
+    REPORT_INTERVAL_S,
     Emit,
     PartitionCheckpoint,
     PartitionsAssigned,
@@ -57,7 +58,6 @@ _MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
 _FETCH_MAX_BYTES = 64 * 1024 * 1024  # smaller values measurably slow consumption (infra notes)
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
-_CAUGHT_UP_REPORT_S = 1.0  # empty "caught up" batches, at most this often per partition
 _RESTORE_ATTEMPTS = 5
 _METRICS_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
@@ -74,7 +74,7 @@ class _Live:
 
     partition: str
     next_offset: int
-    caught_up_reported_at: float = float("-inf")
+    reported_at: float = float("-inf")  # when downstream last heard of it (monotonic)
 
 
 class KafkaBus(AsyncResource):
@@ -310,8 +310,7 @@ class KafkaBus(AsyncResource):
                 live.next_offset = msgs[-1].offset + 1
                 highwater = consumer.highwater(tp) if tp in assigned else None
                 caught_up = highwater is not None and live.next_offset >= highwater
-                if caught_up:
-                    live.caught_up_reported_at = mono
+                live.reported_at = mono
                 received += len(msgs)
                 await emit(
                     SourceBatch(
@@ -322,17 +321,23 @@ class KafkaBus(AsyncResource):
                         next_position=str(live.next_offset),
                         received_at=now,
                         caught_up=caught_up,
+                        polled_at=mono,
+                        lag=None if highwater is None else max(0, highwater - live.next_offset),
                     )
                 )
+            # Reports on partitions this poll brought nothing for: a silent partition
+            # stops holding the watermark only on such evidence. Taken now, after any
+            # backpressure above, so the time and the high watermark are both current.
             for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
                 if tp in data or tp not in assigned:
                     continue
-                if mono - live.caught_up_reported_at < _CAUGHT_UP_REPORT_S:
+                seen = self._clock.monotonic()
+                if seen - live.reported_at < REPORT_INTERVAL_S:
                     continue
                 highwater = consumer.highwater(tp)
-                if highwater is None or live.next_offset < highwater:
-                    continue
-                live.caught_up_reported_at = mono
+                if highwater is None:
+                    continue  # not fetched yet: nothing is known about it
+                live.reported_at = seen
                 await emit(
                     SourceBatch(
                         partition=live.partition,
@@ -340,7 +345,9 @@ class KafkaBus(AsyncResource):
                         source=f"kafka {topic}/{tp.partition}",
                         next_position=None,
                         received_at=now,
-                        caught_up=True,
+                        caught_up=live.next_offset >= highwater,
+                        polled_at=seen,
+                        lag=max(0, highwater - live.next_offset),
                     )
                 )
         if received:

@@ -1,5 +1,6 @@
-"""The aggregator stage's idle-flush guard (found by the fault suite): restored windows
-wait for the bus, and time spent blocked by backpressure is not silence."""
+"""Idle flushes through the aggregator stage (first found by the fault suite): restored
+windows wait for the bus's evidence of silence, and time spent blocked by backpressure
+is not silence; periodic checkpoints stay bounded."""
 
 from __future__ import annotations
 
@@ -47,12 +48,17 @@ def make(clock: ManualClock) -> tuple[EventAggregator, AggregatorStage, FakeHub]
     cfg = AggregationConfig(interval_s=60.0, idle_timeout_s=IDLE_S)
     agg = EventAggregator(cfg, MetricsCollector(clock), clock)
     hub = FakeHub()
-    stage = AggregatorStage(agg, hub, clock, 1.0, idle_timeout_s=IDLE_S)  # type: ignore[arg-type]
+    stage = AggregatorStage(agg, hub, clock, 1.0)  # type: ignore[arg-type]
     return agg, stage, hub
 
 
 def batch(*events: dict[str, Any]) -> SourceBatch:
     return SourceBatch("p0", [orjson.dumps(e) for e in events], "test", "1", NOW)
+
+
+def report(polled_at: float) -> SourceBatch:
+    """The bus found p0 caught up at ``polled_at`` (its monotonic clock)."""
+    return SourceBatch("p0", [], "test", None, NOW, caught_up=True, polled_at=polled_at)
 
 
 async def test_restored_windows_are_not_idle_flushed_before_the_bus_delivers() -> None:
@@ -63,26 +69,29 @@ async def test_restored_windows_are_not_idle_flushed_before_the_bus_delivers() -
 
     _, stage, hub = make(clock)
     clock.advance(100)  # a slow start: connecting, or a consumer-group join
-    await stage.handle([PartitionsAssigned([state])])
-    await stage.handle([Tick()])
-    assert hub.aggregates() == [], "restored windows flushed before any event was read"
+    await stage.handle([PartitionsAssigned([state]), Tick()])
+    await stage.handle([report(clock.monotonic() + IDLE_S / 2)])
+    assert hub.aggregates() == [], "restored windows flushed before the idle period"
 
     clock.advance(IDLE_S)
-    await stage.handle([Tick()])
+    await stage.handle([Tick(), report(clock.monotonic())])
     [flushed] = hub.aggregates()  # still flushed once the bus is really quiet
     assert (flushed.name, flushed.value) == ("a", 1.0)
 
 
-async def test_a_tick_queued_behind_backpressure_is_not_taken_as_silence() -> None:
+async def test_a_report_queued_behind_backpressure_is_not_taken_as_silence() -> None:
     clock = ManualClock(NOW)
     _, stage, hub = make(clock)
     hub.gate = asyncio.Event()
     bad = {"name": "a", "value": "x", "timestamp": NOW}  # a dead letter: something to publish
+    polled = clock.monotonic() + 1  # the bus looked at p0 a second after the batch
     work = asyncio.create_task(
-        stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW - 30}, bad), Tick()])
+        stage.handle(
+            [batch({"name": "a", "value": 1, "timestamp": NOW - 30}, bad), Tick(), report(polled)]
+        )
     )
     await asyncio.sleep(0)
-    clock.advance(30)  # the output is down for 30 s; the Tick waits behind the batch
+    clock.advance(30)  # the output is down for 30 s; the report waits behind the batch
     hub.gate.set()
     await work
     assert hub.aggregates() == [], "a window was flushed because the output was down"

@@ -59,7 +59,7 @@ def one_input(data: bytes) -> None:
         SourceBatch("p0", records, "fuzz", "1", NOW, list(range(len(records))))
     )
     clock.advance(30.0)
-    out.extend(aggregator.tick())
+    out.extend(aggregator.process(SourceBatch("p0", [], "fuzz", None, NOW, caught_up=True)))
     aggregator.snapshot()
     if any(d.reason not in REJECT_REASONS for d in out.dead_letters):
         raise AssertionError(f"unknown reason in {out.dead_letters!r}")

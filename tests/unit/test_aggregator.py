@@ -1,4 +1,5 @@
-"""EventAggregator: windows, watermark, grace, lateness, idle flush, validation, state."""
+"""EventAggregator: windows, per-partition watermarks and idleness, grace, lateness,
+the quiet rule, validation, state."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.aggregation.aggregator import EventAggregator
+from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import PartitionCheckpoint, SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
@@ -34,6 +35,11 @@ def batch(
     offsets: list[int] | None = None,
 ) -> SourceBatch:
     return SourceBatch(partition, records, f"test {partition}", position, NOW, offsets, caught_up)
+
+
+def report(agg: EventAggregator, partition: str = "p0") -> Outputs:
+    """What a bus sends for a caught-up partition that delivered nothing (about 1/s)."""
+    return agg.process(batch([], partition, caught_up=True))
 
 
 def ev(name: str, value: float, ts: float, func: str | None = "sum") -> bytes:
@@ -88,9 +94,9 @@ def test_idle_stream_flushes_open_windows_after_idle_timeout() -> None:
     agg, clock = make()
     agg.process(batch([ev("a", 4, NOW - 5)]))
     clock.advance(59)
-    assert not agg.tick()
+    assert not report(agg)
     clock.advance(1)
-    out = agg.tick()
+    out = report(agg)
     assert [a.value for a in out.aggregates] == [4.0]
     assert agg.open_windows == 0
     # the flushed window is closed: a straggler for it is late
@@ -103,7 +109,7 @@ def test_empty_batches_do_not_count_as_messages_for_the_idle_rule() -> None:
     clock.advance(30)
     agg.process(batch([], caught_up=True))
     clock.advance(30)
-    assert agg.tick().aggregates
+    assert report(agg).aggregates
 
 
 def test_watermark_is_the_minimum_over_partitions_that_carry_data() -> None:
@@ -118,13 +124,65 @@ def test_watermark_is_the_minimum_over_partitions_that_carry_data() -> None:
     assert (merged.value, merged.count) == (3.0, 2)  # one key over two partitions, merged
 
 
-def test_caught_up_partition_does_not_hold_the_watermark_back() -> None:
-    agg, _ = make()
+def test_caught_up_partition_keeps_holding_until_silent_for_the_idle_period() -> None:
+    agg, clock = make()
     start = 1_699_999_980.0
     agg.process(batch([ev("a", 1, start + 1)], "p1", caught_up=True))
     out = agg.process(batch([ev("b", 1, start + 1), ev("b", 1, start + 61)], "p0"))
-    assert ("b", "sum", start) in by_key(out.aggregates)
+    assert out.aggregates == []  # read up to its high watermark: p1 still holds
+    clock.advance(59)
+    assert report(agg, "p1").aggregates == []
+    clock.advance(1)
+    out = report(agg, "p1")  # silent for interval + grace: p1 lets go
+    assert set(by_key(out.aggregates)) == {("a", "sum", start), ("b", "sum", start)}
+    assert agg.partitions()["p1"]["idle"] and not agg.partitions()["p1"]["holds_watermark"]
+
+
+def test_a_stale_report_does_not_make_a_partition_silent() -> None:
+    """Reports carry the bus's time: one queued behind backpressure is not silence."""
+    agg, clock = make()
+    start = 1_699_999_980.0
+    agg.process(batch([ev("a", 1, start + 1)], "p1", caught_up=True))
+    polled = clock.monotonic()
+    clock.advance(300)  # the stage was held up by an output meanwhile
+    stale = SourceBatch("p1", [], "test p1", None, NOW, caught_up=True, polled_at=polled)
+    agg.process(stale)
+    out = agg.process(batch([ev("b", 1, start + 1), ev("b", 1, start + 61)], "p0"))
+    assert out.aggregates == []
+    assert agg.partitions()["p1"]["holds_watermark"]
+
+
+def test_silent_partition_resuming_is_judged_by_its_own_history() -> None:
+    agg, clock = make()
+    start = 1_699_999_980.0
+    agg.process(batch([ev("b", 1, start + 1)], "p0"))
+    agg.process(batch([ev("a", 1, start + 1)], "p1", caught_up=True))
+    clock.advance(60)
+    assert report(agg, "p1").aggregates == []  # p1 is silent now; p0 still holds
+    out = agg.process(batch([ev("b", 1, start + 200)], "p0"))
     assert ("a", "sum", start) in by_key(out.aggregates)
+    # p1 speaks again, in a window p0 has passed but none of p1's was emitted for
+    out = agg.process(batch([ev("a", 2, start + 70)], "p1"))
+    assert out.dead_letters == []
+    out = agg.process(batch([ev("a", 5, start + 2)], "p1"))  # its own emitted window
+    assert [d.reason for d in out.dead_letters] == ["late"]
+
+
+def test_adopted_partition_is_judged_against_its_own_emitted_boundary() -> None:
+    """A partition moved from another instance brings its history: its replayed events
+    are older than what this instance's own partitions emitted, and none is late."""
+    start = 1_699_999_980.0
+    donor, clock = make()
+    donor.process(batch([ev("m", 1, start + 1), ev("m", 1, start + 65)], "p1", position="2"))
+    [moved] = donor.release(["p1"])
+    agg, _ = make(clock)
+    agg.process(batch([ev("a", 1, start + 1), ev("a", 1, start + 500)], "p0"))
+    agg.restore([moved])
+    out = agg.process(batch([ev("m", 3, start + 70), ev("m", 1, start + 130)], "p1"))
+    assert out.dead_letters == []
+    got = by_key(out.aggregates)
+    assert got[("m", "sum", start + 60)].value == 4.0  # restored window + replayed event
+    assert ("a", "sum", start) not in got  # emitted before: nothing emitted twice
 
 
 def test_partition_with_unknown_unread_data_holds_everything_back() -> None:
@@ -180,7 +238,7 @@ def test_agg_func_is_case_insensitive_and_defaults_to_sum() -> None:
     explicit_null = orjson.dumps({"name": "a", "value": 1, "timestamp": NOW - 5, "agg_func": None})
     agg.process(batch([ev("a", 2, NOW - 5, "SUM"), ev("a", 3, NOW - 5, None), explicit_null]))
     clock.advance(61)
-    [a] = agg.tick().aggregates
+    [a] = report(agg).aggregates
     assert (a.agg_func, a.value, a.count) == ("sum", 6.0, 3)
 
 
@@ -189,7 +247,7 @@ def test_iso_timestamp_with_offset_is_accepted() -> None:
     out = agg.process(batch([b'{"name":"a","value":1,"timestamp":"2023-11-14T22:13:00+01:00"}']))
     assert out.dead_letters == []
     clock.advance(61)
-    [a] = agg.tick().aggregates
+    [a] = report(agg).aggregates
     assert a.window_start == 1_699_996_380.0  # 21:13 UTC
 
 
@@ -218,7 +276,7 @@ def test_snapshot_and_restore_continue_the_same_windows() -> None:
     assert again.positions() == {"p0": "7"}
     again.process(batch([ev("a", 5, NOW - 4, "avg")], position="8"))
     clock.advance(61)
-    [a] = again.tick().aggregates
+    [a] = report(again).aggregates
     assert (a.value, a.count) == (3.0, 3)
 
 

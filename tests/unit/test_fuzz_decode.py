@@ -147,7 +147,7 @@ def test_any_batch_is_aggregated_or_dead_lettered_never_raised(
     )
     for _ in range(flushes):  # idle flushes must cope with whatever was accepted
         clock.advance(20.0)
-        out.extend(aggregator.tick())
+        out.extend(aggregator.process(SourceBatch("p0", [], "fuzz", None, NOW, caught_up=True)))
 
     assert metrics.events_aggregated + len(out.dead_letters) == len(elements)
     assert all(d.reason in REJECT_REASONS for d in out.dead_letters)

@@ -1,0 +1,124 @@
+"""One input partition's share of the aggregator: open windows, event-time progress,
+what it has emitted, and the idleness rule that decides whether it holds the watermark.
+
+The idleness rule (README "Event time and watermarks" has a worked example):
+
+* A partition that has delivered events holds the watermark at its own largest event
+  time minus the grace.
+* It stops holding once the bus has *looked* at it and found nothing unread, at least
+  ``idle_timeout`` after its last message of any kind (valid, invalid or late). Both
+  times are the bus's, taken when it polled, so a stage held up by a slow output never
+  mistakes the backlog for silence: while intake is blocked there are no fresh
+  reports, and a partition keeps holding.
+* Reading up to the high watermark of one fetch never releases it: that fetch carried
+  a message, so the quiet period starts again.
+* A partition that never delivered holds everything back while it has unread data (its
+  event time is unknown) and never holds when it has nothing unread.
+
+The emitted boundary (``closed_until``) belongs to the partition and travels in its
+checkpoint, so a partition that moves to another instance is judged against its own
+past, never against the boundary of the partitions it meets there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from service.aggregation.functions import Acc
+from service.bus.base import PartitionCheckpoint
+
+__all__ = ["NEG_INF", "STATE_FORMAT", "PartitionState", "WindowKey"]
+
+STATE_FORMAT: Final = 1
+"""Version 1 since the first release; ``closed_until`` has been per partition since
+v1.2, older checkpoints carried the instance's boundary there, which is a safe (never
+later) value for the partition too."""
+NEG_INF: Final = -math.inf
+
+WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
+
+
+@dataclass(slots=True)
+class PartitionState:
+    windows: dict[float, dict[WindowKey, Acc]] = field(default_factory=dict)
+    max_ts: float | None = None  # largest event time accepted
+    closed_until: float = NEG_INF  # windows ending at or before this were emitted
+    position: str | None = None
+    caught_up: bool = False  # at the last report, nothing was unread
+    last_message_at: float = 0.0  # bus monotonic time of the last batch with messages
+    reported_at: float = 0.0  # bus monotonic time of the last batch of any kind
+    lag: int | None = None  # messages unread at the last report, when the bus knows
+
+    # -- the idleness rule ------------------------------------------------------------
+    def idle(self, idle_timeout_s: float) -> bool:
+        """Silent: nothing unread, and no message for ``idle_timeout_s`` when last seen."""
+        return self.caught_up and self.reported_at - self.last_message_at >= idle_timeout_s
+
+    def holds(self, idle_timeout_s: float) -> bool:
+        """Whether this partition holds the watermark back (see the module docstring)."""
+        if self.max_ts is None:
+            return not self.caught_up
+        return not self.idle(idle_timeout_s)
+
+    def open_windows(self) -> int:
+        return sum(len(w) for w in self.windows.values())
+
+    def view(self, idle_timeout_s: float, grace_s: float, now_mono: float) -> dict[str, Any]:
+        """A JSON-able description for /status and the per-partition metrics."""
+        holds = self.holds(idle_timeout_s)
+        if self.max_ts is None:
+            why = "unread data of unknown event time" if holds else "nothing delivered yet"
+        elif holds:
+            why = "delivering" if not self.caught_up else "caught up, not yet idle"
+        else:
+            why = f"no message for {self.reported_at - self.last_message_at:.1f}s"
+        return {
+            "position": self.position,
+            "max_event_time": self.max_ts,
+            "watermark": None if self.max_ts is None else self.max_ts - grace_s,
+            "emitted_until": None if self.closed_until == NEG_INF else self.closed_until,
+            "holds_watermark": holds,
+            "idle": not holds and self.max_ts is not None,
+            "why": why,
+            "caught_up": self.caught_up,
+            "lag": self.lag,
+            "seconds_since_message": max(0.0, now_mono - self.last_message_at),
+            "open_windows": self.open_windows(),
+        }
+
+    # -- checkpoint format ------------------------------------------------------------
+    def snapshot(self, partition: str) -> PartitionCheckpoint:
+        body = {
+            "format": STATE_FORMAT,
+            "max_ts": self.max_ts,
+            "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
+            "windows": [
+                [start, name, func, acc]
+                for start, keyed in self.windows.items()
+                for (name, func), acc in keyed.items()
+            ],
+        }
+        return PartitionCheckpoint(partition, self.position, orjson.dumps(body))
+
+    @classmethod
+    def restored(cls, cp: PartitionCheckpoint, now_mono: float) -> PartitionState:
+        """The state stored in ``cp``; restored windows get a full idle period."""
+        p = cls(position=cp.position, last_message_at=now_mono, reported_at=now_mono)
+        if not cp.state:
+            return p
+        body = orjson.loads(cp.state)
+        if body.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"checkpoint of {cp.partition!r} has state format {body.get('format')!r}; "
+                f"this version reads format {STATE_FORMAT}"
+            )
+        p.max_ts = body["max_ts"]
+        if body["closed_until"] is not None:
+            p.closed_until = body["closed_until"]
+        for start, name, func, acc in body["windows"]:
+            p.windows.setdefault(start, {})[(name, func)] = acc
+        return p

@@ -1,0 +1,655 @@
+"""A live-stream harness: the service runs while a producer feeds it at a steady rate.
+
+Unlike a topic filled before the service starts, a live feed keeps the service caught
+up with the head of every partition, which is when partition-level watermark bugs show.
+The stream is built so that its correct result does not depend on timing:
+
+* event time runs ``TIME_SCALE`` times wall time from a ``t0`` in the recent past, the
+  same clock for every partition, so partitions stay within one producer tick of each
+  other;
+* a tenth of the events are moved back by less than ``GRACE_S / 2``: within the grace
+  of their own partition's progress, never late;
+* "really late" events are released only after a window of their partition was seen
+  written in PostgreSQL, ``CHECKPOINT_MARGIN_S`` before (so a checkpoint has passed):
+  late in every possible run;
+* garbage breaks a rule that does not depend on state.
+
+So the stored aggregates must equal :func:`tests.e2e.workload.expected_aggregates` of
+the valid events, and the dead letters must be exactly the garbage and the late ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.test_e2e_http import stored_rows
+from tests.e2e.workload import FUNCS, INTERVAL, Key, Results, expected_aggregates
+from tests.fault.harness import Incarnation, create_topic, service_env, wait_for
+
+__all__ = [
+    "GRACE_S",
+    "INTERVAL",
+    "TIME_SCALE",
+    "LiveRun",
+    "LiveWorkload",
+    "build_live_workload",
+]
+
+GRACE_S = 2.0
+TIME_SCALE = 10.0  # event-time seconds per wall second
+OUT_OF_ORDER = 0.1  # fraction of events moved back in time
+MAX_SHIFT_MS = 999  # < GRACE_S / 2: out of order, never late
+CHECKPOINT_MARGIN_S = 3.0  # a written window is used for late events this long after
+TICK_S = 0.02  # producer pacing step
+POLL_S = 0.5  # how often the output table is read for written windows
+QUIET_S = 3.0  # unchanged outputs and no open window for this long: settled
+
+EventId = tuple[str, str, float, float]  # (name, agg_func, value, timestamp)
+Action = Callable[["LiveRun"], Coroutine[Any, Any, None]]  # runs alongside the feed
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    at: float  # scheduled send time, wall seconds after the stream starts
+    partition: int
+    key: bytes | None
+    value: bytes
+    ts: float | None = None  # event time of a valid event
+
+
+@dataclass
+class LiveWorkload:
+    """Messages in send order, the valid events among them and the expected rejects."""
+
+    partitions: int
+    t0: float
+    rate: float
+    funcs: dict[str, str]  # name -> agg_func
+    partition_of: dict[str, int]
+    messages: list[Message] = field(default_factory=list)
+    valid: list[dict[str, Any]] = field(default_factory=list)
+    rejects: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def duration(self) -> float:
+        return len(self.messages) / self.rate
+
+    def expected(self) -> dict[Key, tuple[float, int]]:
+        return expected_aggregates(self.valid)
+
+    def valid_ids(self) -> set[EventId]:
+        return {_event_id(e) for e in self.valid}
+
+    def last_event(self, partition: int) -> tuple[float, float]:
+        """(scheduled send time, event time) of the partition's last valid event."""
+        mine = [m for m in self.messages if m.partition == partition and m.ts is not None]
+        return max(m.at for m in mine), max(m.ts for m in mine if m.ts is not None)
+
+
+def _event_id(ev: Mapping[str, Any]) -> EventId:
+    return (ev["name"], str(ev.get("agg_func") or "sum").lower(), float(ev["value"]),
+            float(ev["timestamp"]))  # fmt: skip
+
+
+def _garbage(n: int, name: str, func: str, ts: float) -> tuple[bytes, bool, str]:
+    """Garbage message ``n``: (value, keyed by ``name``?, expected reason)."""
+    kinds: list[tuple[Any, bool, str]] = [
+        (f"{{not json {n}".encode(), False, "invalid_json"),
+        (f"plain text {n}", False, "not_an_object"),
+        (n, False, "not_an_object"),
+        ({"value": 1.0, "timestamp": ts, "agg_func": func}, False, "missing_name"),
+        ({"name": "", "value": 1.0, "timestamp": ts}, False, "invalid_name"),
+        ({"name": n, "value": 1.0, "timestamp": ts}, False, "invalid_name"),
+        ({"name": name, "timestamp": ts, "agg_func": func}, True, "missing_value"),
+        ({"name": name, "value": "12.5", "timestamp": ts, "agg_func": func}, True, "invalid_value"),
+        ({"name": name, "value": True, "timestamp": ts, "agg_func": func}, True, "invalid_value"),
+        ({"name": name, "value": 1.0, "agg_func": func}, True, "missing_timestamp"),
+        ({"name": name, "value": 1.0, "timestamp": "2023-11-14T22:13:20"}, True,
+         "invalid_timestamp"),
+        ({"name": name, "value": 1.0, "timestamp": ts, "agg_func": "median"}, True,
+         "unknown_agg_func"),
+    ]  # fmt: skip
+    obj, keyed, reason = kinds[n % len(kinds)]
+    return (obj if isinstance(obj, bytes) else orjson.dumps(obj)), keyed, reason
+
+
+def build_live_workload(
+    seed: int,
+    *,
+    events: int,
+    rate: float,
+    partitions: int,
+    garbage: int = 0,
+    names_per_func: int = 12,
+    silent_partition: int | None = None,
+    silent_after: float = 0.1,
+) -> LiveWorkload:
+    """``events`` valid and ``garbage`` invalid messages sent at ``rate`` messages/s over
+    ``partitions`` partitions, names assigned round-robin (so each partition carries every
+    function). ``silent_partition`` gets events only during the first ``silent_after`` of
+    the stream. Deterministic for a seed, except ``t0`` (event time must be recent)."""
+    rng = random.Random(seed)
+    # recent enough for AGGREGATION_MAX_FUTURE: the stream ends well before "now"
+    t0 = math.floor((time.time() - 3000) / INTERVAL) * INTERVAL
+    names = [f"live.{f}.{k}" for f in FUNCS for k in range(names_per_func)]
+    w = LiveWorkload(
+        partitions, t0, rate,
+        funcs={n: n.split(".")[1] for n in names},
+        partition_of={n: i % partitions for i, n in enumerate(names)},
+    )  # fmt: skip
+    total = events + garbage
+    garbage_at = set(rng.sample(range(total), garbage))
+    loud = [n for n in names if w.partition_of[n] != silent_partition]
+    part_max: dict[int, float] = {}
+    bad = 0
+    for m in range(total):
+        at = m / rate
+        base = round(t0 + TIME_SCALE * at, 3)
+        pool = names if silent_partition is None or at < silent_after * total / rate else loud
+        name = rng.choice(pool)
+        func = w.funcs[name]
+        p = w.partition_of[name]
+        if m in garbage_at:
+            value, keyed, reason = _garbage(bad, name, func, base)
+            key = name.encode() if keyed else None
+            where = p if keyed else w.partition_of[pool[bad % len(pool)]]
+            w.messages.append(Message(at, where, key, value))
+            w.rejects[reason] += 1
+            bad += 1
+            continue
+        ts = base
+        if rng.random() < OUT_OF_ORDER:
+            ts = round(base - rng.randint(1, MAX_SHIFT_MS) / 1000, 3)
+        # within the grace of the partition's own progress: never late
+        assert ts > part_max.get(p, -math.inf) - GRACE_S / 2
+        part_max[p] = max(part_max.get(p, -math.inf), ts)
+        v = rng.choice([float(rng.randint(-50, 50)), round(rng.uniform(-1e3, 1e3), 3)])
+        w.valid.append({"name": name, "value": v, "timestamp": ts, "agg_func": func})
+        sent_func = func.upper() if m % 7 == 0 else func  # agg_func is case-insensitive
+        ev = {"name": name, "value": v, "timestamp": ts, "agg_func": sent_func}
+        w.messages.append(Message(at, p, name.encode(), orjson.dumps(ev), ts))
+    assert t0 + TIME_SCALE * w.duration < time.time() + 3600
+    return w
+
+
+@dataclass(frozen=True, slots=True)
+class LateEvent:
+    event: dict[str, Any]
+    partition: int
+    window_start: float
+    released_at: float  # wall seconds after the stream started
+
+
+class LiveFeed:
+    """Produces a workload at its pace and releases really-late events on the way.
+
+    Late event ``j`` is due at an even spread over the stream; it is released once some
+    window of an allowed partition was seen written ``CHECKPOINT_MARGIN_S`` before, with
+    no disruption (a ``kill -9``) in that margin, keyed by a name of that window."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, workload: LiveWorkload, *, dsn: str, table: str,
+        late: int, seed: int, late_partitions: Iterable[int] | None = None,
+    ) -> None:  # fmt: skip
+        self._bootstrap, self._topic, self._w = bootstrap, topic, workload
+        self._dsn, self._table = dsn, table
+        self._late = late
+        self._rng = random.Random(seed + 1)
+        self._allowed = sorted(set(range(workload.partitions) if late_partitions is None
+                                   else late_partitions))  # fmt: skip
+        first, last = min(4.5, workload.duration / 3), 0.85 * workload.duration
+        step = (last - first) / max(late - 1, 1)
+        self._late_due = [first + j * step for j in range(late)]
+        self._written: dict[tuple[int, float], tuple[float, list[str]]] = {}
+        self._disruptions: list[float] = []
+        self.started = 0.0
+        self.sent = 0
+        self.main_done_at: float | None = None  # wall s after start: last workload message
+        self.done_at: float | None = None  # last message of any kind
+        self.released: list[LateEvent] = []
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def progress(self) -> float:
+        return self.sent / len(self._w.messages)
+
+    def disrupt(self) -> None:
+        """Windows seen written just before now may have no durable checkpoint yet."""
+        self._disruptions.append(self.elapsed())
+
+    async def run(self) -> None:
+        self.started = time.monotonic()
+        poller = asyncio.create_task(self._poll_written())
+        try:
+            await self._produce()
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+
+    async def _produce(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all",
+                                    max_batch_size=1 << 20)  # fmt: skip
+        await producer.start()
+        msgs, i = self._w.messages, 0
+        late_deadline = self._w.duration + 30.0
+        try:
+            while i < len(msgs) or len(self.released) < self._late:
+                now = self.elapsed()
+                chunk: list[Message] = []
+                while i < len(msgs) and msgs[i].at <= now:
+                    chunk.append(msgs[i])
+                    i += 1
+                chunk.extend(self._due_late(now))
+                if chunk:
+                    await _send(producer, self._topic, chunk)
+                    self.sent, self.done_at = i, self.elapsed()
+                    if i == len(msgs) and self.main_done_at is None:
+                        self.main_done_at = self.done_at
+                if now > late_deadline:
+                    raise AssertionError(
+                        f"harness: released {len(self.released)} of {self._late} late events "
+                        f"in {now:.0f} s: no window was seen written in {self._table}"
+                    )
+                await asyncio.sleep(max(0.0, TICK_S - (self.elapsed() - now)))
+        finally:
+            await producer.stop()
+
+    def _due_late(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        while len(self.released) < self._late and self._late_due[len(self.released)] <= now:
+            j = len(self.released)
+            usable = [
+                (p, ws) for (p, ws), (seen, _) in self._written.items()
+                if p in self._allowed and now - seen >= CHECKPOINT_MARGIN_S
+                and not any(seen <= d < seen + CHECKPOINT_MARGIN_S for d in self._disruptions)
+            ]  # fmt: skip
+            if not usable:
+                break
+            want = self._allowed[j % len(self._allowed)]
+            pick = sorted(x for x in usable if x[0] == want) or sorted(usable)
+            p, ws = self._rng.choice(pick)
+            name = self._rng.choice(self._written[(p, ws)][1])
+            ev = {
+                "name": name,
+                "value": 1e6 + j,  # far from every valid value: aggregated would show
+                "timestamp": round(ws + self._rng.randint(0, 9_999) / 1000, 3),
+                "agg_func": self._w.funcs[name],
+            }
+            self.released.append(LateEvent(ev, p, ws, now))
+            out.append(Message(now, p, name.encode(), orjson.dumps(ev)))
+        return out
+
+    async def _poll_written(self) -> None:
+        """Which (partition, window) has a row in the output table, and since when.
+        Errors (PostgreSQL stopped by the test) only skip a round."""
+        names: dict[tuple[int, float], set[str]] = {}
+        while True:
+            try:
+                rows = await asyncio.wait_for(stored_rows(self._dsn, self._table), 5)
+            except (OSError, TimeoutError, asyncpg.PostgresError):
+                rows = {}
+            now = self.elapsed()
+            for name, _, ws in rows:
+                where = (self._w.partition_of.get(name, -1), ws)
+                if name not in names.setdefault(where, set()):
+                    names[where].add(name)
+                    seen = self._written.get(where, (now, []))[0]
+                    self._written[where] = (seen, sorted(names[where]))
+            await asyncio.sleep(POLL_S)
+
+
+async def _send(producer: Any, topic: str, chunk: list[Message]) -> None:
+    """One record batch per partition (in order), all acknowledged before returning, so
+    each partition's messages keep their order across chunks."""
+    batches: dict[int, list[Any]] = {}
+    for m in chunk:
+        per = batches.setdefault(m.partition, [producer.create_batch()])
+        if per[-1].append(key=m.key, value=m.value, timestamp=None) is None:
+            per.append(producer.create_batch())
+            assert per[-1].append(key=m.key, value=m.value, timestamp=None) is not None
+    acks = [await producer.send_batch(b, topic, partition=p)
+            for p, per in batches.items() for b in per]  # fmt: skip
+    await asyncio.gather(*acks)
+
+
+# -- reading the outputs ----------------------------------------------------------------
+async def _read_topic(bootstrap: str, topic: str, ready: Callable[[list[Any]], bool],
+                      timeout: float = 60.0) -> list[Any]:  # fmt: skip
+    """Every record of ``topic``: until ``ready`` and nothing new for 1 s, or nothing
+    new for 5 s (a wrong result must not cost the whole timeout)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)  # fmt: skip
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        last_new = time.monotonic()
+        deadline = last_new + timeout
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=300, max_records=50_000)
+            got = [m for msgs in batches.values() for m in msgs]
+            if got:
+                out.extend(got)
+                last_new = time.monotonic()
+            quiet = time.monotonic() - last_new
+            if quiet >= 5.0 or (quiet >= 1.0 and ready(out)):
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+@dataclass
+class KafkaAggregates:
+    latest: dict[Key, tuple[float, int]]  # the last value per key, in offset order
+    messages: int
+    conflicting: int  # keys that were emitted with two different values
+
+
+async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> KafkaAggregates:
+    def keyed(records: list[Any]) -> list[tuple[Key, tuple[float, int]]]:
+        out = []
+        for m in records:
+            v = orjson.loads(m.value)
+            out.append(((v["name"], v["agg_func"], _epoch(v["window_start"])),
+                        (v["value"], v["count"])))  # fmt: skip
+        return out
+
+    records = await _read_topic(
+        bootstrap, topic, lambda rs: expected.keys() <= {k for k, _ in keyed(rs)}
+    )
+    latest: dict[Key, tuple[float, int]] = {}
+    conflicting: set[Key] = set()
+    for key, value in keyed(records):
+        if key in latest and latest[key] != value:
+            conflicting.add(key)
+        latest[key] = value
+    return KafkaAggregates(latest, len(records), len(conflicting))
+
+
+async def read_dead_letters(bootstrap: str, topic: str, at_least: int) -> list[dict[str, Any]]:
+    records = await _read_topic(bootstrap, topic, lambda rs: len(rs) >= at_least)
+    return [orjson.loads(m.value) for m in records]
+
+
+async def pg_dead_letters(dsn: str, source_topic: str) -> list[dict[str, Any]]:
+    """Rows of the (shared) ``dead_letters`` table that came from this test's topic."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT to_regclass('dead_letters')") is None:
+            return []
+        rows = await conn.fetch(
+            "SELECT raw, reason, source FROM dead_letters WHERE starts_with(source, $1)",
+            f"kafka {source_topic}/",
+        )
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+async def service_counters(port: int) -> tuple[int, Counter[str]] | None:
+    """(events_late_total, events_rejected_total by reason) from ``/metrics``."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics",
+                     timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):  # fmt: skip
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    late, rejected = 0, Counter[str]()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "vabus_aggregator_events_late_total":
+                late = int(s.value)
+            elif s.name == "vabus_aggregator_events_rejected_total" and s.value:
+                rejected[s.labels["reason"]] = int(s.value)
+    return late, rejected
+
+
+# -- checks -------------------------------------------------------------------------------
+def compare(actual: Results, expected: Results, where: str) -> list[str]:
+    """What differs, summarised (events missing in total, not just the first keys)."""
+    missing = sorted(expected.keys() - actual.keys())
+    extra = sorted(actual.keys() - expected.keys())
+    common = expected.keys() & actual.keys()
+    short = sorted(k for k in common if actual[k][1] < expected[k][1])
+    more = sorted(k for k in common if actual[k][1] > expected[k][1])
+    wrong = sorted(
+        k for k in common
+        if actual[k][1] == expected[k][1]
+        and not math.isclose(actual[k][0], expected[k][0], rel_tol=1e-9, abs_tol=1e-9)
+    )  # fmt: skip
+    if not (missing or extra or short or more or wrong):
+        return []
+    lost = sum(expected[k][1] for k in missing) + sum(expected[k][1] - actual[k][1] for k in short)
+    return [
+        f"{where}: {len(actual)} rows for {len(expected)} expected; {len(missing)} missing, "
+        f"{len(extra)} extra, {len(short)} with too few events, {len(more)} with too many, "
+        f"{len(wrong)} with a wrong value; {lost} valid events missing in total; e.g. "
+        f"missing {missing[:2]}, short {[(k, actual[k], expected[k]) for k in short[:2]]}, "
+        f"wrong {[(k, actual[k], expected[k]) for k in wrong[:2]]}"
+    ]
+
+
+def check_dead_letters(
+    where: str, letters: list[dict[str, Any]], workload: LiveWorkload, valid: set[EventId],
+    released: list[LateEvent],
+) -> list[str]:  # fmt: skip
+    """Exact reasons (a replayed dead letter, same source and raw, counts once), no valid
+    event among them, and every released late event there as ``late``."""
+    unique = {(d["source"], d["raw"]): d["reason"] for d in letters}
+    problems = []
+    if len(unique) != len(letters):
+        print(f"[live] {where}: {len(letters) - len(unique)} replayed dead letters")
+    reasons = Counter(unique.values())
+    want = workload.rejects + Counter({"late": len(released)})
+    if reasons != want:
+        problems.append(f"{where}: dead letters by reason {dict(sorted(reasons.items()))}, "
+                        f"expected {dict(sorted(want.items()))}")  # fmt: skip
+    late_ids = {_event_id(x.event) for x in released}
+    valid_dead: Counter[tuple[str, str]] = Counter()
+    late_seen: set[EventId] = set()
+    for (source, raw), reason in unique.items():
+        try:
+            obj = orjson.loads(raw)
+            eid = _event_id(obj)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if eid in valid:
+            valid_dead[(reason, source.split(" offset=")[0])] += 1
+        elif eid in late_ids and reason == "late":
+            late_seen.add(eid)
+    if valid_dead:
+        problems.append(f"{where}: {sum(valid_dead.values())} VALID events dead-lettered, by "
+                        f"(reason, partition): {dict(sorted(valid_dead.items()))}")  # fmt: skip
+    if len(late_seen) != len(late_ids):
+        problems.append(f"{where}: {len(late_ids) - len(late_seen)} of {len(late_ids)} "
+                        "released late events are not dead letters with reason late")  # fmt: skip
+    return problems
+
+
+# -- the run ------------------------------------------------------------------------------
+class LiveRun:
+    """The service (one or more processes of one consumer group) and a live feed.
+
+    ``async with`` creates the input topic, starts the processes and waits until the
+    group has every partition assigned, so the feed starts against a running service;
+    leaving terminates the processes still alive (by PID, through their handles)."""
+
+    def __init__(
+        self, workload: LiveWorkload, *, kafka_bootstrap: str, postgres_dsn: str,
+        unique_name: str, workdir: Path, instances: int = 1, late: int = 60,
+        late_partitions: Iterable[int] | None = None, env: Mapping[str, str] = {},
+        seed: int = 0,
+    ) -> None:  # fmt: skip
+        self.workload = workload
+        self.bootstrap, self.dsn = kafka_bootstrap, postgres_dsn
+        self.source, self.topic = f"in-{unique_name}", f"agg-{unique_name}"
+        self.table = f"agg_{unique_name}"
+        self.env = service_env(
+            bus_url=f"kafka://{kafka_bootstrap}/{self.source}?group=g-{unique_name}"
+            f"&metrics_topic=m-{unique_name}",
+            storage="kafka,postgres", kafka_bootstrap=kafka_bootstrap, topic=self.topic,
+            state_dir=workdir / "state", postgres_dsn=postgres_dsn, table=self.table,
+            extra={"AGGREGATION_GRACE": f"{GRACE_S:g}", **env},
+        )  # fmt: skip
+        if "AGGREGATION_IDLE_TIMEOUT" not in env:
+            del self.env["AGGREGATION_IDLE_TIMEOUT"]  # the default: interval + grace
+        self._workdir, self._count = workdir, instances
+        self.instances: list[Incarnation] = []
+        self.killed: set[int] = set()
+        self.exit_codes: dict[int, int] = {}
+        self.problems: list[str] = []  # found by actions during the stream
+        self.feed = LiveFeed(kafka_bootstrap, self.source, workload, dsn=postgres_dsn,
+                             table=self.table, late=late, seed=seed,
+                             late_partitions=late_partitions)  # fmt: skip
+
+    async def __aenter__(self) -> LiveRun:
+        await create_topic(self.bootstrap, self.source, self.workload.partitions)
+        try:
+            for i in range(self._count):
+                self.instances.append(Incarnation(self.env, self._workdir, i))
+            await wait_for(self._all_assigned, 60, "every partition assigned")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        for i, inc in enumerate(self.instances):
+            if i not in self.killed:
+                self.exit_codes[i] = inc.terminate()
+
+    def alive(self) -> list[Incarnation]:
+        return [inc for i, inc in enumerate(self.instances) if i not in self.killed]
+
+    def _check_alive(self) -> None:
+        for inc in self.alive():
+            if inc.proc.proc.poll() is not None:
+                raise AssertionError(f"service exited ({inc.proc.proc.returncode}):\n"
+                                     f"{inc.proc.log_text()[-3000:]}")  # fmt: skip
+
+    async def assigned(self) -> list[int]:
+        """Partitions held by each live process (-1 while one does not answer)."""
+        self._check_alive()
+        counts = []
+        for inc in self.alive():
+            st = await inc.status()
+            counts.append(-1 if st is None else len(st.get("partitions") or {}))
+        return counts
+
+    async def _all_assigned(self) -> bool:
+        counts = await self.assigned()
+        return min(counts) > 0 and sum(counts) == self.workload.partitions
+
+    def kill9(self, index: int) -> None:
+        self.feed.disrupt()
+        self.instances[index].kill9()
+        self.killed.add(index)
+
+    async def stream(self, during: Action | None = None) -> None:
+        """Feed the whole workload (and the late events), with ``during`` running alongside;
+        the first failure of either is raised as it is."""
+        tasks = [asyncio.create_task(self.feed.run())]
+        if during is not None:
+            tasks.append(asyncio.create_task(during(self)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def settle(self, timeout: float = 90.0) -> dict[Key, tuple[float, int]]:
+        """The table once it equals the expected result, or once nothing is open and it
+        has not changed for ``QUIET_S`` (a wrong result is reported, not waited out)."""
+        expected = self.workload.expected()
+        deadline = time.monotonic() + timeout
+        last: dict[Key, tuple[float, int]] | None = None
+        changed = time.monotonic()
+        while True:
+            self._check_alive()
+            rows = await stored_rows(self.dsn, self.table)
+            if not compare(rows, expected, ""):
+                return rows
+            if rows != last:
+                last, changed = rows, time.monotonic()
+            states = [await inc.status() for inc in self.alive()]
+            open_windows = sum((s or {}).get("open_windows", 1) for s in states)
+            if open_windows == 0 and time.monotonic() - changed >= QUIET_S:
+                return rows
+            if time.monotonic() > deadline:
+                self.problems.append(f"still {open_windows} open windows {timeout:.0f} s after "
+                                     "the stream ended")  # fmt: skip
+                return rows
+            await asyncio.sleep(0.2)
+
+    async def check(self, *, counters: bool = True) -> list[str]:
+        """Wait for the final result, then compare every output with the expectation;
+        ``counters`` compares /metrics too (only meaningful if no process died)."""
+        rows = await self.settle()
+        settled_after = self.feed.elapsed() - (self.feed.done_at or 0.0)
+        w, released = self.workload, self.feed.released
+        expected, valid = w.expected(), w.valid_ids()
+        problems = list(self.problems)
+        problems += compare(rows, expected, "PostgreSQL")
+        kafka = await read_aggregates(self.bootstrap, self.topic, expected)
+        problems += compare(kafka.latest, expected, "Kafka (last value per key)")
+        total = sum(w.rejects.values()) + len(released)
+        dlq = await read_dead_letters(self.bootstrap, f"{self.topic}.dlq", total)
+        problems += check_dead_letters("Kafka DLQ", dlq, w, valid, released)
+        pg_dead = await pg_dead_letters(self.dsn, self.source)
+        problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid, released)
+        late_metric: int | None = None
+        if counters:
+            late_metric, rejected = 0, Counter[str]()
+            for inc in self.alive():
+                got = await service_counters(inc.port)
+                assert got is not None, f"/metrics of port {inc.port} did not answer"
+                late_metric += got[0]
+                rejected += got[1]
+            if late_metric != len(released):
+                problems.append(f"/metrics events_late_total {late_metric}, "
+                                f"expected {len(released)}")  # fmt: skip
+            if rejected != w.rejects:
+                problems.append(f"/metrics events_rejected_total {dict(rejected)}, "
+                                f"expected {dict(w.rejects)}")  # fmt: skip
+        print(
+            f"\n[live] {len(w.valid)} valid events + {sum(w.rejects.values())} garbage over "
+            f"{w.partitions} partitions in {self.feed.main_done_at or 0:.1f} s, "
+            f"{len(released)} late released; final result {settled_after:.1f} s after the "
+            f"last message; PostgreSQL {len(rows)}/{len(expected)} rows; Kafka "
+            f"{kafka.messages} messages, {kafka.conflicting} keys re-emitted with another "
+            f"value; dead letters {len(dlq)} (Kafka) {len(pg_dead)} (PostgreSQL); "
+            f"events_late_total {late_metric}; {len(problems)} problems"
+        )
+        return problems
