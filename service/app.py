@@ -26,7 +26,7 @@ from service.errors import TransientError
 from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.hub import EventHub
 from service.metrics import MetricsCollector
-from service.retry import Backoff
+from service.retry import Backoff, output_backoff
 from service.sender import DataSender
 from service.sinks.base import Sink
 from service.web import WebServer, build_web_app
@@ -84,8 +84,17 @@ class Service:
         self.aggregator = EventAggregator(
             config.aggregation, metrics, clock, max_message_bytes=config.bus.max_message_bytes
         )
+        runtime = config.runtime
         self.sender = DataSender(
-            sinks, store, bus.commit, metrics, clock, batch_size=config.runtime.sink_batch_size
+            sinks,
+            store,
+            bus.commit,
+            metrics,
+            clock,
+            batch_size=runtime.sink_batch_size,
+            backoff=output_backoff(
+                runtime.retry_backoff, runtime.retry_initial_s, runtime.retry_max_s
+            ),
         )
         stage = AggregatorStage(
             self.aggregator,

@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(environ: dict[str, str] | None = None) -> Config:
-    return load_config(environ)
+def _load(command: str) -> Config:
+    # `migrate` needs only PostgreSQL; `run` and `check` need a real bus
+    return load_config(require_bus=command in ("run", "check"))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -60,7 +61,7 @@ def main(argv: Sequence[str]) -> int:
 
         return demo_main(args)
     try:
-        config = _load()
+        config = _load(args.command)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG

@@ -228,7 +228,12 @@ class _Invalid(ValueError):
         self.expected = expected
 
 
-def load_config(environ: Mapping[str, str] | None = None, *, dotenv: str | None = ".env") -> Config:
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    *,
+    dotenv: str | None = ".env",
+    require_bus: bool = False,
+) -> Config:
     """Parse the whole configuration once, or raise :class:`ConfigError` listing every
     problem (one line each: ``NAME='value': expected <form>``, secrets as ``'***'``).
 
@@ -236,9 +241,14 @@ def load_config(environ: Mapping[str, str] | None = None, *, dotenv: str | None 
     file (relative to the working directory, skipped when absent or ``None``); the
     environment wins. An empty value counts as unset. ``${VAR}`` is not expanded, so
     passwords may contain ``$``. Nothing here connects anywhere.
+
+    ``require_bus`` (``run``, ``check``): VABUS_URL must be set. Without it a service
+    would quietly aggregate the synthetic ``demo://`` stream into real outputs.
     """
     reader = _Reader(environ, dotenv)
     config = _read_config(reader)
+    if require_bus and reader.raw("VABUS_URL") is None:
+        reader.fail("VABUS_URL", f"{_HTTP_FORM} or {_KAFKA_FORM}", "it is not set")
     problems = reader.problems()
     if problems:
         raise ConfigError(problems)
@@ -493,6 +503,9 @@ class _Reader:
             return
         line = f"{name}={_shown(name, self._env.raw(name) or '')}: expected {form}"
         self._failures[name] = f"{line} ({detail})" if detail else line
+
+    def raw(self, name: str) -> str | None:
+        return self._env.raw(name)
 
     def problems(self) -> list[str]:
         try:

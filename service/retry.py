@@ -24,7 +24,8 @@ BreakerState = Literal["closed", "open", "half_open"]
 class Backoff:
     """Delay before retry ``attempt`` (1-based).
 
-    exponential: initial * factor**(attempt-1), with full jitter when ``jitter``;
+    exponential: initial * factor**(attempt-1), with equal jitter when ``jitter`` (a
+    uniform delay between half the step and the step);
     linear: initial * attempt; fixed: initial; random: uniform(initial, maximum).
     Every delay is capped at ``maximum`` seconds.
     """

@@ -46,6 +46,12 @@ def test_invalid_configuration_exits_2_naming_the_variable(
     assert "Traceback" not in result.stderr
 
 
+def test_run_without_a_bus_url_exits_2_instead_of_aggregating_demo_data(tmp_path: Path) -> None:
+    result = run_cli(["run"], {"STORAGE_TYPE": "kafka"}, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "VABUS_URL" in result.stderr and "not set" in result.stderr
+
+
 def test_every_problem_is_reported_at_once_and_secrets_are_hidden(tmp_path: Path) -> None:
     env = {
         "STORAGE_TYPE": "postgres",

@@ -455,3 +455,12 @@ def test_env_example_lists_exactly_the_variables_the_loader_reads() -> None:
     environ = RecordingEnviron()
     load_config(environ, dotenv=None)
     assert example_variables() == environ.asked
+
+
+def test_a_required_bus_url_that_is_unset_is_a_problem_naming_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, dotenv=None, require_bus=True)
+    [problem] = caught.value.problems
+    assert problem.startswith("VABUS_URL=''") and "not set" in problem
+    explicit = load_config({"VABUS_URL": "demo://?rate=5"}, dotenv=None, require_bus=True)
+    assert explicit.bus.kind == "demo"  # the generator only when asked for

@@ -1,0 +1,91 @@
+"""RETRY_BACKOFF, RETRY_INITIAL and RETRY_MAX, from the environment to the pace of the
+output retries of a wired service."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from service.app import Service
+from service.bus.memory import MemoryBus
+from service.checkpoint_file import FileCheckpointStore
+from service.clock import ManualClock
+from service.config import load_config
+from service.metrics import MetricsCollector
+from service.sinks.memory import MemorySink
+
+START = 1_699_999_980.0
+FAILURES = 4  # below the circuit breaker's threshold (5): pure backoff
+
+
+class RecordingClock(ManualClock):
+    """A manual clock that remembers the sleeps the output retry loop asks of it."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        if sys._getframe(1).f_code.co_qualname == "DataSender._retrying":
+            self.sleeps.append(seconds)
+        await super().sleep(seconds)
+
+
+async def retry_delays(env: dict[str, str], tmp_path: Path) -> list[float]:
+    """Delays the sender waited between FAILURES failed writes of a wired service."""
+    config = load_config({"AGGREGATION_INTERVAL": "60", **env}, dotenv=None)
+    clock = RecordingClock(START + 600)
+    sink = MemorySink()
+    sink.fail_next(FAILURES)
+    ev = orjson.dumps({"name": "a", "value": 1, "timestamp": "oops"})  # a dead letter
+    bus = MemoryBus({"p0": [ev]}, clock=clock)
+    service = Service(
+        config,
+        bus=bus,
+        sinks=[sink],
+        store=FileCheckpointStore(str(tmp_path), "t"),
+        metrics=MetricsCollector(clock),
+        clock=clock,
+        serve_http=False,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            while not sink.dead_letters:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0)
+                clock.advance(0.05)
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert sink.failed_writes == FAILURES
+    return clock.sleeps
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RETRY_BACKOFF": "fixed", "RETRY_INITIAL": "0.7"}, [0.7] * FAILURES),
+        ({"RETRY_BACKOFF": "linear", "RETRY_INITIAL": "0.3"}, [0.3, 0.6, 0.9, 1.2]),
+        (
+            {"RETRY_BACKOFF": "linear", "RETRY_INITIAL": "0.3", "RETRY_MAX": "0.65"},
+            [0.3, 0.6, 0.65, 0.65],
+        ),
+    ],
+)
+async def test_retry_settings_pace_the_output_retries(
+    env: dict[str, str], expected: list[float], tmp_path: Path
+) -> None:
+    assert await retry_delays(env, tmp_path) == pytest.approx(expected)
+
+
+async def test_exponential_retries_grow_within_the_jitter_band(tmp_path: Path) -> None:
+    env = {"RETRY_BACKOFF": "exponential", "RETRY_INITIAL": "0.4", "RETRY_MAX": "100"}
+    delays = await retry_delays(env, tmp_path)
+    steps = [0.4 * 2**i for i in range(FAILURES)]
+    assert len(delays) == FAILURES
+    assert all(step / 2 <= d <= step for d, step in zip(delays, steps, strict=True))
