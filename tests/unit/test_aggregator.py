@@ -308,3 +308,33 @@ def test_lateness_does_not_depend_on_batch_boundaries() -> None:
     assert [d.reason for d in together.dead_letters] == ["late"]
     assert [d.reason for o in apart for d in o.dead_letters] == ["late"]
     assert by_key(together.aggregates) == by_key([a for o in apart for a in o.aggregates])
+
+
+def test_per_partition_watermark_holding_and_lag_are_exported() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    agg, clock = make(grace_s=2.0)
+    metrics = agg._metrics
+    start = 1_699_999_980.0
+    agg.process(batch([ev("a", 1, start + 30)], "p0"))
+    lagging = SourceBatch("p1", [ev("b", 1, start + 10)], "t", "1", NOW, lag=7)
+    agg.process(lagging)
+    clock.advance(62)
+    report(agg, "p1")  # p1: caught up, silent for longer than the idle period
+    view = agg.partitions()
+    assert view["p0"]["holds_watermark"] and view["p0"]["why"] == "delivering"
+    assert view["p1"]["idle"] and view["p1"]["why"].startswith("no message for")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+
+    def gauge(name: str) -> dict[str, float]:
+        family = families[f"vabus_aggregator_partition_{name}"]
+        return {s.labels["partition"]: s.value for s in family.samples}
+
+    assert gauge("watermark_seconds") == {"p0": start + 28, "p1": start + 8}
+    assert gauge("holds_watermark") == {"p0": 1.0, "p1": 0.0}
+    assert gauge("seconds_since_message")["p1"] == pytest.approx(62.0)
+    assert "p1" not in gauge("lag_messages")  # the last report knew no lag
+    agg.process(SourceBatch("p1", [], "t", None, NOW, caught_up=False, lag=4))
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    assert gauge("lag_messages") == {"p1": 4.0}
+    assert gauge("holds_watermark")["p1"] == 1.0  # unread data again: it holds
