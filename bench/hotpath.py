@@ -23,11 +23,12 @@ from typing import Any
 from bench.check import check
 from bench.workload import Workload, generate
 from service.aggregation.aggregator import EventAggregator
-from service.bus.base import PartitionCheckpoint, SourceBatch
+from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.config import AggregationConfig
 from service.events import iso_utc
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 
 def batches(w: Workload, size: int) -> list[SourceBatch]:

@@ -31,7 +31,7 @@ from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 T0 = 1_699_999_980.0
 BATCH = 10_000

@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaProducer
 from bench.feed import clean_env, free_port
 from bench.proc import Child, proc_cpu_s, proc_peak_rss_mb
 from bench.workload import create_topic
-from service.devstack import DevStack
+from service.dev.devstack import DevStack
 
 TOPIC = "mem-events"
 PARTITIONS = 4

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from service.devstack import DevStack
+    from service.dev.devstack import DevStack
 
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="vabus-bench-"))
     runs_dir.mkdir(parents=True, exist_ok=True)

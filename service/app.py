@@ -19,17 +19,17 @@ from typing import Any
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import Bus, BusItem
-from service.checkpoint import CheckpointStore
+from service.checkpoints.base import CheckpointStore
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.errors import TransientError
 from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.hub import EventHub
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
+from service.ops.web import WebServer, build_web_app
 from service.retry import Backoff, output_backoff
 from service.sender import DataSender
 from service.sinks.base import Sink
-from service.web import WebServer, build_web_app
 from service.wiring import build_bus, build_sinks, build_store
 
 __all__ = ["Service", "build_service", "run"]

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from service.config import Config, load_config
-from service.emulator import add_arguments as add_emulator_arguments
+from service.dev.emulator import add_arguments as add_emulator_arguments
 from service.errors import ConfigError
-from service.logs import setup_logging
+from service.ops.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -52,12 +52,12 @@ def _load(command: str) -> Config:
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "emulator":
-        from service.emulator import main as emulator_main
+        from service.dev.emulator import main as emulator_main
 
         setup_logging("INFO", "text")
         return asyncio.run(emulator_main(args))
     if args.command == "demo":
-        from service.demo import main as demo_main
+        from service.dev.demo import main as demo_main
 
         return demo_main(args)
     try:
@@ -73,11 +73,11 @@ def main(argv: Sequence[str]) -> int:
         asyncio.run(run(config))
         return EXIT_OK
     if args.command == "check":
-        from service.checks import check_all
+        from service.ops.checks import check_all
 
         return asyncio.run(check_all(config))
     if args.command == "migrate":
-        from service.checks import migrate
+        from service.ops.checks import migrate
 
         return asyncio.run(migrate(config))
     return EXIT_CONFIG

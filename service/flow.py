@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 
 __all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "Tick"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.clock import Clock, SystemClock
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 __all__ = ["EventHub", "Handler", "SubscriberStats"]

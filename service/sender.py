@@ -29,13 +29,12 @@ from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from service.aggregation.aggregator import Outputs
-from service.bus.base import PartitionCheckpoint
-from service.checkpoint import CheckpointStore
+from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
 from service.clock import Clock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker, output_backoff
 from service.sinks.base import Sink
 

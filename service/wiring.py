@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from service.bus.base import Bus
-from service.checkpoint import CheckpointStore
+from service.checkpoints.base import CheckpointStore
 from service.clock import Clock
 from service.config import Config
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.sinks.base import Sink
 
 __all__ = ["build_bus", "build_sinks", "build_store", "checkpoint_namespace"]
@@ -57,9 +57,9 @@ def build_store(cfg: Config) -> CheckpointStore:
     the DataSender recognises that checkpoints can commit in the sink's transaction."""
     namespace = checkpoint_namespace(cfg)
     if "postgres" in cfg.outputs:
-        from service.checkpoint_postgres import PostgresCheckpointStore
+        from service.checkpoints.postgres import PostgresCheckpointStore
 
         return PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
-    from service.checkpoint_file import FileCheckpointStore
+    from service.checkpoints.file import FileCheckpointStore
 
     return FileCheckpointStore(cfg.runtime.state_dir, namespace)

@@ -32,11 +32,12 @@ from service.aggregation.decode import (
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, PartitionState, WindowKey
 from service.aggregation.windows import closed_boundary
-from service.bus.base import PartitionCheckpoint, SourceBatch
+from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import AggregationConfig
 from service.events import Aggregate, DeadLetter
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 __all__ = ["STATE_FORMAT", "EventAggregator", "Outputs"]
 

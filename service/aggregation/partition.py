@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 
 from service.aggregation.functions import Acc
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 
 __all__ = ["NEG_INF", "STATE_FORMAT", "PartitionState", "WindowKey"]
 

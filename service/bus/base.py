@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from service.checkpoints.base import PartitionCheckpoint
 from service.events import Metric
 
 __all__ = [
@@ -20,7 +21,6 @@ __all__ = [
     "Bus",
     "BusItem",
     "Emit",
-    "PartitionCheckpoint",
     "PartitionsAssigned",
     "PartitionsRevoked",
     "Restore",
@@ -62,15 +62,6 @@ class SourceBatch:
 
 REPORT_INTERVAL_S: Final = 1.0
 """How often a bus reports a caught-up partition that delivers nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionCheckpoint:
-    """What was durably stored for one source partition."""
-
-    partition: str
-    position: str | None
-    state: bytes | None
 
 
 @dataclass(slots=True)

@@ -12,12 +12,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from service.bus.base import Emit, PartitionCheckpoint, PartitionsAssigned, Restore, SourceBatch
+from service.bus.base import Emit, PartitionsAssigned, Restore, SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig
 from service.events import AGG_FUNCS, Metric
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 __all__ = ["PARTITION", "DemoBus", "demo_event"]
 

@@ -27,23 +27,18 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from service.bus.base import (
-    REPORT_INTERVAL_S,
-    Emit,
-    PartitionCheckpoint,
-    PartitionsAssigned,
-    Restore,
-    SourceBatch,
-)
+from service.bus.base import REPORT_INTERVAL_S, Emit, PartitionsAssigned, Restore, SourceBatch
+from service.bus.json_text import skip_ws, split_json_array
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig
 from service.errors import TransientError
 from service.events import Metric
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
-__all__ = ["PARTITION", "HttpBus", "split_json_array"]
+__all__ = ["PARTITION", "HttpBus"]
 
 log = logging.getLogger(__name__)
 
@@ -375,42 +370,15 @@ def _events_texts(text: str) -> list[str]:
     """The element texts of the top-level ``events`` array of a valid JSON object."""
     decoder = json.JSONDecoder()
     found: list[str] = []
-    pos = _skip_ws(text, _skip_ws(text, 0) + 1)  # past "{"
+    pos = skip_ws(text, skip_ws(text, 0) + 1)  # past "{"
     while text[pos] != "}":
         key, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past ":"
+        pos = skip_ws(text, skip_ws(text, pos) + 1)  # past ":"
         if key == "events":
             found, pos = split_json_array(text, pos)  # the last duplicate wins, as in json
         else:
             _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
+        pos = skip_ws(text, pos)
         if text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
+            pos = skip_ws(text, pos + 1)
     return found
-
-
-def split_json_array(text: str, pos: int = 0) -> tuple[list[str], int]:
-    """The exact texts of the elements of the JSON array at ``text[pos]``, and the index
-    after it. Raises ``ValueError`` if there is no well-formed array there."""
-    decoder = json.JSONDecoder()
-    if text[pos : pos + 1] != "[":
-        raise ValueError(f"expected '[' at {pos}")
-    pos = _skip_ws(text, pos + 1)
-    elements: list[str] = []
-    if text[pos : pos + 1] == "]":
-        return elements, pos + 1
-    while True:
-        _, end = decoder.raw_decode(text, pos)
-        elements.append(text[pos:end])
-        pos = _skip_ws(text, end)
-        if text[pos : pos + 1] == "]":
-            return elements, pos + 1
-        if text[pos : pos + 1] != ",":
-            raise ValueError(f"expected ',' or ']' at {pos}")
-        pos = _skip_ws(text, pos + 1)
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\n\r":
-        pos += 1
-    return pos

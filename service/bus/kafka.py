@@ -35,19 +35,19 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
-    PartitionCheckpoint,
     PartitionsAssigned,
     PartitionsRevoked,
     Restore,
     SourceBatch,
 )
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
 from service.kafka_client import client_options
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 __all__ = ["KafkaBus"]

@@ -10,7 +10,8 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from service.bus.base import Emit, PartitionCheckpoint, PartitionsAssigned, Restore, SourceBatch
+from service.bus.base import Emit, PartitionsAssigned, Restore, SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock, SystemClock
 from service.errors import TransientError
 from service.events import Metric

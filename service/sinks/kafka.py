@@ -61,7 +61,7 @@ from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter, iso_utc
 from service.kafka_client import client_options
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
 

@@ -34,7 +34,7 @@ from service.config import PostgresConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.schema import (
     TableNames,
     classify_connect_error,

@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.emulator import Emulator
+from service.dev.emulator import Emulator
 from tests.e2e.workload import (
     Key,
     ServiceProcess,

@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.emulator import Emulator
+from service.dev.emulator import Emulator
 from tests.e2e.workload import (
     BASE_TS,
     FUNCS,

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.devstack import EmbeddedKafka, EmbeddedPostgres
-from service.emulator import Emulator, LoadGenerator
+from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.emulator import Emulator, LoadGenerator
 from tests.fault.harness import Incarnation, service_env
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from service.devstack import EmbeddedKafka, EmbeddedPostgres
-from service.emulator import Emulator
+from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.emulator import Emulator
 from tests.fault.harness import Incarnation, service_env, wait_for
 
 INTERVAL = 3600

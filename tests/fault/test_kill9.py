@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from service.emulator import Emulator
+from service.dev.emulator import Emulator
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches
 from tests.fault.harness import (

@@ -17,8 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.devstack import EmbeddedKafka, EmbeddedPostgres
-from service.emulator import Emulator
+from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.emulator import Emulator
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches, free_port
 from tests.fault.harness import (

@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.devstack import EmbeddedPostgres
-from service.emulator import Emulator
+from service.dev.devstack import EmbeddedPostgres
+from service.dev.emulator import Emulator
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches
 from tests.fault.harness import (
@@ -189,7 +189,7 @@ async def test_sigterm_while_the_kafka_output_is_down_still_exits_within_the_dea
 ) -> None:
     """The broker of the Kafka output goes away: closing the producer must not hang
     past the deadline either."""
-    from service.devstack import EmbeddedKafka
+    from service.dev.devstack import EmbeddedKafka
 
     broker = EmbeddedKafka(tmp_path / "tansu")
     await broker.start()

@@ -15,7 +15,7 @@ from service.bus.base import PartitionsAssigned, SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
 from service.flow import Checkpoint, Tick
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 NOW = 1_700_000_000.0
 IDLE_S = 5.0

@@ -24,7 +24,7 @@ with atheris.instrument_imports():
     from service.clock import ManualClock
     from service.config import AggregationConfig
     from service.events import REJECT_REASONS
-    from service.metrics import MetricsCollector
+    from service.ops.metrics import MetricsCollector
 
 NOW = 1_700_000_000.0
 MAX_BYTES = 4096

@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.bus.base import PartitionCheckpoint
-from service.checkpoint_postgres import PostgresCheckpointStore
+from service.checkpoints.base import PartitionCheckpoint
+from service.checkpoints.postgres import PostgresCheckpointStore
 from service.errors import PermanentSinkError
 
 pytestmark = pytest.mark.integration

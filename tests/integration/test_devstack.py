@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.devstack import DevStack, EmbeddedKafka, EmbeddedPostgres
+from service.dev.devstack import DevStack, EmbeddedKafka, EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +173,7 @@ async def test_no_child_process_remains_after_the_stack_stops(devstack_dir: Path
 _STACK_IN_CHILD = """
 import asyncio, json, sys
 from pathlib import Path
-from service.devstack import DevStack
+from service.dev.devstack import DevStack
 
 async def main():
     async with DevStack(Path(sys.argv[1])) as stack:
@@ -205,7 +205,7 @@ async def test_servers_end_when_their_parent_is_killed_with_sigkill(devstack_dir
 async def test_module_entry_prints_variables_and_stops_on_ctrl_c(devstack_dir: Path,
                                                                  unique_name: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.devstack", "--work-dir", str(devstack_dir / unique_name),
+        sys.executable, "-m", "service.dev.devstack", "--work-dir", str(devstack_dir / unique_name),
         cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
     try:

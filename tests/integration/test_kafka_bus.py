@@ -14,19 +14,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.bus.base import (
-    BusItem,
-    PartitionCheckpoint,
-    PartitionsAssigned,
-    PartitionsRevoked,
-    SourceBatch,
-)
+from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.bus.kafka import KafkaBus
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import SystemClock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 pytestmark = pytest.mark.integration

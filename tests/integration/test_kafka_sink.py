@@ -18,7 +18,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from service.config import KafkaConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.sinks.kafka import KafkaSink, encode_aggregates
 
 pytestmark = pytest.mark.integration

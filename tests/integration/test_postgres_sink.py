@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from service.config import PostgresConfig, Secret
-from service.devstack import EmbeddedPostgres
+from service.dev.devstack import EmbeddedPostgres
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.schema import migrate
 from service.sinks.postgres import PostgresSink
 

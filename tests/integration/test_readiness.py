@@ -11,11 +11,11 @@ import pytest
 
 from service.app import Service
 from service.bus.memory import MemoryBus
-from service.checkpoint_file import FileCheckpointStore
+from service.checkpoints.file import FileCheckpointStore
 from service.clock import SystemClock
 from service.config import Config, HttpServerConfig, PostgresConfig, Secret
-from service.devstack import EmbeddedPostgres
-from service.metrics import MetricsCollector
+from service.dev.devstack import EmbeddedPostgres
+from service.ops.metrics import MetricsCollector
 from service.sinks.postgres import PostgresSink
 from tests.e2e.workload import free_port
 

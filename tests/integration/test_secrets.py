@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 
 from service.app import Service
-from service.checkpoint_postgres import PostgresCheckpointStore
-from service.checks import check_all
+from service.checkpoints.postgres import PostgresCheckpointStore
 from service.clock import SystemClock
 from service.config import PostgresConfig, Secret, load_config
-from service.emulator import Emulator
+from service.dev.emulator import Emulator
 from service.errors import ServiceError
-from service.metrics import MetricsCollector
+from service.ops.checks import check_all
+from service.ops.metrics import MetricsCollector
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_bus, build_sinks, build_store
 from tests.e2e.workload import free_port

@@ -11,14 +11,14 @@ import asyncpg
 import pytest
 
 from service.aggregation.aggregator import Outputs
-from service.bus.base import PartitionCheckpoint
-from service.checkpoint_postgres import PostgresCheckpointStore
+from service.checkpoints.base import PartitionCheckpoint
+from service.checkpoints.postgres import PostgresCheckpointStore
 from service.clock import SystemClock
 from service.config import PostgresConfig, Secret
 from service.errors import PermanentSinkError
 from service.events import Aggregate
 from service.flow import Checkpoint
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.sender import DataSender
 from service.sinks.memory import MemorySink
 from service.sinks.postgres import PostgresSink

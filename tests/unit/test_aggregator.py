@@ -9,11 +9,12 @@ import orjson
 import pytest
 
 from service.aggregation.aggregator import EventAggregator, Outputs
-from service.bus.base import PartitionCheckpoint, SourceBatch
+from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.config import AggregationConfig
 from service.events import Aggregate
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 NOW = 1_700_000_000.0
 

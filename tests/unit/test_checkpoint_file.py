@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bus.base import PartitionCheckpoint
-from service.checkpoint_file import CheckpointFileError, FileCheckpointStore, file_stem
+from service.checkpoints.base import PartitionCheckpoint
+from service.checkpoints.file import CheckpointFileError, FileCheckpointStore, file_stem
 
 
 def cp(partition: str, position: str | None, state: bytes | None) -> PartitionCheckpoint:

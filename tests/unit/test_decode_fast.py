@@ -18,7 +18,7 @@ from service.aggregation.functions import FUNCTIONS
 from service.bus.base import SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 NOW = 1_700_000_000.0
 

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from service.bus.base import BusItem, PartitionCheckpoint, PartitionsAssigned, SourceBatch
+from service.bus.base import BusItem, PartitionsAssigned, SourceBatch
 from service.bus.demo import DemoBus, demo_event
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.config import BusConfig
 from service.events import AGG_FUNCS
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 START = 1_700_000_000.0
 

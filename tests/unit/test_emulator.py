@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from service.clock import ManualClock
-from service.emulator import Emulator, EventLog, LoadGenerator, main
+from service.dev.emulator import Emulator, EventLog, LoadGenerator, main
 from service.events import AGG_FUNCS
 
 

@@ -20,7 +20,7 @@ from service.bus.base import SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
 from service.events import AGG_FUNCS, REJECT_REASONS
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.sinks.kafka import encode_aggregates, encode_dead_letter
 
 NOW = 1_700_000_000.0

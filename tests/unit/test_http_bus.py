@@ -11,20 +11,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from service.bus.base import (
-    BusItem,
-    PartitionCheckpoint,
-    PartitionsAssigned,
-    Restore,
-    SourceBatch,
-)
-from service.bus.http import HttpBus, split_json_array
+from service.bus.base import BusItem, PartitionsAssigned, Restore, SourceBatch
+from service.bus.http import HttpBus
+from service.bus.json_text import split_json_array
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import SystemClock
 from service.config import BusConfig, Secret
-from service.emulator import Emulator
+from service.dev.emulator import Emulator
 from service.errors import TransientError
 from service.events import Metric
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 FAST_RETRY = Backoff(kind="fixed", initial_s=0.02, jitter=False)

@@ -9,7 +9,7 @@ import pytest
 
 from service.clock import ManualClock
 from service.hub import EventHub
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 

@@ -7,14 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.bus.base import (
-    BusItem,
-    PartitionCheckpoint,
-    PartitionsAssigned,
-    Restore,
-    SourceBatch,
-)
+from service.bus.base import BusItem, PartitionsAssigned, Restore, SourceBatch
 from service.bus.memory import MemoryBus
+from service.checkpoints.base import PartitionCheckpoint
 from service.errors import TransientError
 from service.events import Metric
 

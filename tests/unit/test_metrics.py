@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.clock import ManualClock
 from service.events import Aggregate, Metric
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

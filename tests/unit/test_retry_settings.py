@@ -12,10 +12,10 @@ import pytest
 
 from service.app import Service
 from service.bus.memory import MemoryBus
-from service.checkpoint_file import FileCheckpointStore
+from service.checkpoints.file import FileCheckpointStore
 from service.clock import ManualClock
 from service.config import load_config
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.sinks.memory import MemorySink
 
 START = 1_699_999_980.0

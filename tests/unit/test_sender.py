@@ -8,12 +8,12 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from service.aggregation.aggregator import Outputs
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.errors import PermanentSinkError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 from service.sender import DataSender
 from service.sinks.memory import MemorySink

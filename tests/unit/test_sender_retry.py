@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from service.aggregation.aggregator import Outputs
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker
 from service.sender import DataSender, TransactionalSink, TransactionalStore
 from service.sinks.memory import MemorySink

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.clock import ManualClock
 from service.errors import TransientError
-from service.metrics import MetricsCollector
-from service.web import ReadinessCheck, WebServer, build_web_app
+from service.ops.metrics import MetricsCollector
+from service.ops.web import ReadinessCheck, WebServer, build_web_app
 
 
 async def passes() -> None:

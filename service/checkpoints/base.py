@@ -8,11 +8,19 @@ from the stored positions, so nothing is lost and nothing is counted twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from service.bus.base import PartitionCheckpoint
+__all__ = ["CheckpointStore", "PartitionCheckpoint"]
 
-__all__ = ["CheckpointStore"]
+
+@dataclass(frozen=True, slots=True)
+class PartitionCheckpoint:
+    """What was durably stored for one source partition."""
+
+    partition: str
+    position: str | None
+    state: bytes | None
 
 
 class CheckpointStore(Protocol):

@@ -35,7 +35,7 @@ from typing import Any, Final, TypeVar
 import orjson
 from aiohttp import web
 
-from service.bus.http import split_json_array
+from service.bus.json_text import split_json_array
 from service.clock import Clock, SystemClock
 from service.events import AGG_FUNCS
 from service.lifecycle import AsyncResource

@@ -7,7 +7,7 @@ import logging
 
 from service.clock import SystemClock
 from service.config import Config
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 from service.wiring import build_bus, build_sinks
 
 __all__ = ["check_all", "migrate"]

@@ -1,4 +1,4 @@
-"""``python -m service.query DSN [TABLE]``: print the newest stored aggregates.
+"""``python -m service.dev.query DSN [TABLE]``: print the newest stored aggregates.
 
 A convenience for the demo and for operators without psql at hand.
 """
@@ -36,7 +36,7 @@ async def _show(dsn: str, table: str, limit: int = 20) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m service.query DSN [TABLE]", file=sys.stderr)
+        print("usage: python -m service.dev.query DSN [TABLE]", file=sys.stderr)
         return 2
     asyncio.run(_show(argv[0], argv[1] if len(argv) > 1 else "aggregated_events"))
     return 0

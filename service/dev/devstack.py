@@ -472,8 +472,10 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m service.devstack``: start the stack, print its variables, wait for Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m service.devstack", description=main.__doc__)
+    """``python -m service.dev.devstack``: start the stack, print its variables, wait for Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.dev.devstack", description=main.__doc__
+    )
     parser.add_argument("--work-dir", help="keep data and logs here (default: a temp dir)")
     parser.add_argument("--no-kafka", action="store_true", help="start only PostgreSQL")
     parser.add_argument("--no-postgres", action="store_true", help="start only the broker")

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentSinkError, ServiceError, TransientError
 from service.lifecycle import AsyncResource
 from service.schema import (
@@ -65,7 +65,7 @@ async def save_in_transaction(
 
 
 class PostgresCheckpointStore(AsyncResource):
-    """Implements :class:`~service.checkpoint.CheckpointStore` in PostgreSQL.
+    """Implements :class:`~service.checkpoints.base.CheckpointStore` in PostgreSQL.
 
     Given a pool, the store borrows it (the owner closes it); given a DSN, it opens
     and closes a small pool of its own. ``start`` creates the table if it is missing.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from service.app import Service, build_service, install_signal_handlers
 from service.config import load_config
-from service.devstack import DevStack
-from service.emulator import Emulator, LoadGenerator
-from service.logs import setup_logging
-from service.metrics import MetricsCollector
+from service.dev.devstack import DevStack
+from service.dev.emulator import Emulator, LoadGenerator
+from service.ops.logs import setup_logging
+from service.ops.metrics import MetricsCollector
 
 __all__ = ["main"]
 
@@ -93,7 +93,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         )
         _say(
             "Query them while the demo runs (Python, no psql needed):\n"
-            f"  .venv/bin/python -m service.query '{env['POSTGRES_DSN']}'"
+            f"  .venv/bin/python -m service.dev.query '{env['POSTGRES_DSN']}'"
         )
     return 0
 

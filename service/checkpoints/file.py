@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 
-from service.bus.base import PartitionCheckpoint
+from service.checkpoints.base import PartitionCheckpoint
 from service.errors import ServiceError
 from service.lifecycle import AsyncResource
 
@@ -49,7 +49,7 @@ class CheckpointFileError(ServiceError):
 
 
 class FileCheckpointStore(AsyncResource):
-    """Implements :class:`~service.checkpoint.CheckpointStore` on a local file.
+    """Implements :class:`~service.checkpoints.base.CheckpointStore` on a local file.
 
     ``start`` reads the file (raising :class:`CheckpointFileError` if it is unusable);
     ``load`` then answers from memory. One process per file: the store does not lock

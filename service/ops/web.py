@@ -14,7 +14,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from service.lifecycle import AsyncResource
-from service.metrics import MetricsCollector
+from service.ops.metrics import MetricsCollector
 
 __all__ = [
     "METRICS_KEY",

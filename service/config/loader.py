@@ -1,0 +1,245 @@
+"""``load_config``: every variable read once, at the edge, into the frozen sections."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from service.config.masking import Secret
+from service.config.parsers import (
+    DEMO_FORM,
+    FILE_FORM,
+    HTTP_FORM,
+    KAFKA_FORM,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MECHANISM_FORM,
+    MECHANISMS,
+    PROTOCOLS,
+    TOPIC_FORM,
+    choice,
+    existing_file,
+    non_empty,
+    parse_bus_url,
+    parse_dsn,
+    parse_identifier,
+    parse_outputs,
+    parse_servers,
+    parse_topic,
+    pick,
+)
+from service.config.reader import Reader
+from service.config.sections import (
+    AggregationConfig,
+    BusConfig,
+    Config,
+    HttpServerConfig,
+    KafkaConfig,
+    LogConfig,
+    PostgresConfig,
+    RuntimeConfig,
+)
+from service.errors import ConfigError
+from service.retry import BACKOFF_KINDS
+
+__all__ = ["load_config"]
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    *,
+    dotenv: str | None = ".env",
+    require_bus: bool = False,
+) -> Config:
+    """Parse the whole configuration once, or raise :class:`ConfigError` listing every
+    problem (one line each: ``NAME='value': expected <form>``, secrets as ``'***'``).
+
+    Values come from ``environ`` (default: ``os.environ``) and then from the ``dotenv``
+    file (relative to the working directory, skipped when absent or ``None``); the
+    environment wins. An empty value counts as unset. ``${VAR}`` is not expanded, so
+    passwords may contain ``$``. Nothing here connects anywhere.
+
+    ``require_bus`` (``run``, ``check``): VABUS_URL must be set. Without it a service
+    would quietly aggregate the synthetic ``demo://`` stream into real outputs.
+    """
+    reader = Reader(environ, dotenv)
+    config = read_config(reader)
+    if require_bus and reader.raw("VABUS_URL") is None:
+        reader.fail("VABUS_URL", f"{HTTP_FORM} or {KAFKA_FORM}", "it is not set")
+    problems = reader.problems()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(r: Reader) -> Config:
+    config = Config(
+        bus=read_bus(r),
+        outputs=r.custom(
+            "STORAGE_TYPE",
+            Config().outputs,
+            parse_outputs,
+            "kafka, postgres or kafka,postgres",
+        ),
+        kafka=read_kafka(r),
+        postgres=read_postgres(r),
+        aggregation=read_aggregation(r),
+        http=read_http(r),
+        log=read_log(r),
+        runtime=read_runtime(r),
+    )
+    check_consistency(r, config)
+    return config
+
+
+def read_http(r: Reader) -> HttpServerConfig:
+    d = HttpServerConfig()
+    return HttpServerConfig(
+        host=r.custom("HTTP_HOST", d.host, non_empty, "a host name or address"),
+        port=r.integer("HTTP_PORT", d.port, low=0, high=65535),
+    )
+
+
+def read_log(r: Reader) -> LogConfig:
+    d = LogConfig()
+    return LogConfig(
+        level=r.custom(
+            "LOG_LEVEL",
+            d.level,
+            lambda v: choice(v.upper(), LOG_LEVELS),
+            "one of DEBUG, INFO, WARNING, ERROR, CRITICAL (any case)",
+        ),
+        format=r.custom(
+            "LOG_FORMAT", d.format, lambda v: pick(v.lower(), LOG_FORMATS), "json or text"
+        ),
+    )
+
+
+def read_bus(r: Reader) -> BusConfig:
+    defaults = BusConfig()
+    from_url = r.custom(
+        "VABUS_URL", defaults, parse_bus_url, f"{HTTP_FORM}, {KAFKA_FORM} or {DEMO_FORM}"
+    )
+    return replace(
+        from_url,
+        token=Secret(r.custom("VABUS_TOKEN", "", str, "a bearer token")),
+        http_batch_limit=r.integer("VABUS_BATCH_LIMIT", defaults.http_batch_limit, low=1),
+        http_wait_s=r.seconds("VABUS_WAIT", defaults.http_wait_s, allow_zero=True),
+        http_timeout_s=r.seconds("VABUS_TIMEOUT", defaults.http_timeout_s),
+        kafka_session_timeout_ms=r.integer(
+            "VABUS_KAFKA_SESSION_TIMEOUT_MS", defaults.kafka_session_timeout_ms, low=1
+        ),
+        max_message_bytes=r.integer("VABUS_MAX_MESSAGE_BYTES", defaults.max_message_bytes, low=1),
+    )
+
+
+def read_kafka(r: Reader) -> KafkaConfig:
+    d = KafkaConfig()
+    topic = r.custom("KAFKA_TOPIC", d.topic, parse_topic, TOPIC_FORM)
+    return KafkaConfig(
+        bootstrap_servers=r.custom(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            d.bootstrap_servers,
+            parse_servers,
+            "a comma-separated list of host:port",
+        ),
+        security_protocol=r.custom(
+            "KAFKA_SECURITY_PROTOCOL",
+            d.security_protocol,
+            lambda v: pick(v.upper(), PROTOCOLS),
+            "one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+        ),
+        sasl_mechanism=r.custom(
+            "KAFKA_SASL_MECHANISM",
+            d.sasl_mechanism,
+            lambda v: pick(v.upper(), MECHANISMS),
+            MECHANISM_FORM,
+        ),
+        sasl_username=r.custom("KAFKA_SASL_USERNAME", d.sasl_username, str, "a user name"),
+        sasl_password=Secret(r.custom("KAFKA_SASL_PASSWORD", "", str, "a password")),
+        ssl_cafile=r.custom("KAFKA_SSL_CAFILE", None, existing_file, FILE_FORM),
+        ssl_certfile=r.custom("KAFKA_SSL_CERTFILE", None, existing_file, FILE_FORM),
+        ssl_keyfile=r.custom("KAFKA_SSL_KEYFILE", None, existing_file, FILE_FORM),
+        topic=topic,
+        dlq_topic=r.custom("KAFKA_DLQ_TOPIC", f"{topic}.dlq", parse_topic, TOPIC_FORM),
+        linger_ms=r.integer("KAFKA_LINGER_MS", d.linger_ms, low=0),
+        max_request_size=r.integer("KAFKA_MAX_REQUEST_SIZE", d.max_request_size, low=1),
+    )
+
+
+def read_postgres(r: Reader) -> PostgresConfig:
+    d = PostgresConfig()
+    form = "postgresql://[user[:password]@][host][:port][/database][?param=value...]"
+    dsn = r.custom("POSTGRES_DSN", "", parse_dsn, form)
+    alias = r.custom("POSTGRES_CONNECTION_STRING", "", parse_dsn, form)
+    if dsn and alias and dsn != alias:
+        r.fail("POSTGRES_CONNECTION_STRING", "unset, or the same value as POSTGRES_DSN")
+    return PostgresConfig(
+        dsn=Secret(dsn or alias),
+        table=r.custom(
+            "POSTGRES_TABLE",
+            d.table,
+            parse_identifier,
+            "an SQL identifier (letter or _, then letters, digits, _; at most 63)",
+        ),
+        pool_min_size=r.integer("POSTGRES_POOL_MIN", d.pool_min_size, low=0),
+        pool_max_size=r.integer("POSTGRES_POOL_MAX", d.pool_max_size, low=1),
+    )
+
+
+def read_aggregation(r: Reader) -> AggregationConfig:
+    d = AggregationConfig()
+    return AggregationConfig(
+        interval_s=r.seconds("AGGREGATION_INTERVAL", d.interval_s),
+        grace_s=r.seconds("AGGREGATION_GRACE", d.grace_s, allow_zero=True),
+        max_future_s=r.seconds("AGGREGATION_MAX_FUTURE", d.max_future_s),
+        idle_timeout_s=r.optional_seconds("AGGREGATION_IDLE_TIMEOUT"),
+        max_open_windows=r.integer("AGGREGATION_MAX_OPEN_WINDOWS", d.max_open_windows, low=1),
+    )
+
+
+def read_runtime(r: Reader) -> RuntimeConfig:
+    d = RuntimeConfig()
+    return RuntimeConfig(
+        shutdown_timeout_s=r.seconds("SHUTDOWN_TIMEOUT", d.shutdown_timeout_s),
+        metrics_interval_s=r.seconds("METRICS_INTERVAL", d.metrics_interval_s),
+        checkpoint_interval_s=r.seconds("CHECKPOINT_INTERVAL", d.checkpoint_interval_s),
+        state_dir=r.custom("STATE_DIR", d.state_dir, non_empty, "a directory path"),
+        queue_size=r.integer("HUB_QUEUE_SIZE", d.queue_size, low=1),
+        sink_batch_size=r.integer("SINK_BATCH_SIZE", d.sink_batch_size, low=1),
+        retry_backoff=r.custom(
+            "RETRY_BACKOFF",
+            d.retry_backoff,
+            lambda v: pick(v.lower(), {k: k for k in BACKOFF_KINDS}),
+            "exponential, linear, fixed or random",
+        ),
+        retry_initial_s=r.seconds("RETRY_INITIAL", d.retry_initial_s),
+        retry_max_s=r.seconds("RETRY_MAX", d.retry_max_s),
+    )
+
+
+def check_consistency(r: Reader, config: Config) -> None:
+    """Rules that involve more than one variable."""
+    if "postgres" in config.outputs and not config.postgres.dsn:
+        r.fail("POSTGRES_DSN", "a postgresql:// DSN, because STORAGE_TYPE includes postgres")
+    kafka = config.kafka
+    if kafka.security_protocol.startswith("SASL_"):
+        needed = (
+            ("KAFKA_SASL_MECHANISM", kafka.sasl_mechanism, MECHANISM_FORM),
+            ("KAFKA_SASL_USERNAME", kafka.sasl_username, "a user name"),
+            ("KAFKA_SASL_PASSWORD", kafka.sasl_password.value, "a password"),
+        )
+        for name, value, form in needed:
+            if not value:
+                r.fail(name, f"{form}, because KAFKA_SECURITY_PROTOCOL={kafka.security_protocol}")
+    if kafka.dlq_topic == kafka.topic:
+        r.fail("KAFKA_DLQ_TOPIC", "a topic other than KAFKA_TOPIC")
+    if config.postgres.table == config.postgres.dead_letter_table:
+        r.fail("POSTGRES_TABLE", f"a table other than {config.postgres.dead_letter_table!r}")
+    if config.postgres.pool_min_size > config.postgres.pool_max_size:
+        r.fail("POSTGRES_POOL_MIN", "at most POSTGRES_POOL_MAX")
+    bus = config.bus
+    same_cluster = set(bus.kafka_bootstrap_servers) & set(kafka.bootstrap_servers)
+    if bus.kind == "kafka" and same_cluster and bus.kafka_topic in (kafka.topic, kafka.dlq_topic):
+        # Reading our own output would aggregate aggregates forever.
+        r.fail("VABUS_URL", "an events topic other than KAFKA_TOPIC and KAFKA_DLQ_TOPIC")

@@ -1,0 +1,136 @@
+"""The configuration's frozen sections: each component receives only its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from service.config.masking import Secret, mask_password, plain
+from service.retry import BackoffKind
+
+__all__ = [
+    "AggregationConfig",
+    "BusConfig",
+    "Config",
+    "HttpServerConfig",
+    "KafkaConfig",
+    "LogConfig",
+    "PostgresConfig",
+    "RuntimeConfig",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """Kafka client settings shared by the Kafka bus and the Kafka sink."""
+
+    bootstrap_servers: tuple[str, ...] = ("localhost:9092",)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret = Secret("")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    topic: str = "aggregated-events"  # KAFKA_TOPIC
+    dlq_topic: str = "aggregated-events.dlq"  # KAFKA_DLQ_TOPIC (default <topic>.dlq)
+    linger_ms: int = 20  # KAFKA_LINGER_MS
+    max_request_size: int = 1_048_576  # KAFKA_MAX_REQUEST_SIZE, bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    """VABUS_URL and what it implies. ``kind`` comes from the URL scheme."""
+
+    url: str = "demo://?rate=1000&names=50"  # shown without credentials
+    kind: Literal["http", "kafka", "demo"] = "demo"
+    token: Secret = Secret("")  # VABUS_TOKEN
+    # http(s)://host:port[/base]
+    http_base_url: str = ""
+    http_batch_limit: int = 5000  # VABUS_BATCH_LIMIT: events asked for per request
+    http_wait_s: float = 5.0  # VABUS_WAIT: long-poll wait the server may use
+    http_timeout_s: float = 30.0  # VABUS_TIMEOUT: per request, beyond the wait
+    # kafka://host:port[,host:port]/<topic>?group=<id>&metrics_topic=<t>
+    kafka_bootstrap_servers: tuple[str, ...] = ()
+    kafka_topic: str = "vabus-events"
+    kafka_group: str = "vabus-aggregator"
+    kafka_metrics_topic: str = "vabus-metrics"
+    kafka_session_timeout_ms: int = 10_000  # VABUS_KAFKA_SESSION_TIMEOUT_MS
+    # demo://?rate=<events/s>&names=<n>
+    demo_rate: float = 1000.0
+    demo_names: int = 50
+    max_message_bytes: int = 1_048_576  # VABUS_MAX_MESSAGE_BYTES: larger -> too_large
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    dsn: Secret = Secret("")  # POSTGRES_DSN (alias POSTGRES_CONNECTION_STRING)
+    table: str = "aggregated_events"  # POSTGRES_TABLE
+    dead_letter_table: str = "dead_letters"
+    pool_min_size: int = 1  # POSTGRES_POOL_MIN
+    pool_max_size: int = 4  # POSTGRES_POOL_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationConfig:
+    interval_s: float = 60.0  # AGGREGATION_INTERVAL
+    grace_s: float = 0.0  # AGGREGATION_GRACE
+    max_future_s: float = 3600.0  # AGGREGATION_MAX_FUTURE
+    # AGGREGATION_IDLE_TIMEOUT: quiet time after which open windows are flushed.
+    # Default (None) means interval + grace, which keeps the contract bound of
+    # interval + grace + 10 s with the 1 s tick.
+    idle_timeout_s: float | None = None
+    max_open_windows: int = 1_000_000  # AGGREGATION_MAX_OPEN_WINDOWS (cardinality budget)
+
+    @property
+    def effective_idle_timeout_s(self) -> float:
+        if self.idle_timeout_s is not None:
+            return self.idle_timeout_s
+        return self.interval_s + self.grace_s
+
+
+@dataclass(frozen=True, slots=True)
+class HttpServerConfig:
+    host: str = "0.0.0.0"  # HTTP_HOST  # noqa: S104 - a container serves every interface
+    port: int = 8080  # HTTP_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"  # LOG_LEVEL
+    format: Literal["json", "text"] = "text"  # LOG_FORMAT
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    shutdown_timeout_s: float = 30.0  # SHUTDOWN_TIMEOUT
+    metrics_interval_s: float = 10.0  # METRICS_INTERVAL
+    checkpoint_interval_s: float = 1.0  # CHECKPOINT_INTERVAL
+    state_dir: str = "./state"  # STATE_DIR: local checkpoints when PostgreSQL is not an output
+    queue_size: int = 64  # HUB_QUEUE_SIZE: batches buffered between stages
+    sink_batch_size: int = 5000  # SINK_BATCH_SIZE: aggregates per sink write
+    retry_backoff: BackoffKind = "exponential"  # RETRY_BACKOFF: output retry policy
+    retry_initial_s: float = 0.2  # RETRY_INITIAL: first retry delay
+    retry_max_s: float = 30.0  # RETRY_MAX: longest retry delay
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    bus: BusConfig = field(default_factory=BusConfig)
+    outputs: tuple[Literal["kafka", "postgres"], ...] = ("kafka",)  # STORAGE_TYPE
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    http: HttpServerConfig = field(default_factory=HttpServerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-able view for ``/status`` and start-up logs.
+
+        Secrets read ``"***"`` when set and ``""`` when not; the PostgreSQL DSN keeps
+        user, host and database but its password is masked.
+        """
+        view: dict[str, Any] = plain(self)
+        view["postgres"]["dsn"] = mask_password(self.postgres.dsn.value)
+        return view

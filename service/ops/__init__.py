@@ -1,0 +1,1 @@
+"""What operators see: metrics, the HTTP endpoints, connection checks and logging."""
