@@ -28,9 +28,9 @@ from service.hub import EventHub
 from service.ops.metrics import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.retry import Backoff, output_backoff
-from service.sender import DataSender
+from service.sender import DataSender, SharedTransaction
 from service.sinks.base import Sink
-from service.wiring import build_bus, build_sinks, build_store
+from service.wiring import build_bus, build_outputs
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -72,6 +72,7 @@ class Service:
         metrics: MetricsCollector,
         clock: Clock,
         serve_http: bool = True,
+        shared_transaction: SharedTransaction | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -95,6 +96,7 @@ class Service:
             backoff=output_backoff(
                 runtime.retry_backoff, runtime.retry_initial_s, runtime.retry_max_s
             ),
+            shared_transaction=shared_transaction,
         )
         stage = AggregatorStage(
             self.aggregator,
@@ -270,13 +272,15 @@ def build_service(config: Config, clock: Clock | None = None) -> Service:
     """The service with the bus, outputs and checkpoint store the configuration names."""
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock)
+    outputs = build_outputs(config, metrics)
     return Service(
         config,
         bus=build_bus(config, metrics, clock),
-        sinks=build_sinks(config, metrics),
-        store=build_store(config),
+        sinks=outputs.sinks,
+        store=outputs.store,
         metrics=metrics,
         clock=clock,
+        shared_transaction=outputs.shared_transaction,
     )
 
 

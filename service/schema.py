@@ -26,7 +26,6 @@ __all__ = [
     "TableNames",
     "checkpoint_ddl",
     "classify_connect_error",
-    "dsn_fingerprint",
     "ensure_checkpoint_table",
     "ensure_schema",
     "migrate",
@@ -90,11 +89,6 @@ class TableNames:
             quote_identifier(dead_letter_table),
             quote_identifier(checkpoint_table),
         )
-
-
-def dsn_fingerprint(dsn: str) -> str:
-    """A stable, non-secret identifier of a DSN: equal DSNs reach the same database."""
-    return hashlib.sha256(dsn.encode()).hexdigest()[:16]
 
 
 def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> str:

@@ -12,12 +12,12 @@ retry is counted (``sink_retries_total{sink}``), as is the time from the first f
 to the next success (``sink_degraded_seconds_total{sink}``). :meth:`readiness_check`
 makes ``/readyz`` report a sink whose writes are failing, even when a bare ping works.
 
-One transaction for the last rows and the checkpoint: when the checkpoint store lives
-in the same PostgreSQL database as the PostgreSQL sink (both implement the optional
-capabilities below), the rows written just before a checkpoint and the checkpoint rows
-commit in one transaction, after every other sink has acknowledged those rows. So the
-stored positions can never name rows that PostgreSQL does not hold, and a checkpoint
-costs no extra commit.
+One transaction for the last rows and the checkpoint: when the wiring hands over a
+:class:`SharedTransaction` (the PostgreSQL sink and a checkpoint store in the same
+database), the rows written just before a checkpoint and the checkpoint rows commit in
+one transaction, after every other sink has acknowledged those rows. So the stored
+positions can never name rows that PostgreSQL does not hold, and a checkpoint costs no
+extra commit.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
@@ -38,7 +39,13 @@ from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker, output_backoff
 from service.sinks.base import Sink
 
-__all__ = ["CHECKPOINT_STORE", "DataSender", "TransactionalSink", "TransactionalStore"]
+__all__ = [
+    "CHECKPOINT_STORE",
+    "DataSender",
+    "SharedTransaction",
+    "TransactionalSink",
+    "TransactionalStore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +57,8 @@ CHECKPOINT_STORE = "checkpoints"
 """The name the checkpoint store has in retry logs, metrics and ``degraded``."""
 
 
-@runtime_checkable
-class TransactionalSink(Protocol):
-    """Optional sink capability: write rows and run ``then`` in one transaction."""
-
-    name: str
+class TransactionalSink(Sink, Protocol):
+    """A sink that can also write rows and run ``then`` in one transaction."""
 
     async def write_in_transaction(
         self,
@@ -64,14 +68,19 @@ class TransactionalSink(Protocol):
     ) -> None: ...
 
 
-@runtime_checkable
 class TransactionalStore(Protocol):
-    """Optional store capability: save checkpoints inside a sink's transaction."""
-
-    def shares_transaction_with(self, sink: object) -> bool:
-        """True when ``sink``'s connections reach the database this store writes to."""
+    """Store capability: save checkpoints inside a sink's transaction."""
 
     async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SharedTransaction:
+    """A sink and the checkpoint store that writes to the same database: the store saves
+    checkpoints inside the sink's write transaction. Only the wiring knows they match."""
+
+    sink: TransactionalSink
+    store: TransactionalStore
 
 
 class DataSender:
@@ -87,6 +96,7 @@ class DataSender:
         backoff: Backoff | None = None,
         breaker_threshold: int = 5,
         breaker_cooldown_s: float = 15.0,
+        shared_transaction: SharedTransaction | None = None,
     ) -> None:
         self._sinks = list(sinks)
         self._store = store
@@ -98,25 +108,19 @@ class DataSender:
         names = [s.name for s in self._sinks] + [CHECKPOINT_STORE]
         self.breakers = {n: CircuitBreaker(breaker_threshold, breaker_cooldown_s) for n in names}
         self.degraded: dict[str, str] = {}  # sink -> last error, while it is failing
-        self._tx_store: TransactionalStore | None = None
-        self._partner = self._transaction_partner()
-        if self._partner is not None:
-            log.info("checkpoints commit in the same transaction as output %s", self._partner.name)
+        self._shared = shared_transaction
+        if shared_transaction is not None:
+            if shared_transaction.sink not in self._sinks:
+                raise ValueError(f"{shared_transaction.sink.name!r} is not one of the outputs")
+            log.info(
+                "checkpoints commit in the same transaction as output %s",
+                shared_transaction.sink.name,
+            )
 
     @property
     def checkpoint_partner(self) -> str | None:
         """The output whose transaction also stores checkpoints, if any."""
-        return None if self._partner is None else self._partner.name
-
-    def _transaction_partner(self) -> TransactionalSink | None:
-        store = self._store
-        if not isinstance(store, TransactionalStore):
-            return None
-        for sink in self._sinks:
-            if isinstance(sink, TransactionalSink) and store.shares_transaction_with(sink):
-                self._tx_store = store
-                return sink
-        return None
+        return None if self._shared is None else self._shared.sink.name
 
     async def handle(self, items: list[Any]) -> None:
         """Hub handler: consecutive outputs are written together; a checkpoint first
@@ -196,9 +200,9 @@ class DataSender:
     async def _write_then_checkpoint(
         self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint
     ) -> None:
-        partner, store = self._partner, self._tx_store
+        shared = self._shared
         already_done = cp.done is not None and cp.done.done()  # a retried hub delivery
-        if partner is None or store is None or already_done:
+        if shared is None or already_done:
             await self.write(aggregates, dead_letters)
             if not already_done:
                 await self._checkpoint(cp, None)
@@ -209,8 +213,9 @@ class DataSender:
             if chunk_a:
                 self._metrics.on_aggregates_durable([a.emitted_at for a in chunk_a])
         # The other sinks must hold the last rows before the checkpoint can commit.
-        await self._write_all([s for s in self._sinks if s.name != partner.name], last_a, last_d)
-        await self._checkpoint(cp, (partner, store, last_a, last_d))
+        partner = shared.sink
+        await self._write_all([s for s in self._sinks if s is not partner], last_a, last_d)
+        await self._checkpoint(cp, (partner, shared.store, last_a, last_d))
         if last_a:
             self._metrics.on_aggregates_durable([a.emitted_at for a in last_a])
 

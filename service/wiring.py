@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock
 from service.config import Config
 from service.ops.metrics import MetricsCollector
+from service.sender import SharedTransaction
 from service.sinks.base import Sink
 
-__all__ = ["build_bus", "build_sinks", "build_store", "checkpoint_namespace"]
+__all__ = ["OutputWiring", "build_bus", "build_outputs", "checkpoint_namespace"]
 
 
 def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
@@ -26,19 +29,6 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
     return DemoBus(cfg.bus, metrics, clock)
 
 
-def build_sinks(cfg: Config, metrics: MetricsCollector) -> list[Sink]:
-    sinks: list[Sink] = []
-    if "kafka" in cfg.outputs:
-        from service.sinks.kafka import KafkaSink
-
-        sinks.append(KafkaSink(cfg.kafka, metrics))
-    if "postgres" in cfg.outputs:
-        from service.sinks.postgres import PostgresSink
-
-        sinks.append(PostgresSink(cfg.postgres, metrics))
-    return sinks
-
-
 def checkpoint_namespace(cfg: Config) -> str:
     """Identifies one logical input, so two services sharing a store never mix states."""
     b = cfg.bus
@@ -49,17 +39,34 @@ def checkpoint_namespace(cfg: Config) -> str:
     return "demo"
 
 
-def build_store(cfg: Config) -> CheckpointStore:
-    """PostgreSQL when it is an output (shared by every instance of a consumer group, so
-    partitions can move between machines); otherwise a file in STATE_DIR.
+@dataclass(frozen=True, slots=True)
+class OutputWiring:
+    sinks: list[Sink]
+    store: CheckpointStore
+    shared_transaction: SharedTransaction | None
 
-    The PostgreSQL store is built from the same DSN as the PostgreSQL sink, which is how
-    the DataSender recognises that checkpoints can commit in the sink's transaction."""
+
+def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
+    """The sinks STORAGE_TYPE names and the checkpoint store that goes with them.
+
+    Checkpoints live in PostgreSQL when it is an output (shared by every instance of a
+    consumer group, so partitions can move between machines), and then commit inside
+    the PostgreSQL sink's write transaction; otherwise in a file in STATE_DIR.
+    """
+    sinks: list[Sink] = []
+    if "kafka" in cfg.outputs:
+        from service.sinks.kafka import KafkaSink
+
+        sinks.append(KafkaSink(cfg.kafka, metrics))
     namespace = checkpoint_namespace(cfg)
     if "postgres" in cfg.outputs:
         from service.checkpoints.postgres import PostgresCheckpointStore
+        from service.sinks.postgres import PostgresSink
 
-        return PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
+        pg_sink = PostgresSink(cfg.postgres, metrics)
+        pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
+        sinks.append(pg_sink)
+        return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store))
     from service.checkpoints.file import FileCheckpointStore
 
-    return FileCheckpointStore(cfg.runtime.state_dir, namespace)
+    return OutputWiring(sinks, FileCheckpointStore(cfg.runtime.state_dir, namespace), None)

@@ -18,7 +18,6 @@ from service.lifecycle import AsyncResource
 from service.schema import (
     CHECKPOINT_TABLE,
     classify_connect_error,
-    dsn_fingerprint,
     ensure_checkpoint_table,
     pg_error_kind,
     quote_identifier,
@@ -87,7 +86,6 @@ class PostgresCheckpointStore(AsyncResource):
         self._dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
         self._borrowed = None if isinstance(pool_or_dsn, str) else pool_or_dsn
         self._pool: Any = None
-        self._fingerprint = None if self._dsn is None else dsn_fingerprint(self._dsn)
         self._timeout_s = timeout_s
         self._select = (
             f"SELECT partition, position, state, format FROM {quote_identifier(table)} "
@@ -158,13 +156,6 @@ class PostgresCheckpointStore(AsyncResource):
                 await save_in_transaction(conn, self.namespace, checkpoints, self._table)
         except Exception as exc:
             raise self._classify(exc) from exc
-
-    def shares_transaction_with(self, sink: object) -> bool:
-        """True for a sink writing to the database of this store's DSN (a PostgreSQL
-        sink built from the same POSTGRES_DSN): checkpoints can then be saved inside
-        the sink's write transaction (see :meth:`save_in`)."""
-        theirs = getattr(sink, "database_fingerprint", None)
-        return self._fingerprint is not None and theirs == self._fingerprint
 
     async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         """:meth:`save` on a connection whose transaction the caller owns."""

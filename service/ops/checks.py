@@ -8,7 +8,7 @@ import logging
 from service.clock import SystemClock
 from service.config import Config
 from service.ops.metrics import MetricsCollector
-from service.wiring import build_bus, build_sinks
+from service.wiring import build_bus, build_outputs
 
 __all__ = ["check_all", "migrate"]
 
@@ -30,7 +30,7 @@ async def check_all(config: Config) -> int:
     metrics = MetricsCollector()
     clock = SystemClock()
     bus = build_bus(config, metrics, clock)
-    sinks = build_sinks(config, metrics)
+    sinks = build_outputs(config, metrics).sinks
     targets = [(f"bus {bus.name} {config.bus.url}", bus)] + [(f"output {s.name}", s) for s in sinks]
     failed = 0
     for label, comp in targets:

@@ -38,7 +38,6 @@ from service.ops.metrics import MetricsCollector
 from service.schema import (
     TableNames,
     classify_connect_error,
-    dsn_fingerprint,
     ensure_schema,
     pg_error_kind,
 )
@@ -224,7 +223,6 @@ class PostgresSink(AsyncResource):
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s
         self._pool: Any = None
-        self.database_fingerprint = dsn_fingerprint(cfg.dsn.value)
         """Identifies the database (not the secret DSN), to find a shared checkpoint store."""
 
     @property

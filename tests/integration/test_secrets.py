@@ -19,7 +19,7 @@ from service.errors import ServiceError
 from service.ops.checks import check_all
 from service.ops.metrics import MetricsCollector
 from service.sinks.postgres import PostgresSink
-from service.wiring import build_bus, build_sinks, build_store
+from service.wiring import build_bus, build_outputs
 from tests.e2e.workload import free_port
 
 pytestmark = pytest.mark.integration
@@ -83,13 +83,15 @@ async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
     assert_no_secret("the redacted config", str(config.redacted()))
     clock = SystemClock()
     metrics = MetricsCollector(clock)
+    outputs = build_outputs(config, metrics)
     service = Service(
         config,
         bus=build_bus(config, metrics, clock),
-        sinks=build_sinks(config, metrics),
-        store=build_store(config),
+        sinks=outputs.sinks,
+        store=outputs.store,
         metrics=metrics,
         clock=clock,
+        shared_transaction=outputs.shared_transaction,
     )
     task = asyncio.create_task(service.run())
     bodies: list[str] = []

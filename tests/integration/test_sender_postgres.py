@@ -14,14 +14,15 @@ from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
 from service.clock import SystemClock
-from service.config import PostgresConfig, Secret
+from service.config import PostgresConfig, Secret, load_config
 from service.errors import PermanentSinkError
 from service.events import Aggregate
 from service.flow import Checkpoint
 from service.ops.metrics import MetricsCollector
-from service.sender import DataSender
+from service.sender import DataSender, SharedTransaction
 from service.sinks.memory import MemorySink
 from service.sinks.postgres import PostgresSink
+from service.wiring import build_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,9 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             PostgresCheckpointStore(postgres_dsn, unique_name, table=cp_table) as store,
             memory,
         ):
-            sender = DataSender([memory, pg], store, commit, metrics, SystemClock())
+            shared = SharedTransaction(pg, store)
+            sender = DataSender([memory, pg], store, commit, metrics, SystemClock(),
+                                shared_transaction=shared)  # fmt: skip
             assert sender.checkpoint_partner == "postgres"
 
             # The other output holds the PostgreSQL commit back until it has the rows.
@@ -89,14 +92,16 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
         await conn.execute(f"DROP TABLE IF EXISTS {cfg.table}, {cfg.dead_letter_table}, {cp_table}")
 
 
-async def test_a_store_on_another_database_keeps_separate_transactions(
-    postgres_dsn: str, unique_name: str
-) -> None:
-    cfg = PostgresConfig(dsn=Secret(postgres_dsn), table=f"{unique_name}_agg")
-    store = PostgresCheckpointStore(postgres_dsn + "?application_name=x", unique_name)
-    sender = DataSender([PostgresSink(cfg, MetricsCollector())], store, _no_commit,
-                        MetricsCollector(), SystemClock())  # fmt: skip
-    assert sender.checkpoint_partner is None
+def test_the_wiring_pairs_the_postgres_sink_with_its_checkpoint_store() -> None:
+    config = load_config(
+        {"STORAGE_TYPE": "kafka,postgres", "POSTGRES_DSN": "postgresql://u@h/db"}, dotenv=None
+    )
+    outputs = build_outputs(config, MetricsCollector())
+    assert outputs.shared_transaction is not None
+    assert outputs.shared_transaction.sink is outputs.sinks[-1]
+    assert outputs.shared_transaction.store is outputs.store
+    kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector())
+    assert kafka_only.shared_transaction is None
 
 
 async def _no_commit(positions: Mapping[str, str]) -> None:

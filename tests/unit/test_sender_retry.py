@@ -17,7 +17,7 @@ from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker
-from service.sender import DataSender, TransactionalSink, TransactionalStore
+from service.sender import DataSender, SharedTransaction
 from service.sinks.memory import MemorySink
 
 
@@ -148,7 +148,6 @@ class _TxSink(MemorySink):
     def __init__(self, log: list[str]) -> None:
         super().__init__("tx")
         self.log = log
-        self.database_fingerprint = "db1"
 
     async def write_in_transaction(
         self,
@@ -166,9 +165,6 @@ class _TxStore(_NoStore):
         super().__init__()
         self.log = log
 
-    def shares_transaction_with(self, sink: object) -> bool:
-        return getattr(sink, "database_fingerprint", None) == "db1"
-
     async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         self.log.append(f"checkpoint on {conn}")
 
@@ -180,9 +176,8 @@ async def test_the_last_chunk_and_the_checkpoint_share_the_partners_transaction(
     for s in (other, tx):
         await s.start()
     store = _TxStore(log)
-    assert isinstance(tx, TransactionalSink) and isinstance(store, TransactionalStore)
     sender = DataSender([other, tx], store, _no_commit, MetricsCollector(clock), clock,
-                        batch_size=2)  # fmt: skip
+                        batch_size=2, shared_transaction=SharedTransaction(tx, store))  # fmt: skip
     assert sender.checkpoint_partner == "tx"
 
     outputs = Outputs([agg("a"), agg("b"), agg("c")], [])
