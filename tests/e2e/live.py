@@ -305,7 +305,7 @@ class LiveFeed:
         while True:
             try:
                 rows = await asyncio.wait_for(stored_rows(self._dsn, self._table), 5)
-            except (OSError, TimeoutError, asyncpg.PostgresError):
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 rows = {}
             now = self.elapsed()
             for name, _, ws in rows:
@@ -324,8 +324,8 @@ async def _send(producer: Any, topic: str, chunk: list[Message]) -> None:
     for m in chunk:
         per = batches.setdefault(m.partition, [producer.create_batch()])
         if per[-1].append(key=m.key, value=m.value, timestamp=None) is None:
-            per.append(producer.create_batch())
-            assert per[-1].append(key=m.key, value=m.value, timestamp=None) is not None
+            per.append(producer.create_batch())  # full: a message is far below its size
+            per[-1].append(key=m.key, value=m.value, timestamp=None)
     acks = [await producer.send_batch(b, topic, partition=p)
             for p, per in batches.items() for b in per]  # fmt: skip
     await asyncio.gather(*acks)
@@ -550,7 +550,7 @@ class LiveRun:
     def alive(self) -> list[Incarnation]:
         return [inc for i, inc in enumerate(self.instances) if i not in self.killed]
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         for inc in self.alive():
             if inc.proc.proc.poll() is not None:
                 raise AssertionError(f"service exited ({inc.proc.proc.returncode}):\n"
@@ -558,7 +558,7 @@ class LiveRun:
 
     async def assigned(self) -> list[int]:
         """Partitions held by each live process (-1 while one does not answer)."""
-        self._check_alive()
+        self.check_alive()
         counts = []
         for inc in self.alive():
             st = await inc.status()
@@ -595,17 +595,18 @@ class LiveRun:
         expected = self.workload.expected()
         deadline = time.monotonic() + timeout
         last: dict[Key, tuple[float, int]] | None = None
-        changed = time.monotonic()
+        stable_since = time.monotonic()  # no open window and the same rows since then
         while True:
-            self._check_alive()
+            self.check_alive()
             rows = await stored_rows(self.dsn, self.table)
             if not compare(rows, expected, ""):
                 return rows
-            if rows != last:
-                last, changed = rows, time.monotonic()
             states = [await inc.status() for inc in self.alive()]
             open_windows = sum((s or {}).get("open_windows", 1) for s in states)
-            if open_windows == 0 and time.monotonic() - changed >= QUIET_S:
+            if rows != last or open_windows:
+                # a flush just emitted is still on its way to the table
+                last, stable_since = rows, time.monotonic()
+            elif time.monotonic() - stable_since >= QUIET_S:
                 return rows
             if time.monotonic() > deadline:
                 self.problems.append(f"still {open_windows} open windows {timeout:.0f} s after "
