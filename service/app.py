@@ -123,6 +123,7 @@ class Service:
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
             "open_windows": self.aggregator.open_windows,
+            "oldest_open_window_start": self.aggregator.oldest_window_start,
             "partitions": self.aggregator.partitions(),
             "subscribers": {
                 name: {
@@ -134,6 +135,7 @@ class Service:
                 }
                 for name, st in self.hub.stats().items()
             },
+            "config": self.config.redacted(),
         }
 
     async def run(self) -> None:

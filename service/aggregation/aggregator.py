@@ -98,6 +98,12 @@ class EventAggregator:
         return self._open
 
     @property
+    def oldest_window_start(self) -> float | None:
+        """Start of the oldest window still open, for /status (None when none is)."""
+        starts = [min(p.windows) for p in self._parts.values() if p.windows]
+        return min(starts) if starts else None
+
+    @property
     def watermark(self) -> float | None:
         """Event-time watermark (grace applied): the minimum over the partitions that
         hold it; None while one holds with unknown event time, or none holds."""

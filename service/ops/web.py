@@ -1,4 +1,5 @@
-"""The operator's HTTP surface: /healthz, /readyz, /metrics, /status.
+"""The operator's HTTP surface: / (a live status page), /healthz, /readyz, /metrics,
+/status.
 
 The app only reads: it calls the readiness checks and the status callable it is given
 and renders the metrics collector. It holds no reference to the pipeline itself.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from importlib.resources import files
 from typing import Any, Final
 
 from aiohttp import web
@@ -38,6 +40,7 @@ METRICS_KEY: Final = web.AppKey("metrics", MetricsCollector)
 READINESS_KEY: Final = web.AppKey[Mapping[str, ReadinessCheck]]("readiness_checks")
 READINESS_TIMEOUT_KEY: Final = web.AppKey("readiness_timeout_s", float)
 STATUS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("status")
+PAGE_KEY: Final = web.AppKey("status_page", bytes)
 
 
 def build_web_app(
@@ -58,11 +61,23 @@ def build_web_app(
     app[READINESS_KEY] = dict(readiness)
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
     app[STATUS_KEY] = status
+    # One self-contained file (no external resources, works offline) that polls /status.
+    app[PAGE_KEY] = files("service.ops").joinpath("status_page.html").read_bytes()
+    app.router.add_get("/", _page)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
     return app
+
+
+async def _page(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[PAGE_KEY],
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 async def _healthz(request: web.Request) -> web.Response:
