@@ -49,9 +49,11 @@ class OutputWiring:
 def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
     """The sinks STORAGE_TYPE names and the checkpoint store that goes with them.
 
-    Checkpoints live in PostgreSQL when it is an output (shared by every instance of a
-    consumer group, so partitions can move between machines), and then commit inside
-    the PostgreSQL sink's write transaction; otherwise in a file in STATE_DIR.
+    Checkpoints live in the cluster, so partitions move between the instances of a
+    consumer group with their state: in PostgreSQL when it is an output (they then
+    commit inside the PostgreSQL sink's write transaction), otherwise, on the Kafka
+    bus, in the group's checkpoint topic. Only a single reader (HTTP or demo bus)
+    keeps them in a local file in STATE_DIR.
     """
     sinks: list[Sink] = []
     if "kafka" in cfg.outputs:
@@ -67,6 +69,13 @@ def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
         pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
         sinks.append(pg_sink)
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store))
+    if cfg.bus.kind == "kafka":
+        from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
+        from service.kafka_client import client_options
+
+        options = client_options(cfg.kafka, cfg.bus.kafka_bootstrap_servers)
+        topic = checkpoint_topic(cfg.bus.kafka_group)
+        return OutputWiring(sinks, KafkaCheckpointStore(options, topic, namespace), None)
     from service.checkpoints.file import FileCheckpointStore
 
     return OutputWiring(sinks, FileCheckpointStore(cfg.runtime.state_dir, namespace), None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.workload import free_port
+from tests.e2e.workload import checkout_on_path, free_port
 
 
 def run_cli(
@@ -17,6 +17,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     ours = ("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_", "HTTP_")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    clean["PYTHONPATH"] = checkout_on_path(clean.get("PYTHONPATH"))
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
         env={**clean, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout,

@@ -106,7 +106,7 @@ async def test_status_page_shows_live_figures_and_an_output_outage(
 
                 async def page_counts() -> bool:
                     text = await received.text_content() or ""
-                    return text not in ("–", "0")
+                    return text not in ("\u2013", "0")  # the page shows an en dash until known
 
                 await poll(page_counts, 30, "events received on the page")
                 # what the page shows lies between two /status reads around it

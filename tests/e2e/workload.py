@@ -154,6 +154,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def checkout_on_path(pythonpath: str | None) -> str:
+    """PYTHONPATH that makes a child ``python -m service`` run this checkout's code, not
+    whichever one the virtual environment's editable install points at."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), pythonpath) if p)
+
+
 class ServiceProcess:
     """``python -m service run`` as a child process, with its output in a log file."""
 
@@ -166,6 +175,7 @@ class ServiceProcess:
             if not k.startswith(("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_"))
         }
         full_env.update(env)
+        full_env["PYTHONPATH"] = checkout_on_path(full_env.get("PYTHONPATH"))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "run"], env=full_env, cwd=workdir,
