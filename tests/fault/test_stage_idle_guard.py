@@ -21,7 +21,7 @@ NOW = 1_700_000_000.0
 IDLE_S = 5.0
 
 
-class FakeHub:
+class FakeOutput:
     """Collects what the stage publishes; ``gate`` (when set) holds every publish; a
     checkpoint is made durable at once unless ``durable`` is False (a down output)."""
 
@@ -30,7 +30,7 @@ class FakeHub:
         self.gate: asyncio.Event | None = None
         self.durable = True
 
-    async def publish(self, topic: str, item: Any) -> None:
+    async def publish(self, item: Outputs | Checkpoint) -> None:
         if self.gate is not None:
             await self.gate.wait()
         self.items.append(item)
@@ -44,12 +44,12 @@ class FakeHub:
         return [a for i in self.items if isinstance(i, Outputs) for a in i.aggregates]
 
 
-def make(clock: ManualClock) -> tuple[EventAggregator, AggregatorStage, FakeHub]:
+def make(clock: ManualClock) -> tuple[EventAggregator, AggregatorStage, FakeOutput]:
     cfg = AggregationConfig(interval_s=60.0, idle_timeout_s=IDLE_S)
     agg = EventAggregator(cfg, MetricsCollector(clock), clock)
-    hub = FakeHub()
-    stage = AggregatorStage(agg, hub, clock, 1.0)  # type: ignore[arg-type]
-    return agg, stage, hub
+    out = FakeOutput()
+    stage = AggregatorStage(agg, out.publish, clock, 1.0)
+    return agg, stage, out
 
 
 def batch(*events: dict[str, Any]) -> SourceBatch:
@@ -67,22 +67,22 @@ async def test_restored_windows_are_not_idle_flushed_before_the_bus_delivers() -
     before.process(batch({"name": "a", "value": 1, "timestamp": NOW - 30}))
     [state] = before.snapshot()
 
-    _, stage, hub = make(clock)
+    _, stage, out = make(clock)
     clock.advance(100)  # a slow start: connecting, or a consumer-group join
     await stage.handle([PartitionsAssigned([state]), Tick()])
     await stage.handle([report(clock.monotonic() + IDLE_S / 2)])
-    assert hub.aggregates() == [], "restored windows flushed before the idle period"
+    assert out.aggregates() == [], "restored windows flushed before the idle period"
 
     clock.advance(IDLE_S)
     await stage.handle([Tick(), report(clock.monotonic())])
-    [flushed] = hub.aggregates()  # still flushed once the bus is really quiet
+    [flushed] = out.aggregates()  # still flushed once the bus is really quiet
     assert (flushed.name, flushed.value) == ("a", 1.0)
 
 
 async def test_a_report_queued_behind_backpressure_is_not_taken_as_silence() -> None:
     clock = ManualClock(NOW)
-    _, stage, hub = make(clock)
-    hub.gate = asyncio.Event()
+    _, stage, out = make(clock)
+    out.gate = asyncio.Event()
     bad = {"name": "a", "value": "x", "timestamp": NOW}  # a dead letter: something to publish
     polled = clock.monotonic() + 1  # the bus looked at p0 a second after the batch
     work = asyncio.create_task(
@@ -92,16 +92,16 @@ async def test_a_report_queued_behind_backpressure_is_not_taken_as_silence() -> 
     )
     await asyncio.sleep(0)
     clock.advance(30)  # the output is down for 30 s; the report waits behind the batch
-    hub.gate.set()
+    out.gate.set()
     await work
-    assert hub.aggregates() == [], "a window was flushed because the output was down"
+    assert out.aggregates() == [], "a window was flushed because the output was down"
 
 
 async def test_periodic_checkpoints_back_off_when_snapshots_are_expensive() -> None:
     """A snapshot of a large state costs event-loop time; periodic checkpoints are spaced
     to at least ten times that cost (here 0.5 s -> one every 5 s instead of every 1 s)."""
     clock = ManualClock(NOW)
-    agg, stage, hub = make(clock)
+    agg, stage, out = make(clock)
     real_snapshot = agg.snapshot
 
     def slow_snapshot(partitions: Any = None) -> Any:
@@ -113,7 +113,7 @@ async def test_periodic_checkpoints_back_off_when_snapshots_are_expensive() -> N
         await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW + second})])
         clock.advance(1)
         await stage.handle([Tick()])
-    checkpoints = hub.checkpoints()
+    checkpoints = out.checkpoints()
     assert 3 <= len(checkpoints) <= 5, len(checkpoints)  # ~20 s / (1 s + 5 s spacing)
 
 
@@ -121,12 +121,12 @@ async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() ->
     """An output is down: instead of queueing a snapshot of the whole state every
     second, the stage waits (and so intake stops: the events wait in the bus)."""
     clock = ManualClock(NOW)
-    _, stage, hub = make(clock)
-    hub.durable = False
+    _, stage, out = make(clock)
+    out.durable = False
     await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW})])
     clock.advance(1)
     await stage.handle([Tick()])
-    [first] = hub.checkpoints()
+    [first] = out.checkpoints()
     work = asyncio.create_task(
         stage.handle([batch({"name": "a", "value": 2, "timestamp": NOW}), Tick()])
     )
@@ -134,8 +134,8 @@ async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() ->
     for _ in range(20):
         await asyncio.sleep(0)
     assert not work.done(), "a second checkpoint was taken while the first was pending"
-    assert len(hub.checkpoints()) == 1
+    assert len(out.checkpoints()) == 1
     assert first.done is not None
     first.done.set_result(None)
     await asyncio.wait_for(work, 5)
-    assert len(hub.checkpoints()) == 2
+    assert len(out.checkpoints()) == 2
