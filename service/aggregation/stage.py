@@ -11,6 +11,7 @@ from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.clock import Clock
 from service.flow import Checkpoint, CheckpointRequest, Tick
+from service.hub import Delivery
 
 __all__ = ["AggregatorStage", "Publish"]
 
@@ -64,17 +65,13 @@ class AggregatorStage:
         self._snapshot_s = 0.0  # what the last snapshot took
         self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
         self._dirty = False
-        self._inflight: list[Any] | None = None
-        self._done = 0
 
-    async def handle(self, items: list[Any]) -> None:
-        # The hub retries a failed call with the same list: skip what was already done,
-        # so a crash never aggregates a batch twice.
-        first = self._done if items is self._inflight else 0
-        self._inflight, self._done = items, first
-        for item in items[first:]:
+    async def handle(self, delivery: Delivery[Any]) -> None:
+        """Hub handler. Each item is marked done as soon as it is handled, so after a
+        crash the hub re-delivers only the items after it: no batch is aggregated twice."""
+        for item in delivery.items:
             await self._handle_one(item)
-            self._done += 1
+            delivery.done += 1
 
     async def _handle_one(self, item: Any) -> None:
         if type(item) is SourceBatch:
@@ -113,10 +110,11 @@ class AggregatorStage:
         started = self._clock.monotonic()
         snapshot = self._agg.snapshot()
         self._snapshot_s = self._clock.monotonic() - started
-        if request is None:
-            done = self._pending = asyncio.get_running_loop().create_future()
-        else:
-            done = request.done
+        done = asyncio.get_running_loop().create_future() if request is None else request.done
         await self._emit(Checkpoint(snapshot, done))
+        if request is None:
+            # Pending only once published: if the publish failed, the re-delivered tick
+            # must not wait for a checkpoint that never left.
+            self._pending = done
         self._last_checkpoint = self._clock.monotonic()
         self._dirty = False

@@ -1,6 +1,6 @@
 """Idle flushes through the aggregator stage (first found by the fault suite): restored
 windows wait for the bus's evidence of silence, and time spent blocked by backpressure
-is not silence; periodic checkpoints stay bounded."""
+is not silence; periodic checkpoints stay bounded; a crash re-delivers only the rest."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from service.aggregation.stage import AggregatorStage
 from service.bus.base import PartitionsAssigned, SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.flow import Checkpoint, Tick
+from service.flow import INPUT, Checkpoint, Tick
+from service.hub import Delivery, EventHub
 from service.ops.metrics import MetricsCollector
+from service.retry import Backoff
 
 NOW = 1_700_000_000.0
 IDLE_S = 5.0
@@ -29,8 +31,12 @@ class FakeOutput:
         self.items: list[Any] = []
         self.gate: asyncio.Event | None = None
         self.durable = True
+        self.fail_checkpoints = 0  # the next n checkpoint publishes raise
 
     async def publish(self, item: Outputs | Checkpoint) -> None:
+        if self.fail_checkpoints and isinstance(item, Checkpoint):
+            self.fail_checkpoints -= 1
+            raise RuntimeError("output topic refused the checkpoint")
         if self.gate is not None:
             await self.gate.wait()
         self.items.append(item)
@@ -69,12 +75,12 @@ async def test_restored_windows_are_not_idle_flushed_before_the_bus_delivers() -
 
     _, stage, out = make(clock)
     clock.advance(100)  # a slow start: connecting, or a consumer-group join
-    await stage.handle([PartitionsAssigned([state]), Tick()])
-    await stage.handle([report(clock.monotonic() + IDLE_S / 2)])
+    await stage.handle(Delivery([PartitionsAssigned([state]), Tick()]))
+    await stage.handle(Delivery([report(clock.monotonic() + IDLE_S / 2)]))
     assert out.aggregates() == [], "restored windows flushed before the idle period"
 
     clock.advance(IDLE_S)
-    await stage.handle([Tick(), report(clock.monotonic())])
+    await stage.handle(Delivery([Tick(), report(clock.monotonic())]))
     [flushed] = out.aggregates()  # still flushed once the bus is really quiet
     assert (flushed.name, flushed.value) == ("a", 1.0)
 
@@ -87,7 +93,13 @@ async def test_a_report_queued_behind_backpressure_is_not_taken_as_silence() -> 
     polled = clock.monotonic() + 1  # the bus looked at p0 a second after the batch
     work = asyncio.create_task(
         stage.handle(
-            [batch({"name": "a", "value": 1, "timestamp": NOW - 30}, bad), Tick(), report(polled)]
+            Delivery(
+                [
+                    batch({"name": "a", "value": 1, "timestamp": NOW - 30}, bad),
+                    Tick(),
+                    report(polled),
+                ]
+            )
         )
     )
     await asyncio.sleep(0)
@@ -110,9 +122,9 @@ async def test_periodic_checkpoints_back_off_when_snapshots_are_expensive() -> N
 
     agg.snapshot = slow_snapshot  # type: ignore[method-assign]
     for second in range(20):
-        await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW + second})])
+        await stage.handle(Delivery([batch({"name": "a", "value": 1, "timestamp": NOW + second})]))
         clock.advance(1)
-        await stage.handle([Tick()])
+        await stage.handle(Delivery([Tick()]))
     checkpoints = out.checkpoints()
     assert 3 <= len(checkpoints) <= 5, len(checkpoints)  # ~20 s / (1 s + 5 s spacing)
 
@@ -123,12 +135,12 @@ async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() ->
     clock = ManualClock(NOW)
     _, stage, out = make(clock)
     out.durable = False
-    await stage.handle([batch({"name": "a", "value": 1, "timestamp": NOW})])
+    await stage.handle(Delivery([batch({"name": "a", "value": 1, "timestamp": NOW})]))
     clock.advance(1)
-    await stage.handle([Tick()])
+    await stage.handle(Delivery([Tick()]))
     [first] = out.checkpoints()
     work = asyncio.create_task(
-        stage.handle([batch({"name": "a", "value": 2, "timestamp": NOW}), Tick()])
+        stage.handle(Delivery([batch({"name": "a", "value": 2, "timestamp": NOW}), Tick()]))
     )
     clock.advance(1)
     for _ in range(20):
@@ -139,3 +151,36 @@ async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() ->
     first.done.set_result(None)
     await asyncio.wait_for(work, 5)
     assert len(out.checkpoints()) == 2
+
+
+async def test_a_crash_mid_batch_never_aggregates_a_batch_twice() -> None:
+    """Through the real hub: the stage marks each item done, so after a crash only the
+    items after the finished ones come back, and the re-delivered tick checkpoints."""
+    clock = ManualClock(NOW)
+    agg, stage, out = make(clock)
+    processed: list[SourceBatch] = []
+    real_process = agg.process
+
+    def counting_process(b: SourceBatch) -> Outputs:
+        processed.append(b)
+        return real_process(b)
+
+    agg.process = counting_process  # type: ignore[method-assign]
+    out.fail_checkpoints = 1
+    hub = EventHub(MetricsCollector(clock), clock, Backoff("fixed", 1.0, 1.0))
+    hub.subscribe(INPUT, "aggregator", stage.handle)
+    first = batch({"name": "a", "value": 1, "timestamp": NOW})
+    second = batch({"name": "a", "value": 2, "timestamp": NOW})
+    for item in (first, Tick(), second):  # before the start: one delivery
+        await hub.publish(INPUT, item)
+    clock.advance(1)  # a periodic checkpoint is due at the tick
+    await hub.start()
+    async with asyncio.timeout(5):  # the hub backs off on the clock before re-delivering
+        while hub.stats()["aggregator"].processed < 3:
+            clock.advance(1.0)
+            await asyncio.sleep(0)
+    await hub.stop()
+    assert processed == [first, second]
+    assert hub.stats()["aggregator"].errors == 1
+    [cp] = out.checkpoints()
+    assert cp.done is not None and cp.done.done()
