@@ -129,7 +129,6 @@ class Service:
                 name: {
                     "processed": st.processed,
                     "errors": st.errors,
-                    "restarts": st.restarts,
                     "dropped": st.dropped,
                     "depth": st.depth,
                 }

@@ -61,11 +61,13 @@ Handler = Callable[[Delivery[Any]], Awaitable[None]]
 
 @dataclass(slots=True)
 class SubscriberStats:
-    processed: int = 0
+    """Per-subscriber counters for ``/status``. ``errors`` counts handler failures, each
+    followed by a re-delivery unless nothing was left or a best-effort one gave up."""
+
+    processed: int = 0  # items done
     errors: int = 0
-    restarts: int = 0
-    dropped: int = 0
-    depth: int = 0
+    dropped: int = 0  # items a best-effort subscriber lost: queue full, or given up
+    depth: int = 0  # items waiting in its queue (updated by EventHub.stats)
 
 
 class _Subscriber:
@@ -219,7 +221,6 @@ class EventHub:
                 done = min(max(delivery.done, 0), len(items))  # clamp a miscount
                 sub.stats.processed += done
                 sub.stats.errors += 1
-                sub.stats.restarts += 1
                 self._metrics.on_subscriber_crash(sub.name)
                 left = len(items) - done
                 if left == 0:
