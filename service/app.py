@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from service.aggregation.aggregator import EventAggregator
@@ -100,7 +101,7 @@ class Service:
         )
         stage = AggregatorStage(
             self.aggregator,
-            self.hub,
+            partial(self.hub.publish, OUTPUT),
             clock,
             config.runtime.checkpoint_interval_s,
         )
@@ -129,7 +130,6 @@ class Service:
                 name: {
                     "processed": st.processed,
                     "errors": st.errors,
-                    "restarts": st.restarts,
                     "dropped": st.dropped,
                     "depth": st.depth,
                 }

@@ -4,13 +4,25 @@ A subscriber's failure, slowness or restart stays its own. Two kinds of subscrib
 
 * **required** (the data path): ``publish`` waits for room in its queue, so a slow
   stage slows the publisher (backpressure) and nothing is ever dropped. A handler
-  that raises is retried on the same items with backoff until it succeeds.
+  that raises is handed its unfinished items again, with backoff, until it succeeds.
 * **best-effort** (observers): ``publish`` never waits for them; when their queue is
-  full the item is dropped and counted. A handler that keeps failing on the same items
-  gives them up after ``max_attempts`` and goes on.
+  full the item is dropped and counted. A handler that keeps failing on one batch
+  gives its unfinished items up after ``max_attempts`` and goes on.
 
-Handlers take a *list* of items: the subscriber task drains up to ``max_batch`` queued
-items at once, so a stage that can batch (the sender) gets whole batches for free.
+The handler contract. The subscriber task drains up to ``max_batch`` queued items at
+once and calls the handler once per drained batch with a :class:`Delivery`:
+
+* ``items``: what to handle, in publish order; ``attempt``: 1 on the first call for
+  a batch, n on its n-th (so a handler can tell a re-delivery without guessing).
+* ``done``: starts at 0; the handler advances it past each item whose effect must not
+  be repeated (a batch aggregated, a checkpoint made durable). Returning normally
+  means every item is done: ``done`` only matters when the handler raises.
+* When the handler raises, the items before ``done`` count as processed and only
+  ``items[done:]`` are delivered again, in a new :class:`Delivery` (``done`` 0,
+  ``attempt`` + 1); nothing is re-delivered when every item was done.
+
+So a handler keeps no memory of earlier calls to avoid repeating work: what it is
+handed is exactly what is left. The cost is one small object per batch, never per item.
 """
 
 from __future__ import annotations
@@ -18,28 +30,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from service.clock import Clock, SystemClock
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
-__all__ = ["EventHub", "Handler", "SubscriberStats"]
+__all__ = ["Delivery", "EventHub", "Handler", "SubscriberStats"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[list[Any]], Awaitable[None]]
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Delivery(Generic[T]):
+    """One handler call: the items left of a drained batch, and the handler's progress
+    through them. See the module docstring for the contract."""
+
+    items: Sequence[T]
+    attempt: int = 1
+    done: int = 0
+    """How many of ``items``, from the front, the handler has finished."""
+
+
+Handler = Callable[[Delivery[Any]], Awaitable[None]]
 
 
 @dataclass(slots=True)
 class SubscriberStats:
-    processed: int = 0
+    """Per-subscriber counters for ``/status``. ``errors`` counts handler failures, each
+    followed by a re-delivery unless nothing was left or a best-effort one gave up."""
+
+    processed: int = 0  # items done
     errors: int = 0
-    restarts: int = 0
-    dropped: int = 0
-    depth: int = 0
+    dropped: int = 0  # items a best-effort subscriber lost: queue full, or given up
+    depth: int = 0  # items waiting in its queue (updated by EventHub.stats)
 
 
 class _Subscriber:
@@ -182,30 +210,40 @@ class EventHub:
                     sub.queue.task_done()
 
     async def _deliver(self, sub: _Subscriber, batch: list[Any]) -> None:
-        attempt = 0
+        delivery: Delivery[Any] = Delivery(batch)
         while True:
             try:
-                await sub.handler(batch)
+                await sub.handler(delivery)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                attempt += 1
+                items = delivery.items
+                done = min(max(delivery.done, 0), len(items))  # clamp a miscount
+                sub.stats.processed += done
                 sub.stats.errors += 1
-                sub.stats.restarts += 1
                 self._metrics.on_subscriber_crash(sub.name)
-                if sub.max_attempts is not None and attempt >= sub.max_attempts:
-                    sub.stats.dropped += len(batch)
+                left = len(items) - done
+                if left == 0:
                     log.exception(
-                        "subscriber %s failed %d times; giving up %d item(s)",
-                        sub.name, attempt, len(batch),
+                        "subscriber %s failed after finishing its %d item(s); nothing to retry",
+                        sub.name, done,
                     )  # fmt: skip
                     return
-                delay = self._backoff.delay(attempt)
+                if sub.max_attempts is not None and delivery.attempt >= sub.max_attempts:
+                    sub.stats.dropped += left
+                    log.exception(
+                        "subscriber %s failed %d times; giving up %d item(s)",
+                        sub.name, delivery.attempt, left,
+                    )  # fmt: skip
+                    return
+                delay = self._backoff.delay(delivery.attempt)
                 log.exception(
-                    "subscriber %s failed (attempt %d); restarting in %.1fs",
-                    sub.name, attempt, delay,
+                    "subscriber %s failed (attempt %d, %d of %d item(s) left); "
+                    "restarting in %.1fs",
+                    sub.name, delivery.attempt, left, len(items), delay,
                 )  # fmt: skip
                 await self._clock.sleep(delay)
+                delivery = Delivery(items[done:] if done else items, delivery.attempt + 1)
             else:
-                sub.stats.processed += len(batch)
+                sub.stats.processed += len(delivery.items)
                 return

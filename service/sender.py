@@ -35,6 +35,7 @@ from service.clock import Clock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
+from service.hub import Delivery
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker, output_backoff
 from service.sinks.base import Sink
@@ -122,17 +123,21 @@ class DataSender:
         """The output whose transaction also stores checkpoints, if any."""
         return None if self._shared is None else self._shared.sink.name
 
-    async def handle(self, items: list[Any]) -> None:
+    async def handle(self, delivery: Delivery[Any]) -> None:
         """Hub handler: consecutive outputs are written together; a checkpoint first
-        flushes what came before it."""
+        flushes what came before it. Once a checkpoint is durable, it and the outputs
+        before it are marked done: a failure further on makes the hub re-deliver only
+        what follows, so a durable checkpoint is never saved (nor its rows written) again.
+        """
         aggregates: list[Aggregate] = []
         dead_letters: list[DeadLetter] = []
-        for item in items:
+        for i, item in enumerate(delivery.items):
             if type(item) is Outputs:
                 aggregates.extend(item.aggregates)
                 dead_letters.extend(item.dead_letters)
             elif type(item) is Checkpoint:
                 await self._write_then_checkpoint(aggregates, dead_letters, item)
+                delivery.done = i + 1
                 aggregates, dead_letters = [], []
             else:
                 raise TypeError(f"unexpected output item {type(item).__name__}")
@@ -201,11 +206,17 @@ class DataSender:
         self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint
     ) -> None:
         shared = self._shared
-        already_done = cp.done is not None and cp.done.done()  # a retried hub delivery
-        if shared is None or already_done:
+        if cp.done is not None and cp.done.cancelled():
+            # Its waiter gave up: the bus lets revoked partitions go after its timeout
+            # (their new owner may have saved newer state than this), the shutdown at
+            # its deadline. Not a redelivery: those never repeat a durable checkpoint.
             await self.write(aggregates, dead_letters)
-            if not already_done:
-                await self._checkpoint(cp, None)
+            log.warning("checkpoint of %s given up by its waiter; not saved",
+                        [c.partition for c in cp.checkpoints])  # fmt: skip
+            return
+        if shared is None:
+            await self.write(aggregates, dead_letters)
+            await self._checkpoint(cp, None)
             return
         *head, (last_a, last_d) = [*self._chunks(aggregates, dead_letters)] or [([], [])]
         for chunk_a, chunk_d in head:
@@ -243,7 +254,7 @@ class DataSender:
             except Exception as exc:  # the stored checkpoint is the source of truth
                 log.warning("committing positions to the bus failed: %s", exc)
         self._metrics.on_checkpoint(self._clock.monotonic() - started)
-        if cp.done is not None and not cp.done.done():
+        if cp.done is not None and not cp.done.done():  # its waiter may have given up
             cp.done.set_result(None)
 
     def readiness_check(self, sink: Sink) -> Callable[[], Awaitable[None]]:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.clock import Clock
-from service.flow import OUTPUT, Checkpoint, CheckpointRequest, Tick
-from service.hub import EventHub
+from service.flow import Checkpoint, CheckpointRequest, Tick
+from service.hub import Delivery
 
-__all__ = ["AggregatorStage"]
+__all__ = ["AggregatorStage", "Publish"]
 
 log = logging.getLogger(__name__)
+
+Publish = Callable[[Outputs | Checkpoint], Awaitable[None]]
+"""Hands one item to whatever follows the stage (the wiring binds it to the hub's
+output topic); may wait, which is how backpressure reaches the stage."""
 
 _SNAPSHOT_COST_RATIO = 10.0
 """Periodic checkpoints may take at most about 1/10 of the stage's time."""
@@ -22,6 +27,9 @@ _SNAPSHOT_COST_RATIO = 10.0
 
 class AggregatorStage:
     """Feeds :class:`EventAggregator` and publishes what it produces, in order.
+
+    What it produces goes to ``publish``, never to a hub it would have to know: the
+    wiring binds it to the output topic, and tests hand it a recorder.
 
     A checkpoint is taken every ``checkpoint_interval_s`` while something changed,
     right after an idle flush, on a revocation (for the revoked partitions) and on
@@ -45,33 +53,29 @@ class AggregatorStage:
     def __init__(
         self,
         aggregator: EventAggregator,
-        hub: EventHub,
+        publish: Publish,
         clock: Clock,
         checkpoint_interval_s: float,
     ) -> None:
         self._agg = aggregator
-        self._hub = hub
+        self._emit = publish
         self._clock = clock
         self._interval = checkpoint_interval_s
         self._last_checkpoint = clock.monotonic()
         self._snapshot_s = 0.0  # what the last snapshot took
         self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
         self._dirty = False
-        self._inflight: list[Any] | None = None
-        self._done = 0
 
-    async def handle(self, items: list[Any]) -> None:
-        # The hub retries a failed call with the same list: skip what was already done,
-        # so a crash never aggregates a batch twice.
-        first = self._done if items is self._inflight else 0
-        self._inflight, self._done = items, first
-        for item in items[first:]:
+    async def handle(self, delivery: Delivery[Any]) -> None:
+        """Hub handler. Each item is marked done as soon as it is handled, so after a
+        crash the hub re-delivers only the items after it: no batch is aggregated twice."""
+        for item in delivery.items:
             await self._handle_one(item)
-            self._done += 1
+            delivery.done += 1
 
     async def _handle_one(self, item: Any) -> None:
         if type(item) is SourceBatch:
-            await self._publish(self._agg.process(item))
+            await self._emit_outputs(self._agg.process(item))
             self._dirty = True
         elif type(item) is Tick:
             if self._dirty and self._checkpoint_due():
@@ -82,19 +86,16 @@ class AggregatorStage:
             log.info("partitions assigned: %s", [c.partition for c in item.checkpoints])
         elif type(item) is PartitionsRevoked:
             snapshot = self._agg.release(item.partitions)
-            await self._hub.publish(OUTPUT, Checkpoint(snapshot, item.done))
+            await self._emit(Checkpoint(snapshot, item.done))
             log.info("partitions revoked: %s", item.partitions)
         elif type(item) is CheckpointRequest:
             await self._checkpoint(item)
         else:
             raise TypeError(f"unexpected input item {type(item).__name__}")
 
-    async def _publish(self, out: Outputs) -> None:
+    async def _emit_outputs(self, out: Outputs) -> None:
         if out:
-            await self._publish_output(out)
-
-    async def _publish_output(self, item: Outputs | Checkpoint) -> None:
-        await self._hub.publish(OUTPUT, item)
+            await self._emit(out)
 
     def _checkpoint_due(self) -> bool:
         spacing = max(self._interval, _SNAPSHOT_COST_RATIO * self._snapshot_s)
@@ -109,10 +110,11 @@ class AggregatorStage:
         started = self._clock.monotonic()
         snapshot = self._agg.snapshot()
         self._snapshot_s = self._clock.monotonic() - started
+        done = asyncio.get_running_loop().create_future() if request is None else request.done
+        await self._emit(Checkpoint(snapshot, done))
         if request is None:
-            done = self._pending = asyncio.get_running_loop().create_future()
-        else:
-            done = request.done
-        await self._publish_output(Checkpoint(snapshot, done))
+            # Pending only once published: if the publish failed, the re-delivered tick
+            # must not wait for a checkpoint that never left.
+            self._pending = done
         self._last_checkpoint = self._clock.monotonic()
         self._dirty = False

@@ -18,6 +18,7 @@ from service.config import PostgresConfig, Secret, load_config
 from service.errors import PermanentSinkError
 from service.events import Aggregate
 from service.flow import Checkpoint
+from service.hub import Delivery
 from service.ops.metrics import MetricsCollector
 from service.sender import DataSender, SharedTransaction
 from service.sinks.memory import MemorySink
@@ -69,7 +70,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             done = asyncio.get_running_loop().create_future()
             cp = Checkpoint([PartitionCheckpoint("p0", "3", b"s1")], done)
             task = asyncio.create_task(
-                sender.handle([Outputs([agg("a"), agg("b"), agg("c")], []), cp])
+                sender.handle(Delivery([Outputs([agg("a"), agg("b"), agg("c")], []), cp]))
             )
             await memory.wait_until(lambda m: m.writes_started == 1)  # held by pause()
             assert await conn.fetchval(f"SELECT count(*) FROM {cp_table}") == 0
@@ -83,7 +84,9 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             await conn.execute(f"DROP TABLE {cp_table}")
             with pytest.raises(PermanentSinkError):
                 await sender.handle(
-                    [Outputs([agg("d")], []), Checkpoint([PartitionCheckpoint("p0", "4", b"")])]
+                    Delivery(
+                        [Outputs([agg("d")], []), Checkpoint([PartitionCheckpoint("p0", "4", b"")])]
+                    )
                 )
             names = await conn.fetch(f"SELECT name FROM {cfg.table} ORDER BY name")
             assert [r["name"] for r in names] == ["a", "b", "c"]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.clock import ManualClock
-from service.hub import EventHub
+from service.hub import Delivery, EventHub
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
@@ -31,8 +31,8 @@ async def test_items_reach_every_subscriber_of_the_topic_in_order() -> None:
     got: dict[str, list[int]] = {"a": [], "b": [], "other": []}
 
     def collect(key: str) -> Any:
-        async def handle(items: list[int]) -> None:
-            got[key].extend(items)
+        async def handle(d: Delivery[int]) -> None:
+            got[key].extend(d.items)
 
         return handle
 
@@ -53,15 +53,15 @@ async def test_crashing_subscriber_is_retried_while_others_go_on() -> None:
     flaky: list[int] = []
     failures = 2
 
-    async def ok(items: list[int]) -> None:
-        healthy.extend(items)
+    async def ok(d: Delivery[int]) -> None:
+        healthy.extend(d.items)
 
-    async def fails_twice(items: list[int]) -> None:
+    async def fails_twice(d: Delivery[int]) -> None:
         nonlocal failures
         if failures:
             failures -= 1
             raise RuntimeError("boom")
-        flaky.extend(items)
+        flaky.extend(d.items)
 
     hub.subscribe("t", "healthy", ok)
     hub.subscribe("t", "flaky", fails_twice)
@@ -70,8 +70,75 @@ async def test_crashing_subscriber_is_retried_while_others_go_on() -> None:
     await wait_for(lambda: healthy == [1])
     await wait_for(lambda: flaky == [1], clock)
     stats = hub.stats()
-    assert (stats["flaky"].restarts, stats["flaky"].processed) == (2, 1)
+    assert (stats["flaky"].errors, stats["flaky"].processed) == (2, 1)
     assert stats["healthy"].errors == 0
+    await hub.stop()
+
+
+async def test_a_failed_delivery_hands_back_only_the_items_not_done() -> None:
+    hub, clock = make_hub()
+    calls: list[tuple[int, list[int]]] = []
+    finished: list[int] = []
+
+    async def crashes_on_2_once(d: Delivery[int]) -> None:
+        calls.append((d.attempt, list(d.items)))
+        for item in d.items:
+            if item == 2 and d.attempt == 1:
+                raise RuntimeError("boom")
+            finished.append(item)
+            d.done += 1
+
+    hub.subscribe("t", "stage", crashes_on_2_once, max_batch=8)
+    for i in range(5):  # queued before the start: drained as one batch
+        await hub.publish("t", i)
+    await hub.start()
+    await wait_for(lambda: len(finished) == 5, clock)
+    assert finished == [0, 1, 2, 3, 4]  # 0 and 1 were not handed over again
+    assert calls == [(1, [0, 1, 2, 3, 4]), (2, [2, 3, 4])]
+    stats = hub.stats()["stage"]
+    assert (stats.processed, stats.errors, stats.dropped) == (5, 1, 0)
+    await hub.stop()
+
+
+async def test_nothing_is_delivered_again_when_every_item_was_done() -> None:
+    hub, _ = make_hub()
+    calls: list[list[int]] = []
+
+    async def raises_after_finishing(d: Delivery[int]) -> None:
+        calls.append(list(d.items))
+        d.done = len(d.items)
+        if 0 in d.items:
+            raise RuntimeError("boom after the work")
+
+    hub.subscribe("t", "x", raises_after_finishing, max_batch=1)
+    await hub.start()
+    await hub.publish("t", 0)
+    await hub.publish("t", 1)
+    await hub.drain()  # no backoff sleep: the clock is never advanced
+    assert calls == [[0], [1]]
+    stats = hub.stats()["x"]
+    assert (stats.processed, stats.errors) == (2, 1)
+    await hub.stop()
+
+
+async def test_a_miscounted_progress_is_clamped_to_the_delivery() -> None:
+    hub, clock = make_hub()
+    calls: list[list[int]] = []
+
+    async def miscounts(d: Delivery[int]) -> None:
+        calls.append(list(d.items))
+        if len(calls) == 1:
+            d.done = -1
+            raise RuntimeError("boom")
+
+    hub.subscribe("t", "x", miscounts)
+    await hub.publish("t", 0)
+    await hub.publish("t", 1)
+    await hub.start()
+    await wait_for(lambda: len(calls) == 2, clock)
+    await hub.drain()
+    assert calls == [[0, 1], [0, 1]]  # a negative count: nothing was done
+    assert hub.stats()["x"].processed == 2
     await hub.stop()
 
 
@@ -80,18 +147,26 @@ async def test_full_required_queue_makes_the_publisher_wait() -> None:
     gate = asyncio.Event()
     seen: list[int] = []
 
-    async def slow(items: list[int]) -> None:
+    async def slow(d: Delivery[int]) -> None:
         await gate.wait()
-        seen.extend(items)
+        seen.extend(d.items)
 
-    hub.subscribe("t", "slow", slow, maxsize=2, max_batch=1)
+    offered: list[int] = []
+
+    def note(item: int) -> bool:  # the publisher has reached this subscriber's queue
+        offered.append(item)
+        return True
+
+    hub.subscribe("t", "slow", slow, maxsize=2, max_batch=1, accepts=note)
     await hub.start()
     await hub.publish("t", 0)  # taken by the task
     await wait_for(lambda: hub.stats()["slow"].depth == 0)
     await hub.publish("t", 1)
     await hub.publish("t", 2)
     blocked = asyncio.create_task(hub.publish("t", 3))
-    await asyncio.sleep(0)
+    # Once 3 is offered, the publisher puts it without yielding first: so either it
+    # is done now, or it waits for room.
+    await wait_for(lambda: 3 in offered)
     assert not blocked.done()
     gate.set()
     await asyncio.wait_for(blocked, 5)
@@ -104,7 +179,7 @@ async def test_best_effort_subscriber_drops_and_counts_when_full() -> None:
     hub, _ = make_hub()
     gate = asyncio.Event()
 
-    async def slow(items: list[int]) -> None:
+    async def slow(d: Delivery[int]) -> None:
         await gate.wait()
 
     hub.subscribe("t", "observer", slow, maxsize=1, max_batch=1, required=False)
@@ -118,14 +193,37 @@ async def test_best_effort_subscriber_drops_and_counts_when_full() -> None:
     await hub.stop()
 
 
+async def test_best_effort_subscriber_gives_up_only_the_items_not_done() -> None:
+    hub, clock = make_hub()
+    calls: list[list[int]] = []
+
+    async def finishes_one_then_fails(d: Delivery[int]) -> None:
+        calls.append(list(d.items))
+        if 9 in d.items:
+            d.done = 1
+            raise ValueError("poison")
+
+    hub.subscribe("t", "obs", finishes_one_then_fails, required=False, max_attempts=2)
+    for i in (7, 8, 9):
+        await hub.publish("t", i)
+    await hub.start()
+    await wait_for(lambda: hub.stats()["obs"].dropped == 1, clock)
+    assert calls == [[7, 8, 9], [8, 9]]
+    stats = hub.stats()["obs"]
+    assert (stats.processed, stats.errors) == (2, 2)  # 7, then 8; only 9 given up
+    await hub.publish("t", 10)
+    await wait_for(lambda: calls[-1] == [10])
+    await hub.stop()
+
+
 async def test_best_effort_subscriber_gives_up_a_poison_batch_and_goes_on() -> None:
     hub, clock = make_hub()
     seen: list[int] = []
 
-    async def poison_on_zero(items: list[int]) -> None:
-        if 0 in items:
+    async def poison_on_zero(d: Delivery[int]) -> None:
+        if 0 in d.items:
             raise ValueError("poison")
-        seen.extend(items)
+        seen.extend(d.items)
 
     hub.subscribe("t", "obs", poison_on_zero, max_batch=1, required=False, max_attempts=2)
     await hub.start()
@@ -141,8 +239,8 @@ async def test_subscriber_added_at_run_time_starts_receiving() -> None:
     await hub.start()
     got: list[int] = []
 
-    async def handle(items: list[int]) -> None:
-        got.extend(items)
+    async def handle(d: Delivery[int]) -> None:
+        got.extend(d.items)
 
     hub.subscribe("t", "late", handle)
     await hub.publish("t", 5)
@@ -157,7 +255,7 @@ async def test_subscriber_added_at_run_time_starts_receiving() -> None:
 def test_duplicate_subscriber_name_is_refused() -> None:
     hub, _ = make_hub()
 
-    async def h(items: list[int]) -> None: ...
+    async def h(d: Delivery[int]) -> None: ...
 
     hub.subscribe("t", "x", h)
     with pytest.raises(ValueError, match="already exists"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -12,7 +12,8 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
 from service.errors import PermanentSinkError
 from service.events import Aggregate, DeadLetter
-from service.flow import Checkpoint
+from service.flow import OUTPUT, Checkpoint
+from service.hub import Delivery, EventHub
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 from service.sender import DataSender
@@ -25,6 +26,7 @@ class RecordingStore:
     def __init__(self, sinks: Sequence[MemorySink]) -> None:
         self.saved: list[list[PartitionCheckpoint]] = []
         self.sink_sizes_at_save: list[list[int]] = []
+        self.on_save: Callable[[], None] | None = None
         self._sinks = sinks
 
     async def start(self) -> None: ...
@@ -36,6 +38,8 @@ class RecordingStore:
     async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         self.saved.append(list(checkpoints))
         self.sink_sizes_at_save.append([len(s.aggregates) for s in self._sinks])
+        if self.on_save is not None:
+            self.on_save()
 
 
 def agg(name: str, start: float = 0.0) -> Aggregate:
@@ -63,7 +67,7 @@ async def make(
 async def test_outputs_reach_every_sink_in_chunks_of_batch_size() -> None:
     sender, sinks, _, _, _ = await make()
     dl = DeadLetter("{}", "missing_name", "x", "test", 1.0)
-    await sender.handle([Outputs([agg("a"), agg("b")], [dl]), Outputs([agg("c")], [])])
+    await sender.handle(Delivery([Outputs([agg("a"), agg("b")], [dl]), Outputs([agg("c")], [])]))
     for s in sinks:
         assert sorted(k[0] for k in s.aggregates) == ["a", "b", "c"]
         assert s.dead_letters == [dl]
@@ -74,7 +78,9 @@ async def test_checkpoint_is_saved_after_earlier_outputs_and_then_committed() ->
     sender, _, store, commits, _ = await make()
     cp = PartitionCheckpoint("p0", "10", b"{}")
     done = asyncio.get_running_loop().create_future()
-    await sender.handle([Outputs([agg("a")], []), Checkpoint([cp], done), Outputs([agg("b")], [])])
+    await sender.handle(
+        Delivery([Outputs([agg("a")], []), Checkpoint([cp], done), Outputs([agg("b")], [])])
+    )
     assert store.saved == [[cp]]
     assert store.sink_sizes_at_save == [[1, 1]]  # "a" durable before the checkpoint, "b" after
     assert commits == [{"p0": "10"}]
@@ -84,7 +90,7 @@ async def test_checkpoint_is_saved_after_earlier_outputs_and_then_committed() ->
 async def test_transient_sink_failure_is_retried_without_blocking_the_other_sink() -> None:
     sender, sinks, _, _, clock = await make()
     sinks[0].fail_next(2)
-    task = asyncio.create_task(sender.handle([Outputs([agg("a")], [])]))
+    task = asyncio.create_task(sender.handle(Delivery([Outputs([agg("a")], [])])))
     await sinks[1].wait_until(lambda s: len(s.aggregates) == 1)
     assert not sinks[0].aggregates
     assert "s0" in sender.degraded
@@ -101,12 +107,49 @@ async def test_permanent_sink_error_is_raised_for_the_hub_to_retry() -> None:
     sender, sinks, _, _, _ = await make(1)
     sinks[0].fail_next(1, PermanentSinkError("table missing"))
     with pytest.raises(PermanentSinkError):
-        await sender.handle([Outputs([agg("a")], [])])
+        await sender.handle(Delivery([Outputs([agg("a")], [])]))
 
 
-async def test_checkpoint_already_done_is_not_saved_again() -> None:
-    sender, _, store, _, _ = await make()
+async def test_a_durable_checkpoint_is_marked_done_with_the_outputs_before_it() -> None:
+    sender, sinks, store, _, _ = await make()
+    # the first sink breaks right after the checkpoint is saved: "b" cannot be written
+    store.on_save = lambda: sinks[0].fail_next(1, PermanentSinkError("table dropped"))
+    delivery = Delivery(
+        [Outputs([agg("a")], []), Checkpoint([PartitionCheckpoint("p0", "1", None)]),
+         Outputs([agg("b")], [])]
+    )  # fmt: skip
+    with pytest.raises(PermanentSinkError):
+        await sender.handle(delivery)
+    assert delivery.done == 2  # the hub hands back only Outputs "b"
+
+
+async def test_a_redelivery_through_the_hub_does_not_save_a_durable_checkpoint_again() -> None:
+    sender, sinks, store, commits, clock = await make()
+    store.on_save = lambda: sinks[0].fail_next(1, PermanentSinkError("table dropped"))
+    hub = EventHub(MetricsCollector(clock), clock, Backoff("fixed", 1.0, 1.0))
+    hub.subscribe(OUTPUT, "sender", sender.handle)
+    cp = PartitionCheckpoint("p0", "1", None)
+    for item in (Outputs([agg("a")], []), Checkpoint([cp]), Outputs([agg("b")], [])):
+        await hub.publish(OUTPUT, item)  # before the start: one delivery
+    await hub.start()
+    async with asyncio.timeout(5):  # the hub backs off on the clock before re-delivering
+        while hub.stats()["sender"].processed < 3:
+            clock.advance(1.0)
+            await asyncio.sleep(0)
+    await hub.stop()
+    assert hub.stats()["sender"].errors == 1
+    assert store.saved == [[cp]] and commits == [{"p0": "1"}]
+    assert all(sorted(k[0] for k in s.aggregates) == ["a", "b"] for s in sinks)
+    assert [len(w[0]) for w in sinks[1].writes] == [1, 1, 1]  # "a" once, "b" on both tries
+
+
+async def test_a_checkpoint_whose_waiter_gave_up_is_not_saved() -> None:
+    """The bus lets revoked partitions go when nobody confirms them in time (it cancels
+    ``done``); a late save could overwrite the state of their new owner."""
+    sender, sinks, store, commits, _ = await make()
     done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    await sender.handle([Checkpoint([PartitionCheckpoint("p0", "1", None)], done)])
-    assert store.saved == []
+    done.cancel()
+    cp = Checkpoint([PartitionCheckpoint("p0", "1", None)], done)
+    await sender.handle(Delivery([Outputs([agg("a")], []), cp]))
+    assert store.saved == [] and commits == []
+    assert all(len(s.aggregates) == 1 for s in sinks)  # the outputs are still written

@@ -15,6 +15,7 @@ from service.clock import ManualClock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
+from service.hub import Delivery
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker
 from service.sender import DataSender, SharedTransaction
@@ -68,7 +69,7 @@ async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time
     check = sender.readiness_check(sink)
     await check()
     sink.fail_next(7)  # failures at t=0,1,2 (opens), probes at 12,22,32,42, success at 52
-    task = asyncio.create_task(sender.handle([Outputs([agg("a")], [])]))
+    task = asyncio.create_task(sender.handle(Delivery([Outputs([agg("a")], [])])))
     for _ in range(10):
         await asyncio.sleep(0)
     assert sink.failed_writes == 1
@@ -115,7 +116,9 @@ async def test_a_failing_checkpoint_store_is_retried_and_named_checkpoints() -> 
     metrics = MetricsCollector(clock)
     store = _NoStore(fail=2)
     sender = DataSender([], store, _no_commit, metrics, clock, backoff=Backoff("fixed", 1.0, 1.0))
-    task = asyncio.create_task(sender.handle([Checkpoint([PartitionCheckpoint("p", "1", None)])]))
+    task = asyncio.create_task(
+        sender.handle(Delivery([Checkpoint([PartitionCheckpoint("p", "1", None)])]))
+    )
     await drive(clock, task)
     assert store.saved == 1 and metrics.sink_retries == {"checkpoints": 2}
 
@@ -181,12 +184,12 @@ async def test_the_last_chunk_and_the_checkpoint_share_the_partners_transaction(
     assert sender.checkpoint_partner == "tx"
 
     outputs = Outputs([agg("a"), agg("b"), agg("c")], [])
-    await sender.handle([outputs, Checkpoint([PartitionCheckpoint("p", "1", None)])])
+    await sender.handle(Delivery([outputs, Checkpoint([PartitionCheckpoint("p", "1", None)])]))
 
     assert log == ["tx rows ['c']", "checkpoint on conn"]  # a, b went by plain writes
     assert [[a.name for a in w[0]] for w in other.writes] == [["a", "b"], ["c"]]
     assert [[a.name for a in w[0]] for w in tx.writes] == [["a", "b"], ["c"]]
     assert store.saved == 0  # never the separate save
 
-    await sender.handle([Checkpoint([PartitionCheckpoint("p", "2", None)])])
+    await sender.handle(Delivery([Checkpoint([PartitionCheckpoint("p", "2", None)])]))
     assert log[-2:] == ["tx rows []", "checkpoint on conn"]

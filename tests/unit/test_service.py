@@ -65,6 +65,9 @@ async def test_restart_after_graceful_stop_continues_open_windows_exactly(tmp_pa
         ("b", "sum"): 5.0,
     }
     assert bus.commits[-1] == {"p0": "5"}  # committed at the final checkpoint
+    sender = service.status()["subscribers"]["sender"]
+    assert set(sender) == {"processed", "errors", "dropped", "depth"}
+    assert sender["processed"] > 0 and sender["errors"] == 0
 
     # same records again (a replaying source) plus new ones that close the second window
     second = [*first, ev("a", 100, START + 63), ev("a", 0, START + 125)]
