@@ -20,6 +20,10 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
         from service.bus.http import HttpBus
 
         return HttpBus(cfg.bus, metrics, clock)
+    if cfg.bus.kind == "kafka" and cfg.bus.kafka_repartition:
+        from service.bus.repartition import build_repartitioned_bus
+
+        return build_repartitioned_bus(cfg.bus, cfg.kafka, metrics, clock)
     if cfg.bus.kind == "kafka":
         from service.bus.kafka import KafkaBus
 

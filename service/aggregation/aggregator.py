@@ -163,6 +163,8 @@ class EventAggregator:
             part = self._parts[batch.partition] = PartitionState()
         seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
         out = Outputs()
+        if batch.origins is not None and (replayed := part.drop_replayed(batch)):
+            self._metrics.on_replays_dropped(replayed)
         if batch.records:
             part.last_message_at = seen
             self._aggregate(part, batch, out)

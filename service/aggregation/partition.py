@@ -29,6 +29,7 @@ from typing import Any, Final
 import orjson
 
 from service.aggregation.functions import Acc
+from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
 __all__ = ["NEG_INF", "STATE_FORMAT", "PartitionState", "WindowKey"]
@@ -52,6 +53,8 @@ class PartitionState:
     last_message_at: float = 0.0  # bus monotonic time of the last batch with messages
     reported_at: float = 0.0  # bus monotonic time of the last batch of any kind
     lag: int | None = None  # messages unread at the last report, when the bus knows
+    # repartitioned input: the last (offset, element) delivered from each input partition
+    origins: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     # -- the idleness rule ------------------------------------------------------------
     def idle(self, idle_timeout_s: float) -> bool:
@@ -96,6 +99,7 @@ class PartitionState:
             "format": STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
+            "origins": self.origins,
             "windows": [
                 [start, name, func, acc]
                 for start, keyed in self.windows.items()
@@ -121,4 +125,29 @@ class PartitionState:
             p.closed_until = body["closed_until"]
         for start, name, func, acc in body["windows"]:
             p.windows.setdefault(start, {})[(name, func)] = acc
+        p.origins = {k: (v[0], v[1]) for k, v in body.get("origins", {}).items()}
         return p
+
+    def drop_replayed(self, batch: SourceBatch) -> int:
+        """Remove from ``batch`` the records this partition has delivered before (their
+        origin is not after the last one seen from the same input partition); returns
+        how many. The routing stage writes each input partition's records in order, so
+        anything not newer is a replay after its crash or rebalance."""
+        origins = batch.origins
+        if origins is None:
+            return 0
+        seen = self.origins
+        keep: list[int] = []
+        for i, (source, offset, element) in enumerate(origins):
+            mark = (offset, element)
+            last = seen.get(source)
+            if last is None or mark > last:
+                seen[source] = mark
+                keep.append(i)
+        dropped = len(origins) - len(keep)
+        if dropped:
+            batch.records = [batch.records[i] for i in keep]
+            if batch.offsets is not None:
+                batch.offsets = [batch.offsets[i] for i in keep]
+            batch.origins = [origins[i] for i in keep]
+        return dropped

@@ -21,11 +21,16 @@ __all__ = [
     "Bus",
     "BusItem",
     "Emit",
+    "Origin",
     "PartitionsAssigned",
     "PartitionsRevoked",
     "Restore",
     "SourceBatch",
 ]
+
+
+Origin = tuple[str, int, int]
+"""(input partition, offset, element index) of a repartitioned record."""
 
 
 @dataclass(slots=True)
@@ -58,6 +63,7 @@ class SourceBatch:
     caught_up: bool = False
     polled_at: float | None = None
     lag: int | None = None
+    origins: list[Origin] | None = None
 
 
 REPORT_INTERVAL_S: Final = 1.0

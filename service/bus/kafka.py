@@ -35,6 +35,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
+    Origin,
     PartitionsAssigned,
     PartitionsRevoked,
     Restore,
@@ -50,7 +51,7 @@ from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
-__all__ = ["KafkaBus"]
+__all__ = ["ORIGIN_HEADER", "KafkaBus"]
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ class KafkaBus(AsyncResource):
                 caught_up = highwater is not None and live.next_offset >= highwater
                 live.reported_at = mono
                 received += len(msgs)
+                origins = _origins(msgs) if self._cfg.kafka_repartition else None
                 await emit(
                     SourceBatch(
                         partition=live.partition,
@@ -323,6 +325,7 @@ class KafkaBus(AsyncResource):
                         caught_up=caught_up,
                         polled_at=mono,
                         lag=None if highwater is None else max(0, highwater - live.next_offset),
+                        origins=origins,
                     )
                 )
             # Reports on partitions this poll brought nothing for: a silent partition
@@ -509,6 +512,25 @@ class KafkaBus(AsyncResource):
             ) from exc
         if topic not in topics:
             raise TransientError(f"Kafka bus {self._servers}: topic {topic!r} does not exist")
+
+
+ORIGIN_HEADER = "vabus-origin"
+"""Header the routing stage puts on each record: ``<topic>:<partition>:<offset>:<element>``
+of the event in the original input (service/bus/repartition.py)."""
+
+
+def _origins(msgs: Sequence[Any]) -> list[Origin]:
+    """Each record's origin; a record without the header (written by something else)
+    gets a unique one of its own, so it is never taken for a replay."""
+    out: list[Origin] = []
+    for m in msgs:
+        raw = next((v for k, v in m.headers or () if k == ORIGIN_HEADER), None)
+        if raw is None:
+            out.append((f"unrouted:{m.partition}", m.offset, 0))
+            continue
+        partition, offset, element = raw.decode().rsplit(":", 2)
+        out.append((partition, int(offset), int(element)))
+    return out
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

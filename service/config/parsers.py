@@ -39,7 +39,9 @@ TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 HTTP_FORM = "http(s)://host[:port][/base] without credentials, query or fragment"
-KAFKA_FORM = "kafka://host:port[,host:port]/<topic>[?group=<id>&metrics_topic=<topic>]"
+KAFKA_FORM = (
+    "kafka://host:port[,host:port]/<topic>[?group=<id>&metrics_topic=<topic>&repartition=true]"
+)
 DEMO_FORM = "demo://[?rate=<events/s>&names=<n>]"
 MECHANISM_FORM = "one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"
 FILE_FORM = "the path of an existing file"
@@ -149,7 +151,9 @@ def kafka_bus(url: str) -> BusConfig:
         servers = parse_servers(parts.netloc)
     except Invalid as error:
         raise Invalid(error.detail, expected=KAFKA_FORM) from None
-    params = query(parts.query, allowed=("group", "metrics_topic"), form=KAFKA_FORM)
+    params = query(
+        parts.query, allowed=("group", "metrics_topic", "repartition"), form=KAFKA_FORM
+    )
     defaults = BusConfig()
     topic = parts.path.removeprefix("/") or defaults.kafka_topic
     for what, name in (("topic", topic), ("metrics_topic", params.get("metrics_topic"))):
@@ -157,6 +161,9 @@ def kafka_bus(url: str) -> BusConfig:
             raise Invalid(f"bad {what} {name!r}", expected=KAFKA_FORM)
     if params.get("group") == "":
         raise Invalid("empty group", expected=KAFKA_FORM)
+    repartition = params.get("repartition", "false").lower()
+    if repartition not in ("true", "false"):
+        raise Invalid(f"repartition must be true or false, not {repartition!r}", KAFKA_FORM)
     return BusConfig(
         url=url,
         kind="kafka",
@@ -164,6 +171,7 @@ def kafka_bus(url: str) -> BusConfig:
         kafka_topic=topic,
         kafka_group=params.get("group", defaults.kafka_group),
         kafka_metrics_topic=params.get("metrics_topic", defaults.kafka_metrics_topic),
+        kafka_repartition=repartition == "true",
     )
 
 

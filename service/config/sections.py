@@ -56,6 +56,9 @@ class BusConfig:
     kafka_group: str = "vabus-aggregator"
     kafka_metrics_topic: str = "vabus-metrics"
     kafka_session_timeout_ms: int = 10_000  # VABUS_KAFKA_SESSION_TIMEOUT_MS
+    # ?repartition=true: the input is not keyed by event name; route every event by name
+    # through the internal topic first (service/bus/repartition.py)
+    kafka_repartition: bool = False
     # demo://?rate=<events/s>&names=<n>
     demo_rate: float = 1000.0
     demo_names: int = 50

@@ -128,6 +128,7 @@ class MetricsCollector:
         self.events_received = 0
         self.events_aggregated = 0
         self.events_late = 0
+        self.replays_dropped = 0
         self.aggregates_emitted = 0
         self.open_windows = 0
         self.watermark: float | None = None
@@ -171,6 +172,10 @@ class MetricsCollector:
 
     def on_events_rejected(self, reason: str, n: int = 1) -> None:
         self.events_rejected[reason if reason in _KNOWN_REASONS else "other"] += n
+
+    def on_replays_dropped(self, n: int) -> None:
+        """Repartitioned records dropped as replays of the routing stage."""
+        self.replays_dropped += n
 
     def on_events_late(self, n: int = 1) -> None:
         self.events_late += n
@@ -275,6 +280,7 @@ class MetricsCollector:
             "events_rejected": sum(self.events_rejected.values()),
             "events_rejected_by_reason": dict(self.events_rejected),
             "events_late": self.events_late,
+            "replays_dropped": self.replays_dropped,
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
             "bus_errors": _by_retriable(self.bus_errors),
@@ -388,6 +394,11 @@ class _PrometheusView:
             ("events_late", "Events behind the watermark past grace.", m.events_late),
             ("aggregates_emitted", "Aggregates from closed windows.", m.aggregates_emitted),
             ("metrics_publish_errors", "Failed metric sends.", m.metrics_publish_errors),
+            (
+                "replays_dropped",
+                "Repartitioned records dropped as replays of the routing stage.",
+                m.replays_dropped,
+            ),
         ):
             # CounterMetricFamily appends the ``_total`` suffix itself.
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value)

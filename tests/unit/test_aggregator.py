@@ -339,3 +339,24 @@ def test_per_partition_watermark_holding_and_lag_are_exported() -> None:
     families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
     assert gauge("lag_messages") == {"p1": 4.0}
     assert gauge("holds_watermark")["p1"] == 1.0  # unread data again: it holds
+
+
+def test_replays_of_the_routing_stage_are_dropped_and_the_marks_are_checkpointed() -> None:
+    """Repartitioned input: records whose origin this partition already delivered (the
+    routing stage replayed them after a crash) count once, also after a restore."""
+    agg, clock = make()
+    start = 1_699_999_980.0
+    first = [ev("a", 1, start + 1), ev("a", 2, start + 2), ev("b", 5, start + 3)]
+    origins = [("in:0", 10, 0), ("in:0", 10, 1), ("in:1", 4, 0)]
+    agg.process(SourceBatch("r:0", first, "t", "3", NOW, origins=origins))
+    [saved] = agg.snapshot()
+    replay = [ev("a", 2, start + 2), ev("b", 5, start + 3), ev("a", 7, start + 4)]
+    again = [("in:0", 10, 1), ("in:1", 4, 0), ("in:0", 11, 0)]
+    for target in (agg, restored := make(clock)[0]):
+        if target is restored:
+            target.restore([saved])
+        target.process(SourceBatch("r:0", list(replay), "t", "6", NOW, origins=list(again)))
+        clock.advance(61)
+        out = report(target, "r:0")
+        sums = {(a.name, a.value, a.count) for a in out.aggregates}
+        assert sums == {("a", 10.0, 3), ("b", 5.0, 1)}

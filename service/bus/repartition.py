@@ -1,0 +1,307 @@
+"""``repartition=true``: input that is not keyed by event name, routed by name first.
+
+Windows are kept per input partition, so two instances that each see part of one name's
+events would each emit a partial aggregate. With ``?repartition=true`` every instance
+runs two stages on the Kafka bus:
+
+1. **Routing** (:class:`Router`): a member of the consumer group ``<group>`` on the
+   input topic. It splits each message into its events and writes each one, keyed by
+   its name, to the internal topic ``vabus-repartition.<group>`` (as many partitions as
+   the input topic; created at start-up when missing). Each record carries the header
+   ``vabus-origin: <topic>:<partition>:<offset>:<element>``. Only after the broker has
+   acknowledged a batch are its input offsets committed (to Kafka: this stage has no
+   other state). Messages without a usable name (not JSON, not an object, no string
+   name) are routed by their input partition, so they reach the windowing stage's
+   validation and dead letters the same way every time.
+2. **Windowing**: the usual :class:`~service.bus.kafka.KafkaBus` on the internal topic,
+   group ``<group>.windows``. Now each name lives in one partition: any number of
+   instances give one exact result per window.
+
+**No event counted twice.** A crash of the routing stage replays the input from its
+committed offsets, so the internal topic may hold a record twice. The routing stage
+writes one input partition's records in order, so in each internal partition the
+origins of one input partition only increase; the windowing stage keeps the last
+origin seen per input partition in the internal partition's checkpoint (with its
+windows) and drops any record that is not newer. Counted as
+``vabus_aggregator_replays_dropped_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from service.bus.base import Emit, Restore
+from service.bus.kafka import ORIGIN_HEADER, KafkaBus
+from service.clock import Clock
+from service.config import BusConfig, KafkaConfig
+from service.errors import TransientError
+from service.events import Metric
+from service.kafka_client import client_options
+from service.lifecycle import AsyncResource
+from service.ops.metrics import MetricsCollector
+
+__all__ = ["RepartitionedBus", "Router", "internal_topic", "windowing_group"]
+
+log = logging.getLogger(__name__)
+
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
+_POLL_MS: Final = 500
+_MAX_RECORDS: Final = 5_000
+_RETRY_S: Final = 1.0
+
+
+def internal_topic(group: str) -> str:
+    return f"vabus-repartition.{_UNSAFE.sub('_', group)}"[:249]
+
+
+def windowing_group(group: str) -> str:
+    return f"{group}.windows"
+
+
+def route(value: bytes | None, fallback: bytes) -> list[tuple[bytes, bytes]]:
+    """(key, value) per event of one input message, in order. An object keeps its exact
+    text; array elements are written one each; a message without a usable name goes
+    whole, keyed by ``fallback`` (its input partition), to be dead-lettered downstream."""
+    raw = value or b""
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return [(fallback, raw)]
+    if type(decoded) is list:
+        return [(_key(e, fallback), orjson.dumps(e)) for e in decoded]
+    return [(_key(decoded, fallback), raw)]
+
+
+def _key(event: Any, fallback: bytes) -> bytes:
+    name = event.get("name") if type(event) is dict else None
+    return name.encode("utf-8", "surrogatepass") if type(name) is str and name else fallback
+
+
+class Router(AsyncResource):
+    """Stage one: input topic → internal topic, keyed by name (see the module docstring)."""
+
+    def __init__(self, bus_cfg: BusConfig, kafka_cfg: KafkaConfig, clock: Clock) -> None:
+        self._cfg = bus_cfg
+        self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
+        self._clock = clock
+        self.topic = internal_topic(bus_cfg.kafka_group)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._stopping = asyncio.Event()
+        self._batch_lock = asyncio.Lock()  # a rebalance waits for the batch in flight
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        self._stopping.clear()
+        try:
+            producer = AIOKafkaProducer(**self._options, acks="all", linger_ms=5)
+            await producer.start()
+            self._producer = producer
+            session_ms = self._cfg.kafka_session_timeout_ms
+            consumer = AIOKafkaConsumer(
+                **self._options,
+                group_id=self._cfg.kafka_group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=session_ms,
+                heartbeat_interval_ms=max(100, session_ms // 3),
+            )
+            await consumer.start()
+            self._consumer = consumer
+            await self._ensure_topic(consumer)
+        except KafkaError as exc:
+            await self.stop()
+            raise TransientError(f"repartition: cannot start ({exc!r})") from exc
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+
+    def stop_intake(self) -> None:
+        self._stopping.set()
+
+    async def _ensure_topic(self, consumer: AIOKafkaConsumer) -> None:
+        """The internal topic, with as many partitions as the input topic."""
+        source = self._cfg.kafka_topic
+        while source not in await consumer.topics():
+            log.warning("repartition: input topic %r does not exist yet", source)
+            await self._clock.sleep(_RETRY_S)
+        count = len(consumer.partitions_for_topic(source) or ())
+        admin = AIOKafkaAdminClient(**self._options)
+        await admin.start()
+        try:
+            response = await admin.create_topics([NewTopic(self.topic, max(1, count), 1)])
+        finally:
+            await admin.close()
+        for name, code, message, *_ in response.topic_errors:
+            if code == 0:
+                log.info("repartition: created internal topic %s (%d partitions)", name, count)
+            elif for_code(code) is not TopicAlreadyExistsError:
+                raise for_code(code)(f"cannot create topic {name!r}: {message}")
+
+    async def run(self) -> None:
+        """Route until :meth:`stop_intake`; broker errors are logged and retried."""
+        consumer = self._require(self._consumer)
+        consumer.subscribe([self._cfg.kafka_topic], listener=_CommitOnRevoke(self))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                poll = asyncio.ensure_future(
+                    consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
+                )
+                await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if self._stopping.is_set():
+                    poll.cancel()
+                    await asyncio.gather(poll, return_exceptions=True)
+                    return
+                try:
+                    await self._forward(poll.result())
+                except KafkaError as exc:
+                    # nothing was committed: the next poll starts where the batch did
+                    log.warning("repartition: routing failed (%r), retrying in %.0fs",
+                                exc, _RETRY_S)  # fmt: skip
+                    await self._seek_to_committed()
+                    await self._clock.sleep(_RETRY_S)
+        finally:
+            stop.cancel()
+
+    async def _forward(self, data: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        consumer, producer = self._require(self._consumer), self._require(self._producer)
+        async with self._batch_lock:
+            assigned = consumer.assignment()
+            sent = []
+            offsets: dict[TopicPartition, int] = {}
+            for tp, msgs in data.items():
+                if tp not in assigned or not msgs:
+                    continue  # revoked meanwhile: its new owner reads it again
+                fallback = f"{tp.topic}:{tp.partition}".encode()
+                for m in msgs:
+                    for i, (key, value) in enumerate(route(m.value, fallback)):
+                        origin = f"{tp.topic}:{tp.partition}:{m.offset}:{i}".encode()
+                        sent.append(await producer.send(
+                            self.topic, value, key=key, headers=[(ORIGIN_HEADER, origin)]
+                        ))  # fmt: skip
+                offsets[tp] = msgs[-1].offset + 1
+            await asyncio.gather(*sent)
+            if offsets:
+                await self._commit(offsets)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self._require(self._consumer)
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:  # a replay is harmless: the windowing stage drops it
+            log.info("repartition: commit skipped (%r)", exc)
+
+    async def _seek_to_committed(self) -> None:
+        consumer = self._require(self._consumer)
+        for tp in consumer.assignment():
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+
+    async def flush_for_revoke(self) -> None:
+        """Called on a rebalance: the batch in flight finishes (and commits) first."""
+        async with self._batch_lock:
+            return
+
+    async def check(self) -> None:
+        if self._producer is None:
+            raise TransientError("repartition: not started")
+
+    def _require(self, client: Any) -> Any:
+        if client is None:
+            raise RuntimeError("Router is not started")
+        return client
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._router.flush_for_revoke()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return None
+
+
+class RepartitionedBus(AsyncResource):
+    """The ``kafka://…?repartition=true`` transport: both stages as one bus."""
+
+    name = "kafka"
+
+    def __init__(self, router: Router, windowing: KafkaBus) -> None:
+        self._router = router
+        self._windowing = windowing
+
+    async def start(self) -> None:
+        await self._router.start()  # creates the internal topic the windowing stage reads
+        try:
+            await self._windowing.start()
+        except BaseException:
+            await self._router.stop()
+            raise
+
+    async def stop(self) -> None:
+        await self._windowing.stop()
+        await self._router.stop()
+
+    async def run(self, emit: Emit, restore: Restore) -> None:
+        """Both stages; when the windowing stage returns (intake stopped), routing stops."""
+        routing = asyncio.ensure_future(self._router.run())
+        try:
+            await self._windowing.run(emit, restore)
+        finally:
+            self._router.stop_intake()
+            await asyncio.gather(routing, return_exceptions=True)
+        if routing.done() and not routing.cancelled() and (exc := routing.exception()):
+            raise exc
+
+    def stop_intake(self) -> None:
+        self._router.stop_intake()
+        self._windowing.stop_intake()
+
+    async def commit(self, positions: Mapping[str, str]) -> None:
+        await self._windowing.commit(positions)
+
+    async def send_metrics(self, metrics: Sequence[Metric]) -> None:
+        await self._windowing.send_metrics(metrics)
+
+    async def check(self) -> None:
+        await self._windowing.check()
+        await self._router.check()
+
+
+def build_repartitioned_bus(
+    bus_cfg: BusConfig, kafka_cfg: KafkaConfig, metrics: MetricsCollector, clock: Clock
+) -> RepartitionedBus:
+    from dataclasses import replace
+
+    windowing_cfg = replace(
+        bus_cfg,
+        kafka_topic=internal_topic(bus_cfg.kafka_group),
+        kafka_group=windowing_group(bus_cfg.kafka_group),
+    )
+    return RepartitionedBus(
+        Router(bus_cfg, kafka_cfg, clock), KafkaBus(windowing_cfg, kafka_cfg, metrics, clock)
+    )
