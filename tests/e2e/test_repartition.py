@@ -77,5 +77,7 @@ async def test_unkeyed_input_over_two_instances_one_killed_is_exact(
               f"(one kill -9ed); replays dropped by the survivor: "
               f"{final.get('replays_dropped')}")  # fmt: skip
     finally:
+        if b.proc.proc.poll() is None:  # the test failed before the kill
+            b.kill9()
         code = a.terminate()
     assert code == 0, a.proc.log_text()[-3000:]
