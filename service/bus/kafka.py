@@ -30,7 +30,6 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from service.bus.base import (
@@ -46,7 +45,7 @@ from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, is_retriable, retry
@@ -62,7 +61,6 @@ _MAX_RECORDS = 20_000
 _RESTORE_ATTEMPTS = 5
 _METRICS_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
-_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
 
 def _partition_id(tp: TopicPartition) -> str:
@@ -216,17 +214,9 @@ class KafkaBus(AsyncResource):
         topic = self._cfg.kafka_metrics_topic
         try:
             if topic not in topics:
-                admin = AIOKafkaAdminClient(**self._options)
-                await admin.start()
-                try:
-                    # one partition, replication 1: metrics are best-effort; operators who
-                    # want them durable create the topic themselves
-                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
-                finally:
-                    await admin.close()
-                for name, code, *_ in getattr(response, "topic_errors", []):
-                    if code not in (0, _TOPIC_ALREADY_EXISTS):
-                        log.warning("kafka bus: creating topic %r failed (error %d)", name, code)
+                # one partition: metrics are best-effort
+                for error in (await create_topics(self._options, [topic], 1)).values():
+                    log.warning("kafka bus: %s", error)
             producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
             await producer.start()
         except KafkaError as exc:

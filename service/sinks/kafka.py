@@ -36,7 +36,6 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
@@ -48,10 +47,8 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
-    TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
-    for_code,
 )
 from aiokafka.partitioner import murmur2
 
@@ -59,7 +56,7 @@ from service.clock import Clock, SystemClock
 from service.config import KafkaConfig
 from service.errors import PermanentSinkError, TransientError
 from service.events import Aggregate, DeadLetter, iso_utc
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 
@@ -208,24 +205,10 @@ class KafkaSink(AsyncResource):
 
 
     async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(
-            **client_options(self._cfg), request_timeout_ms=self._request_timeout_ms
-        )
-        await admin.start()
-        try:
-            topics = [self._cfg.topic, self._cfg.dlq_topic]
-            response = await admin.create_topics(
-                [NewTopic(t, self._topic_partitions, 1) for t in dict.fromkeys(topics)]
-            )
-        finally:
-            await admin.close()
-        for topic, code, message, *_ in response.topic_errors:
-            if code == 0:
-                log.info("kafka: created topic %s", topic)
-                continue
-            err = for_code(code)
-            if err is not TopicAlreadyExistsError:
-                raise err(f"cannot create topic {topic!r}: {message}")
+        options = {**client_options(self._cfg), "request_timeout_ms": self._request_timeout_ms}
+        topics = [self._cfg.topic, self._cfg.dlq_topic]
+        for error in (await create_topics(options, topics, self._topic_partitions)).values():
+            raise error
 
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
