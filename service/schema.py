@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 
 __all__ = [
     "CHECKPOINT_TABLE",
@@ -203,7 +203,7 @@ async def migrate(dsn: str, table: str, dead_letter_table: str, *, timeout_s: fl
     """Create or upgrade the schema behind ``dsn``.
 
     Raises ``ValueError`` for a bad table name, :class:`TransientError` when the server
-    cannot be reached and :class:`PermanentSinkError` when it refuses (e.g. missing
+    cannot be reached and :class:`PermanentError` when it refuses (e.g. missing
     ``CREATE`` privilege or wrong credentials).
     """
     TableNames.of(table, dead_letter_table)  # fail on bad names before connecting
@@ -217,7 +217,7 @@ async def migrate(dsn: str, table: str, dead_letter_table: str, *, timeout_s: fl
         if pg_error_kind(exc) == "transient":
             raise TransientError(f"schema migration interrupted: {exc}") from exc
         if isinstance(exc, asyncpg.PostgresError):
-            raise PermanentSinkError(
+            raise PermanentError(
                 f"schema migration failed (SQLSTATE {exc.sqlstate}): {exc}; the database "
                 "user needs CREATE privilege on the target schema"
             ) from exc
@@ -266,7 +266,7 @@ def classify_connect_error(exc: BaseException) -> Exception:
     """Map a failure to open a connection or pool onto the service's error tree."""
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate[:2] in ("28", "3D"):
-        return PermanentSinkError(
+        return PermanentError(
             f"PostgreSQL refused the connection (SQLSTATE {sqlstate}): {exc}; "
             "check the user, password and database name in POSTGRES_DSN"
         )

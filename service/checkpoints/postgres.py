@@ -13,7 +13,7 @@ from typing import Any, Final
 import asyncpg
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import PermanentSinkError, ServiceError, TransientError
+from service.errors import PermanentError, ServiceError, TransientError
 from service.lifecycle import AsyncResource
 from service.schema import (
     CHECKPOINT_TABLE,
@@ -69,7 +69,7 @@ class PostgresCheckpointStore(AsyncResource):
     Given a pool, the store borrows it (the owner closes it); given a DSN, it opens
     and closes a small pool of its own. ``start`` creates the table if it is missing.
     Errors: :class:`TransientError` while the server is unreachable,
-    :class:`PermanentSinkError` for anything retrying cannot fix.
+    :class:`PermanentError` for anything retrying cannot fix.
     """
 
     def __init__(
@@ -134,7 +134,7 @@ class PostgresCheckpointStore(AsyncResource):
         result: dict[str, PartitionCheckpoint] = {}
         for row in rows:
             if row["format"] != ROW_FORMAT:
-                raise PermanentSinkError(
+                raise PermanentError(
                     f"checkpoint of {self.namespace!r}/{row['partition']!r} in {self._table} "
                     f"has format {row['format']}, this service reads {ROW_FORMAT}; run a "
                     "matching service version"
@@ -164,7 +164,7 @@ class PostgresCheckpointStore(AsyncResource):
     def _classify(self, exc: Exception) -> ServiceError:
         if pg_error_kind(exc) == "transient":
             return TransientError(f"PostgreSQL unavailable for checkpoints: {exc}")
-        return PermanentSinkError(
+        return PermanentError(
             f"checkpoint table {self._table} refused the operation "
             f"(SQLSTATE {getattr(exc, 'sqlstate', '?')}): {type(exc).__name__}: {exc}"
         )

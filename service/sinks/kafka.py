@@ -54,7 +54,7 @@ from aiokafka.partitioner import murmur2
 
 from service.clock import Clock, SystemClock
 from service.config import KafkaConfig
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter, iso_utc
 from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
@@ -313,15 +313,15 @@ class KafkaSink(AsyncResource):
                 f"Kafka brokers {self._servers} unreachable: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
+    def _classify(self, exc: Exception) -> TransientError | PermanentError:
         servers = self._servers
         if isinstance(exc, _TOO_LARGE):
-            return PermanentSinkError(
+            return PermanentError(
                 f"Kafka refused a record as too large ({exc}); raise KAFKA_MAX_REQUEST_SIZE "
                 f"(now {self._cfg.max_request_size}) and the topic's max.message.bytes"
             )
         if isinstance(exc, _AUTH):
-            return PermanentSinkError(
+            return PermanentError(
                 f"Kafka at {servers} refused authentication or authorisation ({exc}); check "
                 "KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
                 f"{self._cfg.topic!r} and {self._cfg.dlq_topic!r}"
@@ -330,6 +330,6 @@ class KafkaSink(AsyncResource):
             isinstance(exc, KafkaError) and exc.retriable
         ):
             return TransientError(f"Kafka at {servers} unavailable: {type(exc).__name__}: {exc}")
-        return PermanentSinkError(
+        return PermanentError(
             f"Kafka at {servers} failed with an unexpected error: {type(exc).__name__}: {exc}"
         )

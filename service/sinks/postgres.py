@@ -17,7 +17,7 @@ transaction-rollback and resource classes are :class:`TransientError` (the sende
 retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
 savepoints until the bad rows are found, each becomes a dead letter with reason
 ``invalid_value`` and everything else is stored; schema and permission errors (42) are
-a :class:`PermanentSinkError` whose message says what the operator must do.
+a :class:`PermanentError` whose message says what the operator must do.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import orjson
 
 from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
@@ -320,19 +320,19 @@ class PostgresSink(AsyncResource):
         except Exception as exc:
             raise TransientError(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}") from exc
 
-    def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
+    def _classify(self, exc: Exception) -> TransientError | PermanentError:
         kind = pg_error_kind(exc)
         if kind == "transient":
             return TransientError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}")
         tables = f"{self._sql.tables.aggregates} / {self._sql.tables.dead_letters}"
         if kind == "schema":
-            return PermanentSinkError(
+            return PermanentError(
                 f"PostgreSQL refused the write to {tables} (SQLSTATE {_exc_state(exc)}): {exc}; "
                 "run `vabus-aggregator migrate` with a user that may create them, and grant "
                 "the service's user SELECT, INSERT, UPDATE on them (and USAGE on the "
                 "dead-letter id sequence)"
             )
-        return PermanentSinkError(
+        return PermanentError(
             f"PostgreSQL write to {tables} failed (SQLSTATE {_exc_state(exc)}): "
             f"{type(exc).__name__}: {exc}"
         )

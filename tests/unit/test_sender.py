@@ -10,7 +10,7 @@ import pytest
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
-from service.errors import PermanentSinkError
+from service.errors import PermanentError
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
 from service.ops.metrics import MetricsCollector
@@ -97,10 +97,10 @@ async def test_transient_sink_failure_is_retried_without_blocking_the_other_sink
     assert sender.degraded == {}
 
 
-async def test_permanent_sink_error_is_raised_for_the_hub_to_retry() -> None:
+async def test_a_permanent_error_is_not_retried_here_but_raised_for_the_hub() -> None:
     sender, sinks, _, _, _ = await make(1)
-    sinks[0].fail_next(1, PermanentSinkError("table missing"))
-    with pytest.raises(PermanentSinkError):
+    sinks[0].fail_next(1, PermanentError("table missing"))
+    with pytest.raises(PermanentError):
         await sender.handle([Outputs([agg("a")], [])])
 
 
