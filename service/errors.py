@@ -15,6 +15,8 @@ __all__ = [
     "PermanentError",
     "ServiceError",
     "TransientError",
+    "describe_error",
+    "is_retriable",
 ]
 
 
@@ -42,3 +44,21 @@ class ConfigError(ServiceError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
         self.problems = problems
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """What the exception says of itself: ``retriable`` of the service's error tree and of
+    aiokafka's ``KafkaError``; False for exceptions that say nothing."""
+    return bool(getattr(exc, "retriable", False))
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for log lines; the service's own errors and messages that already
+    start with their type name are shown as they are."""
+    text = str(exc)
+    kind = type(exc).__name__
+    if not text:
+        return kind
+    if isinstance(exc, ServiceError) or text.startswith(kind):
+        return text
+    return f"{kind}: {text}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
 from service.clock import Clock
-from service.errors import ServiceError, TransientError
+from service.errors import TransientError, describe_error
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -24,8 +24,6 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "Retriable",
-    "describe_error",
-    "is_retriable",
     "output_backoff",
     "retry",
     "sleep_unless_stopped",
@@ -131,24 +129,6 @@ class CircuitBreaker:
             if self._opened_at is None or self.state(now) == "half_open":
                 self.opens += 1
             self._opened_at = now
-
-
-def is_retriable(exc: BaseException) -> bool:
-    """What the exception says of itself: ``retriable`` of the service's error tree and of
-    aiokafka's ``KafkaError``; False for exceptions that say nothing."""
-    return bool(getattr(exc, "retriable", False))
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` for log lines; the service's own errors and messages that already
-    start with their type name are shown as they are."""
-    text = str(exc)
-    kind = type(exc).__name__
-    if not text:
-        return kind
-    if isinstance(exc, ServiceError) or text.startswith(kind):
-        return text
-    return f"{kind}: {text}"
 
 
 async def sleep_unless_stopped(clock: Clock, seconds: float, stop: asyncio.Event | None) -> bool:

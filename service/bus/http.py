@@ -32,11 +32,11 @@ from service.bus.json_text import skip_ws, split_json_array
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig
-from service.errors import ServiceError, TransientError
+from service.errors import ServiceError, TransientError, describe_error
 from service.events import Metric
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, describe_error, retry
+from service.retry import Backoff, retry
 
 __all__ = ["PARTITION", "HttpBus"]
 

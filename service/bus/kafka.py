@@ -43,12 +43,12 @@ from service.bus.base import (
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
-from service.errors import TransientError
+from service.errors import TransientError, is_retriable
 from service.events import Metric
 from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, is_retriable, retry
+from service.retry import Backoff, retry
 
 __all__ = ["KafkaBus"]
 

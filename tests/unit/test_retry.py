@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from service.clock import ManualClock
-from service.errors import ServiceError, TransientError
-from service.retry import Backoff, describe_error, is_retriable, retry, sleep_unless_stopped
+from service.errors import ServiceError, TransientError, describe_error, is_retriable
+from service.retry import Backoff, retry, sleep_unless_stopped
 
 FIXED = Backoff("fixed", initial_s=1.0, jitter=False)
 LINEAR = Backoff("linear", initial_s=1.0, maximum_s=30.0, jitter=False)
