@@ -13,15 +13,10 @@ from typing import Any, Final
 import asyncpg
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import PermanentError, ServiceError, TransientError
+from service.errors import PermanentError, TransientError
 from service.lifecycle import AsyncResource
-from service.schema import (
-    CHECKPOINT_TABLE,
-    classify_connect_error,
-    ensure_checkpoint_table,
-    pg_error_kind,
-    quote_identifier,
-)
+from service.pg_errors import pg_error
+from service.schema import CHECKPOINT_TABLE, ensure_checkpoint_table, quote_identifier
 
 __all__ = ["ROW_FORMAT", "PostgresCheckpointStore", "save_in_transaction"]
 
@@ -103,7 +98,7 @@ class PostgresCheckpointStore(AsyncResource):
                     self._dsn, min_size=1, max_size=2, timeout=self._timeout_s
                 )
             except Exception as exc:
-                raise classify_connect_error(exc) from exc
+                raise pg_error(exc, "checkpoint store start") from exc
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 await ensure_checkpoint_table(conn, self._table)
@@ -161,10 +156,5 @@ class PostgresCheckpointStore(AsyncResource):
         """:meth:`save` on a connection whose transaction the caller owns."""
         await save_in_transaction(conn, self.namespace, checkpoints, self._table)
 
-    def _classify(self, exc: Exception) -> ServiceError:
-        if pg_error_kind(exc) == "transient":
-            return TransientError(f"PostgreSQL unavailable for checkpoints: {exc}")
-        return PermanentError(
-            f"checkpoint table {self._table} refused the operation "
-            f"(SQLSTATE {getattr(exc, 'sqlstate', '?')}): {type(exc).__name__}: {exc}"
-        )
+    def _classify(self, exc: Exception) -> TransientError | PermanentError:
+        return pg_error(exc, f"checkpoints in {self._table}")
