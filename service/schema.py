@@ -89,8 +89,8 @@ class TableNames:
 
 
 def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> str:
-    """DDL adding ``column`` to a table made by an older version (or by hand, from the
-    contract's column list). It checks the catalog first, so the usual no-op neither
+    """DDL adding ``column`` to a table made by an older version (or by hand, without
+    ``emitted_at`` and ``updated_at``). It checks the catalog first, so the usual no-op neither
     needs ownership nor takes ALTER TABLE's exclusive lock at every start-up."""
     # quoted_table comes from quote_identifier: letters, digits, _ and " only.
     return f"""DO $$ BEGIN
@@ -102,7 +102,7 @@ def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> s
 
 
 def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
-    """DDL for the aggregates and dead-letter tables (contract §5, §6, §10)."""
+    """DDL for the aggregates and dead-letter tables (README, "Outputs")."""
     agg = quote_identifier(table)
     dlq = quote_identifier(dead_letter_table)
     return [

@@ -55,7 +55,7 @@ __all__ = ["KafkaBus"]
 log = logging.getLogger(__name__)
 
 _MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
-_FETCH_MAX_BYTES = 64 * 1024 * 1024  # smaller values measurably slow consumption (infra notes)
+_FETCH_MAX_BYTES = 64 * 1024 * 1024  # with smaller fetches consumption was measurably slower
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
 _RESTORE_ATTEMPTS = 5
@@ -77,7 +77,7 @@ class _Live:
 
 
 class KafkaBus(AsyncResource):
-    """The ``kafka://`` transport (contract §4).
+    """The ``kafka://`` transport (README, "The bus (VaBus)").
 
     ``run`` may be called once per started bus. ``emit`` is called from the poll loop
     and from the rebalance callbacks, never concurrently.
