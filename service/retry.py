@@ -1,8 +1,8 @@
 """Retrying: the backoff policies, a circuit breaker and the one loop that applies them.
 
-Every retry in the service goes through :func:`retry`, so every retry logs the same
-line (``<name> failed (<error>), attempt N[, M retries remaining], next try in X.Xs``)
-and waits on the injected clock.
+A retry loop is a call of :func:`retry`: it waits on the injected clock, can be cut
+short by a stop event, and logs every retry in one form,
+``<name> failed (<error>), attempt N[, M retries remaining], next try in X.Xs``.
 """
 
 from __future__ import annotations
