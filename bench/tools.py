@@ -2,9 +2,9 @@
 
 ``limit`` and ``baseline`` are this folder's own scripts, run with the repo's Python.
 ``service_*`` is the service itself (``python -m service run``) configured only by
-environment, as an operator would. ``quix`` and ``bytewax`` are the reference scripts of
-``../shared/bench`` run from their own virtual environments (``setup_venvs.sh`` there);
-they are skipped with a note when those do not exist.
+environment, as an operator would. ``quix`` and ``bytewax`` are peer scripts from
+``PEER_SCRIPTS`` (``BENCH_PEER_SCRIPTS``), run from their virtual environments in
+``PEER_VENVS`` (``BENCH_VENVS``); they are skipped with a note when those do not exist.
 """
 
 from __future__ import annotations

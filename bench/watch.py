@@ -175,7 +175,7 @@ async def _read_table(conn: asyncpg.Connection, quoted: str, out: Watched) -> No
         rows = await conn.fetch(
             f"SELECT {columns}, extract(epoch FROM updated_at - emitted_at)::float8 AS lag "
             f"FROM {quoted}")
-    except asyncpg.UndefinedColumnError:  # emitted_at is ours, not the contract's
+    except asyncpg.UndefinedColumnError:  # a peer's table has no emitted_at: no lag
         rows = await conn.fetch(f"SELECT {columns}, NULL::float8 AS lag FROM {quoted}")
     except asyncpg.UndefinedTableError:
         return

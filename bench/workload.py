@@ -1,6 +1,6 @@
 """The benchmark workload: generated from a fixed seed, its expected results computed here.
 
-Shape (the same as the reference runs in ../shared/bench): ``n`` JSON events over 1,000
+Shape (the same as the peers are fed, see bench/README.md): ``n`` JSON events over 1,000
 names; name *k* always has ``agg_func = ("sum", "avg", "min", "max")[k % 4]``; values
 uniform in [-1000, 1000] rounded to 6 decimals; event time rises monotonically over
 1,200 s in millisecond steps from a minute boundary (20 windows of 60 s per name).

@@ -23,12 +23,11 @@ from service.bus.base import Bus, BusItem
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock, SystemClock
 from service.config import Config
-from service.errors import TransientError
 from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.hub import EventHub
 from service.ops.metrics import MetricsCollector
 from service.ops.web import WebServer, build_web_app
-from service.retry import Backoff, output_backoff
+from service.retry import Backoff, output_backoff, retry
 from service.sender import DataSender, SharedTransaction
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_outputs
@@ -42,22 +41,14 @@ _CLOSE_RESERVE_S = 2.0  # of SHUTDOWN_TIMEOUT, kept for closing connections (pha
 _MIN_CLOSE_S = 0.5  # closing always gets at least this, even past the deadline
 
 
+_START_BACKOFF = Backoff(initial_s=0.5, maximum_s=15.0)
+
+
 async def start_with_retry(name: str, start: Callable[[], Awaitable[None]], clock: Clock) -> None:
-    """Connect-with-retry: a dependency that is down at start-up delays us, never kills us."""
-    backoff = Backoff(initial_s=0.5, maximum_s=15.0)
-    attempt = 0
-    while True:
-        try:
-            await start()
-            if attempt:
-                log.info("%s connected after %d retries", name, attempt)
-            return
-        except TransientError as exc:
-            attempt += 1
-            delay = backoff.delay(attempt)
-            log.warning("%s not reachable (attempt %d, retrying in %.1fs): %s",
-                        name, attempt, delay, exc)  # fmt: skip
-            await clock.sleep(delay)
+    """A dependency that is down at start-up delays us, never kills us: a
+    :class:`TransientError` is retried for ever (a stop request cancels the start); any
+    other error fails the start."""
+    await retry(start, name=f"starting {name}", backoff=_START_BACKOFF, clock=clock)
 
 
 class Service:

@@ -1,13 +1,21 @@
-"""Options shared by every aiokafka client the service creates (bus and sink)."""
+"""What every aiokafka client of the service shares (bus and sink): the connection and
+security options, and creating the topics the service owns."""
 
 from __future__ import annotations
 
+import logging
 import ssl
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from service.config import KafkaConfig
 
-__all__ = ["client_options"]
+__all__ = ["client_options", "create_topics"]
+
+log = logging.getLogger(__name__)
 
 
 def client_options(
@@ -32,3 +40,27 @@ def client_options(
         opts["sasl_plain_username"] = cfg.sasl_username
         opts["sasl_plain_password"] = cfg.sasl_password.value
     return opts
+
+
+async def create_topics(
+    options: Mapping[str, Any], topics: Iterable[str], partitions: int
+) -> dict[str, KafkaError]:
+    """Create the ``topics`` that do not exist, ``partitions`` each, replication 1
+    (operators who want more replicas create the topics themselves); an existing topic
+    is left as it is. Returns the topics the broker refused to create, with why; a
+    broker that cannot be reached raises :class:`KafkaError`."""
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics)]
+        )
+    finally:
+        await admin.close()
+    refused: dict[str, KafkaError] = {}
+    for topic, code, message, *_ in response.topic_errors:
+        if code == 0:
+            log.info("kafka: created topic %s", topic)
+        elif (error := for_code(code)) is not TopicAlreadyExistsError:
+            refused[topic] = error(f"cannot create topic {topic!r}: {message}")
+    return refused

@@ -1,10 +1,21 @@
-"""Backoff policies and a circuit breaker, kept apart from the operations they pace."""
+"""Retrying: the backoff policies, a circuit breaker and the one loop that applies them.
+
+A retry loop is a call of :func:`retry`: it waits on the injected clock, can be cut
+short by a stop event, and logs every retry in one form,
+``<name> failed (<error>), attempt N[, M retries remaining], next try in X.Xs``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
+
+from service.clock import Clock
+from service.errors import TransientError, describe_error
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -12,8 +23,18 @@ __all__ = [
     "BackoffKind",
     "BreakerState",
     "CircuitBreaker",
+    "Retriable",
     "output_backoff",
+    "retry",
+    "sleep_unless_stopped",
 ]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Retriable = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+"""What :func:`retry` tries again: exception types, or a predicate on the exception."""
 
 BackoffKind = Literal["exponential", "linear", "fixed", "random"]
 BACKOFF_KINDS: Final[tuple[BackoffKind, ...]] = ("exponential", "linear", "fixed", "random")
@@ -108,3 +129,83 @@ class CircuitBreaker:
             if self._opened_at is None or self.state(now) == "half_open":
                 self.opens += 1
             self._opened_at = now
+
+
+async def sleep_unless_stopped(clock: Clock, seconds: float, stop: asyncio.Event | None) -> bool:
+    """Sleep ``seconds`` on ``clock``, ending early once ``stop`` is set, so that a wait
+    never holds up a shutdown. True when the whole time passed, False when stopped."""
+    if stop is None:
+        await clock.sleep(seconds)
+        return True
+    if stop.is_set():
+        return False
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        stopper.cancel()
+    return not stop.is_set()
+
+
+async def retry(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    name: str,
+    backoff: Backoff,
+    clock: Clock,
+    retriable: Retriable = TransientError,
+    attempts: int | None = None,
+    on_failure: Callable[[BaseException, int], float | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> T:
+    """Await ``operation()`` until it succeeds, and return its result.
+
+    A failure that ``retriable`` accepts is tried again after ``backoff.delay(attempt)``
+    seconds on ``clock``; any other exception propagates at once. With ``attempts`` the
+    failure of the last attempt is raised; without, it retries for ever.
+    ``on_failure(error, attempt)`` sees every retriable failure (metrics, a circuit
+    breaker) and may return a minimum for the next wait (the breaker's cool-down).
+    When ``stop`` is set the wait ends early and the last failure is raised.
+
+    A failure that says it is not retriable (``retriable = False``), but that the caller
+    retries anyway, is logged as an error, the others as warnings.
+    """
+    if attempts is not None and attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    accepts = _accepts(retriable)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = await operation()
+        except Exception as exc:
+            if not accepts(exc):
+                raise
+            floor = on_failure(exc, attempt) if on_failure is not None else None
+            remaining = None if attempts is None else attempts - attempt
+            if remaining == 0 or (stop is not None and stop.is_set()):
+                raise
+            delay = backoff.delay(attempt)
+            if floor is not None:
+                delay = max(delay, floor)
+            log.log(
+                logging.ERROR if getattr(exc, "retriable", True) is False else logging.WARNING,
+                "%s failed (%s), attempt %d%s, next try in %.1fs",
+                name, describe_error(exc), attempt,
+                "" if remaining is None else f", {remaining} retries remaining", delay,
+            )  # fmt: skip
+            if not await sleep_unless_stopped(clock, delay, stop):
+                raise
+            continue
+        if attempt > 1:
+            log.info("%s succeeded after %d failed attempt(s)", name, attempt - 1)
+        return result
+
+
+def _accepts(retriable: Retriable) -> Callable[[BaseException], bool]:
+    if isinstance(retriable, type | tuple):
+        types = retriable
+        return lambda exc: isinstance(exc, types)
+    return retriable

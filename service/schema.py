@@ -14,23 +14,20 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import asyncpg
 
-from service.errors import PermanentSinkError, TransientError
+from service.pg_errors import pg_error
 
 __all__ = [
     "CHECKPOINT_TABLE",
-    "PgErrorKind",
     "TableNames",
     "checkpoint_ddl",
-    "classify_connect_error",
     "ensure_checkpoint_table",
     "ensure_schema",
     "migrate",
     "migrate_connection",
-    "pg_error_kind",
     "quote_identifier",
     "schema_ddl",
 ]
@@ -92,8 +89,8 @@ class TableNames:
 
 
 def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> str:
-    """DDL adding ``column`` to a table made by an older version (or by hand, from the
-    contract's column list). It checks the catalog first, so the usual no-op neither
+    """DDL adding ``column`` to a table made by an older version (or by hand, without
+    ``emitted_at`` and ``updated_at``). It checks the catalog first, so the usual no-op neither
     needs ownership nor takes ALTER TABLE's exclusive lock at every start-up."""
     # quoted_table comes from quote_identifier: letters, digits, _ and " only.
     return f"""DO $$ BEGIN
@@ -105,7 +102,7 @@ def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> s
 
 
 def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
-    """DDL for the aggregates and dead-letter tables (contract §5, §6, §10)."""
+    """DDL for the aggregates and dead-letter tables (README, "Outputs")."""
     agg = quote_identifier(table)
     dlq = quote_identifier(dead_letter_table)
     return [
@@ -203,71 +200,19 @@ async def migrate(dsn: str, table: str, dead_letter_table: str, *, timeout_s: fl
     """Create or upgrade the schema behind ``dsn``.
 
     Raises ``ValueError`` for a bad table name, :class:`TransientError` when the server
-    cannot be reached and :class:`PermanentSinkError` when it refuses (e.g. missing
+    cannot be reached and :class:`PermanentError` when it refuses (e.g. missing
     ``CREATE`` privilege or wrong credentials).
     """
     TableNames.of(table, dead_letter_table)  # fail on bad names before connecting
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout_s)
+        try:
+            await migrate_connection(conn, table, dead_letter_table)
+        finally:
+            await conn.close()
     except Exception as exc:
-        raise classify_connect_error(exc) from exc
-    try:
-        await migrate_connection(conn, table, dead_letter_table)
-    except Exception as exc:
-        if pg_error_kind(exc) == "transient":
-            raise TransientError(f"schema migration interrupted: {exc}") from exc
-        if isinstance(exc, asyncpg.PostgresError):
-            raise PermanentSinkError(
-                f"schema migration failed (SQLSTATE {exc.sqlstate}): {exc}; the database "
-                "user needs CREATE privilege on the target schema"
-            ) from exc
-        raise
-    finally:
-        await conn.close()
-
-
-PgErrorKind = Literal["transient", "data", "schema", "other"]
-
-# SQLSTATE classes where trying again later can succeed: connection exceptions,
-# transaction rollback (serialization failure, deadlock), insufficient resources,
-# object not in prerequisite state (lock not available), operator intervention
-# (admin shutdown, cannot connect now, query cancelled) and system errors (I/O).
-_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58"})
-_DATA_CLASSES: Final = frozenset({"22", "23"})
-
-
-def pg_error_kind(exc: BaseException) -> PgErrorKind:
-    """What an exception from asyncpg means for a retry loop.
-
-    ``transient``: the server or connection is unavailable, retry later; ``data``: a
-    row's value is refused (find it and dead-letter it); ``schema``: tables, columns or
-    privileges do not match (an operator must act); ``other``: anything else.
-    """
-    if isinstance(exc, asyncpg.InvalidCachedStatementError):
-        return "transient"  # the table changed under a prepared statement; a retry re-prepares
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(exc, asyncpg.PostgresError) and isinstance(sqlstate, str):
-        if sqlstate[:2] in _TRANSIENT_CLASSES:
-            return "transient"
-        if sqlstate[:2] in _DATA_CLASSES:
-            return "data"
-        if sqlstate[:2] == "42":
-            return "schema"
-        return "other"
-    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
-        return "data"  # asyncpg's client-side DataError: a value it cannot encode
-    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
-        # connection lost or closed, refused, reset, or no answer in time
-        return "transient"
-    return "other"
-
-
-def classify_connect_error(exc: BaseException) -> Exception:
-    """Map a failure to open a connection or pool onto the service's error tree."""
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate[:2] in ("28", "3D"):
-        return PermanentSinkError(
-            f"PostgreSQL refused the connection (SQLSTATE {sqlstate}): {exc}; "
-            "check the user, password and database name in POSTGRES_DSN"
-        )
-    return TransientError(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}")
+        raise pg_error(
+            exc,
+            "schema migration",
+            schema_hint="the database user needs CREATE privilege on the target schema",
+        ) from exc

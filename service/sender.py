@@ -37,7 +37,7 @@ from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
 from service.hub import Delivery
 from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, CircuitBreaker, output_backoff
+from service.retry import Backoff, CircuitBreaker, output_backoff, retry
 from service.sinks.base import Sink
 
 __all__ = [
@@ -166,41 +166,44 @@ class DataSender:
         )
 
     async def _retrying(self, name: str, attempt_once: Callable[[], Awaitable[None]]) -> None:
-        """Run ``attempt_once`` until it succeeds; :class:`TransientError` is retried with
-        backoff and the breaker, anything else propagates (the hub restarts us)."""
+        """Run ``attempt_once`` until it succeeds: :class:`TransientError` is retried with
+        backoff behind the output's circuit breaker; anything else propagates, and the
+        hub runs the handler again on the same items."""
         breaker = self.breakers[name]
-        attempt = 0
-        while True:
+
+        async def through_breaker() -> None:
             wait = breaker.wait_s(self._clock.monotonic())
             if wait > 0:
                 await self._clock.sleep(wait)
-            try:
-                await attempt_once()
-            except TransientError as exc:
-                attempt += 1
-                now = self._clock.monotonic()
-                if name not in self.degraded:
-                    self._metrics.on_sink_degraded(name)
-                self.degraded[name] = str(exc)
-                breaker.record_failure(now)
-                is_open = breaker.state(now) == "open"
-                self._metrics.set_sink_circuit(name, is_open)
-                self._metrics.on_sink_retry(name)
-                delay = self._backoff.delay(attempt)
-                if is_open:
-                    delay = max(delay, breaker.wait_s(now))
+            await attempt_once()
+
+        def on_failure(exc: BaseException, attempt: int) -> float:
+            now = self._clock.monotonic()
+            if name not in self.degraded:
+                self._metrics.on_sink_degraded(name)
+            self.degraded[name] = str(exc)
+            opens = breaker.opens
+            breaker.record_failure(now)
+            self._metrics.set_sink_circuit(name, breaker.state(now) == "open")
+            self._metrics.on_sink_retry(name)
+            if breaker.opens > opens:
                 log.warning(
-                    "output %s failed (attempt %d%s, retrying in %.1fs): %s",
-                    name, attempt, ", circuit open" if is_open else "", delay, exc,
+                    "output %s: circuit open after %d failures in a row, next probe in %.0fs",
+                    name, breaker.consecutive_failures, breaker.wait_s(now),
                 )  # fmt: skip
-                await self._clock.sleep(delay)
-                continue
-            breaker.record_success()
-            if self.degraded.pop(name, None) is not None:
-                self._metrics.on_sink_recovered(name)
-                self._metrics.set_sink_circuit(name, False)
-                log.info("output %s recovered after %d failed attempt(s)", name, attempt)
-            return
+            return breaker.wait_s(now)  # an open circuit waits out its cool-down
+
+        await retry(
+            through_breaker,
+            name=f"output {name}",
+            backoff=self._backoff,
+            clock=self._clock,
+            on_failure=on_failure,
+        )
+        breaker.record_success()
+        if self.degraded.pop(name, None) is not None:
+            self._metrics.on_sink_recovered(name)
+            self._metrics.set_sink_circuit(name, False)
 
     async def _write_then_checkpoint(
         self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint

@@ -1,4 +1,4 @@
-"""Decoding and validation at the edge (contract §2 and §10).
+"""Decoding and validation at the edge (the rules and reasons of README, "Input events").
 
 Two paths that must agree exactly:
 

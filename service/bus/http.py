@@ -32,11 +32,11 @@ from service.bus.json_text import skip_ws, split_json_array
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig
-from service.errors import TransientError
+from service.errors import ServiceError, TransientError, describe_error
 from service.events import Metric
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.retry import Backoff, retry
 
 __all__ = ["PARTITION", "HttpBus"]
 
@@ -53,10 +53,20 @@ class _Narrow(Exception):
     """Ask the same cursor again, one event at a time, to isolate a bad element."""
 
 
-class _ResponseError(Exception):
+class _ResponseError(ServiceError):
+    """An answer with an error status; 5xx, 408 and 429 say that retrying can help."""
+
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
         self.retriable = status >= 500 or status in (408, 429)
+
+
+class _RepeatedBody(ServiceError):
+    """The same unparseable body again for one cursor; it was handed on once already."""
+
+
+# Every failure of a request is retried; transport failures count as retriable.
+_FAILURES: Final = (_ResponseError, _RepeatedBody, aiohttp.ClientError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -185,35 +195,36 @@ class HttpBus(AsyncResource):
         )
 
     async def _fetch(self, cursor: str | None, delay_s: float, limit: int | None) -> _Fetched:
-        """One answer for ``cursor``, retrying forever with backoff."""
+        """One answer for ``cursor``. Every failure is retried for ever with backoff, a
+        refused token too (an operator can fix it while we wait); a failure that says
+        retrying cannot help is logged as an error."""
         if delay_s > 0:
             await self._clock.sleep(delay_s)
-        attempt = 0
+        fetched = await retry(
+            lambda: self._answer(cursor, limit),
+            name=f"VaBus GET {self._base}/events (cursor={cursor})",
+            backoff=self._backoff,
+            clock=self._clock,
+            retriable=_FAILURES,
+            on_failure=self._count_error,
+        )
+        fetched.answered_at = self._clock.monotonic()
+        return fetched
+
+    async def _answer(self, cursor: str | None, limit: int | None) -> _Fetched:
+        """:meth:`_get_events`, asked again at once while it narrows down a bad element."""
         while True:
             try:
-                fetched = await self._get_events(cursor, limit)
-                if fetched is not None:
-                    fetched.answered_at = self._clock.monotonic()
-                    return fetched
-                problem, retriable = "repeated the same unparseable body", False
+                return await self._get_events(cursor, limit)
             except _Narrow:
                 continue
-            except _ResponseError as exc:
-                problem, retriable = str(exc), exc.retriable
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem, retriable = f"{type(exc).__name__}: {exc}", True
-            attempt += 1
-            delay = self._backoff.delay(attempt)
-            self._metrics.on_bus_error(self.name, retriable)
-            log.log(
-                logging.WARNING if retriable else logging.ERROR,
-                "VaBus GET %s/events (cursor=%s) failed: %s; retry %d in %.2f s",
-                self._base, cursor, problem, attempt, delay,
-            )  # fmt: skip
-            await self._clock.sleep(delay)
 
-    async def _get_events(self, cursor: str | None, limit: int | None) -> _Fetched | None:
-        """``None`` when the body is one already handed on for this cursor."""
+    def _count_error(self, exc: BaseException, attempt: int) -> None:
+        self._metrics.on_bus_error(self.name, not isinstance(exc, ServiceError) or exc.retriable)
+
+    async def _get_events(self, cursor: str | None, limit: int | None) -> _Fetched:
+        """One request; raises :class:`_RepeatedBody` for a bad body already handed on
+        for this cursor, and :class:`_Narrow` when it starts isolating a bad element."""
         config = self._config
         if limit is None:
             limit = 1 if self._narrow_left else config.http_batch_limit
@@ -250,7 +261,7 @@ class HttpBus(AsyncResource):
         if cursor != self._bad_cursor:
             self._bad_cursor, self._bad_bodies = cursor, set()
         if hash(body) in self._bad_bodies:
-            return None
+            raise _RepeatedBody("repeated the same unparseable body")
         self._bad_bodies.add(hash(body))
         log.error(
             "VaBus answered GET %s/events (cursor=%s) with a body that is not an events "
@@ -272,28 +283,32 @@ class HttpBus(AsyncResource):
             log.warning("dropping %d metrics: the HTTP bus is not started", len(metrics))
             return
         body = orjson.dumps([m.to_json_obj() for m in metrics])
-        timeout = aiohttp.ClientTimeout(total=self._config.http_timeout_s)
-        problem = ""
-        for attempt in range(1, self._metrics_attempts + 1):
-            try:
-                async with self._session.post(
-                    f"{self._base}/metrics",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                    timeout=timeout,
-                ) as response:
-                    answer = await response.read()
-                    if response.status < 300:
-                        return
-                    raise _ResponseError(response.status, answer)
-            except (_ResponseError, aiohttp.ClientError, TimeoutError) as exc:
-                problem = str(exc) or type(exc).__name__
-            if attempt < self._metrics_attempts:
-                await self._clock.sleep(self._backoff.delay(attempt))
-        log.warning(
-            "dropping %d metrics: POST %s/metrics failed %d times, last: %s",
-            len(metrics), self._base, self._metrics_attempts, problem,
-        )  # fmt: skip
+        session = self._session
+        try:
+            await retry(
+                lambda: self._post_metrics(session, body),
+                name=f"VaBus POST {self._base}/metrics",
+                backoff=self._backoff,
+                clock=self._clock,
+                retriable=(_ResponseError, aiohttp.ClientError, TimeoutError),
+                attempts=self._metrics_attempts,
+            )
+        except (_ResponseError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "dropping %d metrics: POST %s/metrics failed %d times, last: %s",
+                len(metrics), self._base, self._metrics_attempts, describe_error(exc),
+            )  # fmt: skip
+
+    async def _post_metrics(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        async with session.post(
+            f"{self._base}/metrics",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=self._config.http_timeout_s),
+        ) as response:
+            answer = await response.read()
+            if response.status >= 300:
+                raise _ResponseError(response.status, answer)
 
     async def check(self) -> None:
         url = f"{self._base}/events"

@@ -24,12 +24,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from service.bus.base import (
@@ -44,25 +44,24 @@ from service.bus.base import (
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
-from service.errors import TransientError
+from service.errors import TransientError, is_retriable
 from service.events import Metric
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.retry import Backoff, retry
 
 __all__ = ["ORIGIN_HEADER", "KafkaBus"]
 
 log = logging.getLogger(__name__)
 
 _MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
-_FETCH_MAX_BYTES = 64 * 1024 * 1024  # smaller values measurably slow consumption (infra notes)
+_FETCH_MAX_BYTES = 64 * 1024 * 1024  # with smaller fetches consumption was measurably slower
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
 _RESTORE_ATTEMPTS = 5
 _METRICS_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
-_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
 
 def _partition_id(tp: TopicPartition) -> str:
@@ -79,7 +78,7 @@ class _Live:
 
 
 class KafkaBus(AsyncResource):
-    """The ``kafka://`` transport (contract §4).
+    """The ``kafka://`` transport (README, "The bus (VaBus)").
 
     ``run`` may be called once per started bus. ``emit`` is called from the poll loop
     and from the rebalance callbacks, never concurrently.
@@ -148,79 +147,77 @@ class KafkaBus(AsyncResource):
         self._live.clear()
 
     async def _connect_consumer(self) -> AIOKafkaConsumer:
-        session_ms = self._cfg.kafka_session_timeout_ms
-        for attempt in range(1, self._connect_attempts + 1):
-            consumer = AIOKafkaConsumer(
-                **self._options,
-                group_id=self._cfg.kafka_group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                session_timeout_ms=session_ms,
-                heartbeat_interval_ms=max(100, session_ms // 3),
-                # the group waits this long for a member still checkpointing its revoked
-                # partitions before it is thrown out
-                rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),
-                max_partition_fetch_bytes=_MAX_PARTITION_FETCH_BYTES,
-                fetch_max_bytes=_FETCH_MAX_BYTES,
+        try:
+            consumer = await retry(
+                self._start_consumer,
+                name=f"kafka bus: connect to {self._servers}",
+                backoff=self._backoff,
+                clock=self._clock,
+                retriable=KafkaError,
+                attempts=self._connect_attempts,
             )
-            try:
-                await consumer.start()
-            except asyncio.CancelledError:
+        except KafkaError as exc:
+            raise TransientError(
+                f"Kafka bus: cannot connect to {self._servers} after {self._connect_attempts} "
+                f"attempts ({type(exc).__name__}); check VABUS_URL and that the broker is "
+                "running"
+            ) from exc
+        log.info("kafka bus: connected to %s", self._servers)
+        return consumer
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        """A started group member, or the start's error with the half-made client closed."""
+        session_ms = self._cfg.kafka_session_timeout_ms
+        consumer = AIOKafkaConsumer(
+            **self._options,
+            group_id=self._cfg.kafka_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(100, session_ms // 3),
+            # the group waits this long for a member still checkpointing its revoked
+            # partitions before it is thrown out
+            rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),
+            max_partition_fetch_bytes=_MAX_PARTITION_FETCH_BYTES,
+            fetch_max_bytes=_FETCH_MAX_BYTES,
+        )
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(KafkaError):
                 await consumer.stop()
-                raise
-            except KafkaError as exc:
-                with contextlib.suppress(KafkaError):
-                    await consumer.stop()
-                remaining = self._connect_attempts - attempt
-                if remaining == 0:
-                    raise TransientError(
-                        f"Kafka bus: cannot connect to {self._servers} after {attempt} "
-                        f"attempts ({type(exc).__name__}); check VABUS_URL and that the "
-                        "broker is running"
-                    ) from exc
-                delay = self._backoff.delay(attempt)
-                log.warning(
-                    "kafka bus: cannot connect to %s (%s), %d retries remaining, next in %.1fs",
-                    self._servers, type(exc).__name__, remaining, delay,
-                )  # fmt: skip
-                await self._clock.sleep(delay)
-            else:
-                log.info("kafka bus: connected to %s", self._servers)
-                return consumer
-        raise AssertionError("unreachable")  # pragma: no cover
+            raise
+        return consumer
 
     async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
+        """The broker's topics, once they include the input topic (which belongs to the
+        producers: it is waited for, never created). Checked at least every 5 s."""
         topic = self._cfg.kafka_topic
-        attempt = 0
-        while True:
+
+        async def listing() -> set[str]:
             topics: set[str] = await consumer.topics()
-            if topic in topics:
-                return topics
-            attempt += 1
-            delay = min(self._backoff.delay(attempt), 5.0)
-            log.warning(
-                "kafka bus: input topic %r does not exist on %s yet (attempt %d), "
-                "waiting %.1fs; it is not created by this service",
-                topic, self._servers, attempt, delay,
-            )  # fmt: skip
-            await self._clock.sleep(delay)
+            if topic not in topics:
+                raise TransientError(
+                    f"input topic {topic!r} does not exist on {self._servers} yet; "
+                    "it is not created by this service"
+                )
+            return topics
+
+        return await retry(
+            listing,
+            name="kafka bus: input topic lookup",
+            backoff=replace(self._backoff, maximum_s=min(self._backoff.maximum_s, 5.0)),
+            clock=self._clock,
+        )
 
     async def _start_metrics_producer(self, topics: set[str]) -> AIOKafkaProducer | None:
         """A small producer for our own metrics; failure only costs metrics, so it is logged."""
         topic = self._cfg.kafka_metrics_topic
         try:
             if topic not in topics:
-                admin = AIOKafkaAdminClient(**self._options)
-                await admin.start()
-                try:
-                    # one partition, replication 1: metrics are best-effort; operators who
-                    # want them durable create the topic themselves
-                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
-                finally:
-                    await admin.close()
-                for name, code, *_ in getattr(response, "topic_errors", []):
-                    if code not in (0, _TOPIC_ALREADY_EXISTS):
-                        log.warning("kafka bus: creating topic %r failed (error %d)", name, code)
+                # one partition: metrics are best-effort
+                for error in (await create_topics(self._options, [topic], 1)).values():
+                    log.warning("kafka bus: %s", error)
             producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
             await producer.start()
         except KafkaError as exc:
@@ -247,49 +244,46 @@ class KafkaBus(AsyncResource):
         listener = _Listener(self, emit, restore)
         consumer.subscribe(topics=[self._cfg.kafka_topic], listener=listener)
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
-        attempt = 0
         try:
             while not self._stopping.is_set():
-                poll = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=_MAX_RECORDS)
-                )
-                await asyncio.wait({poll, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if self._stopping.is_set():
-                    # records of an unfinished poll are simply read again after a restart
-                    poll.cancel()
-                    await asyncio.gather(poll, return_exceptions=True)
-                    break
                 try:
-                    data = poll.result()
-                except KafkaError as exc:
-                    attempt += 1
-                    await self._after_poll_error(exc, attempt)
-                    continue
-                attempt = 0
+                    data = await retry(
+                        partial(self._poll, consumer, stop_waiter),
+                        name=f"kafka bus: poll of {self._servers}",
+                        backoff=self._backoff,
+                        clock=self._clock,
+                        retriable=KafkaError,
+                        on_failure=self._count_error,
+                        stop=self._stopping,
+                    )
+                except KafkaError:  # retried until stopped: only a stop ends it so
+                    break
+                if data is None:
+                    break
                 await self._emit_polled(consumer, data, emit)
         finally:
             stop_waiter.cancel()
         if self._failure is not None:
             raise self._failure
 
-    async def _after_poll_error(self, exc: KafkaError, attempt: int) -> None:
-        retriable = bool(getattr(exc, "retriable", False))
-        self._metrics.on_bus_error(self.name, retriable)
-        delay = self._backoff.delay(attempt)
-        log.warning(
-            "kafka bus: poll failed on %s (%s: %s), attempt %d, retrying in %.1fs",
-            self._servers, type(exc).__name__, exc, attempt, delay,
-        )  # fmt: skip
-        await self._sleep_unless_stopping(delay)
+    async def _poll(
+        self, consumer: AIOKafkaConsumer, stop_waiter: asyncio.Future[Any]
+    ) -> Mapping[TopicPartition, list[Any]] | None:
+        """One fetch, or None when intake stops first (the records of an unfinished
+        fetch are simply read again after a restart)."""
+        poll = asyncio.ensure_future(
+            consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=_MAX_RECORDS)
+        )
+        await asyncio.wait({poll, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self._stopping.is_set():
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+            return None
+        data: Mapping[TopicPartition, list[Any]] = poll.result()
+        return data
 
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            stopper.cancel()
+    def _count_error(self, exc: BaseException, attempt: int) -> None:
+        self._metrics.on_bus_error(self.name, is_retriable(exc))
 
     async def _emit_polled(
         self, consumer: AIOKafkaConsumer, data: Mapping[TopicPartition, list[Any]], emit: Emit
@@ -391,19 +385,15 @@ class KafkaBus(AsyncResource):
         log.info("kafka bus: assigned %s at %s", ids, [positions[tp] for tp in tps])
 
     async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
-        for attempt in range(1, _RESTORE_ATTEMPTS + 1):
-            try:
-                return await restore(ids)
-            except Exception as exc:
-                if not getattr(exc, "retriable", False) or attempt == _RESTORE_ATTEMPTS:
-                    raise
-                delay = self._backoff.delay(attempt)
-                log.warning(
-                    "kafka bus: restoring %s failed (%s), %d retries remaining",
-                    ids, exc, _RESTORE_ATTEMPTS - attempt,
-                )  # fmt: skip
-                await self._clock.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """``restore(ids)``; what says it is retriable is tried a few times, then raised."""
+        return await retry(
+            lambda: restore(ids),
+            name=f"kafka bus: restoring {ids}",
+            backoff=self._backoff,
+            clock=self._clock,
+            retriable=is_retriable,
+            attempts=_RESTORE_ATTEMPTS,
+        )
 
     async def _on_revoked(self, revoked: set[TopicPartition], emit: Emit) -> None:
         async with self._emit_lock:

@@ -13,15 +13,10 @@ from typing import Any, Final
 import asyncpg
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import PermanentSinkError, ServiceError, TransientError
+from service.errors import PermanentError, TransientError
 from service.lifecycle import AsyncResource
-from service.schema import (
-    CHECKPOINT_TABLE,
-    classify_connect_error,
-    ensure_checkpoint_table,
-    pg_error_kind,
-    quote_identifier,
-)
+from service.pg_errors import pg_error
+from service.schema import CHECKPOINT_TABLE, ensure_checkpoint_table, quote_identifier
 
 __all__ = ["ROW_FORMAT", "PostgresCheckpointStore", "save_in_transaction"]
 
@@ -69,7 +64,7 @@ class PostgresCheckpointStore(AsyncResource):
     Given a pool, the store borrows it (the owner closes it); given a DSN, it opens
     and closes a small pool of its own. ``start`` creates the table if it is missing.
     Errors: :class:`TransientError` while the server is unreachable,
-    :class:`PermanentSinkError` for anything retrying cannot fix.
+    :class:`PermanentError` for anything retrying cannot fix.
     """
 
     def __init__(
@@ -103,7 +98,7 @@ class PostgresCheckpointStore(AsyncResource):
                     self._dsn, min_size=1, max_size=2, timeout=self._timeout_s
                 )
             except Exception as exc:
-                raise classify_connect_error(exc) from exc
+                raise pg_error(exc, "checkpoint store start") from exc
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 await ensure_checkpoint_table(conn, self._table)
@@ -134,7 +129,7 @@ class PostgresCheckpointStore(AsyncResource):
         result: dict[str, PartitionCheckpoint] = {}
         for row in rows:
             if row["format"] != ROW_FORMAT:
-                raise PermanentSinkError(
+                raise PermanentError(
                     f"checkpoint of {self.namespace!r}/{row['partition']!r} in {self._table} "
                     f"has format {row['format']}, this service reads {ROW_FORMAT}; run a "
                     "matching service version"
@@ -161,10 +156,5 @@ class PostgresCheckpointStore(AsyncResource):
         """:meth:`save` on a connection whose transaction the caller owns."""
         await save_in_transaction(conn, self.namespace, checkpoints, self._table)
 
-    def _classify(self, exc: Exception) -> ServiceError:
-        if pg_error_kind(exc) == "transient":
-            return TransientError(f"PostgreSQL unavailable for checkpoints: {exc}")
-        return PermanentSinkError(
-            f"checkpoint table {self._table} refused the operation "
-            f"(SQLSTATE {getattr(exc, 'sqlstate', '?')}): {type(exc).__name__}: {exc}"
-        )
+    def _classify(self, exc: Exception) -> TransientError | PermanentError:
+        return pg_error(exc, f"checkpoints in {self._table}")

@@ -80,8 +80,8 @@ class AggregationConfig:
     grace_s: float = 0.0  # AGGREGATION_GRACE
     max_future_s: float = 3600.0  # AGGREGATION_MAX_FUTURE
     # AGGREGATION_IDLE_TIMEOUT: quiet time after which open windows are flushed.
-    # Default (None) means interval + grace, which keeps the contract bound of
-    # interval + grace + 10 s with the 1 s tick.
+    # Default (None) means interval + grace: with the 1 s tick a silent stream's windows
+    # come out within interval + grace + 10 s of its last message.
     idle_timeout_s: float | None = None
     max_open_windows: int = 1_000_000  # AGGREGATION_MAX_OPEN_WINDOWS (cardinality budget)
 

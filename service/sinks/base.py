@@ -17,7 +17,7 @@ class Sink(Protocol):
     the broker / committed by the database). It must be idempotent: writing the same
     aggregate twice leaves one stored result. Failures raise
     :class:`~service.errors.TransientError` (retry later) or
-    :class:`~service.errors.PermanentSinkError` (retrying cannot help).
+    :class:`~service.errors.PermanentError` (retrying cannot help).
     """
 
     name: str  # "kafka", "postgres", "memory"

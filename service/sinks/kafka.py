@@ -12,11 +12,11 @@ guarantee rests on deterministic content, a revision and the commit order:
   crash, from the last checkpoint) delivers those records again. A replayed aggregate
   is recomputed from the same events: same key, window, value and ``count``.
 * Each value carries ``"revision"`` (= ``count``, the number of events in it) besides
-  the contract fields. A later emission of one window can only hold more events, so a
-  consumer that keeps, per ``(name, agg_func, window_start)``, the record with the
-  greatest ``(revision, emitted_at)`` never lets an older value replace a newer one,
-  whatever order duplicates arrive in. Records of one name stay in one partition, so
-  they also arrive in emission order.
+  the fields README lists under "Outputs". A later emission of one window can only hold
+  more events, so a consumer that keeps, per ``(name, agg_func, window_start)``, the
+  record with the greatest ``(revision, emitted_at)`` never lets an older value replace
+  a newer one, whatever order duplicates arrive in. Records of one name stay in one
+  partition, so they also arrive in emission order.
 * Source positions are committed only after every record before them is acknowledged.
 
 An aggregate that cannot be encoded (a name holding a lone UTF-16 surrogate, which
@@ -36,7 +36,6 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
@@ -48,18 +47,16 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
-    TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
-    for_code,
 )
 from aiokafka.partitioner import murmur2
 
 from service.clock import Clock, SystemClock
 from service.config import KafkaConfig
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter, iso_utc
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 
@@ -208,24 +205,10 @@ class KafkaSink(AsyncResource):
 
 
     async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(
-            **client_options(self._cfg), request_timeout_ms=self._request_timeout_ms
-        )
-        await admin.start()
-        try:
-            topics = [self._cfg.topic, self._cfg.dlq_topic]
-            response = await admin.create_topics(
-                [NewTopic(t, self._topic_partitions, 1) for t in dict.fromkeys(topics)]
-            )
-        finally:
-            await admin.close()
-        for topic, code, message, *_ in response.topic_errors:
-            if code == 0:
-                log.info("kafka: created topic %s", topic)
-                continue
-            err = for_code(code)
-            if err is not TopicAlreadyExistsError:
-                raise err(f"cannot create topic {topic!r}: {message}")
+        options = {**client_options(self._cfg), "request_timeout_ms": self._request_timeout_ms}
+        topics = [self._cfg.topic, self._cfg.dlq_topic]
+        for error in (await create_topics(options, topics, self._topic_partitions)).values():
+            raise error
 
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
@@ -330,15 +313,15 @@ class KafkaSink(AsyncResource):
                 f"Kafka brokers {self._servers} unreachable: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
+    def _classify(self, exc: Exception) -> TransientError | PermanentError:
         servers = self._servers
         if isinstance(exc, _TOO_LARGE):
-            return PermanentSinkError(
+            return PermanentError(
                 f"Kafka refused a record as too large ({exc}); raise KAFKA_MAX_REQUEST_SIZE "
                 f"(now {self._cfg.max_request_size}) and the topic's max.message.bytes"
             )
         if isinstance(exc, _AUTH):
-            return PermanentSinkError(
+            return PermanentError(
                 f"Kafka at {servers} refused authentication or authorisation ({exc}); check "
                 "KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
                 f"{self._cfg.topic!r} and {self._cfg.dlq_topic!r}"
@@ -347,6 +330,6 @@ class KafkaSink(AsyncResource):
             isinstance(exc, KafkaError) and exc.retriable
         ):
             return TransientError(f"Kafka at {servers} unavailable: {type(exc).__name__}: {exc}")
-        return PermanentSinkError(
+        return PermanentError(
             f"Kafka at {servers} failed with an unexpected error: {type(exc).__name__}: {exc}"
         )

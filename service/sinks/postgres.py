@@ -12,12 +12,12 @@ revision is lower (``DO UPDATE ... WHERE (t.count, t.emitted_at) < (EXCLUDED.cou
 EXCLUDED.emitted_at)``), so a stale replay never overwrites a newer row and an exact
 duplicate costs no row version.
 
-Errors by SQLSTATE class (see :func:`service.schema.pg_error_kind`): connection,
+Errors by SQLSTATE class (see :func:`service.pg_errors.pg_error_kind`): connection,
 transaction-rollback and resource classes are :class:`TransientError` (the sender
 retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
 savepoints until the bad rows are found, each becomes a dead letter with reason
 ``invalid_value`` and everything else is stored; schema and permission errors (42) are
-a :class:`PermanentSinkError` whose message says what the operator must do.
+a :class:`PermanentError` whose message says what the operator must do.
 """
 
 from __future__ import annotations
@@ -31,22 +31,22 @@ import orjson
 
 from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.schema import (
-    TableNames,
-    classify_connect_error,
-    ensure_schema,
-    pg_error_kind,
-)
+from service.pg_errors import pg_error, pg_error_kind
+from service.schema import TableNames, ensure_schema
 
 __all__ = ["PostgresSink", "SinkStatements", "write_batch"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS: Final = 10_000
+_SCHEMA_HINT: Final = (
+    "run `vabus-aggregator migrate` with a user that may create them, and grant the "
+    "service's user SELECT, INSERT, UPDATE on them (and USAGE on the dead-letter id sequence)"
+)
 _AggKey = tuple[str, str, float, float]
 T = TypeVar("T")
 
@@ -223,7 +223,6 @@ class PostgresSink(AsyncResource):
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s
         self._pool: Any = None
-        """Identifies the database (not the secret DSN), to find a shared checkpoint store."""
 
     @property
     def pool(self) -> Any:
@@ -244,14 +243,14 @@ class PostgresSink(AsyncResource):
                 command_timeout=self._command_timeout_s,
             )
         except Exception as exc:
-            raise classify_connect_error(exc) from exc
+            raise pg_error(exc, "output start") from exc
         try:
             async with pool.acquire(timeout=self._connect_timeout_s) as conn:
                 await ensure_schema(conn, self._cfg.table, self._cfg.dead_letter_table)
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, Exception):
-                raise self._classify(exc) from exc
+                raise self._classify(exc, "schema check") from exc
             raise
         self._pool = pool
 
@@ -295,7 +294,7 @@ class PostgresSink(AsyncResource):
                 if then is not None:
                     await then(conn)
         except Exception as exc:
-            err = self._classify(exc)
+            err = self._classify(exc, "write")
             self._metrics.on_sink_error(self.name, err.retriable)
             raise err from exc
         if created:
@@ -320,19 +319,6 @@ class PostgresSink(AsyncResource):
         except Exception as exc:
             raise TransientError(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}") from exc
 
-    def _classify(self, exc: Exception) -> TransientError | PermanentSinkError:
-        kind = pg_error_kind(exc)
-        if kind == "transient":
-            return TransientError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}")
+    def _classify(self, exc: Exception, doing: str) -> TransientError | PermanentError:
         tables = f"{self._sql.tables.aggregates} / {self._sql.tables.dead_letters}"
-        if kind == "schema":
-            return PermanentSinkError(
-                f"PostgreSQL refused the write to {tables} (SQLSTATE {_exc_state(exc)}): {exc}; "
-                "run `vabus-aggregator migrate` with a user that may create them, and grant "
-                "the service's user SELECT, INSERT, UPDATE on them (and USAGE on the "
-                "dead-letter id sequence)"
-            )
-        return PermanentSinkError(
-            f"PostgreSQL write to {tables} failed (SQLSTATE {_exc_state(exc)}): "
-            f"{type(exc).__name__}: {exc}"
-        )
+        return pg_error(exc, f"{doing} of {tables}", schema_hint=_SCHEMA_HINT)

@@ -10,7 +10,7 @@ import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.errors import PermanentSinkError
+from service.errors import PermanentError
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ async def test_a_failed_save_changes_no_partition(pool: Any, table: str) -> None
     async with PostgresCheckpointStore(pool, "ns", table=table) as store:
         await store.save([cp("a", "1", b"old"), cp("b", "1", b"old")])
         # PostgreSQL text refuses NUL, so the second row fails the whole statement.
-        with pytest.raises(PermanentSinkError, match="22021"):
+        with pytest.raises(PermanentError, match="22021"):
             await store.save([cp("a", "2", b"new"), cp("b", "2\x00", b"new")])
 
         old = {"a": cp("a", "1", b"old"), "b": cp("b", "1", b"old")}
@@ -79,7 +79,7 @@ async def test_a_row_of_an_unknown_format_is_refused(pool: Any, table: str) -> N
         await store.save([cp("a", "1", b"x")])
         await pool.execute(f"UPDATE {table} SET format = 99")
 
-        with pytest.raises(PermanentSinkError, match="format 99"):
+        with pytest.raises(PermanentError, match="format 99"):
             await store.load(["a"])
 
 

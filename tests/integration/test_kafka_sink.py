@@ -16,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.config import KafkaConfig
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.ops.metrics import MetricsCollector
 from service.sinks.kafka import KafkaSink, encode_aggregates
@@ -182,7 +182,7 @@ async def test_a_record_over_the_request_size_limit_is_a_permanent_error_naming_
 ) -> None:
     cfg = replace(config(kafka_bootstrap, unique_name), max_request_size=300)
     async with KafkaSink(cfg, MetricsCollector()) as sink:
-        with pytest.raises(PermanentSinkError, match="KAFKA_MAX_REQUEST_SIZE"):
+        with pytest.raises(PermanentError, match="KAFKA_MAX_REQUEST_SIZE"):
             await sink.write([agg("x" * 200)], [])
 
 

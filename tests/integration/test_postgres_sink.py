@@ -13,7 +13,7 @@ import pytest
 
 from service.config import PostgresConfig, Secret
 from service.dev.devstack import EmbeddedPostgres
-from service.errors import PermanentSinkError, TransientError
+from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
 from service.ops.metrics import MetricsCollector
 from service.schema import migrate
@@ -190,7 +190,7 @@ async def test_a_dropped_table_is_a_permanent_error_that_says_to_run_migrate(
 ) -> None:
     await conn.execute(f"DROP TABLE {unique_name}_agg")
 
-    with pytest.raises(PermanentSinkError, match=r"42P01.*vabus-aggregator migrate"):
+    with pytest.raises(PermanentError, match=r"42P01.*vabus-aggregator migrate"):
         await sink.write([agg("cpu")], [])
 
 
@@ -320,7 +320,7 @@ async def test_write_in_transaction_commits_the_extra_step_with_the_rows_or_neit
             await c.execute(f"INSERT INTO {marks} VALUES ('one')")
 
         await sink.write_in_transaction([agg("a")], [], mark)
-        with pytest.raises(PermanentSinkError):  # 23505 outside any row: not isolatable
+        with pytest.raises(PermanentError):  # 23505 outside any row: not isolatable
             await sink.write_in_transaction([agg("b")], [], mark)
         await sink.write_in_transaction([], [], lambda c: c.execute(f"DELETE FROM {marks}"))
 

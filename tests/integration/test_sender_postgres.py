@@ -15,7 +15,7 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
 from service.clock import SystemClock
 from service.config import PostgresConfig, Secret, load_config
-from service.errors import PermanentSinkError
+from service.errors import PermanentError
 from service.events import Aggregate
 from service.flow import Checkpoint
 from service.hub import Delivery
@@ -82,7 +82,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
 
             # A checkpoint that cannot be stored takes the rows of its transaction with it.
             await conn.execute(f"DROP TABLE {cp_table}")
-            with pytest.raises(PermanentSinkError):
+            with pytest.raises(PermanentError):
                 await sender.handle(
                     Delivery(
                         [Outputs([agg("d")], []), Checkpoint([PartitionCheckpoint("p0", "4", b"")])]

@@ -201,7 +201,7 @@ async def test_a_rejected_token_is_logged_and_backed_off_as_not_retriable(
     assert recorder.records == []
     assert metrics.error_calls[:2] == [False, False]
     assert "HTTP 401" in caplog.text
-    assert "retry 2 in" in caplog.text
+    assert "failed (HTTP 401: " in caplog.text and ", attempt 2, next try in " in caplog.text
     assert "not-the-token" not in caplog.text and "s3cret" not in caplog.text
 
 

@@ -1,5 +1,5 @@
 """client_options: the aiokafka keyword arguments for each security protocol and SASL
-mechanism, accepted by the real aiokafka constructors."""
+mechanism, accepted by the real aiokafka constructors; create_topics on a fake admin."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAuthorizationFailedError
 
+import service.kafka_client
 from service.config import KafkaConfig, Secret
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 
 SERVERS = ("k1:9093", "k2:9093")
 
@@ -78,3 +80,43 @@ async def test_sasl_ssl_has_both_the_context_and_the_credentials(mechanism: str)
 def test_the_bus_may_use_other_bootstrap_servers_with_the_same_security() -> None:
     opts = client_options(cfg("SASL_PLAINTEXT", "PLAIN"), ("bus:9092",))
     assert opts["bootstrap_servers"] == "bus:9092" and opts["sasl_mechanism"] == "PLAIN"
+
+
+class FakeAdmin:
+    """Answers create_topics as a broker would: 0 created, 36 exists, 29 not allowed."""
+
+    codes = {"new": 0, "old": 36, "denied": 29}
+    instances: list[FakeAdmin] = []
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.asked: list[NewTopic] = []
+        self.closed = False
+        FakeAdmin.instances.append(self)
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def create_topics(self, topics: list[NewTopic]) -> Any:
+        self.asked = topics
+        errors = [(t.name, self.codes[t.name], f"{t.name}!") for t in topics]
+        return type("Response", (), {"topic_errors": errors})()
+
+
+async def test_create_topics_returns_only_what_the_broker_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service.kafka_client, "AIOKafkaAdminClient", FakeAdmin)
+    monkeypatch.setattr(FakeAdmin, "instances", [])
+    refused = await create_topics({"request_timeout_ms": 5}, ["new", "old", "denied", "new"], 3)
+
+    assert list(refused) == ["denied"]
+    assert isinstance(refused["denied"], TopicAuthorizationFailedError)
+    assert "cannot create topic 'denied': denied!" in str(refused["denied"])
+    [admin] = FakeAdmin.instances
+    assert [(t.name, t.num_partitions, t.replication_factor) for t in admin.asked] == [
+        ("new", 3, 1), ("old", 3, 1), ("denied", 3, 1),
+    ]  # fmt: skip
+    assert admin.options == {"request_timeout_ms": 5} and admin.closed

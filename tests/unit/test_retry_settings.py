@@ -30,9 +30,19 @@ class RecordingClock(ManualClock):
         self.sleeps: list[float] = []
 
     async def sleep(self, seconds: float) -> None:
-        if sys._getframe(1).f_code.co_qualname == "DataSender._retrying":
+        if _called_from("DataSender._retrying"):
             self.sleeps.append(seconds)
         await super().sleep(seconds)
+
+
+def _called_from(qualname: str) -> bool:
+    """Whether the awaiting chain of the running task passes through ``qualname``."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_qualname == qualname:
+            return True
+        frame = frame.f_back
+    return False
 
 
 async def retry_delays(env: dict[str, str], tmp_path: Path) -> list[float]:

@@ -10,7 +10,7 @@ import pytest
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
-from service.errors import PermanentSinkError
+from service.errors import PermanentError
 from service.events import Aggregate, DeadLetter
 from service.flow import OUTPUT, Checkpoint
 from service.hub import Delivery, EventHub
@@ -103,29 +103,29 @@ async def test_transient_sink_failure_is_retried_without_blocking_the_other_sink
     assert sender.degraded == {}
 
 
-async def test_permanent_sink_error_is_raised_for_the_hub_to_retry() -> None:
+async def test_a_permanent_error_is_not_retried_here_but_raised_for_the_hub() -> None:
     sender, sinks, _, _, _ = await make(1)
-    sinks[0].fail_next(1, PermanentSinkError("table missing"))
-    with pytest.raises(PermanentSinkError):
+    sinks[0].fail_next(1, PermanentError("table missing"))
+    with pytest.raises(PermanentError):
         await sender.handle(Delivery([Outputs([agg("a")], [])]))
 
 
 async def test_a_durable_checkpoint_is_marked_done_with_the_outputs_before_it() -> None:
     sender, sinks, store, _, _ = await make()
     # the first sink breaks right after the checkpoint is saved: "b" cannot be written
-    store.on_save = lambda: sinks[0].fail_next(1, PermanentSinkError("table dropped"))
+    store.on_save = lambda: sinks[0].fail_next(1, PermanentError("table dropped"))
     delivery = Delivery(
         [Outputs([agg("a")], []), Checkpoint([PartitionCheckpoint("p0", "1", None)]),
          Outputs([agg("b")], [])]
     )  # fmt: skip
-    with pytest.raises(PermanentSinkError):
+    with pytest.raises(PermanentError):
         await sender.handle(delivery)
     assert delivery.done == 2  # the hub hands back only Outputs "b"
 
 
 async def test_a_redelivery_through_the_hub_does_not_save_a_durable_checkpoint_again() -> None:
     sender, sinks, store, commits, clock = await make()
-    store.on_save = lambda: sinks[0].fail_next(1, PermanentSinkError("table dropped"))
+    store.on_save = lambda: sinks[0].fail_next(1, PermanentError("table dropped"))
     hub = EventHub(MetricsCollector(clock), clock, Backoff("fixed", 1.0, 1.0))
     hub.subscribe(OUTPUT, "sender", sender.handle)
     cp = PartitionCheckpoint("p0", "1", None)
