@@ -43,17 +43,22 @@ def client_options(
 
 
 async def create_topics(
-    options: Mapping[str, Any], topics: Iterable[str], partitions: int
+    options: Mapping[str, Any],
+    topics: Iterable[str],
+    partitions: int,
+    configs: Mapping[str, str] | None = None,
 ) -> dict[str, KafkaError]:
     """Create the ``topics`` that do not exist, ``partitions`` each, replication 1
-    (operators who want more replicas create the topics themselves); an existing topic
-    is left as it is. Returns the topics the broker refused to create, with why; a
-    broker that cannot be reached raises :class:`KafkaError`."""
+    (operators who want more replicas create the topics themselves), with the topic
+    ``configs`` given; an existing topic is left as it is. Returns the topics the broker
+    refused to create, with why; a broker that cannot be reached raises
+    :class:`KafkaError`."""
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
+        extra = dict(configs or {})
         response = await admin.create_topics(
-            [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics)]
+            [NewTopic(t, partitions, 1, topic_configs=extra) for t in dict.fromkeys(topics)]
         )
     finally:
         await admin.close()

@@ -37,8 +37,7 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError
 
 from service.bus.base import Emit, Restore
 from service.bus.kafka import ORIGIN_HEADER, KafkaBus
@@ -46,9 +45,10 @@ from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.kafka_client import client_options
+from service.kafka_client import client_options, create_topics
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
+from service.retry import sleep_unless_stopped
 
 __all__ = ["RepartitionedBus", "Router", "internal_topic", "windowing_group"]
 
@@ -143,18 +143,10 @@ class Router(AsyncResource):
         while source not in await consumer.topics():
             log.warning("repartition: input topic %r does not exist yet", source)
             await self._clock.sleep(_RETRY_S)
-        count = len(consumer.partitions_for_topic(source) or ())
-        admin = AIOKafkaAdminClient(**self._options)
-        await admin.start()
-        try:
-            response = await admin.create_topics([NewTopic(self.topic, max(1, count), 1)])
-        finally:
-            await admin.close()
-        for name, code, message, *_ in response.topic_errors:
-            if code == 0:
-                log.info("repartition: created internal topic %s (%d partitions)", name, count)
-            elif for_code(code) is not TopicAlreadyExistsError:
-                raise for_code(code)(f"cannot create topic {name!r}: {message}")
+        count = max(1, len(consumer.partitions_for_topic(source) or ()))
+        refused = await create_topics(self._options, [self.topic], count)
+        if refused:
+            raise refused[self.topic]
 
     async def run(self) -> None:
         """Route until :meth:`stop_intake`; broker errors are logged and retried."""
@@ -178,7 +170,7 @@ class Router(AsyncResource):
                     log.warning("repartition: routing failed (%r), retrying in %.0fs",
                                 exc, _RETRY_S)  # fmt: skip
                     await self._seek_to_committed()
-                    await self._clock.sleep(_RETRY_S)
+                    await sleep_unless_stopped(self._clock, _RETRY_S, self._stopping)
         finally:
             stop.cancel()
 

@@ -38,11 +38,11 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.errors import TransientError
+from service.kafka_client import create_topics
 from service.lifecycle import AsyncResource
 
 __all__ = ["KafkaCheckpointStore", "checkpoint_topic"]
@@ -129,21 +129,11 @@ class KafkaCheckpointStore(AsyncResource):
             await consumer.stop()
 
     async def _ensure_topic(self) -> None:
-        admin = AIOKafkaAdminClient(**self._options)
-        await admin.start()
-        try:
-            # compacted: only the newest record per key matters; never deleted by age
-            configs = {"cleanup.policy": "compact", "retention.ms": "-1"}
-            response = await admin.create_topics(
-                [NewTopic(self.topic, 1, 1, topic_configs=configs)]
-            )
-        finally:
-            await admin.close()
-        for name, code, message, *_ in response.topic_errors:
-            if code == 0:
-                log.info("kafka checkpoints: created topic %s", name)
-            elif for_code(code) is not TopicAlreadyExistsError:
-                raise for_code(code)(f"cannot create topic {name!r}: {message}")
+        # compacted: only the newest record per key matters; never deleted by age
+        configs = {"cleanup.policy": "compact", "retention.ms": "-1"}
+        refused = await create_topics(self._options, [self.topic], 1, configs)
+        if refused:
+            raise refused[self.topic]
 
     # -- reading ------------------------------------------------------------------------
     async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
