@@ -64,7 +64,7 @@ def _partition(key: bytes, partitions: int) -> int:
     """aiokafka's (and the Java client's) default partitioner: murmur2 of the key."""
     from aiokafka.partitioner import murmur2
 
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def generate(n: int, seed: int = 42, partitions: int = N_PARTITIONS) -> Workload:

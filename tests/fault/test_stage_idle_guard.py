@@ -161,7 +161,7 @@ async def test_a_crash_mid_batch_never_aggregates_a_batch_twice() -> None:
         processed.append(b)
         return real_process(b)
 
-    agg.process = counting_process  # type: ignore[method-assign]
+    agg.process = counting_process  # type: ignore[method-assign,assignment]
     out.fail_checkpoints = 1
     hub = EventHub(MetricsCollector(clock), clock, Backoff("fixed", 1.0, 1.0))
     hub.subscribe(INPUT, "aggregator", stage.handle)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -102,7 +102,7 @@ def test_the_wiring_pairs_the_postgres_sink_with_its_checkpoint_store() -> None:
     outputs = build_outputs(config, MetricsCollector())
     assert outputs.shared_transaction is not None
     assert outputs.shared_transaction.sink is outputs.sinks[-1]
-    assert outputs.shared_transaction.store is outputs.store
+    assert outputs.shared_transaction.store is cast(object, outputs.store)
     kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector())
     assert kafka_only.shared_transaction is None
 

@@ -12,6 +12,7 @@ be late and every window must equal the oracle, keyed (a name in one partition) 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -72,7 +73,9 @@ def oracle(streams: list[list[dict[str, Any]]]) -> dict[tuple[str, str, float], 
         for e in stream:
             start = (e["timestamp"] // INTERVAL) * INTERVAL
             groups[(e["name"], e["agg_func"], start)].append(e["value"])
-    reduce = {"sum": sum, "min": min, "max": max, "count": len}
+    reduce: dict[str, Callable[[list[float]], float]] = {
+        "sum": sum, "min": min, "max": max, "count": len,
+    }  # fmt: skip
     return {k: (float(reduce[k[1]](v)), len(v)) for k, v in groups.items()}
 
 

@@ -63,7 +63,7 @@ async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -
     bus = KafkaBus(config, KafkaConfig(), metrics, clock,
                    backoff=Backoff("linear", initial_s=2.0, jitter=False))  # fmt: skip
     consumer = FailingConsumer()
-    bus._consumer = consumer  # type: ignore[assignment]
+    bus._consumer = consumer
     task = asyncio.create_task(bus.run(_no_emit, _no_restore))
 
     await clock.asleep.wait()  # after the first failure

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from types import FrameType
 
 import orjson
 import pytest
@@ -37,7 +38,7 @@ class RecordingClock(ManualClock):
 
 def _called_from(qualname: str) -> bool:
     """Whether the awaiting chain of the running task passes through ``qualname``."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_qualname == qualname:
             return True
