@@ -36,8 +36,9 @@ test: install lint      ## lint, then every test: unit, integration (real broker
 test-unit: install
 	$(BIN)/pytest tests/unit
 
-lint: install           ## ruff, mypy, compose schema, hadolint
+lint: install           ## ruff (lint and format), mypy (service, tests, bench), compose schema, hadolint
 	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	$(BIN)/hadolint Dockerfile

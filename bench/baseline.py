@@ -68,12 +68,18 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     consumer = AIOKafkaConsumer(
-        args.topic, bootstrap_servers=args.bootstrap, group_id=args.group,
-        auto_offset_reset="earliest", enable_auto_commit=False,
+        args.topic,
+        bootstrap_servers=args.bootstrap,
+        group_id=args.group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
         session_timeout_ms=args.session_timeout_ms,
-        max_partition_fetch_bytes=4 << 20, fetch_max_bytes=32 << 20)
-    producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, linger_ms=5,
-                                max_batch_size=256 << 10, acks=1)
+        max_partition_fetch_bytes=4 << 20,
+        fetch_max_bytes=32 << 20,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=args.bootstrap, linger_ms=5, max_batch_size=256 << 10, acks=1
+    )
     await producer.start()
     await consumer.start()
     windows: dict[int, dict[int, dict[str, Acc]]] = {}
@@ -88,16 +94,23 @@ async def run(args: argparse.Namespace) -> None:
             sends = []
             for tp, msgs in batch.items():
                 wins = windows.setdefault(tp.partition, {})
-                top = add_events([m.value for m in msgs], wins,
-                                 max_ts.get(tp.partition, float("-inf")))
+                top = add_events(
+                    [m.value for m in msgs], wins, max_ts.get(tp.partition, float("-inf"))
+                )
                 max_ts[tp.partition] = top
                 for ws in sorted(w for w in wins if w + WINDOW_S <= top):
                     for name, acc in wins.pop(ws).items():
-                        out = {"name": name, "agg_func": acc[4], "value": final_value(acc),
-                               "count": acc[0], "window_start": ws,
-                               "window_end": ws + WINDOW_S}
-                        sends.append(await producer.send(args.output_topic, dumps(out),
-                                                         key=name.encode()))
+                        out = {
+                            "name": name,
+                            "agg_func": acc[4],
+                            "value": final_value(acc),
+                            "count": acc[0],
+                            "window_start": ws,
+                            "window_end": ws + WINDOW_S,
+                        }
+                        sends.append(
+                            await producer.send(args.output_topic, dumps(out), key=name.encode())
+                        )
             if sends:
                 await asyncio.gather(*sends)
             await consumer.commit()
@@ -107,8 +120,9 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--output-topic", required=True)

@@ -42,8 +42,11 @@ def key_of(record: Mapping[str, Any]) -> Key | None:
     return name, round(to_epoch(record["window_start"]))
 
 
-def check(records: Iterable[Mapping[str, Any]], expected: Mapping[Key, Mapping[str, Any]],
-          max_examples: int = 5) -> dict[str, Any]:
+def check(
+    records: Iterable[Mapping[str, Any]],
+    expected: Mapping[Key, Mapping[str, Any]],
+    max_examples: int = 5,
+) -> dict[str, Any]:
     """A summary dict; ``ok`` is the verdict."""
     total = ignored = bad_format = 0
     last: dict[Key, Mapping[str, Any]] = {}

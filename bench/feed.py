@@ -33,8 +33,18 @@ def free_port() -> int:
 async def start_emulator(run_dir: Path, max_events: int, env: dict[str, str]) -> tuple[Child, str]:
     """The emulator process and its base URL, once it answers."""
     port = free_port()
-    argv = [sys.executable, "-m", "service", "emulator", "--host", "127.0.0.1",
-            "--port", str(port), "--max-events", str(max_events)]
+    argv = [
+        sys.executable,
+        "-m",
+        "service",
+        "emulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-events",
+        str(max_events),
+    ]
     child = Child(argv, run_dir / "emulator.log", cwd=run_dir, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -53,8 +63,9 @@ async def start_emulator(run_dir: Path, max_events: int, env: dict[str, str]) ->
 
 async def post_events(session: aiohttp.ClientSession, url: str, values: list[bytes]) -> None:
     body = b"[" + b",".join(values) + b"]"
-    async with session.post(f"{url}/events", data=body,
-                            headers={"Content-Type": "application/json"}) as resp:
+    async with session.post(
+        f"{url}/events", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
         if resp.status != 200:
             raise RuntimeError(f"emulator refused events: {resp.status} {await resp.text()}")
 
@@ -98,6 +109,19 @@ async def wait_healthy(port: int, child: Child, timeout_s: float) -> bool:
 
 def clean_env() -> dict[str, str]:
     """The driver's environment without any service settings that could leak in."""
-    prefixes = ("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_", "HTTP_", "LOG_",
-                "STATE_", "METRICS_", "CHECKPOINT_", "SHUTDOWN_", "HUB_", "SINK_")
+    prefixes = (
+        "VABUS_",
+        "KAFKA_",
+        "POSTGRES_",
+        "STORAGE_",
+        "AGGREGATION_",
+        "HTTP_",
+        "LOG_",
+        "STATE_",
+        "METRICS_",
+        "CHECKPOINT_",
+        "SHUTDOWN_",
+        "HUB_",
+        "SINK_",
+    )
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}

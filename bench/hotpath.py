@@ -43,11 +43,17 @@ def batches(w: Workload, size: int) -> list[SourceBatch]:
         for pid, recs in enumerate(per):
             chunk = recs[start : start + size]
             if chunk:
-                out.append(SourceBatch(
-                    partition=f"bench-events:{pid}", records=chunk,
-                    offsets=list(range(start, start + len(chunk))),
-                    source=f"kafka bench-events/{pid}", next_position=str(start + len(chunk)),
-                    received_at=0.0, caught_up=start + size >= len(recs)))  # fmt: skip
+                out.append(
+                    SourceBatch(
+                        partition=f"bench-events:{pid}",
+                        records=chunk,
+                        offsets=list(range(start, start + len(chunk))),
+                        source=f"kafka bench-events/{pid}",
+                        next_position=str(start + len(chunk)),
+                        received_at=0.0,
+                        caught_up=start + size >= len(recs),
+                    )
+                )
     return out
 
 
@@ -60,9 +66,17 @@ def run_once(w: Workload, feed: list[SourceBatch]) -> tuple[float, list[dict[str
     for b in feed:
         emitted.extend(agg.process(b).aggregates)
     took = time.process_time() - t0
-    records = [{"name": a.name, "agg_func": a.agg_func, "value": a.value, "count": a.count,
-                "window_start": iso_utc(a.window_start), "window_end": iso_utc(a.window_end)}
-               for a in emitted]  # fmt: skip
+    records = [
+        {
+            "name": a.name,
+            "agg_func": a.agg_func,
+            "value": a.value,
+            "count": a.count,
+            "window_start": iso_utc(a.window_start),
+            "window_end": iso_utc(a.window_end),
+        }
+        for a in emitted
+    ]
     return took, records
 
 
@@ -71,8 +85,9 @@ def w_end(w: Workload) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("--batch", type=int, default=5000, help="records per SourceBatch")
@@ -97,8 +112,10 @@ def main() -> None:
         rates.append(args.n / took)
         print(f"rep {rep + 1}: {took:.3f} CPU s, {args.n / took:,.0f} ev/CPU-s", flush=True)
     rates.sort()
-    print(f"median {rates[len(rates) // 2]:,.0f} ev/CPU-s, range {rates[0]:,.0f}-{rates[-1]:,.0f} "
-          f"(n={args.n:,}, batch={args.batch}, {args.r} reps, correct)")
+    print(
+        f"median {rates[len(rates) // 2]:,.0f} ev/CPU-s, range {rates[0]:,.0f}-{rates[-1]:,.0f} "
+        f"(n={args.n:,}, batch={args.batch}, {args.r} reps, correct)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,16 @@ from bench.marks import Marks
 async def read_all(args: argparse.Namespace) -> None:
     marks = Marks(args.marks)
     consumer = AIOKafkaConsumer(
-        args.topic, bootstrap_servers=args.bootstrap, group_id=args.group,
-        auto_offset_reset="earliest", enable_auto_commit=False,
+        args.topic,
+        bootstrap_servers=args.bootstrap,
+        group_id=args.group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
         session_timeout_ms=args.session_timeout_ms,
-        max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20, fetch_max_wait_ms=100)
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+        fetch_max_wait_ms=100,
+    )
     await consumer.start()
     try:
         loads = orjson.loads
@@ -56,8 +62,9 @@ async def read_all(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--group", required=True)

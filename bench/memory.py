@@ -49,8 +49,9 @@ def mb(kb: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=1_000_000, help="distinct names (open windows)")
     ap.add_argument("--func", default="sum", help="agg_func of every event")
     ap.add_argument("--limit", type=int, default=0, help="max open windows (default: n)")
@@ -59,17 +60,26 @@ def main() -> None:
     limit = args.limit or args.n
     total = args.n + args.extra
     clock = ManualClock(T0 + 30.0)
-    agg = EventAggregator(AggregationConfig(interval_s=60.0, max_open_windows=limit),
-                          MetricsCollector(clock), clock)  # fmt: skip
+    agg = EventAggregator(
+        AggregationConfig(interval_s=60.0, max_open_windows=limit), MetricsCollector(clock), clock
+    )
     dumps = orjson.dumps
     gc.collect()
     rss0 = status_kb("VmRSS")
     t0 = time.process_time()
     rejected: dict[str, int] = {}
     for first in range(0, total, BATCH):
-        records = [dumps({"name": f"host-{i:07d}.cpu.load", "value": i * 0.5,
-                          "timestamp": T0 + (i % 50), "agg_func": args.func})
-                   for i in range(first, min(first + BATCH, total))]  # fmt: skip
+        records = [
+            dumps(
+                {
+                    "name": f"host-{i:07d}.cpu.load",
+                    "value": i * 0.5,
+                    "timestamp": T0 + (i % 50),
+                    "agg_func": args.func,
+                }
+            )
+            for i in range(first, min(first + BATCH, total))
+        ]
         out = agg.process(SourceBatch("p0", records, "bench", str(first), T0))
         for d in out.dead_letters:
             rejected[d.reason] = rejected.get(d.reason, 0) + 1
@@ -79,27 +89,35 @@ def main() -> None:
     rss1 = status_kb("VmRSS")
     hwm_intake = status_kb("VmHWM")
     per_window = (rss1 - rss0) * 1024 / max(1, agg.open_windows)
-    print(f"func={args.func} names={total:,} limit={limit:,} open_windows={agg.open_windows:,} "
-          f"rejected={rejected}")  # fmt: skip
-    print(f"RSS before {mb(rss0)}, after {mb(rss1)}: {per_window:,.0f} bytes per open window; "
-          f"intake {intake_cpu:.1f} CPU s ({total / intake_cpu:,.0f} ev/CPU-s), "
-          f"peak {mb(hwm_intake)}")  # fmt: skip
+    print(
+        f"func={args.func} names={total:,} limit={limit:,} open_windows={agg.open_windows:,} "
+        f"rejected={rejected}"
+    )
+    print(
+        f"RSS before {mb(rss0)}, after {mb(rss1)}: {per_window:,.0f} bytes per open window; "
+        f"intake {intake_cpu:.1f} CPU s ({total / intake_cpu:,.0f} ev/CPU-s), "
+        f"peak {mb(hwm_intake)}"
+    )
     t0 = time.perf_counter()
     snap = agg.snapshot()
     took = time.perf_counter() - t0
     size = sum(len(c.state or b"") for c in snap)
     del snap
     gc.collect()
-    print(f"checkpoint snapshot: {size / 1e6:,.1f} MB of state in {took:.2f} s, "
-          f"peak now {mb(status_kb('VmHWM'))}")  # fmt: skip
+    print(
+        f"checkpoint snapshot: {size / 1e6:,.1f} MB of state in {took:.2f} s, "
+        f"peak now {mb(status_kb('VmHWM'))}"
+    )
     clock.advance(120.0)
     t0 = time.perf_counter()
     flushed = Outputs()  # every partition reports silence: the quiet rule emits all
     for partition in agg.partitions():
         flushed.extend(agg.process(SourceBatch(partition, [], "bench", None, 0.0, caught_up=True)))
     took = time.perf_counter() - t0
-    print(f"emit all: {len(flushed.aggregates):,} aggregates in {took:.2f} s, "
-          f"peak now {mb(status_kb('VmHWM'))}")  # fmt: skip
+    print(
+        f"emit all: {len(flushed.aggregates):,} aggregates in {took:.2f} s, "
+        f"peak now {mb(status_kb('VmHWM'))}"
+    )
     ok = agg.open_windows == 0 and len(flushed.aggregates) == min(total, limit)
     if args.extra:
         ok = ok and rejected == {"cardinality_limit": total - limit}

@@ -56,8 +56,13 @@ async def load(bootstrap: str, n: int, window_start: float) -> None:
         pending = []
         for i in range(n):
             p = i % PARTITIONS
-            value = orjson.dumps({"name": f"host-{i:07d}.cpu.load", "value": i * 0.5,
-                                  "timestamp": window_start + (i % 1000) / 10})  # fmt: skip
+            value = orjson.dumps(
+                {
+                    "name": f"host-{i:07d}.cpu.load",
+                    "value": i * 0.5,
+                    "timestamp": window_start + (i % 1000) / 10,
+                }
+            )
             if batches[p].append(key=None, value=value, timestamp=None) is None:
                 batch, batches[p] = batches[p], producer.create_batch()
                 batch.close()
@@ -81,8 +86,10 @@ async def status(session: aiohttp.ClientSession, port: int) -> tuple[dict[str, A
 
 def line(child: Child, what: str, t0: float) -> str:
     pid = child.pid
-    return (f"{time.monotonic() - t0:6.1f} s  {what:<34} RSS {vm_kb(pid, 'VmRSS') / 1024:7.1f} MB"
-            f"  peak {proc_peak_rss_mb(pid) or 0:7.1f} MB  CPU {proc_cpu_s(pid) or 0:6.1f} s")
+    return (
+        f"{time.monotonic() - t0:6.1f} s  {what:<34} RSS {vm_kb(pid, 'VmRSS') / 1024:7.1f} MB"
+        f"  peak {proc_peak_rss_mb(pid) or 0:7.1f} MB  CPU {proc_cpu_s(pid) or 0:6.1f} s"
+    )
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -95,14 +102,26 @@ async def main_async(args: argparse.Namespace) -> int:
             bootstrap = stack.kafka.bootstrap_servers
             await load(bootstrap, args.n, window_start)
             port = free_port()
-            env = {**clean_env(), "VABUS_URL": f"kafka://{bootstrap}/{TOPIC}?group=mem",
-                   "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000", "STORAGE_TYPE": "kafka",
-                   "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC": "mem-out",
-                   "AGGREGATION_INTERVAL": "3600", "AGGREGATION_MAX_OPEN_WINDOWS": str(limit),
-                   "STATE_DIR": str(run_dir / "state"), "HTTP_HOST": "127.0.0.1",
-                   "HTTP_PORT": str(port), "LOG_LEVEL": "WARNING"}  # fmt: skip
-            child = Child([sys.executable, "-m", "service", "run"], run_dir / "service.log",
-                          cwd=run_dir, env=env)  # fmt: skip
+            env = {
+                **clean_env(),
+                "VABUS_URL": f"kafka://{bootstrap}/{TOPIC}?group=mem",
+                "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000",
+                "STORAGE_TYPE": "kafka",
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "KAFKA_TOPIC": "mem-out",
+                "AGGREGATION_INTERVAL": "3600",
+                "AGGREGATION_MAX_OPEN_WINDOWS": str(limit),
+                "STATE_DIR": str(run_dir / "state"),
+                "HTTP_HOST": "127.0.0.1",
+                "HTTP_PORT": str(port),
+                "LOG_LEVEL": "WARNING",
+            }
+            child = Child(
+                [sys.executable, "-m", "service", "run"],
+                run_dir / "service.log",
+                cwd=run_dir,
+                env=env,
+            )
             t0 = time.monotonic()
             ok = False
             try:
@@ -125,16 +144,19 @@ async def main_async(args: argparse.Namespace) -> int:
             finally:
                 how, usage = await child.stop(signal.SIGTERM, 120.0)
             if usage is not None:
-                print(f"stopped by {how} (graceful: final checkpoint), exit {usage.exit_code}: "
-                      f"peak {usage.peak_rss_mb:.1f} MB, CPU {usage.cpu_s:.1f} s")
+                print(
+                    f"stopped by {how} (graceful: final checkpoint), exit {usage.exit_code}: "
+                    f"peak {usage.peak_rss_mb:.1f} MB, CPU {usage.cpu_s:.1f} s"
+                )
             print(f"rejected cardinality_limit: {rejected:,.0f}; expected {args.n - limit:,}")
             print("OK" if ok else f"FAILED (see {child.log_path})")
             return 0 if ok else 1
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--hold", type=float, default=10.0)

@@ -53,13 +53,20 @@ def proc_peak_rss_mb(pid: int) -> float | None:
 class Child:
     """A tool process in its own process group; output appended to ``log_path``."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path,
-                 env: Mapping[str, str]) -> None:
+    def __init__(
+        self, argv: Sequence[str], log_path: Path, *, cwd: Path, env: Mapping[str, str]
+    ) -> None:
         self.log_path = log_path
         with log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=cwd, env=dict(env), process_group=0)
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=dict(env),
+                process_group=0,
+            )
         self.launched_at = time.time()
         self.usage: Usage | None = None
         self._peak_rss_mb = 0.0
@@ -78,8 +85,9 @@ class Child:
             return None
         code = os.waitstatus_to_exitcode(status)
         self._proc.returncode = code  # Popen must not try to reap it again
-        self.usage = Usage(cpu_s=ru.ru_utime + ru.ru_stime, peak_rss_mb=self._peak_rss_mb,
-                           exit_code=code)
+        self.usage = Usage(
+            cpu_s=ru.ru_utime + ru.ru_stime, peak_rss_mb=self._peak_rss_mb, exit_code=code
+        )
         return self.usage
 
     async def wait(self, timeout_s: float) -> Usage | None:
@@ -88,8 +96,9 @@ class Child:
             await asyncio.sleep(_POLL_S)
         return usage
 
-    async def stop(self, first: signal.Signals = signal.SIGINT,
-                   grace_s: float = 30.0) -> tuple[str, Usage | None]:
+    async def stop(
+        self, first: signal.Signals = signal.SIGINT, grace_s: float = 30.0
+    ) -> tuple[str, Usage | None]:
         """``first``, then SIGTERM, then SIGKILL, each after a wait; how it ended + usage."""
         if self.poll() is not None:
             return "exited", self.usage

@@ -50,23 +50,37 @@ def table(results: Sequence[Row]) -> str:
         by_tool.setdefault(r["tool"], []).append(r)
     ok = {t: [r for r in rs if r.get("status") == "ok"] for t, rs in by_tool.items()}
     rate = {t: _median(r.get("eps_proc") for r in rs) for t, rs in ok.items()}
-    columns = ["tool", "version", "correct", "events/s (proc, median)", "range",
-               "wall s", "start-up s", "CPU s", "events per CPU-s", "peak RSS MB",
-               "close→durable p50 / p99 ms", "emit→visible p50 / p99 ms", "x limit",
-               *[f"x {p}" for p in PEERS]]
+    columns = [
+        "tool",
+        "version",
+        "correct",
+        "events/s (proc, median)",
+        "range",
+        "wall s",
+        "start-up s",
+        "CPU s",
+        "events per CPU-s",
+        "peak RSS MB",
+        "close→durable p50 / p99 ms",
+        "emit→visible p50 / p99 ms",
+        "x limit",
+        *[f"x {p}" for p in PEERS],
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     order = [t for t in TOOLS if t in by_tool] + sorted(set(by_tool) - set(TOOLS))
     for tool in order:
         runs, good = by_tool[tool], ok[tool]
         if all(r.get("status") == "skipped" for r in runs):
-            lines.append(f"| {tool} | skipped: {runs[0].get('note', '')} |"
-                         + " |" * (len(columns) - 2))
+            lines.append(
+                f"| {tool} | skipped: {runs[0].get('note', '')} |" + " |" * (len(columns) - 2)
+            )
             continue
         rates = [r["eps_proc"] for r in good if r.get("eps_proc")]
         cpu = _median(r.get("cpu_s") for r in good)
         n = runs[0]["n"]
         cells = [
-            tool, str(runs[0].get("version", "")),
+            tool,
+            str(runs[0].get("version", "")),
             f"{len(good)}/{len(runs)}",
             _num(rate[tool]),
             f"{min(rates):,.0f}-{max(rates):,.0f}" if rates else "-",
@@ -75,10 +89,14 @@ def table(results: Sequence[Row]) -> str:
             _num(cpu, "{:.1f}"),
             _num(n / cpu if cpu else None),
             _num(_median(r.get("peak_rss_mb") for r in good), "{:.0f}"),
-            _ms_pair(_median(r.get("durable_p50_s") for r in good),
-                     _median(r.get("durable_p99_s") for r in good)),
-            _ms_pair(_median(r.get("visible_p50_s") for r in good),
-                     _median(r.get("visible_p99_s") for r in good)),
+            _ms_pair(
+                _median(r.get("durable_p50_s") for r in good),
+                _median(r.get("durable_p99_s") for r in good),
+            ),
+            _ms_pair(
+                _median(r.get("visible_p50_s") for r in good),
+                _median(r.get("visible_p99_s") for r in good),
+            ),
             _ratio(rate[tool], rate.get("limit")),
             *[_ratio(rate[tool], rate.get(p)) for p in PEERS],
         ]
@@ -86,15 +104,21 @@ def table(results: Sequence[Row]) -> str:
     paced = [r for r in results if r.get("paced_rate")]
     if paced:
         lines.append("")
-        lines += [f"{r['tool']} rep {r['rep']}: input paced at {r['paced_rate']:,.0f} ev/s "
-                  f"(fed {r.get('paced_rate_achieved') or 0:,.0f} ev/s)" for r in paced]
+        lines += [
+            f"{r['tool']} rep {r['rep']}: input paced at {r['paced_rate']:,.0f} ev/s "
+            f"(fed {r.get('paced_rate_achieved') or 0:,.0f} ev/s)"
+            for r in paced
+        ]
     return "\n".join(lines)
 
 
 def failures(results: Sequence[Row]) -> list[str]:
     """One line per run that did not end correct (skipped tools are not failures)."""
-    return [f"{r['tool']} rep {r['rep']}: {r.get('why', 'FAILED')}"
-            for r in results if r.get("status") == "FAILED"]
+    return [
+        f"{r['tool']} rep {r['rep']}: {r.get('why', 'FAILED')}"
+        for r in results
+        if r.get("status") == "FAILED"
+    ]
 
 
 def load(path: Path) -> list[Row]:

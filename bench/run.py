@@ -28,27 +28,51 @@ from bench.workload import generate, produce
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", "--events", type=int, default=1_000_000, help="events (1,000,000)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="runs per tool (3)")
-    ap.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
-                    help=f"comma-separated, any of: {', '.join(TOOLS)}")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results JSONL (default: <runs dir>/results.jsonl); the table "
-                         "goes next to it as .md")
-    ap.add_argument("--runs-dir", type=Path, default=None,
-                    help="per-run logs, outputs and state (default: a new dir under /tmp)")
+    ap.add_argument(
+        "--tools",
+        default=",".join(DEFAULT_TOOLS),
+        help=f"comma-separated, any of: {', '.join(TOOLS)}",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSONL (default: <runs dir>/results.jsonl); the table goes next to it as .md",
+    )
+    ap.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="per-run logs, outputs and state (default: a new dir under /tmp)",
+    )
     ap.add_argument("--quick", action="store_true", help="n=100,000 and 1 rep")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--timeout", type=float, default=600.0, help="per run, seconds (600)")
-    ap.add_argument("--stall", type=float, default=90.0,
-                    help="give a run up after this long without new output (90 s)")
-    ap.add_argument("--paced-rate", type=float, default=0.0,
-                    help="events/s for service_http_pg_paced (default: half the median "
-                         "rate service_http_pg reached earlier in this session, else 75,000)")
-    ap.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra environment for the service runs (repeatable)")
+    ap.add_argument(
+        "--stall",
+        type=float,
+        default=90.0,
+        help="give a run up after this long without new output (90 s)",
+    )
+    ap.add_argument(
+        "--paced-rate",
+        type=float,
+        default=0.0,
+        help="events/s for service_http_pg_paced (default: half the median "
+        "rate service_http_pg reached earlier in this session, else 75,000)",
+    )
+    ap.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service runs (repeatable)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.events, args.reps = 100_000, 1
@@ -72,24 +96,39 @@ async def main_async(args: argparse.Namespace) -> int:
     needs_pg = any(t.output == "postgres" for t in tools)
     t0 = time.perf_counter()
     workload = generate(args.events, args.seed)
-    print(f"workload: {workload.n:,} events, seed {workload.seed}, {len(workload.expected):,} "
-          f"expected (name, window) results ({time.perf_counter() - t0:.1f} s)", flush=True)
-    (runs_dir / "expected.json").write_bytes(orjson.dumps(
-        {"n": workload.n, "seed": workload.seed, "results": list(workload.expected.values())}))
+    print(
+        f"workload: {workload.n:,} events, seed {workload.seed}, {len(workload.expected):,} "
+        f"expected (name, window) results ({time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    (runs_dir / "expected.json").write_bytes(
+        orjson.dumps(
+            {"n": workload.n, "seed": workload.seed, "results": list(workload.expected.values())}
+        )
+    )
     results = []
     async with DevStack(runs_dir / "stack", postgres=needs_pg) as stack:
         assert stack.kafka is not None
         session = Session(
-            workload=workload, bootstrap=stack.kafka.bootstrap_servers,
-            dsn=stack.postgres.dsn if stack.postgres else "", input_topic="bench-events",
-            runs_dir=runs_dir, broker_pid=stack.kafka.pid, timeout_s=args.timeout,
-            stall_s=args.stall, paced_rate=args.paced_rate,
-            service_env=dict(e.split("=", 1) for e in args.service_env))
+            workload=workload,
+            bootstrap=stack.kafka.bootstrap_servers,
+            dsn=stack.postgres.dsn if stack.postgres else "",
+            input_topic="bench-events",
+            runs_dir=runs_dir,
+            broker_pid=stack.kafka.pid,
+            timeout_s=args.timeout,
+            stall_s=args.stall,
+            paced_rate=args.paced_rate,
+            service_env=dict(e.split("=", 1) for e in args.service_env),
+        )
         t0 = time.perf_counter()
         await produce(workload, session.bootstrap, session.input_topic)
         took = time.perf_counter() - t0
-        print(f"produced to {session.input_topic} on {session.bootstrap} in {took:.1f} s "
-              f"({workload.n / took:,.0f} ev/s); runs in {runs_dir}", flush=True)
+        print(
+            f"produced to {session.input_topic} on {session.bootstrap} in {took:.1f} s "
+            f"({workload.n / took:,.0f} ev/s); runs in {runs_dir}",
+            flush=True,
+        )
         for rep in range(1, args.reps + 1):
             for tool in tools:
                 res = await run_once(session, tool, rep)
@@ -104,8 +143,10 @@ async def main_async(args: argparse.Namespace) -> int:
     shutil.rmtree(runs_dir / "stack" / "pgdata", ignore_errors=True)
     text = report.table(results)
     out.with_suffix(".md").write_text(text + "\n")
-    print(f"\n{text}\n\n(N = {workload.n:,}, {args.reps} rep(s); broker RSS at end "
-          f"{broker_rss} MB; results {out}, table {out.with_suffix('.md')})")
+    print(
+        f"\n{text}\n\n(N = {workload.n:,}, {args.reps} rep(s); broker RSS at end "
+        f"{broker_rss} MB; results {out}, table {out.with_suffix('.md')})"
+    )
     failed = report.failures(results)
     for line in failed:
         print(f"FAILED: {line}", file=sys.stderr)
@@ -113,8 +154,18 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def _one_line(res: dict[str, object]) -> str:
-    keys = ("tool", "rep", "status", "eps_proc", "wall_s", "cpu_s", "peak_rss_mb",
-            "durable_p99_s", "why", "note")
+    keys = (
+        "tool",
+        "rep",
+        "status",
+        "eps_proc",
+        "wall_s",
+        "cpu_s",
+        "peak_rss_mb",
+        "durable_p99_s",
+        "why",
+        "note",
+    )
     parts = []
     for k in keys:
         v = res.get(k)

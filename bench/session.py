@@ -83,14 +83,23 @@ class _Run:
 
 async def run_once(session: Session, tool: Tool, rep: int) -> dict[str, Any]:
     """One run; never raises for a broken tool: the result says FAILED and why."""
-    res: dict[str, Any] = {"tool": tool.name, "label": tool.label, "rep": rep,
-                           "n": session.workload.n}
+    res: dict[str, Any] = {
+        "tool": tool.name,
+        "label": tool.label,
+        "rep": rep,
+        "n": session.workload.n,
+    }
     missing = tool.missing()
     if missing:
         return {**res, "status": "skipped", "note": missing}
     run_id = f"{tool.name}-r{rep}-{uuid.uuid4().hex[:8]}"
-    run = _Run(tool, run_id, session.runs_dir / run_id, out_topic=f"bench-out-{run_id}",
-               table=("bench_" + run_id.replace("-", "_"))[:63])
+    run = _Run(
+        tool,
+        run_id,
+        session.runs_dir / run_id,
+        out_topic=f"bench-out-{run_id}",
+        table=("bench_" + run_id.replace("-", "_"))[:63],
+    )
     run.dir.mkdir(parents=True)
     res.update(run_id=run_id, version=session.version(tool), run_dir=str(run.dir))
     try:
@@ -123,14 +132,16 @@ async def _execute(session: Session, run: _Run, res: dict[str, Any]) -> None:
             first_task = None
             if tool.runner == "service":
                 first_task = tasks.create_task(
-                    first_event_from_metrics(run.http_port, child, deadline))
+                    first_event_from_metrics(run.http_port, child, deadline)
+                )
             feeder = None
             if tool.paced:
                 if not await wait_healthy(run.http_port, child, 60.0):
                     raise RuntimeError(f"service not healthy; see {child.log_path}")
                 res["paced_rate"] = session.pace()
                 feeder = tasks.create_task(
-                    feed_paced(run.emulator_url, w.all_values(), res["paced_rate"]))
+                    feed_paced(run.emulator_url, w.all_values(), res["paced_rate"])
+                )
             watched = await _wait_for_completion(session, run, child, deadline)
             status = await service_status(run.http_port) if tool.runner == "service" else None
             res["cpu_s_to_done"] = proc_cpu_s(child.pid)
@@ -157,8 +168,9 @@ async def _execute(session: Session, run: _Run, res: dict[str, Any]) -> None:
     _judge(session, run, watched, res)
 
 
-async def _wait_for_completion(session: Session, run: _Run, child: Child,
-                               deadline: float) -> Watched:
+async def _wait_for_completion(
+    session: Session, run: _Run, child: Child, deadline: float
+) -> Watched:
     tool = run.tool
     if tool.kind == "limit":
         await child.wait(deadline - child.launched_at)
@@ -169,47 +181,81 @@ async def _wait_for_completion(session: Session, run: _Run, child: Child,
             watched.gave_up = "tool did not finish"
         return watched
     if tool.output == "kafka":
-        return await watch_kafka(session.bootstrap, run.out_topic, session.workload.expected,
-                                 child, deadline, session.stall_s)
-    return await watch_postgres(session.dsn, run.table, session.workload.expected, child,
-                                deadline, session.stall_s)
+        return await watch_kafka(
+            session.bootstrap,
+            run.out_topic,
+            session.workload.expected,
+            child,
+            deadline,
+            session.stall_s,
+        )
+    return await watch_postgres(
+        session.dsn, run.table, session.workload.expected, child, deadline, session.stall_s
+    )
 
 
 def _launch_spec(session: Session, run: _Run) -> tuple[list[str], Path, dict[str, str]]:
     tool, env = run.tool, clean_env()
     group = f"bench-{run.run_id}"
     if tool.runner == "repo":
-        argv = [tool.python(), "-m", tool.script, "--bootstrap", session.bootstrap,
-                "--topic", session.input_topic, "--group", group,
-                "--marks", str(run.dir / "marks.jsonl")]
+        argv = [
+            tool.python(),
+            "-m",
+            tool.script,
+            "--bootstrap",
+            session.bootstrap,
+            "--topic",
+            session.input_topic,
+            "--group",
+            group,
+            "--marks",
+            str(run.dir / "marks.jsonl"),
+        ]
         if tool.kind == "stream":
             argv += ["--output-topic", run.out_topic]
         return argv, REPO, {**env, "PYTHONPATH": str(REPO)}
     if tool.runner == "peer":
-        argv = [tool.python(), str(PEER_SCRIPTS / tool.script), "--bootstrap",
-                session.bootstrap, "--group", group, "--input-topic", session.input_topic,
-                "--output-topic", run.out_topic,
-                "--first-event-file", str(run.dir / "first-event"),
-                "--done-file", str(run.dir / "done"), "--state-dir", str(run.dir / "state")]
+        argv = [
+            tool.python(),
+            str(PEER_SCRIPTS / tool.script),
+            "--bootstrap",
+            session.bootstrap,
+            "--group",
+            group,
+            "--input-topic",
+            session.input_topic,
+            "--output-topic",
+            run.out_topic,
+            "--first-event-file",
+            str(run.dir / "first-event"),
+            "--done-file",
+            str(run.dir / "done"),
+            "--state-dir",
+            str(run.dir / "state"),
+        ]
         return argv, PEER_SCRIPTS, env
     run.http_port = free_port()
     if tool.bus == "http":
         bus_url = run.emulator_url
     else:
-        bus_url = (f"kafka://{session.bootstrap}/{session.input_topic}?group={group}"
-                   f"&metrics_topic=bench-metrics-{run.run_id}")
-    env.update({
-        "VABUS_URL": bus_url,
-        "VABUS_KAFKA_SESSION_TIMEOUT_MS": "10000",  # as every peer (tansu holds joins ~5 s)
-        "STORAGE_TYPE": tool.output,
-        "KAFKA_BOOTSTRAP_SERVERS": session.bootstrap,
-        "KAFKA_TOPIC": run.out_topic,
-        "AGGREGATION_INTERVAL": "60",
-        "STATE_DIR": str(run.dir / "state"),
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(run.http_port),
-        "LOG_LEVEL": "WARNING",
-    })  # fmt: skip
+        bus_url = (
+            f"kafka://{session.bootstrap}/{session.input_topic}?group={group}"
+            f"&metrics_topic=bench-metrics-{run.run_id}"
+        )
+    env.update(
+        {
+            "VABUS_URL": bus_url,
+            "VABUS_KAFKA_SESSION_TIMEOUT_MS": "10000",  # as every peer (tansu holds joins ~5 s)
+            "STORAGE_TYPE": tool.output,
+            "KAFKA_BOOTSTRAP_SERVERS": session.bootstrap,
+            "KAFKA_TOPIC": run.out_topic,
+            "AGGREGATION_INTERVAL": "60",
+            "STATE_DIR": str(run.dir / "state"),
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(run.http_port),
+            "LOG_LEVEL": "WARNING",
+        }
+    )
     if tool.output == "postgres":
         env.update({"POSTGRES_DSN": session.dsn, "POSTGRES_TABLE": run.table})
     env.update(session.service_env)
@@ -226,8 +272,7 @@ def _first_from_files(run: _Run) -> float | None:
     return None
 
 
-def _timings(n: int, launched: float, first: float | None,
-             done: float | None) -> dict[str, Any]:
+def _timings(n: int, launched: float, first: float | None, done: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {"t_launch": launched, "t_first": first, "t_done": done}
     if done is not None:
         out["wall_s"] = done - launched
@@ -267,9 +312,14 @@ def _judge(session: Session, run: _Run, watched: Watched, res: dict[str, Any]) -
         summary = check(watched.records, w.expected)
         res["check"] = summary
         res["correct"] = summary["ok"]
-        why = "" if summary["ok"] else (
-            f"wrong output: missing {summary['missing']}, extra {summary['extra']}, "
-            f"mismatches {summary['mismatches']}, bad records {summary['bad_format']}")
+        why = (
+            ""
+            if summary["ok"]
+            else (
+                f"wrong output: missing {summary['missing']}, extra {summary['extra']}, "
+                f"mismatches {summary['mismatches']}, bad records {summary['bad_format']}"
+            )
+        )
     res["completed"] = watched.done_at is not None
     if not res["completed"]:
         why = f"incomplete ({watched.gave_up}); {why}".rstrip("; ")

@@ -47,26 +47,78 @@ class Tool:
         return ""
 
 
-TOOLS: dict[str, Tool] = {t.name: t for t in (
-    Tool("limit", "LIMIT: aiokafka getmany + orjson decode, nothing else", "limit", "repo",
-         output="none", script="bench.limit"),
-    Tool("baseline", "BASELINE: hand-written aiokafka + dict windows + producer", "stream",
-         "repo", script="bench.baseline"),
-    Tool("service_kafka_kafka", "service: Kafka -> Kafka", "stream", "service"),
-    Tool("service_kafka_pg", "service: Kafka -> PostgreSQL", "stream", "service",
-         output="postgres"),
-    Tool("service_http_pg", "service: HTTP (emulator) -> PostgreSQL", "stream", "service",
-         output="postgres", bus="http"),
-    Tool("service_http_pg_paced", "service: HTTP -> PostgreSQL, input paced (latency)",
-         "stream", "service", output="postgres", bus="http", paced=True),
-    Tool("quix", "Quix Streams (RocksDB + changelog)", "stream", "peer", script="run_quix.py",
-         venv="quix"),
-    Tool("bytewax", "Bytewax, 1 worker", "stream", "peer", script="run_bytewax.py",
-         venv="bytewax"),
-)}  # fmt: skip
+TOOLS: dict[str, Tool] = {
+    t.name: t
+    for t in (
+        Tool(
+            "limit",
+            "LIMIT: aiokafka getmany + orjson decode, nothing else",
+            "limit",
+            "repo",
+            output="none",
+            script="bench.limit",
+        ),
+        Tool(
+            "baseline",
+            "BASELINE: hand-written aiokafka + dict windows + producer",
+            "stream",
+            "repo",
+            script="bench.baseline",
+        ),
+        Tool("service_kafka_kafka", "service: Kafka -> Kafka", "stream", "service"),
+        Tool(
+            "service_kafka_pg",
+            "service: Kafka -> PostgreSQL",
+            "stream",
+            "service",
+            output="postgres",
+        ),
+        Tool(
+            "service_http_pg",
+            "service: HTTP (emulator) -> PostgreSQL",
+            "stream",
+            "service",
+            output="postgres",
+            bus="http",
+        ),
+        Tool(
+            "service_http_pg_paced",
+            "service: HTTP -> PostgreSQL, input paced (latency)",
+            "stream",
+            "service",
+            output="postgres",
+            bus="http",
+            paced=True,
+        ),
+        Tool(
+            "quix",
+            "Quix Streams (RocksDB + changelog)",
+            "stream",
+            "peer",
+            script="run_quix.py",
+            venv="quix",
+        ),
+        Tool(
+            "bytewax",
+            "Bytewax, 1 worker",
+            "stream",
+            "peer",
+            script="run_bytewax.py",
+            venv="bytewax",
+        ),
+    )
+}
 
-DEFAULT_TOOLS = ("limit", "baseline", "service_kafka_kafka", "service_kafka_pg",
-                 "service_http_pg", "service_http_pg_paced", "quix", "bytewax")
+DEFAULT_TOOLS = (
+    "limit",
+    "baseline",
+    "service_kafka_kafka",
+    "service_kafka_pg",
+    "service_http_pg",
+    "service_http_pg_paced",
+    "quix",
+    "bytewax",
+)
 PEERS = ("baseline", "quix", "bytewax")  # the ratio columns besides the limit
 
 
@@ -77,8 +129,9 @@ def version_of(tool: Tool) -> str:
     dist = {"quix": "quixstreams", "bytewax": "bytewax"}.get(tool.name, "aiokafka")
     code = f"import importlib.metadata as m; print(m.version({dist!r}))"
     try:
-        out = subprocess.run([tool.python(), "-c", code], capture_output=True, text=True,
-                             timeout=60, check=True)
+        out = subprocess.run(
+            [tool.python(), "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return f"{dist} ?"
     return f"{dist} {out.stdout.strip()}"
@@ -87,8 +140,13 @@ def version_of(tool: Tool) -> str:
 def _git_head() -> str:
     # read-only: `describe --dirty` would refresh (write) the index under other writers
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return "?"
     return out.stdout.strip()

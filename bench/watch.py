@@ -64,17 +64,27 @@ class _Progress:
         return ""
 
 
-async def watch_kafka(bootstrap: str, topic: str, expected: Mapping[Key, Mapping[str, Any]],
-                      child: Child, deadline: float, stall_s: float) -> Watched:
+async def watch_kafka(
+    bootstrap: str,
+    topic: str,
+    expected: Mapping[Key, Mapping[str, Any]],
+    child: Child,
+    deadline: float,
+    stall_s: float,
+) -> Watched:
     """Consume ``topic`` from the beginning until complete; keeps every record."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     need = {k: v["count"] for k, v in expected.items()}
     out = Watched()
     progress = _Progress(child, deadline, stall_s)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=50, max_partition_fetch_bytes=8 << 20,
-                                fetch_max_bytes=64 << 20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -119,8 +129,14 @@ def _take(raw: bytes, now: float, need: dict[Key, int], out: Watched) -> None:
             out.visible_lag_s.append(now - to_epoch(emitted))
 
 
-async def watch_postgres(dsn: str, table: str, expected: Mapping[Key, Mapping[str, Any]],
-                         child: Child, deadline: float, stall_s: float) -> Watched:
+async def watch_postgres(
+    dsn: str,
+    table: str,
+    expected: Mapping[Key, Mapping[str, Any]],
+    child: Child,
+    deadline: float,
+    stall_s: float,
+) -> Watched:
     """Poll ``table`` until complete, then read it whole.
 
     ``visible_lag_s`` is ``updated_at - emitted_at`` per row: an estimate of emission to
@@ -131,14 +147,19 @@ async def watch_postgres(dsn: str, table: str, expected: Mapping[Key, Mapping[st
     quoted = '"' + table.replace('"', '""') + '"'
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CREATE TEMP TABLE bench_expected "
-                           "(name text, window_start timestamptz, count bigint)")
+        await conn.execute(
+            "CREATE TEMP TABLE bench_expected (name text, window_start timestamptz, count bigint)"
+        )
         await conn.copy_records_to_table(
-            "bench_expected", columns=["name", "window_start", "count"],
-            records=[(n, _ts(ws), e["count"]) for (n, ws), e in expected.items()])
+            "bench_expected",
+            columns=["name", "window_start", "count"],
+            records=[(n, _ts(ws), e["count"]) for (n, ws), e in expected.items()],
+        )
         count_rows = f"SELECT count(*) FROM {quoted} WHERE left(name, 2) <> '__'"
-        matching = (f"SELECT count(*) FROM bench_expected e JOIN {quoted} a ON "
-                    "a.name = e.name AND a.window_start = e.window_start AND a.count = e.count")
+        matching = (
+            f"SELECT count(*) FROM bench_expected e JOIN {quoted} a ON "
+            "a.name = e.name AND a.window_start = e.window_start AND a.count = e.count"
+        )
         rows_before = -1
         while True:
             now = time.time()
@@ -169,20 +190,30 @@ def _ts(epoch: float) -> Any:
 
 
 async def _read_table(conn: asyncpg.Connection, quoted: str, out: Watched) -> None:
-    columns = ("name, agg_func, value, count, extract(epoch FROM window_start)::float8 AS ws, "
-               "extract(epoch FROM window_end)::float8 AS we")
+    columns = (
+        "name, agg_func, value, count, extract(epoch FROM window_start)::float8 AS ws, "
+        "extract(epoch FROM window_end)::float8 AS we"
+    )
     try:
         rows = await conn.fetch(
             f"SELECT {columns}, extract(epoch FROM updated_at - emitted_at)::float8 AS lag "
-            f"FROM {quoted}")
+            f"FROM {quoted}"
+        )
     except asyncpg.UndefinedColumnError:  # a peer's table has no emitted_at: no lag
         rows = await conn.fetch(f"SELECT {columns}, NULL::float8 AS lag FROM {quoted}")
     except asyncpg.UndefinedTableError:
         return
     for r in rows:
-        out.records.append({"name": r["name"], "agg_func": r["agg_func"], "value": r["value"],
-                            "count": r["count"], "window_start": r["ws"],
-                            "window_end": r["we"]})
+        out.records.append(
+            {
+                "name": r["name"],
+                "agg_func": r["agg_func"],
+                "value": r["value"],
+                "count": r["count"],
+                "window_start": r["ws"],
+                "window_end": r["we"],
+            }
+        )
         if r["lag"] is not None and not r["name"].startswith("__"):
             out.visible_lag_s.append(r["lag"])
 
@@ -206,8 +237,10 @@ async def service_status(port: int) -> dict[str, Any] | None:
     """The service's ``/status`` JSON, or None when it does not answer."""
     timeout = aiohttp.ClientTimeout(total=5)
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(f"http://127.0.0.1:{port}/status") as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://127.0.0.1:{port}/status") as resp,
+        ):
             status: dict[str, Any] = await resp.json()
             return status
     return None

@@ -92,18 +92,37 @@ def generate(n: int, seed: int = 42, partitions: int = N_PARTITIONS) -> Workload
             a[1] += value
             a[2] = min(a[2], value)
             a[3] = max(a[3], value)
-    watermark = dumps({"name": WATERMARK_NAME, "value": 0.0,
-                       "timestamp": float(T0 + SPAN_S + WATERMARK_DELAY_S), "agg_func": "sum"})
-    return Workload(n=n, seed=seed, partitions=partitions, values=values,
-                    name_index=name_index, watermark=watermark, expected=_finish(acc))
+    watermark = dumps(
+        {
+            "name": WATERMARK_NAME,
+            "value": 0.0,
+            "timestamp": float(T0 + SPAN_S + WATERMARK_DELAY_S),
+            "agg_func": "sum",
+        }
+    )
+    return Workload(
+        n=n,
+        seed=seed,
+        partitions=partitions,
+        values=values,
+        name_index=name_index,
+        watermark=watermark,
+        expected=_finish(acc),
+    )
 
 
 def _finish(acc: dict[Key, list[Any]]) -> dict[Key, dict[str, Any]]:
     out: dict[Key, dict[str, Any]] = {}
     for (name, ws), (count, total, low, high, func) in acc.items():
         value = {"sum": total, "avg": total / count, "min": low, "max": high}[func]
-        out[(name, ws)] = {"name": name, "agg_func": func, "value": value, "count": count,
-                           "window_start": ws, "window_end": ws + WINDOW_S}
+        out[(name, ws)] = {
+            "name": name,
+            "agg_func": func,
+            "value": value,
+            "count": count,
+            "window_start": ws,
+            "window_end": ws + WINDOW_S,
+        }
     return out
 
 
@@ -116,7 +135,8 @@ async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     try:
         if topic not in set(await admin.list_topics()):
             await admin.create_topics(
-                [NewTopic(topic, partitions, 1, topic_configs=dict(TOPIC_CONFIGS))])
+                [NewTopic(topic, partitions, 1, topic_configs=dict(TOPIC_CONFIGS))]
+            )
     finally:
         await admin.close()
 
@@ -127,8 +147,9 @@ async def produce(workload: Workload, bootstrap: str, topic: str) -> None:
     from aiokafka import AIOKafkaProducer
 
     await create_topic(bootstrap, topic, workload.partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1,
-                                max_batch_size=1 << 20, linger_ms=0)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks=1, max_batch_size=1 << 20, linger_ms=0
+    )
     await producer.start()
     try:
         part_of = [workload.partition_of(k) for k in range(N_NAMES)]
@@ -154,7 +175,8 @@ async def produce(workload: Workload, bootstrap: str, topic: str) -> None:
                 await flush(p)
         await asyncio.gather(*in_flight)
         for p in range(workload.partitions):
-            await producer.send_and_wait(topic, workload.watermark,
-                                         key=WATERMARK_NAME.encode(), partition=p)
+            await producer.send_and_wait(
+                topic, workload.watermark, key=WATERMARK_NAME.encode(), partition=p
+            )
     finally:
         await producer.stop()

@@ -143,8 +143,11 @@ class Service:
                 log.info("stop requested while starting; not started")
                 return
             self.phase = "running"
-            log.info("running: bus=%s outputs=%s", self.config.bus.url,
-                     ",".join(s.name for s in self.sinks))  # fmt: skip
+            log.info(
+                "running: bus=%s outputs=%s",
+                self.config.bus.url,
+                ",".join(s.name for s in self.sinks),
+            )
             async with asyncio.TaskGroup() as tg:
                 intake = tg.create_task(self.bus.run(self._emit, self.store.load), name="intake")
                 ticker = tg.create_task(self._tick_forever(), name="ticker")
@@ -161,8 +164,11 @@ class Service:
                     async with asyncio.timeout_at(deadline - reserve):
                         await self._drain(intake)
                 except TimeoutError:
-                    log.error("shutdown did not finish within %.0fs (phase %s); exiting anyway",
-                              rt.shutdown_timeout_s, self.phase)  # fmt: skip
+                    log.error(
+                        "shutdown did not finish within %.0fs (phase %s); exiting anyway",
+                        rt.shutdown_timeout_s,
+                        self.phase,
+                    )
                 ticker.cancel()
                 reporter.cancel()
                 intake.cancel()
@@ -175,8 +181,10 @@ class Service:
                 async with asyncio.timeout_at(max(deadline, loop.time() + _MIN_CLOSE_S)):
                     await stack.aclose()
             except TimeoutError:
-                log.error("closing connections did not finish by the shutdown deadline; "
-                          "exiting anyway (phase 5/5)")  # fmt: skip
+                log.error(
+                    "closing connections did not finish by the shutdown deadline; "
+                    "exiting anyway (phase 5/5)"
+                )
 
     async def _start(self, stack: AsyncExitStack) -> None:
         """Connect everything (each retried while unreachable); what started is closed
@@ -234,8 +242,10 @@ class Service:
         log.info("shutdown 2/5: draining queued batches")
         await self.hub.drain()
         self.phase = "3/5 checkpoint"
-        log.info("shutdown 3/5: checkpointing %d open window(s), flushing outputs, committing",
-                 self.aggregator.open_windows)  # fmt: skip
+        log.info(
+            "shutdown 3/5: checkpointing %d open window(s), flushing outputs, committing",
+            self.aggregator.open_windows,
+        )
         request = CheckpointRequest()
         await self.hub.publish(INPUT, request)
         await request.done

@@ -22,9 +22,19 @@ __all__ = [
 ]
 
 AGG_FUNCS: Final = (
-    "sum", "avg", "min", "max", "count", "first", "last",
-    "stddev", "p50", "p90", "p95", "p99",
-)  # fmt: skip
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "first",
+    "last",
+    "stddev",
+    "p50",
+    "p90",
+    "p95",
+    "p99",
+)
 
 REJECT_REASONS: Final = (
     "invalid_json",

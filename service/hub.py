@@ -226,22 +226,28 @@ class EventHub:
                 if left == 0:
                     log.exception(
                         "subscriber %s failed after finishing its %d item(s); nothing to retry",
-                        sub.name, done,
-                    )  # fmt: skip
+                        sub.name,
+                        done,
+                    )
                     return
                 if sub.max_attempts is not None and delivery.attempt >= sub.max_attempts:
                     sub.stats.dropped += left
                     log.exception(
                         "subscriber %s failed %d times; giving up %d item(s)",
-                        sub.name, delivery.attempt, left,
-                    )  # fmt: skip
+                        sub.name,
+                        delivery.attempt,
+                        left,
+                    )
                     return
                 delay = self._backoff.delay(delivery.attempt)
                 log.exception(
-                    "subscriber %s failed (attempt %d, %d of %d item(s) left); "
-                    "restarting in %.1fs",
-                    sub.name, delivery.attempt, left, len(items), delay,
-                )  # fmt: skip
+                    "subscriber %s failed (attempt %d, %d of %d item(s) left); restarting in %.1fs",
+                    sub.name,
+                    delivery.attempt,
+                    left,
+                    len(items),
+                    delay,
+                )
                 await self._clock.sleep(delay)
                 delivery = Delivery(items[done:] if done else items, delivery.attempt + 1)
             else:

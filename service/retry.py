@@ -193,9 +193,12 @@ async def retry(
             log.log(
                 logging.ERROR if getattr(exc, "retriable", True) is False else logging.WARNING,
                 "%s failed (%s), attempt %d%s, next try in %.1fs",
-                name, describe_error(exc), attempt,
-                "" if remaining is None else f", {remaining} retries remaining", delay,
-            )  # fmt: skip
+                name,
+                describe_error(exc),
+                attempt,
+                "" if remaining is None else f", {remaining} retries remaining",
+                delay,
+            )
             if not await sleep_unless_stopped(clock, delay, stop):
                 raise
             continue

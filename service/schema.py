@@ -173,8 +173,11 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
     """:func:`migrate_connection` for start-up: a user without ``CREATE`` privilege (the
     schema having been created by ``vabus-aggregator migrate`` as another user) passes
     as long as every table already exists."""
-    await _ensure(conn, [table, dead_letter_table, CHECKPOINT_TABLE],
-                  schema_ddl(table, dead_letter_table) + checkpoint_ddl())  # fmt: skip
+    await _ensure(
+        conn,
+        [table, dead_letter_table, CHECKPOINT_TABLE],
+        schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
+    )
 
 
 async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:

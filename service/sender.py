@@ -189,8 +189,10 @@ class DataSender:
             if breaker.opens > opens:
                 log.warning(
                     "output %s: circuit open after %d failures in a row, next probe in %.0fs",
-                    name, breaker.consecutive_failures, breaker.wait_s(now),
-                )  # fmt: skip
+                    name,
+                    breaker.consecutive_failures,
+                    breaker.wait_s(now),
+                )
             return breaker.wait_s(now)  # an open circuit waits out its cool-down
 
         await retry(
@@ -214,8 +216,10 @@ class DataSender:
             # (their new owner may have saved newer state than this), the shutdown at
             # its deadline. Not a redelivery: those never repeat a durable checkpoint.
             await self.write(aggregates, dead_letters)
-            log.warning("checkpoint of %s given up by its waiter; not saved",
-                        [c.partition for c in cp.checkpoints])  # fmt: skip
+            log.warning(
+                "checkpoint of %s given up by its waiter; not saved",
+                [c.partition for c in cp.checkpoints],
+            )
             return
         if shared is None:
             await self.write(aggregates, dead_letters)

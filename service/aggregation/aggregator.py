@@ -261,8 +261,16 @@ class EventAggregator:
                 if acc is None:
                     if open_now >= budget:
                         raw = _raw_of(ev, evs, raws, record)
-                        self._reject(out, rejects, batch, idx, raw, "cardinality_limit",
-                                     f"{budget} open windows reached", now)  # fmt: skip
+                        self._reject(
+                            out,
+                            rejects,
+                            batch,
+                            idx,
+                            raw,
+                            "cardinality_limit",
+                            f"{budget} open windows reached",
+                            now,
+                        )
                         continue
                     keyed[key] = new_acc[func](value, ts)
                     open_now += 1

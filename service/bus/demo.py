@@ -88,7 +88,6 @@ class DemoBus(AsyncResource):
     async def stop(self) -> None:
         self.stop_intake()
 
-
     def stop_intake(self) -> None:
         self._intake_stopped = True
 

@@ -124,7 +124,6 @@ class HttpBus(AsyncResource):
         if session is not None:
             await session.close()
 
-
     def stop_intake(self) -> None:
         """Abandon the request in flight: its events were not emitted, so with cursors
         they are fetched again after a restart."""
@@ -253,8 +252,9 @@ class HttpBus(AsyncResource):
             log.warning(
                 "VaBus answered GET %s/events (cursor=%s) with an unparseable body; "
                 "asking again one event at a time to isolate the bad element",
-                self._base, cursor,
-            )  # fmt: skip
+                self._base,
+                cursor,
+            )
             raise _Narrow
         self._narrow_left = 0
         next_cursor = next_cursor or _cursor_from_text(body)
@@ -266,8 +266,10 @@ class HttpBus(AsyncResource):
         log.error(
             "VaBus answered GET %s/events (cursor=%s) with a body that is not an events "
             "envelope (%d bytes); handing it on as one invalid record",
-            self._base, cursor, len(body),
-        )  # fmt: skip
+            self._base,
+            cursor,
+            len(body),
+        )
         return _Fetched(cursor, [body[:RAW_LIMIT]], next_cursor or cursor, False, 0, seconds)
 
     # -- side channels ----------------------------------------------------------------
@@ -296,8 +298,11 @@ class HttpBus(AsyncResource):
         except (_ResponseError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning(
                 "dropping %d metrics: POST %s/metrics failed %d times, last: %s",
-                len(metrics), self._base, self._metrics_attempts, describe_error(exc),
-            )  # fmt: skip
+                len(metrics),
+                self._base,
+                self._metrics_attempts,
+                describe_error(exc),
+            )
 
     async def _post_metrics(self, session: aiohttp.ClientSession, body: bytes) -> None:
         async with session.post(

@@ -354,9 +354,12 @@ class KafkaBus(AsyncResource):
 
     # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
     async def _on_assigned(
-        self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition], emit: Emit,
+        self,
+        consumer: AIOKafkaConsumer,
+        assigned: set[TopicPartition],
+        emit: Emit,
         restore: Restore,
-    ) -> None:  # fmt: skip
+    ) -> None:
         tps = sorted(assigned)
         ids = [_partition_id(tp) for tp in tps]
         stored = await self._restore(restore, ids)
@@ -409,14 +412,16 @@ class KafkaBus(AsyncResource):
             log.error(
                 "kafka bus: downstream did not confirm revoked partitions %s within %.0fs; "
                 "letting them go (the new owner resumes from the last checkpoint)",
-                ids, self._revoke_timeout_s,
-            )  # fmt: skip
+                ids,
+                self._revoke_timeout_s,
+            )
         except Exception as exc:  # downstream could not checkpoint them
             log.error(
                 "kafka bus: revoked partitions %s were not checkpointed (%r); the new owner "
                 "resumes from their previous checkpoint",
-                ids, exc,
-            )  # fmt: skip
+                ids,
+                exc,
+            )
         else:
             log.info("kafka bus: revoked %s", ids)
 

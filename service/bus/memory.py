@@ -61,7 +61,6 @@ class MemoryBus(AsyncResource):
         self.stop_intake()
         self.started = False
 
-
     def stop_intake(self) -> None:
         self._intake_stopped = True
         self._wakeup.set()

@@ -167,8 +167,9 @@ class Router(AsyncResource):
                     await self._forward(poll.result())
                 except KafkaError as exc:
                     # nothing was committed: the next poll starts where the batch did
-                    log.warning("repartition: routing failed (%r), retrying in %.0fs",
-                                exc, _RETRY_S)  # fmt: skip
+                    log.warning(
+                        "repartition: routing failed (%r), retrying in %.0fs", exc, _RETRY_S
+                    )
                     await self._seek_to_committed()
                     await sleep_unless_stopped(self._clock, _RETRY_S, self._stopping)
         finally:
@@ -187,9 +188,11 @@ class Router(AsyncResource):
                 for m in msgs:
                     for i, (key, value) in enumerate(route(m.value, fallback)):
                         origin = f"{tp.topic}:{tp.partition}:{m.offset}:{i}".encode()
-                        sent.append(await producer.send(
-                            self.topic, value, key=key, headers=[(ORIGIN_HEADER, origin)]
-                        ))  # fmt: skip
+                        sent.append(
+                            await producer.send(
+                                self.topic, value, key=key, headers=[(ORIGIN_HEADER, origin)]
+                            )
+                        )
                 offsets[tp] = msgs[-1].offset + 1
             await asyncio.gather(*sent)
             if offsets:

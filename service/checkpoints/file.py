@@ -74,7 +74,6 @@ class FileCheckpointStore(AsyncResource):
     async def stop(self) -> None:
         self._view = None
 
-
     def _started_view(self) -> dict[str, PartitionCheckpoint]:
         if self._view is None:
             raise RuntimeError("FileCheckpointStore is not started")

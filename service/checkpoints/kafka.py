@@ -159,8 +159,11 @@ class KafkaCheckpointStore(AsyncResource):
         if any(c is None or c[0] != epoch for c in parts):
             log.error(
                 "kafka checkpoints: checkpoint of %s (epoch %d) is incomplete in %s; "
-                "it replays from the committed offset", partition, epoch, self.topic,
-            )  # fmt: skip
+                "it replays from the committed offset",
+                partition,
+                epoch,
+                self.topic,
+            )
             return None
         state = b"".join(c[1] for c in parts if c is not None) if n else None
         return PartitionCheckpoint(partition, head["position"], state)
@@ -218,8 +221,13 @@ class KafkaCheckpointStore(AsyncResource):
             for i, piece in enumerate(pieces):
                 key = orjson.dumps([self.namespace, cp.partition, "chunk", slot, i])
                 chunks.append((key, _EPOCH.pack(epoch) + piece))
-            head = {"epoch": epoch, "slot": slot, "position": cp.position,
-                    "chunks": len(pieces), "size": len(state)}  # fmt: skip
+            head = {
+                "epoch": epoch,
+                "slot": slot,
+                "position": cp.position,
+                "chunks": len(pieces),
+                "size": len(state),
+            }
             heads.append((orjson.dumps([self.namespace, cp.partition, "head"]), orjson.dumps(head)))
         try:
             for records in (chunks, heads):

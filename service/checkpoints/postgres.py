@@ -113,7 +113,6 @@ class PostgresCheckpointStore(AsyncResource):
         if pool is not None and self._borrowed is None:
             await pool.close()
 
-
     def _started_pool(self) -> Any:
         if self._pool is None:
             raise RuntimeError("PostgresCheckpointStore is not started")

@@ -151,9 +151,7 @@ def kafka_bus(url: str) -> BusConfig:
         servers = parse_servers(parts.netloc)
     except Invalid as error:
         raise Invalid(error.detail, expected=KAFKA_FORM) from None
-    params = query(
-        parts.query, allowed=("group", "metrics_topic", "repartition"), form=KAFKA_FORM
-    )
+    params = query(parts.query, allowed=("group", "metrics_topic", "repartition"), form=KAFKA_FORM)
     defaults = BusConfig()
     topic = parts.path.removeprefix("/") or defaults.kafka_topic
     for what, name in (("topic", topic), ("metrics_topic", params.get("metrics_topic"))):

@@ -65,9 +65,15 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         metrics = service.metrics
         install_signal_handlers(service)
         generator = LoadGenerator(
-            emulator, rate=args.rate, names=args.names, seed=42, fixed_per_name=True,
-            invalid_fraction=0.001, late_fraction=0.001, late_by_s=3 * args.interval,
-        )  # fmt: skip
+            emulator,
+            rate=args.rate,
+            names=args.names,
+            seed=42,
+            fixed_per_name=True,
+            invalid_fraction=0.001,
+            late_fraction=0.001,
+            late_by_s=3 * args.interval,
+        )
         _say(f"  Status page  : http://127.0.0.1:{args.http_port}/  (open it in a browser)")
         _say(f"  Kafka broker : {env['KAFKA_BOOTSTRAP_SERVERS']}  (topic {config.kafka.topic})")
         _say(f"  PostgreSQL   : {env['POSTGRES_DSN']}  (table {config.postgres.table})")

@@ -81,9 +81,16 @@ def _death_pact(parent_pid: int, death_signal: signal.Signals) -> Callable[[], N
 class _Child:
     """One server process: spawned with a death pact, its output appended to a log file."""
 
-    def __init__(self, argv: list[str], log_path: Path, *, death_signal: signal.Signals,
-                 env: Mapping[str, str] | None = None, user: int | None = None,
-                 group: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        *,
+        death_signal: signal.Signals,
+        env: Mapping[str, str] | None = None,
+        user: int | None = None,
+        group: int | None = None,
+    ) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self._proc = _spawn(argv, log, death_signal, env, user, group)
@@ -104,8 +111,9 @@ class _Child:
         self._proc.send_signal(stop_signal)
         if await self._wait(timeout_s):
             return
-        logger.warning("pid %s ignored %s for %.1f s; killing it", self.pid, stop_signal.name,
-                       timeout_s)
+        logger.warning(
+            "pid %s ignored %s for %.1f s; killing it", self.pid, stop_signal.name, timeout_s
+        )
         self._proc.kill()
         await self._wait(timeout_s)
 
@@ -118,15 +126,26 @@ class _Child:
         return True
 
 
-def _spawn(argv: list[str], log: IO[bytes], death_signal: signal.Signals,
-           env: Mapping[str, str] | None, user: int | None,
-           group: int | None) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str],
+    log: IO[bytes],
+    death_signal: signal.Signals,
+    env: Mapping[str, str] | None,
+    user: int | None,
+    group: int | None,
+) -> subprocess.Popen[bytes]:
     # Own process group: a terminal's Ctrl-C reaches only us, and we stop servers in order.
     return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=None if env is None else {**os.environ, **env},
-        user=user, group=group, extra_groups=[] if user is not None else None,
-        process_group=0, preexec_fn=_death_pact(os.getpid(), death_signal),
+        user=user,
+        group=group,
+        extra_groups=[] if user is not None else None,
+        process_group=0,
+        preexec_fn=_death_pact(os.getpid(), death_signal),
     )
 
 
@@ -151,9 +170,16 @@ class EmbeddedKafka(AsyncResource):
     took the port meanwhile, ``start`` raises :class:`ServerStartError`.
     """
 
-    def __init__(self, work_dir: Path, *, storage_url: str | None = None,
-                 env: Mapping[str, str] | None = None, start_timeout_s: float = 30.0,
-                 stop_timeout_s: float = 10.0, keep_port: bool = False) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        storage_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 10.0,
+        keep_port: bool = False,
+    ) -> None:
         self._work_dir = Path(work_dir)
         self._keep_port = keep_port
         self._kept_port: int | None = None
@@ -204,11 +230,16 @@ class EmbeddedKafka(AsyncResource):
         if child is not None:
             await child.stop(signal.SIGTERM, self._stop_timeout_s)
 
-
     def _spawn(self, port: int) -> _Child:
         url = f"tcp://127.0.0.1:{port}"
-        argv = [str(tansu_binary()), "broker", "--listener-url", url,
-                "--advertised-listener-url", url]
+        argv = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ]
         if self._storage_url:
             argv += ["--storage-engine", self._storage_url]
         return _Child(argv, self.log_path, death_signal=signal.SIGTERM, env=self._env)
@@ -225,8 +256,9 @@ class EmbeddedKafka(AsyncResource):
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.close()
                 await writer.wait_closed()
-                client = AIOKafkaClient(bootstrap_servers=f"127.0.0.1:{port}",
-                                        request_timeout_ms=5000)
+                client = AIOKafkaClient(
+                    bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=5000
+                )
                 try:
                     await client.bootstrap()
                 except KafkaError:
@@ -238,7 +270,8 @@ class EmbeddedKafka(AsyncResource):
                     await client.close()
             await asyncio.sleep(_POLL_S)
         raise ServerStartError(
-            f"tansu not ready within {self._start_timeout_s} s:\n{_log_tail(self.log_path)}")
+            f"tansu not ready within {self._start_timeout_s} s:\n{_log_tail(self.log_path)}"
+        )
 
 
 class EmbeddedPostgres(AsyncResource):
@@ -251,8 +284,14 @@ class EmbeddedPostgres(AsyncResource):
     so ``data_dir``'s parents are made traversable for that user.
     """
 
-    def __init__(self, data_dir: Path, *, port: int | None = None,
-                 start_timeout_s: float = 60.0, stop_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        start_timeout_s: float = 60.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
         self._data_dir = Path(data_dir).absolute()
         self._port = port
         self._start_timeout_s = start_timeout_s
@@ -288,8 +327,14 @@ class EmbeddedPostgres(AsyncResource):
         user = await asyncio.to_thread(self._prepare)
         if self._port is None:
             self._port = _free_port()
-        child = _Child(self._argv(), self.log_path, death_signal=signal.SIGINT,
-                       env={"LC_ALL": "C"}, user=user, group=None if user is None else _gid(user))
+        child = _Child(
+            self._argv(),
+            self.log_path,
+            death_signal=signal.SIGINT,
+            env={"LC_ALL": "C"},
+            user=user,
+            group=None if user is None else _gid(user),
+        )
         try:
             await self._wait_ready(child)
         except BaseException:
@@ -304,11 +349,19 @@ class EmbeddedPostgres(AsyncResource):
         if child is not None:
             await child.stop(signal.SIGINT, self._stop_timeout_s)
 
-
     def _argv(self) -> list[str]:
         # -k '': no Unix socket, so long data paths cannot exceed the socket path limit.
-        return [str(_pg_bin() / "postgres"), "-D", str(self._data_dir), "-h", "127.0.0.1",
-                "-p", str(self._port), "-k", ""]
+        return [
+            str(_pg_bin() / "postgres"),
+            "-D",
+            str(self._data_dir),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self._port),
+            "-k",
+            "",
+        ]
 
     def _prepare(self) -> int | None:
         """Blocking: make files accessible to the server's user, run initdb if needed.
@@ -324,14 +377,31 @@ class EmbeddedPostgres(AsyncResource):
         return uid
 
     def _initdb(self, log: IO[bytes], uid: int | None) -> None:
-        argv = [str(_pg_bin() / "initdb"), "-D", str(self._data_dir), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "LC_ALL": "C"},
-                                user=uid, group=None if uid is None else _gid(uid), check=False)
+        argv = [
+            str(_pg_bin() / "initdb"),
+            "-D",
+            str(self._data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ]
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LC_ALL": "C"},
+            user=uid,
+            group=None if uid is None else _gid(uid),
+            check=False,
+        )
         if result.returncode != 0:
-            raise ServerStartError(f"initdb failed ({result.returncode}):\n"
-                                   f"{_log_tail(self.log_path)}")
+            raise ServerStartError(
+                f"initdb failed ({result.returncode}):\n{_log_tail(self.log_path)}"
+            )
 
     async def _wait_ready(self, child: _Child) -> None:
         # postmaster.pid names our pid and says "ready" once connections are accepted.
@@ -345,8 +415,9 @@ class EmbeddedPostgres(AsyncResource):
                 if len(lines) >= 8 and lines[0] == str(child.pid) and lines[7].strip() == "ready":
                     return
             await asyncio.sleep(_POLL_S)
-        raise ServerStartError(f"postgres not ready within {self._start_timeout_s} s:\n"
-                               f"{_log_tail(self.log_path)}")
+        raise ServerStartError(
+            f"postgres not ready within {self._start_timeout_s} s:\n{_log_tail(self.log_path)}"
+        )
 
 
 def _pg_install() -> Path:
@@ -377,8 +448,18 @@ def _server_uid(data_dir: Path) -> int | None:
     try:
         entry = pwd.getpwnam(_POSTGRES_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        _POSTGRES_SYSTEM_USER], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                _POSTGRES_SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
+        )
         entry = pwd.getpwnam(_POSTGRES_SYSTEM_USER)
     install = _pg_install()
     _add_mode_to_parents(install)
@@ -418,11 +499,18 @@ def _add_mode_to_tree(root: Path) -> None:
 class DevStack(AsyncResource):
     """Broker and PostgreSQL together under ``work_dir``; stopped in reverse start order."""
 
-    def __init__(self, work_dir: Path, *, kafka: bool = True, postgres: bool = True,
-                 kafka_storage_url: str | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        kafka: bool = True,
+        postgres: bool = True,
+        kafka_storage_url: str | None = None,
+    ) -> None:
         work_dir = Path(work_dir)
-        self.kafka = EmbeddedKafka(work_dir / "kafka", storage_url=kafka_storage_url) \
-            if kafka else None
+        self.kafka = (
+            EmbeddedKafka(work_dir / "kafka", storage_url=kafka_storage_url) if kafka else None
+        )
         self.postgres = EmbeddedPostgres(work_dir / "pgdata") if postgres else None
         self._exit_stack: AsyncExitStack | None = None
 
@@ -455,7 +543,6 @@ class DevStack(AsyncResource):
         return [s.pid for s in servers if s is not None and s.pid is not None]
 
 
-
 async def _serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -463,8 +550,9 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     with tempfile.TemporaryDirectory(prefix="vabus-devstack-") as tmp:
         work_dir = Path(args.work_dir) if args.work_dir else Path(tmp)
-        async with DevStack(work_dir, kafka=not args.no_kafka,
-                            postgres=not args.no_postgres) as stack:
+        async with DevStack(
+            work_dir, kafka=not args.no_kafka, postgres=not args.no_postgres
+        ) as stack:
             for name, value in stack.env().items():
                 print(f"export {name}={value}", flush=True)
             print(f"# data and logs in {work_dir}; Ctrl-C stops everything", flush=True)
@@ -479,8 +567,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", help="keep data and logs here (default: a temp dir)")
     parser.add_argument("--no-kafka", action="store_true", help="start only PostgreSQL")
     parser.add_argument("--no-postgres", action="store_true", help="start only the broker")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     asyncio.run(_serve(parser.parse_args(argv)))
 
 

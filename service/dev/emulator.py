@@ -152,7 +152,6 @@ class Emulator(AsyncResource):
         self._wake_waiters()
         await runner.cleanup()
 
-
     @property
     def url(self) -> str:
         """``http://host:port[/base]``, the value for ``VABUS_URL``."""

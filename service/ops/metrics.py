@@ -38,11 +38,37 @@ RESERVOIR_SIZE: Final = 10_000
 LATEST_AGGREGATES: Final = 10
 # Emit-to-durable spans milliseconds (healthy) to minutes (an output outage).
 LATENCY_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 DURATION_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _KNOWN_REASONS: Final = frozenset(REJECT_REASONS)
 
 
@@ -344,8 +370,10 @@ class MetricsCollector:
             self.metrics_publish_errors += 1
             log.warning(
                 "publishing metrics to the bus failed (%d failures so far): %s: %s",
-                self.metrics_publish_errors, type(exc).__name__, exc,
-            )  # fmt: skip
+                self.metrics_publish_errors,
+                type(exc).__name__,
+                exc,
+            )
             return False
         return True
 
@@ -403,25 +431,61 @@ class _PrometheusView:
             # CounterMetricFamily appends the ``_total`` suffix itself.
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value)
         labelled: list[tuple[str, str, list[str], dict[tuple[str, ...], int]]] = [
-            ("messages_received", "Transport messages received.", ["transport"],
-             {(t,): n for t, n in m.messages_received.items()}),
-            ("events_rejected", "Events sent to dead letters.", ["reason"],
-             {(r,): n for r, n in m.events_rejected.items()}),
-            ("bus_errors", "Failed bus operations.", ["transport", "retriable"],
-             {(t, _bool(r)): n for (t, r), n in m.bus_errors.items()}),
-            ("sink_writes", "Successful sink writes.", ["sink"],
-             {(s,): n for s, n in m.sink_writes.items()}),
-            ("sink_aggregates_written", "Aggregates made durable.", ["sink"],
-             {(s,): n for s, n in m.sink_aggregates_written.items()}),
-            ("sink_dead_letters_written", "Dead letters made durable.", ["sink"],
-             {(s,): n for s, n in m.sink_dead_letters_written.items()}),
-            ("sink_errors", "Failed sink writes.", ["sink", "retriable"],
-             {(s, _bool(r)): n for (s, r), n in m.sink_errors.items()}),
-            ("subscriber_crashes", "Hub subscriber task crashes.", ["subscriber"],
-             {(s,): n for s, n in m.subscriber_crashes.items()}),
-            ("sink_retries", "Sink writes retried after a transient failure.", ["sink"],
-             {(s,): n for s, n in m.sink_retries.items()}),
-        ]  # fmt: skip
+            (
+                "messages_received",
+                "Transport messages received.",
+                ["transport"],
+                {(t,): n for t, n in m.messages_received.items()},
+            ),
+            (
+                "events_rejected",
+                "Events sent to dead letters.",
+                ["reason"],
+                {(r,): n for r, n in m.events_rejected.items()},
+            ),
+            (
+                "bus_errors",
+                "Failed bus operations.",
+                ["transport", "retriable"],
+                {(t, _bool(r)): n for (t, r), n in m.bus_errors.items()},
+            ),
+            (
+                "sink_writes",
+                "Successful sink writes.",
+                ["sink"],
+                {(s,): n for s, n in m.sink_writes.items()},
+            ),
+            (
+                "sink_aggregates_written",
+                "Aggregates made durable.",
+                ["sink"],
+                {(s,): n for s, n in m.sink_aggregates_written.items()},
+            ),
+            (
+                "sink_dead_letters_written",
+                "Dead letters made durable.",
+                ["sink"],
+                {(s,): n for s, n in m.sink_dead_letters_written.items()},
+            ),
+            (
+                "sink_errors",
+                "Failed sink writes.",
+                ["sink", "retriable"],
+                {(s, _bool(r)): n for (s, r), n in m.sink_errors.items()},
+            ),
+            (
+                "subscriber_crashes",
+                "Hub subscriber task crashes.",
+                ["subscriber"],
+                {(s,): n for s, n in m.subscriber_crashes.items()},
+            ),
+            (
+                "sink_retries",
+                "Sink writes retried after a transient failure.",
+                ["sink"],
+                {(s,): n for s, n in m.sink_retries.items()},
+            ),
+        ]
         for name, doc, label_names, values in labelled:
             family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=label_names)
             for label_values, n in values.items():
@@ -467,9 +531,10 @@ class _PrometheusView:
                 f"{PREFIX}_watermark_seconds", "Event-time watermark, Unix seconds.", m.watermark
             )
             yield GaugeMetricFamily(
-                f"{PREFIX}_processing_lag_seconds", "Wall time minus the watermark.",
+                f"{PREFIX}_processing_lag_seconds",
+                "Wall time minus the watermark.",
                 m.clock.now() - m.watermark,
-            )  # fmt: skip
+            )
 
     def _partition_gauges(self) -> Iterator[PromMetric]:
         parts = self._m.partitions()
@@ -506,9 +571,10 @@ class _PrometheusView:
     def _histograms(self) -> Iterator[PromMetric]:
         m = self._m
         yield _histogram(
-            "emit_to_durable_seconds", "From window emission to durable in every output.",
+            "emit_to_durable_seconds",
+            "From window emission to durable in every output.",
             m.emit_to_durable,
-        )  # fmt: skip
+        )
         yield _histogram("checkpoint_seconds", "Duration of a checkpoint.", m.checkpoint_duration)
         writes = HistogramMetricFamily(
             f"{PREFIX}_sink_write_seconds", "Duration of a successful sink write.", labels=["sink"]

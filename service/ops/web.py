@@ -170,7 +170,6 @@ class WebServer(AsyncResource):
             await runner.cleanup()
 
 
-
 def _bound_port(runner: web.AppRunner) -> int:
     for address in runner.addresses:
         # (host, port) for IPv4, (host, port, flow, scope) for IPv6

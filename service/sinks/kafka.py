@@ -203,7 +203,6 @@ class KafkaSink(AsyncResource):
         except TimeoutError:
             log.warning("kafka: producer not closed within %.0fs; abandoned", _STOP_TIMEOUT_S)
 
-
     async def _ensure_topics(self) -> None:
         options = {**client_options(self._cfg), "request_timeout_ms": self._request_timeout_ms}
         topics = [self._cfg.topic, self._cfg.dlq_topic]
@@ -232,8 +231,9 @@ class KafkaSink(AsyncResource):
             for a, exc in refused
         ]
         if created:
-            log.warning("kafka: %d aggregate(s) that cannot be encoded were dead-lettered",
-                        len(created))  # fmt: skip
+            log.warning(
+                "kafka: %d aggregate(s) that cannot be encoded were dead-lettered", len(created)
+            )
         try:
             try:
                 await self._send(self._cfg.topic, records, futures)

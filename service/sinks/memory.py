@@ -43,7 +43,6 @@ class MemorySink(AsyncResource):
     async def stop(self) -> None:
         self.started = False
 
-
     def fail_next(self, n: int, exc: Exception | None = None) -> None:
         """The next ``n`` writes raise ``exc`` (default: a TransientError) and store nothing."""
         self._failures_left = n

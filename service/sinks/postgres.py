@@ -259,7 +259,6 @@ class PostgresSink(AsyncResource):
         if pool is not None:
             await pool.close()
 
-
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
     ) -> None:

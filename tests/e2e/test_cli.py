@@ -20,8 +20,12 @@ def run_cli(
     clean["PYTHONPATH"] = checkout_on_path(clean.get("PYTHONPATH"))
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
-        env={**clean, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        env={**clean, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,13 @@ async def stored_rows(dsn: str, table: str) -> dict[Key, tuple[float, int]]:
 
 
 async def read_topic(bootstrap: str, topic: str, expected_at_least: int) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     out: list[Any] = []
     try:

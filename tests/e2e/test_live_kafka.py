@@ -31,8 +31,9 @@ LiveFactory = Callable[..., LiveRun]
 @pytest.fixture
 def live(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> LiveFactory:
     """``LiveRun`` on the session broker, with this test's names and directory."""
-    return functools.partial(LiveRun, kafka_bootstrap=kafka_bootstrap,
-                             unique_name=unique_name, workdir=tmp_path)  # fmt: skip
+    return functools.partial(
+        LiveRun, kafka_bootstrap=kafka_bootstrap, unique_name=unique_name, workdir=tmp_path
+    )
 
 
 @pytest.mark.timeout(150)
@@ -124,8 +125,9 @@ async def test_a_partition_that_falls_silent_does_not_stop_windows(
     silent for the idle timeout it stops holding the watermark, so the windows after its
     last event come out while the other partitions still flow."""
     silent = 3
-    workload = build_live_workload(505, events=50_000, rate=2500, partitions=4,
-                                   silent_partition=silent)  # fmt: skip
+    workload = build_live_workload(
+        505, events=50_000, rate=2500, partitions=4, silent_partition=silent
+    )
     last_at, last_ts = workload.last_event(silent)
     beyond = math.floor(last_ts / INTERVAL) * INTERVAL + INTERVAL  # first window after it
     # the silent partition is released <= idle timeout + the 1 s tick after its last
@@ -140,18 +142,26 @@ async def test_a_partition_that_falls_silent_does_not_stop_windows(
             return any(ws >= beyond for _, _, ws in rows)
 
         try:
-            await wait_for(beyond_written, deadline - run.feed.elapsed(),
-                           f"a window starting at or after {beyond}")  # fmt: skip
+            await wait_for(
+                beyond_written,
+                deadline - run.feed.elapsed(),
+                f"a window starting at or after {beyond}",
+            )
         except AssertionError as exc:
-            run.problems.append(f"no window after the silent partition's last event time "
-                                f"{deadline:.1f} s into the stream: {exc}")  # fmt: skip
+            run.problems.append(
+                f"no window after the silent partition's last event time "
+                f"{deadline:.1f} s into the stream: {exc}"
+            )
             return
         seen = run.feed.elapsed()
-        print(f"\n[live] silent partition's last message at {last_at:.1f} s; a later "
-              f"window written at {seen:.1f} s (deadline {deadline:.1f} s)")  # fmt: skip
+        print(
+            f"\n[live] silent partition's last message at {last_at:.1f} s; a later "
+            f"window written at {seen:.1f} s (deadline {deadline:.1f} s)"
+        )
         if run.feed.main_done_at is not None:
-            run.problems.append("the window after the silent partition came out only after "
-                                "the stream had ended")  # fmt: skip
+            run.problems.append(
+                "the window after the silent partition came out only after the stream had ended"
+            )
 
     async with live(
         workload,

@@ -43,12 +43,16 @@ async def test_unkeyed_input_over_two_instances_one_killed_is_exact(
     await create_topic(kafka_bootstrap, source)
     env = service_env(
         bus_url=f"kafka://{kafka_bootstrap}/{source}?group={group}&repartition=true",
-        storage="kafka,postgres", kafka_bootstrap=kafka_bootstrap, topic=topic,
-        state_dir=tmp_path / "state", postgres_dsn=postgres_dsn, table=table,
+        storage="kafka,postgres",
+        kafka_bootstrap=kafka_bootstrap,
+        topic=topic,
+        state_dir=tmp_path / "state",
+        postgres_dsn=postgres_dsn,
+        table=table,
         # the grace must cover a hand-off of the routing stage (README, "Unkeyed input"):
         # here ~3 s of wall time while event time runs 4x faster
         extra={"AGGREGATION_GRACE": "30"},
-    )  # fmt: skip
+    )
     a, b = Incarnation(env, tmp_path, 0), Incarnation(env, tmp_path, 1)
     try:
 
@@ -73,9 +77,11 @@ async def test_unkeyed_input_over_two_instances_one_killed_is_exact(
         assert final is not None
         parts = final["partitions"]
         assert all(p.startswith(internal_topic(group)) for p in parts), parts
-        print(f"\n[repartition] {len(stream.valid)} unkeyed events exact over 2 instances "
-              f"(one kill -9ed); replays dropped by the survivor: "
-              f"{final.get('replays_dropped')}")  # fmt: skip
+        print(
+            f"\n[repartition] {len(stream.valid)} unkeyed events exact over 2 instances "
+            f"(one kill -9ed); replays dropped by the survivor: "
+            f"{final.get('replays_dropped')}"
+        )
     finally:
         if b.proc.proc.poll() is None:  # the test failed before the kill
             b.kill9()

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FUNCS = ("sum", "avg", "min", "max", "count", "first", "last",
-         "stddev", "p50", "p90", "p95", "p99")  # fmt: skip
+FUNCS = ("sum", "avg", "min", "max", "count", "first", "last", "stddev", "p50", "p90", "p95", "p99")
 INTERVAL = 10.0
 BASE_TS = 1_700_000_000.0  # a multiple of INTERVAL
 
@@ -37,8 +36,9 @@ class Workload:
     expected_rejects: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def build_workload(seed: int = 7, names_per_func: int = 3, windows: int = 4,
-                   per_window: int = 40) -> Workload:  # fmt: skip
+def build_workload(
+    seed: int = 7, names_per_func: int = 3, windows: int = 4, per_window: int = 40
+) -> Workload:
     """Events for every function over ``windows`` windows, in time order, with invalid,
     future and late events mixed in at known places."""
     rng = random.Random(seed)
@@ -178,9 +178,12 @@ class ServiceProcess:
         full_env["PYTHONPATH"] = checkout_on_path(full_env.get("PYTHONPATH"))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "run"], env=full_env, cwd=workdir,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "service", "run"],
+            env=full_env,
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -72,10 +72,12 @@ _INVALID = (
     ({"value": 1.0, "timestamp": BASE_TS}, "missing_name"),
     ({"name": "fault.bad", "value": "x", "timestamp": BASE_TS}, "invalid_value"),
     ({"name": "fault.bad", "value": 1, "timestamp": "2023-11-14T22:13:20"}, "invalid_timestamp"),
-    ({"name": "fault.bad", "value": 1, "timestamp": BASE_TS, "agg_func": "median"},
-     "unknown_agg_func"),
+    (
+        {"name": "fault.bad", "value": 1, "timestamp": BASE_TS, "agg_func": "median"},
+        "unknown_agg_func",
+    ),
     ("not an event", "not_an_object"),
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -153,8 +155,9 @@ async def _paced(
 async def feed_kafka(bootstrap: str, topic: str, stream: Stream, rate: float) -> None:
     """Produce the stream at ``rate`` messages/s with ``send_batch``, keyed by name; each
     chunk is acknowledged before the next is sent, so event time stays ordered."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
-                                max_batch_size=1 << 20, acks="all")  # fmt: skip
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, acks="all"
+    )
     await producer.start()
 
     async def send(chunk: list[tuple[bytes | None, bytes]], offset: int) -> None:
@@ -190,9 +193,16 @@ async def feed_http(emulator: Emulator, stream: Stream, rate: float) -> None:
 
 
 def service_env(
-    *, bus_url: str, storage: str, kafka_bootstrap: str, topic: str, state_dir: Path,
-    postgres_dsn: str | None = None, table: str | None = None, extra: Mapping[str, str] = {},
-) -> dict[str, str]:  # fmt: skip
+    *,
+    bus_url: str,
+    storage: str,
+    kafka_bootstrap: str,
+    topic: str,
+    state_dir: Path,
+    postgres_dsn: str | None = None,
+    table: str | None = None,
+    extra: Mapping[str, str] = {},
+) -> dict[str, str]:
     env = {
         "VABUS_URL": bus_url,
         "VABUS_WAIT": "0.5",
@@ -234,13 +244,19 @@ async def status(port: int) -> dict[str, Any] | None:
         return None
 
 
-async def wait_for(cond: Callable[[], Awaitable[Any]], timeout: float, what: str,
-                   proc: ServiceProcess | None = None) -> Any:  # fmt: skip
+async def wait_for(
+    cond: Callable[[], Awaitable[Any]],
+    timeout: float,
+    what: str,
+    proc: ServiceProcess | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.proc.poll() is not None:
-            raise AssertionError(f"service exited ({proc.proc.returncode}) while waiting for "
-                                 f"{what}:\n{proc.log_text()[-3000:]}")  # fmt: skip
+            raise AssertionError(
+                f"service exited ({proc.proc.returncode}) while waiting for "
+                f"{what}:\n{proc.log_text()[-3000:]}"
+            )
         result = await cond()
         if result:
             return result
@@ -297,14 +313,20 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-async def read_output_topic(bootstrap: str, topic: str, expected: Mapping[Key, Any],
-                            timeout: float = 60.0) -> KafkaOutput:  # fmt: skip
+async def read_output_topic(
+    bootstrap: str, topic: str, expected: Mapping[Key, Any], timeout: float = 60.0
+) -> KafkaOutput:
     """Read until every expected key is present and nothing new arrives for a moment.
 
     Asserts that a key never carries two different values (a replay must repeat the
     same aggregate, never a partial one)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     latest: dict[Key, tuple[float, int]] = {}
     seen: Counter[Key] = Counter()
@@ -348,11 +370,17 @@ def _same(a: tuple[float, int], b: tuple[float, int]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or (math.isnan(a[0]) and math.isnan(b[0])))
 
 
-async def read_dead_letters(bootstrap: str, topic: str, at_least: int,
-                            timeout: float = 30.0) -> Counter[str]:  # fmt: skip
+async def read_dead_letters(
+    bootstrap: str, topic: str, at_least: int, timeout: float = 30.0
+) -> Counter[str]:
     """Reasons of the dead letters in ``topic`` (at least once: replays may repeat)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     reasons: Counter[str] = Counter()
     try:

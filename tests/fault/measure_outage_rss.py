@@ -46,12 +46,19 @@ async def main() -> None:
         gen = LoadGenerator(emulator, rate=args.rate, names=args.names, seed=1)
         generating = asyncio.create_task(gen.run())
         env = service_env(
-            bus_url=emulator.url, storage="kafka,postgres",
-            kafka_bootstrap=kafka.bootstrap_servers, topic="rss", state_dir=root / "state",
-            postgres_dsn=pg.dsn, table="rss",
-            extra={"AGGREGATION_GRACE": "2", "AGGREGATION_IDLE_TIMEOUT": "30",
-                   "LOG_LEVEL": "WARNING"},
-        )  # fmt: skip
+            bus_url=emulator.url,
+            storage="kafka,postgres",
+            kafka_bootstrap=kafka.bootstrap_servers,
+            topic="rss",
+            state_dir=root / "state",
+            postgres_dsn=pg.dsn,
+            table="rss",
+            extra={
+                "AGGREGATION_GRACE": "2",
+                "AGGREGATION_IDLE_TIMEOUT": "30",
+                "LOG_LEVEL": "WARNING",
+            },
+        )
         inc = Incarnation(env, root, 0)
         pid = inc.proc.proc.pid
         peaks = {"warm-up": 0, "postgres down": 0, "catch-up": 0}
@@ -74,8 +81,11 @@ async def main() -> None:
                     backlog = emulator.stats()["events_stored"] - (st or {}).get(
                         "events_received", 0
                     )
-                    print(f"end of outage: {backlog} events waiting in the bus, service "
-                          f"{(st or {}).get('subscribers')}", flush=True)  # fmt: skip
+                    print(
+                        f"end of outage: {backlog} events waiting in the bus, service "
+                        f"{(st or {}).get('subscribers')}",
+                        flush=True,
+                    )
                     await pg.start()
                     up_at, phase = now, "catch-up"
                 elif phase == "catch-up" and up_at is not None:
@@ -91,9 +101,12 @@ async def main() -> None:
                         break
                 if int(now) % 10 == 0 and now - int(now) < 0.5:
                     st = await inc.status() or {}
-                    print(f"{now:5.0f} s {phase:14s} RSS {rss_kib(pid) / 1024:6.1f} MiB, "
-                          f"received {st.get('events_received')}, "
-                          f"open windows {st.get('open_windows')}", flush=True)  # fmt: skip
+                    print(
+                        f"{now:5.0f} s {phase:14s} RSS {rss_kib(pid) / 1024:6.1f} MiB, "
+                        f"received {st.get('events_received')}, "
+                        f"open windows {st.get('open_windows')}",
+                        flush=True,
+                    )
             hwm = rss_kib(pid, "VmHWM")
         finally:
             generating.cancel()
@@ -102,10 +115,12 @@ async def main() -> None:
             await pg.stop()
             await kafka.stop()
         summary = ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in peaks.items())
-        print(f"rate {args.rate:.0f} events/s, PostgreSQL down {args.down:.0f} s: peak RSS "
-              f"{summary}; VmHWM {hwm / 1024:.1f} MiB; caught up "
-              f"{'-' if caught_up_at is None or up_at is None else f'{caught_up_at - up_at:.0f} s'}"
-              " after PostgreSQL returned")  # fmt: skip
+        print(
+            f"rate {args.rate:.0f} events/s, PostgreSQL down {args.down:.0f} s: peak RSS "
+            f"{summary}; VmHWM {hwm / 1024:.1f} MiB; caught up "
+            f"{'-' if caught_up_at is None or up_at is None else f'{caught_up_at - up_at:.0f} s'}"
+            " after PostgreSQL returned"
+        )
 
 
 if __name__ == "__main__":

@@ -34,14 +34,16 @@ INTERVAL = 3600
 
 def events(n: int, ts: float) -> list[bytes]:
     return [
-        orjson.dumps({"name": f"restart.{i:06d}", "value": float(i), "timestamp": ts,
-                      "agg_func": "avg"})
+        orjson.dumps(
+            {"name": f"restart.{i:06d}", "value": float(i), "timestamp": ts, "agg_func": "avg"}
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
-async def one_round(env: dict[str, str], work: Path, emulator: Emulator, windows: int,
-                    ts: float, index: int) -> dict[str, float]:  # fmt: skip
+async def one_round(
+    env: dict[str, str], work: Path, emulator: Emulator, windows: int, ts: float, index: int
+) -> dict[str, float]:
     first = Incarnation(env, work, index * 2)
     try:
         emulator.append(events(windows, ts))
@@ -124,18 +126,27 @@ async def main() -> None:
                         env = service_env(
                             bus_url=emulator.url,
                             storage="kafka" if store == "file" else "postgres",
-                            kafka_bootstrap=kafka.bootstrap_servers, topic=f"restart-{store}{r}",
-                            state_dir=work / "state", postgres_dsn=pg.dsn,
+                            kafka_bootstrap=kafka.bootstrap_servers,
+                            topic=f"restart-{store}{r}",
+                            state_dir=work / "state",
+                            postgres_dsn=pg.dsn,
                             table=f"restart_{store}{r}",
-                            extra={"AGGREGATION_INTERVAL": str(INTERVAL),
-                                   "AGGREGATION_GRACE": "0", "AGGREGATION_IDLE_TIMEOUT": "3600",
-                                   "VABUS_BATCH_LIMIT": "10000", "LOG_LEVEL": "WARNING"},
-                        )  # fmt: skip
+                            extra={
+                                "AGGREGATION_INTERVAL": str(INTERVAL),
+                                "AGGREGATION_GRACE": "0",
+                                "AGGREGATION_IDLE_TIMEOUT": "3600",
+                                "VABUS_BATCH_LIMIT": "10000",
+                                "LOG_LEVEL": "WARNING",
+                            },
+                        )
                         res = await one_round(env, work, emulator, args.windows, ts, r)
-                    print(f"{store:8s} round {r}: /status {res['status']:.2f} s, windows "
-                          f"restored {res['restored']:.2f} s, new event processed "
-                          f"{res['process']:.2f} s; checkpoint file "
-                          f"{res['checkpoint_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+                    print(
+                        f"{store:8s} round {r}: /status {res['status']:.2f} s, windows "
+                        f"restored {res['restored']:.2f} s, new event processed "
+                        f"{res['process']:.2f} s; checkpoint file "
+                        f"{res['checkpoint_bytes'] / 1e6:.1f} MB",
+                        flush=True,
+                    )
         finally:
             await pg.stop()
             await kafka.stop()

@@ -105,8 +105,10 @@ def report(name: str, stream: Stream, kills: list[Kill], out: KafkaOutput, secon
         f"messages over {out.keys_with_duplicates} keys (same value each time)"
     )
     for k in kills:
-        print(f"[fault]   kill {k.cycle}: at {k.after_s} s, {k.events_received} events in, "
-              f"positions {k.positions}")  # fmt: skip
+        print(
+            f"[fault]   kill {k.cycle}: at {k.after_s} s, {k.events_received} events in, "
+            f"positions {k.positions}"
+        )
 
 
 def assert_dead_letters(got: Counter[str], expected: Counter[str]) -> None:
@@ -213,11 +215,15 @@ async def test_kill9_before_the_first_http_checkpoint_loses_nothing(
     async with Emulator() as emulator:
         emulator.append([v for _, v in stream.messages])
         env = service_env(
-            bus_url=emulator.url, storage="postgres", kafka_bootstrap=kafka_bootstrap,
-            topic=f"agg-{unique_name}", state_dir=tmp_path / "state",
-            postgres_dsn=postgres_dsn, table=table,
+            bus_url=emulator.url,
+            storage="postgres",
+            kafka_bootstrap=kafka_bootstrap,
+            topic=f"agg-{unique_name}",
+            state_dir=tmp_path / "state",
+            postgres_dsn=postgres_dsn,
+            table=table,
             extra={"CHECKPOINT_INTERVAL": "60", "VABUS_BATCH_LIMIT": "500"},
-        )  # fmt: skip
+        )
         first = Incarnation(env, tmp_path, 0)
         try:
             await first.wait_events(1, timeout=60)  # handed out, not yet checkpointed

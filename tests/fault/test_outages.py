@@ -60,9 +60,14 @@ async def test_postgres_down_mid_run_keeps_the_service_up_and_results_exact(
     dsn, table, topic = pg_restartable.dsn, f"agg_{unique_name}", f"agg-{unique_name}"
     async with Emulator() as emulator:
         env = service_env(
-            bus_url=emulator.url, storage="kafka,postgres", kafka_bootstrap=kafka_bootstrap,
-            topic=topic, state_dir=tmp_path / "state", postgres_dsn=dsn, table=table,
-        )  # fmt: skip
+            bus_url=emulator.url,
+            storage="kafka,postgres",
+            kafka_bootstrap=kafka_bootstrap,
+            topic=topic,
+            state_dir=tmp_path / "state",
+            postgres_dsn=dsn,
+            table=table,
+        )
         feeder = asyncio.create_task(feed_http(emulator, stream, rate=2000))
         inc = Incarnation(env, tmp_path, 0)
         try:
@@ -96,8 +101,10 @@ async def test_postgres_down_mid_run_keeps_the_service_up_and_results_exact(
             feeder.cancel()
             exit_code = inc.terminate()
     assert exit_code == 0, inc.proc.log_text()[-3000:]
-    print(f"\n[fault] PostgreSQL down {PG_DOWN_S:.0f} s mid-run: {len(stream.valid)} events, "
-          f"exact; Kafka {out.duplicates} duplicate messages")  # fmt: skip
+    print(
+        f"\n[fault] PostgreSQL down {PG_DOWN_S:.0f} s mid-run: {len(stream.valid)} events, "
+        f"exact; Kafka {out.duplicates} duplicate messages"
+    )
 
 
 class MotoS3:
@@ -110,8 +117,11 @@ class MotoS3:
         if server is None:
             pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [server, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:
@@ -131,9 +141,13 @@ class MotoS3:
         urllib.request.urlopen(request, timeout=5).close()
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": self.url,
-                "AWS_ALLOW_HTTP": "true"}  # fmt: skip
+        return {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT": self.url,
+            "AWS_ALLOW_HTTP": "true",
+        }
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -158,8 +172,9 @@ async def test_broker_restart_mid_run_with_s3_storage_leaves_exact_aggregates(
     """tansu on ``s3://`` storage (moto) is stopped and started again on the same port
     while the service reads from it (Kafka bus) and writes to it (Kafka output)."""
     s3.create_bucket("tansu")
-    broker = EmbeddedKafka(tmp_path / "tansu", storage_url="s3://tansu/", env=s3.env(),
-                           keep_port=True)  # fmt: skip
+    broker = EmbeddedKafka(
+        tmp_path / "tansu", storage_url="s3://tansu/", env=s3.env(), keep_port=True
+    )
     await broker.start()
     bootstrap = broker.bootstrap_servers
     stream = build_stream(seed_from_env(505), 30_000)
@@ -170,9 +185,13 @@ async def test_broker_restart_mid_run_with_s3_storage_leaves_exact_aggregates(
         env = service_env(
             bus_url=f"kafka://{bootstrap}/{source}?group=g-{unique_name}"
             f"&metrics_topic=m-{unique_name}",
-            storage="kafka,postgres", kafka_bootstrap=bootstrap, topic=topic,
-            state_dir=tmp_path / "state", postgres_dsn=postgres_dsn, table=table,
-        )  # fmt: skip
+            storage="kafka,postgres",
+            kafka_bootstrap=bootstrap,
+            topic=topic,
+            state_dir=tmp_path / "state",
+            postgres_dsn=postgres_dsn,
+            table=table,
+        )
         feeder = asyncio.create_task(feed_kafka(bootstrap, source, stream, rate=1500))
         inc = Incarnation(env, tmp_path, 0)
         try:
@@ -196,5 +215,7 @@ async def test_broker_restart_mid_run_with_s3_storage_leaves_exact_aggregates(
         assert exit_code == 0, inc.proc.log_text()[-3000:]
     finally:
         await broker.stop()
-    print(f"\n[fault] broker restart (s3 storage): {len(stream.valid)} events, exact; "
-          f"Kafka {out.duplicates} duplicate messages")  # fmt: skip
+    print(
+        f"\n[fault] broker restart (s3 storage): {len(stream.valid)} events, exact; "
+        f"Kafka {out.duplicates} duplicate messages"
+    )

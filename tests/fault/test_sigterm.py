@@ -40,8 +40,9 @@ async def wait_exit(inc: Incarnation, timeout: float) -> tuple[int, float]:
     started = time.monotonic()
     while inc.proc.proc.poll() is None:
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"still running {timeout} s after the signal:\n"
-                                 f"{inc.proc.log_text()[-3000:]}")  # fmt: skip
+            raise AssertionError(
+                f"still running {timeout} s after the signal:\n{inc.proc.log_text()[-3000:]}"
+            )
         await asyncio.sleep(0.05)
     return inc.proc.proc.returncode, time.monotonic() - started
 
@@ -71,11 +72,15 @@ async def test_sigterm_mid_run_exits_0_logs_every_phase_and_restart_continues_ex
     dsn, table = pg_restartable.dsn, f"agg_{unique_name}"
     async with Emulator() as emulator:
         env = service_env(
-            bus_url=emulator.url, storage="postgres", kafka_bootstrap=kafka_bootstrap,
-            topic=f"agg-{unique_name}", state_dir=tmp_path / "state", postgres_dsn=dsn,
-            table=table, extra={"SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S),
-                                "VABUS_BATCH_LIMIT": "1000"},
-        )  # fmt: skip
+            bus_url=emulator.url,
+            storage="postgres",
+            kafka_bootstrap=kafka_bootstrap,
+            topic=f"agg-{unique_name}",
+            state_dir=tmp_path / "state",
+            postgres_dsn=dsn,
+            table=table,
+            extra={"SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S), "VABUS_BATCH_LIMIT": "1000"},
+        )
         feeder = asyncio.create_task(feed_http(emulator, stream, rate=4000))
         stops = []
         try:
@@ -113,8 +118,10 @@ async def test_sigterm_mid_run_exits_0_logs_every_phase_and_restart_continues_ex
         finally:
             code = final.terminate()
         assert code == 0
-    print(f"\n[fault] SIGTERM: {len(stream.valid)} events, 3 graceful stops "
-          f"(seconds to exit, open windows checkpointed): {stops}")  # fmt: skip
+    print(
+        f"\n[fault] SIGTERM: {len(stream.valid)} events, 3 graceful stops "
+        f"(seconds to exit, open windows checkpointed): {stops}"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -128,11 +135,15 @@ async def test_second_signal_during_a_stuck_drain_exits_at_once_non_zero(
     async with Emulator() as emulator:
         emulator.append([v for _, v in stream.messages])
         env = service_env(
-            bus_url=emulator.url, storage="postgres", kafka_bootstrap=kafka_bootstrap,
-            topic=f"agg-{unique_name}", state_dir=tmp_path / "state",
-            postgres_dsn=pg_restartable.dsn, table=f"agg_{unique_name}",
+            bus_url=emulator.url,
+            storage="postgres",
+            kafka_bootstrap=kafka_bootstrap,
+            topic=f"agg-{unique_name}",
+            state_dir=tmp_path / "state",
+            postgres_dsn=pg_restartable.dsn,
+            table=f"agg_{unique_name}",
             extra={"SHUTDOWN_TIMEOUT": "60"},
-        )  # fmt: skip
+        )
         inc = Incarnation(env, tmp_path, 0)
         try:
             await inc.wait_events(1000, timeout=60)
@@ -161,11 +172,15 @@ async def test_sigterm_while_the_output_is_down_still_exits_within_the_deadline(
     async with Emulator() as emulator:
         emulator.append([v for _, v in stream.messages])
         env = service_env(
-            bus_url=emulator.url, storage="postgres", kafka_bootstrap=kafka_bootstrap,
-            topic=f"agg-{unique_name}", state_dir=tmp_path / "state",
-            postgres_dsn=pg_restartable.dsn, table=f"agg_{unique_name}",
+            bus_url=emulator.url,
+            storage="postgres",
+            kafka_bootstrap=kafka_bootstrap,
+            topic=f"agg-{unique_name}",
+            state_dir=tmp_path / "state",
+            postgres_dsn=pg_restartable.dsn,
+            table=f"agg_{unique_name}",
             extra={"SHUTDOWN_TIMEOUT": "4"},
-        )  # fmt: skip
+        )
         inc = Incarnation(env, tmp_path, 0)
         try:
             await inc.wait_events(1000, timeout=60)
@@ -198,10 +213,13 @@ async def test_sigterm_while_the_kafka_output_is_down_still_exits_within_the_dea
         async with Emulator() as emulator:
             emulator.append([v for _, v in stream.messages])
             env = service_env(
-                bus_url=emulator.url, storage="kafka", kafka_bootstrap=broker.bootstrap_servers,
-                topic=f"agg-{unique_name}", state_dir=tmp_path / "state",
+                bus_url=emulator.url,
+                storage="kafka",
+                kafka_bootstrap=broker.bootstrap_servers,
+                topic=f"agg-{unique_name}",
+                state_dir=tmp_path / "state",
                 extra={"SHUTDOWN_TIMEOUT": "4"},
-            )  # fmt: skip
+            )
             inc = Incarnation(env, tmp_path, 0)
             try:
                 await inc.wait_events(1000, timeout=60)

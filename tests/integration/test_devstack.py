@@ -66,8 +66,9 @@ async def test_embedded_broker_round_trips_a_message(tmp_path: Path, unique_name
             await producer.send_and_wait(unique_name, b"hello", key=b"k")
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(unique_name, bootstrap_servers=broker.bootstrap_servers,
-                                    auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            unique_name, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest"
+        )
         await consumer.start()
         try:
             async with asyncio.timeout(30):
@@ -78,8 +79,9 @@ async def test_embedded_broker_round_trips_a_message(tmp_path: Path, unique_name
     assert broker.log_path.read_text().strip(), "tansu output should go to the log file"
 
 
-async def test_kafka_bootstrap_fixture_serves_producers(kafka_bootstrap: str,
-                                                        unique_name: str) -> None:
+async def test_kafka_bootstrap_fixture_serves_producers(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
@@ -97,13 +99,14 @@ async def test_postgres_dsn_fixture_accepts_asyncpg_connections(postgres_dsn: st
         await conn.close()
 
 
-async def test_embedded_postgres_listens_on_loopback_tcp(
-        pg_restartable: EmbeddedPostgres) -> None:
+async def test_embedded_postgres_listens_on_loopback_tcp(pg_restartable: EmbeddedPostgres) -> None:
     assert pg_restartable.dsn == f"postgresql://postgres@127.0.0.1:{pg_restartable.port}/postgres"
     conn = await asyncpg.connect(pg_restartable.dsn)
     try:
-        row = await conn.fetchrow("SELECT host(inet_server_addr()) AS host, "
-                                  "inet_server_port() AS port, version() AS version")
+        row = await conn.fetchrow(
+            "SELECT host(inet_server_addr()) AS host, "
+            "inet_server_port() AS port, version() AS version"
+        )
     finally:
         await conn.close()
     assert row is not None
@@ -111,8 +114,9 @@ async def test_embedded_postgres_listens_on_loopback_tcp(
     assert row["version"].startswith("PostgreSQL 18")
 
 
-async def test_postgres_keeps_rows_across_stop_and_start(pg_restartable: EmbeddedPostgres,
-                                                         unique_name: str) -> None:
+async def test_postgres_keeps_rows_across_stop_and_start(
+    pg_restartable: EmbeddedPostgres, unique_name: str
+) -> None:
     dsn = pg_restartable.dsn
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"CREATE TABLE {unique_name} (id int PRIMARY KEY, note text)")
@@ -138,7 +142,8 @@ async def test_postgres_keeps_rows_across_stop_and_start(pg_restartable: Embedde
 
 
 async def test_stack_start_and_stop_are_idempotent_and_env_names_both_servers(
-        devstack_dir: Path, unique_name: str) -> None:
+    devstack_dir: Path, unique_name: str
+) -> None:
     stack = DevStack(devstack_dir / unique_name)
     await stack.start()
     await stack.start()
@@ -152,15 +157,17 @@ async def test_stack_start_and_stop_are_idempotent_and_env_names_both_servers(
     await stack.stop()
 
 
-async def test_stack_with_postgres_only_starts_no_broker(devstack_dir: Path,
-                                                         unique_name: str) -> None:
+async def test_stack_with_postgres_only_starts_no_broker(
+    devstack_dir: Path, unique_name: str
+) -> None:
     async with DevStack(devstack_dir / unique_name, kafka=False) as stack:
         assert list(stack.env()) == ["POSTGRES_DSN"]
         assert stack.kafka is None
 
 
-async def test_no_child_process_remains_after_the_stack_stops(devstack_dir: Path,
-                                                              unique_name: str) -> None:
+async def test_no_child_process_remains_after_the_stack_stops(
+    devstack_dir: Path, unique_name: str
+) -> None:
     async with DevStack(devstack_dir / unique_name) as stack:
         assert set(stack.pids()) <= _descendants(os.getpid())
         # postgres' own helpers (checkpointer, walwriter...) count too
@@ -184,11 +191,17 @@ asyncio.run(main())
 """
 
 
-async def test_servers_end_when_their_parent_is_killed_with_sigkill(devstack_dir: Path,
-                                                                    unique_name: str) -> None:
+async def test_servers_end_when_their_parent_is_killed_with_sigkill(
+    devstack_dir: Path, unique_name: str
+) -> None:
     parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _STACK_IN_CHILD, str(devstack_dir / unique_name),
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        _STACK_IN_CHILD,
+        str(devstack_dir / unique_name),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert parent.stdout is not None
     try:
         async with asyncio.timeout(60):
@@ -202,11 +215,19 @@ async def test_servers_end_when_their_parent_is_killed_with_sigkill(devstack_dir
     assert await _wait_all_gone(orphans, timeout_s=30) == set()
 
 
-async def test_module_entry_prints_variables_and_stops_on_ctrl_c(devstack_dir: Path,
-                                                                 unique_name: str) -> None:
+async def test_module_entry_prints_variables_and_stops_on_ctrl_c(
+    devstack_dir: Path, unique_name: str
+) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.dev.devstack", "--work-dir", str(devstack_dir / unique_name),
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "service.dev.devstack",
+        "--work-dir",
+        str(devstack_dir / unique_name),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(60):

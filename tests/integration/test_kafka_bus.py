@@ -120,8 +120,9 @@ class Downstream:
 async def running_bus(
     bootstrap: str, topic: str, group: str, downstream: Downstream
 ) -> AsyncIterator[tuple[KafkaBus, asyncio.Task[None]]]:
-    bus = KafkaBus(bus_config(bootstrap, topic, group), KafkaConfig(), MetricsCollector(),
-                   SystemClock())  # fmt: skip
+    bus = KafkaBus(
+        bus_config(bootstrap, topic, group), KafkaConfig(), MetricsCollector(), SystemClock()
+    )
     async with bus:
         task = asyncio.create_task(bus.run(downstream.emit, downstream.restore))
         try:
@@ -146,8 +147,10 @@ async def test_messages_arrive_as_per_partition_batches_in_offset_order(
     assigned = [i for i in down.items if isinstance(i, PartitionsAssigned)]
     assert down.items.index(assigned[0]) == 0
     assert sorted(c.partition for c in assigned[0].checkpoints) == [
-        f"{topic}:0", f"{topic}:1", f"{topic}:2",
-    ]  # fmt: skip
+        f"{topic}:0",
+        f"{topic}:1",
+        f"{topic}:2",
+    ]
     assert all(c.position is None and c.state is None for c in assigned[0].checkpoints)
     for p in range(3):
         pid = f"{topic}:{p}"
@@ -222,8 +225,9 @@ async def test_caught_up_turns_true_once_drained_and_idle_partitions_report_it(
     assert min(gaps) >= 0.9  # at most about once a second
 
 
-async def produce_steadily(bootstrap: str, topic: str, partitions: int, stop: asyncio.Event
-                           ) -> list[bytes]:  # fmt: skip
+async def produce_steadily(
+    bootstrap: str, topic: str, partitions: int, stop: asyncio.Event
+) -> list[bytes]:
     """Keep producing small rounds (one message per partition) until ``stop``; returns all."""
     values: list[bytes] = []
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
@@ -287,8 +291,12 @@ async def test_stop_intake_makes_run_return_promptly(
 async def test_metrics_are_produced_as_json_objects(kafka_bootstrap: str, unique_name: str) -> None:
     topic = unique_name
     await create_topic(kafka_bootstrap, topic, 1)
-    bus = KafkaBus(bus_config(kafka_bootstrap, topic, unique_name), KafkaConfig(),
-                   MetricsCollector(), SystemClock())  # fmt: skip
+    bus = KafkaBus(
+        bus_config(kafka_bootstrap, topic, unique_name),
+        KafkaConfig(),
+        MetricsCollector(),
+        SystemClock(),
+    )
     async with bus:
         await bus.send_metrics([Metric("events_received_total", 3.0, 1_700_000_000.0)])
     reader = AIOKafkaConsumer(
@@ -300,16 +308,19 @@ async def test_metrics_are_produced_as_json_objects(kafka_bootstrap: str, unique
     finally:
         await reader.stop()
     assert orjson.loads(msg.value) == {
-        "name": "events_received_total", "value": 3.0, "timestamp": 1_700_000_000.0,
-    }  # fmt: skip
+        "name": "events_received_total",
+        "value": 3.0,
+        "timestamp": 1_700_000_000.0,
+    }
 
 
 async def test_check_names_the_servers_when_the_broker_is_unreachable(unique_name: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    bus = KafkaBus(bus_config(dead, unique_name, unique_name), KafkaConfig(), MetricsCollector(),
-                   SystemClock())  # fmt: skip
+    bus = KafkaBus(
+        bus_config(dead, unique_name, unique_name), KafkaConfig(), MetricsCollector(), SystemClock()
+    )
     with pytest.raises(TransientError, match=dead):
         await bus.check()
 
@@ -317,8 +328,12 @@ async def test_check_names_the_servers_when_the_broker_is_unreachable(unique_nam
 async def test_check_fails_for_a_missing_topic_and_passes_for_an_existing_one(
     kafka_bootstrap: str, unique_name: str
 ) -> None:
-    bus = KafkaBus(bus_config(kafka_bootstrap, unique_name, unique_name), KafkaConfig(),
-                   MetricsCollector(), SystemClock())  # fmt: skip
+    bus = KafkaBus(
+        bus_config(kafka_bootstrap, unique_name, unique_name),
+        KafkaConfig(),
+        MetricsCollector(),
+        SystemClock(),
+    )
     with pytest.raises(TransientError, match="does not exist"):
         await bus.check()
     await create_topic(kafka_bootstrap, unique_name, 1)

@@ -29,9 +29,14 @@ ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 def agg(name: str, value: float = 1.0, count: int = 1, start: float = T0) -> Aggregate:
     return Aggregate(
-        name=name, agg_func="avg", value=value, count=count,
-        window_start=start, window_end=start + 60, emitted_at=start + 61.5,
-    )  # fmt: skip
+        name=name,
+        agg_func="avg",
+        value=value,
+        count=count,
+        window_start=start,
+        window_end=start + 60,
+        emitted_at=start + 61.5,
+    )
 
 
 def config(bootstrap: str, topic: str) -> KafkaConfig:
@@ -73,16 +78,26 @@ async def test_aggregates_are_keyed_by_name_and_carry_exactly_the_contract_field
     by_key = {r.key: orjson.loads(r.value) for r in records}
     assert by_key == {
         b"cpu.load": {
-            "name": "cpu.load", "agg_func": "avg", "value": 0.5, "count": 4,
-            "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
-            "emitted_at": "2023-11-14T22:15:01.500Z", "revision": 4,
+            "name": "cpu.load",
+            "agg_func": "avg",
+            "value": 0.5,
+            "count": 4,
+            "window_start": "2023-11-14T22:14:00.000Z",
+            "window_end": "2023-11-14T22:15:00.000Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z",
+            "revision": 4,
         },
         "héllo wörld".encode(): {
-            "name": "héllo wörld", "agg_func": "avg", "value": -2.0, "count": 1,
-            "window_start": "2023-11-14T22:14:00.000Z", "window_end": "2023-11-14T22:15:00.000Z",
-            "emitted_at": "2023-11-14T22:15:01.500Z", "revision": 1,
+            "name": "héllo wörld",
+            "agg_func": "avg",
+            "value": -2.0,
+            "count": 1,
+            "window_start": "2023-11-14T22:14:00.000Z",
+            "window_end": "2023-11-14T22:15:00.000Z",
+            "emitted_at": "2023-11-14T22:15:01.500Z",
+            "revision": 1,
         },
-    }  # fmt: skip
+    }
     times = ("window_start", "window_end", "emitted_at")
     assert all(ISO_Z.fullmatch(m[t]) for m in by_key.values() for t in times)
 
@@ -91,10 +106,12 @@ def test_the_fast_encoder_writes_the_contract_json_plus_the_revision() -> None:
     aggregates = [agg("cpu", 0.1 + 0.2, 3), agg("x" * 200, -1e300, 0, start=T0 + 0.001)]
 
     assert encode_aggregates(aggregates) == (
-        [(a.name.encode(), orjson.dumps({**a.to_json_obj(), "revision": a.count}))
-         for a in aggregates],
+        [
+            (a.name.encode(), orjson.dumps({**a.to_json_obj(), "revision": a.count}))
+            for a in aggregates
+        ],
         [],
-    )  # fmt: skip
+    )
 
 
 def test_an_aggregate_utf8_cannot_carry_is_refused_by_the_encoder_not_raised() -> None:
@@ -123,19 +140,24 @@ async def test_dead_letters_go_to_the_dlq_topic_with_every_contract_field(
     sink: KafkaSink, kafka_bootstrap: str, unique_name: str
 ) -> None:
     letter = DeadLetter(
-        raw='{"name": "x", "value": "NaN"}', reason="invalid_value", detail="value must be finite",
-        source="kafka:events/2@99", received_at=T0 + 0.25,
-    )  # fmt: skip
+        raw='{"name": "x", "value": "NaN"}',
+        reason="invalid_value",
+        detail="value must be finite",
+        source="kafka:events/2@99",
+        received_at=T0 + 0.25,
+    )
 
     await sink.write([], [letter])
 
     [record] = await consume(kafka_bootstrap, f"{unique_name}.dlq", 1)
     assert record.key == b"invalid_value"
     assert orjson.loads(record.value) == {
-        "raw": '{"name": "x", "value": "NaN"}', "reason": "invalid_value",
-        "detail": "value must be finite", "source": "kafka:events/2@99",
+        "raw": '{"name": "x", "value": "NaN"}',
+        "reason": "invalid_value",
+        "detail": "value must be finite",
+        "source": "kafka:events/2@99",
         "received_at": "2023-11-14T22:14:00.250Z",
-    }  # fmt: skip
+    }
 
 
 async def test_every_record_of_a_large_write_is_delivered_and_one_name_keeps_one_partition(

@@ -26,9 +26,14 @@ T0 = 1_700_000_040.0
 
 def agg(name: str, value: float = 1.0, count: int = 1, start: float = T0) -> Aggregate:
     return Aggregate(
-        name=name, agg_func="sum", value=value, count=count,
-        window_start=start, window_end=start + 60, emitted_at=start + 61,
-    )  # fmt: skip
+        name=name,
+        agg_func="sum",
+        value=value,
+        count=count,
+        window_start=start,
+        window_end=start + 60,
+        emitted_at=start + 61,
+    )
 
 
 def utc(ts: float) -> datetime:
@@ -37,9 +42,12 @@ def utc(ts: float) -> datetime:
 
 def config(dsn: str, prefix: str) -> PostgresConfig:
     return PostgresConfig(
-        dsn=Secret(dsn), table=f"{prefix}_agg", dead_letter_table=f"{prefix}_dlq",
-        pool_min_size=1, pool_max_size=2,
-    )  # fmt: skip
+        dsn=Secret(dsn),
+        table=f"{prefix}_agg",
+        dead_letter_table=f"{prefix}_dlq",
+        pool_min_size=1,
+        pool_max_size=2,
+    )
 
 
 @pytest.fixture
@@ -84,11 +92,15 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
             )
         }
         assert columns == {
-            "name": "text", "agg_func": "text",
-            "window_start": "timestamp with time zone", "window_end": "timestamp with time zone",
-            "value": "double precision", "count": "bigint",
-            "emitted_at": "timestamp with time zone", "updated_at": "timestamp with time zone",
-        }  # fmt: skip
+            "name": "text",
+            "agg_func": "text",
+            "window_start": "timestamp with time zone",
+            "window_end": "timestamp with time zone",
+            "value": "double precision",
+            "count": "bigint",
+            "emitted_at": "timestamp with time zone",
+            "updated_at": "timestamp with time zone",
+        }
         pk = await conn.fetchval(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
             "WHERE conrelid = $1::regclass AND contype = 'p'",
@@ -99,8 +111,14 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
             "SELECT column_name FROM information_schema.columns WHERE table_name = $1", dlq
         )
         assert {r["column_name"] for r in dlq_columns} == {
-            "id", "raw", "reason", "detail", "source", "received_at", "stored_at",
-        }  # fmt: skip
+            "id",
+            "raw",
+            "reason",
+            "detail",
+            "source",
+            "received_at",
+            "stored_at",
+        }
         indexes = {
             r["indexdef"].split(" USING ")[1]
             for r in await conn.fetch(
@@ -123,11 +141,25 @@ async def test_writing_the_same_aggregate_twice_leaves_one_row_with_the_new_valu
     await sink.write([agg("cpu", 7.5, 3)], [])
 
     assert await rows(conn, f"{unique_name}_agg") == [
-        {"name": "cpu", "agg_func": "sum", "window_start": utc(T0), "window_end": utc(T0 + 60),
-         "value": 7.5, "count": 3, "emitted_at": utc(T0 + 61)},
-        {"name": "mem", "agg_func": "sum", "window_start": utc(T0), "window_end": utc(T0 + 60),
-         "value": 5.0, "count": 2, "emitted_at": utc(T0 + 61)},
-    ]  # fmt: skip
+        {
+            "name": "cpu",
+            "agg_func": "sum",
+            "window_start": utc(T0),
+            "window_end": utc(T0 + 60),
+            "value": 7.5,
+            "count": 3,
+            "emitted_at": utc(T0 + 61),
+        },
+        {
+            "name": "mem",
+            "agg_func": "sum",
+            "window_start": utc(T0),
+            "window_end": utc(T0 + 60),
+            "value": 5.0,
+            "count": 2,
+            "emitted_at": utc(T0 + 61),
+        },
+    ]
 
 
 async def test_a_batch_holding_one_key_twice_stores_the_last_one(
@@ -162,12 +194,22 @@ async def test_dead_letters_are_stored_with_every_contract_field(
     sink: PostgresSink, conn: Any, unique_name: str
 ) -> None:
     letters = [
-        DeadLetter(raw='{"name": 1}', reason="invalid_name", detail="name must be a string",
-                   source="kafka:events/0@17", received_at=T0 + 0.25),
+        DeadLetter(
+            raw='{"name": 1}',
+            reason="invalid_name",
+            detail="name must be a string",
+            source="kafka:events/0@17",
+            received_at=T0 + 0.25,
+        ),
         # Raw text straight from the wire may hold bytes PostgreSQL text cannot.
-        DeadLetter(raw="not json \x00 at all", reason="invalid_json", detail="bad JSON",
-                   source="http:cursor=9", received_at=T0 + 1),
-    ]  # fmt: skip
+        DeadLetter(
+            raw="not json \x00 at all",
+            reason="invalid_json",
+            detail="bad JSON",
+            source="http:cursor=9",
+            received_at=T0 + 1,
+        ),
+    ]
 
     await sink.write([agg("cpu")], letters)
 
@@ -177,10 +219,15 @@ async def test_dead_letters_are_stored_with_every_contract_field(
     )
     fields = ("raw", "reason", "detail", "source", "received_at")
     assert [tuple(r[f] for f in fields) for r in stored] == [
-        ('{"name": 1}', "invalid_name", "name must be a string", "kafka:events/0@17",
-         utc(T0 + 0.25)),
+        (
+            '{"name": 1}',
+            "invalid_name",
+            "name must be a string",
+            "kafka:events/0@17",
+            utc(T0 + 0.25),
+        ),
         ("not json \\u0000 at all", "invalid_json", "bad JSON", "http:cursor=9", utc(T0 + 1)),
-    ]  # fmt: skip
+    ]
     assert all(r["id"] is not None and r["stored_at"] is not None for r in stored)
     assert len(await rows(conn, f"{unique_name}_agg")) == 1
 

@@ -35,8 +35,9 @@ def test_route_keys_each_event_by_its_name_and_the_rest_by_its_partition() -> No
 
 
 async def read_all(bootstrap: str, topic: str, at_least: int) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest")  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
     await consumer.start()
     out: list[Any] = []
     try:

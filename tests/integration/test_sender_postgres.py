@@ -44,8 +44,12 @@ async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
 async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_outputs(
     postgres_dsn: str, unique_name: str, conn: Any
 ) -> None:
-    cfg = PostgresConfig(dsn=Secret(postgres_dsn), table=f"{unique_name}_agg",
-                         dead_letter_table=f"{unique_name}_dlq", pool_max_size=2)  # fmt: skip
+    cfg = PostgresConfig(
+        dsn=Secret(postgres_dsn),
+        table=f"{unique_name}_agg",
+        dead_letter_table=f"{unique_name}_dlq",
+        pool_max_size=2,
+    )
     cp_table = f"{unique_name}_cp"
     metrics = MetricsCollector()
     commits: list[Mapping[str, str]] = []
@@ -61,8 +65,9 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             memory,
         ):
             shared = SharedTransaction(pg, store)
-            sender = DataSender([memory, pg], store, commit, metrics, SystemClock(),
-                                shared_transaction=shared)  # fmt: skip
+            sender = DataSender(
+                [memory, pg], store, commit, metrics, SystemClock(), shared_transaction=shared
+            )
             assert sender.checkpoint_partner == "postgres"
 
             # The other output holds the PostgreSQL commit back until it has the rows.

@@ -261,8 +261,9 @@ def test_oversized_message_is_rejected_as_too_large() -> None:
 
 def test_cardinality_limit_dead_letters_events_that_would_open_a_window() -> None:
     agg, _ = make(max_open_windows=2)
-    out = agg.process(batch([ev("a", 1, NOW - 5), ev("b", 1, NOW - 5), ev("c", 1, NOW - 5),
-                             ev("a", 1, NOW - 4)]))  # fmt: skip
+    out = agg.process(
+        batch([ev("a", 1, NOW - 5), ev("b", 1, NOW - 5), ev("c", 1, NOW - 5), ev("a", 1, NOW - 4)])
+    )
     assert [d.reason for d in out.dead_letters] == ["cardinality_limit"]
     assert agg.open_windows == 2
 
@@ -300,8 +301,12 @@ def test_restore_rejects_an_unknown_state_format() -> None:
 
 def test_lateness_does_not_depend_on_batch_boundaries() -> None:
     start = 1_699_999_980.0
-    stream = [ev("a", 1, start + 1), ev("a", 1, start + 61), ev("a", 5, start + 2),
-              ev("a", 1, start + 130)]  # fmt: skip
+    stream = [
+        ev("a", 1, start + 1),
+        ev("a", 1, start + 61),
+        ev("a", 5, start + 2),
+        ev("a", 1, start + 130),
+    ]
     one, _ = make()
     together = one.process(batch(stream))
     split, _ = make()

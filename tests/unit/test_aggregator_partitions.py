@@ -74,8 +74,11 @@ def oracle(streams: list[list[dict[str, Any]]]) -> dict[tuple[str, str, float], 
             start = (e["timestamp"] // INTERVAL) * INTERVAL
             groups[(e["name"], e["agg_func"], start)].append(e["value"])
     reduce: dict[str, Callable[[list[float]], float]] = {
-        "sum": sum, "min": min, "max": max, "count": len,
-    }  # fmt: skip
+        "sum": sum,
+        "min": min,
+        "max": max,
+        "count": len,
+    }
     return {k: (float(reduce[k[1]](v)), len(v)) for k, v in groups.items()}
 
 

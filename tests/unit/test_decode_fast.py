@@ -44,32 +44,97 @@ def _run(batches: list[list[Any]], max_open: int, grace: float) -> dict[str, Any
 
 # -- messages from a grammar of valid and broken fields, as raw JSON text -------------------
 
-_names = st.sampled_from(['"a"', '"b"', '"A"', '""', '"' + "x" * 200 + '"',
-                          '"' + "y" * 201 + '"', "5", "null", "true", '"\\u0061"',
-                          '"\u00e9\u00e8"', '"\\ud800"'])  # fmt: skip
+_names = st.sampled_from(
+    [
+        '"a"',
+        '"b"',
+        '"A"',
+        '""',
+        '"' + "x" * 200 + '"',
+        '"' + "y" * 201 + '"',
+        "5",
+        "null",
+        "true",
+        '"\\u0061"',
+        '"\u00e9\u00e8"',
+        '"\\ud800"',
+    ]
+)
 _numbers = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
     st.integers(min_value=-(10**30), max_value=10**30).map(str),
-    st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "1" + "0" * 400, "-0", "-0.0",
-                     "01", "1.", "true", "false", "null", '"3"', "[1]", "{}"]),
-)  # fmt: skip
+    st.sampled_from(
+        [
+            "1e999",
+            "-1e999",
+            "NaN",
+            "Infinity",
+            "1" + "0" * 400,
+            "-0",
+            "-0.0",
+            "01",
+            "1.",
+            "true",
+            "false",
+            "null",
+            '"3"',
+            "[1]",
+            "{}",
+        ]
+    ),
+)
 _times = st.one_of(
     st.floats(min_value=NOW - 400, max_value=NOW + 30).map(repr),
     st.integers(min_value=int(NOW) - 400, max_value=int(NOW) + 30).map(str),
-    st.sampled_from(["-1", "-0.0", "1e999", "9e12", '"2023-11-14T22:13:00+01:00"',
-                     '"2023-11-14T22:13:00Z"', '"2023-11-14T22:13:00"', '"yesterday"', "true",
-                     "null", "NaN", '"' + "2" * 70 + '"']),
-)  # fmt: skip
-_funcs = st.sampled_from(['"sum"', '"avg"', '"min"', '"max"', '"count"', '"first"', '"last"',
-                          '"stddev"', '"p50"', '"p99"', '"SUM"', '"Max"', '"median"', "null", "3",
-                          '""'])  # fmt: skip
+    st.sampled_from(
+        [
+            "-1",
+            "-0.0",
+            "1e999",
+            "9e12",
+            '"2023-11-14T22:13:00+01:00"',
+            '"2023-11-14T22:13:00Z"',
+            '"2023-11-14T22:13:00"',
+            '"yesterday"',
+            "true",
+            "null",
+            "NaN",
+            '"' + "2" * 70 + '"',
+        ]
+    ),
+)
+_funcs = st.sampled_from(
+    [
+        '"sum"',
+        '"avg"',
+        '"min"',
+        '"max"',
+        '"count"',
+        '"first"',
+        '"last"',
+        '"stddev"',
+        '"p50"',
+        '"p99"',
+        '"SUM"',
+        '"Max"',
+        '"median"',
+        "null",
+        "3",
+        '""',
+    ]
+)
 
 
 @st.composite
 def _event(draw: st.DrawFn) -> str:
     fields = []
-    for key, values in (("name", _names), ("value", _numbers), ("timestamp", _times),
-                        ("agg_func", _funcs), ("extra", _numbers)):  # fmt: skip
+    for key, values in (
+        ("name", _names),
+        ("value", _numbers),
+        ("timestamp", _times),
+        ("agg_func", _funcs),
+        ("extra", _numbers),
+    ):
         present = draw(st.booleans()) if key == "extra" else draw(st.integers(0, 9)) > 0
         if present:
             fields.append(f'"{key}":{draw(values)}')
@@ -84,8 +149,22 @@ def _event(draw: st.DrawFn) -> str:
 def _message(draw: st.DrawFn) -> Any:
     kind = draw(st.integers(0, 19))
     if kind == 0:
-        return draw(st.sampled_from([b"", b"{not json", b"[1]", b"5", b"[[]]", b"\xff\xfe",
-                                     b"\xef\xbb\xbf{}", b"[]", b"{} x", b"x" * 5000]))  # fmt: skip
+        return draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"{not json",
+                    b"[1]",
+                    b"5",
+                    b"[[]]",
+                    b"\xff\xfe",
+                    b"\xef\xbb\xbf{}",
+                    b"[]",
+                    b"{} x",
+                    b"x" * 5000,
+                ]
+            )
+        )
     if kind <= 3:
         body = "[" + ",".join(draw(st.lists(_event(), max_size=4))) + "]"
     else:
@@ -115,10 +194,13 @@ def test_fast_path_gives_exactly_what_the_reference_path_gives(
     assert fast == reference
 
 
-@given(st.one_of(st.floats(allow_nan=False, allow_infinity=False).map(repr),
-                 st.integers(min_value=-(10**40), max_value=10**40).map(str),
-                 st.from_regex(r"-?[1-9][0-9]{0,25}(\.[0-9]{1,30})?(e-?[0-9]{1,3})?",
-                               fullmatch=True)))  # fmt: skip
+@given(
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False).map(repr),
+        st.integers(min_value=-(10**40), max_value=10**40).map(str),
+        st.from_regex(r"-?[1-9][0-9]{0,25}(\.[0-9]{1,30})?(e-?[0-9]{1,3})?", fullmatch=True),
+    )
+)
 def test_fast_decode_reads_numbers_exactly_like_the_reference(number: str) -> None:
     text = f'{{"name":"a","value":{number},"timestamp":{number}}}'.encode()
     try:
@@ -132,17 +214,25 @@ def test_fast_decode_reads_numbers_exactly_like_the_reference(number: str) -> No
     assert ev.timestamp == expected
 
 
-@given(st.lists(st.tuples(st.sampled_from(["sum", "avg", "min", "max", "count", "p50"]),
-                          st.floats(min_value=-1e300, max_value=1e300),
-                          st.floats(min_value=NOW - 59, max_value=NOW - 1)),
-                min_size=1, max_size=60))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["sum", "avg", "min", "max", "count", "p50"]),
+            st.floats(min_value=-1e300, max_value=1e300),
+            st.floats(min_value=NOW - 59, max_value=NOW - 1),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
 def test_inlined_accumulators_equal_the_function_table(
     events: list[tuple[str, float, float]],
 ) -> None:
     clock = ManualClock(NOW)
     agg = EventAggregator(AggregationConfig(interval_s=3600.0), MetricsCollector(clock), clock)
-    records = [orjson.dumps({"name": "k", "value": v, "timestamp": t, "agg_func": f})
-               for f, v, t in events]  # fmt: skip
+    records = [
+        orjson.dumps({"name": "k", "value": v, "timestamp": t, "agg_func": f}) for f, v, t in events
+    ]
     agg.process(SourceBatch("p", records, "test", None, NOW))
     expected: dict[str, list[Any]] = {}
     for func, value, ts in events:

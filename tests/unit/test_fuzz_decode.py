@@ -62,16 +62,24 @@ timestamps = st.one_of(
 funcs = st.one_of(st.sampled_from([*AGG_FUNCS, "SUM", "P99", "median"]), scalars)
 event_like = st.fixed_dictionaries(
     {},
-    optional={"name": names, "value": st.one_of(st.floats(), scalars), "timestamp": timestamps,
-              "agg_func": funcs, "extra": json_values},
-)  # fmt: skip
+    optional={
+        "name": names,
+        "value": st.one_of(st.floats(), scalars),
+        "timestamp": timestamps,
+        "agg_func": funcs,
+        "extra": json_values,
+    },
+)
 # Mostly-valid events, so that the accepted path (windows, snapshots, outputs) is fuzzed
 # too, not only the rejections.
 valid_like = st.fixed_dictionaries(
-    {"name": names, "value": st.floats(-1e6, 1e6),
-     "timestamp": st.floats(min_value=NOW - 100, max_value=NOW + 100)},
+    {
+        "name": names,
+        "value": st.floats(-1e6, 1e6),
+        "timestamp": st.floats(min_value=NOW - 100, max_value=NOW + 100),
+    },
     optional={"agg_func": st.sampled_from(AGG_FUNCS)},
-)  # fmt: skip
+)
 elements = st.one_of(valid_like, event_like, json_values)
 
 

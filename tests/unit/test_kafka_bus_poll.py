@@ -58,10 +58,16 @@ async def _no_emit(item: Any) -> None:
 async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -> None:
     clock = SleepWatchingClock()
     metrics = MetricsCollector(clock)
-    config = BusConfig(url="kafka://k:9092/t", kind="kafka", kafka_topic="t",
-                       kafka_bootstrap_servers=("k:9092",))  # fmt: skip
-    bus = KafkaBus(config, KafkaConfig(), metrics, clock,
-                   backoff=Backoff("linear", initial_s=2.0, jitter=False))  # fmt: skip
+    config = BusConfig(
+        url="kafka://k:9092/t", kind="kafka", kafka_topic="t", kafka_bootstrap_servers=("k:9092",)
+    )
+    bus = KafkaBus(
+        config,
+        KafkaConfig(),
+        metrics,
+        clock,
+        backoff=Backoff("linear", initial_s=2.0, jitter=False),
+    )
     consumer = FailingConsumer()
     bus._consumer = consumer
     task = asyncio.create_task(bus.run(_no_emit, _no_restore))

@@ -72,8 +72,10 @@ async def test_sasl_ssl_has_both_the_context_and_the_credentials(mechanism: str)
     opts = client_options(cfg("SASL_SSL", mechanism))
     assert isinstance(opts["ssl_context"], ssl.SSLContext)
     assert (opts["sasl_mechanism"], opts["sasl_plain_username"], opts["sasl_plain_password"]) == (
-        mechanism, "svc", "pw",
-    )  # fmt: skip
+        mechanism,
+        "svc",
+        "pw",
+    )
     await accepted_by_aiokafka(opts)
 
 
@@ -117,6 +119,8 @@ async def test_create_topics_returns_only_what_the_broker_refused(
     assert "cannot create topic 'denied': denied!" in str(refused["denied"])
     [admin] = FakeAdmin.instances
     assert [(t.name, t.num_partitions, t.replication_factor) for t in admin.asked] == [
-        ("new", 3, 1), ("old", 3, 1), ("denied", 3, 1),
-    ]  # fmt: skip
+        ("new", 3, 1),
+        ("old", 3, 1),
+        ("denied", 3, 1),
+    ]
     assert admin.options == {"request_timeout_ms": 5} and admin.closed

@@ -37,8 +37,11 @@ async def test_partitions_are_emitted_in_order_interleaved_and_in_batches() -> N
     )
     batches = [i for i in items if isinstance(i, SourceBatch)]
     assert [(b.partition, b.records) for b in batches] == [
-        ("a", [1, 2]), ("b", [b"x"]), ("a", [3, 4]), ("a", [5]),
-    ]  # fmt: skip
+        ("a", [1, 2]),
+        ("b", [b"x"]),
+        ("a", [3, 4]),
+        ("a", [5]),
+    ]
     assert [b.next_position for b in batches] == ["2", "1", "4", "5"]
     assert [b.caught_up for b in batches] == [False, True, False, True]
     assert batches[2].offsets == [2, 3]

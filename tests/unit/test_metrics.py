@@ -180,11 +180,19 @@ def test_bus_metrics_cover_the_contract_list_stamped_with_clock_now() -> None:
     exercise(m)
     by_name = {x.name: x for x in m.to_bus_metrics() if not x.labels}
     for name in (
-        "events_received", "events_rejected", "events_late", "aggregates_emitted",
-        "sink_errors", "open_windows", "queue_depth", "events_per_second",
-        "processing_lag_seconds", "emit_to_durable_p50_seconds",
-        "emit_to_durable_p95_seconds", "emit_to_durable_p99_seconds",
-    ):  # fmt: skip
+        "events_received",
+        "events_rejected",
+        "events_late",
+        "aggregates_emitted",
+        "sink_errors",
+        "open_windows",
+        "queue_depth",
+        "events_per_second",
+        "processing_lag_seconds",
+        "emit_to_durable_p50_seconds",
+        "emit_to_durable_p95_seconds",
+        "emit_to_durable_p99_seconds",
+    ):
         assert by_name[f"vabus_aggregator.{name}"].timestamp == clock.now()
     assert by_name["vabus_aggregator.events_received"].value == 9
     assert by_name["vabus_aggregator.sink_errors"].value == 2

@@ -85,8 +85,13 @@ async def test_an_error_that_is_not_retriable_propagates_at_once() -> None:
     op = Failing(TransientError("blip"), ValueError("corrupt"))
 
     with pytest.raises(ValueError, match="corrupt"):
-        await retry(op, name="op", backoff=FIXED, clock=clock,
-                    on_failure=lambda exc, n: seen.append((str(exc), n)))  # fmt: skip
+        await retry(
+            op,
+            name="op",
+            backoff=FIXED,
+            clock=clock,
+            on_failure=lambda exc, n: seen.append((str(exc), n)),
+        )
 
     assert clock.sleeps == [1.0]  # after the transient failure only
     assert seen == [("blip", 1)]  # the non-retriable failure is not reported
@@ -124,8 +129,7 @@ async def test_a_bounded_retry_raises_the_last_failure_and_counts_down(
 async def test_one_attempt_means_no_retry_and_fewer_is_refused() -> None:
     clock = StepClock()
     with pytest.raises(TransientError):
-        await retry(Failing(TransientError("x")), name="op", backoff=FIXED, clock=clock,
-                    attempts=1)  # fmt: skip
+        await retry(Failing(TransientError("x")), name="op", backoff=FIXED, clock=clock, attempts=1)
     assert clock.sleeps == []
     with pytest.raises(ValueError, match="at least 1"):
         await retry(Failing(), name="op", backoff=FIXED, clock=clock, attempts=0)
@@ -134,13 +138,16 @@ async def test_one_attempt_means_no_retry_and_fewer_is_refused() -> None:
 async def test_retriable_may_be_types_or_a_predicate() -> None:
     clock = StepClock()
     op = Failing(KeyError("k"), IndexError("i"))
-    assert await retry(op, name="op", backoff=FIXED, clock=clock,
-                       retriable=(KeyError, IndexError)) == "ok"  # fmt: skip
+    assert (
+        await retry(op, name="op", backoff=FIXED, clock=clock, retriable=(KeyError, IndexError))
+        == "ok"
+    )
 
     op = Failing(ConnectionError("reset"), ConnectionError("for good"))
     with pytest.raises(ConnectionError, match="for good"):
-        await retry(op, name="op", backoff=FIXED, clock=clock,
-                    retriable=lambda exc: "reset" in str(exc))  # fmt: skip
+        await retry(
+            op, name="op", backoff=FIXED, clock=clock, retriable=lambda exc: "reset" in str(exc)
+        )
 
 
 async def test_on_failure_sees_each_failure_and_its_floor_only_lengthens_the_wait() -> None:
@@ -162,9 +169,14 @@ async def test_on_failure_sees_each_failure_and_its_floor_only_lengthens_the_wai
 async def test_on_failure_also_sees_the_last_failure_of_a_bounded_retry() -> None:
     seen: list[int] = []
     with pytest.raises(TransientError):
-        await retry(Failing(TransientError("a"), TransientError("b")), name="op",
-                    backoff=FIXED, clock=StepClock(), attempts=2,
-                    on_failure=lambda exc, n: seen.append(n))  # fmt: skip
+        await retry(
+            Failing(TransientError("a"), TransientError("b")),
+            name="op",
+            backoff=FIXED,
+            clock=StepClock(),
+            attempts=2,
+            on_failure=lambda exc, n: seen.append(n),
+        )
     assert seen == [1, 2]
 
 
@@ -187,8 +199,14 @@ async def test_a_failure_after_the_stop_is_raised_without_waiting() -> None:
     stop.set()
     seen: list[int] = []
     with pytest.raises(TransientError):
-        await retry(Failing(TransientError("down")), name="op", backoff=FIXED, clock=clock,
-                    stop=stop, on_failure=lambda exc, n: seen.append(n))  # fmt: skip
+        await retry(
+            Failing(TransientError("down")),
+            name="op",
+            backoff=FIXED,
+            clock=clock,
+            stop=stop,
+            on_failure=lambda exc, n: seen.append(n),
+        )
     assert clock.sleeps == [] and seen == [1]
 
 

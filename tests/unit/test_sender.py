@@ -59,8 +59,15 @@ async def make(
     async def commit(positions: Mapping[str, str]) -> None:
         commits.append(dict(positions))
 
-    sender = DataSender(sinks, store, commit, MetricsCollector(clock), clock,
-                        batch_size=2, backoff=Backoff("fixed", 1.0, 1.0))  # fmt: skip
+    sender = DataSender(
+        sinks,
+        store,
+        commit,
+        MetricsCollector(clock),
+        clock,
+        batch_size=2,
+        backoff=Backoff("fixed", 1.0, 1.0),
+    )
     return sender, sinks, store, commits, clock
 
 
@@ -115,9 +122,12 @@ async def test_a_durable_checkpoint_is_marked_done_with_the_outputs_before_it() 
     # the first sink breaks right after the checkpoint is saved: "b" cannot be written
     store.on_save = lambda: sinks[0].fail_next(1, PermanentError("table dropped"))
     delivery = Delivery(
-        [Outputs([agg("a")], []), Checkpoint([PartitionCheckpoint("p0", "1", None)]),
-         Outputs([agg("b")], [])]
-    )  # fmt: skip
+        [
+            Outputs([agg("a")], []),
+            Checkpoint([PartitionCheckpoint("p0", "1", None)]),
+            Outputs([agg("b")], []),
+        ]
+    )
     with pytest.raises(PermanentError):
         await sender.handle(delivery)
     assert delivery.done == 2  # the hub hands back only Outputs "b"

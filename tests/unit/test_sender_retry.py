@@ -63,9 +63,16 @@ async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time
     metrics = MetricsCollector(clock)
     sink = MemorySink("s0")
     await sink.start()
-    sender = DataSender([sink], _NoStore(), _no_commit, metrics, clock,
-                        backoff=Backoff("fixed", 1.0, 1.0),
-                        breaker_threshold=3, breaker_cooldown_s=10.0)  # fmt: skip
+    sender = DataSender(
+        [sink],
+        _NoStore(),
+        _no_commit,
+        metrics,
+        clock,
+        backoff=Backoff("fixed", 1.0, 1.0),
+        breaker_threshold=3,
+        breaker_cooldown_s=10.0,
+    )
     check = sender.readiness_check(sink)
     await check()
     sink.fail_next(7)  # failures at t=0,1,2 (opens), probes at 12,22,32,42, success at 52
@@ -179,8 +186,15 @@ async def test_the_last_chunk_and_the_checkpoint_share_the_partners_transaction(
     for s in (other, tx):
         await s.start()
     store = _TxStore(log)
-    sender = DataSender([other, tx], store, _no_commit, MetricsCollector(clock), clock,
-                        batch_size=2, shared_transaction=SharedTransaction(tx, store))  # fmt: skip
+    sender = DataSender(
+        [other, tx],
+        store,
+        _no_commit,
+        MetricsCollector(clock),
+        clock,
+        batch_size=2,
+        shared_transaction=SharedTransaction(tx, store),
+    )
     assert sender.checkpoint_partner == "tx"
 
     outputs = Outputs([agg("a"), agg("b"), agg("c")], [])

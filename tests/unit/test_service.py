@@ -56,8 +56,13 @@ async def run_until(service: Service, cond: Any) -> None:
 
 async def test_restart_after_graceful_stop_continues_open_windows_exactly(tmp_path: Path) -> None:
     sink = MemorySink()
-    first = [ev("a", 1, START + 1), ev("a", 2, START + 2), ev("b", 5, START + 3),
-             ev("a", 10, START + 61), ev("b", 20, START + 62)]  # fmt: skip
+    first = [
+        ev("a", 1, START + 1),
+        ev("a", 2, START + 2),
+        ev("b", 5, START + 3),
+        ev("a", 10, START + 61),
+        ev("b", 20, START + 62),
+    ]
     service, bus = build({"p0": first}, tmp_path, sink)
     await run_until(service, lambda: len(sink.aggregates) == 2 and bus.positions.get("p0") == 5)
     assert {k[:2]: a.value for k, a in sink.aggregates.items()} == {
