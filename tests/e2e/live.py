@@ -386,6 +386,15 @@ class KafkaAggregates:
             out[workload.partition_of.get(name, -1)] += n
         return dict(sorted(out.items()))
 
+    def repeated_windows(self, workload: LiveWorkload) -> dict[int, list[float]]:
+        """Window starts with a repeated key, by input partition, as wall seconds into
+        the stream (when the window's events were sent)."""
+        out: dict[int, set[float]] = {}
+        for name, _, ws in self.repeated:
+            at = round((ws - workload.t0) / TIME_SCALE, 1)
+            out.setdefault(workload.partition_of.get(name, -1), set()).add(at)
+        return {p: sorted(v) for p, v in sorted(out.items())}
+
 
 async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> KafkaAggregates:
     def keyed(records: list[Any]) -> list[tuple[Key, tuple[float, int]]]:
@@ -760,7 +769,8 @@ class LiveRun:
             + (f"PostgreSQL {len(rows)}/{len(expected)} rows; " if with_pg else "")
             + f"Kafka {kafka.messages} messages for {len(kafka.latest)} keys "
             f"({sum(kafka.repeated.values())} repeats, by input partition "
-            f"{kafka.repeats_by_partition(w)}), {kafka.conflicting} keys "
+            f"{kafka.repeats_by_partition(w)}, windows sent at (s) "
+            f"{kafka.repeated_windows(w)}), {kafka.conflicting} keys "
             f"re-emitted with another value; dead letters {len(dlq)} (Kafka)"
             + (f" {len(pg_dead)} (PostgreSQL)" if with_pg else "")
             + f"; events_late_total {late_metric}; {len(problems)} problems"
