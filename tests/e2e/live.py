@@ -10,12 +10,14 @@ The stream is built so that its correct result does not depend on timing:
 * a tenth of the events are moved back by less than ``GRACE_S / 2``: within the grace
   of their own partition's progress, never late;
 * "really late" events are released only after a window of their partition was seen
-  written in PostgreSQL, ``CHECKPOINT_MARGIN_S`` before (so a checkpoint has passed):
-  late in every possible run;
+  written, ``CHECKPOINT_MARGIN_S`` before (so a checkpoint has passed): late in every
+  possible run. "Written" is read from PostgreSQL when it is an output, else from the
+  Kafka aggregates topic (the last value per key);
 * garbage breaks a rule that does not depend on state.
 
 So the stored aggregates must equal :func:`tests.e2e.workload.expected_aggregates` of
-the valid events, and the dead letters must be exactly the garbage and the late ones.
+the valid events, and the dead letters must be exactly the garbage and the late ones, in
+every output that ``STORAGE_TYPE`` names (``kafka`` alone needs no PostgreSQL at all).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +38,7 @@ import aiohttp
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_e2e_http import stored_rows
@@ -56,12 +59,14 @@ TIME_SCALE = 10.0  # event-time seconds per wall second
 OUT_OF_ORDER = 0.1  # fraction of events moved back in time
 MAX_SHIFT_MS = 999  # < GRACE_S / 2: out of order, never late
 CHECKPOINT_MARGIN_S = 3.0  # a written window is used for late events this long after
+SEEN_LAG_S = 1.5  # a window may be seen this long after it was written (poll + read)
 TICK_S = 0.02  # producer pacing step
-POLL_S = 0.5  # how often the output table is read for written windows
+POLL_S = 0.5  # how often the observed output is read for written windows
 QUIET_S = 3.0  # unchanged outputs and no open window for this long: settled
 
 EventId = tuple[str, str, float, float]  # (name, agg_func, value, timestamp)
 Action = Callable[["LiveRun"], Coroutine[Any, Any, None]]  # runs alongside the feed
+Observe = Callable[[], Awaitable[dict[Key, tuple[float, int]]]]  # what an output holds now
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,15 +205,17 @@ class LiveFeed:
     """Produces a workload at its pace and releases really-late events on the way.
 
     Late event ``j`` is due at an even spread over the stream; it is released once some
-    window of an allowed partition was seen written ``CHECKPOINT_MARGIN_S`` before, with
-    no disruption (a ``kill -9``) in that margin, keyed by a name of that window."""
+    window of an allowed partition was seen written (by ``observe``, which reads one
+    output, described by ``where``) ``CHECKPOINT_MARGIN_S`` before, with no disruption (a
+    ``kill -9``) from ``SEEN_LAG_S`` before it was seen to the end of that margin, keyed
+    by a name of that window."""
 
     def __init__(
-        self, bootstrap: str, topic: str, workload: LiveWorkload, *, dsn: str, table: str,
-        late: int, seed: int, late_partitions: Iterable[int] | None = None,
+        self, bootstrap: str, topic: str, workload: LiveWorkload, *, observe: Observe,
+        where: str, late: int, seed: int, late_partitions: Iterable[int] | None = None,
     ) -> None:  # fmt: skip
         self._bootstrap, self._topic, self._w = bootstrap, topic, workload
-        self._dsn, self._table = dsn, table
+        self._observe, self._where = observe, where
         self._late = late
         self._rng = random.Random(seed + 1)
         self._allowed = sorted(set(range(workload.partitions) if late_partitions is None
@@ -267,7 +274,7 @@ class LiveFeed:
                 if now > late_deadline:
                     raise AssertionError(
                         f"harness: released {len(self.released)} of {self._late} late events "
-                        f"in {now:.0f} s: no window was seen written in {self._table}"
+                        f"in {now:.0f} s: no window was seen written in {self._where}"
                     )
                 await asyncio.sleep(max(0.0, TICK_S - (self.elapsed() - now)))
         finally:
@@ -280,7 +287,8 @@ class LiveFeed:
             usable = [
                 (p, ws) for (p, ws), (seen, _) in self._written.items()
                 if p in self._allowed and now - seen >= CHECKPOINT_MARGIN_S
-                and not any(seen <= d < seen + CHECKPOINT_MARGIN_S for d in self._disruptions)
+                and not any(seen - SEEN_LAG_S <= d < seen + CHECKPOINT_MARGIN_S
+                            for d in self._disruptions)
             ]  # fmt: skip
             if not usable:
                 break
@@ -299,13 +307,14 @@ class LiveFeed:
         return out
 
     async def _poll_written(self) -> None:
-        """Which (partition, window) has a row in the output table, and since when.
-        Errors (PostgreSQL stopped by the test) only skip a round."""
+        """Which (partition, window) has an aggregate in the observed output, and since
+        when. Errors (PostgreSQL stopped by the test) only skip a round."""
         names: dict[tuple[int, float], set[str]] = {}
         while True:
             try:
-                rows = await asyncio.wait_for(stored_rows(self._dsn, self._table), 5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                rows = await asyncio.wait_for(self._observe(), 5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    KafkaError):  # fmt: skip
                 rows = {}
             now = self.elapsed()
             for name, _, ws in rows:
@@ -368,6 +377,23 @@ class KafkaAggregates:
     latest: dict[Key, tuple[float, int]]  # the last value per key, in offset order
     messages: int
     conflicting: int  # keys that were emitted with two different values
+    repeated: Counter[Key] = field(default_factory=Counter)  # key -> messages beyond one
+
+    def repeats_by_partition(self, workload: LiveWorkload) -> dict[int, int]:
+        """Messages beyond the first per key, by the input partition of the key's name."""
+        out: Counter[int] = Counter()
+        for (name, _, _), n in self.repeated.items():
+            out[workload.partition_of.get(name, -1)] += n
+        return dict(sorted(out.items()))
+
+    def repeated_windows(self, workload: LiveWorkload) -> dict[int, list[float]]:
+        """Window starts with a repeated key, by input partition, as wall seconds into
+        the stream (when the window's events were sent)."""
+        out: dict[int, set[float]] = {}
+        for name, _, ws in self.repeated:
+            at = round((ws - workload.t0) / TIME_SCALE, 1)
+            out.setdefault(workload.partition_of.get(name, -1), set()).add(at)
+        return {p: sorted(v) for p, v in sorted(out.items())}
 
 
 async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> KafkaAggregates:
@@ -384,11 +410,53 @@ async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> Kafk
     )
     latest: dict[Key, tuple[float, int]] = {}
     conflicting: set[Key] = set()
+    repeated: Counter[Key] = Counter()
     for key, value in keyed(records):
-        if key in latest and latest[key] != value:
-            conflicting.add(key)
+        if key in latest:
+            repeated[key] += 1
+            if latest[key] != value:
+                conflicting.add(key)
         latest[key] = value
-    return KafkaAggregates(latest, len(records), len(conflicting))
+    return KafkaAggregates(latest, len(records), len(conflicting), repeated)
+
+
+class AggregatesTail:
+    """The aggregates topic followed as it grows: the last value per key, in offset order
+    (what a consumer that keeps the newest record per key holds). Reads from the start."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                          auto_offset_reset="earliest",
+                                          enable_auto_commit=False, group_id=None,
+                                          metadata_max_age_ms=1000)  # fmt: skip
+        self._lock = asyncio.Lock()
+        self._started = False
+        self.latest: dict[Key, tuple[float, int]] = {}
+        self.messages = 0
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._consumer.stop()
+
+    async def poll(self) -> dict[Key, tuple[float, int]]:
+        """What has arrived so far (a copy), after reading what is new."""
+        async with self._lock:
+            for _ in range(20):
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=50_000)
+                got = [m for msgs in batches.values() for m in msgs]
+                for m in got:
+                    v = orjson.loads(m.value)
+                    key = (v["name"], v["agg_func"], _epoch(v["window_start"]))
+                    self.latest[key] = (v["value"], v["count"])
+                self.messages += len(got)
+                if not got:
+                    break
+            return dict(self.latest)
 
 
 async def read_dead_letters(bootstrap: str, topic: str, at_least: int) -> list[dict[str, Any]]:
@@ -466,7 +534,10 @@ def check_dead_letters(
     unique = {(d["source"], d["raw"]): d["reason"] for d in letters}
     problems = []
     if len(unique) != len(letters):
-        print(f"[live] {where}: {len(letters) - len(unique)} replayed dead letters")
+        again = Counter(d["source"].split(" offset=")[0] for d in letters)
+        again.subtract(Counter(source.split(" offset=")[0] for source, _ in unique))
+        print(f"[live] {where}: {len(letters) - len(unique)} replayed dead letters, by "
+              f"source {dict(sorted((+again).items()))}")  # fmt: skip
     reasons = Counter(unique.values())
     want = workload.rejects + Counter({"late": len(released)})
     if reasons != want:
@@ -498,25 +569,40 @@ def check_dead_letters(
 class LiveRun:
     """The service (one or more processes of one consumer group) and a live feed.
 
+    ``storage`` is the service's ``STORAGE_TYPE``: ``kafka,postgres`` (the default; needs
+    ``postgres_dsn``) or ``kafka`` (no PostgreSQL: checkpoints live in the group's Kafka
+    topic). Progress and the final result are observed in PostgreSQL when it is an
+    output, else in the Kafka aggregates topic (the last value per key); every configured
+    output is checked at the end.
+
     ``async with`` creates the input topic, starts the processes and waits until the
     group has every partition assigned, so the feed starts against a running service;
     leaving terminates the processes still alive (by PID, through their handles)."""
 
     def __init__(
-        self, workload: LiveWorkload, *, kafka_bootstrap: str, postgres_dsn: str,
-        unique_name: str, workdir: Path, instances: int = 1, late: int = 60,
-        late_partitions: Iterable[int] | None = None, env: Mapping[str, str] = {},
-        seed: int = 0,
+        self, workload: LiveWorkload, *, kafka_bootstrap: str, postgres_dsn: str | None = None,
+        unique_name: str, workdir: Path, storage: str = "kafka,postgres", instances: int = 1,
+        late: int = 60, late_partitions: Iterable[int] | None = None,
+        env: Mapping[str, str] = {}, seed: int = 0,
     ) -> None:  # fmt: skip
+        self.outputs = frozenset(storage.split(","))
+        if not self.outputs <= {"kafka", "postgres"} or "kafka" not in self.outputs:
+            raise ValueError(f"storage {storage!r}: the live harness runs 'kafka' or "
+                             "'kafka,postgres'")  # fmt: skip
+        if "postgres" in self.outputs and not postgres_dsn:
+            raise ValueError(f"storage {storage!r} needs postgres_dsn")
         self.workload = workload
-        self.bootstrap, self.dsn = kafka_bootstrap, postgres_dsn
+        self.bootstrap = kafka_bootstrap
+        self.dsn = postgres_dsn or ""  # "" when PostgreSQL is not an output
         self.source, self.topic = f"in-{unique_name}", f"agg-{unique_name}"
         self.table = f"agg_{unique_name}"
+        with_pg = "postgres" in self.outputs
         self.env = service_env(
             bus_url=f"kafka://{kafka_bootstrap}/{self.source}?group=g-{unique_name}"
             f"&metrics_topic=m-{unique_name}",
-            storage="kafka,postgres", kafka_bootstrap=kafka_bootstrap, topic=self.topic,
-            state_dir=workdir / "state", postgres_dsn=postgres_dsn, table=self.table,
+            storage=storage, kafka_bootstrap=kafka_bootstrap, topic=self.topic,
+            state_dir=workdir / "state", postgres_dsn=postgres_dsn if with_pg else None,
+            table=self.table if with_pg else None,
             extra={"AGGREGATION_GRACE": f"{GRACE_S:g}", **env},
         )  # fmt: skip
         if "AGGREGATION_IDLE_TIMEOUT" not in env:
@@ -526,16 +612,31 @@ class LiveRun:
         self.killed: set[int] = set()
         self.exit_codes: dict[int, int] = {}
         self.problems: list[str] = []  # found by actions during the stream
-        self.feed = LiveFeed(kafka_bootstrap, self.source, workload, dsn=postgres_dsn,
-                             table=self.table, late=late, seed=seed,
+        self._tail: AggregatesTail | None = None
+        if with_pg:
+            where = f"PostgreSQL table {self.table}"
+        else:
+            self._tail = AggregatesTail(kafka_bootstrap, self.topic)
+            where = f"Kafka topic {self.topic}"
+        self.feed = LiveFeed(kafka_bootstrap, self.source, workload, observe=self.observe,
+                             where=where, late=late, seed=seed,
                              late_partitions=late_partitions)  # fmt: skip
+
+    async def observe(self) -> dict[Key, tuple[float, int]]:
+        """The aggregates written so far in the observed output: PostgreSQL's rows when
+        it is an output, else the last value per key in the Kafka topic."""
+        if self._tail is None:
+            return await stored_rows(self.dsn, self.table)
+        return await self._tail.poll()
 
     async def __aenter__(self) -> LiveRun:
         await create_topic(self.bootstrap, self.source, self.workload.partitions)
         try:
-            for i in range(self._count):
-                self.instances.append(Incarnation(self.env, self._workdir, i))
+            for _ in range(self._count):
+                self.start_instance()
             await wait_for(self._all_assigned, 60, "every partition assigned")
+            if self._tail is not None:  # the service has created the topic by now
+                await self._tail.start()
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -543,9 +644,19 @@ class LiveRun:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:  # fmt: skip
-        for i, inc in enumerate(self.instances):
-            if i not in self.killed:
-                self.exit_codes[i] = inc.terminate()
+        try:
+            for i, inc in enumerate(self.instances):
+                if i not in self.killed:
+                    self.exit_codes[i] = inc.terminate()
+        finally:
+            if self._tail is not None:
+                await self._tail.stop()
+
+    def start_instance(self) -> int:
+        """Start one more process of the group (say, a join mid-stream); its index."""
+        index = len(self.instances)
+        self.instances.append(Incarnation(self.env, self._workdir, index))
+        return index
 
     def alive(self) -> list[Incarnation]:
         return [inc for i, inc in enumerate(self.instances) if i not in self.killed]
@@ -590,15 +701,16 @@ class LiveRun:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def settle(self, timeout: float = 90.0) -> dict[Key, tuple[float, int]]:
-        """The table once it equals the expected result, or once nothing is open and it
-        has not changed for ``QUIET_S`` (a wrong result is reported, not waited out)."""
+        """The observed output once it equals the expected result, or once nothing is open
+        and it has not changed for ``QUIET_S`` (a wrong result is reported, not waited
+        out)."""
         expected = self.workload.expected()
         deadline = time.monotonic() + timeout
         last: dict[Key, tuple[float, int]] | None = None
         stable_since = time.monotonic()  # no open window and the same rows since then
         while True:
             self.check_alive()
-            rows = await stored_rows(self.dsn, self.table)
+            rows = await self.observe()
             if not compare(rows, expected, ""):
                 return rows
             states = [await inc.status() for inc in self.alive()]
@@ -622,14 +734,19 @@ class LiveRun:
         w, released = self.workload, self.feed.released
         expected, valid = w.expected(), w.valid_ids()
         problems = list(self.problems)
-        problems += compare(rows, expected, "PostgreSQL")
+        with_pg = "postgres" in self.outputs
+        if with_pg:  # else ``rows`` is the Kafka tail, checked below by an independent read
+            problems += compare(rows, expected, "PostgreSQL")
         kafka = await read_aggregates(self.bootstrap, self.topic, expected)
         problems += compare(kafka.latest, expected, "Kafka (last value per key)")
         total = sum(w.rejects.values()) + len(released)
         dlq = await read_dead_letters(self.bootstrap, f"{self.topic}.dlq", total)
         problems += check_dead_letters("Kafka DLQ", dlq, w, valid, released)
-        pg_dead = await pg_dead_letters(self.dsn, self.source)
-        problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid, released)
+        pg_dead: list[dict[str, Any]] = []
+        if with_pg:
+            pg_dead = await pg_dead_letters(self.dsn, self.source)
+            problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid,
+                                           released)  # fmt: skip
         late_metric: int | None = None
         if counters:
             late_metric, rejected = 0, Counter[str]()
@@ -648,9 +765,14 @@ class LiveRun:
             f"\n[live] {len(w.valid)} valid events + {sum(w.rejects.values())} garbage over "
             f"{w.partitions} partitions in {self.feed.main_done_at or 0:.1f} s, "
             f"{len(released)} late released; final result {settled_after:.1f} s after the "
-            f"last message; PostgreSQL {len(rows)}/{len(expected)} rows; Kafka "
-            f"{kafka.messages} messages, {kafka.conflicting} keys re-emitted with another "
-            f"value; dead letters {len(dlq)} (Kafka) {len(pg_dead)} (PostgreSQL); "
-            f"events_late_total {late_metric}; {len(problems)} problems"
+            f"last message; storage {','.join(sorted(self.outputs))}; "
+            + (f"PostgreSQL {len(rows)}/{len(expected)} rows; " if with_pg else "")
+            + f"Kafka {kafka.messages} messages for {len(kafka.latest)} keys "
+            f"({sum(kafka.repeated.values())} repeats, by input partition "
+            f"{kafka.repeats_by_partition(w)}, windows sent at (s) "
+            f"{kafka.repeated_windows(w)}), {kafka.conflicting} keys "
+            f"re-emitted with another value; dead letters {len(dlq)} (Kafka)"
+            + (f" {len(pg_dead)} (PostgreSQL)" if with_pg else "")
+            + f"; events_late_total {late_metric}; {len(problems)} problems"
         )
         return problems
