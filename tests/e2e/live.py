@@ -108,8 +108,12 @@ class LiveWorkload:
 
 
 def _event_id(ev: Mapping[str, Any]) -> EventId:
-    return (ev["name"], str(ev.get("agg_func") or "sum").lower(), float(ev["value"]),
-            float(ev["timestamp"]))  # fmt: skip
+    return (
+        ev["name"],
+        str(ev.get("agg_func") or "sum").lower(),
+        float(ev["value"]),
+        float(ev["timestamp"]),
+    )
 
 
 def _garbage(n: int, name: str, func: str, ts: float) -> tuple[bytes, bool, str]:
@@ -125,11 +129,17 @@ def _garbage(n: int, name: str, func: str, ts: float) -> tuple[bytes, bool, str]
         ({"name": name, "value": "12.5", "timestamp": ts, "agg_func": func}, True, "invalid_value"),
         ({"name": name, "value": True, "timestamp": ts, "agg_func": func}, True, "invalid_value"),
         ({"name": name, "value": 1.0, "agg_func": func}, True, "missing_timestamp"),
-        ({"name": name, "value": 1.0, "timestamp": "2023-11-14T22:13:20"}, True,
-         "invalid_timestamp"),
-        ({"name": name, "value": 1.0, "timestamp": ts, "agg_func": "median"}, True,
-         "unknown_agg_func"),
-    ]  # fmt: skip
+        (
+            {"name": name, "value": 1.0, "timestamp": "2023-11-14T22:13:20"},
+            True,
+            "invalid_timestamp",
+        ),
+        (
+            {"name": name, "value": 1.0, "timestamp": ts, "agg_func": "median"},
+            True,
+            "unknown_agg_func",
+        ),
+    ]
     obj, keyed, reason = kinds[n % len(kinds)]
     return (obj if isinstance(obj, bytes) else orjson.dumps(obj)), keyed, reason
 
@@ -154,10 +164,12 @@ def build_live_workload(
     t0 = math.floor((time.time() - 3000) / INTERVAL) * INTERVAL
     names = [f"live.{f}.{k}" for f in FUNCS for k in range(names_per_func)]
     w = LiveWorkload(
-        partitions, t0, rate,
+        partitions,
+        t0,
+        rate,
         funcs={n: n.split(".")[1] for n in names},
         partition_of={n: i % partitions for i, n in enumerate(names)},
-    )  # fmt: skip
+    )
     total = events + garbage
     garbage_at = set(rng.sample(range(total), garbage))
     loud = [n for n in names if w.partition_of[n] != silent_partition]
@@ -211,15 +223,24 @@ class LiveFeed:
     by a name of that window."""
 
     def __init__(
-        self, bootstrap: str, topic: str, workload: LiveWorkload, *, observe: Observe,
-        where: str, late: int, seed: int, late_partitions: Iterable[int] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        bootstrap: str,
+        topic: str,
+        workload: LiveWorkload,
+        *,
+        observe: Observe,
+        where: str,
+        late: int,
+        seed: int,
+        late_partitions: Iterable[int] | None = None,
+    ) -> None:
         self._bootstrap, self._topic, self._w = bootstrap, topic, workload
         self._observe, self._where = observe, where
         self._late = late
         self._rng = random.Random(seed + 1)
-        self._allowed = sorted(set(range(workload.partitions) if late_partitions is None
-                                   else late_partitions))  # fmt: skip
+        self._allowed = sorted(
+            set(range(workload.partitions) if late_partitions is None else late_partitions)
+        )
         first, last = min(4.5, workload.duration / 3), 0.85 * workload.duration
         step = (last - first) / max(late - 1, 1)
         self._late_due = [first + j * step for j in range(late)]
@@ -253,8 +274,9 @@ class LiveFeed:
                 await poller
 
     async def _produce(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all",
-                                    max_batch_size=1 << 20)  # fmt: skip
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap, acks="all", max_batch_size=1 << 20
+        )
         await producer.start()
         msgs, i = self._w.messages, 0
         late_deadline = self._w.duration + 30.0
@@ -285,11 +307,14 @@ class LiveFeed:
         while len(self.released) < self._late and self._late_due[len(self.released)] <= now:
             j = len(self.released)
             usable = [
-                (p, ws) for (p, ws), (seen, _) in self._written.items()
-                if p in self._allowed and now - seen >= CHECKPOINT_MARGIN_S
-                and not any(seen - SEEN_LAG_S <= d < seen + CHECKPOINT_MARGIN_S
-                            for d in self._disruptions)
-            ]  # fmt: skip
+                (p, ws)
+                for (p, ws), (seen, _) in self._written.items()
+                if p in self._allowed
+                and now - seen >= CHECKPOINT_MARGIN_S
+                and not any(
+                    seen - SEEN_LAG_S <= d < seen + CHECKPOINT_MARGIN_S for d in self._disruptions
+                )
+            ]
             if not usable:
                 break
             want = self._allowed[j % len(self._allowed)]
@@ -313,8 +338,13 @@ class LiveFeed:
         while True:
             try:
                 rows = await asyncio.wait_for(self._observe(), 5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    KafkaError):  # fmt: skip
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                KafkaError,
+            ):
                 rows = {}
             now = self.elapsed()
             for name, _, ws in rows:
@@ -335,18 +365,25 @@ async def _send(producer: Any, topic: str, chunk: list[Message]) -> None:
         if per[-1].append(key=m.key, value=m.value, timestamp=None) is None:
             per.append(producer.create_batch())  # full: a message is far below its size
             per[-1].append(key=m.key, value=m.value, timestamp=None)
-    acks = [await producer.send_batch(b, topic, partition=p)
-            for p, per in batches.items() for b in per]  # fmt: skip
+    acks = [
+        await producer.send_batch(b, topic, partition=p) for p, per in batches.items() for b in per
+    ]
     await asyncio.gather(*acks)
 
 
 # -- reading the outputs ----------------------------------------------------------------
-async def _read_topic(bootstrap: str, topic: str, ready: Callable[[list[Any]], bool],
-                      timeout: float = 60.0) -> list[Any]:  # fmt: skip
+async def _read_topic(
+    bootstrap: str, topic: str, ready: Callable[[list[Any]], bool], timeout: float = 60.0
+) -> list[Any]:
     """Every record of ``topic``: until ``ready`` and nothing new for 1 s, or nothing
     new for 5 s (a wrong result must not cost the whole timeout)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     out: list[Any] = []
     try:
@@ -401,8 +438,9 @@ async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> Kafk
         out = []
         for m in records:
             v = orjson.loads(m.value)
-            out.append(((v["name"], v["agg_func"], _epoch(v["window_start"])),
-                        (v["value"], v["count"])))  # fmt: skip
+            out.append(
+                ((v["name"], v["agg_func"], _epoch(v["window_start"])), (v["value"], v["count"]))
+            )
         return out
 
     records = await _read_topic(
@@ -425,10 +463,14 @@ class AggregatesTail:
     (what a consumer that keeps the newest record per key holds). Reads from the start."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                          auto_offset_reset="earliest",
-                                          enable_auto_commit=False, group_id=None,
-                                          metadata_max_age_ms=1000)  # fmt: skip
+        self._consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+            metadata_max_age_ms=1000,
+        )
         self._lock = asyncio.Lock()
         self._started = False
         self.latest: dict[Key, tuple[float, int]] = {}
@@ -484,9 +526,10 @@ async def service_counters(port: int) -> tuple[int, Counter[str]] | None:
     try:
         async with (
             aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/metrics",
-                     timeout=aiohttp.ClientTimeout(total=5)) as r,
-        ):  # fmt: skip
+            http.get(
+                f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+            ) as r,
+        ):
             text = await r.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
@@ -509,10 +552,11 @@ def compare(actual: Results, expected: Results, where: str) -> list[str]:
     short = sorted(k for k in common if actual[k][1] < expected[k][1])
     more = sorted(k for k in common if actual[k][1] > expected[k][1])
     wrong = sorted(
-        k for k in common
+        k
+        for k in common
         if actual[k][1] == expected[k][1]
         and not math.isclose(actual[k][0], expected[k][0], rel_tol=1e-9, abs_tol=1e-9)
-    )  # fmt: skip
+    )
     if not (missing or extra or short or more or wrong):
         return []
     lost = sum(expected[k][1] for k in missing) + sum(expected[k][1] - actual[k][1] for k in short)
@@ -526,9 +570,12 @@ def compare(actual: Results, expected: Results, where: str) -> list[str]:
 
 
 def check_dead_letters(
-    where: str, letters: list[dict[str, Any]], workload: LiveWorkload, valid: set[EventId],
+    where: str,
+    letters: list[dict[str, Any]],
+    workload: LiveWorkload,
+    valid: set[EventId],
     released: list[LateEvent],
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Exact reasons (a replayed dead letter, same source and raw, counts once), no valid
     event among them, and every released late event there as ``late``."""
     unique = {(d["source"], d["raw"]): d["reason"] for d in letters}
@@ -536,13 +583,17 @@ def check_dead_letters(
     if len(unique) != len(letters):
         again = Counter(d["source"].split(" offset=")[0] for d in letters)
         again.subtract(Counter(source.split(" offset=")[0] for source, _ in unique))
-        print(f"[live] {where}: {len(letters) - len(unique)} replayed dead letters, by "
-              f"source {dict(sorted((+again).items()))}")  # fmt: skip
+        print(
+            f"[live] {where}: {len(letters) - len(unique)} replayed dead letters, by "
+            f"source {dict(sorted((+again).items()))}"
+        )
     reasons = Counter(unique.values())
     want = workload.rejects + Counter({"late": len(released)})
     if reasons != want:
-        problems.append(f"{where}: dead letters by reason {dict(sorted(reasons.items()))}, "
-                        f"expected {dict(sorted(want.items()))}")  # fmt: skip
+        problems.append(
+            f"{where}: dead letters by reason {dict(sorted(reasons.items()))}, "
+            f"expected {dict(sorted(want.items()))}"
+        )
     late_ids = {_event_id(x.event) for x in released}
     valid_dead: Counter[tuple[str, str]] = Counter()
     late_seen: set[EventId] = set()
@@ -557,11 +608,15 @@ def check_dead_letters(
         elif eid in late_ids and reason == "late":
             late_seen.add(eid)
     if valid_dead:
-        problems.append(f"{where}: {sum(valid_dead.values())} VALID events dead-lettered, by "
-                        f"(reason, partition): {dict(sorted(valid_dead.items()))}")  # fmt: skip
+        problems.append(
+            f"{where}: {sum(valid_dead.values())} VALID events dead-lettered, by "
+            f"(reason, partition): {dict(sorted(valid_dead.items()))}"
+        )
     if len(late_seen) != len(late_ids):
-        problems.append(f"{where}: {len(late_ids) - len(late_seen)} of {len(late_ids)} "
-                        "released late events are not dead letters with reason late")  # fmt: skip
+        problems.append(
+            f"{where}: {len(late_ids) - len(late_seen)} of {len(late_ids)} "
+            "released late events are not dead letters with reason late"
+        )
     return problems
 
 
@@ -580,15 +635,25 @@ class LiveRun:
     leaving terminates the processes still alive (by PID, through their handles)."""
 
     def __init__(
-        self, workload: LiveWorkload, *, kafka_bootstrap: str, postgres_dsn: str | None = None,
-        unique_name: str, workdir: Path, storage: str = "kafka,postgres", instances: int = 1,
-        late: int = 60, late_partitions: Iterable[int] | None = None,
-        env: Mapping[str, str] = {}, seed: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        workload: LiveWorkload,
+        *,
+        kafka_bootstrap: str,
+        postgres_dsn: str | None = None,
+        unique_name: str,
+        workdir: Path,
+        storage: str = "kafka,postgres",
+        instances: int = 1,
+        late: int = 60,
+        late_partitions: Iterable[int] | None = None,
+        env: Mapping[str, str] = {},
+        seed: int = 0,
+    ) -> None:
         self.outputs = frozenset(storage.split(","))
         if not self.outputs <= {"kafka", "postgres"} or "kafka" not in self.outputs:
-            raise ValueError(f"storage {storage!r}: the live harness runs 'kafka' or "
-                             "'kafka,postgres'")  # fmt: skip
+            raise ValueError(
+                f"storage {storage!r}: the live harness runs 'kafka' or 'kafka,postgres'"
+            )
         if "postgres" in self.outputs and not postgres_dsn:
             raise ValueError(f"storage {storage!r} needs postgres_dsn")
         self.workload = workload
@@ -600,11 +665,14 @@ class LiveRun:
         self.env = service_env(
             bus_url=f"kafka://{kafka_bootstrap}/{self.source}?group=g-{unique_name}"
             f"&metrics_topic=m-{unique_name}",
-            storage=storage, kafka_bootstrap=kafka_bootstrap, topic=self.topic,
-            state_dir=workdir / "state", postgres_dsn=postgres_dsn if with_pg else None,
+            storage=storage,
+            kafka_bootstrap=kafka_bootstrap,
+            topic=self.topic,
+            state_dir=workdir / "state",
+            postgres_dsn=postgres_dsn if with_pg else None,
             table=self.table if with_pg else None,
             extra={"AGGREGATION_GRACE": f"{GRACE_S:g}", **env},
-        )  # fmt: skip
+        )
         if "AGGREGATION_IDLE_TIMEOUT" not in env:
             del self.env["AGGREGATION_IDLE_TIMEOUT"]  # the default: interval + grace
         self._workdir, self._count = workdir, instances
@@ -618,9 +686,16 @@ class LiveRun:
         else:
             self._tail = AggregatesTail(kafka_bootstrap, self.topic)
             where = f"Kafka topic {self.topic}"
-        self.feed = LiveFeed(kafka_bootstrap, self.source, workload, observe=self.observe,
-                             where=where, late=late, seed=seed,
-                             late_partitions=late_partitions)  # fmt: skip
+        self.feed = LiveFeed(
+            kafka_bootstrap,
+            self.source,
+            workload,
+            observe=self.observe,
+            where=where,
+            late=late,
+            seed=seed,
+            late_partitions=late_partitions,
+        )
 
     async def observe(self) -> dict[Key, tuple[float, int]]:
         """The aggregates written so far in the observed output: PostgreSQL's rows when
@@ -642,8 +717,12 @@ class LiveRun:
             raise
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:  # fmt: skip
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             for i, inc in enumerate(self.instances):
                 if i not in self.killed:
@@ -664,8 +743,9 @@ class LiveRun:
     def check_alive(self) -> None:
         for inc in self.alive():
             if inc.proc.proc.poll() is not None:
-                raise AssertionError(f"service exited ({inc.proc.proc.returncode}):\n"
-                                     f"{inc.proc.log_text()[-3000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"service exited ({inc.proc.proc.returncode}):\n{inc.proc.log_text()[-3000:]}"
+                )
 
     async def assigned(self) -> list[int]:
         """Partitions held by each live process (-1 while one does not answer)."""
@@ -721,8 +801,9 @@ class LiveRun:
             elif time.monotonic() - stable_since >= QUIET_S:
                 return rows
             if time.monotonic() > deadline:
-                self.problems.append(f"still {open_windows} open windows {timeout:.0f} s after "
-                                     "the stream ended")  # fmt: skip
+                self.problems.append(
+                    f"still {open_windows} open windows {timeout:.0f} s after the stream ended"
+                )
                 return rows
             await asyncio.sleep(0.2)
 
@@ -745,8 +826,7 @@ class LiveRun:
         pg_dead: list[dict[str, Any]] = []
         if with_pg:
             pg_dead = await pg_dead_letters(self.dsn, self.source)
-            problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid,
-                                           released)  # fmt: skip
+            problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid, released)
         late_metric: int | None = None
         if counters:
             late_metric, rejected = 0, Counter[str]()
@@ -756,11 +836,13 @@ class LiveRun:
                 late_metric += got[0]
                 rejected += got[1]
             if late_metric != len(released):
-                problems.append(f"/metrics events_late_total {late_metric}, "
-                                f"expected {len(released)}")  # fmt: skip
+                problems.append(
+                    f"/metrics events_late_total {late_metric}, expected {len(released)}"
+                )
             if rejected != w.rejects:
-                problems.append(f"/metrics events_rejected_total {dict(rejected)}, "
-                                f"expected {dict(w.rejects)}")  # fmt: skip
+                problems.append(
+                    f"/metrics events_rejected_total {dict(rejected)}, expected {dict(w.rejects)}"
+                )
         print(
             f"\n[live] {len(w.valid)} valid events + {sum(w.rejects.values())} garbage over "
             f"{w.partitions} partitions in {self.feed.main_done_at or 0:.1f} s, "

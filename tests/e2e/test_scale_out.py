@@ -131,9 +131,11 @@ def storage(request: pytest.FixtureRequest) -> tuple[str, int, str | None]:
 
 @pytest.mark.timeout(120)
 async def test_scale_out_join_and_kill9_mid_stream_is_exact(
-    storage: tuple[str, int, str | None], kafka_bootstrap: str, unique_name: str,
+    storage: tuple[str, int, str | None],
+    kafka_bootstrap: str,
+    unique_name: str,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     kind, seed, dsn = storage
     workload = build_live_workload(seed, events=EVENTS, rate=RATE, partitions=PARTITIONS)
     figures: list[str] = []
@@ -147,11 +149,14 @@ async def test_scale_out_join_and_kill9_mid_stream_is_exact(
             counts = await run.assigned()
             return len(counts) == 3 and min(counts) > 0 and sum(counts) == PARTITIONS
 
-        await wait_for(three_share, 30, "the third instance holding partitions",
-                       run.instances[joiner].proc)  # fmt: skip
-        figures.append(f"join at {sent_at_join:.1f} s into the stream: the third instance "
-                       f"held partitions {time.monotonic() - join_started:.1f} s after its "
-                       "start")  # fmt: skip
+        await wait_for(
+            three_share, 30, "the third instance holding partitions", run.instances[joiner].proc
+        )
+        figures.append(
+            f"join at {sent_at_join:.1f} s into the stream: the third instance "
+            f"held partitions {time.monotonic() - join_started:.1f} s after its "
+            "start"
+        )
 
         await wait_for(_progress(run, KILL_AT), 60, "two thirds of the stream sent")
         st = await run.instances[VICTIM].status()
