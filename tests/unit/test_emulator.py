@@ -250,9 +250,12 @@ async def test_load_generator_appends_at_the_configured_rate_of_the_clock() -> N
     load = LoadGenerator(emu, rate=1000, names=3, seed=1, clock=clock)
     running = asyncio.create_task(load.run())
     try:
-        await asyncio.sleep(0)  # let the generator read its start time before time moves
+        async with asyncio.timeout(5):
+            await clock.sleeping()  # it has read its start time and waits for the next tick
         clock.advance(1.0)
         await wait_until(lambda: emu.stats()["events_stored"] == 1000)
+        async with asyncio.timeout(5):
+            await clock.sleeping()
         clock.advance(0.5)
         await wait_until(lambda: emu.stats()["events_stored"] == 1500)
     finally:

@@ -16,21 +16,16 @@ from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 
 
-class SleepWatchingClock(ManualClock):
-    """A manual clock whose ``asleep`` is set while something sleeps on it."""
+class RecordingClock(ManualClock):
+    """A manual clock that remembers every sleep asked of it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sleeps: list[float] = []
-        self.asleep = asyncio.Event()
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.asleep.set()
-        try:
-            await super().sleep(seconds)
-        finally:
-            self.asleep.clear()
+        await super().sleep(seconds)
 
 
 class FailingConsumer:
@@ -56,7 +51,7 @@ async def _no_emit(item: Any) -> None:
 
 
 async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -> None:
-    clock = SleepWatchingClock()
+    clock = RecordingClock()
     metrics = MetricsCollector(clock)
     config = BusConfig(
         url="kafka://k:9092/t", kind="kafka", kafka_topic="t", kafka_bootstrap_servers=("k:9092",)
@@ -72,11 +67,10 @@ async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -
     bus._consumer = consumer
     task = asyncio.create_task(bus.run(_no_emit, _no_restore))
 
-    await clock.asleep.wait()  # after the first failure
-    clock.advance(2.0)
-    while len(clock.sleeps) < 2:  # the second failure's wait has begun
-        clock.asleep.clear()
-        await clock.asleep.wait()
+    async with asyncio.timeout(5):
+        await clock.sleeping()  # after the first failure
+        clock.advance(2.0)
+        await clock.sleeping()  # the second failure's wait has begun
     assert consumer.polls == 2 and clock.sleeps == [2.0, 4.0]
     assert metrics.bus_errors == {("kafka", True): 2}
 

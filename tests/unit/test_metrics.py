@@ -232,15 +232,17 @@ async def test_publish_forever_sends_once_per_interval_of_the_injected_clock() -
     sender = RecordingSender()
     task = asyncio.create_task(m.publish_forever(sender, interval_s=10.0))
     try:
-        await asyncio.sleep(0)  # let the publisher park in clock.sleep
+        async with asyncio.timeout(5):
+            await clock.sleeping()  # the publisher waits out its interval
         clock.advance(9.0)
-        await asyncio.sleep(0)
-        assert sender.sent == []
+        assert clock.sleepers == 1 and sender.sent == []  # its wait has 1 s to go
         m.on_events_late(3)
         clock.advance(1.0)
         await next_call(sender)
         values = {x.name: x.value for x in sender.sent[0]}
         assert values["vabus_aggregator.events_late"] == 3
+        async with asyncio.timeout(5):
+            await clock.sleeping()  # the next interval has begun
         clock.advance(10.0)
         await next_call(sender)
         assert len(sender.sent) == 2
@@ -257,10 +259,12 @@ async def test_publish_forever_survives_a_failing_sender() -> None:
     sender = RecordingSender(failures=1)
     task = asyncio.create_task(m.publish_forever(sender, interval_s=5.0))
     try:
-        await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            await clock.sleeping()
         clock.advance(5.0)
         await next_call(sender)
-        await asyncio.sleep(0)  # let the failure be counted and the publisher park again
+        async with asyncio.timeout(5):
+            await clock.sleeping()  # the failure is behind it: the publisher waits again
         assert m.metrics_publish_errors == 1
         assert not task.done()
         clock.advance(5.0)
@@ -286,11 +290,13 @@ async def test_publish_forever_abandons_a_send_that_outlasts_the_interval() -> N
     # the bound is the interval in loop time, so keep it short for the test
     task = asyncio.create_task(m.publish_forever(hangs, interval_s=0.05))
     try:
-        await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            await clock.sleeping()
         clock.advance(0.05)
         async with asyncio.timeout(5):
             while m.metrics_publish_errors == 0:
                 await asyncio.sleep(0.01)
+            await clock.sleeping()  # the publisher gave up the send and waits again
         assert calls == 1
         assert not task.done()
     finally:

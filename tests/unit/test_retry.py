@@ -18,24 +18,19 @@ LINEAR = Backoff("linear", initial_s=1.0, maximum_s=30.0, jitter=False)
 
 class StepClock(ManualClock):
     """Records every sleep. With ``auto`` a sleep moves the clock and returns at once;
-    without, it waits for :meth:`advance` and ``asleep`` is set while it waits."""
+    without, it waits for :meth:`advance` (and :meth:`sleeping` sees it waiting)."""
 
     def __init__(self, *, auto: bool = True) -> None:
         super().__init__()
         self.auto = auto
         self.sleeps: list[float] = []
-        self.asleep = asyncio.Event()
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         if self.auto:
             self.advance(seconds)
             return
-        self.asleep.set()
-        try:
-            await super().sleep(seconds)
-        finally:
-            self.asleep.clear()
+        await super().sleep(seconds)
 
 
 class Failing:
@@ -102,10 +97,12 @@ async def test_cancellation_is_never_retried() -> None:
     task = asyncio.create_task(
         retry(Failing(TransientError("down")), name="op", backoff=FIXED, clock=clock)
     )
-    await clock.asleep.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with asyncio.timeout(5):
+        await clock.sleeping()  # the first failure's wait has begun
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert clock.sleeps == [1.0]
 
 
 async def test_a_bounded_retry_raises_the_last_failure_and_counts_down(
@@ -186,10 +183,11 @@ async def test_a_stop_ends_the_wait_and_raises_the_last_failure() -> None:
     task = asyncio.create_task(
         retry(Failing(TransientError("down")), name="op", backoff=FIXED, clock=clock, stop=stop)
     )
-    await clock.asleep.wait()
-    stop.set()
-    with pytest.raises(TransientError, match="down"):
-        await task
+    async with asyncio.timeout(5):
+        await clock.sleeping()
+        stop.set()
+        with pytest.raises(TransientError, match="down"):
+            await task
     assert clock.monotonic() == 0.0  # the clock never had to move
 
 
@@ -223,9 +221,10 @@ async def test_sleep_unless_stopped_sleeps_the_whole_time_when_not_stopped() -> 
     clock = StepClock(auto=False)
     stop = asyncio.Event()
     task = asyncio.create_task(sleep_unless_stopped(clock, 5.0, stop))
-    await clock.asleep.wait()
-    clock.advance(5.0)
-    assert await task is True
+    async with asyncio.timeout(5):
+        await clock.sleeping()
+        clock.advance(5.0)
+        assert await task is True
     assert clock.sleeps == [5.0]
 
 
@@ -233,9 +232,10 @@ async def test_sleep_unless_stopped_ends_when_stopped_or_at_once_when_already_st
     clock = StepClock(auto=False)
     stop = asyncio.Event()
     task = asyncio.create_task(sleep_unless_stopped(clock, 5.0, stop))
-    await clock.asleep.wait()
-    stop.set()
-    assert await task is False
+    async with asyncio.timeout(5):
+        await clock.sleeping()
+        stop.set()
+        assert await task is False
     assert await sleep_unless_stopped(clock, 5.0, stop) is False
     assert clock.sleeps == [5.0]  # the second call did not even start a sleep
 

@@ -24,15 +24,18 @@ FAILURES = 4  # below the circuit breaker's threshold (5): pure backoff
 
 
 class RecordingClock(ManualClock):
-    """A manual clock that remembers the sleeps the output retry loop asks of it."""
+    """A manual clock that remembers the sleeps the output retry loop asks of it, and
+    queues each one in ``retry_waits`` as it begins."""
 
     def __init__(self, start: float) -> None:
         super().__init__(start)
         self.sleeps: list[float] = []
+        self.retry_waits: asyncio.Queue[float] = asyncio.Queue()
 
     async def sleep(self, seconds: float) -> None:
         if _called_from("DataSender._retrying"):
             self.sleeps.append(seconds)
+            self.retry_waits.put_nowait(seconds)
         await super().sleep(seconds)
 
 
@@ -66,10 +69,9 @@ async def retry_delays(env: dict[str, str], tmp_path: Path) -> list[float]:
     task = asyncio.create_task(service.run())
     try:
         async with asyncio.timeout(10):
-            while not sink.dead_letters:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0)
-                clock.advance(0.05)
+            for _ in range(FAILURES):
+                clock.advance(await clock.retry_waits.get())  # the sender waits in it now
+            await sink.wait_until(lambda s: bool(s.dead_letters))
     finally:
         service.request_stop()
         await asyncio.wait_for(task, 10)

@@ -50,12 +50,17 @@ def test_backoff_kinds_without_jitter(kind: Any, expected: list[float]) -> None:
 
 
 async def drive(clock: ManualClock, task: asyncio.Task[None], step: float = 1.0) -> None:
+    """Move the clock on by ``step`` whenever something sleeps on it, until ``task`` ends."""
     async with asyncio.timeout(5):
         while not task.done():
-            clock.advance(step)
-            for _ in range(5):
-                await asyncio.sleep(0)
-    await task
+            parked = asyncio.ensure_future(clock.sleeping())
+            try:
+                await asyncio.wait({task, parked}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                parked.cancel()
+            if not task.done():
+                clock.advance(step)
+        await task
 
 
 async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time() -> None:
@@ -77,8 +82,8 @@ async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time
     await check()
     sink.fail_next(7)  # failures at t=0,1,2 (opens), probes at 12,22,32,42, success at 52
     task = asyncio.create_task(sender.handle(Delivery([Outputs([agg("a")], [])])))
-    for _ in range(10):
-        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await clock.sleeping()  # the first write failed: the sender waits out its backoff
     assert sink.failed_writes == 1
     with pytest.raises(TransientError, match=r"writes failing \(1 in a row, circuit closed\)"):
         await check()
@@ -86,8 +91,8 @@ async def test_a_failing_sink_opens_its_circuit_counts_retries_and_degraded_time
     async with asyncio.timeout(5):
         while sink.failed_writes < 3:
             clock.advance(1.0)
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await clock.sleeping()  # the next write failed and its wait has begun
+    assert clock.monotonic() == 2.0
     assert metrics.sink_circuit_open == {"s0": True}
     with pytest.raises(TransientError, match="circuit open for 10 s more"):
         await check()
