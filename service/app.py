@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -28,7 +28,7 @@ from service.hub import EventHub
 from service.ops.metrics import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.retry import Backoff, output_backoff, retry
-from service.sender import DataSender, SharedTransaction
+from service.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_outputs
 
@@ -65,6 +65,7 @@ class Service:
         clock: Clock,
         serve_http: bool = True,
         shared_transaction: SharedTransaction | None = None,
+        read_back: Sequence[ReadBackSink] = (),
     ) -> None:
         self.config = config
         self.bus = bus
@@ -89,6 +90,7 @@ class Service:
                 runtime.retry_backoff, runtime.retry_initial_s, runtime.retry_max_s
             ),
             shared_transaction=shared_transaction,
+            read_back=read_back,
         )
         stage = AggregatorStage(
             self.aggregator,
@@ -284,6 +286,7 @@ def build_service(config: Config, clock: Clock | None = None) -> Service:
         metrics=metrics,
         clock=clock,
         shared_transaction=outputs.shared_transaction,
+        read_back=outputs.read_back,
     )
 
 

@@ -2,7 +2,8 @@
 
 bus --SourceBatch/PartitionsAssigned/PartitionsRevoked--> "input" --> aggregator stage
 ticker --Tick/CheckpointRequest--> "input"
-aggregator stage --Outputs/Checkpoint--> "output" --> DataSender --> sinks, store, bus commit
+aggregator stage --Outputs/Checkpoint/ReadBack--> "output" --> DataSender --> sinks, store,
+    bus commit
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from service.checkpoints.base import PartitionCheckpoint
 
-__all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "Tick"]
+__all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "ReadBack", "Tick"]
 
 INPUT = "input"
 OUTPUT = "output"
@@ -30,6 +31,15 @@ class CheckpointRequest:
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """Partitions were restored: before writing anything derived from their replay, the
+    outputs read what was written past these offsets (``"<topic>:<partition>"`` ->
+    offset, from the checkpoints), so that none of it is written twice."""
+
+    offsets: dict[str, int]
 
 
 @dataclass(slots=True)

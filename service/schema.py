@@ -153,7 +153,9 @@ def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
             format     int         NOT NULL,
             updated_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (namespace, partition)
-        )"""
+        )""",
+        # how far each output topic partition was written at the checkpoint (JSON)
+        _add_column_if_missing(cp, "outputs", "text"),
     ]
 
 

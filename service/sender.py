@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
 from service.clock import Clock
 from service.errors import TransientError
 from service.events import Aggregate, DeadLetter
-from service.flow import Checkpoint
+from service.flow import Checkpoint, ReadBack
 from service.hub import Delivery
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker, output_backoff, retry
@@ -43,6 +43,7 @@ from service.sinks.base import Sink
 __all__ = [
     "CHECKPOINT_STORE",
     "DataSender",
+    "ReadBackSink",
     "SharedTransaction",
     "TransactionalSink",
     "TransactionalStore",
@@ -67,6 +68,18 @@ class TransactionalSink(Sink, Protocol):
         dead_letters: Sequence[DeadLetter],
         then: InTransaction,
     ) -> None: ...
+
+
+class ReadBackSink(Sink, Protocol):
+    """A sink whose output can be read back, so that a replay never writes twice what
+    the run before it had already written (the Kafka sink: it has no transactions)."""
+
+    def written_offsets(self) -> dict[str, int]:
+        """How far each output partition is written, as far as this sink knows; a
+        value may be lower than the truth (more is read back), never higher."""
+
+    async def read_back(self, offsets: Mapping[str, int]) -> None:
+        """Read what is in the output past ``offsets``; do not write it again."""
 
 
 class TransactionalStore(Protocol):
@@ -98,6 +111,7 @@ class DataSender:
         breaker_threshold: int = 5,
         breaker_cooldown_s: float = 15.0,
         shared_transaction: SharedTransaction | None = None,
+        read_back: Sequence[ReadBackSink] = (),
     ) -> None:
         self._sinks = list(sinks)
         self._store = store
@@ -110,6 +124,7 @@ class DataSender:
         self.breakers = {n: CircuitBreaker(breaker_threshold, breaker_cooldown_s) for n in names}
         self.degraded: dict[str, str] = {}  # sink -> last error, while it is failing
         self._shared = shared_transaction
+        self._read_back = list(read_back)
         if shared_transaction is not None:
             if shared_transaction.sink not in self._sinks:
                 raise ValueError(f"{shared_transaction.sink.name!r} is not one of the outputs")
@@ -139,6 +154,12 @@ class DataSender:
                 await self._write_then_checkpoint(aggregates, dead_letters, item)
                 delivery.done = i + 1
                 aggregates, dead_letters = [], []
+            elif type(item) is ReadBack:
+                await self.write(aggregates, dead_letters)
+                aggregates, dead_letters = [], []
+                for sink in self._read_back:
+                    await self._retrying(sink.name, partial(sink.read_back, item.offsets))
+                delivery.done = i + 1
             else:
                 raise TypeError(f"unexpected output item {type(item).__name__}")
         await self.write(aggregates, dead_letters)
@@ -237,6 +258,17 @@ class DataSender:
         if last_a:
             self._metrics.on_aggregates_durable([a.emitted_at for a in last_a])
 
+    def _with_outputs(self, checkpoints: list[PartitionCheckpoint]) -> list[PartitionCheckpoint]:
+        """The checkpoints, each recording how far the outputs are written: everything
+        before them is durable now, so these offsets are where a replay's read-back
+        starts."""
+        if not self._read_back:
+            return checkpoints
+        outputs: dict[str, int] = {}
+        for sink in self._read_back:
+            outputs.update(sink.written_offsets())
+        return [replace(c, outputs=outputs) for c in checkpoints]
+
     async def _checkpoint(
         self,
         cp: Checkpoint,
@@ -245,13 +277,14 @@ class DataSender:
         ),
     ) -> None:
         started = self._clock.monotonic()
+        checkpoints = self._with_outputs(cp.checkpoints)
         if with_rows is None:
-            await self._retrying(CHECKPOINT_STORE, lambda: self._store.save(cp.checkpoints))
+            await self._retrying(CHECKPOINT_STORE, lambda: self._store.save(checkpoints))
         else:
             sink, store, rows_a, rows_d = with_rows
 
             async def save(conn: Any) -> None:
-                await store.save_in(conn, cp.checkpoints)
+                await store.save_in(conn, checkpoints)
 
             await self._retrying(sink.name, lambda: sink.write_in_transaction(rows_a, rows_d, save))
         positions = cp.positions

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock
 from service.config import Config
 from service.ops.metrics import MetricsCollector
-from service.sender import SharedTransaction
+from service.sender import ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 
 __all__ = ["OutputWiring", "build_bus", "build_outputs", "checkpoint_namespace"]
@@ -48,6 +48,7 @@ class OutputWiring:
     sinks: list[Sink]
     store: CheckpointStore
     shared_transaction: SharedTransaction | None
+    read_back: list[ReadBackSink] = field(default_factory=list)
 
 
 def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
@@ -60,10 +61,13 @@ def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
     keeps them in a local file in STATE_DIR.
     """
     sinks: list[Sink] = []
+    read_back: list[ReadBackSink] = []
     if "kafka" in cfg.outputs:
         from service.sinks.kafka import KafkaSink
 
-        sinks.append(KafkaSink(cfg.kafka, metrics))
+        kafka_sink = KafkaSink(cfg.kafka, metrics)
+        sinks.append(kafka_sink)
+        read_back.append(kafka_sink)
     namespace = checkpoint_namespace(cfg)
     if "postgres" in cfg.outputs:
         from service.checkpoints.postgres import PostgresCheckpointStore
@@ -72,14 +76,17 @@ def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
         pg_sink = PostgresSink(cfg.postgres, metrics)
         pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
         sinks.append(pg_sink)
-        return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store))
+        return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)
     if cfg.bus.kind == "kafka":
         from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
         from service.kafka_client import client_options
 
         options = client_options(cfg.kafka, cfg.bus.kafka_bootstrap_servers)
         topic = checkpoint_topic(cfg.bus.kafka_group)
-        return OutputWiring(sinks, KafkaCheckpointStore(options, topic, namespace), None)
+        store = KafkaCheckpointStore(options, topic, namespace)
+        return OutputWiring(sinks, store, None, read_back)
     from service.checkpoints.file import FileCheckpointStore
 
-    return OutputWiring(sinks, FileCheckpointStore(cfg.runtime.state_dir, namespace), None)
+    return OutputWiring(
+        sinks, FileCheckpointStore(cfg.runtime.state_dir, namespace), None, read_back
+    )

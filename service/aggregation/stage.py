@@ -9,20 +9,31 @@ from typing import Any
 
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
-from service.flow import Checkpoint, CheckpointRequest, Tick
+from service.flow import Checkpoint, CheckpointRequest, ReadBack, Tick
 from service.hub import Delivery
 
 __all__ = ["AggregatorStage", "Publish"]
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[Outputs | Checkpoint], Awaitable[None]]
+Publish = Callable[[Outputs | Checkpoint | ReadBack], Awaitable[None]]
 """Hands one item to whatever follows the stage (the wiring binds it to the hub's
 output topic); may wait, which is how backpressure reaches the stage."""
 
 _SNAPSHOT_COST_RATIO = 10.0
 """Periodic checkpoints may take at most about 1/10 of the stage's time."""
+
+
+def read_back_offsets(checkpoints: list[PartitionCheckpoint]) -> dict[str, int]:
+    """Where the outputs must start reading back for these restored partitions: per
+    output partition, the lowest offset any of their checkpoints recorded."""
+    offsets: dict[str, int] = {}
+    for cp in checkpoints:
+        for tp, offset in (cp.outputs or {}).items():
+            offsets[tp] = min(offset, offsets.get(tp, offset))
+    return offsets
 
 
 class AggregatorStage:
@@ -84,6 +95,15 @@ class AggregatorStage:
         elif type(item) is PartitionsAssigned:
             self._agg.restore(item.checkpoints)
             log.info("partitions assigned: %s", [c.partition for c in item.checkpoints])
+            offsets = read_back_offsets(item.checkpoints)
+            if offsets:  # ahead of every output of the replay
+                await self._emit(ReadBack(offsets))
+            # A partition whose checkpoint says nothing about the outputs (never
+            # checkpointed) gets one now, before it writes anything: a crash before its
+            # first periodic checkpoint then still has offsets to read back from.
+            fresh = [c.partition for c in item.checkpoints if c.outputs is None]
+            if fresh:
+                await self._emit(Checkpoint(self._agg.snapshot(fresh)))
         elif type(item) is PartitionsRevoked:
             snapshot = self._agg.release(item.partitions)
             await self._emit(Checkpoint(snapshot, item.done))

@@ -7,7 +7,7 @@ from the stored positions, so nothing is lost and nothing is counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,11 +16,18 @@ __all__ = ["CheckpointStore", "PartitionCheckpoint"]
 
 @dataclass(frozen=True, slots=True)
 class PartitionCheckpoint:
-    """What was durably stored for one source partition."""
+    """What was durably stored for one source partition.
+
+    ``outputs`` says how far each output topic partition (``"<topic>:<partition>"``)
+    had been written when this checkpoint was taken: after a restore, outputs found
+    past those offsets were already written by the run that died, and are not written
+    again (see ``KafkaSink.read_back``).
+    """
 
     partition: str
     position: str | None
     state: bytes | None
+    outputs: Mapping[str, int] | None = None
 
 
 class CheckpointStore(Protocol):

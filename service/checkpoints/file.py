@@ -2,10 +2,11 @@
 
 File layout: a header line ``VABUS-CHECKPOINT <version> <crc32 hex> <body length>``,
 then an orjson body ``{"namespace": ..., "partitions": {partition: {"position": str |
-null, "state": base64 | null}}}``. Every save rewrites the whole file atomically (temp
-file, fsync, rename, fsync of the directory), so a crash leaves either the old or the
-new file. A file that is truncated, corrupt or of an unknown version is an error:
-starting from zero would silently lose or double-count data.
+null, "state": base64 | null, "outputs": {topic:partition: offset} | null}}}``. Every
+save rewrites the whole file atomically (temp file, fsync, rename, fsync of the
+directory), so a crash leaves either the old or the new file. A file that is
+truncated, corrupt or of an unknown version is an error: starting from zero would
+silently lose or double-count data.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def encode(view: dict[str, PartitionCheckpoint], namespace: str) -> bytes:
                 p: {
                     "position": c.position,
                     "state": None if c.state is None else base64.b64encode(c.state).decode(),
+                    "outputs": None if c.outputs is None else dict(c.outputs),
                 }
                 for p, c in view.items()
             },
@@ -162,6 +164,7 @@ def decode(data: bytes, namespace: str, where: str) -> dict[str, PartitionCheckp
                 partition=p,
                 position=c["position"],
                 state=None if c["state"] is None else base64.b64decode(c["state"], validate=True),
+                outputs=c.get("outputs"),
             )
             for p, c in obj["partitions"].items()
         }

@@ -166,7 +166,7 @@ class KafkaCheckpointStore(AsyncResource):
             )
             return None
         state = b"".join(c[1] for c in parts if c is not None) if n else None
-        return PartitionCheckpoint(partition, head["position"], state)
+        return PartitionCheckpoint(partition, head["position"], state, head.get("outputs"))
 
     async def _catch_up(self) -> None:
         """Read every record acknowledged before this call.
@@ -225,6 +225,7 @@ class KafkaCheckpointStore(AsyncResource):
                 "epoch": epoch,
                 "slot": slot,
                 "position": cp.position,
+                "outputs": None if cp.outputs is None else dict(cp.outputs),
                 "chunks": len(pieces),
                 "size": len(state),
             }

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import asyncpg
+import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
@@ -27,12 +28,13 @@ ROW_FORMAT: Final = 1
 def _upsert_sql(table: str) -> str:
     return f"""
         INSERT INTO {quote_identifier(table)}
-            (namespace, partition, position, state, format, updated_at)
-        SELECT $1, p, pos, st, $5, now()
-        FROM unnest($2::text[], $3::text[], $4::bytea[]) AS u(p, pos, st)
+            (namespace, partition, position, state, outputs, format, updated_at)
+        SELECT $1, p, pos, st, o, $5, now()
+        FROM unnest($2::text[], $3::text[], $4::bytea[], $6::text[]) AS u(p, pos, st, o)
         ON CONFLICT (namespace, partition) DO UPDATE SET
             position = EXCLUDED.position,
             state = EXCLUDED.state,
+            outputs = EXCLUDED.outputs,
             format = EXCLUDED.format,
             updated_at = now()"""
 
@@ -55,6 +57,7 @@ async def save_in_transaction(
         [c.position for c in rows],
         [c.state for c in rows],
         ROW_FORMAT,
+        [None if c.outputs is None else orjson.dumps(dict(c.outputs)).decode() for c in rows],
     )
 
 
@@ -83,7 +86,7 @@ class PostgresCheckpointStore(AsyncResource):
         self._pool: Any = None
         self._timeout_s = timeout_s
         self._select = (
-            f"SELECT partition, position, state, format FROM {quote_identifier(table)} "
+            f"SELECT partition, position, state, outputs, format FROM {quote_identifier(table)} "
             "WHERE namespace = $1 AND partition = ANY($2::text[])"
         )
 
@@ -133,11 +136,12 @@ class PostgresCheckpointStore(AsyncResource):
                     f"has format {row['format']}, this service reads {ROW_FORMAT}; run a "
                     "matching service version"
                 )
-            state = row["state"]
+            state, outputs = row["state"], row["outputs"]
             result[row["partition"]] = PartitionCheckpoint(
                 partition=row["partition"],
                 position=row["position"],
                 state=None if state is None else bytes(state),
+                outputs=None if outputs is None else orjson.loads(outputs),
             )
         return result
 

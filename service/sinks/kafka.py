@@ -30,12 +30,12 @@ import asyncio
 import functools
 import json
 import logging
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
@@ -140,6 +140,76 @@ def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
         obj["raw"] = raw + "...[truncated]"
 
 
+_READ_BACK_KEEP_S: Final = 600.0
+
+
+class _AlreadyWritten:
+    """Records found in the output past a restored checkpoint, matched by content
+    (``emitted_at`` and ``received_at`` aside: a replay stamps new ones), one copy per
+    copy found: an aggregate is ``(name, agg_func, window_start, count, value)``, a dead
+    letter ``(where, reason, raw)`` with ``where`` its source when that names a position
+    (Kafka: topic, partition, offset), else only its transport (an HTTP batch's cursor
+    depends on where the replay's batches happen to start). Forgotten once matched, or
+    ``_READ_BACK_KEEP_S`` after the read-back: by then the replay that could repeat them
+    is long over."""
+
+    def __init__(self) -> None:
+        self._aggregates: Counter[tuple[Any, ...]] = Counter()
+        self._dead_letters: Counter[tuple[str, str, str]] = Counter()
+        self._until = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self._aggregates or self._dead_letters)
+
+    @staticmethod
+    def _where(source: str) -> str:
+        return source if "offset=" in source else source.split(" ", 1)[0]
+
+    def add(self, found: list[tuple[str, bytes]], aggregates_topic: str, now: float) -> None:
+        for topic, value in found:
+            try:
+                obj = orjson.loads(value)
+                if topic == aggregates_topic:
+                    key = (obj["name"], obj["agg_func"], obj["window_start"], obj["count"])
+                    self._aggregates[(*key, obj["value"])] += 1
+                else:
+                    where = self._where(obj["source"])
+                    self._dead_letters[(where, obj["reason"], obj["raw"])] += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # not ours: nothing we could repeat
+        self._until = now + _READ_BACK_KEEP_S
+
+    def drop_written(
+        self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter], now: float
+    ) -> tuple[Sequence[Aggregate], Sequence[DeadLetter]]:
+        if now > self._until:
+            self._aggregates.clear()
+            self._dead_letters.clear()
+            return aggregates, dead_letters
+        iso = functools.lru_cache(maxsize=None)(iso_utc)
+        seen_a, seen_d = self._aggregates, self._dead_letters
+        kept_a = []
+        for a in aggregates:
+            key = (a.name, a.agg_func, iso(a.window_start), a.count, a.value)
+            if seen_a[key] > 0:
+                seen_a[key] -= 1
+            else:
+                kept_a.append(a)
+        kept_d = []
+        for d in dead_letters:
+            key_d = (self._where(d.source), d.reason, d.raw)
+            if seen_d[key_d] > 0:
+                seen_d[key_d] -= 1
+            else:
+                kept_d.append(d)
+        seen_a += Counter()  # drop the keys counted down to zero
+        seen_d += Counter()
+        skipped = len(aggregates) - len(kept_a) + len(dead_letters) - len(kept_d)
+        if skipped:
+            log.info("kafka: %d record(s) already in the output were not written again", skipped)
+        return kept_a, kept_d
+
+
 class KafkaSink(AsyncResource):
     """A producer with ``acks=all`` (not idempotent: tansu refuses idempotent producers).
 
@@ -168,6 +238,9 @@ class KafkaSink(AsyncResource):
         self._check_timeout_s = check_timeout_s
         self._producer: Any = None
         self._servers = ",".join(cfg.bootstrap_servers)
+        # "<topic>:<partition>" -> an offset up to which the partition is written
+        self._written: dict[str, int] = {}
+        self._seen = _AlreadyWritten()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -184,6 +257,7 @@ class KafkaSink(AsyncResource):
         try:
             await producer.start()
             await self._ensure_topics()
+            self._written = await self._end_offsets()
         except BaseException as exc:
             await producer.stop()
             if isinstance(exc, Exception):
@@ -209,10 +283,92 @@ class KafkaSink(AsyncResource):
         for error in (await create_topics(options, topics, self._topic_partitions)).values():
             raise error
 
+    async def _end_offsets(self) -> dict[str, int]:
+        """Where each output partition ends now. Some brokers (tansu) answer with the
+        base offset of the last batch, which is lower: that only reads back more."""
+        consumer = AIOKafkaConsumer(**client_options(self._cfg), enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [
+                TopicPartition(t, p)
+                for t in (self._cfg.topic, self._cfg.dlq_topic)
+                for p in (consumer.partitions_for_topic(t) or await self._partitions(t))
+            ]
+            ends = await consumer.end_offsets(tps) if tps else {}
+        finally:
+            await consumer.stop()
+        return {f"{tp.topic}:{tp.partition}": int(o) for tp, o in ends.items()}
+
+    async def _partitions(self, topic: str) -> set[int]:
+        return set(await self._producer_or_fail().partitions_for(topic))
+
+    def _producer_or_fail(self) -> Any:
+        if self._producer is None:
+            raise RuntimeError("KafkaSink is not started")
+        return self._producer
+
+    def written_offsets(self) -> dict[str, int]:
+        return dict(self._written)
+
+    async def read_back(self, offsets: Mapping[str, int]) -> None:
+        """Read both topics from ``offsets`` to their end and remember every aggregate
+        and dead letter found there: :meth:`write` skips records identical to them
+        (a replay recomputes the same records), so a restart or hand-off never writes
+        one twice. Transient broker trouble raises :class:`TransientError`."""
+        started = self._clock.monotonic()
+        ours = (self._cfg.topic, self._cfg.dlq_topic)
+        tps = {}
+        for key, offset in offsets.items():
+            topic, _, partition = key.rpartition(":")
+            if topic in ours:
+                tps[TopicPartition(topic, int(partition))] = offset
+        if not tps:
+            return
+        consumer = AIOKafkaConsumer(**client_options(self._cfg), enable_auto_commit=False)
+        try:
+            await consumer.start()
+            consumer.assign(list(tps))
+            for tp, offset in tps.items():
+                consumer.seek(tp, offset)
+            found = await self._read_to_end(consumer, list(tps))
+        except KafkaError as exc:
+            raise TransientError(f"reading back the Kafka outputs failed: {exc!r}") from exc
+        finally:
+            await consumer.stop()
+        self._seen.add(found, self._cfg.topic, self._clock.monotonic())
+        log.info(
+            "kafka: read back %d record(s) written after the checkpoint in %.2fs",
+            len(found),
+            self._clock.monotonic() - started,
+        )
+
+    async def _read_to_end(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> list[tuple[str, bytes]]:
+        ends = await consumer.end_offsets(tps)
+        found: list[tuple[str, bytes]] = []
+        pending = set(tps)
+        async with asyncio.timeout(self._request_timeout_ms / 1000):
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=200, max_records=50_000)
+                for tp, msgs in batch.items():
+                    found.extend((tp.topic, m.value) for m in msgs if m.value is not None)
+                for tp in list(pending):
+                    position = await consumer.position(tp)
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and position >= max(ends[tp], highwater):
+                        pending.discard(tp)
+        return found
+
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
     ) -> None:
-        """Produce every record and wait until the broker acknowledged all of them."""
+        """Produce every record and wait until the broker acknowledged all of them;
+        records read back after a restore are not written again."""
+        if self._seen:
+            aggregates, dead_letters = self._seen.drop_written(
+                aggregates, dead_letters, self._clock.monotonic()
+            )
         if not aggregates and not dead_letters:
             return
         if self._producer is None:
@@ -288,10 +444,34 @@ class KafkaSink(AsyncResource):
             for key, value in items:
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     # Full: ship it and start the next (a record always fits an empty batch).
-                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    futures.append(
+                        self._track(
+                            await producer.send_batch(batch, topic, partition=partition),
+                            topic,
+                            batch,
+                        )
+                    )
                     batch = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            futures.append(
+                self._track(
+                    await producer.send_batch(batch, topic, partition=partition), topic, batch
+                )
+            )
+
+    def _track(self, sent: asyncio.Future[Any], topic: str, batch: Any) -> asyncio.Future[Any]:
+        """Note, once acknowledged, how far the batch's partition is written."""
+        count = batch.record_count()
+
+        def written(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            meta = done.result()
+            key = f"{topic}:{meta.partition}"
+            self._written[key] = max(self._written.get(key, 0), meta.offset + count)
+
+        sent.add_done_callback(written)
+        return sent
 
     @staticmethod
     async def _await_all(futures: list[asyncio.Future[Any]]) -> None:

@@ -14,7 +14,7 @@ from service.aggregation.stage import AggregatorStage
 from service.bus.base import PartitionsAssigned, SourceBatch
 from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.flow import INPUT, Checkpoint, Tick
+from service.flow import INPUT, Checkpoint, ReadBack, Tick
 from service.hub import Delivery, EventHub
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
@@ -34,7 +34,7 @@ class FakeOutput:
         self.durable = True
         self.fail_checkpoints = 0  # the next n checkpoint publishes raise
 
-    async def publish(self, item: Outputs | Checkpoint) -> None:
+    async def publish(self, item: Outputs | Checkpoint | ReadBack) -> None:
         if self.fail_checkpoints and isinstance(item, Checkpoint):
             self.fail_checkpoints -= 1
             raise RuntimeError("output topic refused the checkpoint")

@@ -248,3 +248,38 @@ async def test_check_on_a_stopped_sink_is_a_transient_error(sink: KafkaSink) -> 
 
     with pytest.raises(TransientError, match="not started"):
         await sink.check()
+
+
+async def test_after_a_read_back_a_replay_writes_nothing_twice(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    """A run writes past its checkpoint and dies; the next one reads back from the
+    checkpoint's offsets and writes only what is new (a replay stamps new times)."""
+    cfg = config(kafka_bootstrap, unique_name)
+    dead = DeadLetter("{bad", "invalid_json", "not JSON", "kafka in/0 offset=7", T0)
+    async with KafkaSink(cfg, MetricsCollector()) as first:
+        await first.write([agg("before")], [])
+        checkpoint = first.written_offsets()  # the checkpoint is taken here
+        await first.write([agg("a", 2.0, 3), agg("b", 5.0, 1)], [dead])  # then the crash
+    async with KafkaSink(cfg, MetricsCollector()) as second:
+        await second.read_back(checkpoint)
+        replayed = [replace(agg("a", 2.0, 3), emitted_at=T0 + 99), agg("b", 6.0, 2)]
+        await second.write(replayed, [replace(dead, received_at=T0 + 99)])
+        await second.write([agg("a", 2.0, 3)], [])  # matched once: a third copy is new
+    records = await consume(kafka_bootstrap, cfg.topic, 5)
+    seen = [(orjson.loads(r.value)["name"], orjson.loads(r.value)["count"]) for r in records]
+    assert sorted(seen) == [("a", 3), ("a", 3), ("b", 1), ("b", 2), ("before", 1)]
+    assert len(await consume(kafka_bootstrap, cfg.dlq_topic, 1)) == 1
+
+
+async def test_written_offsets_cover_every_output_partition_and_move_with_acks(
+    sink: KafkaSink, unique_name: str
+) -> None:
+    before = sink.written_offsets()
+    assert set(before) == {
+        f"{t}:{p}" for t in (unique_name, f"{unique_name}.dlq") for p in range(3)
+    }
+    await sink.write([agg(f"n{i}") for i in range(30)], [])
+    after = sink.written_offsets()
+    moved = sum(after[k] - before[k] for k in before)
+    assert moved == 30
