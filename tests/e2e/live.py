@@ -823,6 +823,15 @@ class LiveRun:
         total = sum(w.rejects.values()) + len(released)
         dlq = await read_dead_letters(self.bootstrap, f"{self.topic}.dlq", total)
         problems += check_dead_letters("Kafka DLQ", dlq, w, valid, released)
+        # exactly once in Kafka too, also after kill -9 (read-back after a restore)
+        if kafka.repeated:
+            problems.append(
+                f"Kafka: {sum(kafka.repeated.values())} repeated aggregate messages, by input "
+                f"partition {kafka.repeats_by_partition(w)}"
+            )
+        dlq_repeats = len(dlq) - len({(d["source"], d["raw"]) for d in dlq})
+        if dlq_repeats:
+            problems.append(f"Kafka DLQ: {dlq_repeats} dead letters written twice")
         pg_dead: list[dict[str, Any]] = []
         if with_pg:
             pg_dead = await pg_dead_letters(self.dsn, self.source)
