@@ -23,6 +23,7 @@ from service.bus.base import Bus, BusItem
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock, SystemClock
 from service.config import Config
+from service.errors import TransientError
 from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.hub import EventHub
 from service.ops.metrics import MetricsCollector
@@ -131,6 +132,19 @@ class Service:
             "config": self.config.redacted(),
         }
 
+    async def check_progress(self) -> None:
+        """Readiness: no assigned partition sits on unread data without delivering any of
+        it for READINESS_STALL_TIMEOUT (a hung fetch, a stuck stage, an output holding
+        everything up). Raises naming each stalled partition."""
+        limit = self.config.runtime.readiness_stall_s
+        stalled = [
+            f"{p} ({v['lag']} unread, nothing delivered for {v['seconds_since_message']:.0f}s)"
+            for p, v in self.aggregator.partitions().items()
+            if v["lag"] and v["seconds_since_message"] >= limit
+        ]
+        if stalled:
+            raise TransientError(f"stalled partitions: {', '.join(stalled)}")
+
     async def run(self) -> None:
         """Start, run until stopped, drain, close; everything after the stop request fits
         in one ``SHUTDOWN_TIMEOUT``: the drain (phases 1-4) gets the deadline less a
@@ -192,9 +206,11 @@ class Service:
         """Connect everything (each retried while unreachable); what started is closed
         by ``stack``, in reverse order."""
         if self.serve_http:
+            failing_s = self.config.runtime.readiness_output_failing_s
             checks = {
                 "bus": self.bus.check,
-                **{s.name: self.sender.readiness_check(s) for s in self.sinks},
+                "partitions": self.check_progress,
+                **{s.name: self.sender.readiness_check(s, failing_s) for s in self.sinks},
             }
             app = build_web_app(self.metrics, checks, self.status)
             self.web = WebServer(self.config.http.host, self.config.http.port, app)

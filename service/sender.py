@@ -123,6 +123,7 @@ class DataSender:
         names = [s.name for s in self._sinks] + [CHECKPOINT_STORE]
         self.breakers = {n: CircuitBreaker(breaker_threshold, breaker_cooldown_s) for n in names}
         self.degraded: dict[str, str] = {}  # sink -> last error, while it is failing
+        self._degraded_since: dict[str, float] = {}
         self._shared = shared_transaction
         self._read_back = list(read_back)
         if shared_transaction is not None:
@@ -202,6 +203,7 @@ class DataSender:
             now = self._clock.monotonic()
             if name not in self.degraded:
                 self._metrics.on_sink_degraded(name)
+                self._degraded_since[name] = self._clock.monotonic()
             self.degraded[name] = str(exc)
             opens = breaker.opens
             breaker.record_failure(now)
@@ -224,6 +226,7 @@ class DataSender:
             on_failure=on_failure,
         )
         breaker.record_success()
+        self._degraded_since.pop(name, None)
         if self.degraded.pop(name, None) is not None:
             self._metrics.on_sink_recovered(name)
             self._metrics.set_sink_circuit(name, False)
@@ -297,14 +300,19 @@ class DataSender:
         if cp.done is not None and not cp.done.done():  # its waiter may have given up
             cp.done.set_result(None)
 
-    def readiness_check(self, sink: Sink) -> Callable[[], Awaitable[None]]:
-        """``sink.check`` that also fails while the sink's writes are failing (so a sink
-        that answers a ping but refuses writes is not reported ready)."""
+    def readiness_check(
+        self, sink: Sink, failing_for_s: float = 0.0
+    ) -> Callable[[], Awaitable[None]]:
+        """``sink.check`` that also fails once the sink's writes have been failing for
+        ``failing_for_s`` (so a sink that answers a ping but refuses writes is not
+        reported ready)."""
         name = sink.name
 
         async def check() -> None:
             failing = self.degraded.get(name)
-            if failing is not None:
+            since = self._degraded_since.get(name)
+            long_enough = since is not None and self._clock.monotonic() - since >= failing_for_s
+            if failing is not None and long_enough:
                 breaker = self.breakers[name]
                 now = self._clock.monotonic()
                 state = breaker.state(now)

@@ -53,6 +53,8 @@ class MemoryBus(AsyncResource):
         self.commits: list[dict[str, str]] = []
         self.sent_metrics: list[list[Metric]] = []
         self.positions: dict[str, int] = {}  # next index to emit, per assigned partition
+        self.held: set[str] = set()  # partitions that stall: unread data, nothing delivered
+        self._reports: list[str] = []
 
     async def start(self) -> None:
         self.started = True
@@ -65,6 +67,19 @@ class MemoryBus(AsyncResource):
         self._intake_stopped = True
         self._wakeup.set()
 
+    def hold(self, partition: str) -> None:
+        """Stop delivering ``partition`` (its records stay unread), as a stalled fetch."""
+        self.held.add(partition)
+
+    def release(self, partition: str) -> None:
+        self.held.discard(partition)
+        self._wakeup.set()
+
+    def report(self, partition: str) -> None:
+        """Emit a report on ``partition`` next: no records, its unread count as lag."""
+        self._reports.append(partition)
+        self._wakeup.set()
+
     def add(self, partition: str, records: Sequence[Any]) -> None:
         """Append records (to a new partition too); a running bus emits them next."""
         self._records.setdefault(partition, []).extend(records)
@@ -73,7 +88,7 @@ class MemoryBus(AsyncResource):
     async def run(self, emit: Emit, restore: Restore) -> None:
         while not self._intake_stopped:
             await self._assign_new(emit, restore)
-            emitted = False
+            emitted = await self._emit_reports(emit)
             for partition in list(self.positions):
                 if self._intake_stopped:
                     return
@@ -87,9 +102,28 @@ class MemoryBus(AsyncResource):
                 await self._wakeup.wait()
 
     def _pending(self) -> bool:
-        return any(
-            p not in self.positions or self.positions[p] < len(r) for p, r in self._records.items()
+        return bool(self._reports) or any(
+            p not in self.positions or (p not in self.held and self.positions[p] < len(r))
+            for p, r in self._records.items()
         )
+
+    async def _emit_reports(self, emit: Emit) -> bool:
+        reports, self._reports = self._reports, []
+        for partition in reports:
+            unread = len(self._records.get(partition, ())) - self.positions.get(partition, 0)
+            await emit(
+                SourceBatch(
+                    partition=partition,
+                    records=[],
+                    source=f"memory {partition}",
+                    next_position=None,
+                    received_at=self._clock.now(),
+                    caught_up=unread == 0,
+                    polled_at=self._clock.monotonic(),
+                    lag=unread,
+                )
+            )
+        return bool(reports)
 
     async def _assign_new(self, emit: Emit, restore: Restore) -> None:
         new = [p for p in self._records if p not in self.positions]
@@ -103,7 +137,7 @@ class MemoryBus(AsyncResource):
 
     async def _emit_next(self, partition: str, emit: Emit) -> bool:
         records, start = self._records[partition], self.positions[partition]
-        if start >= len(records):
+        if start >= len(records) or partition in self.held:
             return False
         end = min(start + self._batch_size, len(records))
         self.positions[partition] = end

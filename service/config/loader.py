@@ -215,6 +215,10 @@ def read_runtime(r: Reader) -> RuntimeConfig:
         ),
         retry_initial_s=r.seconds("RETRY_INITIAL", d.retry_initial_s),
         retry_max_s=r.seconds("RETRY_MAX", d.retry_max_s),
+        readiness_stall_s=r.seconds("READINESS_STALL_TIMEOUT", d.readiness_stall_s),
+        readiness_output_failing_s=r.seconds(
+            "READINESS_OUTPUT_FAILING_TIMEOUT", d.readiness_output_failing_s, allow_zero=True
+        ),
     )
 
 

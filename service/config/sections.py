@@ -115,6 +115,12 @@ class RuntimeConfig:
     retry_backoff: BackoffKind = "exponential"  # RETRY_BACKOFF: output retry policy
     retry_initial_s: float = 0.2  # RETRY_INITIAL: first retry delay
     retry_max_s: float = 30.0  # RETRY_MAX: longest retry delay
+    # READINESS_STALL_TIMEOUT: /readyz fails for a partition with unread data that has
+    # delivered nothing for this long
+    readiness_stall_s: float = 60.0
+    # READINESS_OUTPUT_FAILING_TIMEOUT: /readyz fails for an output whose writes have
+    # been failing for this long (0: at the first failure)
+    readiness_output_failing_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
