@@ -79,7 +79,7 @@ async def test_a_stalled_partition_with_unread_data_makes_readyz_503_naming_it(
         bus.report("p1")  # the bus knows p1 has unread data, but delivers none of it
 
         async def p1_reported() -> bool:
-            return service.aggregator.partitions()["p1"]["lag"] == 2
+            return bool(service.aggregator.partitions()["p1"]["lag"] == 2)
 
         await until(p1_reported, "the report on p1")
         clock.advance(29)
