@@ -13,7 +13,11 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from service.config import KafkaConfig
 
-__all__ = ["client_options", "create_topics"]
+__all__ = [
+    "client_options",
+    "create_topics",
+    "group_member_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +73,14 @@ async def create_topics(
         elif (error := for_code(code)) is not TopicAlreadyExistsError:
             refused[topic] = error(f"cannot create topic {topic!r}: {message}")
     return refused
+
+
+def group_member_options(group: str, session_timeout_ms: int) -> dict[str, Any]:
+    """Consumer options of a member of ``group`` that positions and commits itself."""
+    return {
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": max(100, session_timeout_ms // 3),
+    }

@@ -46,7 +46,7 @@ from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError, is_retriable
 from service.events import Metric
-from service.kafka_client import client_options, create_topics
+from service.kafka_client import client_options, create_topics, group_member_options
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, retry
@@ -170,11 +170,7 @@ class KafkaBus(AsyncResource):
         session_ms = self._cfg.kafka_session_timeout_ms
         consumer = AIOKafkaConsumer(
             **self._options,
-            group_id=self._cfg.kafka_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(100, session_ms // 3),
+            **group_member_options(self._cfg.kafka_group, session_ms),
             # the group waits this long for a member still checkpointing its revoked
             # partitions before it is thrown out
             rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),

@@ -45,7 +45,7 @@ from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.kafka_client import client_options, create_topics
+from service.kafka_client import client_options, create_topics, group_member_options
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import sleep_unless_stopped
@@ -108,14 +108,9 @@ class Router(AsyncResource):
             producer = AIOKafkaProducer(**self._options, acks="all", linger_ms=5)
             await producer.start()
             self._producer = producer
-            session_ms = self._cfg.kafka_session_timeout_ms
             consumer = AIOKafkaConsumer(
                 **self._options,
-                group_id=self._cfg.kafka_group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                session_timeout_ms=session_ms,
-                heartbeat_interval_ms=max(100, session_ms // 3),
+                **group_member_options(self._cfg.kafka_group, self._cfg.kafka_session_timeout_ms),
             )
             await consumer.start()
             self._consumer = consumer
