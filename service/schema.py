@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 CHECKPOINT_TABLE: Final = "vabus_checkpoints"
+LEDGER_TABLE: Final = "vabus_ledger"
+WINDOW_LATE_TABLE: Final = "vabus_window_late"
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,28 @@ def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
         )""",
         # how far each output topic partition was written at the checkpoint (JSON)
         _add_column_if_missing(cp, "outputs", "text"),
+        # the ledger, written with each checkpoint (absolute counts per input partition,
+        # so a replay never counts twice): per interval of receipt, and late events per
+        # emitted window
+        f"""CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
+            namespace      text        NOT NULL,
+            partition      text        NOT NULL,
+            interval_start timestamptz NOT NULL,
+            counter        text        NOT NULL,
+            n              bigint      NOT NULL,
+            updated_at     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (namespace, partition, interval_start, counter)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {WINDOW_LATE_TABLE} (
+            namespace    text        NOT NULL,
+            partition    text        NOT NULL,
+            name         text        NOT NULL,
+            agg_func     text        NOT NULL,
+            window_start timestamptz NOT NULL,
+            late         bigint      NOT NULL,
+            updated_at   timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (namespace, partition, name, agg_func, window_start)
+        )""",
     ]
 
 
@@ -177,7 +201,7 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
     as long as every table already exists."""
     await _ensure(
         conn,
-        [table, dead_letter_table, CHECKPOINT_TABLE],
+        [table, dead_letter_table, CHECKPOINT_TABLE, LEDGER_TABLE, WINDOW_LATE_TABLE],
         schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
     )
 
@@ -185,7 +209,8 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
 async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:
     """Create the checkpoint table only (for a checkpoint store used without the sink);
     like :func:`ensure_schema`, an existing table needs no ``CREATE`` privilege."""
-    await _ensure(conn, [checkpoint_table], checkpoint_ddl(checkpoint_table))
+    tables = [checkpoint_table, LEDGER_TABLE, WINDOW_LATE_TABLE]
+    await _ensure(conn, tables, checkpoint_ddl(checkpoint_table))
 
 
 async def _ensure(conn: Any, tables: list[str], statements: list[str]) -> None:

@@ -91,6 +91,7 @@ class EventAggregator:
         self._parts: dict[str, PartitionState] = {}
         self._open = 0
         metrics.set_partition_view(self.partitions)
+        metrics.set_ledger_view(self.ledger)
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -114,6 +115,23 @@ class EventAggregator:
                     return None  # unread data of unknown time: hold everything back
                 held = min(held, p.max_ts)
         return None if held == math.inf else held - self._cfg.grace_s
+
+    def ledger(self) -> dict[str, int]:
+        """The ledger of the partitions held here, summed: cumulative counts (across
+        restarts: they are checkpointed) and ``open`` (events in open windows) and
+        ``imbalance`` = received - (emitted + open + late + rejected), which is 0."""
+        total: dict[str, int] = {}
+        for p in self._parts.values():
+            for key, n in p.ledger_totals().items():
+                total[key] = total.get(key, 0) + n
+        for key in ("received", "aggregated", "emitted", "late", "open"):
+            total.setdefault(key, 0)
+        rejected = sum(n for k, n in total.items() if k.startswith("rejected:"))
+        total["rejected"] = rejected
+        total["imbalance"] = total["received"] - (
+            total["emitted"] + total["open"] + total["late"] + rejected
+        )
+        return total
 
     def positions(self) -> dict[str, str]:
         return {k: p.position for k, p in self._parts.items() if p.position is not None}
@@ -210,8 +228,9 @@ class EventAggregator:
         # The close boundary is floor(x) * interval, x = (max event time - grace) /
         # interval; it cannot move until x reaches x_next.
         x_next = _NEG_INF
-        accepted = late = 0
+        accepted = late = received = 0
         rejects: dict[str, int] = {}
+        late_windows = part.late_windows
         for idx, record in enumerate(batch.records):
             raws: list[Any] | None = None
             evs: Sequence[WireEvent] | None = None
@@ -219,6 +238,7 @@ class EventAggregator:
                 if len(record) > max_bytes:
                     detail = f"message of {len(record)} bytes exceeds {max_bytes}"
                     self._reject(out, rejects, batch, idx, record, "too_large", detail, now)
+                    received += 1
                     continue
                 try:
                     decoded = fast(record)
@@ -234,7 +254,10 @@ class EventAggregator:
                         if all(fast_ok(e, max_ts) for e in many):
                             evs = many
             if evs is None:
-                evs, raws = self._reference(record, idx, batch, out, rejects, max_ts, now)
+                evs, raws, held = self._reference(record, idx, batch, out, rejects, max_ts, now)
+                received += held
+            else:
+                received += len(evs)
             for ev in evs:
                 name = ev.name
                 func = canon[ev.agg_func]
@@ -246,6 +269,8 @@ class EventAggregator:
                     start = k * interval
                     if start + interval <= closed_until:
                         late += 1
+                        late_key = (name, func, start)
+                        late_windows[late_key] = late_windows.get(late_key, 0) + 1
                         raw = _raw_of(ev, evs, raws, record)
                         detail = f"window starting {start} was already emitted"
                         self._reject(out, rejects, batch, idx, raw, "late", detail, now)
@@ -309,6 +334,7 @@ class EventAggregator:
         self._open = open_now
         if part_max != _NEG_INF:
             part.max_ts = part_max
+        part.count(floor(batch.received_at / interval) * interval, received, accepted, rejects)
         metrics = self._metrics
         metrics.on_events_aggregated(accepted)
         for reason, n in rejects.items():
@@ -326,15 +352,16 @@ class EventAggregator:
         rejects: dict[str, int],
         max_ts: float,
         now: float,
-    ) -> tuple[list[WireEvent], list[Any]]:
+    ) -> tuple[list[WireEvent], list[Any], int]:
         """The reference path for one message: dead-letters what is invalid, with its
-        exact reason, and returns the valid events and their raw elements."""
+        exact reason, and returns the valid events, their raw elements and how many
+        events the message held (the ledger's "received")."""
         if type(record) is bytes:
             try:
                 decoded = loads_message(record)
             except Rejected as exc:
                 self._reject(out, rejects, batch, idx, record, exc.reason, exc.detail, now)
-                return [], []
+                return [], [], 1
         else:
             decoded = record
         items = decoded if type(decoded) is list else [decoded]
@@ -348,7 +375,7 @@ class EventAggregator:
                 continue
             evs.append(WireEvent(name, value, ts, func))
             raws.append(item)
-        return evs, raws
+        return evs, raws, len(items)
 
     def _reject(
         self,
@@ -415,6 +442,7 @@ class EventAggregator:
             for start in starts:
                 keyed = p.windows.pop(start)
                 self._open -= len(keyed)
+                p.on_emitted(keyed)
                 into = ready.get(start)
                 if into is None:
                     ready[start] = keyed

@@ -41,6 +41,7 @@ later) value for the partition too."""
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
+_LATE_WINDOWS_KEPT: Final = 10_000  # per partition: late counts of the newest windows
 
 
 @dataclass(slots=True)
@@ -55,6 +56,51 @@ class PartitionState:
     lag: int | None = None  # messages unread at the last report, when the bus knows
     # repartitioned input: the last (offset, element) delivered from each input partition
     origins: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # the ledger (checkpointed, so it stays exact across restarts): cumulative counts,
+    # the same per interval of receipt (the newest two kept here; older ones are final
+    # and already written), and late events per emitted window
+    totals: dict[str, int] = field(default_factory=dict)
+    intervals: dict[float, dict[str, int]] = field(default_factory=dict)
+    late_windows: dict[tuple[str, str, float], int] = field(default_factory=dict)
+
+    # -- the ledger ---------------------------------------------------------------------
+    def count(
+        self, interval_start: float, received: int, aggregated: int, rejects: dict[str, int]
+    ) -> None:
+        """Count one batch: events received, aggregated, late and rejected by reason."""
+        bucket = self.intervals.get(interval_start)
+        if bucket is None:
+            bucket = self.intervals[interval_start] = {}
+        for target in (self.totals, bucket):
+            target["received"] = target.get("received", 0) + received
+            target["aggregated"] = target.get("aggregated", 0) + aggregated
+            for reason, n in rejects.items():
+                key = "late" if reason == "late" else f"rejected:{reason}"
+                target[key] = target.get(key, 0) + n
+
+    def on_emitted(self, keyed: dict[WindowKey, Acc]) -> None:
+        self.totals["emitted"] = self.totals.get("emitted", 0) + sum(a[0] for a in keyed.values())
+
+    def ledger_totals(self) -> dict[str, int]:
+        """Cumulative counts plus ``open``: the events in this partition's open windows."""
+        view = dict(self.totals)
+        view["open"] = sum(acc[0] for keyed in self.windows.values() for acc in keyed.values())
+        return view
+
+    def _ledger_body(self) -> dict[str, Any]:
+        body = {  # copies: the checkpoint must not see counts that come after it
+            "totals": dict(self.totals),
+            "intervals": {repr(k): dict(v) for k, v in self.intervals.items()},
+            "late_windows": [[n, f, s, c] for (n, f, s), c in self.late_windows.items()],
+        }
+        # older intervals are final (a replay counts into the interval it runs in) and
+        # this checkpoint writes them: keep only the two newest
+        for old in sorted(self.intervals)[:-2]:
+            del self.intervals[old]
+        if len(self.late_windows) > _LATE_WINDOWS_KEPT:
+            for key in sorted(self.late_windows, key=lambda k: k[2])[:-_LATE_WINDOWS_KEPT]:
+                del self.late_windows[key]
+        return body
 
     # -- the idleness rule ------------------------------------------------------------
     def idle(self, idle_timeout_s: float) -> bool:
@@ -100,13 +146,14 @@ class PartitionState:
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "origins": self.origins,
+            "ledger": (ledger := self._ledger_body()),
             "windows": [
                 [start, name, func, acc]
                 for start, keyed in self.windows.items()
                 for (name, func), acc in keyed.items()
             ],
         }
-        return PartitionCheckpoint(partition, self.position, orjson.dumps(body))
+        return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
     def restored(cls, cp: PartitionCheckpoint, now_mono: float) -> PartitionState:
@@ -126,6 +173,10 @@ class PartitionState:
         for start, name, func, acc in body["windows"]:
             p.windows.setdefault(start, {})[(name, func)] = acc
         p.origins = {k: (v[0], v[1]) for k, v in body.get("origins", {}).items()}
+        ledger = body.get("ledger") or {}
+        p.totals = dict(ledger.get("totals", {}))
+        p.intervals = {float(k): dict(v) for k, v in ledger.get("intervals", {}).items()}
+        p.late_windows = {(n, f, st): c for n, f, st, c in ledger.get("late_windows", [])}
         return p
 
     def drop_replayed(self, batch: SourceBatch) -> int:

@@ -8,8 +8,8 @@ from the stored positions, so nothing is lost and nothing is counted twice.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 __all__ = ["CheckpointStore", "PartitionCheckpoint"]
 
@@ -28,6 +28,9 @@ class PartitionCheckpoint:
     position: str | None
     state: bytes | None
     outputs: Mapping[str, int] | None = None
+    # the partition's ledger as of this checkpoint (also inside ``state``), for stores
+    # that publish it: {"totals", "intervals", "late_windows"}
+    ledger: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 class CheckpointStore(Protocol):

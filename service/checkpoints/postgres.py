@@ -17,7 +17,13 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
 from service.lifecycle import AsyncResource
 from service.pg_errors import pg_error
-from service.schema import CHECKPOINT_TABLE, ensure_checkpoint_table, quote_identifier
+from service.schema import (
+    CHECKPOINT_TABLE,
+    LEDGER_TABLE,
+    WINDOW_LATE_TABLE,
+    ensure_checkpoint_table,
+    quote_identifier,
+)
 
 __all__ = ["ROW_FORMAT", "PostgresCheckpointStore", "save_in_transaction"]
 
@@ -37,6 +43,47 @@ def _upsert_sql(table: str) -> str:
             outputs = EXCLUDED.outputs,
             format = EXCLUDED.format,
             updated_at = now()"""
+
+
+_LEDGER_UPSERT: Final = f"""
+    INSERT INTO {LEDGER_TABLE} (namespace, partition, interval_start, counter, n, updated_at)
+    SELECT $1, p, to_timestamp(i), c, n, now()
+    FROM unnest($2::text[], $3::float8[], $4::text[], $5::int8[]) AS u(p, i, c, n)
+    ON CONFLICT (namespace, partition, interval_start, counter) DO UPDATE SET
+        n = EXCLUDED.n, updated_at = now()"""
+_LATE_UPSERT: Final = f"""
+    INSERT INTO {WINDOW_LATE_TABLE}
+        (namespace, partition, name, agg_func, window_start, late, updated_at)
+    SELECT $1, p, nm, f, to_timestamp(w), l, now()
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::float8[], $6::int8[])
+        AS u(p, nm, f, w, l)
+    ON CONFLICT (namespace, partition, name, agg_func, window_start) DO UPDATE SET
+        late = EXCLUDED.late, updated_at = now()"""
+
+
+async def _save_ledger(conn: Any, namespace: str, rows: Sequence[PartitionCheckpoint]) -> None:
+    """The ledger of each checkpoint, as absolute counts: exact after any replay."""
+    parts, starts, counters, counts = [], [], [], []
+    lparts, names, funcs, windows, lates = [], [], [], [], []
+    for c in rows:
+        if not c.ledger:
+            continue
+        for start, bucket in c.ledger.get("intervals", {}).items():
+            for counter, n in bucket.items():
+                parts.append(c.partition)
+                starts.append(float(start))
+                counters.append(counter)
+                counts.append(n)
+        for name, func, window, late in c.ledger.get("late_windows", []):
+            lparts.append(c.partition)
+            names.append(name)
+            funcs.append(func)
+            windows.append(window)
+            lates.append(late)
+    if parts:
+        await conn.execute(_LEDGER_UPSERT, namespace, parts, starts, counters, counts)
+    if lparts:
+        await conn.execute(_LATE_UPSERT, namespace, lparts, names, funcs, windows, lates)
 
 
 async def save_in_transaction(
@@ -59,6 +106,7 @@ async def save_in_transaction(
         ROW_FORMAT,
         [None if c.outputs is None else orjson.dumps(dict(c.outputs)).decode() for c in rows],
     )
+    await _save_ledger(conn, namespace, rows)
 
 
 class PostgresCheckpointStore(AsyncResource):

@@ -179,6 +179,7 @@ class MetricsCollector:
         self._latencies: deque[float] = deque(maxlen=RESERVOIR_SIZE)
         self._events_rate = _RateMeter(self.clock.monotonic())
         self._partition_view: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
+        self._ledger_view: Callable[[], Mapping[str, int]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PrometheusView(self))
 
@@ -223,6 +224,13 @@ class MetricsCollector:
 
     def partitions(self) -> Mapping[str, Mapping[str, Any]]:
         return self._partition_view()
+
+    def set_ledger_view(self, view: Callable[[], Mapping[str, int]]) -> None:
+        """Where the ledger gauges come from (the aggregator's, read when scraped)."""
+        self._ledger_view = view
+
+    def ledger(self) -> Mapping[str, int]:
+        return self._ledger_view()
 
     # -- outputs --------------------------------------------------------------------
     def on_sink_write(self, sink: str, aggregates: int, dead_letters: int, seconds: float) -> None:
@@ -307,6 +315,7 @@ class MetricsCollector:
             "events_rejected_by_reason": dict(self.events_rejected),
             "events_late": self.events_late,
             "replays_dropped": self.replays_dropped,
+            "ledger": dict(self.ledger()),
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
             "bus_errors": _by_retriable(self.bus_errors),
@@ -525,6 +534,7 @@ class _PrometheusView:
             m.events_per_second(),
         )
         yield from self._partition_gauges()
+        yield from self._ledger_gauges()
         # Absent (not NaN) until the first watermark: "unknown" is not a value.
         if m.watermark is not None:
             yield GaugeMetricFamily(
@@ -535,6 +545,27 @@ class _PrometheusView:
                 "Wall time minus the watermark.",
                 m.clock.now() - m.watermark,
             )
+
+    def _ledger_gauges(self) -> Iterator[PromMetric]:
+        ledger = self._m.ledger()
+        if not ledger:
+            return
+        events = GaugeMetricFamily(
+            f"{PREFIX}_ledger_events",
+            "The ledger of the partitions held here, cumulative across restarts: events "
+            "received, aggregated, emitted (in emitted windows), open (in open windows), "
+            "late, rejected (all reasons) and rejected:<reason>.",
+            labels=["counter"],
+        )
+        for key, n in sorted(ledger.items()):
+            if key != "imbalance":
+                events.add_metric([key], n)
+        yield events
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ledger_imbalance",
+            "received - (emitted + open + late + rejected) over the partitions held: 0.",
+            ledger.get("imbalance", 0),
+        )
 
     def _partition_gauges(self) -> Iterator[PromMetric]:
         parts = self._m.partitions()

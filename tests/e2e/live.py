@@ -43,7 +43,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import FUNCS, INTERVAL, Key, Results, expected_aggregates
-from tests.fault.harness import Incarnation, create_topic, service_env, wait_for
+from tests.fault.harness import (
+    Incarnation,
+    create_topic,
+    ledger_problems,
+    ledger_totals,
+    service_env,
+    wait_for,
+    window_late_total,
+)
 
 __all__ = [
     "GRACE_S",
@@ -660,6 +668,7 @@ class LiveRun:
         self.bootstrap = kafka_bootstrap
         self.dsn = postgres_dsn or ""  # "" when PostgreSQL is not an output
         self.source, self.topic = f"in-{unique_name}", f"agg-{unique_name}"
+        self.namespace = f"kafka:{self.source}:g-{unique_name}"  # of the checkpoints
         self.table = f"agg_{unique_name}"
         with_pg = "postgres" in self.outputs
         self.env = service_env(
@@ -836,6 +845,17 @@ class LiveRun:
         if with_pg:
             pg_dead = await pg_dead_letters(self.dsn, self.source)
             problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid, released)
+            # the ledger: exact across kills and hand-offs, every event accounted for
+            ledger = await ledger_totals(self.dsn, self.namespace)
+            rejects = w.rejects + Counter({"late": len(released)})
+            received = len(w.valid) + sum(rejects.values())
+            problems += ledger_problems(ledger, received, len(w.valid), rejects)
+            late_by_window = await window_late_total(self.dsn, self.namespace)
+            if late_by_window != len(released):
+                problems.append(
+                    f"vabus_window_late holds {late_by_window} late events, "
+                    f"expected {len(released)}"
+                )
         late_metric: int | None = None
         if counters:
             late_metric, rejected = 0, Counter[str]()

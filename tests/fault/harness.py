@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -400,3 +401,45 @@ async def read_dead_letters(
 def seed_from_env(default: int) -> int:
     """``FAULT_SEED`` overrides the suite's seeds, to replay a failure or explore."""
     return int(os.environ.get("FAULT_SEED", default))
+
+
+async def ledger_totals(dsn: str, namespace: str) -> Counter[str]:
+    """The ledger the service wrote to PostgreSQL, summed over partitions and intervals."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT counter, sum(n)::int8 AS n FROM vabus_ledger WHERE namespace = $1"
+            " GROUP BY counter",
+            namespace,
+        )
+    finally:
+        await conn.close()
+    return Counter({r["counter"]: r["n"] for r in rows})
+
+
+def ledger_problems(ledger: Counter[str], received: int, aggregated: int,
+                    rejects: Counter[str]) -> list[str]:  # fmt: skip
+    """What in the stored ledger disagrees with what was sent (the stream is over and
+    every window emitted, so nothing is open)."""
+    want: Counter[str] = Counter({"received": received, "aggregated": aggregated})
+    for reason, n in rejects.items():
+        want["late" if reason == "late" else f"rejected:{reason}"] += n
+    got = +Counter({k: v for k, v in ledger.items()})
+    problems = [] if got == +want else [f"ledger {dict(got)} != expected {dict(+want)}"]
+    rejected = sum(v for k, v in got.items() if k.startswith("rejected:"))
+    if got["received"] != got["aggregated"] + got["late"] + rejected:
+        problems.append(f"ledger does not balance: {dict(got)}")
+    return problems
+
+
+async def window_late_total(dsn: str, namespace: str) -> int:
+    """Late events the service recorded against their emitted windows."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        n = await conn.fetchval(
+            "SELECT coalesce(sum(late), 0)::int8 FROM vabus_window_late WHERE namespace = $1",
+            namespace,
+        )
+    finally:
+        await conn.close()
+    return int(n)

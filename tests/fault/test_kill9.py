@@ -34,6 +34,8 @@ from tests.fault.harness import (
     create_topic,
     feed_http,
     feed_kafka,
+    ledger_problems,
+    ledger_totals,
     read_dead_letters,
     read_output_topic,
     seed_from_env,
@@ -164,6 +166,11 @@ async def test_kill9_cycles_over_kafka_leave_exact_aggregates_in_postgres_and_ka
             kafka_bootstrap, f"{topic}.dlq", sum(stream.rejects.values())
         )
         assert_dead_letters(dead, stream.rejects)
+        # the ledger in PostgreSQL is exact across every kill -9 and replay
+        ledger = await ledger_totals(postgres_dsn, f"kafka:{source}:g-{unique_name}")
+        received = len(stream.valid) + sum(stream.rejects.values())
+        problems = ledger_problems(ledger, received, len(stream.valid), stream.rejects)
+        assert not problems, problems
     finally:
         code = final.terminate()
     assert code == 0, final.proc.log_text()[-3000:]
