@@ -53,7 +53,7 @@ POLL_S: Final = 1.0
 CHECK_S: Final = 1.0
 _QUERY_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 10.0
-_CLOSE_TIMEOUT_S: Final = 2.0
+_CLOSE_TIMEOUT_S: Final = 1.0  # a goodbye to a server that may be gone; it fits phase 5
 # The server drops a vanished holder's session (and so the lock) after about
 # idle + count * interval seconds; libpq's names, set per session.
 _KEEPALIVES: Final = {
@@ -264,7 +264,7 @@ class PostgresLease:
         conn, self._conn = self._conn, None
         was_leader = self._role == "leader"
         self._become("standby")
-        if conn is None:
+        if conn is None or conn.is_closed():
             return
         try:
             await conn.close(timeout=_CLOSE_TIMEOUT_S)
