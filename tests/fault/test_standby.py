@@ -1,7 +1,8 @@
 """Two instances on one HTTP bus, PostgreSQL as the output: one reads, the other stands
-by; ``kill -9`` of the reader mid-stream and the standby takes over from the last
-checkpoint. The stored aggregates must equal an independent computation exactly, and
-the takeover must stay within the stated bound (see :mod:`service.lease.postgres`)."""
+by. ``kill -9`` of the reader mid-stream: the standby takes over from the last
+checkpoint within the stated bound (see :mod:`service.lease.postgres`). A restart of
+PostgreSQL mid-stream: the reader loses the lease, stops, and one of the two reads on.
+Either way the stored aggregates must equal an independent computation exactly."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from service.dev.devstack import EmbeddedPostgres
 from service.dev.emulator import Emulator
 from service.lease.postgres import POLL_S
 from tests.e2e.test_e2e_http import stored_rows
@@ -137,3 +139,79 @@ async def test_the_standby_takes_over_after_kill_9_of_the_reader_with_exact_resu
     )
     assert lease_after_s <= TAKEOVER_BOUND_S
     assert read_after_s <= TAKEOVER_BOUND_S
+
+
+@pytest.mark.timeout(240)
+async def test_a_postgresql_restart_takes_the_lease_away_and_one_instance_reads_on_exactly(
+    pg_restartable: EmbeddedPostgres, unique_name: str, tmp_path: Path
+) -> None:
+    stream = build_stream(seed_from_env(606), EVENTS)
+    expected = stream.expected
+    total = len(stream.messages)
+    dsn, table = pg_restartable.dsn, f"agg_{unique_name}"
+    async with Emulator() as emulator:
+        env = service_env(
+            bus_url=emulator.url,
+            storage="postgres",
+            kafka_bootstrap="127.0.0.1:9",
+            topic=f"agg-{unique_name}",
+            state_dir=tmp_path / "state",
+            postgres_dsn=dsn,
+            table=table,
+            extra={"VABUS_BATCH_LIMIT": "500"},
+        )
+        first = Incarnation(env, tmp_path, 0)
+        second: Incarnation | None = None
+        feeder: asyncio.Task[None] | None = None
+        codes: list[int] = []
+        try:
+            await wait_for(lambda: roles([first], "leader"), 60, "a leader", first.proc)
+            second = Incarnation(env, tmp_path, 1)
+            both = [first, second]
+            await wait_for(lambda: roles([second], "standby"), 60, "a standby", second.proc)
+            feeder = asyncio.create_task(feed_http(emulator, stream, rate=RATE))
+            await first.wait_events(total // 3, timeout=60)
+
+            await pg_restartable.stop()
+            await wait_for(lambda: roles(both, "standby", "standby"), 30, "the lease lost")
+            await pg_restartable.start()
+            restarted_at = time.monotonic()
+            leader = await wait_for(lambda: one_leader(both), 60, "one leader again")
+            print(
+                f"\n[standby] PostgreSQL restarted: instance {both.index(leader)} leads "
+                f"{time.monotonic() - restarted_at:.2f} s after the server was back"
+            )
+            await asyncio.wait_for(feeder, 120)
+
+            async def all_rows() -> bool:
+                return len(await stored_rows(dsn, table)) >= len(expected)
+
+            await wait_for(all_rows, 120, "every aggregate in PostgreSQL", leader.proc)
+            assert_matches(await stored_rows(dsn, table), expected, "PostgreSQL")
+            assert await one_leader(both) is leader, "the lease moved again"
+            statuses = [await inc.status() for inc in both]
+            assert statuses[0] is not None and statuses[0]["lease_lost"] == 1, statuses[0]
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+            for inc in (first, second):
+                if inc is not None:
+                    codes.append(inc.terminate())
+        assert codes == [0, 0], [inc.proc.log_text()[-3000:] for inc in (first, second) if inc]
+
+
+async def roles(incs: list[Incarnation], *wanted: str) -> bool:
+    """Every instance answers /status with the wanted lease role, in order (one role
+    for all when a single one is given)."""
+    got = [await inc.status() for inc in incs]
+    want = list(wanted) * len(incs) if len(wanted) == 1 else list(wanted)
+    return all(st is not None and st["lease"] == w for st, w in zip(got, want, strict=True))
+
+
+async def one_leader(incs: list[Incarnation]) -> Incarnation | None:
+    """The only leader, when exactly one instance leads and the others stand by."""
+    got = [await inc.status() for inc in incs]
+    if any(st is None for st in got):
+        return None
+    leaders = [inc for inc, st in zip(incs, got, strict=True) if st and st["lease"] == "leader"]
+    return leaders[0] if len(leaders) == 1 else None
