@@ -145,7 +145,8 @@ class PostgresLease:
             "error": self._failing,  # why it cannot compete just now
         }
         if self._role == "leader":
-            view["holder"] = {"pid": None, "name": self.application_name}
+            pid = None if self._conn is None else self._conn.get_server_pid()
+            view["holder"] = {"pid": pid, "name": self.application_name}
         else:
             view["holder"] = self._holder
         return view
@@ -206,9 +207,15 @@ class PostgresLease:
             server_settings={"application_name": self.application_name, **_KEEPALIVES},
         )
         self._terminated.clear()
-        conn.add_termination_listener(lambda _conn: self._terminated.set())
+        conn.add_termination_listener(self._on_terminated)
         self._conn = conn
         return conn
+
+    def _on_terminated(self, conn: Any) -> None:
+        # Only the current connection's end counts: a late call for one already dropped
+        # would otherwise leave the event set and make wait_lost() spin.
+        if conn is self._conn:
+            self._terminated.set()
 
     async def wait_lost(self) -> str:
         conn = self._conn
