@@ -23,14 +23,15 @@ from service.bus.http import HttpBus
 from service.bus.leased import LeasedBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock, SystemClock
-from service.config import AggregationConfig, BusConfig, Config
+from service.config import AggregationConfig, BusConfig, Config, PostgresConfig, Secret
 from service.dev.emulator import Emulator
 from service.events import Metric
 from service.lease.memory import MemoryLease, MemoryLeaseServer
-from service.lease.postgres import lease_key
+from service.lease.postgres import PostgresLease, lease_key
 from service.ops.metrics import MetricsCollector
 from service.ops.web import build_web_app
 from service.sinks.memory import MemorySink
+from service.wiring import build_lease, checkpoint_namespace
 
 NS = "http:http://vabus:8081"
 START = 1_699_999_980.0  # a multiple of 60
@@ -287,6 +288,22 @@ async def test_the_http_bus_reads_on_from_the_stored_cursor_after_a_lost_lease()
         guarded.stop_intake()
         await asyncio.wait_for(task, 5)
         await guarded.stop()
+
+
+def test_only_an_http_bus_with_postgresql_as_an_output_gets_a_lease() -> None:
+    url = "http://vabus:8081"
+    http = BusConfig(url=url, kind="http", http_base_url=url)
+    pg = PostgresConfig(dsn=Secret("postgresql://app@db:5432/app"))
+    with_pg = Config(bus=http, outputs=("kafka", "postgres"), postgres=pg)
+    lease = build_lease(with_pg, ManualClock())
+    assert isinstance(lease, PostgresLease)
+    assert lease.namespace == checkpoint_namespace(with_pg) == f"http:{url}"
+    assert build_lease(Config(bus=http, outputs=("kafka",)), ManualClock()) is None
+    kafka = BusConfig(
+        url="kafka://k:9092/events", kind="kafka", kafka_bootstrap_servers=("k:9092",)
+    )
+    assert build_lease(Config(bus=kafka, outputs=("postgres",), postgres=pg), ManualClock()) is None
+    assert build_lease(Config(outputs=("postgres",), postgres=pg), ManualClock()) is None  # demo
 
 
 def test_the_lease_key_is_a_stable_signed_64_bit_hash_of_the_namespace() -> None:
