@@ -20,6 +20,7 @@ from typing import Any
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import Bus, BusItem
+from service.bus.leased import LeasedBus
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock, SystemClock
 from service.config import Config
@@ -31,7 +32,7 @@ from service.ops.web import WebServer, build_web_app
 from service.retry import Backoff, output_backoff, retry
 from service.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
-from service.wiring import build_bus, build_outputs
+from service.wiring import build_bus, build_lease, build_outputs
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -105,6 +106,8 @@ class Service:
         self.stopping = asyncio.Event()
         self.web: WebServer | None = None
         self.phase = "starting"
+        # a single-reader bus shared by several instances reads only while leased
+        self.leased = bus if isinstance(bus, LeasedBus) else None
 
     def request_stop(self) -> None:
         """What a signal does: only set an event."""
@@ -114,6 +117,8 @@ class Service:
         return {
             "phase": self.phase,
             "bus": {"transport": self.bus.name, "url": self.config.bus.url},
+            "lease": None if self.leased is None else self.leased.lease.role,
+            "lease_detail": None if self.leased is None else self.leased.lease.describe(),
             "outputs": [s.name for s in self.sinks],
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
@@ -144,6 +149,28 @@ class Service:
         ]
         if stalled:
             raise TransientError(f"stalled partitions: {', '.join(stalled)}")
+
+    def readiness_details(self) -> dict[str, Any]:
+        """What /readyz adds about the lease. A standby is *ready* (healthy, its outputs
+        reachable, able to take over), it just does not read: a 503 would keep a rolling
+        update waiting for a pod that by design never reads while the old one lives."""
+        leased = self.leased
+        if leased is None:
+            return {}
+        if leased.lease.role == "leader":
+            return {"lease": "leader", "reading": leased.reading}
+        error = leased.lease.describe().get("error")
+        reason = (
+            f"standby: cannot compete for the lease: {error}"
+            if error
+            else "standby: another instance holds the lease"
+        )
+        return {
+            "lease": "standby",
+            "reading": False,
+            "reason": f"{reason} on {leased.lease.namespace}; this one takes over when it "
+            "is released",
+        }
 
     async def run(self) -> None:
         """Start, run until stopped, drain, close; everything after the stop request fits
@@ -212,7 +239,9 @@ class Service:
                 "partitions": self.check_progress,
                 **{s.name: self.sender.readiness_check(s, failing_s) for s in self.sinks},
             }
-            app = build_web_app(self.metrics, checks, self.status)
+            app = build_web_app(
+                self.metrics, checks, self.status, readiness_details=self.readiness_details
+            )
             self.web = WebServer(self.config.http.host, self.config.http.port, app)
             await self.web.start()
             stack.push_async_callback(self.web.stop)
@@ -294,9 +323,13 @@ def build_service(config: Config, clock: Clock | None = None) -> Service:
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock)
     outputs = build_outputs(config, metrics)
+    bus = build_bus(config, metrics, clock)
+    lease = build_lease(config, clock)
+    if lease is not None:
+        bus = LeasedBus(bus, lease, metrics)
     return Service(
         config,
-        bus=build_bus(config, metrics, clock),
+        bus=bus,
         sinks=outputs.sinks,
         store=outputs.store,
         metrics=metrics,

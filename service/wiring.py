@@ -8,11 +8,12 @@ from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock
 from service.config import Config
+from service.lease.base import Lease
 from service.ops.metrics import MetricsCollector
 from service.sender import ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 
-__all__ = ["OutputWiring", "build_bus", "build_outputs", "checkpoint_namespace"]
+__all__ = ["OutputWiring", "build_bus", "build_lease", "build_outputs", "checkpoint_namespace"]
 
 
 def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
@@ -31,6 +32,24 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
     from service.bus.demo import DemoBus
 
     return DemoBus(cfg.bus, metrics, clock)
+
+
+def build_lease(cfg: Config, clock: Clock) -> Lease | None:
+    """The lease that makes one instance of an HTTP bus its only reader, or None.
+
+    Only the HTTP bus needs one: a Kafka bus shares its partitions through the consumer
+    group, and each demo bus generates a stream of its own. The lease lives where the
+    checkpoints do, so that whoever takes it over can continue from the last one: a
+    PostgreSQL advisory lock when PostgreSQL is an output. Without PostgreSQL the HTTP
+    bus checkpoints to a local file, which a standby on another machine could not read:
+    there is no lease, and a second instance on the same HTTP bus is not supported (it
+    would read the stream a second time, or half of it from a queue-like server).
+    """
+    if cfg.bus.kind != "http" or "postgres" not in cfg.outputs:
+        return None
+    from service.lease.postgres import PostgresLease
+
+    return PostgresLease(cfg.postgres.dsn.value, checkpoint_namespace(cfg), clock)
 
 
 def checkpoint_namespace(cfg: Config) -> str:

@@ -159,6 +159,8 @@ class MetricsCollector:
         self.open_windows = 0
         self.watermark: float | None = None
         self.metrics_publish_errors = 0
+        self.lease_leader: bool | None = None  # None: no lease (the bus needs none)
+        self.lease_lost = 0
         self.messages_received: defaultdict[str, int] = defaultdict(int)
         self.events_rejected: defaultdict[str, int] = defaultdict(int)
         self.bus_errors: defaultdict[tuple[str, bool], int] = defaultdict(int)
@@ -192,6 +194,14 @@ class MetricsCollector:
 
     def on_bus_error(self, transport: str, retriable: bool) -> None:
         self.bus_errors[(transport, retriable)] += 1
+
+    def set_lease_leader(self, leader: bool) -> None:
+        """This instance holds the bus's lease (reads it) or stands by."""
+        self.lease_leader = leader
+
+    def on_lease_lost(self) -> None:
+        """The lease was lost while reading (its connection went away)."""
+        self.lease_lost += 1
 
     # -- aggregation ----------------------------------------------------------------
     def on_events_aggregated(self, n: int) -> None:
@@ -338,6 +348,7 @@ class MetricsCollector:
             "queue_depth": dict(self.queue_depth),
             "subscriber_crashes": dict(self.subscriber_crashes),
             "metrics_publish_errors": self.metrics_publish_errors,
+            "lease_lost": self.lease_lost,
             "latest_aggregates": [a.to_json_obj() for a in self.latest_aggregates],
         }
 
@@ -431,6 +442,7 @@ class _PrometheusView:
             ("events_late", "Events behind the watermark past grace.", m.events_late),
             ("aggregates_emitted", "Aggregates from closed windows.", m.aggregates_emitted),
             ("metrics_publish_errors", "Failed metric sends.", m.metrics_publish_errors),
+            ("lease_lost", "Times the bus's lease was lost while reading.", m.lease_lost),
             (
                 "replays_dropped",
                 "Repartitioned records dropped as replays of the routing stage.",
@@ -535,6 +547,12 @@ class _PrometheusView:
         )
         yield from self._partition_gauges()
         yield from self._ledger_gauges()
+        if m.lease_leader is not None:  # absent when the bus needs no lease
+            yield GaugeMetricFamily(
+                f"{PREFIX}_lease_leader",
+                "1 while this instance holds the bus's lease and reads it, 0 on standby.",
+                1.0 if m.lease_leader else 0.0,
+            )
         # Absent (not NaN) until the first watermark: "unknown" is not a value.
         if m.watermark is not None:
             yield GaugeMetricFamily(

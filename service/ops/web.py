@@ -40,6 +40,7 @@ METRICS_KEY: Final = web.AppKey("metrics", MetricsCollector)
 READINESS_KEY: Final = web.AppKey[Mapping[str, ReadinessCheck]]("readiness_checks")
 READINESS_TIMEOUT_KEY: Final = web.AppKey("readiness_timeout_s", float)
 STATUS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("status")
+READINESS_DETAILS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("readiness_details")
 PAGE_KEY: Final = web.AppKey("status_page", bytes)
 
 
@@ -49,18 +50,22 @@ def build_web_app(
     status: Callable[[], Mapping[str, Any]],
     *,
     readiness_timeout_s: float = READINESS_TIMEOUT_S,
+    readiness_details: Callable[[], Mapping[str, Any]] = dict,
 ) -> web.Application:
     """The app serving the four endpoints.
 
     ``readiness`` names each dependency /readyz checks; all run concurrently, each
     bounded by ``readiness_timeout_s``. ``status`` must be cheap and JSON-able: it is
-    merged over the metrics snapshot on every /status request.
+    merged over the metrics snapshot on every /status request. ``readiness_details``
+    adds JSON-able fields to every /readyz answer without deciding its status (a standby
+    says so there, and is ready: healthy, able to take over).
     """
     app = web.Application()
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = dict(readiness)
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
     app[STATUS_KEY] = status
+    app[READINESS_DETAILS_KEY] = readiness_details
     # One self-contained file (no external resources, works offline) that polls /status.
     app[PAGE_KEY] = files("service.ops").joinpath("status_page.html").read_bytes()
     app.router.add_get("/", _page)
@@ -91,9 +96,10 @@ async def _readyz(request: web.Request) -> web.Response:
     timeout_s = request.app[READINESS_TIMEOUT_KEY]
     failures = await asyncio.gather(*(_run_check(checks[n], timeout_s) for n in names))
     results = {n: (f or "ok") for n, f in zip(names, failures, strict=True)}
+    details = request.app[READINESS_DETAILS_KEY]()
     if any(failures):
-        return web.json_response({"status": "not_ready", "checks": results}, status=503)
-    return web.json_response({"status": "ready", "checks": results})
+        return web.json_response({"status": "not_ready", "checks": results, **details}, status=503)
+    return web.json_response({"status": "ready", "checks": results, **details})
 
 
 async def _run_check(check: ReadinessCheck, timeout_s: float) -> str | None:
