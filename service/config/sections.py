@@ -115,6 +115,9 @@ class RuntimeConfig:
     retry_backoff: BackoffKind = "exponential"  # RETRY_BACKOFF: output retry policy
     retry_initial_s: float = 0.2  # RETRY_INITIAL: first retry delay
     retry_max_s: float = 30.0  # RETRY_MAX: longest retry delay
+    # WORKERS (or `run --workers N`): worker processes under one supervisor (Kafka bus
+    # only); 1 runs the service in-process
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
