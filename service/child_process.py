@@ -4,8 +4,10 @@ Used for the embedded dev servers (``service/dev/devstack.py``) and for the work
 processes of ``WORKERS=N`` (``service/workers/``): Ctrl-C, an exception or ``kill -9``
 of the parent all reach the children.
 
-Hazard: the kernel's "parent" is the *thread* that spawned the child, so children are
-spawned from the event loop's thread, never from a worker thread that may exit.
+Hazards: the kernel's "parent" is the *thread* that spawned the child, so children are
+spawned from the event loop's thread, never from a worker thread that may exit. And when
+a parent with several threads dies, the child is handed from thread to thread as each
+exits and gets the signal each time: it may arrive more than once.
 """
 
 from __future__ import annotations
