@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import load_config
 from service.retry import Backoff
 from service.workers import Supervisor
+from tests.fault.harness import process_gone
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 FAST = Backoff(initial_s=0.1, maximum_s=1.0, jitter=False)  # 0.1, 0.2, 0.4, 0.8, 1.0 s
@@ -32,15 +33,6 @@ FAST = Backoff(initial_s=0.1, maximum_s=1.0, jitter=False)  # 0.1, 0.2, 0.4, 0.8
 
 def fake_command(index: int, http_fd: int) -> list[str]:
     return [sys.executable, str(FAKE_WORKER), str(index), str(http_fd)]
-
-
-def process_gone(pid: int) -> bool:
-    """No such process, or only its zombie (it has exited, its parent has not reaped it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
