@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_e2e_http import stored_rows
+from tests.e2e.test_status_page import CHROMIUM_FLAGS
 from tests.e2e.workload import assert_matches
 from tests.fault.harness import (
     PARTITIONS,
@@ -74,6 +76,37 @@ async def partitions_split(inc: Incarnation) -> dict[str, Any] | None:
     if all(held) and len(every) == PARTITIONS == sum(map(len, held)):
         return st
     return None
+
+
+async def check_status_page(port: int, status: dict[str, Any]) -> None:
+    """The page at / lists both workers and shows the one chosen in its selector
+    (skipped without Chromium, except in CI)."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        assert os.environ.get("CI") != "true", "chromium is not installed"
+        print("\n[workers] no chromium: status page not checked")
+        return
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.wait_for_function("document.querySelectorAll('#workers tr').length === 2")
+        await page.wait_for_function(
+            "document.getElementById('conn').textContent.startsWith('updated')"
+        )
+        assert "running" in (await page.locator("#workers tr").nth(1).text_content() or "")
+        for worker in ("0", "1"):
+            await page.select_option("#worker", worker)
+            shown = f"{status['workers'][worker]['events_received']:,}"
+            await page.wait_for_function(
+                f"document.getElementById('k-received').textContent === {shown!r}"
+            )
+        await browser.close()
+    assert not errors, errors
 
 
 @pytest.mark.timeout(300)
@@ -155,6 +188,7 @@ async def test_two_workers_survive_a_kill9_of_one_with_exact_results_and_stop_on
 
     final = await inc.status()
     assert final is not None
+    await check_status_page(inc.port, final)
     pids = [p for p in worker_pids(final).values() if p is not None]
     assert len(pids) == 2
     started = time.monotonic()
