@@ -193,7 +193,9 @@ class Supervisor:
             )
             for slot in left:
                 slot.send(signal.SIGKILL)
-            await asyncio.wait(pending, timeout=_KILL_WAIT_S)
+            _, pending = await asyncio.wait(pending, timeout=_KILL_WAIT_S)
+            for keeper in pending:  # a process that not even SIGKILL ends (stuck in I/O)
+                keeper.cancel()
         log.info("all workers stopped")
 
     async def _keep(self, slot: WorkerSlot) -> None:
