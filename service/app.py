@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
@@ -66,6 +67,7 @@ class Service:
         metrics: MetricsCollector,
         clock: Clock,
         serve_http: bool = True,
+        http_socket: socket.socket | None = None,
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
     ) -> None:
@@ -76,6 +78,7 @@ class Service:
         self.metrics = metrics
         self.clock = clock
         self.serve_http = serve_http
+        self.http_socket = http_socket  # a worker serves on the socket its supervisor bound
         self.hub = EventHub(metrics, clock)
         self.aggregator = EventAggregator(
             config.aggregation, metrics, clock, max_message_bytes=config.bus.max_message_bytes
@@ -242,7 +245,9 @@ class Service:
             app = build_web_app(
                 self.metrics, checks, self.status, readiness_details=self.readiness_details
             )
-            self.web = WebServer(self.config.http.host, self.config.http.port, app)
+            self.web = WebServer(
+                self.config.http.host, self.config.http.port, app, sock=self.http_socket
+            )
             await self.web.start()
             stack.push_async_callback(self.web.stop)
         for sink in self.sinks:
@@ -303,8 +308,15 @@ class Service:
                 await self.bus.send_metrics(self.metrics.to_bus_metrics())
 
 
-def install_signal_handlers(service: Service) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit at once."""
+def install_signal_handlers(
+    service: Service, *, orphan_signal: signal.Signals | None = None
+) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once.
+
+    ``orphan_signal`` (a worker of WORKERS=N): the signal its death pact sends when the
+    supervisor dies. It may come several times (once per thread of the dying
+    supervisor), so it only ever asks for the graceful stop.
+    """
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -314,11 +326,20 @@ def install_signal_handlers(service: Service) -> None:
         log.info("%s received: shutting down gracefully", sig.name)
         service.request_stop()
 
+    def on_orphaned() -> None:
+        if not service.stopping.is_set():
+            log.warning("the supervisor is gone: shutting down gracefully")
+        service.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if orphan_signal is not None:
+        loop.add_signal_handler(orphan_signal, on_orphaned)
 
 
-def build_service(config: Config, clock: Clock | None = None) -> Service:
+def build_service(
+    config: Config, clock: Clock | None = None, *, http_socket: socket.socket | None = None
+) -> Service:
     """The service with the bus, outputs and checkpoint store the configuration names."""
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock)
@@ -334,13 +355,22 @@ def build_service(config: Config, clock: Clock | None = None) -> Service:
         store=outputs.store,
         metrics=metrics,
         clock=clock,
+        http_socket=http_socket,
         shared_transaction=outputs.shared_transaction,
         read_back=outputs.read_back,
     )
 
 
-async def run(config: Config, *, clock: Clock | None = None) -> None:
-    """Run the service from configuration until SIGTERM/SIGINT."""
-    service = build_service(config, clock)
-    install_signal_handlers(service)
+async def run(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    http_socket: socket.socket | None = None,
+    orphan_signal: signal.Signals | None = None,
+) -> None:
+    """Run the service from configuration until SIGTERM/SIGINT. A worker of WORKERS=N
+    serves HTTP on ``http_socket`` (bound by its supervisor) instead of
+    HTTP_HOST:HTTP_PORT, and stops gracefully on ``orphan_signal`` too."""
+    service = build_service(config, clock, http_socket=http_socket)
+    install_signal_handlers(service, orphan_signal=orphan_signal)
     await service.run()

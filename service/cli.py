@@ -1,11 +1,14 @@
-"""Sub-commands: run, demo, check, migrate, emulator. Exit codes: 0 ok, 1 failure,
-2 invalid configuration or usage."""
+"""Sub-commands: run, demo, check, migrate, emulator (and ``worker``, internal: one worker
+of ``run`` with WORKERS above 1). Exit codes: 0 ok, 1 failure, 2 invalid configuration
+or usage."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -26,8 +29,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="vabus-aggregator",
         description="Aggregate VaBus events into tumbling windows; write them to Kafka/PostgreSQL.",
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the service, configured by environment variables and .env")
+    public = ("run", "demo", "check", "migrate", "emulator")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(public) + "}")
+    run = sub.add_parser(
+        "run", help="run the service, configured by environment variables and .env"
+    )
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes, each a member of the consumer group (sets WORKERS; default 1)",
+    )
     demo = sub.add_parser(
         "demo", help="run on an embedded broker + PostgreSQL with the emulator as the bus"
     )
@@ -41,12 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="create or upgrade the PostgreSQL schema")
     emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
     add_emulator_arguments(emu)
+    # internal: started by the supervisor of `run` with WORKERS above 1, never by hand
+    worker = sub.add_parser("worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--http-fd", type=int, required=True, help="bound socket to serve on")
     return p
 
 
-def _load(command: str) -> Config:
-    # `migrate` needs only PostgreSQL; `run` and `check` need a real bus
-    return load_config(require_bus=command in ("run", "check"))
+def _load(args: argparse.Namespace) -> Config:
+    # `migrate` needs only PostgreSQL; `run` and `check` need a real bus. `run --workers`
+    # goes through WORKERS, so that it is checked (and reported) like the variable.
+    environ = None
+    if getattr(args, "workers", None) is not None:
+        environ = {**os.environ, "WORKERS": args.workers}
+    return load_config(environ, require_bus=args.command in ("run", "check", "worker"))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -61,15 +80,28 @@ def main(argv: Sequence[str]) -> int:
 
         return demo_main(args)
     try:
-        config = _load(args.command)
+        config = _load(args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "worker":
+        from service.app import run
+        from service.workers.supervisor import ORPHAN_SIGNAL
+
+        setup_logging(config.log.level, config.log.format, worker=args.index)
+        sock = socket.socket(fileno=args.http_fd)
+        asyncio.run(run(config, http_socket=sock, orphan_signal=ORPHAN_SIGNAL))
+        return EXIT_OK
     setup_logging(config.log.level, config.log.format)
     if args.command == "run":
+        log.info("configuration: %s", config.redacted())
+        if config.runtime.workers > 1:
+            from service.workers import run_supervised
+
+            asyncio.run(run_supervised(config))
+            return EXIT_OK
         from service.app import run
 
-        log.info("configuration: %s", config.redacted())
         asyncio.run(run(config))
         return EXIT_OK
     if args.command == "check":

@@ -219,6 +219,7 @@ def read_runtime(r: Reader) -> RuntimeConfig:
         readiness_output_failing_s=r.seconds(
             "READINESS_OUTPUT_FAILING_TIMEOUT", d.readiness_output_failing_s, allow_zero=True
         ),
+        workers=r.integer("WORKERS", d.workers, low=1),
     )
 
 
@@ -247,3 +248,11 @@ def check_consistency(r: Reader, config: Config) -> None:
     if bus.kind == "kafka" and same_cluster and bus.kafka_topic in (kafka.topic, kafka.dlq_topic):
         # Reading our own output would aggregate aggregates forever.
         r.fail("VABUS_URL", "an events topic other than KAFKA_TOPIC and KAFKA_DLQ_TOPIC")
+    if config.runtime.workers > 1 and bus.kind != "kafka" and not r.failed("VABUS_URL"):
+        # Only a consumer group shares one input among processes; two HTTP or demo
+        # readers would each aggregate (and store) the whole stream.
+        r.fail(
+            "WORKERS",
+            f"1, because VABUS_URL={bus.url!r} is not a kafka:// bus "
+            "(only a Kafka consumer group shares one input among workers)",
+        )

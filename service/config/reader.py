@@ -94,6 +94,10 @@ class Reader:
     def raw(self, name: str) -> str | None:
         return self._env.raw(name)
 
+    def failed(self, name: str) -> bool:
+        """Whether a problem with ``name`` is already recorded (its value is the default)."""
+        return name in self._failures
+
     def problems(self) -> list[str]:
         try:
             self._env.seal()

@@ -121,6 +121,9 @@ class RuntimeConfig:
     # READINESS_OUTPUT_FAILING_TIMEOUT: /readyz fails for an output whose writes have
     # been failing for this long (0: at the first failure)
     readiness_output_failing_s: float = 0.0
+    # WORKERS (or `run --workers N`): worker processes under one supervisor (Kafka bus
+    # only); 1 runs the service in-process
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

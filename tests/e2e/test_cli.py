@@ -15,7 +15,7 @@ from tests.e2e.workload import checkout_on_path, free_port
 def run_cli(
     args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    ours = ("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_", "HTTP_")
+    ours = ("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_", "HTTP_", "WORKERS")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     clean["PYTHONPATH"] = checkout_on_path(clean.get("PYTHONPATH"))
     return subprocess.run(
@@ -40,6 +40,7 @@ def run_cli(
         ("SHUTDOWN_TIMEOUT", "0"),
         ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
         ("RETRY_BACKOFF", "sometimes"),
+        ("WORKERS", "0"),
     ],
 )
 def test_invalid_configuration_exits_2_naming_the_variable(
@@ -48,6 +49,23 @@ def test_invalid_configuration_exits_2_naming_the_variable(
     result = run_cli(["run"], {variable: value}, tmp_path)
     assert result.returncode == 2, result.stderr
     assert variable in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["run"], {"WORKERS": "2"}),
+        (["run", "--workers", "2"], {}),
+    ],
+)
+def test_several_workers_on_the_http_bus_exit_2_naming_workers_and_the_bus_url(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "VABUS_URL": "http://127.0.0.1:1", "STORAGE_TYPE": "kafka"}
+    result = run_cli(args, env, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "WORKERS='2': expected 1, because VABUS_URL='http://127.0.0.1:1'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -172,7 +172,9 @@ class ServiceProcess:
         full_env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_"))
+            if not k.startswith(
+                ("VABUS_", "KAFKA_", "POSTGRES_", "STORAGE_", "AGGREGATION_", "WORKERS")
+            )
         }
         full_env.update(env)
         full_env["PYTHONPATH"] = checkout_on_path(full_env.get("PYTHONPATH"))

@@ -54,6 +54,7 @@ __all__ = [
     "create_topic",
     "feed_http",
     "feed_kafka",
+    "process_gone",
     "read_output_topic",
     "service_env",
     "status",
@@ -396,6 +397,16 @@ async def read_dead_letters(
     finally:
         await consumer.stop()
     return reasons
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie: it has exited and waits to be reaped by a
+    parent that may not be ours (an orphan goes to init, which may reap it late)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def seed_from_env(default: int) -> int:

@@ -101,6 +101,8 @@ PARSED: list[tuple[dict[str, str], Callable[[Config], Any], Any]] = [
     ({"STATE_DIR": "/var/lib/agg"}, lambda c: c.runtime.state_dir, "/var/lib/agg"),
     ({"HUB_QUEUE_SIZE": "8"}, lambda c: c.runtime.queue_size, 8),
     ({"SINK_BATCH_SIZE": "100"}, lambda c: c.runtime.sink_batch_size, 100),
+    ({"WORKERS": "1"}, lambda c: c.runtime.workers, 1),
+    ({"WORKERS": "4", "VABUS_URL": "kafka://k:9092/in"}, lambda c: c.runtime.workers, 4),
 ]
 
 
@@ -251,6 +253,9 @@ INVALID: list[tuple[str, str]] = [
     ("STATE_DIR", " "),
     ("HUB_QUEUE_SIZE", "0"),
     ("SINK_BATCH_SIZE", "many"),
+    ("WORKERS", "0"),
+    ("WORKERS", "two"),
+    ("WORKERS", "1.5"),
 ]
 
 
@@ -281,6 +286,24 @@ def test_dsn_and_its_alias_that_differ_are_reported() -> None:
     other = DSN.replace("metrics", "other")
     [problem] = problems_of(POSTGRES_DSN=DSN, POSTGRES_CONNECTION_STRING=other)
     assert problem.startswith("POSTGRES_CONNECTION_STRING=")
+
+
+def test_workers_default_to_one() -> None:
+    assert load().runtime.workers == 1
+
+
+@pytest.mark.parametrize("url", ["http://bus:8081", "https://bus/v1", "demo://?rate=10&names=2"])
+def test_several_workers_without_a_kafka_bus_are_reported_naming_workers_and_the_url(
+    url: str,
+) -> None:
+    [problem] = problems_of(WORKERS="2", VABUS_URL=url)
+    assert problem.startswith("WORKERS='2': expected 1, because VABUS_URL=")
+    assert url.split("?")[0] in problem
+
+
+def test_several_workers_with_a_bad_bus_url_report_only_the_url() -> None:
+    [problem] = problems_of(WORKERS="2", VABUS_URL="ftp://bus")
+    assert problem.startswith("VABUS_URL=")
 
 
 def test_all_problems_are_reported_together_in_reading_order() -> None:
