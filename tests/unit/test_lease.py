@@ -373,7 +373,9 @@ async def test_a_leader_that_loses_its_lease_checkpoints_and_resumes_from_the_st
     svc = service(bus, server.lease(NS), store, sink)
     run = asyncio.create_task(svc.run())
     await eventually(lambda: svc.metrics.events_aggregated == 2, "reading")
-    assert "p" not in store.saved  # no periodic checkpoint on the manual clock
+    # no periodic checkpoint on the manual clock: only the one a fresh partition gets
+    # at once (so that a read-back after a crash has offsets to start from)
+    assert store.saved["p"].position is None
 
     await server.cut(NS, "PostgreSQL restarted")
     await eventually(lambda: bus.runs == 2, "reading again")
