@@ -254,6 +254,7 @@ def _launch_spec(session: Session, run: _Run) -> tuple[list[str], Path, dict[str
             "HTTP_HOST": "127.0.0.1",
             "HTTP_PORT": str(run.http_port),
             "LOG_LEVEL": "WARNING",
+            "WORKERS": str(tool.workers),
         }
     )
     if tool.output == "postgres":

@@ -30,6 +30,7 @@ class Tool:
     output: Literal["none", "kafka", "postgres"] = "kafka"
     bus: Literal["kafka", "http"] = "kafka"
     paced: bool = False  # input fed at a fixed rate instead of preloaded
+    workers: int = 1  # service only: WORKERS
     script: str = ""  # repo: module name; peer: script file name
     venv: str = ""  # peer only
 
@@ -66,6 +67,13 @@ TOOLS: dict[str, Tool] = {
             script="bench.baseline",
         ),
         Tool("service_kafka_kafka", "service: Kafka -> Kafka", "stream", "service"),
+        Tool(
+            "service_kafka_kafka_w2",
+            "service: Kafka -> Kafka, WORKERS=2",
+            "stream",
+            "service",
+            workers=2,
+        ),
         Tool(
             "service_kafka_pg",
             "service: Kafka -> PostgreSQL",

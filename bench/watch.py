@@ -32,7 +32,10 @@ from bench.workload import Key
 _EXITED_GRACE_S = 5.0
 _PG_POLL_S = 0.05
 _METRICS_POLL_S = 0.01
-_RECEIVED = re.compile(rb"^vabus_aggregator_events_received_total (\S+)$", re.MULTILINE)
+# with WORKERS > 1 the samples carry a worker label: any worker's first event counts
+_RECEIVED = re.compile(
+    rb"^vabus_aggregator_events_received_total(?:\{[^}]*\})? (\S+)$", re.MULTILINE
+)
 
 
 @dataclass
