@@ -36,12 +36,21 @@ test: install lint      ## lint, then every test: unit, integration (real broker
 test-unit: install
 	$(BIN)/pytest tests/unit
 
-lint: install           ## ruff (lint and format), mypy (service, tests, bench), compose schema, hadolint
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+# promtool (Prometheus's checker) comes from Debian's prometheus package; .ci/run installs it.
+PROMTOOL ?= promtool
+
+lint: install           ## ruff, mypy, compose schema, hadolint, monitoring files (deploy/, promtool)
+	$(BIN)/ruff check service tests bench deploy
+	$(BIN)/ruff format --check service tests bench deploy
 	$(BIN)/mypy
+	$(BIN)/mypy deploy
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	$(BIN)/hadolint Dockerfile
+	@command -v $(PROMTOOL) >/dev/null 2>&1 || { \
+	  echo "make lint: '$(PROMTOOL)' not found; it checks deploy/prometheus and the dashboard." >&2; \
+	  echo "  Install it: apt-get install -y --no-install-recommends prometheus (Debian)," >&2; \
+	  echo "  or point to one: make lint PROMTOOL=/path/to/promtool" >&2; exit 1; }
+	$(BIN)/python deploy/check_monitoring.py --promtool $(PROMTOOL)
 
 bench: install          ## the benchmark of bench/README.md (not part of `make test`)
 	$(BIN)/python bench/run.py
