@@ -73,6 +73,8 @@ def exported_families() -> list[Family]:
     watermark gauges once there is a watermark; labelled families once labelled)."""
     collector = MetricsCollector()
     collector.set_watermark(0.0)
+    collector.set_lease_leader(True)  # exported only on a bus with a lease
+    collector.set_ledger_view(lambda: {"received": 0, "imbalance": 0})  # once partitions
     families = []
     for fam in collector.registry.collect():
         labels = tuple(getattr(fam, "_labelnames", ()))
