@@ -241,6 +241,7 @@ class Service:
                 "bus": self.bus.check,
                 "partitions": self.check_progress,
                 **{s.name: self.sender.readiness_check(s, failing_s) for s in self.sinks},
+                "checkpoints": self.sender.store_readiness_check(failing_s),
             }
             app = build_web_app(
                 self.metrics, checks, self.status, readiness_details=self.readiness_details

@@ -105,6 +105,7 @@ class EventHub:
         restart_backoff: Backoff | None = None,
     ) -> None:
         self._metrics = metrics
+        metrics.set_queue_view(self._depths)
         self._clock = clock or SystemClock()
         self._backoff = restart_backoff or Backoff(initial_s=0.1, maximum_s=30.0)
         self._subs: dict[str, _Subscriber] = {}
@@ -177,6 +178,9 @@ class EventHub:
         self._started = False
         for sub in list(self._subs.values()):
             await self._cancel(sub)
+
+    def _depths(self) -> dict[str, int]:
+        return {name: sub.queue.qsize() for name, sub in self._subs.items()}
 
     def stats(self) -> dict[str, SubscriberStats]:
         for sub in self._subs.values():

@@ -306,25 +306,34 @@ class DataSender:
         """``sink.check`` that also fails once the sink's writes have been failing for
         ``failing_for_s`` (so a sink that answers a ping but refuses writes is not
         reported ready)."""
-        name = sink.name
 
         async def check() -> None:
-            failing = self.degraded.get(name)
-            since = self._degraded_since.get(name)
-            long_enough = since is not None and self._clock.monotonic() - since >= failing_for_s
-            if failing is not None and long_enough:
-                breaker = self.breakers[name]
-                now = self._clock.monotonic()
-                state = breaker.state(now)
-                circuit = (
-                    f"circuit open for {breaker.wait_s(now):.0f} s more"
-                    if state == "open"
-                    else f"circuit {state.replace('_', '-')}"
-                )
-                raise TransientError(
-                    f"writes failing ({breaker.consecutive_failures} in a row, {circuit}): "
-                    f"{failing}"
-                )
+            self._raise_if_failing(sink.name, failing_for_s)
             await sink.check()
 
         return check
+
+    def store_readiness_check(self, failing_for_s: float = 0.0) -> Callable[[], Awaitable[None]]:
+        """Fails once saving checkpoints has been failing for ``failing_for_s``."""
+
+        async def check() -> None:
+            self._raise_if_failing(CHECKPOINT_STORE, failing_for_s)
+
+        return check
+
+    def _raise_if_failing(self, name: str, failing_for_s: float) -> None:
+        failing = self.degraded.get(name)
+        since = self._degraded_since.get(name)
+        now = self._clock.monotonic()
+        if failing is None or since is None or now - since < failing_for_s:
+            return
+        breaker = self.breakers[name]
+        state = breaker.state(now)
+        circuit = (
+            f"circuit open for {breaker.wait_s(now):.0f} s more"
+            if state == "open"
+            else f"circuit {state.replace('_', '-')}"
+        )
+        raise TransientError(
+            f"writes failing ({breaker.consecutive_failures} in a row, {circuit}): {failing}"
+        )

@@ -182,6 +182,7 @@ class MetricsCollector:
         self._events_rate = _RateMeter(self.clock.monotonic())
         self._partition_view: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
         self._ledger_view: Callable[[], Mapping[str, int]] = dict
+        self._queue_view: Callable[[], Mapping[str, int]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PrometheusView(self))
 
@@ -299,6 +300,14 @@ class MetricsCollector:
     def set_queue_depth(self, subscriber: str, depth: int) -> None:
         self.queue_depth[subscriber] = depth
 
+    def set_queue_view(self, view: Callable[[], Mapping[str, int]]) -> None:
+        """Live queue depths (the hub's), read when asked: a stage blocked behind a down
+        output takes no batch, so the depth recorded at its last take would go stale."""
+        self._queue_view = view
+
+    def queue_depths(self) -> dict[str, int]:
+        return {**self.queue_depth, **self._queue_view()}
+
     # -- read-outs ------------------------------------------------------------------
     def events_per_second(self) -> float:
         return self._events_rate.rate(self.clock.monotonic())
@@ -345,7 +354,7 @@ class MetricsCollector:
                 **self.latency_quantiles(),
             },
             "checkpoints": self.checkpoint_duration.count,
-            "queue_depth": dict(self.queue_depth),
+            "queue_depth": self.queue_depths(),
             "subscriber_crashes": dict(self.subscriber_crashes),
             "metrics_publish_errors": self.metrics_publish_errors,
             "lease_lost": self.lease_lost,
@@ -368,7 +377,7 @@ class MetricsCollector:
             ("sink_degraded_seconds", sum(self.sink_degraded_seconds().values())),
             ("bus_errors", sum(self.bus_errors.values())),
             ("open_windows", self.open_windows),
-            ("queue_depth", sum(self.queue_depth.values())),
+            ("queue_depth", sum(self.queue_depths().values())),
             ("events_per_second", self.events_per_second()),
             ("processing_lag_seconds", math.nan if lag is None else lag),
         ]
@@ -377,7 +386,7 @@ class MetricsCollector:
         metrics = [Metric(f"{PREFIX}.{name}", float(v), now) for name, v in values]
         metrics.extend(
             Metric(f"{PREFIX}.subscriber_queue_depth", float(d), now, {"subscriber": s})
-            for s, d in self.queue_depth.items()
+            for s, d in self.queue_depths().items()
         )
         return metrics
 
@@ -529,7 +538,7 @@ class _PrometheusView:
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_depth", "Items waiting in a hub queue.", labels=["subscriber"]
         )
-        for s, d in m.queue_depth.items():
+        for s, d in m.queue_depths().items():
             depth.add_metric([s], d)
         yield depth
         circuit = GaugeMetricFamily(

@@ -135,6 +135,32 @@ async def test_a_failing_checkpoint_store_is_retried_and_named_checkpoints() -> 
     assert store.saved == 1 and metrics.sink_retries == {"checkpoints": 2}
 
 
+async def test_readiness_names_a_checkpoint_store_failing_for_the_set_time() -> None:
+    clock = ManualClock()
+    store = _NoStore(fail=10_000)
+    sender = DataSender(
+        [], store, _no_commit, MetricsCollector(clock), clock, backoff=Backoff("fixed", 1.0, 1.0)
+    )
+    check = sender.store_readiness_check(failing_for_s=5.0)
+    await check()  # nothing failing yet
+    task = asyncio.create_task(
+        sender.handle(Delivery([Checkpoint([PartitionCheckpoint("p", "1", None)])]))
+    )
+    try:
+        async with asyncio.timeout(5):
+            await clock.sleeping()  # the first failure is in, the retry waits
+        await check()  # failing, but not for 5 s yet
+        for _ in range(5):
+            clock.advance(1.0)
+            async with asyncio.timeout(5):
+                await clock.sleeping()
+        with pytest.raises(TransientError, match="writes failing"):
+            await check()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class _NoStore:
     def __init__(self, fail: int = 0) -> None:
         self.fail = fail
