@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -28,6 +28,7 @@ from service.config import Config
 from service.errors import TransientError
 from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.hub import EventHub
+from service.lifecycle import unless_stopped
 from service.ops.metrics import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.retry import Backoff, output_backoff, retry
@@ -185,7 +186,8 @@ class Service:
         stack = AsyncExitStack()
         deadline: float | None = None
         try:
-            if not await self._unless_stopped(self._start(stack)):
+            # a permanent start-up failure propagates
+            if not await unless_stopped(self._start(stack), self.stopping):
                 log.info("stop requested while starting; not started")
                 return
             self.phase = "running"
@@ -260,22 +262,6 @@ class Service:
         await start_with_retry(f"bus {self.bus.name}", self.bus.start, self.clock)
         await self.hub.start()
         stack.push_async_callback(self.hub.stop)
-
-    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
-        """Run ``work`` unless a stop is requested first (then cancel it): False if stopped."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        if task.cancelled():
-            return False
-        task.result()  # a permanent start-up failure propagates
-        return True
 
     async def _emit(self, item: BusItem) -> None:
         await self.hub.publish(INPUT, item)

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from service.bus.base import Bus, BusItem, Emit, PartitionsAssigned, PartitionsRevoked, Restore
 from service.events import Metric
 from service.lease.base import Lease
+from service.lifecycle import unless_stopped
 from service.ops.metrics import MetricsCollector
 
 __all__ = ["LeasedBus"]
@@ -96,7 +97,7 @@ class LeasedBus:
     async def run(self, emit: Emit, restore: Restore) -> None:
         """Stand by until the lease is held, read while it is, and again after a loss."""
         while not self._stopping.is_set():
-            if not await self._unless_stopping(self.lease.acquire()):
+            if not await unless_stopped(self.lease.acquire(), self._stopping):
                 return
             if self._stopping.is_set():
                 return  # acquired as the stop came: stop() gives the lease back
@@ -151,7 +152,7 @@ class LeasedBus:
         if not partitions:
             return
         item = PartitionsRevoked(list(partitions))
-        if not await self._unless_stopping(emit(item)):
+        if not await unless_stopped(emit(item), self._stopping):
             return  # stopping: the shutdown's checkpoint takes these partitions along
         stop: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
         waits: set[asyncio.Future[Any]] = {item.done, stop}
@@ -175,23 +176,6 @@ class LeasedBus:
                 partitions,
                 self._revoke_timeout_s,
             )
-
-    async def _unless_stopping(self, work: Awaitable[None]) -> bool:
-        """Run ``work`` unless :meth:`stop_intake` comes first (then cancel it): False
-        if stopped. A failure of ``work`` propagates."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        if task.cancelled():
-            return False
-        task.result()
-        return True
 
     # -- side channels: the wrapped bus's, metrics only from the reader --------------
     async def commit(self, positions: Mapping[str, str]) -> None:
