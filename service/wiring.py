@@ -24,7 +24,7 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
     if cfg.bus.kind == "kafka" and cfg.bus.kafka_repartition:
         from service.bus.repartition import build_repartitioned_bus
 
-        return build_repartitioned_bus(cfg.bus, cfg.kafka, metrics, clock)
+        return build_repartitioned_bus(cfg.bus, cfg.kafka, cfg.aggregation, metrics, clock)
     if cfg.bus.kind == "kafka":
         from service.bus.kafka import KafkaBus
 

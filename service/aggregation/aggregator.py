@@ -30,6 +30,7 @@ from service.aggregation.decode import (
     raw_text,
 )
 from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, PartitionState, WindowKey
 from service.aggregation.windows import closed_boundary
 from service.bus.base import SourceBatch
@@ -109,11 +110,13 @@ class EventAggregator:
         """Event-time watermark (grace applied): the minimum over the partitions that
         hold it; None while one holds with unknown event time, or none holds."""
         held = math.inf
+        idle_s = self._idle_s
         for p in self._parts.values():
-            if p.holds(self._idle_s):
-                if p.max_ts is None:
+            if p.holds(idle_s):
+                at = p.held_at(idle_s)
+                if at is None:
                     return None  # unread data of unknown time: hold everything back
-                held = min(held, p.max_ts)
+                held = min(held, at)
         return None if held == math.inf else held - self._cfg.grace_s
 
     def ledger(self) -> dict[str, int]:
@@ -181,12 +184,17 @@ class EventAggregator:
             part = self._parts[batch.partition] = PartitionState()
         seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
         out = Outputs()
-        if batch.origins is not None and (replayed := part.drop_replayed(batch)):
-            self._metrics.on_replays_dropped(replayed)
+        if batch.origins is not None:
+            if part.routed is None:
+                part.routed = RoutedTime(known_at=seen)
+            if replayed := part.drop_replayed(batch):
+                self._metrics.on_replays_dropped(replayed)
+        part.reported_at = max(part.reported_at, seen)
         if batch.records:
             part.last_message_at = seen
             self._aggregate(part, batch, out)
-        part.reported_at = max(part.reported_at, seen)
+        if batch.progress is not None and part.routed is not None:
+            part.routed.on_progress(batch.progress, part.reported_at)
         if batch.next_position is not None:
             part.position = batch.next_position
         part.caught_up = batch.caught_up
@@ -228,6 +236,15 @@ class EventAggregator:
         # The close boundary is floor(x) * interval, x = (max event time - grace) /
         # interval; it cannot move until x reaches x_next.
         x_next = _NEG_INF
+        # Repartitioned input: the event time that closes windows is the slowest input
+        # partition's (service.aggregation.origins), moved by each event's origin.
+        routed = part.routed
+        if routed is not None:
+            origin_of = batch.origins or []
+            seen = part.reported_at
+            idle_s = self._idle_s
+            track = routed.on_event
+            routed.limit(idle_s, seen)  # time and reports may have moved it
         accepted = late = received = 0
         rejects: dict[str, int] = {}
         late_windows = part.late_windows
@@ -319,10 +336,25 @@ class EventAggregator:
                         acc[1] = value
                 else:
                     add_acc[func](acc, value, ts)
+                # The close boundary follows the partition's own event time, or with
+                # repartitioned input its slowest input partition's; the step is written
+                # out for each, as the hot loop calls no function on the direct path.
                 if ts > part_max:
                     part_max = ts
-                    if not blocked:
+                    if routed is None and not blocked:
                         x = ((ts if ts < cap else cap) - grace) / interval
+                        if x >= x_next:
+                            k = floor(x)
+                            x_next = k + 1.0
+                            edge = k * interval
+                            if edge > closed_until:
+                                closed_until = edge
+                                q_lo = q_hi = 0.0
+                if routed is not None:
+                    # the slowest input partition's event time, when this event moved it
+                    lim = track(origin_of[idx][0], ts, seen, idle_s)
+                    if lim is not None and not blocked:
+                        x = ((lim if lim < cap else cap) - grace) / interval
                         if x >= x_next:
                             k = floor(x)
                             x_next = k + 1.0
@@ -403,9 +435,10 @@ class EventAggregator:
         for q in self._parts.values():
             if q is part or not q.holds(idle_s):
                 continue
-            if q.max_ts is None:
+            at = q.held_at(idle_s)
+            if at is None:
                 return cap, True
-            cap = min(cap, q.max_ts)
+            cap = min(cap, at)
         return cap, False
 
     def _close_ready(self, out: Outputs) -> None:

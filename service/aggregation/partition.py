@@ -15,6 +15,10 @@ The idleness rule (README "Event time and watermarks" has a worked example):
 * A partition that never delivered holds everything back while it has unread data (its
   event time is unknown) and never holds when it has nothing unread.
 
+A partition of repartitioned input (``routed``) holds the watermark per input partition
+instead, with the same rule applied where the input is read
+(:mod:`service.aggregation.origins`).
+
 The emitted boundary (``closed_until``) belongs to the partition and travels in its
 checkpoint, so a partition that moves to another instance is judged against its own
 past, never against the boundary of the partitions it meets there.
@@ -29,6 +33,7 @@ from typing import Any, Final
 import orjson
 
 from service.aggregation.functions import Acc
+from service.aggregation.origins import RoutedTime
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
@@ -56,6 +61,8 @@ class PartitionState:
     lag: int | None = None  # messages unread at the last report, when the bus knows
     # repartitioned input: the last (offset, element) delivered from each input partition
     origins: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # repartitioned input: event time held per input partition (None: a direct partition)
+    routed: RoutedTime | None = None
     # the ledger (checkpointed, so it stays exact across restarts): cumulative counts,
     # the same per interval of receipt (the newest two kept here; older ones are final
     # and already written), and late events per emitted window
@@ -109,9 +116,19 @@ class PartitionState:
 
     def holds(self, idle_timeout_s: float) -> bool:
         """Whether this partition holds the watermark back (see the module docstring)."""
+        if self.routed is not None:
+            return self.routed.holds(idle_timeout_s, self.reported_at)
         if self.max_ts is None:
             return not self.caught_up
         return not self.idle(idle_timeout_s)
+
+    def held_at(self, idle_timeout_s: float) -> float | None:
+        """The event time at which it holds the watermark (when it does): its largest
+        event time, or for repartitioned input the slowest input partition's; None while
+        that is unknown, which holds everything back."""
+        if self.routed is not None:
+            return self.routed.limit(idle_timeout_s, self.reported_at)
+        return self.max_ts
 
     def open_windows(self) -> int:
         return sum(len(w) for w in self.windows.values())
@@ -119,7 +136,12 @@ class PartitionState:
     def view(self, idle_timeout_s: float, grace_s: float, now_mono: float) -> dict[str, Any]:
         """A JSON-able description for /status and the per-partition metrics."""
         holds = self.holds(idle_timeout_s)
-        if self.max_ts is None:
+        held = self.held_at(idle_timeout_s)
+        if self.routed is not None:
+            holding, expected, slowest = self.routed.slowest(idle_timeout_s, self.reported_at)
+            why = f"{holding} of {expected} input partitions hold it"
+            why += f", the slowest is {slowest}" if slowest is not None else ""
+        elif self.max_ts is None:
             why = "unread data of unknown event time" if holds else "nothing delivered yet"
         elif holds:
             why = "delivering" if not self.caught_up else "caught up, not yet idle"
@@ -128,7 +150,7 @@ class PartitionState:
         return {
             "position": self.position,
             "max_event_time": self.max_ts,
-            "watermark": None if self.max_ts is None else self.max_ts - grace_s,
+            "watermark": None if held is None else held - grace_s,
             "emitted_until": None if self.closed_until == NEG_INF else self.closed_until,
             "holds_watermark": holds,
             "idle": not holds and self.max_ts is not None,
@@ -146,6 +168,7 @@ class PartitionState:
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "origins": self.origins,
+            "routed": None if self.routed is None else self.routed.to_json(),
             "ledger": (ledger := self._ledger_body()),
             "windows": [
                 [start, name, func, acc]
@@ -173,6 +196,8 @@ class PartitionState:
         for start, name, func, acc in body["windows"]:
             p.windows.setdefault(start, {})[(name, func)] = acc
         p.origins = {k: (v[0], v[1]) for k, v in body.get("origins", {}).items()}
+        if body.get("routed") is not None:
+            p.routed = RoutedTime.from_json(body["routed"], now_mono)
         ledger = body.get("ledger") or {}
         p.totals = dict(ledger.get("totals", {}))
         p.intervals = {float(k): dict(v) for k, v in ledger.get("intervals", {}).items()}

@@ -22,8 +22,10 @@ __all__ = [
     "BusItem",
     "Emit",
     "Origin",
+    "OriginReport",
     "PartitionsAssigned",
     "PartitionsRevoked",
+    "Progress",
     "Restore",
     "SourceBatch",
 ]
@@ -31,6 +33,25 @@ __all__ = [
 
 Origin = tuple[str, int, int]
 """(input partition, offset, element index) of a repartitioned record."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginReport:
+    """What a routing stage knows of one input partition it reads (repartitioned input)."""
+
+    max_ts: float | None  # largest valid event time it routed from there; None: none yet
+    caught_up: bool  # nothing was unread at its last fetch
+    silent_for: float  # seconds since a fetch last brought a message from it
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A routing stage's report, written to every internal partition about once a second
+    (:mod:`service.aggregation.origins` explains what the windowing stage does with it)."""
+
+    topic: str  # the input topic
+    partitions: int  # how many partitions it has: the origins an internal partition expects
+    origins: dict[str, OriginReport]  # "<topic>:<partition>" -> report, for those it reads
 
 
 @dataclass(slots=True)
@@ -47,6 +68,9 @@ class SourceBatch:
     ``polled_at`` is the bus's monotonic clock when it looked at the partition (the
     aggregator's clock at processing time when absent); ``lag`` how many messages were
     still unread then, when the transport knows.
+    Repartitioned input only: ``origins`` gives each record's place in the original
+    input; ``progress`` is a routing stage's report that followed the records in the
+    internal partition (it applies after them).
 
     A batch without records is a *report*: a bus reports each caught-up partition that
     delivers nothing at least every :data:`REPORT_INTERVAL_S`, because a partition
@@ -64,6 +88,7 @@ class SourceBatch:
     polled_at: float | None = None
     lag: int | None = None
     origins: list[Origin] | None = None
+    progress: Progress | None = None
 
 
 REPORT_INTERVAL_S: Final = 1.0

@@ -35,12 +35,12 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
-    Origin,
     PartitionsAssigned,
     PartitionsRevoked,
     Restore,
     SourceBatch,
 )
+from service.bus.internal_records import origins_of, split_at_progress
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
@@ -51,7 +51,7 @@ from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, retry
 
-__all__ = ["ORIGIN_HEADER", "KafkaBus"]
+__all__ = ["KafkaBus"]
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,11 @@ class KafkaBus(AsyncResource):
                 highwater = consumer.highwater(tp) if tp in assigned else None
                 caught_up = highwater is not None and live.next_offset >= highwater
                 live.reported_at = mono
+                lag = None if highwater is None else max(0, highwater - live.next_offset)
+                if self._cfg.kafka_repartition:
+                    received += await self._emit_internal(live, tp, msgs, now, mono, lag, emit)
+                    continue
                 received += len(msgs)
-                origins = _origins(msgs) if self._cfg.kafka_repartition else None
                 await emit(
                     SourceBatch(
                         partition=live.partition,
@@ -314,8 +317,7 @@ class KafkaBus(AsyncResource):
                         received_at=now,
                         caught_up=caught_up,
                         polled_at=mono,
-                        lag=None if highwater is None else max(0, highwater - live.next_offset),
-                        origins=origins,
+                        lag=lag,
                     )
                 )
             # Reports on partitions this poll brought nothing for: a silent partition
@@ -347,6 +349,39 @@ class KafkaBus(AsyncResource):
             # one Kafka message may hold a JSON array; the bus does not decode, so the
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
+
+    async def _emit_internal(
+        self,
+        live: _Live,
+        tp: TopicPartition,
+        msgs: Sequence[Any],
+        now: float,
+        mono: float,
+        lag: int | None,
+        emit: Emit,
+    ) -> int:
+        """One fetch of an internal partition of repartitioned input, as one batch per run
+        of events that a progress report ends (the report applies after its events, so
+        event time moves exactly where the routing stage wrote it); returns the events."""
+        events = 0
+        for run, progress, next_offset in split_at_progress(msgs):
+            events += len(run)
+            await emit(
+                SourceBatch(
+                    partition=live.partition,
+                    records=[b"" if m.value is None else m.value for m in run],
+                    offsets=[m.offset for m in run],
+                    source=f"kafka {self._cfg.kafka_topic}/{tp.partition}",
+                    next_position=str(next_offset),
+                    received_at=now,
+                    caught_up=lag == 0 and next_offset == live.next_offset,
+                    polled_at=mono,
+                    lag=lag,
+                    origins=origins_of(run),
+                    progress=progress,
+                )
+            )
+        return events
 
     # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
     async def _on_assigned(
@@ -503,25 +538,6 @@ class KafkaBus(AsyncResource):
             ) from exc
         if topic not in topics:
             raise TransientError(f"Kafka bus {self._servers}: topic {topic!r} does not exist")
-
-
-ORIGIN_HEADER = "vabus-origin"
-"""Header the routing stage puts on each record: ``<topic>:<partition>:<offset>:<element>``
-of the event in the original input (service/bus/repartition.py)."""
-
-
-def _origins(msgs: Sequence[Any]) -> list[Origin]:
-    """Each record's origin; a record without the header (written by something else)
-    gets a unique one of its own, so it is never taken for a replay."""
-    out: list[Origin] = []
-    for m in msgs:
-        raw = next((v for k, v in m.headers or () if k == ORIGIN_HEADER), None)
-        if raw is None:
-            out.append((f"unrouted:{m.partition}", m.offset, 0))
-            continue
-        partition, offset, element = raw.decode().rsplit(":", 2)
-        out.append((partition, int(offset), int(element)))
-    return out
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

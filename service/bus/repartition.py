@@ -17,6 +17,16 @@ runs two stages on the Kafka bus:
    group ``<group>.windows``. Now each name lives in one partition: any number of
    instances give one exact result per window.
 
+**Event time across the hand-off.** In an internal partition the names of every input
+partition meet, so its event time must follow the slowest input partition, or one that
+changes routing instance (seconds without records) would come back late. About once a
+second each routing instance writes a progress report to every internal partition: for
+each input partition it reads, the largest valid event time routed, whether it is caught
+up and how long it has been silent (:mod:`service.bus.internal_records`). The windowing
+stage holds each internal partition's event time per input partition with it
+(:mod:`service.aggregation.origins`), so a hand-off only delays windows, and the quiet
+rule is decided where the input is read.
+
 **No event counted twice.** A crash of the routing stage replays the input from its
 committed offsets, so the internal topic may hold a record twice. The routing stage
 writes one input partition's records in order, so in each internal partition the
@@ -33,16 +43,19 @@ import contextlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from service.bus.base import Emit, Restore
-from service.bus.kafka import ORIGIN_HEADER, KafkaBus
+from service.aggregation.decode import Rejected, parse_event
+from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
+from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, encode_progress
+from service.bus.kafka import KafkaBus
 from service.clock import Clock
-from service.config import BusConfig, KafkaConfig
+from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
 from service.kafka_client import client_options, create_topics, group_member_options
@@ -58,6 +71,7 @@ _UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
 _POLL_MS: Final = 500
 _MAX_RECORDS: Final = 5_000
 _RETRY_S: Final = 1.0
+_DEFAULT_MAX_FUTURE_S: Final = AggregationConfig().max_future_s
 
 
 def internal_topic(group: str) -> str:
@@ -68,18 +82,24 @@ def windowing_group(group: str) -> str:
     return f"{group}.windows"
 
 
-def route(value: bytes | None, fallback: bytes) -> list[tuple[bytes, bytes]]:
-    """(key, value) per event of one input message, in order. An object keeps its exact
+Routed = tuple[bytes, bytes, float | None]
+"""(key, value, event time when the event is valid) of one record for the internal topic."""
+
+
+def route(value: bytes | None, fallback: bytes, max_ts: float) -> list[Routed]:
+    """One record per event of one input message, in order. An object keeps its exact
     text; array elements are written one each; a message without a usable name goes
-    whole, keyed by ``fallback`` (its input partition), to be dead-lettered downstream."""
+    whole, keyed by ``fallback`` (its input partition), to be dead-lettered downstream.
+    The event time is given for the events the windowing stage will accept (``max_ts``:
+    the latest acceptable one), the only ones that move the input partition's progress."""
     raw = value or b""
     try:
         decoded = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return [(fallback, raw)]
+        return [(fallback, raw, None)]
     if type(decoded) is list:
-        return [(_key(e, fallback), orjson.dumps(e)) for e in decoded]
-    return [(_key(decoded, fallback), raw)]
+        return [(_key(e, fallback), orjson.dumps(e), _event_time(e, max_ts)) for e in decoded]
+    return [(_key(decoded, fallback), raw, _event_time(decoded, max_ts))]
 
 
 def _key(event: Any, fallback: bytes) -> bytes:
@@ -87,18 +107,49 @@ def _key(event: Any, fallback: bytes) -> bytes:
     return name.encode("utf-8", "surrogatepass") if type(name) is str and name else fallback
 
 
+def _event_time(event: Any, max_ts: float) -> float | None:
+    try:
+        return parse_event(event, max_ts)[3]  # the windowing stage's own validation
+    except Rejected:
+        return None
+
+
+@dataclass(slots=True)
+class _Owned:
+    """An input partition this routing instance reads: what its progress reports say."""
+
+    next_offset: int
+    last_message_at: float  # monotonic time of the last fetch that brought messages
+    max_ts: float | None = None
+
+    def report(self, highwater: int | None, now: float) -> OriginReport:
+        caught_up = highwater is not None and self.next_offset >= highwater
+        return OriginReport(self.max_ts, caught_up, max(0.0, now - self.last_message_at))
+
+
 class Router(AsyncResource):
     """Stage one: input topic → internal topic, keyed by name (see the module docstring)."""
 
-    def __init__(self, bus_cfg: BusConfig, kafka_cfg: KafkaConfig, clock: Clock) -> None:
+    def __init__(
+        self,
+        bus_cfg: BusConfig,
+        kafka_cfg: KafkaConfig,
+        clock: Clock,
+        max_future_s: float = _DEFAULT_MAX_FUTURE_S,
+    ) -> None:
         self._cfg = bus_cfg
         self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
         self._clock = clock
+        self._max_future_s = max_future_s
         self.topic = internal_topic(bus_cfg.kafka_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()  # a rebalance waits for the batch in flight
+        self._owned: dict[TopicPartition, _Owned] = {}
+        self._input_partitions = 0
+        self._internal_partitions: list[int] = []
+        self._reported_at = float("-inf")
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -115,6 +166,7 @@ class Router(AsyncResource):
             await consumer.start()
             self._consumer = consumer
             await self._ensure_topic(consumer)
+            self._internal_partitions = sorted(await producer.partitions_for(self.topic))
         except KafkaError as exc:
             await self.stop()
             raise TransientError(f"repartition: cannot start ({exc!r})") from exc
@@ -128,6 +180,7 @@ class Router(AsyncResource):
         if producer is not None:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
+        self._owned.clear()
 
     def stop_intake(self) -> None:
         self._stopping.set()
@@ -139,6 +192,7 @@ class Router(AsyncResource):
             log.warning("repartition: input topic %r does not exist yet", source)
             await self._clock.sleep(_RETRY_S)
         count = max(1, len(consumer.partitions_for_topic(source) or ()))
+        self._input_partitions = count
         refused = await create_topics(self._options, [self.topic], count)
         if refused:
             raise refused[self.topic]
@@ -146,7 +200,7 @@ class Router(AsyncResource):
     async def run(self) -> None:
         """Route until :meth:`stop_intake`; broker errors are logged and retried."""
         consumer = self._require(self._consumer)
-        consumer.subscribe([self._cfg.kafka_topic], listener=_CommitOnRevoke(self))
+        consumer.subscribe([self._cfg.kafka_topic], listener=_Rebalance(self))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -174,24 +228,57 @@ class Router(AsyncResource):
         consumer, producer = self._require(self._consumer), self._require(self._producer)
         async with self._batch_lock:
             assigned = consumer.assignment()
+            polled_at = self._clock.monotonic()
+            max_ts = self._clock.now() + self._max_future_s
             sent = []
             offsets: dict[TopicPartition, int] = {}
             for tp, msgs in data.items():
-                if tp not in assigned or not msgs:
+                owned = self._owned.get(tp)
+                if tp not in assigned or owned is None or not msgs:
                     continue  # revoked meanwhile: its new owner reads it again
                 fallback = f"{tp.topic}:{tp.partition}".encode()
                 for m in msgs:
-                    for i, (key, value) in enumerate(route(m.value, fallback)):
+                    for i, (key, value, ts) in enumerate(route(m.value, fallback, max_ts)):
                         origin = f"{tp.topic}:{tp.partition}:{m.offset}:{i}".encode()
                         sent.append(
                             await producer.send(
                                 self.topic, value, key=key, headers=[(ORIGIN_HEADER, origin)]
                             )
                         )
-                offsets[tp] = msgs[-1].offset + 1
+                        if ts is not None and (owned.max_ts is None or ts > owned.max_ts):
+                            owned.max_ts = ts
+                owned.next_offset = offsets[tp] = msgs[-1].offset + 1
+                owned.last_message_at = polled_at
             await asyncio.gather(*sent)
             if offsets:
                 await self._commit(offsets)
+            if self._clock.monotonic() - self._reported_at >= REPORT_INTERVAL_S:
+                await self._report_progress()
+
+    async def _report_progress(self) -> None:
+        """A progress report on the input partitions read here, to every internal
+        partition, after the records it covers (one producer keeps them in order);
+        acknowledged before the next batch, so a revocation leaves none behind."""
+        consumer, producer = self._require(self._consumer), self._require(self._producer)
+        now = self._clock.monotonic()
+        self._reported_at = now
+        if not self._owned:
+            return
+        progress = Progress(
+            self._cfg.kafka_topic,
+            self._input_partitions,
+            {
+                f"{tp.topic}:{tp.partition}": owned.report(consumer.highwater(tp), now)
+                for tp, owned in self._owned.items()
+            },
+        )
+        value = encode_progress(progress)
+        headers = [(PROGRESS_HEADER, b"1")]
+        acks = [
+            await producer.send(self.topic, value, partition=p, headers=headers)
+            for p in self._internal_partitions
+        ]
+        await asyncio.gather(*acks)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         consumer = self._require(self._consumer)
@@ -208,11 +295,24 @@ class Router(AsyncResource):
                 await consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, committed)
+            if (owned := self._owned.get(tp)) is not None:
+                owned.next_offset = await consumer.position(tp)
 
-    async def flush_for_revoke(self) -> None:
-        """Called on a rebalance: the batch in flight finishes (and commits) first."""
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """A rebalance: the batch in flight finishes (commits, reports) first; no report
+        on these partitions leaves this instance afterwards."""
         async with self._batch_lock:
-            return
+            for tp in revoked:
+                self._owned.pop(tp, None)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Newly read partitions, reported at the next batch: their event time is unknown
+        until then, and every internal partition holds back meanwhile."""
+        consumer = self._require(self._consumer)
+        now = self._clock.monotonic()
+        for tp in assigned:
+            self._owned[tp] = _Owned(await consumer.position(tp), now)
+        self._reported_at = float("-inf")
 
     async def check(self) -> None:
         if self._producer is None:
@@ -224,15 +324,15 @@ class Router(AsyncResource):
         return client
 
 
-class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, router: Router) -> None:
         self._router = router
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._router.flush_for_revoke()
+        await self._router.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        return None
+        await self._router.on_assigned(set(assigned))
 
 
 class RepartitionedBus(AsyncResource):
@@ -257,8 +357,16 @@ class RepartitionedBus(AsyncResource):
         await self._router.stop()
 
     async def run(self, emit: Emit, restore: Restore) -> None:
-        """Both stages; when the windowing stage returns (intake stopped), routing stops."""
+        """Both stages; when the windowing stage returns (intake stopped), routing stops.
+        Routing that fails stops the windowing stage too: its internal partitions would
+        otherwise wait for progress reports that never come."""
         routing = asyncio.ensure_future(self._router.run())
+
+        def failed(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                self._windowing.stop_intake()
+
+        routing.add_done_callback(failed)
         try:
             await self._windowing.run(emit, restore)
         finally:
@@ -283,15 +391,18 @@ class RepartitionedBus(AsyncResource):
 
 
 def build_repartitioned_bus(
-    bus_cfg: BusConfig, kafka_cfg: KafkaConfig, metrics: MetricsCollector, clock: Clock
+    bus_cfg: BusConfig,
+    kafka_cfg: KafkaConfig,
+    agg_cfg: AggregationConfig,
+    metrics: MetricsCollector,
+    clock: Clock,
 ) -> RepartitionedBus:
-    from dataclasses import replace
-
     windowing_cfg = replace(
         bus_cfg,
         kafka_topic=internal_topic(bus_cfg.kafka_group),
         kafka_group=windowing_group(bus_cfg.kafka_group),
     )
     return RepartitionedBus(
-        Router(bus_cfg, kafka_cfg, clock), KafkaBus(windowing_cfg, kafka_cfg, metrics, clock)
+        Router(bus_cfg, kafka_cfg, clock, agg_cfg.max_future_s),
+        KafkaBus(windowing_cfg, kafka_cfg, metrics, clock),
     )

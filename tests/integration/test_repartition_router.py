@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from service.bus.kafka import ORIGIN_HEADER
+from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
 from service.bus.repartition import Router, internal_topic, route
 from service.clock import SystemClock
 from service.config import BusConfig, KafkaConfig
@@ -22,19 +23,24 @@ pytestmark = pytest.mark.integration
 
 
 def test_route_keys_each_event_by_its_name_and_the_rest_by_its_partition() -> None:
-    fb = b"in:3"
-    assert route(b'{"name": "a", "value": 1}', fb) == [(b"a", b'{"name": "a", "value": 1}')]
-    assert route(b'[{"name":"a","value":1},{"name":"b"},7]', fb) == [
-        (b"a", b'{"name":"a","value":1}'),
-        (b"b", b'{"name":"b"}'),
-        (fb, b"7"),
+    fb, far = b"in:3", 2e9
+    one = b'{"name": "a", "value": 1, "timestamp": 5}'
+    assert route(one, fb, far) == [(b"a", one, 5.0)]
+    assert route(b'[{"name":"a","value":1,"timestamp":7},{"name":"b"},7]', fb, far) == [
+        (b"a", b'{"name":"a","value":1,"timestamp":7}', 7.0),
+        (b"b", b'{"name":"b"}', None),  # invalid: it moves no event time
+        (fb, b"7", None),
     ]
-    assert route(b"{not json", fb) == [(fb, b"{not json")]
-    assert route(b'{"name": ""}', fb) == [(fb, b'{"name": ""}')]
-    assert route(b"[]", fb) == []
+    assert route(b"{not json", fb, far) == [(fb, b"{not json", None)]
+    assert route(b'{"name": ""}', fb, far) == [(fb, b'{"name": ""}', None)]
+    assert route(b"[]", fb, far) == []
+    # an event the windowing stage refuses as too far in the future moves nothing either
+    assert route(b'{"name": "a", "value": 1, "timestamp": 9}', fb, 8.0)[0][2] is None
 
 
-async def read_all(bootstrap: str, topic: str, at_least: int) -> list[Any]:
+async def read_all(
+    bootstrap: str, topic: str, at_least: int, until: Callable[[list[Any]], bool]
+) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
     )
@@ -42,12 +48,29 @@ async def read_all(bootstrap: str, topic: str, at_least: int) -> list[Any]:
     out: list[Any] = []
     try:
         async with asyncio.timeout(30):
-            while len(out) < at_least:
+            while len([m for m in out if not is_progress(m)]) < at_least or not until(out):
                 for msgs in (await consumer.getmany(timeout_ms=500)).values():
                     out.extend(msgs)
     finally:
         await consumer.stop()
     return out
+
+
+def is_progress(record: Any) -> bool:
+    return PROGRESS_HEADER in dict(record.headers)
+
+
+def caught_up_reports(fetched: list[Any]) -> dict[int, Any]:
+    """Per internal partition, the first report saying every input partition is caught up."""
+    found: dict[int, Any] = {}
+    for r in fetched:
+        if not is_progress(r) or r.partition in found:
+            continue
+        progress = decode_progress(r.value)
+        reports = [] if progress is None else list(progress.origins.values())
+        if len(reports) == 3 and all(o.caught_up for o in reports):
+            found[r.partition] = r
+    return found
 
 
 async def test_router_writes_every_event_keyed_by_name_with_its_origin(
@@ -75,11 +98,23 @@ async def test_router_writes_every_event_keyed_by_name_with_its_origin(
     async with router:
         running = asyncio.create_task(router.run())
         try:
-            records = await read_all(kafka_bootstrap, internal_topic(group), 61)
+
+            def final_reports(out: list[Any]) -> bool:
+                return len(caught_up_reports(out)) == 3
+
+            fetched = await read_all(kafka_bootstrap, internal_topic(group), 61, final_reports)
         finally:
             router.stop_intake()
             await asyncio.wait_for(running, 10)
+    records = [r for r in fetched if not is_progress(r)]
     assert len(records) == 61
+    # every internal partition got a report that all three inputs are caught up at event
+    # time 1, written after every record it covers
+    for p, report in caught_up_reports(fetched).items():
+        progress = decode_progress(report.value)
+        assert progress is not None and progress.topic == source and progress.partitions == 3
+        assert {o.max_ts for o in progress.origins.values()} == {1.0}
+        assert all(r.offset < report.offset for r in records if r.partition == p)
     by_key = Counter(r.key for r in records)
     assert by_key[b"in-" + unique_name.encode() + b":1"] == 1  # the garbage, by partition
     assert sum(by_key[f"n{k}".encode()] for k in range(5)) == 60
