@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.bus.repartition import internal_topic
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import FUNCS, INTERVAL, Key, Results, expected_aggregates
 from tests.fault.harness import (
@@ -94,7 +95,8 @@ class LiveWorkload:
     t0: float
     rate: float
     funcs: dict[str, str]  # name -> agg_func
-    partition_of: dict[str, int]
+    partition_of: dict[str, int]  # keyed input: the partition of each name
+    unkeyed: bool = False  # messages carry no key and go round-robin over the partitions
     messages: list[Message] = field(default_factory=list)
     valid: list[dict[str, Any]] = field(default_factory=list)
     rejects: Counter[str] = field(default_factory=Counter)
@@ -162,11 +164,15 @@ def build_live_workload(
     names_per_func: int = 12,
     silent_partition: int | None = None,
     silent_after: float = 0.1,
+    unkeyed: bool = False,
 ) -> LiveWorkload:
     """``events`` valid and ``garbage`` invalid messages sent at ``rate`` messages/s over
     ``partitions`` partitions, names assigned round-robin (so each partition carries every
     function). ``silent_partition`` gets events only during the first ``silent_after`` of
-    the stream. Deterministic for a seed, except ``t0`` (event time must be recent)."""
+    the stream. ``unkeyed``: no message has a key, message ``m`` goes to partition
+    ``m % partitions``, so every name is spread over every partition (the input of
+    ``repartition=true``). Deterministic for a seed, except ``t0`` (event time must be
+    recent)."""
     rng = random.Random(seed)
     # recent enough for AGGREGATION_MAX_FUTURE: the stream ends well before "now"
     t0 = math.floor((time.time() - 3000) / INTERVAL) * INTERVAL
@@ -177,6 +183,7 @@ def build_live_workload(
         rate,
         funcs={n: n.split(".")[1] for n in names},
         partition_of={n: i % partitions for i, n in enumerate(names)},
+        unkeyed=unkeyed,
     )
     total = events + garbage
     garbage_at = set(rng.sample(range(total), garbage))
@@ -189,11 +196,11 @@ def build_live_workload(
         pool = names if silent_partition is None or at < silent_after * total / rate else loud
         name = rng.choice(pool)
         func = w.funcs[name]
-        p = w.partition_of[name]
+        p = m % partitions if unkeyed else w.partition_of[name]
         if m in garbage_at:
             value, keyed, reason = _garbage(bad, name, func, base)
-            key = name.encode() if keyed else None
-            where = p if keyed else w.partition_of[pool[bad % len(pool)]]
+            key = name.encode() if keyed and not unkeyed else None
+            where = p if keyed or unkeyed else w.partition_of[pool[bad % len(pool)]]
             w.messages.append(Message(at, where, key, value))
             w.rejects[reason] += 1
             bad += 1
@@ -208,7 +215,8 @@ def build_live_workload(
         w.valid.append({"name": name, "value": v, "timestamp": ts, "agg_func": func})
         sent_func = func.upper() if m % 7 == 0 else func  # agg_func is case-insensitive
         ev = {"name": name, "value": v, "timestamp": ts, "agg_func": sent_func}
-        w.messages.append(Message(at, p, name.encode(), orjson.dumps(ev), ts))
+        key = None if unkeyed else name.encode()
+        w.messages.append(Message(at, p, key, orjson.dumps(ev), ts))
     assert t0 + TIME_SCALE * w.duration < time.time() + 3600
     return w
 
@@ -336,7 +344,8 @@ class LiveFeed:
                 "agg_func": self._w.funcs[name],
             }
             self.released.append(LateEvent(ev, p, ws, now))
-            out.append(Message(now, p, name.encode(), orjson.dumps(ev)))
+            key = None if self._w.unkeyed else name.encode()
+            out.append(Message(now, p, key, orjson.dumps(ev)))
         return out
 
     async def _poll_written(self) -> None:
@@ -638,6 +647,8 @@ class LiveRun:
     output, else in the Kafka aggregates topic (the last value per key); every configured
     output is checked at the end.
 
+    An ``unkeyed`` workload runs with ``repartition=true``.
+
     ``async with`` creates the input topic, starts the processes and waits until the
     group has every partition assigned, so the feed starts against a running service;
     leaving terminates the processes still alive (by PID, through their handles)."""
@@ -668,12 +679,17 @@ class LiveRun:
         self.bootstrap = kafka_bootstrap
         self.dsn = postgres_dsn or ""  # "" when PostgreSQL is not an output
         self.source, self.topic = f"in-{unique_name}", f"agg-{unique_name}"
+        group = f"g-{unique_name}"
+        # unkeyed input is routed by name through the group's internal topic first: the
+        # windowing stage reads that, and names it in dead letters
+        routed = "&repartition=true" if workload.unkeyed else ""
+        self.windowed = internal_topic(group) if workload.unkeyed else self.source
         self.namespace = f"kafka:{self.source}:g-{unique_name}"  # of the checkpoints
         self.table = f"agg_{unique_name}"
         with_pg = "postgres" in self.outputs
         self.env = service_env(
-            bus_url=f"kafka://{kafka_bootstrap}/{self.source}?group=g-{unique_name}"
-            f"&metrics_topic=m-{unique_name}",
+            bus_url=f"kafka://{kafka_bootstrap}/{self.source}?group={group}"
+            f"&metrics_topic=m-{unique_name}{routed}",
             storage=storage,
             kafka_bootstrap=kafka_bootstrap,
             topic=self.topic,
@@ -843,7 +859,7 @@ class LiveRun:
             problems.append(f"Kafka DLQ: {dlq_repeats} dead letters written twice")
         pg_dead: list[dict[str, Any]] = []
         if with_pg:
-            pg_dead = await pg_dead_letters(self.dsn, self.source)
+            pg_dead = await pg_dead_letters(self.dsn, self.windowed)
             problems += check_dead_letters("PostgreSQL dead_letters", pg_dead, w, valid, released)
             # the ledger: exact across kills and hand-offs, every event accounted for
             ledger = await ledger_totals(self.dsn, self.namespace)

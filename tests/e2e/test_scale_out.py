@@ -1,6 +1,9 @@
 """Scale-out acceptance, process level: the group grows and loses a member mid-stream.
 
-Keyed input on 8 partitions, fed live at a steady rate. Two instances of the consumer
+Input on 8 partitions, fed live at a steady rate: keyed by name, and unkeyed (every
+name spread over every partition) with ``repartition=true``, where the windows are fed
+through the group's internal topic and the routing stage moves at the join and the kill
+too. Two instances of the consumer
 group start; a third joins at about a third of the stream; at about two thirds one of
 the original two is killed with ``kill -9`` and not restarted, while the stream goes
 on to its end. Partitions move at the join (a rebalance: revoked, checkpointed, adopted)
@@ -129,15 +132,19 @@ def storage(request: pytest.FixtureRequest) -> tuple[str, int, str | None]:
     return kind, seed, dsn
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("unkeyed", [False, True], ids=["keyed", "unkeyed-repartition"])
 async def test_scale_out_join_and_kill9_mid_stream_is_exact(
     storage: tuple[str, int, str | None],
+    unkeyed: bool,
     kafka_bootstrap: str,
     unique_name: str,
     tmp_path: Path,
 ) -> None:
     kind, seed, dsn = storage
-    workload = build_live_workload(seed, events=EVENTS, rate=RATE, partitions=PARTITIONS)
+    workload = build_live_workload(
+        seed, events=EVENTS, rate=RATE, partitions=PARTITIONS, unkeyed=unkeyed
+    )
     figures: list[str] = []
 
     async def scale(run: LiveRun) -> None:
@@ -194,7 +201,14 @@ async def test_scale_out_join_and_kill9_mid_stream_is_exact(
         # the dead instance's counters died with it and the survivors re-read what came
         # after its checkpoints: /metrics cannot add up to the totals here
         problems = await run.check(counters=False)
-    print(f"[scale-out {kind}] " + f"\n[scale-out {kind}] ".join(figures))
+        if unkeyed:
+            states = [await inc.status() for inc in run.alive()]
+            dropped = sum((st or {}).get("replays_dropped", 0) for st in states)
+            held = [p for st in states for p in (st or {}).get("partitions") or {}]
+            assert held and all(p.startswith(run.windowed + ":") for p in held), held
+            figures.append(f"routed records dropped as replays by the survivors: {dropped}")
+    label = f"{kind}, {'unkeyed' if unkeyed else 'keyed'}"
+    print(f"[scale-out {label}] " + f"\n[scale-out {label}] ".join(figures))
     assert not problems, "\n".join(problems)
     assert run.exit_codes == {0: 0, 2: 0}, f"exit codes of the survivors: {run.exit_codes}"
 
