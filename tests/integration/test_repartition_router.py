@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from service.aggregation.aggregator import EventAggregator
+from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
+from service.bus.kafka import KafkaBus
 from service.bus.repartition import Router, internal_topic, route
+from service.checkpoints.base import PartitionCheckpoint
 from service.clock import SystemClock
-from service.config import BusConfig, KafkaConfig
+from service.config import AggregationConfig, BusConfig, KafkaConfig
+from service.ops.metrics import MetricsCollector
 from tests.fault.harness import create_topic
 
 pytestmark = pytest.mark.integration
@@ -131,3 +137,98 @@ async def test_router_writes_every_event_keyed_by_name_with_its_origin(
     finally:
         await probe.stop()
     assert committed == [10, 11, 10]
+
+
+class _DiesBeforeCommitting(Router):
+    """A routing instance that writes to the internal topic and never commits the input:
+    as if it were killed between the broker's acknowledgement and the commit."""
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        return None
+
+
+async def test_a_replay_of_the_routing_stage_counts_once_downstream(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    """Every event reaches the internal topic twice (the first routing instance dies
+    before committing, its successor routes the input again); the real windowing bus and
+    the aggregator behind it count each once, and the windows are exact."""
+    source, group = f"in-{unique_name}", f"g-{unique_name}"
+    await create_topic(kafka_bootstrap, source, 3)
+    t0 = 1_699_999_800.0
+    events = [(f"n{i % 5}", float(i), t0 + (i % 200) * 0.1) for i in range(600)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for i, (name, value, ts) in enumerate(events):  # unkeyed: every name everywhere
+            body = {"name": name, "value": value, "timestamp": ts}
+            await producer.send(source, orjson.dumps(body), partition=i % 3)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    expected: dict[tuple[str, float], tuple[float, int]] = {}
+    for name, value, ts in events:
+        key = (name, t0 + 10.0 * ((ts - t0) // 10.0))
+        total, n = expected.get(key, (0.0, 0))
+        expected[key] = (total + value, n + 1)
+    cfg = BusConfig(
+        kind="kafka",
+        kafka_bootstrap_servers=(kafka_bootstrap,),
+        kafka_topic=source,
+        kafka_group=group,
+        kafka_session_timeout_ms=1500,
+    )
+    kafka_cfg = KafkaConfig(bootstrap_servers=(kafka_bootstrap,))
+    clock = SystemClock()
+
+    first = _DiesBeforeCommitting(cfg, kafka_cfg, clock)
+    async with first:
+        running = asyncio.create_task(first.run())
+        try:
+            await read_all(kafka_bootstrap, internal_topic(group), len(events), lambda _: True)
+        finally:
+            first.stop_intake()
+            await asyncio.wait_for(running, 10)
+
+    metrics = MetricsCollector(clock)
+    agg = EventAggregator(AggregationConfig(interval_s=10.0, idle_timeout_s=0.5), metrics, clock)
+    emitted: dict[tuple[str, float], tuple[float, int]] = {}
+    delivered = 0
+
+    async def emit(item: BusItem) -> None:
+        nonlocal delivered
+        if isinstance(item, PartitionsAssigned):
+            agg.restore(item.checkpoints)
+        elif isinstance(item, SourceBatch):
+            delivered += len(item.records)
+            for a in agg.process(item).aggregates:
+                emitted[(a.name, a.window_start)] = (a.value, a.count)
+        elif isinstance(item, PartitionsRevoked):
+            item.done.set_result(None)
+
+    async def restore(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
+        return {}
+
+    windowing_cfg = replace(
+        cfg,
+        kafka_topic=internal_topic(group),
+        kafka_group=f"{group}.windows",
+        kafka_repartition=True,
+    )
+    successor = Router(cfg, kafka_cfg, clock)  # routes everything again, then reports idle
+    async with successor, KafkaBus(windowing_cfg, kafka_cfg, metrics, clock) as windowing:
+        tasks = [
+            asyncio.create_task(successor.run()),
+            asyncio.create_task(windowing.run(emit, restore)),
+        ]
+        try:
+            async with asyncio.timeout(30):
+                while emitted != expected and not any(t.done() for t in tasks):
+                    await asyncio.sleep(0.1)
+        finally:
+            successor.stop_intake()
+            windowing.stop_intake()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert delivered == 2 * len(events)
+    assert metrics.replays_dropped == len(events)
+    assert emitted == expected
