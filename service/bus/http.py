@@ -278,7 +278,8 @@ class HttpBus(AsyncResource):
 
     async def send_metrics(self, metrics: Sequence[Metric]) -> None:
         """POST to ``{base}/metrics``; after a few failed attempts the metrics are dropped
-        with a warning (they must never hold up the data path)."""
+        with a warning and counted in ``bus_errors_total`` (they must never hold up the
+        data path)."""
         if not metrics:
             return
         if self._session is None:
@@ -296,6 +297,9 @@ class HttpBus(AsyncResource):
                 attempts=self._metrics_attempts,
             )
         except (_ResponseError, aiohttp.ClientError, TimeoutError) as exc:
+            self._metrics.on_bus_error(
+                self.name, not isinstance(exc, ServiceError) or exc.retriable
+            )
             log.warning(
                 "dropping %d metrics: POST %s/metrics failed %d times, last: %s",
                 len(metrics),

@@ -227,10 +227,12 @@ async def test_metrics_are_dropped_with_a_warning_when_the_bus_is_down(
 ) -> None:
     async with Emulator() as emu:
         url = emu.url
-    bus = http_bus(url)
+    metrics = RecordingMetrics()
+    bus = http_bus(url, metrics)
     async with bus, asyncio.timeout(5):
         await bus.send_metrics([Metric("m", 1.0, 1.0)])
     assert "dropping 1 metrics" in caplog.text
+    assert metrics.error_calls == [True]  # counted once, as retriable (the bus is down)
 
 
 async def test_check_passes_when_reachable_and_names_the_url_when_not(emulator: Emulator) -> None:
