@@ -325,11 +325,15 @@ def install_signal_handlers(
 
 
 def build_service(
-    config: Config, clock: Clock | None = None, *, http_socket: socket.socket | None = None
+    config: Config,
+    clock: Clock | None = None,
+    *,
+    http_socket: socket.socket | None = None,
+    worker: int | None = None,
 ) -> Service:
     """The service with the bus, outputs and checkpoint store the configuration names."""
     clock = clock or SystemClock()
-    metrics = MetricsCollector(clock)
+    metrics = MetricsCollector(clock, {} if worker is None else {"worker": str(worker)})
     outputs = build_outputs(config, metrics)
     bus = build_bus(config, metrics, clock)
     lease = build_lease(config, clock)
@@ -354,10 +358,12 @@ async def run(
     clock: Clock | None = None,
     http_socket: socket.socket | None = None,
     orphan_signal: signal.Signals | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Run the service from configuration until SIGTERM/SIGINT. A worker of WORKERS=N
-    serves HTTP on ``http_socket`` (bound by its supervisor) instead of
-    HTTP_HOST:HTTP_PORT, and stops gracefully on ``orphan_signal`` too."""
-    service = build_service(config, clock, http_socket=http_socket)
+    """Run the service from configuration until SIGTERM/SIGINT. Worker ``worker`` of
+    WORKERS=N serves HTTP on ``http_socket`` (bound by its supervisor) instead of
+    HTTP_HOST:HTTP_PORT, stops gracefully on ``orphan_signal`` too, and labels the
+    metrics it sends to the bus with its index."""
+    service = build_service(config, clock, http_socket=http_socket, worker=worker)
     install_signal_handlers(service, orphan_signal=orphan_signal)
     await service.run()

@@ -90,7 +90,7 @@ def main(argv: Sequence[str]) -> int:
 
         setup_logging(config.log.level, config.log.format, worker=args.index)
         sock = socket.socket(fileno=args.http_fd)
-        asyncio.run(run(config, http_socket=sock, orphan_signal=ORPHAN_SIGNAL))
+        asyncio.run(run(config, http_socket=sock, orphan_signal=ORPHAN_SIGNAL, worker=args.index))
         return EXIT_OK
     setup_logging(config.log.level, config.log.format)
     if args.command == "run":

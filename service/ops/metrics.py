@@ -149,8 +149,11 @@ class MetricsCollector:
 
     content_type: Final = CONTENT_TYPE_PLAIN_0_0_4
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, bus_labels: Mapping[str, str] = {}) -> None:
         self.clock = clock or SystemClock()
+        # on every metric sent to the bus: {"worker": "<i>"} in a worker of WORKERS=N, so
+        # that the bus's consumers can tell the workers' series apart
+        self.bus_labels = dict(bus_labels)
         self.events_received = 0
         self.events_aggregated = 0
         self.events_late = 0
@@ -383,9 +386,10 @@ class MetricsCollector:
         ]
         for q, v in quantiles.items():
             values.append((f"emit_to_durable_{q}_seconds", math.nan if v is None else v))
-        metrics = [Metric(f"{PREFIX}.{name}", float(v), now) for name, v in values]
+        labels = self.bus_labels
+        metrics = [Metric(f"{PREFIX}.{name}", float(v), now, dict(labels)) for name, v in values]
         metrics.extend(
-            Metric(f"{PREFIX}.subscriber_queue_depth", float(d), now, {"subscriber": s})
+            Metric(f"{PREFIX}.subscriber_queue_depth", float(d), now, {**labels, "subscriber": s})
             for s, d in self.queue_depths().items()
         )
         return metrics

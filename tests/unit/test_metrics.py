@@ -303,3 +303,16 @@ async def test_publish_forever_abandons_a_send_that_outlasts_the_interval() -> N
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_a_worker_labels_every_metric_it_sends_to_the_bus_with_its_index() -> None:
+    clock = ManualClock(1_700_000_000.0)
+    sent = MetricsCollector(clock, {"worker": "1"}).to_bus_metrics()
+    assert sent and all(m.labels.get("worker") == "1" for m in sent)
+    depth = [m for m in sent if m.name.endswith("subscriber_queue_depth")]
+    assert all(set(m.labels) == {"worker", "subscriber"} for m in depth)
+    assert all(
+        m.labels == {}
+        for m in MetricsCollector(clock).to_bus_metrics()
+        if not m.labels.get("subscriber")
+    )
