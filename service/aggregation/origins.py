@@ -135,6 +135,9 @@ class RoutedTime:
 
     def on_progress(self, progress: Progress, now: float) -> None:
         expected = (progress.topic, progress.partitions)
+        if self.expected is not None and self.expected[0] == progress.topic:
+            # partitions are only ever added; a router that has not seen it yet lags
+            expected = (progress.topic, max(progress.partitions, self.expected[1]))
         if expected != self.expected:
             self.expected = expected
             self.known_at = now

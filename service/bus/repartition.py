@@ -264,8 +264,13 @@ class Router(AsyncResource):
         self._reported_at = now
         if not self._owned:
             return
+        topic = self._cfg.kafka_topic
+        # the input may have grown since start-up (its metadata is refreshed periodically)
+        self._input_partitions = max(
+            self._input_partitions, len(consumer.partitions_for_topic(topic) or ())
+        )
         progress = Progress(
-            self._cfg.kafka_topic,
+            topic,
             self._input_partitions,
             {
                 f"{tp.topic}:{tp.partition}": owned.report(consumer.highwater(tp), now)

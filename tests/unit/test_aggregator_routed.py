@@ -215,3 +215,15 @@ def test_lateness_does_not_depend_on_the_batches(split: int) -> None:
         results.append((sorted(d.raw for d in p.dead), p.emitted))
     assert results[0] == results[1]
     assert results[0][0]  # some events are really late (5 s back, grace 2 s)
+
+
+def test_an_input_topic_that_grows_is_expected_whole_even_from_a_lagging_router() -> None:
+    agg, clock = make()
+    p = Internal(agg, clock)
+    p.progress(partitions=2, in_0=(T0 + 15, False, 0.0), in_1=(T0 + 15, False, 0.0))
+    p.events(("in:0", "a", 1, T0 + 14))
+    p.progress(partitions=3, in_0=(T0 + 40, False, 0.0))  # a router that saw in:2 appear
+    p.progress(partitions=2, in_1=(T0 + 40, False, 0.0))  # one that has not yet
+    assert p.emitted == {} and agg.watermark is None  # in:2 may hold anything
+    p.progress(partitions=3, in_2=(T0 + 40, False, 0.0))
+    assert p.emitted == {("a", T0 + 10): (1.0, 1)}
