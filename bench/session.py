@@ -241,6 +241,7 @@ def _launch_spec(session: Session, run: _Run) -> tuple[list[str], Path, dict[str
         bus_url = (
             f"kafka://{session.bootstrap}/{session.input_topic}?group={group}"
             f"&metrics_topic=bench-metrics-{run.run_id}"
+            + ("&repartition=true" if tool.repartition else "")
         )
     env.update(
         {

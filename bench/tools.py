@@ -31,6 +31,7 @@ class Tool:
     bus: Literal["kafka", "http"] = "kafka"
     paced: bool = False  # input fed at a fixed rate instead of preloaded
     workers: int = 1  # service only: WORKERS
+    repartition: bool = False  # service only: kafka://…&repartition=true
     script: str = ""  # repo: module name; peer: script file name
     venv: str = ""  # peer only
 
@@ -73,6 +74,13 @@ TOOLS: dict[str, Tool] = {
             "stream",
             "service",
             workers=2,
+        ),
+        Tool(
+            "service_kafka_kafka_repartition",
+            "service: Kafka -> Kafka, repartition=true",
+            "stream",
+            "service",
+            repartition=True,
         ),
         Tool(
             "service_kafka_pg",
@@ -121,6 +129,7 @@ DEFAULT_TOOLS = (
     "limit",
     "baseline",
     "service_kafka_kafka",
+    "service_kafka_kafka_w2",
     "service_kafka_pg",
     "service_http_pg",
     "service_http_pg_paced",
