@@ -78,7 +78,11 @@ def origins_of(msgs: Sequence[Any]) -> list[Origin]:
     """Each event record's origin (see :data:`UNROUTED` for records without one)."""
     out: list[Origin] = []
     for m in msgs:
-        raw = _header(m, ORIGIN_HEADER)
+        headers = m.headers
+        if headers and headers[0][0] == ORIGIN_HEADER:  # the routing stage writes it first
+            raw = headers[0][1]
+        else:
+            raw = _header(m, ORIGIN_HEADER)
         if raw is None:
             out.append((f"{UNROUTED}{m.partition}", m.offset, 0))
             continue

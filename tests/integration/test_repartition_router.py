@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
@@ -130,6 +131,8 @@ async def test_router_writes_every_event_keyed_by_name_with_its_origin(
         origin = dict(r.headers)[ORIGIN_HEADER].decode()
         assert origin.startswith(f"{source}:")
     assert all(len(p) == 1 for p in partitions_of_name.values())  # one name, one partition
+    # where aiokafka's default partitioner puts the name, as a send() per record did
+    assert all(DefaultPartitioner()(k, [0, 1, 2], None) in p for k, p in partitions_of_name.items())
     probe = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group)
     await probe.start()
     try:
