@@ -303,23 +303,28 @@ class KafkaBus(AsyncResource):
                 caught_up = highwater is not None and live.next_offset >= highwater
                 live.reported_at = mono
                 lag = None if highwater is None else max(0, highwater - live.next_offset)
-                if self._cfg.kafka_repartition:
-                    received += await self._emit_internal(live, tp, msgs, now, mono, lag, emit)
-                    continue
-                received += len(msgs)
-                await emit(
-                    SourceBatch(
-                        partition=live.partition,
-                        records=[b"" if m.value is None else m.value for m in msgs],
-                        offsets=[m.offset for m in msgs],
-                        source=f"kafka {topic}/{tp.partition}",
-                        next_position=str(live.next_offset),
-                        received_at=now,
-                        caught_up=caught_up,
-                        polled_at=mono,
-                        lag=lag,
+                # An internal partition of repartitioned input is cut after each progress
+                # report, which applies after its events: event time then moves exactly
+                # where the routing stage wrote it, whatever the fetches.
+                routed = self._cfg.kafka_repartition
+                runs = split_at_progress(msgs) if routed else ((msgs, None, live.next_offset),)
+                for run, progress, next_offset in runs:
+                    received += len(run)
+                    await emit(
+                        SourceBatch(
+                            partition=live.partition,
+                            records=[b"" if m.value is None else m.value for m in run],
+                            offsets=[m.offset for m in run],
+                            source=f"kafka {topic}/{tp.partition}",
+                            next_position=str(next_offset),
+                            received_at=now,
+                            caught_up=caught_up and next_offset == live.next_offset,
+                            polled_at=mono,
+                            lag=lag,
+                            origins=origins_of(run) if routed else None,
+                            progress=progress,
+                        )
                     )
-                )
             # Reports on partitions this poll brought nothing for: a silent partition
             # stops holding the watermark only on such evidence. Taken now, after any
             # backpressure above, so the time and the high watermark are both current.
@@ -349,39 +354,6 @@ class KafkaBus(AsyncResource):
             # one Kafka message may hold a JSON array; the bus does not decode, so the
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
-
-    async def _emit_internal(
-        self,
-        live: _Live,
-        tp: TopicPartition,
-        msgs: Sequence[Any],
-        now: float,
-        mono: float,
-        lag: int | None,
-        emit: Emit,
-    ) -> int:
-        """One fetch of an internal partition of repartitioned input, as one batch per run
-        of events that a progress report ends (the report applies after its events, so
-        event time moves exactly where the routing stage wrote it); returns the events."""
-        events = 0
-        for run, progress, next_offset in split_at_progress(msgs):
-            events += len(run)
-            await emit(
-                SourceBatch(
-                    partition=live.partition,
-                    records=[b"" if m.value is None else m.value for m in run],
-                    offsets=[m.offset for m in run],
-                    source=f"kafka {self._cfg.kafka_topic}/{tp.partition}",
-                    next_position=str(next_offset),
-                    received_at=now,
-                    caught_up=lag == 0 and next_offset == live.next_offset,
-                    polled_at=mono,
-                    lag=lag,
-                    origins=origins_of(run),
-                    progress=progress,
-                )
-            )
-        return events
 
     # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
     async def _on_assigned(

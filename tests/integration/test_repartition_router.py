@@ -63,6 +63,16 @@ async def read_all(
     return out
 
 
+def input_config(bootstrap: str, topic: str, group: str) -> BusConfig:
+    return BusConfig(
+        kind="kafka",
+        kafka_bootstrap_servers=(bootstrap,),
+        kafka_topic=topic,
+        kafka_group=group,
+        kafka_session_timeout_ms=1500,
+    )
+
+
 def is_progress(record: Any) -> bool:
     return PROGRESS_HEADER in dict(record.headers)
 
@@ -94,13 +104,7 @@ async def test_router_writes_every_event_keyed_by_name_with_its_origin(
         await producer.send_and_wait(source, b"garbage", partition=1)
     finally:
         await producer.stop()
-    cfg = BusConfig(
-        kind="kafka",
-        kafka_bootstrap_servers=(kafka_bootstrap,),
-        kafka_topic=source,
-        kafka_group=group,
-        kafka_session_timeout_ms=3000,
-    )
+    cfg = input_config(kafka_bootstrap, source, group)
     router = Router(cfg, KafkaConfig(bootstrap_servers=(kafka_bootstrap,)), SystemClock())
     async with router:
         running = asyncio.create_task(router.run())
@@ -174,13 +178,7 @@ async def test_a_replay_of_the_routing_stage_counts_once_downstream(
         key = (name, t0 + 10.0 * ((ts - t0) // 10.0))
         total, n = expected.get(key, (0.0, 0))
         expected[key] = (total + value, n + 1)
-    cfg = BusConfig(
-        kind="kafka",
-        kafka_bootstrap_servers=(kafka_bootstrap,),
-        kafka_topic=source,
-        kafka_group=group,
-        kafka_session_timeout_ms=1500,
-    )
+    cfg = input_config(kafka_bootstrap, source, group)
     kafka_cfg = KafkaConfig(bootstrap_servers=(kafka_bootstrap,))
     clock = SystemClock()
 
