@@ -76,12 +76,12 @@ async def test_the_leader_notices_its_session_ending_and_can_compete_again(
     watch = asyncio.create_task(leader.wait_lost())
     await asyncio.sleep(0.1)
     assert not watch.done()
+    # By the leader's own server pid: both leases live in this process under one
+    # application_name, and fetchval() would end only the first session it matches.
+    server_pid = leader._conn.get_server_pid()
     admin = await asyncpg.connect(postgres_dsn)
     try:  # what a server restart does to every session
-        terminated = await admin.fetchval(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-            leader.application_name,
-        )
+        terminated = await admin.fetchval("SELECT pg_terminate_backend($1)", server_pid)
     finally:
         await admin.close()
     assert terminated
