@@ -58,6 +58,7 @@ __all__ = [
     "read_output_topic",
     "service_env",
     "status",
+    "stored_valid_events",
     "wait_for",
 ]
 
@@ -313,6 +314,33 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+async def stored_valid_events(
+    bootstrap: str, topic: str, stream: Stream, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """The stream's valid events as the input topic holds them, once it holds every
+    message sent: a produce retried across a broker restart may have been stored twice
+    (a producer without idempotence cannot know), and then the service must count it
+    twice too."""
+    valid = {orjson.dumps(ev): ev for ev in stream.valid}  # the bytes build_stream sent
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    stored: list[dict[str, Any]] = []
+    read = quiet_rounds = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while read < len(stream.messages) or quiet_rounds < 3:
+                batches = await consumer.getmany(timeout_ms=300, max_records=50_000)
+                got = [m for msgs in batches.values() for m in msgs]
+                read += len(got)
+                quiet_rounds = 0 if got else quiet_rounds + 1
+                stored.extend(valid[m.value] for m in got if m.value in valid)
+    finally:
+        await consumer.stop()
+    return stored
 
 
 async def read_output_topic(
