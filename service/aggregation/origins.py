@@ -71,14 +71,17 @@ class RoutedTime:
     origins: dict[str, OriginTime] = field(default_factory=dict)
     expected: tuple[str, int] | None = None  # (input topic, partitions) from the reports
     known_at: float = 0.0  # when ``expected`` was learnt (bus monotonic time)
+    _names: list[str] = field(default_factory=list)  # the expected origins' names
     _limit: float | None = None  # the last computed limit (None: held back, unknown time)
 
     # -- the rule ---------------------------------------------------------------------
     def _expected_names(self) -> list[str]:
-        if self.expected is None:
-            return list(self.origins)
-        topic, count = self.expected
-        return [f"{topic}:{i}" for i in range(count)]
+        return self._names if self.expected is not None else list(self.origins)
+
+    def _expect(self, topic: str, count: int, now: float) -> None:
+        self.expected = (topic, count)
+        self._names = [f"{topic}:{i}" for i in range(count)]
+        self.known_at = now
 
     def _state(self, name: str) -> OriginTime:
         s = self.origins.get(name)
@@ -134,13 +137,12 @@ class RoutedTime:
         return self.limit(idle_s, now) if moved else None
 
     def on_progress(self, progress: Progress, now: float) -> None:
-        expected = (progress.topic, progress.partitions)
+        count = progress.partitions
         if self.expected is not None and self.expected[0] == progress.topic:
             # partitions are only ever added; a router that has not seen it yet lags
-            expected = (progress.topic, max(progress.partitions, self.expected[1]))
-        if expected != self.expected:
-            self.expected = expected
-            self.known_at = now
+            count = max(count, self.expected[1])
+        if (progress.topic, count) != self.expected:
+            self._expect(progress.topic, count, now)
         for name, report in progress.origins.items():
             s = self.origins.get(name)
             if s is None:
@@ -164,7 +166,7 @@ class RoutedTime:
         t = cls(known_at=now)
         if body.get("expected") is not None:
             topic, count = body["expected"]
-            t.expected = (str(topic), int(count))
+            t._expect(str(topic), int(count), now)
         for name, (max_ts, caught_up, silent_for) in body.get("origins", {}).items():
             t.origins[name] = OriginTime(max_ts, bool(caught_up), float(silent_for), now)
         return t
