@@ -297,6 +297,10 @@ class EventAggregator:
                         continue
                     got = windows.get(start)
                     if got is None:
+                        # never open a window for an event that is then refused: the
+                        # reference path (which refused it before) would not have one
+                        if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
+                            continue
                         got = windows[start] = {}
                     keyed = got
                     q_lo = float(k)
@@ -304,8 +308,9 @@ class EventAggregator:
                 key = (name, func)
                 acc = keyed.get(key)
                 if acc is None:
-                    # A name is checked when it first opens a key (see fast_ok): a key
-                    # already open holds a checked name, so the common event pays nothing.
+                    # A name is checked when it first opens a window or a key (see
+                    # fast_ok): an open key holds a checked name, so the common event
+                    # pays nothing.
                     if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
                         continue
                     if open_now >= budget:

@@ -75,8 +75,9 @@ def fast_ok(ev: WireEvent, max_ts: float) -> bool:
     """Whether a fast-decoded event is valid as it is (the checks msgspec cannot make).
 
     The aggregator inlines this test for single-event messages, all but the name: there
-    it checks :func:`name_fault` when a name first opens a window key (and before a late
-    or over-budget rejection), so a name seen before costs nothing. Keep them in step.
+    it checks :func:`name_fault` when an event would open a window or a key, or be
+    rejected as late or over budget, before it changes any state, so a name already
+    open costs nothing. Keep them in step.
     """
     ts = ev.timestamp
     return (

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+import service.aggregation.aggregator as aggregator_module
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import Rejected, loads_message, name_fault, parse_event
 from service.bus.base import SourceBatch
@@ -190,3 +191,24 @@ def test_kafka_dead_letter_with_a_lone_surrogate_is_json_a_strict_parser_reads()
     _, value = encode_dead_letter(dead, 1 << 20)
     obj = orjson.loads(value)
     assert (obj["raw"], obj["detail"]) == ("raw \\ud800", "detail \\udc00")
+
+
+def _refuse(data: bytes) -> Any:
+    raise ValueError("fast path disabled")
+
+
+def test_hostile_name_alone_in_its_window_leaves_the_state_the_reference_path_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path sees the name only in the loop: it must refuse it before it opens a
+    window (an empty window would later be "emitted" and counted)."""
+    records = [message('"a\\u0000"', 1, START + 1), message('"ok"', 2, START + 61)]
+
+    def state() -> Any:
+        agg = make()
+        agg.process(SourceBatch("p0", records, "test p0", None, NOW))
+        return [orjson.loads(c.state or b"") for c in agg.snapshot()]
+
+    fast = state()
+    monkeypatch.setattr(aggregator_module, "decode_fast", _refuse)
+    assert fast == state()
