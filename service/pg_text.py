@@ -4,11 +4,13 @@ PostgreSQL refuses NUL in ``text`` (SQLSTATE 22021), and asyncpg cannot even sen
 string holding a lone UTF-16 surrogate (SQLSTATE 22000 from its encoder; Python's json
 reads one from a ``"\\ud800"`` escape or from the UTF-8 bytes of a surrogate): either
 would fail the write, and a dead letter that cannot be written stops the output.
-Event names are validated upstream; this is for every other text, and a last guard. Both are escaped the way JSON spells them, so the
-text stays readable and JSON-ish: NUL becomes the six characters ``\\u0000``, a lone
-surrogate ``\\udXXX``. A backslash already in the text is left as it is, so the escape
-cannot be told from the same six characters sent literally; a dead letter is for
-reading, not for replaying byte for byte.
+Event names are validated upstream; this is for every other text, and a last guard.
+
+Both are escaped the way JSON spells them, so the text stays readable and JSON-ish: NUL
+becomes the six characters ``\\u0000``, a lone surrogate ``\\udXXX``. A backslash
+already in the text is left as it is, so the escape cannot be told from the same six
+characters sent literally; a dead letter is for reading, not for replaying byte for
+byte.
 """
 
 from __future__ import annotations
