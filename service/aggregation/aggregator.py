@@ -26,6 +26,7 @@ from service.aggregation.decode import (
     element_of,
     fast_ok,
     loads_message,
+    name_fault,
     parse_event,
     raw_text,
 )
@@ -285,6 +286,8 @@ class EventAggregator:
                     k = floor(q)
                     start = k * interval
                     if start + interval <= closed_until:
+                        if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
+                            continue
                         late += 1
                         late_key = (name, func, start)
                         late_windows[late_key] = late_windows.get(late_key, 0) + 1
@@ -294,6 +297,10 @@ class EventAggregator:
                         continue
                     got = windows.get(start)
                     if got is None:
+                        # never open a window for an event that is then refused: the
+                        # reference path (which refused it before) would not have one
+                        if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
+                            continue
                         got = windows[start] = {}
                     keyed = got
                     q_lo = float(k)
@@ -301,6 +308,11 @@ class EventAggregator:
                 key = (name, func)
                 acc = keyed.get(key)
                 if acc is None:
+                    # A name is checked when it first opens a window or a key (see
+                    # fast_ok): an open key holds a checked name, so the common event
+                    # pays nothing.
+                    if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
+                        continue
                     if open_now >= budget:
                         raw = _raw_of(ev, evs, raws, record)
                         self._reject(
@@ -408,6 +420,27 @@ class EventAggregator:
             evs.append(WireEvent(name, value, ts, func))
             raws.append(item)
         return evs, raws, len(items)
+
+    def _bad_name(
+        self,
+        ev: WireEvent,
+        evs: Sequence[WireEvent],
+        raws: list[Any] | None,
+        record: Any,
+        out: Outputs,
+        rejects: dict[str, int],
+        batch: SourceBatch,
+        idx: int,
+        now: float,
+    ) -> bool:
+        """Dead-letter ``ev`` as ``invalid_name`` if its name may not be stored (the
+        fast path's share of :func:`parse_event`'s name rule), and say whether it did."""
+        fault = name_fault(ev.name)
+        if fault is None:
+            return False
+        raw = _raw_of(ev, evs, raws, record)
+        self._reject(out, rejects, batch, idx, raw, "invalid_name", fault, now)
+        return True
 
     def _reject(
         self,

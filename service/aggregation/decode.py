@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -36,6 +37,7 @@ __all__ = [
     "element_of",
     "fast_ok",
     "loads_message",
+    "name_fault",
     "parse_event",
     "raw_text",
 ]
@@ -72,10 +74,41 @@ not exactly that shape: the caller then takes the reference path."""
 def fast_ok(ev: WireEvent, max_ts: float) -> bool:
     """Whether a fast-decoded event is valid as it is (the checks msgspec cannot make).
 
-    The aggregator inlines this test for single-event messages; keep the two in step.
+    The aggregator inlines this test for single-event messages, all but the name: there
+    it checks :func:`name_fault` when an event would open a window or a key, or be
+    rejected as late or over budget, before it changes any state, so a name already
+    open costs nothing. Keep them in step.
     """
     ts = ev.timestamp
-    return type(ts) is float and 0.0 <= ts <= max_ts and ev.agg_func in CANONICAL_FUNCS
+    return (
+        type(ts) is float
+        and 0.0 <= ts <= max_ts
+        and ev.agg_func in CANONICAL_FUNCS
+        and (ev.name.isprintable() or name_fault(ev.name) is None)
+    )
+
+
+# Characters no output may hold in a name: C0 controls and DEL (PostgreSQL text refuses
+# NUL; the others break logs, labels and terminals) and lone UTF-16 surrogates (not
+# Unicode text: UTF-8 cannot carry them, so neither JSON output nor PostgreSQL can).
+_NAME_FAULT: Final = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def name_fault(name: str) -> str | None:
+    """Why ``name`` cannot be an event name (a control character or a lone surrogate,
+    located), or None. ``str.isprintable`` is false for every such character, so the
+    common name costs one C call and only the others are searched."""
+    if name.isprintable():
+        return None
+    bad = _NAME_FAULT.search(name)
+    if bad is None:
+        return None  # other non-printables (spaces, format characters) are allowed
+    code = ord(bad.group())
+    what = "a lone UTF-16 surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+    return (
+        f"'name' holds {what} (U+{code:04X} at index {bad.start()}); names may not hold "
+        "control characters (U+0000-U+001F, U+007F) or lone surrogates"
+    )
 
 
 class Rejected(Exception):
@@ -149,14 +182,6 @@ def _timestamp(raw: Any) -> float:
     return ts
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def parse_event(obj: Any, max_ts: float) -> tuple[str, str, float, float]:
     """Validate one decoded event -> ``(name, agg_func, value, timestamp)``.
 
@@ -171,10 +196,11 @@ def parse_event(obj: Any, max_ts: float) -> tuple[str, str, float, float]:
         raise Rejected(
             "invalid_name", f"'name' must be a non-empty string of at most {MAX_NAME_LENGTH} chars"
         )
-    if not name.isascii() and not _encodable(name):
-        # "\ud800" is valid JSON for the standard library, but no output can store it
-        # (UTF-8 has no lone surrogates): accepted, it would fail every checkpoint.
-        raise Rejected("invalid_name", "'name' holds a lone UTF-16 surrogate (not Unicode text)")
+    # "\u0000" and "\ud800" are valid JSON, but PostgreSQL text cannot hold NUL and no
+    # UTF-8 output a lone surrogate: accepted, either would fail writes for good.
+    fault = name_fault(name)
+    if fault is not None:
+        raise Rejected("invalid_name", fault)
     value: Any = obj.get("value")
     kind = type(value)
     if kind is float:

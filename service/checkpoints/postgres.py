@@ -17,6 +17,7 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
 from service.lifecycle import AsyncResource
 from service.pg_errors import pg_error
+from service.pg_text import storable_text
 from service.schema import (
     CHECKPOINT_TABLE,
     LEDGER_TABLE,
@@ -76,7 +77,7 @@ async def _save_ledger(conn: Any, namespace: str, rows: Sequence[PartitionCheckp
                 counts.append(n)
         for name, func, window, late in c.ledger.get("late_windows", []):
             lparts.append(c.partition)
-            names.append(name)
+            names.append(storable_text(name))  # never fail the checkpoint on a name
             funcs.append(func)
             windows.append(window)
             lates.append(late)

@@ -121,9 +121,14 @@ def encode_aggregates(
     return records, refused
 
 
+def _utf8_text(value: Any) -> Any:
+    return value.encode("utf-8", "backslashreplace").decode() if type(value) is str else value
+
+
 def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
-    """(reason, JSON): always valid UTF-8 JSON, even when a field holds a lone surrogate
-    (then non-ASCII characters are written as ``\\u`` escapes), and at most
+    """(reason, JSON): always valid UTF-8 JSON that any parser reads, even when a field
+    holds a lone surrogate (then it is written as the six characters ``\\udXXX``, not as
+    an escape that strict parsers such as orjson refuse), and at most
     ``max_bytes`` long: ``raw`` is cut (and says so) rather than the output refusing a
     record it can never deliver."""
     key = d.reason.encode("utf-8", "backslashreplace")
@@ -132,8 +137,8 @@ def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
     while True:
         try:
             value = orjson.dumps(obj)
-        except TypeError:
-            value = json.dumps(obj).encode()
+        except TypeError:  # a lone surrogate: written as the text \udXXX, as UTF-8 allows
+            value = orjson.dumps({k: _utf8_text(v) for k, v in obj.items()})
         if len(key) + len(value) <= max_bytes or not raw:
             return key, value
         raw = raw[: len(raw) // 2]

@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
-import orjson
 
 from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
@@ -36,6 +35,8 @@ from service.events import Aggregate, DeadLetter
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.pg_errors import pg_error, pg_error_kind
+from service.pg_text import json_text
+from service.pg_text import storable_text as _storable_text
 from service.schema import TableNames, ensure_schema
 
 __all__ = ["PostgresSink", "SinkStatements", "write_batch"]
@@ -89,17 +90,6 @@ def _dedupe(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
         if seen is None or (seen.count, seen.emitted_at) <= (a.count, a.emitted_at):
             latest[key] = a
     return list(latest.values())
-
-
-def _storable_text(s: str) -> str:
-    """PostgreSQL text refuses NUL and lone surrogates; dead letters must always store."""
-    if "\x00" in s:
-        s = s.replace("\x00", "\\u0000")
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
-    return s
 
 
 async def _upsert(conn: Any, sql: SinkStatements, rows: Sequence[Aggregate]) -> None:
@@ -173,7 +163,7 @@ async def write_batch(
     )
     created = [
         DeadLetter(
-            raw=orjson.dumps(agg.to_json_obj()).decode(),
+            raw=json_text(agg.to_json_obj()),  # a name PostgreSQL refused may not be UTF-8
             reason="invalid_value",
             detail=f"PostgreSQL refused the aggregate (SQLSTATE {_exc_state(exc)}): {exc}",
             source=f"sink:postgres:{sql.aggregates_label}",

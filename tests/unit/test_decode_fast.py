@@ -58,6 +58,10 @@ _names = st.sampled_from(
         '"\\u0061"',
         '"\u00e9\u00e8"',
         '"\\ud800"',
+        '"a\\u0000"',
+        '"\\u001fb"',
+        '"a\u007f"',
+        '"\\t"',
     ]
 )
 _numbers = st.one_of(
