@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from service.app import Service
 from service.bus.memory import MemoryBus
-from service.checkpoints.file import FileCheckpointStore
-from service.clock import SystemClock
-from service.config import Config, HttpServerConfig, PostgresConfig, Secret
+from service.checkpoints.file import FileCheckpointStore, file_stem
+from service.clock import ManualClock, SystemClock
+from service.config import Config, HttpServerConfig, PostgresConfig, Secret, load_config
 from service.dev.devstack import EmbeddedPostgres
 from service.ops.metrics import MetricsCollector
+from service.schema import migrate
+from service.sinks.memory import MemorySink
 from service.sinks.postgres import PostgresSink
 from tests.e2e.workload import free_port
 
@@ -71,3 +74,123 @@ async def test_readyz_turns_503_while_postgres_is_down_and_200_after(
     finally:
         service.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+async def drain(service: Service, task: asyncio.Task[None], clock: ManualClock) -> None:
+    """Stop the service, moving its clock on while the drain waits out a backoff."""
+    service.request_stop()
+    async with asyncio.timeout(20):
+        while not task.done():
+            parked = asyncio.ensure_future(clock.sleeping())
+            await asyncio.wait({task, parked}, timeout=0.05)
+            parked.cancel()
+            clock.advance(1.0)
+    await task
+
+
+async def test_readyz_names_checkpoints_that_cannot_be_saved_and_recovers(
+    tmp_path: Path,
+) -> None:
+    # Tests run as root, which ignores file modes: a directory where the temporary file
+    # goes makes every save fail (IsADirectoryError), as a read-only or foreign-owned
+    # state directory does under an arbitrary user id.
+    failing_s = 20.0
+    config = load_config(
+        {
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": "0",
+            "READINESS_OUTPUT_FAILING_TIMEOUT": str(failing_s),
+        },
+        dotenv=None,
+    )
+    clock = ManualClock()
+    store = FileCheckpointStore(str(tmp_path), "t")
+    blocker = tmp_path / f".{file_stem('t')}.checkpoint.tmp"
+    blocker.mkdir()
+    service = Service(
+        config,
+        bus=MemoryBus({"p0": []}, clock=clock),
+        sinks=[MemorySink()],
+        store=store,
+        metrics=MetricsCollector(clock),
+        clock=clock,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            while service.web is None or service.phase != "running":
+                await asyncio.sleep(0.01)
+        port = service.web.port
+        started = clock.monotonic()  # the first checkpoint (of the assignment) fails now
+        # Poll, moving the service's clock one second per probe: 503 must come within
+        # READINESS_OUTPUT_FAILING_TIMEOUT (plus one probe step and the 1 s cache).
+        while (code_body := await readyz(port))[0] != 503:
+            assert clock.monotonic() - started <= failing_s + 2, "still ready"
+            clock.advance(1.0)
+        body = code_body[1]
+        assert clock.monotonic() - started >= failing_s, "503 before the timeout"
+        assert "IsADirectoryError" in body["checks"]["checkpoints"], body
+        assert "STATE_DIR" in body["checks"]["checkpoints"], body
+        assert body["checks"]["memory"] == "ok" and body["checks"]["bus"] == "ok"
+
+        blocker.rmdir()  # the cause removed: the next attempt saves
+        recovered = clock.monotonic()
+        while (code_body := await readyz(port))[0] != 200:
+            # the hub's restart backoff (at most 30 s) and the breaker's cool-down (15 s)
+            assert clock.monotonic() - recovered <= 60, code_body
+            clock.advance(1.0)
+            await asyncio.sleep(0.01)
+        assert store.path.exists()
+    finally:
+        if blocker.is_dir():
+            blocker.rmdir()
+        await drain(service, task, clock)
+
+
+async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recovers(
+    postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    table, dead_letters, role = f"agg_{unique_name}", f"dl_{unique_name}", f"r_{unique_name}"
+    await migrate(postgres_dsn, table, dead_letters)
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}")
+    await admin.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    assert postgres_dsn.startswith("postgresql://postgres@")
+    dsn = postgres_dsn.replace("postgres@", f"{role}@", 1)
+
+    clock = SystemClock()
+    metrics = MetricsCollector(clock)
+    port = free_port()
+    pg = PostgresConfig(dsn=Secret(dsn), table=table, dead_letter_table=dead_letters)
+    config = Config(outputs=("postgres",), postgres=pg, http=HttpServerConfig("127.0.0.1", port))
+    bus = MemoryBus({"p0": []})
+    service = Service(
+        config,
+        bus=bus,
+        sinks=[PostgresSink(pg, metrics)],
+        store=FileCheckpointStore(str(tmp_path), "t"),
+        metrics=metrics,
+        clock=clock,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        await wait_for_status(port, 200)
+        await admin.execute(f"REVOKE INSERT, UPDATE ON {table}, {dead_letters} FROM {role}")
+        bus.add("p0", [b"{not json"])  # a dead letter: a write the role may no longer do
+        body = await wait_for_status(port, 503)
+        assert "42501" in body["checks"]["postgres"], body
+        assert body["checks"]["bus"] == "ok"
+
+        await admin.execute(f"GRANT INSERT, UPDATE ON {table}, {dead_letters} TO {role}")
+        await wait_for_status(port, 200)
+        rows = await admin.fetchval(f"SELECT count(*) FROM {dead_letters}")
+        assert rows == 1
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 30)
+        await admin.execute(f"DROP TABLE IF EXISTS {table}, {dead_letters}")
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
