@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from service.app import Service
 from service.bus.memory import MemoryBus
@@ -17,6 +19,7 @@ from service.clock import ManualClock, SystemClock
 from service.config import Config, HttpServerConfig, PostgresConfig, Secret, load_config
 from service.dev.devstack import EmbeddedPostgres
 from service.ops.metrics import MetricsCollector
+from service.ops.web import build_web_app
 from service.schema import migrate
 from service.sinks.memory import MemorySink
 from service.sinks.postgres import PostgresSink
@@ -194,3 +197,53 @@ async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recover
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+async def test_a_probe_flood_runs_one_postgres_check_and_takes_one_connection(
+    postgres_dsn: str, unique_name: str
+) -> None:
+    probes = 100
+    arrived = asyncio.Event()
+    seen = 0
+
+    @web.middleware
+    async def counting(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal seen
+        seen += 1
+        if seen == probes:
+            arrived.set()  # every probe is in flight: no timing involved
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    metrics = MetricsCollector(ManualClock())  # the answer's age stands still
+    pg = PostgresConfig(
+        dsn=Secret(postgres_dsn), table=f"agg_{unique_name}", pool_min_size=1, pool_max_size=4
+    )
+    sink = PostgresSink(pg, metrics)
+    await sink.start()
+    checks = 0
+
+    async def check() -> None:  # the sink's own check, counted, held until all are in
+        nonlocal checks
+        checks += 1
+        await arrived.wait()
+        await sink.check()
+
+    app = build_web_app(metrics, {"postgres": check}, dict, readiness_timeout_s=60)
+    app.middlewares.append(counting)
+    try:
+        async with (
+            TestServer(app) as server,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+        ):
+
+            async def probe() -> int:
+                async with http.get(server.make_url("/readyz")) as r:
+                    return r.status
+
+            codes = await asyncio.gather(*(probe() for _ in range(probes)))
+        assert codes == [200] * probes
+        assert checks == 1
+        assert sink.pool.get_size() == 1  # the pool never grew past its one connection
+    finally:
+        await sink.stop()
