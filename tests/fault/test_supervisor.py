@@ -186,7 +186,7 @@ async def test_readyz_and_healthz_follow_the_workers_processes() -> None:
             answer = await get_json(sup, "/readyz")
             return answer if answer[0] == 503 else None
 
-        code, body = await until(not_ready, 10, "/readyz 503")
+        _, body = await until(not_ready, 10, "/readyz 503")
         assert body["failing"] == ["0"]
         assert body["workers"]["0"]["reason"] == "not running: killed by SIGKILL"
         health = await get_json(sup, "/healthz")
