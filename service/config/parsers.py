@@ -198,3 +198,16 @@ def query(query: str, *, allowed: tuple[str, ...], form: str) -> dict[str, str]:
             raise Invalid(f"{key!r} given twice", expected=form)
         params[key] = value
     return params
+
+
+AUTH_TOKEN_FORM = (
+    "at least 16 printable ASCII characters without spaces (e.g. openssl rand -hex 32)"  # noqa: S105
+)
+_AUTH_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
+
+
+def parse_auth_token(value: str) -> str:
+    """HTTP_AUTH_TOKEN: sent in a header, so visible ASCII only; long enough to guess."""
+    if not _AUTH_TOKEN.fullmatch(value):
+        raise Invalid()
+    return value

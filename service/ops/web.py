@@ -19,6 +19,7 @@ from aiohttp import web
 
 from service.clock import Clock
 from service.lifecycle import AsyncResource
+from service.ops.auth import bearer_auth
 from service.ops.metrics import MetricsCollector
 from service.ops.readiness import READINESS_CACHE_S, SharedAnswer
 
@@ -31,6 +32,7 @@ __all__ = [
     "WebServer",
     "add_status_page",
     "build_web_app",
+    "new_app",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def build_web_app(
     readiness_details: Callable[[], Mapping[str, Any]] = dict,
     readiness_cache_s: float = READINESS_CACHE_S,
     clock: Clock | None = None,
+    auth_token: str = "",
 ) -> web.Application:
     """The app serving the four endpoints.
 
@@ -69,9 +72,10 @@ def build_web_app(
     ``clock``, default the metrics') share one answer. ``status`` must be cheap and JSON-able: it is
     merged over the metrics snapshot on every /status request. ``readiness_details``
     adds JSON-able fields to every /readyz answer without deciding its status (a standby
-    says so there, and is ready: healthy, able to take over).
+    says so there, and is ready: healthy, able to take over). With ``auth_token``, every
+    path but /healthz and /readyz needs it as a bearer token (:mod:`service.ops.auth`).
     """
-    app = web.Application()
+    app = new_app(auth_token)
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = dict(readiness)
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
@@ -88,6 +92,14 @@ def build_web_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
     return app
+
+
+def new_app(auth_token: str = "") -> web.Application:
+    """An empty app; with ``auth_token``, behind :func:`~service.ops.auth.bearer_auth`
+    (whose 401 for ``/`` is the status page, so a browser can ask for the token)."""
+    if not auth_token:
+        return web.Application()
+    return web.Application(middlewares=[bearer_auth(auth_token, lambda r: r.app[PAGE_KEY])])
 
 
 def add_status_page(app: web.Application) -> None:

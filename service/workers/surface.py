@@ -28,7 +28,13 @@ from service.errors import describe_error
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.ops.readiness import SharedAnswer
-from service.ops.web import READINESS_ANSWER_KEY, READINESS_TIMEOUT_S, Readiness, add_status_page
+from service.ops.web import (
+    READINESS_ANSWER_KEY,
+    READINESS_TIMEOUT_S,
+    Readiness,
+    add_status_page,
+    new_app,
+)
 from service.workers.exposition import exposition, merge_expositions, supervisor_families
 from service.workers.slot import WorkerSlot, describe_exit
 
@@ -58,14 +64,16 @@ Answer = tuple[int, bytes] | str
 
 
 class WorkerClient(AsyncResource):
-    """Asks every worker the same question at once, each bounded by a timeout."""
+    """Asks every worker the same question at once, each bounded by a timeout; with
+    ``auth_token`` (HTTP_AUTH_TOKEN, which the workers read too) as its bearer token."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth_token: str = "") -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(headers=self._headers)
 
     async def stop(self) -> None:
         session, self._session = self._session, None
@@ -102,8 +110,12 @@ SUPERVISED_KEY: Final = web.AppKey[Supervised]("supervised")
 CLIENT_KEY: Final = web.AppKey("worker_client", WorkerClient)
 
 
-def build_surface_app(supervised: Supervised, client: WorkerClient) -> web.Application:
-    app = web.Application()
+def build_surface_app(
+    supervised: Supervised, client: WorkerClient, auth_token: str = ""
+) -> web.Application:
+    """The supervisor's surface; ``auth_token`` guards it as it does a worker's own
+    (:mod:`service.ops.auth`), and ``client`` sends it to the workers."""
+    app = new_app(auth_token)
     app[SUPERVISED_KEY] = supervised
     app[CLIENT_KEY] = client
     # a probe flood asks each worker once a second at most (see service.ops.readiness)
