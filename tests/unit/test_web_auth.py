@@ -154,5 +154,6 @@ async def test_the_workers_surface_needs_the_token_and_sends_it_to_the_workers()
 
 async def test_a_worker_client_without_the_token_is_refused_by_a_guarded_worker() -> None:
     async with WebServer("127.0.0.1", 0, worker_app()) as worker, aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{worker.port}/status") as resp:
+        url = f"http://127.0.0.1:{worker.port}/status"
+        async with http.get(url) as resp:
             assert resp.status == 401
