@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -21,7 +23,11 @@ passwords = st.text(min_size=1, max_size=40)
 HARD = ["p#ss", "p/ss", "p?ss", "p@ss", "p:ss", "p%23ss", "p ss", "pässwörd", "a@b:c/d?e#f", "@"]
 
 
-def with_examples(test):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def with_examples(test: F) -> F:
+    """The hard cases, tried on every run before hypothesis's own."""
     for password in HARD:
         test = example(password)(test)
     return test
