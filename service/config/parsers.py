@@ -113,8 +113,13 @@ def parse_identifier(value: str) -> str:
 
 
 def parse_dsn(value: str) -> str:
-    if urlsplit(value).scheme not in ("postgresql", "postgres"):
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
         raise Invalid()
+    if value.count("@") > 1 or ("@" in value and "@" not in parts.netloc):
+        # A raw '@ # / ?' in the password: the driver would cut the URL elsewhere, use
+        # a piece of the password as host or port, and quote it in its errors.
+        raise Invalid("write '@', '#', '/' and '?' in the password as %40, %23, %2F and %3F")
     return value
 
 

@@ -81,7 +81,11 @@ def configured(dsn: str) -> str:
 
 # One per way a DSN can be judged (valid; refused by urlsplit): what is shown is one of
 # these, so not one character of the password is shown (stronger than "not in it").
-SHOWN_DSN = {configured("postgresql://vabus:x@db/agg"), configured("postgresql://vabus:[@db/agg")}
+SHOWN_DSN = {
+    configured("postgresql://vabus:x@db/agg"),
+    configured("postgresql://vabus:[@db/agg"),
+    configured("postgresql://vabus:#@db/agg"),
+}
 
 
 @with_examples
@@ -102,6 +106,19 @@ def bus_problem(password: str) -> str:
 def test_a_bus_url_with_credentials_is_refused_without_showing_them(password: str) -> None:
     # refused for its credentials, or (a raw '#', '/', '?' ends the host early) its port
     assert bus_problem(password) in {bus_problem("x"), bus_problem("x#y")}
+
+
+@pytest.mark.parametrize("password", ["p#ss", "p/ss", "p?ss", "p@ss", "a@b:c/d?e#f"])
+def test_a_dsn_the_driver_would_misread_is_refused_naming_the_fix(password: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"POSTGRES_DSN": f"postgresql://vabus:{password}@db/agg"}, dotenv=None)
+    [problem] = caught.value.problems
+    assert problem.startswith("POSTGRES_DSN='postgresql://vabus:***@db/agg': expected")
+    assert problem.endswith(
+        "(write '@', '#', '/' and '?' in the password as %40, %23, %2F and %3F)"
+    )
+    encoded = f"postgresql://vabus:{quote(password, safe='')}@db/agg"
+    assert load_config({"POSTGRES_DSN": encoded}, dotenv=None).postgres.dsn.value == encoded
 
 
 def test_text_that_is_not_a_url_is_masked_whole() -> None:
