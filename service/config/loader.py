@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from service.config.masking import Secret
 from service.config.parsers import (
-    AUTH_TOKEN_FORM,
+    BEARER_FORM,
     DEMO_FORM,
     FILE_FORM,
     HTTP_FORM,
@@ -99,7 +99,7 @@ def read_http(r: Reader) -> HttpServerConfig:
     return HttpServerConfig(
         host=r.custom("HTTP_HOST", d.host, non_empty, "a host name or address"),
         port=r.integer("HTTP_PORT", d.port, low=0, high=65535),
-        auth_token=Secret(r.custom("HTTP_AUTH_TOKEN", "", parse_auth_token, AUTH_TOKEN_FORM)),
+        auth_token=Secret(r.custom("HTTP_AUTH_TOKEN", "", parse_auth_token, BEARER_FORM)),
     )
 
 

