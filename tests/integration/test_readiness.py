@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -20,9 +24,10 @@ from service.config import Config, HttpServerConfig, PostgresConfig, Secret, loa
 from service.dev.devstack import EmbeddedPostgres
 from service.ops.metrics import MetricsCollector
 from service.ops.web import build_web_app
-from service.schema import migrate
+from service.schema import CHECKPOINT_TABLE, migrate
 from service.sinks.memory import MemorySink
 from service.sinks.postgres import PostgresSink
+from service.wiring import build_outputs
 from tests.e2e.workload import free_port
 
 pytestmark = pytest.mark.integration
@@ -150,23 +155,45 @@ async def test_readyz_names_checkpoints_that_cannot_be_saved_and_recovers(
         await drain(service, task, clock)
 
 
-async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recovers(
-    postgres_dsn: str, unique_name: str, tmp_path: Path
-) -> None:
-    table, dead_letters, role = f"agg_{unique_name}", f"dl_{unique_name}", f"r_{unique_name}"
+@dataclass(frozen=True)
+class Role:
+    """A login role of this test with SELECT, INSERT, UPDATE on every table (the service's
+    own, made by ``migrate`` as the superuser) and the superuser connection that grants."""
+
+    name: str
+    dsn: str
+    admin: Any  # asyncpg connection as the superuser
+    table: str
+    dead_letters: str
+
+
+@pytest.fixture
+async def role(postgres_dsn: str, unique_name: str) -> AsyncIterator[Role]:
+    table, dead_letters, name = f"agg_{unique_name}", f"dl_{unique_name}", f"r_{unique_name}"
     await migrate(postgres_dsn, table, dead_letters)
     admin = await asyncpg.connect(postgres_dsn)
-    await admin.execute(f"CREATE ROLE {role} LOGIN")
-    await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-    await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}")
-    await admin.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    await admin.execute(f"CREATE ROLE {name} LOGIN")
+    await admin.execute(f"GRANT USAGE ON SCHEMA public TO {name}")
+    await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {name}")
+    await admin.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {name}")
     assert postgres_dsn.startswith("postgresql://postgres@")
-    dsn = postgres_dsn.replace("postgres@", f"{role}@", 1)
+    dsn = postgres_dsn.replace("postgres@", f"{name}@", 1)
+    try:
+        yield Role(name, dsn, admin, table, dead_letters)
+    finally:
+        await admin.execute(f"DROP TABLE IF EXISTS {table}, {dead_letters}")
+        await admin.execute(f"DROP OWNED BY {name}")
+        await admin.execute(f"DROP ROLE {name}")
+        await admin.close()
 
+
+async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recovers(
+    role: Role, tmp_path: Path
+) -> None:
     clock = SystemClock()
     metrics = MetricsCollector(clock)
     port = free_port()
-    pg = PostgresConfig(dsn=Secret(dsn), table=table, dead_letter_table=dead_letters)
+    pg = PostgresConfig(dsn=Secret(role.dsn), table=role.table, dead_letter_table=role.dead_letters)
     config = Config(outputs=("postgres",), postgres=pg, http=HttpServerConfig("127.0.0.1", port))
     bus = MemoryBus({"p0": []})
     service = Service(
@@ -177,26 +204,61 @@ async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recover
         metrics=metrics,
         clock=clock,
     )
+    tables = f"{role.table}, {role.dead_letters}"
     task = asyncio.create_task(service.run())
     try:
         await wait_for_status(port, 200)
-        await admin.execute(f"REVOKE INSERT, UPDATE ON {table}, {dead_letters} FROM {role}")
+        await role.admin.execute(f"REVOKE INSERT, UPDATE ON {tables} FROM {role.name}")
         bus.add("p0", [b"{not json"])  # a dead letter: a write the role may no longer do
         body = await wait_for_status(port, 503)
         assert "42501" in body["checks"]["postgres"], body
         assert body["checks"]["bus"] == "ok"
 
-        await admin.execute(f"GRANT INSERT, UPDATE ON {table}, {dead_letters} TO {role}")
+        await role.admin.execute(f"GRANT INSERT, UPDATE ON {tables} TO {role.name}")
         await wait_for_status(port, 200)
-        rows = await admin.fetchval(f"SELECT count(*) FROM {dead_letters}")
-        assert rows == 1
+        assert await role.admin.fetchval(f"SELECT count(*) FROM {role.dead_letters}") == 1
     finally:
         service.request_stop()
         await asyncio.wait_for(task, 30)
-        await admin.execute(f"DROP TABLE IF EXISTS {table}, {dead_letters}")
-        await admin.execute(f"DROP OWNED BY {role}")
-        await admin.execute(f"DROP ROLE {role}")
-        await admin.close()
+
+
+async def test_readyz_names_checkpoints_saved_in_postgres_when_the_role_may_not_write_them(
+    role: Role,
+) -> None:
+    # PostgreSQL as the output: checkpoints commit in its write transactions (the
+    # wiring's SharedTransaction); a role that may not write vabus_checkpoints fails them.
+    port = free_port()
+    pg = PostgresConfig(dsn=Secret(role.dsn), table=role.table, dead_letter_table=role.dead_letters)
+    config = Config(outputs=("postgres",), postgres=pg, http=HttpServerConfig("127.0.0.1", port))
+    clock = SystemClock()
+    metrics = MetricsCollector(clock)
+    outputs = build_outputs(config, metrics)
+    assert outputs.shared_transaction is not None
+    bus = MemoryBus({"p0": []})
+    service = Service(
+        config,
+        bus=bus,
+        sinks=outputs.sinks,
+        store=outputs.store,
+        metrics=metrics,
+        clock=clock,
+        shared_transaction=outputs.shared_transaction,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        await wait_for_status(port, 200)
+        await role.admin.execute(f"REVOKE INSERT, UPDATE ON {CHECKPOINT_TABLE} FROM {role.name}")
+        event = {"name": "a", "value": 1, "timestamp": time.time()}
+        bus.add("p0", [orjson.dumps(event)])  # changes state: a checkpoint is due
+        body = await wait_for_status(port, 503)
+        assert "42501" in body["checks"]["checkpoints"], body
+        assert "in output postgres's transaction" in body["checks"]["checkpoints"]
+
+        await role.admin.execute(f"GRANT INSERT, UPDATE ON {CHECKPOINT_TABLE} TO {role.name}")
+        await wait_for_status(port, 200)
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 30)
 
 
 async def test_a_probe_flood_runs_one_postgres_check_and_takes_one_connection(
