@@ -71,10 +71,10 @@ def build_web_app(
     bounded by ``readiness_timeout_s``; probes within ``readiness_cache_s`` (on
     ``clock``, default the metrics') share one answer. ``status`` must be cheap and
     JSON-able: it is merged over the metrics snapshot on every /status request.
-    ``readiness_details``
-    adds JSON-able fields to every /readyz answer without deciding its status (a standby
-    says so there, and is ready: healthy, able to take over). With ``auth_token``, every
-    path but /healthz and /readyz needs it as a bearer token (:mod:`service.ops.auth`).
+    ``readiness_details`` adds JSON-able fields to every /readyz answer without deciding
+    its status (a standby says so there, and is ready: healthy, able to take over). With
+    ``auth_token``, every path but /healthz and /readyz needs it as a bearer token
+    (:mod:`service.ops.auth`).
     """
     app = new_app(auth_token)
     app[METRICS_KEY] = metrics
