@@ -246,7 +246,11 @@ class Service:
                 "checkpoints": self.sender.store_readiness_check(failing_s),
             }
             app = build_web_app(
-                self.metrics, checks, self.status, readiness_details=self.readiness_details
+                self.metrics,
+                checks,
+                self.status,
+                readiness_details=self.readiness_details,
+                auth_token=self.config.http.auth_token.value,
             )
             self.web = WebServer(
                 self.config.http.host, self.config.http.port, app, sock=self.http_socket

@@ -11,6 +11,9 @@ sink is left alone for ``breaker_cooldown_s``, then one probe write goes through
 retry is counted (``sink_retries_total{sink}``), as is the time from the first failure
 to the next success (``sink_degraded_seconds_total{sink}``). :meth:`readiness_check`
 makes ``/readyz`` report a sink whose writes are failing, even when a bare ping works.
+A failure that is not retried here (a :class:`PermanentError` such as a refused
+privilege or login, or any other exception: a read-only or full disk) counts as
+failing just the same: the hub runs the handler again until the cause is fixed.
 
 One transaction for the last rows and the checkpoint: when the wiring hands over a
 :class:`SharedTransaction` (the PostgreSQL sink and a checkpoint store in the same
@@ -32,7 +35,7 @@ from typing import Any, Protocol
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
 from service.clock import Clock
-from service.errors import TransientError
+from service.errors import TransientError, describe_error
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint, ReadBack
 from service.hub import Delivery
@@ -197,26 +200,18 @@ class DataSender:
             wait = breaker.wait_s(self._clock.monotonic())
             if wait > 0:
                 await self._clock.sleep(wait)
-            await attempt_once()
+            try:
+                await attempt_once()
+            except Exception as exc:
+                # Not retried here (a permission, an auth, a full disk: whatever the
+                # class), the hub runs the handler again; it is failing all the same,
+                # and /readyz must say so (it reads ``degraded``).
+                if not isinstance(exc, TransientError):
+                    self._record_failure(name, exc)
+                raise
 
         def on_failure(exc: BaseException, attempt: int) -> float:
-            now = self._clock.monotonic()
-            if name not in self.degraded:
-                self._metrics.on_sink_degraded(name)
-                self._degraded_since[name] = self._clock.monotonic()
-            self.degraded[name] = str(exc)
-            opens = breaker.opens
-            breaker.record_failure(now)
-            self._metrics.set_sink_circuit(name, breaker.state(now) == "open")
-            self._metrics.on_sink_retry(name)
-            if breaker.opens > opens:
-                log.warning(
-                    "output %s: circuit open after %d failures in a row, next probe in %.0fs",
-                    name,
-                    breaker.consecutive_failures,
-                    breaker.wait_s(now),
-                )
-            return breaker.wait_s(now)  # an open circuit waits out its cool-down
+            return self._record_failure(name, exc)
 
         await retry(
             through_breaker,
@@ -230,6 +225,28 @@ class DataSender:
         if self.degraded.pop(name, None) is not None:
             self._metrics.on_sink_recovered(name)
             self._metrics.set_sink_circuit(name, False)
+
+    def _record_failure(self, name: str, exc: BaseException) -> float:
+        """Count a failed attempt of output ``name`` (degraded since, breaker, retry
+        metrics); returns how long its circuit wants the next attempt to wait."""
+        breaker = self.breakers[name]
+        now = self._clock.monotonic()
+        if name not in self.degraded:
+            self._metrics.on_sink_degraded(name)
+            self._degraded_since[name] = now
+        self.degraded[name] = describe_error(exc)
+        opens = breaker.opens
+        breaker.record_failure(now)
+        self._metrics.set_sink_circuit(name, breaker.state(now) == "open")
+        self._metrics.on_sink_retry(name)
+        if breaker.opens > opens:
+            log.warning(
+                "output %s: circuit open after %d failures in a row, next probe in %.0fs",
+                name,
+                breaker.consecutive_failures,
+                breaker.wait_s(now),
+            )
+        return breaker.wait_s(now)  # an open circuit waits out its cool-down
 
     async def _write_then_checkpoint(
         self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint
@@ -314,10 +331,18 @@ class DataSender:
         return check
 
     def store_readiness_check(self, failing_for_s: float = 0.0) -> Callable[[], Awaitable[None]]:
-        """Fails once saving checkpoints has been failing for ``failing_for_s``."""
+        """Fails once saving checkpoints has been failing for ``failing_for_s``: by the
+        store, or by the output whose transaction also saves them (when it fails,
+        nothing is checkpointed either)."""
 
         async def check() -> None:
             self._raise_if_failing(CHECKPOINT_STORE, failing_for_s)
+            if self._shared is not None:
+                partner = self._shared.sink.name
+                try:
+                    self._raise_if_failing(partner, failing_for_s)
+                except TransientError as exc:
+                    raise TransientError(f"saved in output {partner}'s transaction: {exc}") from exc
 
         return check
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any, Final
 import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import ServiceError
+from service.errors import PermanentError, ServiceError, TransientError, describe_error
 from service.lifecycle import AsyncResource
 
 __all__ = ["FORMAT_VERSION", "CheckpointFileError", "FileCheckpointStore", "file_stem"]
@@ -33,6 +34,11 @@ __all__ = ["FORMAT_VERSION", "CheckpointFileError", "FileCheckpointStore", "file
 FORMAT_VERSION: Final = 1
 _MAGIC: Final = b"VABUS-CHECKPOINT"
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
+# Write failures that can end without anyone changing the configuration (space freed,
+# the disk back); any other (permission, read-only, not a directory) needs an operator.
+_TRANSIENT_ERRNOS: Final = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY}
+)
 
 
 def file_stem(namespace: str) -> str:
@@ -89,8 +95,20 @@ class FileCheckpointStore(AsyncResource):
         async with self._lock:  # saves must reach the disk in the order they were made
             view = dict(self._started_view())
             view.update((c.partition, c) for c in checkpoints)
-            await asyncio.to_thread(self._write, view)
+            try:
+                await asyncio.to_thread(self._write, view)
+            except OSError as exc:
+                raise self._write_error(exc) from exc
             self._view = view  # only once durable: a failed save changes nothing
+
+    def _write_error(self, exc: OSError) -> TransientError | PermanentError:
+        text = f"saving checkpoints in STATE_DIR {self._dir} failed: {describe_error(exc)}"
+        if exc.errno in _TRANSIENT_ERRNOS:
+            return TransientError(text)
+        return PermanentError(
+            f"{text}; it must be a directory the service's user can write "
+            "(in the image: writable by group 0)"
+        )
 
     # -- file I/O (runs in a worker thread) --------------------------------------------
 

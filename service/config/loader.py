@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from service.config.masking import Secret
 from service.config.parsers import (
+    BEARER_FORM,
     DEMO_FORM,
     FILE_FORM,
     HTTP_FORM,
@@ -20,6 +21,7 @@ from service.config.parsers import (
     choice,
     existing_file,
     non_empty,
+    parse_auth_token,
     parse_bus_url,
     parse_dsn,
     parse_identifier,
@@ -97,6 +99,7 @@ def read_http(r: Reader) -> HttpServerConfig:
     return HttpServerConfig(
         host=r.custom("HTTP_HOST", d.host, non_empty, "a host name or address"),
         port=r.integer("HTTP_PORT", d.port, low=0, high=65535),
+        auth_token=Secret(r.custom("HTTP_AUTH_TOKEN", "", parse_auth_token, BEARER_FORM)),
     )
 
 

@@ -113,8 +113,13 @@ def parse_identifier(value: str) -> str:
 
 
 def parse_dsn(value: str) -> str:
-    if urlsplit(value).scheme not in ("postgresql", "postgres"):
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
         raise Invalid()
+    if value.count("@") > 1 or ("@" in value and "@" not in parts.netloc):
+        # A raw '@ # / ?' in the password: the driver would cut the URL elsewhere, use
+        # a piece of the password as host or port, and quote it in its errors.
+        raise Invalid("write '@', '#', '/' and '?' in the password as %40, %23, %2F and %3F")
     return value
 
 
@@ -198,3 +203,14 @@ def query(query: str, *, allowed: tuple[str, ...], form: str) -> dict[str, str]:
             raise Invalid(f"{key!r} given twice", expected=form)
         params[key] = value
     return params
+
+
+BEARER_FORM = "at least 16 printable ASCII characters without spaces (e.g. openssl rand -hex 32)"
+_AUTH_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
+
+
+def parse_auth_token(value: str) -> str:
+    """HTTP_AUTH_TOKEN: sent in a header, so visible ASCII only; long enough to guess."""
+    if not _AUTH_TOKEN.fullmatch(value):
+        raise Invalid()
+    return value

@@ -96,6 +96,9 @@ class AggregationConfig:
 class HttpServerConfig:
     host: str = "0.0.0.0"  # HTTP_HOST  # noqa: S104 - a container serves every interface
     port: int = 8080  # HTTP_PORT
+    # HTTP_AUTH_TOKEN: when set, /, /status and /metrics need "Authorization: Bearer
+    # <token>"; /healthz and /readyz stay open for probes
+    auth_token: Secret = Secret("")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,17 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from importlib.resources import files
 from typing import Any, Final
 
 from aiohttp import web
 
+from service.clock import Clock
 from service.lifecycle import AsyncResource
+from service.ops.auth import bearer_auth
 from service.ops.metrics import MetricsCollector
+from service.ops.readiness import READINESS_CACHE_S, SharedAnswer
 
 __all__ = [
     "METRICS_KEY",
@@ -28,6 +32,7 @@ __all__ = [
     "WebServer",
     "add_status_page",
     "build_web_app",
+    "new_app",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,9 @@ READINESS_TIMEOUT_KEY: Final = web.AppKey("readiness_timeout_s", float)
 STATUS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("status")
 READINESS_DETAILS_KEY: Final = web.AppKey[Callable[[], Mapping[str, Any]]]("readiness_details")
 PAGE_KEY: Final = web.AppKey("status_page", bytes)
+Readiness = tuple[int, dict[str, Any]]
+"""A /readyz answer: HTTP status and JSON body."""
+READINESS_ANSWER_KEY: Final = web.AppKey[SharedAnswer[Readiness]]("readiness_answer")
 
 
 def build_web_app(
@@ -53,27 +61,46 @@ def build_web_app(
     *,
     readiness_timeout_s: float = READINESS_TIMEOUT_S,
     readiness_details: Callable[[], Mapping[str, Any]] = dict,
+    readiness_cache_s: float = READINESS_CACHE_S,
+    clock: Clock | None = None,
+    auth_token: str = "",
 ) -> web.Application:
     """The app serving the four endpoints.
 
     ``readiness`` names each dependency /readyz checks; all run concurrently, each
-    bounded by ``readiness_timeout_s``. ``status`` must be cheap and JSON-able: it is
-    merged over the metrics snapshot on every /status request. ``readiness_details``
-    adds JSON-able fields to every /readyz answer without deciding its status (a standby
-    says so there, and is ready: healthy, able to take over).
+    bounded by ``readiness_timeout_s``; probes within ``readiness_cache_s`` (on
+    ``clock``, default the metrics') share one answer. ``status`` must be cheap and
+    JSON-able: it is merged over the metrics snapshot on every /status request.
+    ``readiness_details`` adds JSON-able fields to every /readyz answer without deciding
+    its status (a standby says so there, and is ready: healthy, able to take over). With
+    ``auth_token``, every path but /healthz and /readyz needs it as a bearer token
+    (:mod:`service.ops.auth`).
     """
-    app = web.Application()
+    app = new_app(auth_token)
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = dict(readiness)
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
     app[STATUS_KEY] = status
     app[READINESS_DETAILS_KEY] = readiness_details
+    answer = SharedAnswer(
+        partial(_readiness, app), (clock or metrics.clock).monotonic, readiness_cache_s
+    )
+    app[READINESS_ANSWER_KEY] = answer
+    app.on_cleanup.append(lambda _: answer.close())
     add_status_page(app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
     return app
+
+
+def new_app(auth_token: str = "") -> web.Application:
+    """An empty app; with ``auth_token``, behind :func:`~service.ops.auth.bearer_auth`
+    (whose 401 for ``/`` is the status page, so a browser can ask for the token)."""
+    if not auth_token:
+        return web.Application()
+    return web.Application(middlewares=[bearer_auth(auth_token, lambda r: r.app[PAGE_KEY])])
 
 
 def add_status_page(app: web.Application) -> None:
@@ -98,15 +125,24 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    checks = request.app[READINESS_KEY]
+    status, body = await request.app[READINESS_ANSWER_KEY].get()
+    return web.json_response(body, status=status)
+
+
+async def _readiness(app: web.Application) -> Readiness:
+    checks = app[READINESS_KEY]
     names = list(checks)
-    timeout_s = request.app[READINESS_TIMEOUT_KEY]
+    timeout_s = app[READINESS_TIMEOUT_KEY]
     failures = await asyncio.gather(*(_run_check(checks[n], timeout_s) for n in names))
     results = {n: (f or "ok") for n, f in zip(names, failures, strict=True)}
-    details = request.app[READINESS_DETAILS_KEY]()
+    try:
+        details = dict(app[READINESS_DETAILS_KEY]())
+    except Exception as exc:  # the answer is shared: it must not raise
+        log.warning("readiness details failed: %s", exc)
+        details = {}
     if any(failures):
-        return web.json_response({"status": "not_ready", "checks": results, **details}, status=503)
-    return web.json_response({"status": "ready", "checks": results, **details})
+        return 503, {"status": "not_ready", "checks": results, **details}
+    return 200, {"status": "ready", "checks": results, **details}
 
 
 async def _run_check(check: ReadinessCheck, timeout_s: float) -> str | None:

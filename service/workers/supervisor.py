@@ -149,11 +149,12 @@ class Supervisor:
         """Serve HTTP, keep every worker running until stopped, then stop them all within
         SHUTDOWN_TIMEOUT. Whatever happens, no worker is left running on return."""
         async with AsyncExitStack() as stack:
-            client = WorkerClient()
+            client = WorkerClient(self.config.http.auth_token.value)
             await client.start()
             stack.push_async_callback(client.stop)
             http = self.config.http
-            self.web = WebServer(http.host, http.port, build_surface_app(self, client))
+            surface = build_surface_app(self, client, http.auth_token.value)
+            self.web = WebServer(http.host, http.port, surface)
             await self.web.start()
             stack.push_async_callback(self.web.stop)
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -26,7 +27,14 @@ from aiohttp import web
 from service.errors import describe_error
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
-from service.ops.web import READINESS_TIMEOUT_S, add_status_page
+from service.ops.readiness import SharedAnswer
+from service.ops.web import (
+    READINESS_ANSWER_KEY,
+    READINESS_TIMEOUT_S,
+    Readiness,
+    add_status_page,
+    new_app,
+)
 from service.workers.exposition import exposition, merge_expositions, supervisor_families
 from service.workers.slot import WorkerSlot, describe_exit
 
@@ -56,14 +64,16 @@ Answer = tuple[int, bytes] | str
 
 
 class WorkerClient(AsyncResource):
-    """Asks every worker the same question at once, each bounded by a timeout."""
+    """Asks every worker the same question at once, each bounded by a timeout; with
+    ``auth_token`` (HTTP_AUTH_TOKEN, which the workers read too) as its bearer token."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth_token: str = "") -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(headers=self._headers)
 
     async def stop(self) -> None:
         session, self._session = self._session, None
@@ -100,10 +110,18 @@ SUPERVISED_KEY: Final = web.AppKey[Supervised]("supervised")
 CLIENT_KEY: Final = web.AppKey("worker_client", WorkerClient)
 
 
-def build_surface_app(supervised: Supervised, client: WorkerClient) -> web.Application:
-    app = web.Application()
+def build_surface_app(
+    supervised: Supervised, client: WorkerClient, auth_token: str = ""
+) -> web.Application:
+    """The supervisor's surface; ``auth_token`` guards it as it does a worker's own
+    (:mod:`service.ops.auth`), and ``client`` sends it to the workers."""
+    app = new_app(auth_token)
     app[SUPERVISED_KEY] = supervised
     app[CLIENT_KEY] = client
+    # a probe flood asks each worker once a second at most (see service.ops.readiness)
+    answer = SharedAnswer(partial(_ask_readiness, app), supervised.monotonic)
+    app[READINESS_ANSWER_KEY] = answer
+    app.on_cleanup.append(lambda _: answer.close())
     add_status_page(app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -121,12 +139,17 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    sup = request.app[SUPERVISED_KEY]
-    answers = await request.app[CLIENT_KEY].ask_all(sup.slots, "/readyz", _READY_TIMEOUT_S)
+    status, body = await request.app[READINESS_ANSWER_KEY].get()
+    return web.json_response(body, status=status)
+
+
+async def _ask_readiness(app: web.Application) -> Readiness:
+    sup = app[SUPERVISED_KEY]
+    answers = await app[CLIENT_KEY].ask_all(sup.slots, "/readyz", _READY_TIMEOUT_S)
     workers = {worker: _readiness(answer) for worker, answer in answers.items()}
     failing = [w for w, r in workers.items() if r["status"] != "ready"]
     body = {"status": "not_ready" if failing else "ready", "failing": failing, "workers": workers}
-    return web.json_response(body, status=503 if failing else 200)
+    return 503 if failing else 200, body
 
 
 def _readiness(answer: Answer) -> dict[str, Any]:

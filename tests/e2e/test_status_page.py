@@ -155,3 +155,73 @@ async def test_status_page_shows_live_figures_and_an_output_outage(
 async def _shows(row: Any, words: tuple[str, ...]) -> bool:
     text = await row.text_content() or ""
     return any(w in text for w in words)
+
+
+async def test_status_page_behind_http_auth_token_takes_it_once_and_sends_it(
+    tmp_path: Path,
+) -> None:
+    from playwright.async_api import async_playwright
+
+    from service.app import Service
+    from service.bus.memory import MemoryBus
+    from service.checkpoints.file import FileCheckpointStore
+    from service.clock import SystemClock
+    from service.config import load_config
+    from service.ops.metrics import MetricsCollector
+    from service.sinks.memory import MemorySink
+
+    executable = chromium_path()
+    token = "page-t0ken-5b1e9d2c7a"
+    port = free_port()
+    config = load_config(
+        {"HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port), "HTTP_AUTH_TOKEN": token},
+        dotenv=None,
+    )
+    clock = SystemClock()
+    service = Service(
+        config,
+        bus=MemoryBus({"p0": []}),
+        sinks=[MemorySink()],
+        store=FileCheckpointStore(str(tmp_path), "t"),
+        metrics=MetricsCollector(clock),
+        clock=clock,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        await poll(lambda: _async(service.phase == "running"), 10, "the service running")
+        base = f"http://127.0.0.1:{port}/"
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+            conn = "document.getElementById('conn').textContent"
+
+            # Once in the fragment: the page keeps it for the tab and drops it from the URL.
+            page = await browser.new_page()
+            await page.goto(base + "#token=" + token)
+            await page.wait_for_function(f"{conn}.startsWith('updated')")
+            assert token not in page.url
+            assert await page.locator("#phase").text_content() == "running"
+            assert await page.locator("#login").is_hidden()
+            await page.reload()  # the same tab still has it
+            await page.wait_for_function(f"{conn}.startsWith('updated')")
+
+            # Without it the page asks; a wrong one is refused; the right one opens it.
+            page = await (await browser.new_context()).new_page()
+            response = await page.goto(base)
+            assert response is not None and response.status == 401
+            await page.wait_for_function(f"{conn} === 'access token required'")
+            assert await page.locator("#login").is_visible()
+            await page.fill("#token", "not-the-token-at-all")
+            await page.click("#login button")
+            await page.wait_for_function(f"{conn} === 'token refused'")
+            await page.fill("#token", token)
+            await page.click("#login button")
+            await page.wait_for_function(f"{conn}.startsWith('updated')")
+            assert await page.locator("#login").is_hidden()
+            await browser.close()
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -225,3 +226,54 @@ async def test_the_workers_stop_on_their_own_when_the_main_process_is_killed(
     took = time.monotonic() - started
     assert inc.proc.log_text().count("the supervisor is gone: shutting down gracefully") == 2
     print(f"\n[workers] main process killed -9: both workers gone after {took:.1f} s")
+
+
+@pytest.mark.timeout(120)
+async def test_with_http_auth_token_the_supervisor_reaches_its_guarded_workers(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    # The workers read the same HTTP_AUTH_TOKEN: their own /status and /metrics are
+    # guarded, so the supervisor's surface must send it to them.
+    token = "workers-t0ken-8c2d4e6f"
+    await create_topic(kafka_bootstrap, f"in-{unique_name}")
+    env = {
+        **env_for(kafka_bootstrap, unique_name, tmp_path, postgres_dsn),
+        "HTTP_AUTH_TOKEN": token,
+    }
+    inc = Incarnation(env, tmp_path, 0)
+    bearer = {"Authorization": f"Bearer {token}"}
+
+    async def fetch(path: str, headers: dict[str, str]) -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession(headers=headers) as http,
+            http.get(f"http://127.0.0.1:{inc.port}{path}") as r,
+        ):
+            return r.status, await r.text()
+
+    async def both_workers_answer() -> dict[str, Any] | None:
+        try:
+            code, text = await fetch("/status", bearer)
+        except aiohttp.ClientError:
+            return None
+        body = orjson.loads(text) if code == 200 else None
+        workers = None if body is None else body["workers"]
+        return body if workers and all(w is not None for w in workers.values()) else None
+
+    try:
+        body = await wait_for(both_workers_answer, 60, "both workers' /status", inc.proc)
+        assert set(body["workers"]) == {"0", "1"}
+        for path in ("/", "/status", "/metrics"):
+            assert (await fetch(path, {}))[0] == 401, path
+        assert (await fetch("/healthz", {}))[0] == 200
+        code, text = await fetch("/metrics", bearer)
+        scraped = {
+            s.labels["worker"]: s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "vabus_aggregator_worker_scrape_success"
+            for s in f.samples
+        }
+        assert code == 200 and scraped == {"0": 1.0, "1": 1.0}
+        assert token not in text and token not in orjson.dumps(body).decode()
+        assert token not in inc.proc.log_text()
+    finally:
+        assert inc.terminate(timeout=SHUTDOWN_TIMEOUT_S + 10) == 0

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -16,7 +17,7 @@ from service.checkpoints.postgres import PostgresCheckpointStore
 from service.clock import SystemClock
 from service.config import PostgresConfig, Secret, load_config
 from service.dev.emulator import Emulator
-from service.errors import ServiceError
+from service.errors import ConfigError, ServiceError
 from service.ops.checks import check_all
 from service.ops.metrics import MetricsCollector
 from service.sinks.postgres import PostgresSink
@@ -27,15 +28,17 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "tok-Secret-7f3a9c"
 KAFKA_PASSWORD = "kpw-Secret-51d2e8"
-PG_PASSWORD = "pgpw-Secret-a6b0c4"
-SECRETS = (TOKEN, KAFKA_PASSWORD, PG_PASSWORD)
+# Every character that used to end the masked part early, percent-encoded in the DSN
+PG_PASSWORD = "pgpw-Secret-a6b0c4#/?@: %ü"
+HTTP_TOKEN = "http-Secret-3e8b1f0d9c"
+SECRETS = (TOKEN, KAFKA_PASSWORD, "pgpw-Secret-a6b0c4", HTTP_TOKEN)
 
 
 def with_password(dsn: str, user: str) -> str:
     """The test server's DSN with ``user:PG_PASSWORD`` (the embedded server trusts
     loopback, so the password is sent but not needed)."""
     assert dsn.startswith("postgresql://postgres@")
-    return dsn.replace("postgres@", f"{user}:{PG_PASSWORD}@", 1)
+    return dsn.replace("postgres@", f"{user}:{quote(PG_PASSWORD, safe='')}@", 1)
 
 
 def environment(bus_port: int, pg_dsn: str, http_port: int, tmp: str) -> dict[str, str]:
@@ -54,17 +57,24 @@ def environment(bus_port: int, pg_dsn: str, http_port: int, tmp: str) -> dict[st
         "HTTP_PORT": str(http_port),
         "STATE_DIR": tmp,
         "LOG_LEVEL": "DEBUG",
+        "HTTP_AUTH_TOKEN": HTTP_TOKEN,
     }
 
 
 def assert_no_secret(where: str, text: str) -> None:
     # Only the indexes are reported: a failing assertion must not print the text either.
     leaked = [i for i, secret in enumerate(SECRETS) if secret in text]
-    assert not leaked, f"{where} leaks secret(s) {leaked} (0 token, 1 Kafka, 2 PostgreSQL)"
+    assert not leaked, (
+        f"{where} leaks secret(s) {leaked} (0 token, 1 Kafka, 2 PostgreSQL, 3 HTTP_AUTH_TOKEN)"
+    )
 
 
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+async def get(port: int, path: str, token: str | None = None) -> tuple[int, str]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as http,
+        http.get(f"http://127.0.0.1:{port}{path}") as r,
+    ):
         return r.status, await r.text()
 
 
@@ -82,6 +92,13 @@ async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
     )
     assert_no_secret("the config repr", repr(config))
     assert_no_secret("the redacted config", str(config.redacted()))
+    raw = environment(bus_port, postgres_dsn, http_port, str(tmp_path))
+    raw["POSTGRES_DSN"] = postgres_dsn.replace("postgres@", f"u:{PG_PASSWORD}@", 1)
+    raw["HTTP_AUTH_TOKEN"] = HTTP_TOKEN + " with a space"
+    with pytest.raises(ConfigError) as refused:  # not percent-encoded; a bad token
+        load_config(raw, dotenv=None)
+    assert len(refused.value.problems) == 2
+    assert_no_secret("configuration problems", str(refused.value))
     clock = SystemClock()
     metrics = MetricsCollector(clock)
     outputs = build_outputs(config, metrics)
@@ -103,8 +120,13 @@ async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
             while not re.search(r"starting output kafka failed \(.*\), attempt 2,", caplog.text):
                 assert not task.done(), task
                 await asyncio.sleep(0.1)
-        for path in ("/status", "/readyz", "/metrics", "/healthz"):
+        for path in ("/", "/status", "/metrics"):  # behind HTTP_AUTH_TOKEN
             code, body = await get(http_port, path)
+            assert code == 401
+            assert_no_secret(f"{path} without the token", body)
+        for path in ("/", "/status", "/readyz", "/metrics", "/healthz"):
+            code, body = await get(http_port, path, HTTP_TOKEN)
+            assert code == (503 if path == "/readyz" else 200), path
             bodies.append(body)
             assert_no_secret(path, body)
         code, readyz = await get(http_port, "/readyz")

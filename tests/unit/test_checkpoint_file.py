@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.file import CheckpointFileError, FileCheckpointStore, file_stem
+from service.errors import PermanentError, TransientError
 
 
 def cp(partition: str, position: str | None, state: bytes | None) -> PartitionCheckpoint:
@@ -50,10 +53,40 @@ async def test_a_failed_save_leaves_the_old_file_and_the_view_unchanged(tmp_path
         before = store.path.read_bytes()
         # A directory where the temporary file goes makes the write fail, even as root.
         (tmp_path / f".{file_stem('ns')}.checkpoint.tmp").mkdir()
-        with pytest.raises(IsADirectoryError):
+        with pytest.raises(
+            PermanentError, match=r"STATE_DIR .* must be a directory the service"
+        ) as info:
             await store.save([cp("a", "2", b"new")])
+        assert isinstance(info.value.__cause__, IsADirectoryError)
         assert store.path.read_bytes() == before
         assert await store.load(["a"]) == {"a": cp("a", "1", b"old")}
+        (tmp_path / f".{file_stem('ns')}.checkpoint.tmp").rmdir()  # the cause removed
+        await store.save([cp("a", "2", b"new")])
+        assert await store.load(["a"]) == {"a": cp("a", "2", b"new")}
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENOSPC, TransientError),
+        (errno.EIO, TransientError),
+        (errno.EACCES, PermanentError),
+        (errno.EROFS, PermanentError),
+    ],
+)
+async def test_a_failing_write_is_a_service_error_that_says_whether_to_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, kind: type[Exception]
+) -> None:
+    def refuse(self: FileCheckpointStore, view: object) -> None:
+        raise OSError(code, os.strerror(code), str(self._tmp_path))
+
+    async with FileCheckpointStore(str(tmp_path), "ns") as store:
+        monkeypatch.setattr(FileCheckpointStore, "_write", refuse)
+        with pytest.raises(
+            kind, match=f"saving checkpoints in STATE_DIR {tmp_path} failed"
+        ) as info:
+            await store.save([cp("a", "1", b"x")])
+    assert os.strerror(code) in str(info.value)
 
 
 async def test_namespaces_are_kept_in_separate_files(tmp_path: Path) -> None:

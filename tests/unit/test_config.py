@@ -59,6 +59,11 @@ PARSED: list[tuple[dict[str, str], Callable[[Config], Any], Any]] = [
     ({"VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"}, lambda c: c.bus.kafka_session_timeout_ms, 3000),
     ({"VABUS_MAX_MESSAGE_BYTES": "2048"}, lambda c: c.bus.max_message_bytes, 2048),
     ({"VABUS_TOKEN": "abc"}, lambda c: c.bus.token.value, "abc"),
+    (
+        {"HTTP_AUTH_TOKEN": "0123456789abcdef"},
+        lambda c: c.http.auth_token.value,
+        "0123456789abcdef",
+    ),
     ({"STORAGE_TYPE": "postgres", "POSTGRES_DSN": DSN}, lambda c: c.outputs, ("postgres",)),
     (
         {"STORAGE_TYPE": " Postgres , kafka", "POSTGRES_DSN": DSN},
@@ -392,6 +397,20 @@ def test_secret_variable_is_masked_even_when_its_value_is_the_problem() -> None:
     )
     assert problem.startswith("KAFKA_SASL_USERNAME=''")
     assert_no_secret(problem)
+
+
+@pytest.mark.parametrize("token", ["short-token", "has a space in it!", "nön-ascii-tøken-value"])
+def test_a_bad_http_auth_token_is_reported_without_its_value(token: str) -> None:
+    [problem] = problems_of(HTTP_AUTH_TOKEN=token)
+    assert problem.startswith("HTTP_AUTH_TOKEN='***': expected at least 16 printable ASCII")
+    assert token not in problem
+
+
+def test_the_http_auth_token_is_masked_in_redacted_and_repr() -> None:
+    token = "http-auth-secret-1234"
+    config = load(HTTP_AUTH_TOKEN=token)
+    assert config.redacted()["http"]["auth_token"] == "***"
+    assert token not in repr(config) and token not in json.dumps(config.redacted())
 
 
 # --- sources: os.environ, .env, explicit environ ----------------------------------------

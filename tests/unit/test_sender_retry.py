@@ -12,7 +12,7 @@ import pytest
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import ManualClock
-from service.errors import TransientError
+from service.errors import PermanentError, TransientError, describe_error
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint
 from service.hub import Delivery
@@ -238,3 +238,94 @@ async def test_the_last_chunk_and_the_checkpoint_share_the_partners_transaction(
 
     await sender.handle(Delivery([Checkpoint([PartitionCheckpoint("p", "2", None)])]))
     assert log[-2:] == ["tx rows []", "checkpoint on conn"]
+
+
+class _RefusingStore(_NoStore):
+    """A store whose every save raises ``exc`` until told to stop."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc: Exception | None = exc
+
+    async def save(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        if self.exc is not None:
+            raise self.exc
+        self.saved += 1
+
+
+NOT_RETRIED_HERE = [
+    PermissionError(13, "Permission denied", "state/.ns.checkpoint.tmp"),
+    OSError(28, "No space left on device", "state/.ns.checkpoint.tmp"),
+    OSError(30, "Read-only file system", "state/.ns.checkpoint.tmp"),
+    IsADirectoryError(21, "Is a directory", "state/.ns.checkpoint.tmp"),
+    PermanentError("PostgreSQL refused the request (SQLSTATE 42501): permission denied"),
+    PermanentError("PostgreSQL refused the login (SQLSTATE 28P01): password authentication"),
+    PermanentError("Kafka refused the request: TopicAuthorizationFailedError"),
+    RuntimeError("anything else"),
+]
+
+
+@pytest.mark.parametrize("exc", NOT_RETRIED_HERE, ids=lambda e: type(e).__name__ + str(e)[:12])
+async def test_readiness_names_a_store_that_fails_with_any_error_class(exc: Exception) -> None:
+    # Errors the sender does not retry itself go to the hub, which runs the handler again
+    # on the same items: they are failing writes all the same, and readiness says so.
+    clock = ManualClock()
+    store = _RefusingStore(exc)
+    sender = DataSender([], store, _no_commit, MetricsCollector(clock), clock)
+    check = sender.store_readiness_check(failing_for_s=5.0)
+    checkpoint = Checkpoint([PartitionCheckpoint("p", "1", None)])
+    for _ in range(3):  # the hub's re-deliveries, each failing
+        with pytest.raises(type(exc)):
+            await sender.handle(Delivery([checkpoint]))
+        await check()  # failing, not for 5 s yet
+        clock.advance(2.0)
+    with pytest.raises(TransientError, match=r"writes failing \(3 in a row") as info:
+        await check()
+    assert type(exc).__name__ in str(info.value) or str(exc) in str(info.value)
+    assert sender.degraded == {"checkpoints": describe_error(exc)}
+
+    store.exc = None  # the cause removed: the next re-delivery saves
+    clock.advance(sender.breakers["checkpoints"].cooldown_s)
+    await sender.handle(Delivery([checkpoint]))
+    await check()
+    assert store.saved == 1 and sender.degraded == {}
+
+
+@pytest.mark.parametrize("exc", NOT_RETRIED_HERE[4:], ids=lambda e: str(e)[:20])
+async def test_readiness_names_an_output_that_fails_with_any_error_class(exc: Exception) -> None:
+    clock = ManualClock()
+    sink = MemorySink("pg")
+    await sink.start()
+    sender = DataSender([sink], _NoStore(), _no_commit, MetricsCollector(clock), clock)
+    check = sender.readiness_check(sink, failing_for_s=0.0)
+    sink.fail_next(1, exc)
+    with pytest.raises(type(exc)):
+        await sender.handle(Delivery([Outputs([agg("a")], [])]))
+    with pytest.raises(TransientError, match="writes failing"):
+        await check()
+    await sender.handle(Delivery([Outputs([agg("a")], [])]))
+    await check()
+    assert len(sink.aggregates) == 1
+
+
+async def test_checkpoints_saved_in_a_failing_partners_transaction_fail_readiness() -> None:
+    log: list[str] = []
+    clock = ManualClock()
+    tx = _TxSink(log)
+    await tx.start()
+    store = _TxStore(log)
+    sender = DataSender(
+        [tx],
+        store,
+        _no_commit,
+        MetricsCollector(clock),
+        clock,
+        shared_transaction=SharedTransaction(tx, store),
+    )
+    check = sender.store_readiness_check()
+    await check()
+    tx.fail_next(1, PermanentError("permission denied for table agg (SQLSTATE 42501)"))
+    with pytest.raises(PermanentError):
+        await sender.handle(Delivery([Checkpoint([PartitionCheckpoint("p", "1", None)])]))
+    with pytest.raises(TransientError, match="saved in output tx's transaction"):
+        await check()

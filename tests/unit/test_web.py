@@ -142,3 +142,76 @@ async def test_web_server_serves_on_a_free_port_and_stops_idempotently() -> None
     await server.stop()
     with pytest.raises(RuntimeError):
         _ = server.port
+
+
+def arrivals(path: str, count: int) -> tuple[Any, asyncio.Event]:
+    """A middleware that sets the event once ``count`` requests for ``path`` came in: a
+    barrier that proves they were all in flight at once, without timing anything."""
+    arrived = asyncio.Event()
+    seen = 0
+
+    @web.middleware
+    async def counting(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal seen
+        if request.path == path:
+            seen += 1
+            if seen == count:
+                arrived.set()
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return counting, arrived
+
+
+async def test_concurrent_probes_share_one_readiness_check() -> None:
+    probes = 50
+    counting, arrived = arrivals("/readyz", probes)
+    calls = 0
+
+    async def check() -> None:
+        nonlocal calls
+        calls += 1
+        await arrived.wait()  # held until every probe is in
+        raise TransientError("postgres down")
+
+    clock = ManualClock()
+    app = build_web_app(
+        MetricsCollector(clock), {"postgres": check}, no_status, readiness_timeout_s=30
+    )
+    app.middlewares.append(counting)
+    async with (
+        TestServer(app) as server,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+    ):
+
+        async def probe() -> tuple[int, Any]:
+            async with http.get(server.make_url("/readyz")) as r:
+                return r.status, await r.json()
+
+        answers = await asyncio.gather(*(probe() for _ in range(probes)))
+    assert calls == 1
+    assert {code for code, _ in answers} == {503}
+    assert all(body["checks"]["postgres"].endswith("postgres down") for _, body in answers)
+
+
+async def test_a_readiness_answer_is_reused_for_a_second_then_checked_again() -> None:
+    clock = ManualClock()
+    calls = 0
+    failing = False
+
+    async def check() -> None:
+        nonlocal calls
+        calls += 1
+        if failing:
+            raise TransientError("kafka down")
+
+    app = build_web_app(MetricsCollector(clock), {"kafka": check}, no_status)
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/readyz")).status == 200
+        failing = True
+        clock.advance(0.9)
+        assert (await client.get("/readyz")).status == 200  # the answer of 0.9 s ago
+        assert calls == 1
+        clock.advance(0.1)
+        assert (await client.get("/readyz")).status == 503
+        assert calls == 2
