@@ -220,7 +220,9 @@ class EventAggregator:
         max_ts = now + self._cfg.max_future_s
         # Further ahead of the clock than this, an event is aggregated but moves no event
         # time ("ahead", service.aggregation.partition): one bad clock must not close the
-        # windows that on-time events are still arriving for.
+        # windows that on-time events are still arriving for. The only clock-dependent
+        # judgement here: a replay runs later, so it finds the same events ahead or
+        # fewer, never more (docs/aggregation.md, "Replays stay exact").
         lead_cap = now + self._cfg.max_watermark_lead_s
         max_bytes = self._max_bytes
         part_max = _NEG_INF if part.max_ts is None else part.max_ts
