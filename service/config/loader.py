@@ -200,9 +200,10 @@ def read_aggregation(r: Reader) -> AggregationConfig:
         max_open_windows=r.integer("AGGREGATION_MAX_OPEN_WINDOWS", d.max_open_windows, low=1),
     )
     if cfg.max_watermark_lead_s > cfg.max_future_s:
-        if r.raw("AGGREGATION_MAX_WATERMARK_LEAD") is None:  # the default follows a small
-            return replace(cfg, max_watermark_lead_s=cfg.max_future_s)  # AGGREGATION_MAX_FUTURE
-        # a larger lead could never apply: no accepted event is further ahead
+        # unset, the default follows a smaller AGGREGATION_MAX_FUTURE; set, it is a mistake:
+        # a larger lead could never apply (no accepted event is further ahead)
+        if not r.raw("AGGREGATION_MAX_WATERMARK_LEAD"):
+            return replace(cfg, max_watermark_lead_s=cfg.max_future_s)
         r.fail(
             "AGGREGATION_MAX_WATERMARK_LEAD",
             f"a number of seconds from 0 to AGGREGATION_MAX_FUTURE ({cfg.max_future_s:g})",

@@ -381,6 +381,7 @@ class MetricsCollector:
             ("events_aggregated", self.events_aggregated),
             ("events_rejected", sum(self.events_rejected.values())),
             ("events_late", self.events_late),
+            ("events_ahead", self.events_ahead),
             ("aggregates_emitted", self.aggregates_emitted),
             ("sink_errors", sum(self.sink_errors.values())),
             ("sink_retries", sum(self.sink_retries.values())),

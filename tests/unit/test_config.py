@@ -97,6 +97,11 @@ PARSED: list[tuple[dict[str, str], Callable[[Config], Any], Any]] = [
     ),
     # the default lead follows a smaller AGGREGATION_MAX_FUTURE
     ({"AGGREGATION_MAX_FUTURE": "30"}, lambda c: c.aggregation.max_watermark_lead_s, 30.0),
+    (
+        {"AGGREGATION_MAX_FUTURE": "30", "AGGREGATION_MAX_WATERMARK_LEAD": ""},
+        lambda c: c.aggregation.max_watermark_lead_s,
+        30.0,
+    ),
     ({"AGGREGATION_IDLE_TIMEOUT": "12.5"}, lambda c: c.aggregation.idle_timeout_s, 12.5),
     ({"AGGREGATION_MAX_OPEN_WINDOWS": "10"}, lambda c: c.aggregation.max_open_windows, 10),
     ({"HTTP_HOST": "127.0.0.1"}, lambda c: c.http.host, "127.0.0.1"),
