@@ -152,3 +152,28 @@ def test_an_event_within_the_lead_moves_event_time_as_before() -> None:
     feed.send((1.0, feed.clock.now() + 31.0))
     assert feed.metrics.events_ahead == 1
     assert feed.agg.watermark == feed.clock.now() + 29.0
+
+
+def test_a_partition_that_delivered_only_an_event_ahead_holds_the_watermark_back() -> None:
+    """Its event time is unknown (the event ahead says nothing about it), like a partition
+    with unread data: the other partitions' windows wait until it delivers an on-time
+    event, which is then on time whatever the others have reached."""
+    feed = Direct()
+    feed.on_time(30)
+    now = feed.clock.now()
+
+    def other(ts: float) -> Outputs:
+        record = orjson.dumps({"name": "b", "value": 1.0, "timestamp": ts})
+        return feed.agg.process(
+            SourceBatch("p1", [record], "http", None, now, polled_at=feed.clock.monotonic())
+        )
+
+    other(now + 3000.0)
+    assert feed.agg.watermark is None
+    emitted = len(feed.emitted)
+    feed.on_time(30)
+    assert len(feed.emitted) == emitted  # held back
+    out = other(now + 1.0)  # on time, 30 s behind p0: p1's own event time
+    assert out.dead_letters == []
+    assert feed.agg.watermark == now + 1.0
+    assert feed.late == []
