@@ -108,7 +108,7 @@ async def test_one_event_far_ahead_leaves_on_time_events_on_time_end_to_end(
 
                 async def all_stored() -> bool:
                     rows = await stored_rows(postgres_dsn, table)
-                    return len(rows) >= final["aggregates_emitted"]
+                    return len(rows) >= int(final["aggregates_emitted"])
 
                 await wait_until(all_stored, 30, "aggregates in PostgreSQL", proc)
             assert final["events_late"] == 0
