@@ -219,8 +219,16 @@ class EventAggregator:
         open_now = self._open
         now = self._clock.now()
         max_ts = now + self._cfg.max_future_s
+        # Further ahead of the clock than this, an event is aggregated but moves no event
+        # time ("ahead", service.aggregation.partition): one bad clock must not close the
+        # windows that on-time events are still arriving for. The only clock-dependent
+        # judgement here: a replay runs later, so it finds the same events ahead or
+        # fewer, never more (docs/aggregation.md, "Replays stay exact").
+        lead_cap = now + self._cfg.max_watermark_lead_s
         max_bytes = self._max_bytes
         part_max = _NEG_INF if part.max_ts is None else part.max_ts
+        ahead_max = _NEG_INF if part.ahead_ts is None else part.ahead_ts
+        ahead_closed = part.ahead_closed  # windows of ahead events the quiet rule emitted
         floor = math.floor
         new_acc = _NEW
         add_acc = _ADD
@@ -246,7 +254,7 @@ class EventAggregator:
             idle_s = self._idle_s
             track = routed.on_event
             routed.limit(idle_s, seen)  # time and reports may have moved it
-        accepted = late = received = 0
+        accepted = late = received = ahead = 0
         rejects: dict[str, int] = {}
         late_windows = part.late_windows
         for idx, record in enumerate(batch.records):
@@ -285,7 +293,7 @@ class EventAggregator:
                 if not q_lo <= q < q_hi:
                     k = floor(q)
                     start = k * interval
-                    if start + interval <= closed_until:
+                    if start + interval <= closed_until or (ahead_closed and start in ahead_closed):
                         if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
                             continue
                         late += 1
@@ -352,8 +360,12 @@ class EventAggregator:
                 # repartitioned input its slowest input partition's; the step is written
                 # out for each, as the hot loop calls no function on the direct path.
                 if ts > part_max:
-                    part_max = ts
-                    if routed is None and not blocked:
+                    if ts > lead_cap:
+                        ahead += 1
+                        if ts > ahead_max:
+                            ahead_max = ts
+                    elif routed is None and not blocked:
+                        part_max = ts
                         x = ((ts if ts < cap else cap) - grace) / interval
                         if x >= x_next:
                             k = floor(x)
@@ -362,9 +374,11 @@ class EventAggregator:
                             if edge > closed_until:
                                 closed_until = edge
                                 q_lo = q_hi = 0.0
+                    else:
+                        part_max = ts
                 if routed is not None:
                     # the slowest input partition's event time, when this event moved it
-                    lim = track(origin_of[idx][0], ts, seen, idle_s)
+                    lim = track(origin_of[idx][0], ts if ts <= lead_cap else None, seen, idle_s)
                     if lim is not None and not blocked:
                         x = ((lim if lim < cap else cap) - grace) / interval
                         if x >= x_next:
@@ -378,9 +392,13 @@ class EventAggregator:
         self._open = open_now
         if part_max != _NEG_INF:
             part.max_ts = part_max
+        if ahead:
+            part.ahead_ts = ahead_max
         part.count(floor(batch.received_at / interval) * interval, received, accepted, rejects)
         metrics = self._metrics
         metrics.on_events_aggregated(accepted)
+        if ahead:
+            metrics.on_events_ahead(ahead)
         for reason, n in rejects.items():
             if reason == "late":
                 metrics.on_events_late(n)
@@ -504,7 +522,16 @@ class EventAggregator:
             if p.holds(idle_s):
                 p.closed_until = boundary
             elif starts:
-                p.closed_until = max(p.closed_until, max(starts) + interval)
+                # The quiet rule: the emitted boundary moves past the windows of the
+                # partition's event time only; those of ahead events, above it, are
+                # remembered one by one, so on-time events below them stay on time.
+                held = NEG_INF if p.max_ts is None else p.max_ts
+                in_step = [s for s in starts if s <= held]
+                if in_step:
+                    p.closed_until = max(p.closed_until, max(in_step) + interval)
+                p.ahead_closed.update(s for s in starts if s > held)
+            if p.ahead_closed:
+                p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
             for start in starts:
                 keyed = p.windows.pop(start)
                 self._open -= len(keyed)

@@ -28,7 +28,11 @@ origin with the rule an input partition has on a direct bus
   until it reports or :func:`stale_after` passes.
 
 Records and reports decide everything except the safety net, so a replay of an internal
-partition from its checkpoint judges every event as the first run did.
+partition from its checkpoint judges every event as the first run did; the one other
+exception is clock skew: an event more than ``AGGREGATION_MAX_WATERMARK_LEAD`` ahead of
+the clock moves no origin's event time (the windowing stage passes it without a time, and
+the routing stage leaves it out of its reports), see docs/aggregation.md for why a replay
+stays exact.
 """
 
 from __future__ import annotations
@@ -116,10 +120,12 @@ class RoutedTime:
         return len(holding), len(names), setter
 
     # -- what moves it ----------------------------------------------------------------
-    def on_event(self, name: str, ts: float, now: float, idle_s: float) -> float | None:
-        """An accepted event from origin ``name``. Returns the new limit when it may have
-        moved, None when it cannot have (or is unknown): the aggregator's hot loop asks
-        for nothing more, so the common case is a dictionary lookup and a comparison."""
+    def on_event(self, name: str, ts: float | None, now: float, idle_s: float) -> float | None:
+        """An accepted event from origin ``name``, with its event time (None for an event
+        ahead of the clock: it shows the origin delivering, but moves no time). Returns
+        the new limit when it may have moved, None when it cannot have (or is unknown):
+        the aggregator's hot loop asks for nothing more, so the common case is a
+        dictionary lookup and a comparison."""
         s = self.origins.get(name)
         if s is None:
             s = self.origins[name] = OriginTime(heard_at=now)
@@ -130,7 +136,7 @@ class RoutedTime:
         s.caught_up = False  # it delivers: whatever its router said before
         s.silent_for = 0.0
         old = s.max_ts
-        if old is None or ts > old:
+        if ts is not None and (old is None or ts > old):
             s.max_ts = ts
             limit = self._limit
             moved = moved or old is None or limit is None or old <= limit

@@ -19,6 +19,15 @@ A partition of repartitioned input (``routed``) holds the watermark per input pa
 instead, with the same rule applied where the input is read
 (:mod:`service.aggregation.origins`).
 
+Clock skew: an event more than ``AGGREGATION_MAX_WATERMARK_LEAD`` ahead of the service
+clock when it is aggregated is *ahead*: it joins its window but does not move the
+partition's event time (``max_ts`` is the largest event time that was not ahead), so one
+bad producer clock cannot make every on-time event after it late. Its window closes
+when the partition's event time reaches it (time catches up) or by the quiet rule; a
+window the quiet rule emits above the partition's event time is remembered in
+``ahead_closed`` (the emitted boundary stays where the on-time data is), so later events
+for it are late while on-time events below it are not.
+
 The emitted boundary (``closed_until``) belongs to the partition and travels in its
 checkpoint, so a partition that moves to another instance is judged against its own
 past, never against the boundary of the partitions it meets there.
@@ -52,7 +61,10 @@ _LATE_WINDOWS_KEPT: Final = 10_000  # per partition: late counts of the newest w
 @dataclass(slots=True)
 class PartitionState:
     windows: dict[float, dict[WindowKey, Acc]] = field(default_factory=dict)
-    max_ts: float | None = None  # largest event time accepted
+    max_ts: float | None = None  # largest event time accepted, ahead events aside
+    ahead_ts: float | None = None  # largest event time of the ahead events (not in max_ts)
+    # starts of windows above ``max_ts`` that the quiet rule emitted (ahead events' windows)
+    ahead_closed: set[float] = field(default_factory=set)
     closed_until: float = NEG_INF  # windows ending at or before this were emitted
     position: str | None = None
     caught_up: bool = False  # at the last report, nothing was unread
@@ -118,7 +130,7 @@ class PartitionState:
         """Whether this partition holds the watermark back (see the module docstring)."""
         if self.routed is not None:
             return self.routed.holds(idle_timeout_s, self.reported_at)
-        if self.max_ts is None:
+        if self.max_ts is None and self.ahead_ts is None:
             return not self.caught_up
         return not self.idle(idle_timeout_s)
 
@@ -141,6 +153,8 @@ class PartitionState:
             holding, expected, slowest = self.routed.slowest(idle_timeout_s, self.reported_at)
             why = f"{holding} of {expected} input partitions hold it"
             why += f", the slowest is {slowest}" if slowest is not None else ""
+        elif self.max_ts is None and self.ahead_ts is not None and holds:
+            why = "delivered only events ahead of the clock (event time unknown)"
         elif self.max_ts is None:
             why = "unread data of unknown event time" if holds else "nothing delivered yet"
         elif holds:
@@ -150,10 +164,11 @@ class PartitionState:
         return {
             "position": self.position,
             "max_event_time": self.max_ts,
+            "max_event_time_ahead": self.ahead_ts,
             "watermark": None if held is None else held - grace_s,
             "emitted_until": None if self.closed_until == NEG_INF else self.closed_until,
             "holds_watermark": holds,
-            "idle": not holds and self.max_ts is not None,
+            "idle": not holds and (self.max_ts is not None or self.ahead_ts is not None),
             "why": why,
             "caught_up": self.caught_up,
             "lag": self.lag,
@@ -167,6 +182,8 @@ class PartitionState:
             "format": STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
+            "ahead_ts": self.ahead_ts,
+            "ahead_closed": sorted(self.ahead_closed),
             "origins": self.origins,
             "routed": None if self.routed is None else self.routed.to_json(),
             "ledger": (ledger := self._ledger_body()),
@@ -193,6 +210,8 @@ class PartitionState:
         p.max_ts = body["max_ts"]
         if body["closed_until"] is not None:
             p.closed_until = body["closed_until"]
+        p.ahead_ts = body.get("ahead_ts")  # absent before AGGREGATION_MAX_WATERMARK_LEAD
+        p.ahead_closed = set(body.get("ahead_closed", ()))
         for start, name, func, acc in body["windows"]:
             p.windows.setdefault(start, {})[(name, func)] = acc
         p.origins = {k: (v[0], v[1]) for k, v in body.get("origins", {}).items()}

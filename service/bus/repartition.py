@@ -73,6 +73,7 @@ _POLL_MS: Final = 500
 _MAX_RECORDS: Final = 5_000
 _RETRY_S: Final = 1.0
 _DEFAULT_MAX_FUTURE_S: Final = AggregationConfig().max_future_s
+_DEFAULT_MAX_LEAD_S: Final = AggregationConfig().max_watermark_lead_s
 _BATCH_BYTES: Final = 512 * 1024  # one record batch of the internal topic, below 1 MB limits
 _PARTITION_CACHE: Final = 100_000  # names whose internal partition is remembered
 
@@ -203,11 +204,13 @@ class Router(AsyncResource):
         kafka_cfg: KafkaConfig,
         clock: Clock,
         max_future_s: float = _DEFAULT_MAX_FUTURE_S,
+        max_lead_s: float = _DEFAULT_MAX_LEAD_S,
     ) -> None:
         self._cfg = bus_cfg
         self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
         self._clock = clock
         self._max_future_s = max_future_s
+        self._max_lead_s = max_lead_s  # AGGREGATION_MAX_WATERMARK_LEAD
         self.topic = internal_topic(bus_cfg.kafka_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -302,7 +305,11 @@ class Router(AsyncResource):
         async with self._batch_lock:
             assigned = consumer.assignment()
             polled_at = self._clock.monotonic()
-            max_ts = self._clock.now() + self._max_future_s
+            now = self._clock.now()
+            max_ts = now + self._max_future_s
+            # an event further ahead of the clock moves no event time in the reports
+            # (the windowing stage's rule for its records, service.aggregation.partition)
+            lead_cap = now + self._max_lead_s
             offsets: dict[TopicPartition, int] = {}
             for tp, msgs in data.items():
                 owned = self._owned.get(tp)
@@ -314,7 +321,11 @@ class Router(AsyncResource):
                     for i, (key, value, ts) in enumerate(route(m.value, fallback, max_ts)):
                         origin = f"{prefix}{m.offset}:{i}".encode()
                         await out.add(key, value, [(ORIGIN_HEADER, origin)])
-                        if ts is not None and (owned.max_ts is None or ts > owned.max_ts):
+                        if (
+                            ts is not None
+                            and ts <= lead_cap
+                            and (owned.max_ts is None or ts > owned.max_ts)
+                        ):
                             owned.max_ts = ts
                 owned.next_offset = offsets[tp] = msgs[-1].offset + 1
                 owned.last_message_at = polled_at
@@ -477,6 +488,6 @@ def build_repartitioned_bus(
         kafka_group=windowing_group(bus_cfg.kafka_group),
     )
     return RepartitionedBus(
-        Router(bus_cfg, kafka_cfg, clock, agg_cfg.max_future_s),
+        Router(bus_cfg, kafka_cfg, clock, agg_cfg.max_future_s, agg_cfg.max_watermark_lead_s),
         KafkaBus(windowing_cfg, kafka_cfg, metrics, clock),
     )

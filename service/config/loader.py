@@ -192,13 +192,26 @@ def read_postgres(r: Reader) -> PostgresConfig:
 
 def read_aggregation(r: Reader) -> AggregationConfig:
     d = AggregationConfig()
-    return AggregationConfig(
+    cfg = AggregationConfig(
         interval_s=r.seconds("AGGREGATION_INTERVAL", d.interval_s),
         grace_s=r.seconds("AGGREGATION_GRACE", d.grace_s, allow_zero=True),
         max_future_s=r.seconds("AGGREGATION_MAX_FUTURE", d.max_future_s),
+        max_watermark_lead_s=r.seconds(
+            "AGGREGATION_MAX_WATERMARK_LEAD", d.max_watermark_lead_s, allow_zero=True
+        ),
         idle_timeout_s=r.optional_seconds("AGGREGATION_IDLE_TIMEOUT"),
         max_open_windows=r.integer("AGGREGATION_MAX_OPEN_WINDOWS", d.max_open_windows, low=1),
     )
+    if cfg.max_watermark_lead_s > cfg.max_future_s:
+        # unset, the default follows a smaller AGGREGATION_MAX_FUTURE; set, it is a mistake:
+        # a larger lead could never apply (no accepted event is further ahead)
+        if not r.raw("AGGREGATION_MAX_WATERMARK_LEAD"):
+            return replace(cfg, max_watermark_lead_s=cfg.max_future_s)
+        r.fail(
+            "AGGREGATION_MAX_WATERMARK_LEAD",
+            f"a number of seconds from 0 to AGGREGATION_MAX_FUTURE ({cfg.max_future_s:g})",
+        )
+    return cfg
 
 
 def read_runtime(r: Reader) -> RuntimeConfig:

@@ -79,6 +79,10 @@ class AggregationConfig:
     interval_s: float = 60.0  # AGGREGATION_INTERVAL
     grace_s: float = 0.0  # AGGREGATION_GRACE
     max_future_s: float = 3600.0  # AGGREGATION_MAX_FUTURE
+    # AGGREGATION_MAX_WATERMARK_LEAD: an event further ahead of the clock is aggregated
+    # but does not move its partition's event time (one bad clock cannot make the
+    # on-time events late); 0 <= lead <= max_future_s
+    max_watermark_lead_s: float = 60.0
     # AGGREGATION_IDLE_TIMEOUT: quiet time after which open windows are flushed.
     # Default (None) means interval + grace: with the 1 s tick a silent stream's windows
     # come out within interval + grace + 10 s of its last message.

@@ -157,6 +157,7 @@ class MetricsCollector:
         self.events_received = 0
         self.events_aggregated = 0
         self.events_late = 0
+        self.events_ahead = 0
         self.replays_dropped = 0
         self.aggregates_emitted = 0
         self.open_windows = 0
@@ -220,6 +221,11 @@ class MetricsCollector:
 
     def on_events_late(self, n: int = 1) -> None:
         self.events_late += n
+
+    def on_events_ahead(self, n: int) -> None:
+        """Events aggregated without moving event time: further ahead of the clock than
+        AGGREGATION_MAX_WATERMARK_LEAD."""
+        self.events_ahead += n
 
     def on_aggregates_emitted(self, aggregates: Sequence[Aggregate]) -> None:
         self.aggregates_emitted += len(aggregates)
@@ -336,6 +342,7 @@ class MetricsCollector:
             "events_rejected": sum(self.events_rejected.values()),
             "events_rejected_by_reason": dict(self.events_rejected),
             "events_late": self.events_late,
+            "events_ahead": self.events_ahead,
             "replays_dropped": self.replays_dropped,
             "ledger": dict(self.ledger()),
             "events_per_second": self.events_per_second(),
@@ -374,6 +381,7 @@ class MetricsCollector:
             ("events_aggregated", self.events_aggregated),
             ("events_rejected", sum(self.events_rejected.values())),
             ("events_late", self.events_late),
+            ("events_ahead", self.events_ahead),
             ("aggregates_emitted", self.aggregates_emitted),
             ("sink_errors", sum(self.sink_errors.values())),
             ("sink_retries", sum(self.sink_retries.values())),
@@ -453,6 +461,11 @@ class _PrometheusView:
             ("events_received", "Events received from the bus.", m.events_received),
             ("events_aggregated", "Events added to windows.", m.events_aggregated),
             ("events_late", "Events behind the watermark past grace.", m.events_late),
+            (
+                "events_ahead",
+                "Events aggregated without moving event time: too far ahead of the clock.",
+                m.events_ahead,
+            ),
             ("aggregates_emitted", "Aggregates from closed windows.", m.aggregates_emitted),
             ("metrics_publish_errors", "Failed metric sends.", m.metrics_publish_errors),
             ("lease_lost", "Times the bus's lease was lost while reading.", m.lease_lost),

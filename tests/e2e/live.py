@@ -218,6 +218,9 @@ def build_live_workload(
         key = None if unkeyed else name.encode()
         w.messages.append(Message(at, p, key, orjson.dumps(ev), ts))
     assert t0 + TIME_SCALE * w.duration < time.time() + 3600
+    # and never more than AGGREGATION_MAX_WATERMARK_LEAD (60 s) ahead of the clock when
+    # sent: such events would move no event time (docs/aggregation.md, "Clock skew")
+    assert t0 + TIME_SCALE * w.duration < time.time() + w.duration + 60
     return w
 
 

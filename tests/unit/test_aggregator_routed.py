@@ -227,3 +227,41 @@ def test_an_input_topic_that_grows_is_expected_whole_even_from_a_lagging_router(
     assert p.emitted == {} and agg.watermark is None  # in:2 may hold anything
     p.progress(partitions=3, in_2=(T0 + 40, False, 0.0))
     assert p.emitted == {("a", T0 + 10): (1.0, 1)}
+
+
+def test_an_event_far_ahead_of_the_clock_moves_no_origin_and_on_time_events_stay_on_time() -> None:
+    """Clock skew through repartitioning: the one input partition sends an event 3,000 s
+    ahead of the clock, then on-time events (the router's reports leave the event ahead
+    out of their max_ts too). None is late, every window is exact, and the outlier's
+    window waits for the quiet rule."""
+    agg, clock = make()
+    p = Internal(agg, clock)
+    sent: dict[float, list[float]] = {}
+
+    def on_time(seconds: int) -> None:
+        for k in range(seconds):
+            clock.advance(1.0)
+            ts = clock.now() - 0.5
+            sent.setdefault(ts // 10 * 10, []).append(float(k))
+            p.events(("in:0", "a", float(k), ts))
+            p.progress(partitions=1, in_0=(ts, False, 0.0))
+
+    on_time(3)
+    ahead = clock.now() + 3000.0
+    p.events(("in:0", "a", 1000.0, ahead))
+    on_time(100)
+    assert p.dead == []
+    assert agg.partitions()["r:0"]["max_event_time_ahead"] == ahead
+    newest = max(sent)
+    for start, values in sent.items():
+        if start != newest:
+            assert p.emitted[("a", start)] == (sum(values), len(values))
+    outlier = ahead // 10 * 10
+    assert ("a", outlier) not in p.emitted
+    last = clock.now() - 0.5
+    p.progress(partitions=1, in_0=(last, True, IDLE))  # caught up and silent
+    assert p.emitted[("a", outlier)] == (1000.0, 1)
+    clock.advance(10.0)
+    p.events(("in:0", "a", 7.0, clock.now()))  # on time again, a window on: not late
+    p.events(("in:0", "a", 7.0, ahead))  # the outlier's window was emitted: late
+    assert [d.reason for d in p.dead] == ["late"]
