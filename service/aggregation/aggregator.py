@@ -210,6 +210,8 @@ class EventAggregator:
         if batch.origins is not None:
             if part.routed is None:
                 part.routed = RoutedTime(known_at=seen)
+            if batch.rejected:
+                self._reject_marked(part, batch, out, seen)
             if replayed := part.drop_replayed(batch):
                 self._metrics.on_replays_dropped(replayed)
         part.reported_at = max(part.reported_at, seen)
@@ -447,6 +449,30 @@ class EventAggregator:
             evs.append(WireEvent(name, value, ts, func))
             raws.append(item)
         return evs, raws, held
+
+    def _reject_marked(
+        self, part: PartitionState, batch: SourceBatch, out: Outputs, seen: float
+    ) -> None:
+        """Dead-letter the records the bus marked as unusable and take them out of the
+        batch: received and rejected in the ledger, a message for the idle rule."""
+        marked, batch.rejected = batch.rejected or {}, None
+        now = self._clock.now()
+        rejects: dict[str, int] = {}
+        for idx, (reason, detail) in sorted(marked.items()):
+            self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
+        if self._dl_message is not None:
+            self._flush_rollups(out)
+        keep = [i for i in range(len(batch.records)) if i not in marked]
+        batch.records = [batch.records[i] for i in keep]
+        if batch.offsets is not None:
+            batch.offsets = [batch.offsets[i] for i in keep]
+        if batch.origins is not None:
+            batch.origins = [batch.origins[i] for i in keep]
+        part.last_message_at = seen
+        interval_start = math.floor(batch.received_at / self._interval) * self._interval
+        part.count(interval_start, len(marked), 0, rejects)
+        for reason, n in rejects.items():
+            self._metrics.on_events_rejected(reason, n)
 
     def _reject(
         self,

@@ -10,12 +10,22 @@ Two kinds, told apart by their headers:
   internal partition about once a second, after the events it covers. The windowing stage
   holds each internal partition's event time per input partition with it
   (:mod:`service.aggregation.origins`).
+
+Both are read defensively: nothing written to the internal topic may stop the windowing
+stage. An event whose origin header is malformed (not ASCII, missing parts, a sign, more
+digits than an offset has) cannot be checked for replays, so it is not aggregated: the
+bus marks it and the aggregator dead-letters it (reason ``invalid_origin``). A malformed
+progress report (wrong types, missing fields, non-finite times, more than
+:data:`MAX_PARTITIONS` partitions) is skipped. Each is counted in
+``vabus_aggregator_bus_protocol_errors_total{kind=malformed_origin|malformed_progress}``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import orjson
@@ -23,11 +33,15 @@ import orjson
 from service.bus.base import Origin, OriginReport, Progress
 
 __all__ = [
+    "MAX_PARTITIONS",
     "ORIGIN_HEADER",
     "PROGRESS_HEADER",
+    "OnMalformed",
     "decode_progress",
     "encode_progress",
     "origins_of",
+    "parse_origin",
+    "read_origins",
     "split_at_progress",
 ]
 
@@ -39,6 +53,14 @@ UNROUTED: Final = "unrouted:"
 """Prefix of the origin given to a record without the origin header (written by something
 other than the routing stage): unique, so it is never taken for a replay, and never an
 input partition that holds event time."""
+MAX_PARTITIONS: Final = 100_000
+"""Most input partitions a progress report may announce (each is tracked by name)."""
+# "<topic>:<partition>:<offset>:<element>": a Kafka topic name, and at most 18 digits
+# (below 2**63) for each number, so no sign and no huge integer is ever parsed
+_ORIGIN: Final = re.compile(r"([A-Za-z0-9._-]{1,249}:[0-9]{1,9}):([0-9]{1,18}):([0-9]{1,18})")
+_ABSENT: Final = object()
+OnMalformed = Callable[[str, bytes | None], None]
+"""Told of each malformed record: ``(kind, raw header or value)``."""
 
 
 def encode_progress(progress: Progress) -> bytes:
@@ -55,51 +77,94 @@ def encode_progress(progress: Progress) -> bytes:
 
 
 def decode_progress(value: bytes | None) -> Progress | None:
-    """The report in a progress record, or None (logged) when it is not one."""
+    """The report in a progress record, or None when it is not a well-formed one."""
     try:
         body = orjson.loads(value or b"")
+        topic, partitions = body["topic"], body["partitions"]
+        if type(topic) is not str or not topic or type(partitions) is not int:
+            return None
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            return None
         origins = {
             str(k): OriginReport(
-                None if v[0] is None else float(v[0]), bool(v[1]), max(0.0, float(v[2]))
+                None if max_ts is None else _finite(max_ts),
+                bool(caught_up),
+                max(0.0, _finite(silent_for)),
             )
-            for k, v in body["origins"].items()
+            for k, (max_ts, caught_up, silent_for) in body["origins"].items()
         }
-        return Progress(str(body["topic"]), int(body["partitions"]), origins)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
-        log.warning("repartition: ignoring a malformed progress record %r", (value or b"")[:200])
+        return Progress(topic, partitions, origins)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def _finite(x: Any) -> float:
+    if type(x) is bool or not isinstance(x, int | float) or not math.isfinite(x):
+        raise ValueError(f"not a finite number: {x!r}")
+    return float(x)
 
 
 def _header(msg: Any, name: str) -> bytes | None:
     return next((v for k, v in msg.headers or () if k == name), None)
 
 
-def origins_of(msgs: Sequence[Any]) -> list[Origin]:
-    """Each event record's origin (see :data:`UNROUTED` for records without one)."""
+def parse_origin(raw: Any) -> Origin | None:
+    """The origin in a ``vabus-origin`` header value, or None when it is malformed."""
+    if type(raw) is not bytes or len(raw) > 300:
+        return None
+    try:
+        found = _ORIGIN.fullmatch(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        return None
+    if found is None:
+        return None
+    return found[1], int(found[2]), int(found[3])
+
+
+def read_origins(msgs: Sequence[Any]) -> tuple[list[Origin], list[int]]:
+    """Each event record's origin (see :data:`UNROUTED` for records without one), and
+    the indexes of the records whose origin header is malformed (their origin in the
+    list is a placeholder, unique like an unrouted one)."""
     out: list[Origin] = []
-    for m in msgs:
+    malformed: list[int] = []
+    for i, m in enumerate(msgs):
         headers = m.headers
+        raw: Any
         if headers and headers[0][0] == ORIGIN_HEADER:  # the routing stage writes it first
             raw = headers[0][1]
         else:
-            raw = _header(m, ORIGIN_HEADER)
-        if raw is None:
+            raw = next((v for k, v in headers or () if k == ORIGIN_HEADER), _ABSENT)
+        if raw is _ABSENT:
             out.append((f"{UNROUTED}{m.partition}", m.offset, 0))
             continue
-        partition, offset, element = raw.decode().rsplit(":", 2)
-        out.append((partition, int(offset), int(element)))
-    return out
+        origin = parse_origin(raw)
+        if origin is None:
+            malformed.append(i)
+            origin = (f"{UNROUTED}{m.partition}", m.offset, 0)
+        out.append(origin)
+    return out, malformed
 
 
-def split_at_progress(msgs: Sequence[Any]) -> Iterator[tuple[Sequence[Any], Progress | None, int]]:
+def origins_of(msgs: Sequence[Any]) -> list[Origin]:
+    """:func:`read_origins` without the malformed indexes."""
+    return read_origins(msgs)[0]
+
+
+def split_at_progress(
+    msgs: Sequence[Any], on_malformed: OnMalformed | None = None
+) -> Iterator[tuple[Sequence[Any], Progress | None, int]]:
     """The messages of one fetch as runs of event records, each with the progress report
-    that ends it (None for the last run when no report ends it) and the offset after it.
+    that ends it (None for the last run when no report ends it, or when the report is
+    malformed: ``on_malformed`` is told) and the offset after it.
     Runs without events but with a report are kept: the report alone moves event time."""
     start = 0
     for i, m in enumerate(msgs):
         if _header(m, PROGRESS_HEADER) is None:
             continue
-        yield msgs[start:i], decode_progress(m.value), m.offset + 1
+        progress = decode_progress(m.value)
+        if progress is None and on_malformed is not None:
+            on_malformed("malformed_progress", m.value)
+        yield msgs[start:i], progress, m.offset + 1
         start = i + 1
     if start < len(msgs):
         yield msgs[start:], None, msgs[-1].offset + 1
