@@ -458,8 +458,8 @@ class EventAggregator:
         marked, batch.rejected = batch.rejected or {}, None
         now = self._clock.now()
         rejects: dict[str, int] = {}
-        for idx, (reason, detail) in sorted(marked.items()):
-            self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
+        for idx, (reason, detail, n) in sorted(marked.items()):
+            self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now, n)
         if self._dl_message is not None:
             self._flush_rollups(out)
         keep = [i for i in range(len(batch.records)) if i not in marked]
@@ -470,7 +470,7 @@ class EventAggregator:
             batch.origins = [batch.origins[i] for i in keep]
         part.last_message_at = seen
         interval_start = math.floor(batch.received_at / self._interval) * self._interval
-        part.count(interval_start, len(marked), 0, rejects)
+        part.count(interval_start, sum(rejects.values()), 0, rejects)
         for reason, n in rejects.items():
             self._metrics.on_events_rejected(reason, n)
 

@@ -33,12 +33,14 @@ import orjson
 from service.bus.base import Origin, OriginReport, Progress
 
 __all__ = [
+    "EXCESS_HEADER",
     "MAX_PARTITIONS",
     "ORIGIN_HEADER",
     "PROGRESS_HEADER",
     "OnMalformed",
     "decode_progress",
     "encode_progress",
+    "excess_record",
     "origins_of",
     "parse_origin",
     "read_origins",
@@ -48,6 +50,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ORIGIN_HEADER: Final = "vabus-origin"
+EXCESS_HEADER: Final = "vabus-excess"
+"""On the routing stage's one record for the elements of an input message past
+``VABUS_MAX_EVENTS_PER_MESSAGE``: how many there are (the windowing stage dead-letters
+them as one ``too_large``)."""
+_EXCESS_TEXT: Final = 64 * 1024
 PROGRESS_HEADER: Final = "vabus-progress"
 UNROUTED: Final = "unrouted:"
 """Prefix of the origin given to a record without the origin header (written by something
@@ -121,12 +128,19 @@ def parse_origin(raw: Any) -> Origin | None:
     return found[1], int(found[2]), int(found[3])
 
 
-def read_origins(msgs: Sequence[Any]) -> tuple[list[Origin], list[int]]:
+Marked = dict[int, tuple[str, str, int]]
+"""Records to dead-letter instead of aggregating: index -> (reason, detail, elements)."""
+
+
+def read_origins(
+    msgs: Sequence[Any], on_malformed: OnMalformed | None = None
+) -> tuple[list[Origin], Marked]:
     """Each event record's origin (see :data:`UNROUTED` for records without one), and
-    the indexes of the records whose origin header is malformed (their origin in the
-    list is a placeholder, unique like an unrouted one)."""
+    the records to dead-letter: those whose origin header is malformed (their origin in
+    the list is a placeholder, unique like an unrouted one; ``on_malformed`` is told),
+    and the routing stage's record of the elements past a message's cap."""
     out: list[Origin] = []
-    malformed: list[int] = []
+    marked: Marked = {}
     for i, m in enumerate(msgs):
         headers = m.headers
         raw: Any
@@ -139,15 +153,48 @@ def read_origins(msgs: Sequence[Any]) -> tuple[list[Origin], list[int]]:
             continue
         origin = parse_origin(raw)
         if origin is None:
-            malformed.append(i)
+            if on_malformed is not None:
+                on_malformed("malformed_origin", raw)
+            shown = bytes(raw[:100]) if type(raw) is bytes else raw
+            detail = f"malformed {ORIGIN_HEADER} header {shown!r} on the internal topic"
+            marked[i] = ("invalid_origin", detail, 1)
             origin = (f"{UNROUTED}{m.partition}", m.offset, 0)
+        elif len(headers) > 1 and (excess := _excess(headers)):
+            detail = (
+                f"{excess} elements past the first {origin[2]} of input message "
+                f"{origin[0]} offset {origin[1]} (VABUS_MAX_EVENTS_PER_MESSAGE); raw is "
+                "the start of them"
+            )
+            marked[i] = ("too_large", detail, excess)
         out.append(origin)
-    return out, malformed
+    return out, marked
+
+
+def _excess(headers: Sequence[tuple[str, Any]]) -> int:
+    """The count in an :data:`EXCESS_HEADER`, 0 when there is none (or it is malformed:
+    the record is then an ordinary one, which its value's text makes invalid JSON)."""
+    raw = next((v for k, v in headers if k == EXCESS_HEADER), None)
+    if type(raw) is not bytes or not raw.isdigit() or len(raw) > 18:
+        return 0
+    return int(raw)
 
 
 def origins_of(msgs: Sequence[Any]) -> list[Origin]:
-    """:func:`read_origins` without the malformed indexes."""
+    """:func:`read_origins` without the records to dead-letter."""
     return read_origins(msgs)[0]
+
+
+def excess_record(texts: Sequence[bytes]) -> bytes:
+    """The value of the routing stage's record of the elements past a message's cap: the
+    start of their texts, cut short so that it is never valid JSON (a reader that does
+    not know :data:`EXCESS_HEADER` dead-letters it as ``invalid_json``)."""
+    out = bytearray(b"[")
+    for t in texts:
+        if len(out) >= _EXCESS_TEXT:
+            break
+        out += t
+        out += b","
+    return bytes(out[:_EXCESS_TEXT])
 
 
 def split_at_progress(

@@ -41,7 +41,7 @@ from service.bus.base import (
     Restore,
     SourceBatch,
 )
-from service.bus.internal_records import ORIGIN_HEADER, read_origins, split_at_progress
+from service.bus.internal_records import Marked, read_origins, split_at_progress
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
@@ -363,23 +363,11 @@ class KafkaBus(AsyncResource):
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
 
-    def _origins(
-        self, run: Sequence[Any]
-    ) -> tuple[list[Origin], dict[int, tuple[str, str]] | None]:
-        """The origins of a run of internal records, and those to dead-letter: records
-        whose origin header is malformed cannot be checked for replays."""
-        origins, malformed = read_origins(run)
-        if not malformed:
-            return origins, None
-        rejected: dict[int, tuple[str, str]] = {}
-        for i in malformed:
-            header = next((v for k, v in run[i].headers if k == ORIGIN_HEADER), None) or b""
-            self._on_malformed("malformed_origin", header)
-            detail = (
-                f"malformed {ORIGIN_HEADER} header {bytes(header[:100])!r} on the internal topic"
-            )
-            rejected[i] = ("invalid_origin", detail)
-        return origins, rejected
+    def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
+        """The origins of a run of internal records, and those to dead-letter (records
+        whose origin header is malformed cannot be checked for replays)."""
+        origins, marked = read_origins(run, self._on_malformed)
+        return origins, marked or None
 
     def _on_malformed(self, kind: str, raw: bytes | None) -> None:
         """Count a malformed internal record; log the first of each kind (a flood of

@@ -53,7 +53,13 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service.aggregation.decode import Rejected, WireEvent, decode_fast, fast_ok, parse_event
 from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
-from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, encode_progress
+from service.bus.internal_records import (
+    EXCESS_HEADER,
+    ORIGIN_HEADER,
+    PROGRESS_HEADER,
+    encode_progress,
+    excess_record,
+)
 from service.bus.kafka import KafkaBus
 from service.clock import Clock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
@@ -303,6 +309,7 @@ class Router(AsyncResource):
             assigned = consumer.assignment()
             polled_at = self._clock.monotonic()
             max_ts = self._clock.now() + self._max_future_s
+            cap = self._cfg.max_events_per_message
             offsets: dict[TopicPartition, int] = {}
             for tp, msgs in data.items():
                 owned = self._owned.get(tp)
@@ -311,11 +318,16 @@ class Router(AsyncResource):
                 fallback = f"{tp.topic}:{tp.partition}".encode()
                 prefix = f"{tp.topic}:{tp.partition}:"
                 for m in msgs:
-                    for i, (key, value, ts) in enumerate(route(m.value, fallback, max_ts)):
+                    routed = route(m.value, fallback, max_ts)
+                    for i, (key, value, ts) in enumerate(
+                        routed if len(routed) <= cap else routed[:cap]
+                    ):
                         origin = f"{prefix}{m.offset}:{i}".encode()
                         await out.add(key, value, [(ORIGIN_HEADER, origin)])
                         if ts is not None and (owned.max_ts is None or ts > owned.max_ts):
                             owned.max_ts = ts
+                    if len(routed) > cap:  # the rest: one record, one dead letter downstream
+                        await self._add_excess(out, fallback, f"{prefix}{m.offset}", routed)
                 owned.next_offset = offsets[tp] = msgs[-1].offset + 1
                 owned.last_message_at = polled_at
             await out.flush()
@@ -323,6 +335,20 @@ class Router(AsyncResource):
                 await self._commit(offsets)
             if self._clock.monotonic() - self._reported_at >= REPORT_INTERVAL_S:
                 await self._report_progress()
+
+    async def _add_excess(
+        self, out: _Outbox, fallback: bytes, message: str, routed: list[Routed]
+    ) -> None:
+        """The elements of one input message past ``VABUS_MAX_EVENTS_PER_MESSAGE`` as one
+        record (keyed by the input partition, after the message's other elements), which
+        the windowing stage dead-letters as one ``too_large`` with their count."""
+        cap = self._cfg.max_events_per_message
+        excess = routed[cap:]
+        headers = [
+            (ORIGIN_HEADER, f"{message}:{cap}".encode()),
+            (EXCESS_HEADER, str(len(excess)).encode()),
+        ]
+        await out.add(fallback, excess_record([value for _, value, _ in excess]), headers)
 
     async def _report_progress(self) -> None:
         """A progress report on the input partitions read here, to every internal

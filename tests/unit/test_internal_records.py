@@ -106,7 +106,10 @@ def test_malformed_origin_headers_are_marked_not_fatal() -> None:
     msgs.append(
         SimpleNamespace(offset=21, partition=2, value=b"{}", headers=[(ORIGIN_HEADER, None)])
     )
-    origins, malformed = read_origins(msgs)
+    told: list[tuple[str, bytes | None]] = []
+    origins, marked = read_origins(msgs, lambda *a: told.append(a))
     assert origins[0] == ("in:1", 40, 2)
-    assert malformed == list(range(1, len(msgs)))
+    assert sorted(marked) == list(range(1, len(msgs)))
+    assert {reason for reason, _, n in marked.values() if n == 1} == {"invalid_origin"}
+    assert [kind for kind, _ in told] == ["malformed_origin"] * (len(msgs) - 1)
     assert len(set(origins)) == len(msgs)  # placeholders never match one another
