@@ -1,6 +1,6 @@
 """The records of the internal topic of ``repartition=true`` (:mod:`service.bus.repartition`).
 
-Two kinds, told apart by their headers:
+Two kinds, told apart by their headers (and a rare third, below):
 
 * an **event** routed by name, with ``vabus-origin: <topic>:<partition>:<offset>:<element>``:
   where it came from in the input, so that the windowing stage can drop replays;
@@ -11,10 +11,15 @@ Two kinds, told apart by their headers:
   holds each internal partition's event time per input partition with it
   (:mod:`service.aggregation.origins`).
 
-Both are read defensively: nothing written to the internal topic may stop the windowing
-stage. An event whose origin header is malformed (not ASCII, missing parts, a sign, more
-digits than an offset has) cannot be checked for replays, so it is not aggregated: the
-bus marks it and the aggregator dead-letters it (reason ``invalid_origin``). A malformed
+A third, rare one: the routing stage's one record for the elements of an input message
+past ``VABUS_MAX_EVENTS_PER_MESSAGE`` (an origin header plus :data:`EXCESS_HEADER`),
+which the windowing stage dead-letters as one ``too_large`` with their count.
+
+The headers and reports are read defensively: nothing written to the internal topic may
+stop the windowing stage. An event whose origin header is malformed (not ASCII, missing
+parts, a sign, more digits than an offset has) cannot be checked for replays, so it is
+not aggregated: the bus marks it and the aggregator dead-letters it (reason
+``invalid_origin``). A malformed
 progress report (wrong types, missing fields, non-finite times, more than
 :data:`MAX_PARTITIONS` partitions) is skipped. Each is counted in
 ``vabus_aggregator_bus_protocol_errors_total{kind=malformed_origin|malformed_progress}``.
@@ -22,7 +27,6 @@ progress report (wrong types, missing fields, non-finite times, more than
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +41,7 @@ __all__ = [
     "MAX_PARTITIONS",
     "ORIGIN_HEADER",
     "PROGRESS_HEADER",
+    "Marked",
     "OnMalformed",
     "decode_progress",
     "encode_progress",
@@ -47,7 +52,6 @@ __all__ = [
     "split_at_progress",
 ]
 
-log = logging.getLogger(__name__)
 
 ORIGIN_HEADER: Final = "vabus-origin"
 EXCESS_HEADER: Final = "vabus-excess"
