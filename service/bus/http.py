@@ -12,6 +12,13 @@ events beside it nor make the client loop. So the same cursor is asked again wit
 read from the envelope's text to move past it. A server whose bodies carry no readable
 cursor at all cannot be moved past: the request is retried with backoff, and the same
 bad body is never handed on twice for one cursor (one dead letter, not one per retry).
+
+What one answer may cost is bounded (:mod:`service.bus.http_limits`): a body above
+``VABUS_MAX_RESPONSE_BYTES`` is asked again at once with half the limit (down to one
+event, then it is an error retried with backoff, and readiness names the bus until an
+answer passes); an answer with more events than asked, or with a cursor that may not be
+stored, is refused whole and retried with backoff on the same cursor. Bodies above
+:data:`_THREAD_PARSE_BYTES` are parsed in a worker thread.
 """
 
 from __future__ import annotations
