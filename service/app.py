@@ -82,7 +82,11 @@ class Service:
         self.http_socket = http_socket  # a worker serves on the socket its supervisor bound
         self.hub = EventHub(metrics, clock)
         self.aggregator = EventAggregator(
-            config.aggregation, metrics, clock, max_message_bytes=config.bus.max_message_bytes
+            config.aggregation,
+            metrics,
+            clock,
+            max_message_bytes=config.bus.max_message_bytes,
+            max_events_per_message=config.bus.max_events_per_message,
         )
         runtime = config.runtime
         self.sender = DataSender(

@@ -50,6 +50,7 @@ REJECT_REASONS: Final = (
     "too_large",
     "late",
     "cardinality_limit",
+    "invalid_origin",  # repartitioned input: a malformed vabus-origin header (internal topic)
 )
 
 

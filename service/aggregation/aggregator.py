@@ -46,6 +46,9 @@ __all__ = ["STATE_FORMAT", "EventAggregator", "Outputs"]
 log = logging.getLogger(__name__)
 
 _NEG_INF: Final = NEG_INF
+# Dead letters written one by one per message; its further rejects roll up, one dead
+# letter per reason with their count (the ledger and metrics still count each element).
+DEAD_LETTERS_PER_MESSAGE: Final = 100
 
 _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FUNCTIONS.items()}
 _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
@@ -75,6 +78,19 @@ def _raw_of(ev: WireEvent, evs: Sequence[WireEvent], raws: list[Any] | None, rec
     return raws[j] if raws is not None else element_of(record, j)
 
 
+class _RawOf:
+    """:func:`_raw_of`, found only for a dead letter that is written: it costs a scan
+    of the message, which thousands of rejects of one message must not each pay."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __call__(self) -> Any:
+        return _raw_of(*self.args)
+
+
 class EventAggregator:
     def __init__(
         self,
@@ -83,6 +99,7 @@ class EventAggregator:
         clock: Clock,
         *,
         max_message_bytes: int = 1_048_576,
+        max_events_per_message: int = 100_000,
     ) -> None:
         self._cfg = cfg
         self._interval = cfg.interval_s
@@ -90,6 +107,12 @@ class EventAggregator:
         self._metrics = metrics
         self._clock = clock
         self._max_bytes = max_message_bytes
+        self._max_elements = max_events_per_message
+        # the message whose dead letters are being counted, how many it wrote, and its
+        # roll-ups by reason: [count, first raw, its detail, source]
+        self._dl_message: tuple[int, int] | None = None
+        self._dl_written = 0
+        self._rollups: dict[str, list[Any]] = {}
         self._parts: dict[str, PartitionState] = {}
         self._open = 0
         metrics.set_partition_view(self.partitions)
@@ -188,6 +211,8 @@ class EventAggregator:
         if batch.origins is not None:
             if part.routed is None:
                 part.routed = RoutedTime(known_at=seen)
+            if batch.rejected:
+                self._reject_marked(part, batch, out, seen)
             if replayed := part.drop_replayed(batch):
                 self._metrics.on_replays_dropped(replayed)
         part.reported_at = max(part.reported_at, seen)
@@ -207,6 +232,9 @@ class EventAggregator:
         """The hot loop: no awaits, no logging, no per-event objects beyond the decoded
         event and its key, names bound to locals. Its results must equal the reference
         path's (``tests/unit/test_decode_fast.py`` compares them on generated input)."""
+        if self._dl_message is not None:  # a batch that failed half-way: not its roll-ups
+            self._rollups.clear()
+            self._dl_message, self._dl_written = None, 0
         interval = self._interval
         grace = self._cfg.grace_s
         windows = part.windows
@@ -277,7 +305,9 @@ class EventAggregator:
                             evs = (decoded,)
                     else:  # a JSON array: list[WireEvent]
                         many = cast(list[WireEvent], decoded)
-                        if all(fast_ok(e, max_ts) for e in many):
+                        if len(many) <= self._max_elements and all(
+                            fast_ok(e, max_ts) for e in many
+                        ):
                             evs = many
             if evs is None:
                 evs, raws, held = self._reference(record, idx, batch, out, rejects, max_ts, now)
@@ -299,7 +329,7 @@ class EventAggregator:
                         late += 1
                         late_key = (name, func, start)
                         late_windows[late_key] = late_windows.get(late_key, 0) + 1
-                        raw = _raw_of(ev, evs, raws, record)
+                        raw = _RawOf(ev, evs, raws, record)
                         detail = f"window starting {start} was already emitted"
                         self._reject(out, rejects, batch, idx, raw, "late", detail, now)
                         continue
@@ -322,7 +352,7 @@ class EventAggregator:
                     if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
                         continue
                     if open_now >= budget:
-                        raw = _raw_of(ev, evs, raws, record)
+                        raw = _RawOf(ev, evs, raws, record)
                         self._reject(
                             out,
                             rejects,
@@ -389,6 +419,8 @@ class EventAggregator:
                                 closed_until = edge
                                 q_lo = q_hi = 0.0
                 accepted += 1
+        if self._dl_message is not None:
+            self._flush_rollups(out)
         self._open = open_now
         if part_max != _NEG_INF:
             part.max_ts = part_max
@@ -427,6 +459,15 @@ class EventAggregator:
         else:
             decoded = record
         items = decoded if type(decoded) is list else [decoded]
+        held = len(items)
+        if held > self._max_elements:
+            cap = self._max_elements
+            detail = (
+                f"{held - cap} elements past the first {cap} of a {held}-element message "
+                "(VABUS_MAX_EVENTS_PER_MESSAGE); raw is the message"
+            )
+            self._reject(out, rejects, batch, idx, record, "too_large", detail, now, held - cap)
+            items = items[:cap]
         evs: list[WireEvent] = []
         raws: list[Any] = []
         for item in items:
@@ -437,7 +478,31 @@ class EventAggregator:
                 continue
             evs.append(WireEvent(name, value, ts, func))
             raws.append(item)
-        return evs, raws, len(items)
+        return evs, raws, held
+
+    def _reject_marked(
+        self, part: PartitionState, batch: SourceBatch, out: Outputs, seen: float
+    ) -> None:
+        """Dead-letter the records the bus marked as unusable and take them out of the
+        batch: received and rejected in the ledger, a message for the idle rule."""
+        marked, batch.rejected = batch.rejected or {}, None
+        now = self._clock.now()
+        rejects: dict[str, int] = {}
+        for idx, (reason, detail, n) in sorted(marked.items()):
+            self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now, n)
+        if self._dl_message is not None:
+            self._flush_rollups(out)
+        keep = [i for i in range(len(batch.records)) if i not in marked]
+        batch.records = [batch.records[i] for i in keep]
+        if batch.offsets is not None:
+            batch.offsets = [batch.offsets[i] for i in keep]
+        if batch.origins is not None:
+            batch.origins = [batch.origins[i] for i in keep]
+        part.last_message_at = seen
+        interval_start = math.floor(batch.received_at / self._interval) * self._interval
+        part.count(interval_start, sum(rejects.values()), 0, rejects)
+        for reason, n in rejects.items():
+            self._metrics.on_events_rejected(reason, n)
 
     def _bad_name(
         self,
@@ -470,12 +535,50 @@ class EventAggregator:
         reason: str,
         detail: str,
         now: float,
+        n: int = 1,
     ) -> None:
-        counts[reason] = counts.get(reason, 0) + 1
-        source = batch.source
-        if batch.offsets is not None:
-            source = f"{source} offset={batch.offsets[idx]}"
+        """Count ``n`` rejected elements of message ``idx`` and write their dead letter;
+        past :data:`DEAD_LETTERS_PER_MESSAGE` of one message, roll them up instead."""
+        counts[reason] = counts.get(reason, 0) + n
+        message = (id(batch), idx)
+        if message != self._dl_message:
+            if self._dl_message is not None:
+                self._flush_rollups(out)
+            self._dl_message = message
+        if self._dl_written >= DEAD_LETTERS_PER_MESSAGE:
+            rollup = self._rollups.get(reason)
+            if rollup is None:
+                raw = raw() if type(raw) is _RawOf else raw
+                self._rollups[reason] = [n, raw, detail, self._source(batch, idx)]
+            else:
+                rollup[0] += n
+            return
+        self._dl_written += 1
+        raw = raw() if type(raw) is _RawOf else raw
+        source = self._source(batch, idx)
         out.dead_letters.append(DeadLetter(raw_text(raw), reason, detail, source, now))
+
+    @staticmethod
+    def _source(batch: SourceBatch, idx: int) -> str:
+        if batch.offsets is None:
+            return batch.source
+        return f"{batch.source} offset={batch.offsets[idx]}"
+
+    def _flush_rollups(self, out: Outputs) -> None:
+        """One dead letter per reason for the rejects of the last message past its
+        :data:`DEAD_LETTERS_PER_MESSAGE`."""
+        now = self._clock.now()
+        for reason, (n, raw, detail, source) in self._rollups.items():
+            summary = (
+                f"{n} more elements of this message rejected as {reason!r} (past the first "
+                f"{DEAD_LETTERS_PER_MESSAGE} dead letters of one message); raw is the first "
+                f"of them: {detail}"
+            )
+            out.dead_letters.append(DeadLetter(raw_text(raw), reason, summary, source, now))
+            self._metrics.on_dead_letters_rolled_up(n)
+        self._rollups.clear()
+        self._dl_message = None
+        self._dl_written = 0
 
     def _others_limit(self, part: PartitionState) -> tuple[float, bool]:
         """(cap, blocked): the event time the other holding partitions allow while

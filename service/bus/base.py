@@ -89,6 +89,9 @@ class SourceBatch:
     lag: int | None = None
     origins: list[Origin] | None = None
     progress: Progress | None = None
+    # records the bus found unusable (index -> (reason, detail, elements)): the
+    # aggregator dead-letters them and takes them out of the batch (repartitioned input)
+    rejected: dict[int, tuple[str, str, int]] | None = None
 
 
 REPORT_INTERVAL_S: Final = 1.0

@@ -12,6 +12,13 @@ events beside it nor make the client loop. So the same cursor is asked again wit
 read from the envelope's text to move past it. A server whose bodies carry no readable
 cursor at all cannot be moved past: the request is retried with backoff, and the same
 bad body is never handed on twice for one cursor (one dead letter, not one per retry).
+
+What one answer may cost is bounded (:mod:`service.bus.http_limits`): a body above
+``VABUS_MAX_RESPONSE_BYTES`` is asked again at once with half the limit (down to one
+event, then it is an error retried with backoff, and readiness names the bus until an
+answer passes); an answer with more events than asked, or with a cursor that may not be
+stored, is refused whole and retried with backoff on the same cursor. Bodies above
+:data:`_THREAD_PARSE_BYTES` are parsed in a worker thread.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ import aiohttp
 import orjson
 
 from service.bus.base import REPORT_INTERVAL_S, Emit, PartitionsAssigned, Restore, SourceBatch
+from service.bus.http_limits import (
+    ProtocolError,
+    ResponseTooLarge,
+    TooManyEvents,
+    check_cursor,
+    read_capped,
+)
 from service.bus.json_text import skip_ws, split_json_array
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
@@ -46,6 +60,8 @@ PARTITION: Final = "http"
 RAW_LIMIT: Final = 64 * 1024  # an unparseable body is handed on truncated to this
 _MIN_EMPTY_POLL_S: Final = 0.05  # a server that ignores `wait` must not make us spin
 _CHECK_TIMEOUT_S: Final = 5.0
+_ERROR_TEXT: Final = 1024  # bytes of an error answer kept for the log
+_THREAD_PARSE_BYTES: Final = 256 * 1024  # larger bodies are parsed off the event loop
 _CURSOR_TEXT: Final = re.compile(rb'"cursor"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
@@ -66,7 +82,13 @@ class _RepeatedBody(ServiceError):
 
 
 # Every failure of a request is retried; transport failures count as retriable.
-_FAILURES: Final = (_ResponseError, _RepeatedBody, aiohttp.ClientError, TimeoutError)
+_FAILURES: Final = (
+    _ResponseError,
+    _RepeatedBody,
+    ProtocolError,
+    aiohttp.ClientError,
+    TimeoutError,
+)
 
 
 @dataclass(slots=True)
@@ -110,6 +132,9 @@ class HttpBus(AsyncResource):
         self._bad_cursor: str | None = None
         self._bad_bodies: set[int] = set()  # hashes of bad bodies handed on for _bad_cursor
         self._narrow_left = 0  # requests still made with limit=1 after an unparseable body
+        # events asked for per request: halved while answers pass VABUS_MAX_RESPONSE_BYTES
+        self._limit = config.http_batch_limit
+        self._failing: ProtocolError | None = None  # the last request's refusal, until one passes
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -208,25 +233,44 @@ class HttpBus(AsyncResource):
             on_failure=self._count_error,
         )
         fetched.answered_at = self._clock.monotonic()
+        self._failing = None
         return fetched
 
     async def _answer(self, cursor: str | None, limit: int | None) -> _Fetched:
-        """:meth:`_get_events`, asked again at once while it narrows down a bad element."""
+        """:meth:`_get_events`, asked again at once while it narrows down a bad element,
+        and with half the limit while the answer is too large (a single event that is
+        still too large is an error, retried with backoff like any other)."""
         while True:
             try:
                 return await self._get_events(cursor, limit)
             except _Narrow:
                 continue
+            except ResponseTooLarge as exc:
+                if exc.limit <= 1 or limit is not None:
+                    raise
+                self._metrics.on_bus_protocol_error(self.name, exc.kind)
+                self._limit = exc.limit // 2
+                log.warning(
+                    "VaBus GET %s/events (cursor=%s, limit=%d): %s; asking again with limit=%d",
+                    self._base,
+                    cursor,
+                    exc.limit,
+                    exc,
+                    self._limit,
+                )
 
     def _count_error(self, exc: BaseException, attempt: int) -> None:
         self._metrics.on_bus_error(self.name, not isinstance(exc, ServiceError) or exc.retriable)
+        if isinstance(exc, ProtocolError):
+            self._metrics.on_bus_protocol_error(self.name, exc.kind)
+            self._failing = exc
 
     async def _get_events(self, cursor: str | None, limit: int | None) -> _Fetched:
         """One request; raises :class:`_RepeatedBody` for a bad body already handed on
         for this cursor, and :class:`_Narrow` when it starts isolating a bad element."""
         config = self._config
         if limit is None:
-            limit = 1 if self._narrow_left else config.http_batch_limit
+            limit = 1 if self._narrow_left else self._limit
         params = {"limit": str(limit), "wait": f"{config.http_wait_s:g}"}
         if cursor is not None:
             params["cursor"] = cursor
@@ -235,14 +279,28 @@ class HttpBus(AsyncResource):
         async with self._require_session().get(
             f"{self._base}/events", params=params, timeout=timeout
         ) as response:
-            body = await response.read()
             if response.status != 200:
-                raise _ResponseError(response.status, body)
+                raise _ResponseError(response.status, await response.content.read(_ERROR_TEXT))
+            body = await read_capped(response, config.max_response_bytes, limit)
         seconds = self._clock.monotonic() - started
-        events, next_cursor = _parse_envelope(body)
+        if len(body) > _THREAD_PARSE_BYTES:
+            events, cursor_value = await asyncio.to_thread(_parse_envelope, body)
+        else:
+            events, cursor_value = _parse_envelope(body)
         if events is not None:
+            if len(events) > limit:
+                raise TooManyEvents(
+                    f"the answer holds {len(events)} events for limit={limit}; refused whole "
+                    "(its cursor is past events that were not asked for)"
+                )
+            next_cursor = check_cursor(cursor_value)
             if self._narrow_left:
                 self._narrow_left = 0 if not events else self._narrow_left - 1
+            elif (
+                limit == self._limit < config.http_batch_limit
+                and len(body) <= config.max_response_bytes // 4  # room to double it
+            ):
+                self._limit = min(config.http_batch_limit, limit * 2)
             caught_up = len(events) < limit
             return _Fetched(cursor, events, next_cursor or cursor, caught_up, len(events), seconds)
         if limit > 1 and cursor is not None:
@@ -257,7 +315,7 @@ class HttpBus(AsyncResource):
             )
             raise _Narrow
         self._narrow_left = 0
-        next_cursor = next_cursor or _cursor_from_text(body)
+        next_cursor = check_cursor(cursor_value) or check_cursor(_cursor_from_text(body))
         if cursor != self._bad_cursor:
             self._bad_cursor, self._bad_bodies = cursor, set()
         if hash(body) in self._bad_bodies:
@@ -320,7 +378,14 @@ class HttpBus(AsyncResource):
                 raise _ResponseError(response.status, answer)
 
     async def check(self) -> None:
+        """Readiness: the server answers, and the last request's answer was not refused
+        (too large even for one event, more events than asked, a bad cursor)."""
         url = f"{self._base}/events"
+        if self._failing is not None:
+            raise TransientError(
+                f"VaBus at {url} answers what cannot be taken ({self._failing.kind}): "
+                f"{self._failing}"
+            )
         timeout = aiohttp.ClientTimeout(total=_CHECK_TIMEOUT_S)
         params = {"limit": "0", "wait": "0"}
         session = self._session or aiohttp.ClientSession(headers=self._headers())
@@ -345,8 +410,9 @@ class HttpBus(AsyncResource):
         return self._session
 
 
-def _parse_envelope(body: bytes) -> tuple[list[Any] | None, str | None]:
-    """``(events, cursor)``; ``events`` is None when the body is not an envelope.
+def _parse_envelope(body: bytes) -> tuple[list[Any] | None, Any]:
+    """``(events, cursor)``; ``events`` is None when the body is not an envelope; the
+    cursor as it was sent (any JSON value, None when absent), for :func:`check_cursor`.
 
     orjson refuses numbers outside a double (``1e999``, 400-digit integers) that are
     still JSON; then the standard library parses the envelope and the events are handed
@@ -359,7 +425,6 @@ def _parse_envelope(body: bytes) -> tuple[list[Any] | None, str | None]:
     if not isinstance(envelope, dict):
         return None, None
     events, cursor = envelope.get("events"), envelope.get("cursor")
-    cursor = cursor if isinstance(cursor, str) else None
     return (events if isinstance(events, list) else None), cursor
 
 
@@ -375,7 +440,7 @@ def _cursor_from_text(body: bytes) -> str | None:
     return cursor if isinstance(cursor, str) else None
 
 
-def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, str | None]:
+def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, Any]:
     try:
         text = body.decode("utf-8")
         envelope = json.loads(text)
@@ -384,7 +449,6 @@ def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, str | None]:
     if not isinstance(envelope, dict):
         return None, None
     cursor = envelope.get("cursor")
-    cursor = cursor if isinstance(cursor, str) else None
     if not isinstance(envelope.get("events"), list):
         return None, cursor
     return [e.encode() for e in _events_texts(text)], cursor

@@ -35,12 +35,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
+    Origin,
     PartitionsAssigned,
     PartitionsRevoked,
     Restore,
     SourceBatch,
 )
-from service.bus.internal_records import origins_of, split_at_progress
+from service.bus.internal_records import Marked, read_origins, split_at_progress
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
@@ -112,6 +113,7 @@ class KafkaBus(AsyncResource):
         self._stopping = asyncio.Event()  # stop_intake() or stop()
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
         self._failure: BaseException | None = None
+        self._malformed_logged: set[str] = set()  # kinds of malformed records logged once
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -307,9 +309,14 @@ class KafkaBus(AsyncResource):
                 # report, which applies after its events: event time then moves exactly
                 # where the routing stage wrote it, whatever the fetches.
                 routed = self._cfg.kafka_repartition
-                runs = split_at_progress(msgs) if routed else ((msgs, None, live.next_offset),)
+                runs = (
+                    split_at_progress(msgs, self._on_malformed)
+                    if routed
+                    else ((msgs, None, live.next_offset),)
+                )
                 for run, progress, next_offset in runs:
                     received += len(run)
+                    origins, rejected = self._origins(run) if routed else (None, None)
                     await emit(
                         SourceBatch(
                             partition=live.partition,
@@ -321,8 +328,9 @@ class KafkaBus(AsyncResource):
                             caught_up=caught_up and next_offset == live.next_offset,
                             polled_at=mono,
                             lag=lag,
-                            origins=origins_of(run) if routed else None,
+                            origins=origins,
                             progress=progress,
+                            rejected=rejected,
                         )
                     )
             # Reports on partitions this poll brought nothing for: a silent partition
@@ -354,6 +362,27 @@ class KafkaBus(AsyncResource):
             # one Kafka message may hold a JSON array; the bus does not decode, so the
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
+
+    def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
+        """The origins of a run of internal records, and those to dead-letter (records
+        whose origin header is malformed cannot be checked for replays)."""
+        origins, marked = read_origins(run, self._on_malformed)
+        return origins, marked or None
+
+    def _on_malformed(self, kind: str, raw: bytes | None) -> None:
+        """Count a malformed internal record; log the first of each kind (a flood of
+        them must not flood the log: the metric counts them all)."""
+        self._metrics.on_bus_protocol_error(self.name, kind)
+        if kind not in self._malformed_logged:
+            self._malformed_logged.add(kind)
+            log.error(
+                "kafka bus: %s on the internal topic %r: %r (%s; further ones are only "
+                "counted in vabus_aggregator_bus_protocol_errors_total)",
+                kind.replace("_", " "),
+                self._cfg.kafka_topic,
+                (raw or b"")[:200],
+                "dead-lettered as invalid_origin" if kind == "malformed_origin" else "skipped",
+            )
 
     # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
     async def _on_assigned(

@@ -53,7 +53,13 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service.aggregation.decode import Rejected, WireEvent, decode_fast, fast_ok, parse_event
 from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
-from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, encode_progress
+from service.bus.internal_records import (
+    EXCESS_HEADER,
+    ORIGIN_HEADER,
+    PROGRESS_HEADER,
+    encode_progress,
+    excess_record,
+)
 from service.bus.kafka import KafkaBus
 from service.clock import Clock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
@@ -310,6 +316,7 @@ class Router(AsyncResource):
             # an event further ahead of the clock moves no event time in the reports
             # (the windowing stage's rule for its records, service.aggregation.partition)
             lead_cap = now + self._max_lead_s
+            cap = self._cfg.max_events_per_message
             offsets: dict[TopicPartition, int] = {}
             for tp, msgs in data.items():
                 owned = self._owned.get(tp)
@@ -318,7 +325,10 @@ class Router(AsyncResource):
                 fallback = f"{tp.topic}:{tp.partition}".encode()
                 prefix = f"{tp.topic}:{tp.partition}:"
                 for m in msgs:
-                    for i, (key, value, ts) in enumerate(route(m.value, fallback, max_ts)):
+                    routed = route(m.value, fallback, max_ts)
+                    for i, (key, value, ts) in enumerate(
+                        routed if len(routed) <= cap else routed[:cap]
+                    ):
                         origin = f"{prefix}{m.offset}:{i}".encode()
                         await out.add(key, value, [(ORIGIN_HEADER, origin)])
                         if (
@@ -327,6 +337,8 @@ class Router(AsyncResource):
                             and (owned.max_ts is None or ts > owned.max_ts)
                         ):
                             owned.max_ts = ts
+                    if len(routed) > cap:  # the rest: one record, one dead letter downstream
+                        await self._add_excess(out, fallback, f"{prefix}{m.offset}", routed)
                 owned.next_offset = offsets[tp] = msgs[-1].offset + 1
                 owned.last_message_at = polled_at
             await out.flush()
@@ -334,6 +346,20 @@ class Router(AsyncResource):
                 await self._commit(offsets)
             if self._clock.monotonic() - self._reported_at >= REPORT_INTERVAL_S:
                 await self._report_progress()
+
+    async def _add_excess(
+        self, out: _Outbox, fallback: bytes, message: str, routed: list[Routed]
+    ) -> None:
+        """The elements of one input message past ``VABUS_MAX_EVENTS_PER_MESSAGE`` as one
+        record (keyed by the input partition, after the message's other elements), which
+        the windowing stage dead-letters as one ``too_large`` with their count."""
+        cap = self._cfg.max_events_per_message
+        excess = routed[cap:]
+        headers = [
+            (ORIGIN_HEADER, f"{message}:{cap}".encode()),
+            (EXCESS_HEADER, str(len(excess)).encode()),
+        ]
+        await out.add(fallback, excess_record([value for _, value, _ in excess]), headers)
 
     async def _report_progress(self) -> None:
         """A progress report on the input partitions read here, to every internal

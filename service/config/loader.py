@@ -46,6 +46,8 @@ from service.retry import BACKOFF_KINDS
 
 __all__ = ["load_config"]
 
+_MIN_RESPONSE_BYTES = 1024  # an envelope with a cursor and one event must fit
+
 
 def load_config(
     environ: Mapping[str, str] | None = None,
@@ -133,6 +135,12 @@ def read_bus(r: Reader) -> BusConfig:
             "VABUS_KAFKA_SESSION_TIMEOUT_MS", defaults.kafka_session_timeout_ms, low=1
         ),
         max_message_bytes=r.integer("VABUS_MAX_MESSAGE_BYTES", defaults.max_message_bytes, low=1),
+        max_response_bytes=r.integer(
+            "VABUS_MAX_RESPONSE_BYTES", defaults.max_response_bytes, low=_MIN_RESPONSE_BYTES
+        ),
+        max_events_per_message=r.integer(
+            "VABUS_MAX_EVENTS_PER_MESSAGE", defaults.max_events_per_message, low=1
+        ),
     )
 
 

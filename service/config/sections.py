@@ -63,6 +63,10 @@ class BusConfig:
     demo_rate: float = 1000.0
     demo_names: int = 50
     max_message_bytes: int = 1_048_576  # VABUS_MAX_MESSAGE_BYTES: larger -> too_large
+    # VABUS_MAX_RESPONSE_BYTES: HTTP, bytes read per answer (after decompression)
+    max_response_bytes: int = 8 * 1_048_576
+    # VABUS_MAX_EVENTS_PER_MESSAGE: elements of one message past this -> one too_large
+    max_events_per_message: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,6 +168,8 @@ class MetricsCollector:
         self.messages_received: defaultdict[str, int] = defaultdict(int)
         self.events_rejected: defaultdict[str, int] = defaultdict(int)
         self.bus_errors: defaultdict[tuple[str, bool], int] = defaultdict(int)
+        self.bus_protocol_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.dead_letters_rolled_up = 0
         self.sink_writes: defaultdict[str, int] = defaultdict(int)
         self.sink_aggregates_written: defaultdict[str, int] = defaultdict(int)
         self.sink_dead_letters_written: defaultdict[str, int] = defaultdict(int)
@@ -200,6 +202,11 @@ class MetricsCollector:
     def on_bus_error(self, transport: str, retriable: bool) -> None:
         self.bus_errors[(transport, retriable)] += 1
 
+    def on_bus_protocol_error(self, transport: str, kind: str) -> None:
+        """An answer or internal record refused as breaking the bus's protocol; ``kind``
+        is one of a few names chosen by the code (never error text)."""
+        self.bus_protocol_errors[(transport, kind)] += 1
+
     def set_lease_leader(self, leader: bool) -> None:
         """This instance holds the bus's lease (reads it) or stands by."""
         self.lease_leader = leader
@@ -214,6 +221,11 @@ class MetricsCollector:
 
     def on_events_rejected(self, reason: str, n: int = 1) -> None:
         self.events_rejected[reason if reason in _KNOWN_REASONS else "other"] += n
+
+    def on_dead_letters_rolled_up(self, n: int) -> None:
+        """Rejected elements of one message folded into a roll-up dead letter (counted,
+        by reason, in ``events_rejected`` as usual)."""
+        self.dead_letters_rolled_up += n
 
     def on_replays_dropped(self, n: int) -> None:
         """Repartitioned records dropped as replays of the routing stage."""
@@ -348,6 +360,10 @@ class MetricsCollector:
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
             "bus_errors": _by_retriable(self.bus_errors),
+            "bus_protocol_errors": {
+                f"{t}:{k}": n for (t, k), n in self.bus_protocol_errors.items()
+            },
+            "dead_letters_rolled_up": self.dead_letters_rolled_up,
             "aggregates_emitted": self.aggregates_emitted,
             "open_windows": self.open_windows,
             "watermark": self.watermark,
@@ -474,6 +490,11 @@ class _PrometheusView:
                 "Repartitioned records dropped as replays of the routing stage.",
                 m.replays_dropped,
             ),
+            (
+                "dead_letters_rolled_up",
+                "Rejected elements of a message written as one roll-up dead letter.",
+                m.dead_letters_rolled_up,
+            ),
         ):
             # CounterMetricFamily appends the ``_total`` suffix itself.
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value)
@@ -495,6 +516,12 @@ class _PrometheusView:
                 "Failed bus operations.",
                 ["transport", "retriable"],
                 {(t, _bool(r)): n for (t, r), n in m.bus_errors.items()},
+            ),
+            (
+                "bus_protocol_errors",
+                "Bus answers or internal records refused as breaking the protocol.",
+                ["transport", "kind"],
+                {(t, k): n for (t, k), n in m.bus_protocol_errors.items()},
             ),
             (
                 "sink_writes",

@@ -58,6 +58,8 @@ PARSED: list[tuple[dict[str, str], Callable[[Config], Any], Any]] = [
     ({"VABUS_TIMEOUT": "7"}, lambda c: c.bus.http_timeout_s, 7.0),
     ({"VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"}, lambda c: c.bus.kafka_session_timeout_ms, 3000),
     ({"VABUS_MAX_MESSAGE_BYTES": "2048"}, lambda c: c.bus.max_message_bytes, 2048),
+    ({"VABUS_MAX_RESPONSE_BYTES": "1024"}, lambda c: c.bus.max_response_bytes, 1024),
+    ({"VABUS_MAX_EVENTS_PER_MESSAGE": "1"}, lambda c: c.bus.max_events_per_message, 1),
     ({"VABUS_TOKEN": "abc"}, lambda c: c.bus.token.value, "abc"),
     (
         {"HTTP_AUTH_TOKEN": "0123456789abcdef"},
@@ -229,6 +231,9 @@ INVALID: list[tuple[str, str]] = [
     ("VABUS_TIMEOUT", "0"),
     ("VABUS_KAFKA_SESSION_TIMEOUT_MS", "1.5"),
     ("VABUS_MAX_MESSAGE_BYTES", "-5"),
+    ("VABUS_MAX_RESPONSE_BYTES", "1023"),
+    ("VABUS_MAX_RESPONSE_BYTES", "16MiB"),
+    ("VABUS_MAX_EVENTS_PER_MESSAGE", "0"),
     ("STORAGE_TYPE", "s3"),
     ("STORAGE_TYPE", "kafka,kafka"),
     ("STORAGE_TYPE", "kafka,"),
