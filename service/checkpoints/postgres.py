@@ -15,6 +15,7 @@ import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
+from service.lease.fence import FencedError, LeaseFence
 from service.lifecycle import AsyncResource
 from service.pg_errors import pg_error
 from service.schema import (
@@ -125,9 +126,11 @@ class PostgresCheckpointStore(AsyncResource):
         *,
         table: str = CHECKPOINT_TABLE,
         timeout_s: float = 10.0,
+        fence: LeaseFence | None = None,
     ) -> None:
         quote_identifier(table)  # a bad name fails here, not at the first save
         self.namespace = namespace
+        self._fence = fence  # a leased bus's: checkpoints commit only while it holds
         self._table = table
         self._dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
         self._borrowed = None if isinstance(pool_or_dsn, str) else pool_or_dsn
@@ -199,12 +202,17 @@ class PostgresCheckpointStore(AsyncResource):
         pool = self._started_pool()
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
-                await save_in_transaction(conn, self.namespace, checkpoints, self._table)
+                await self.save_in(conn, checkpoints)
+        except FencedError:
+            raise
         except Exception as exc:
             raise self._classify(exc) from exc
 
     async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
-        """:meth:`save` on a connection whose transaction the caller owns."""
+        """:meth:`save` on a connection whose transaction the caller owns; with a fence,
+        raises :class:`FencedError` (committing nothing) once the lease has moved on."""
+        if self._fence is not None and checkpoints:
+            await self._fence.check(conn)
         await save_in_transaction(conn, self.namespace, checkpoints, self._table)
 
     def _classify(self, exc: Exception) -> TransientError | PermanentError:

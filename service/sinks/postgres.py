@@ -33,6 +33,7 @@ from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
 from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
+from service.lease.fence import FencedError, LeaseFence
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.pg_errors import pg_error, pg_error_kind
@@ -214,8 +215,10 @@ class PostgresSink(AsyncResource):
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 60.0,
         check_timeout_s: float = 3.0,
+        fence: LeaseFence | None = None,
     ) -> None:
         self._cfg = cfg
+        self._fence = fence  # a leased bus's: rows commit only while the epoch is ours
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._sql = SinkStatements(TableNames.of(cfg.table, cfg.dead_letter_table))
@@ -287,11 +290,15 @@ class PostgresSink(AsyncResource):
         started = self._clock.monotonic()
         try:
             async with pool.acquire(timeout=self._connect_timeout_s) as conn, conn.transaction():
+                if self._fence is not None and (aggregates or dead_letters):
+                    await self._fence.check(conn)
                 created = await write_batch(
                     conn, self._sql, aggregates, dead_letters, self._clock.now()
                 )
                 if then is not None:
                     await then(conn)
+        except FencedError:
+            raise  # not a failure of this output: the lease is lost
         except Exception as exc:
             err = self._classify(exc, "write")
             self._metrics.on_sink_error(self.name, err.retriable)
