@@ -23,6 +23,7 @@ from service.pg_errors import pg_error
 __all__ = [
     "CHECKPOINT_TABLE",
     "LEASE_TABLE",
+    "OWNER_TABLE",
     "TableNames",
     "checkpoint_ddl",
     "ensure_checkpoint_table",
@@ -39,6 +40,7 @@ CHECKPOINT_TABLE: Final = "vabus_checkpoints"
 LEDGER_TABLE: Final = "vabus_ledger"
 WINDOW_LATE_TABLE: Final = "vabus_window_late"
 LEASE_TABLE: Final = "vabus_leases"  # the HTTP bus lease's epoch (service.lease.fence)
+OWNER_TABLE: Final = "vabus_partition_owners"  # who last restored a partition's checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,17 @@ def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
             updated_at   timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (namespace, partition, name, agg_func, window_start)
         )""",
+        # the epoch of each partition's owner: raised by every restore (a load), checked
+        # by every save (service.checkpoints.postgres); ``store`` is the checkpoint table
+        f"""CREATE TABLE IF NOT EXISTS {OWNER_TABLE} (
+            store      text        NOT NULL,
+            namespace  text        NOT NULL,
+            partition  text        NOT NULL,
+            epoch      bigint      NOT NULL,
+            owner      text        NOT NULL DEFAULT '',
+            claimed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (store, namespace, partition)
+        )""",
         *lease_ddl(),
     ]
 
@@ -218,7 +231,15 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
     as long as every table already exists."""
     await _ensure(
         conn,
-        [table, dead_letter_table, CHECKPOINT_TABLE, LEDGER_TABLE, WINDOW_LATE_TABLE, LEASE_TABLE],
+        [
+            table,
+            dead_letter_table,
+            CHECKPOINT_TABLE,
+            LEDGER_TABLE,
+            WINDOW_LATE_TABLE,
+            OWNER_TABLE,
+            LEASE_TABLE,
+        ],
         schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
     )
 
@@ -226,7 +247,7 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
 async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:
     """Create the checkpoint table only (for a checkpoint store used without the sink);
     like :func:`ensure_schema`, an existing table needs no ``CREATE`` privilege."""
-    tables = [checkpoint_table, LEDGER_TABLE, WINDOW_LATE_TABLE, LEASE_TABLE]
+    tables = [checkpoint_table, LEDGER_TABLE, WINDOW_LATE_TABLE, OWNER_TABLE, LEASE_TABLE]
     await _ensure(conn, tables, checkpoint_ddl(checkpoint_table))
 
 
