@@ -142,6 +142,12 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
             received_at timestamptz NOT NULL,
             stored_at   timestamptz NOT NULL DEFAULT now()
         )""",
+        # A dead letter's identity where its source names a position (see
+        # service.sinks.postgres.dead_letter_keys): a replay inserts nothing twice. Rows
+        # of older versions keep NULL, which never conflicts.
+        _add_column_if_missing(dlq, "dedup_key", "text"),
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'dedup_key_idx')} "
+        f"ON {dlq} (dedup_key)",
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'received_at_idx')} "
         f"ON {dlq} (received_at)",
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'reason_idx')} "
