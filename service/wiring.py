@@ -105,9 +105,9 @@ def build_outputs(
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)
     if cfg.bus.kind == "kafka":
         from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
-        from service.kafka_client import client_options
+        from service.kafka_client import bus_client_options
 
-        options = client_options(cfg.kafka, cfg.bus.kafka_bootstrap_servers)
+        options = bus_client_options(cfg.bus, cfg.kafka)
         topic = checkpoint_topic(cfg.bus.kafka_group)
         store = KafkaCheckpointStore(options, topic, namespace)
         return OutputWiring(sinks, store, None, read_back)

@@ -59,7 +59,7 @@ from service.clock import Clock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.kafka_client import client_options, create_topics, group_member_options
+from service.kafka_client import bus_client_options, create_topics, group_member_options
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import sleep_unless_stopped
@@ -205,7 +205,7 @@ class Router(AsyncResource):
         max_future_s: float = _DEFAULT_MAX_FUTURE_S,
     ) -> None:
         self._cfg = bus_cfg
-        self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
+        self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._clock = clock
         self._max_future_s = max_future_s
         self.topic = internal_topic(bus_cfg.kafka_group)

@@ -84,9 +84,7 @@ async def test_dead_letters_without_a_position_are_stored_each_time(
     async with PostgresSink(cfg, MetricsCollector()) as sink:
         await sink.write([], [letter])
         await sink.write([], [letter])
-    assert await stored(conn, cfg.dead_letter_table) == {
-        ("sink:postgres:agg", "invalid_value"): 2
-    }
+    assert await stored(conn, cfg.dead_letter_table) == {("sink:postgres:agg", "invalid_value"): 2}
 
 
 async def test_the_migration_upgrades_a_dead_letter_table_of_the_old_schema_in_place(
