@@ -99,7 +99,7 @@ def build_outputs(
         from service.checkpoints.postgres import PostgresCheckpointStore
         from service.sinks.postgres import PostgresSink
 
-        pg_sink = PostgresSink(cfg.postgres, metrics, fence=fence)
+        pg_sink = PostgresSink(cfg.postgres, metrics, fence=fence, dedup_scope=namespace)
         pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace, fence=fence)
         sinks.append(pg_sink)
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)

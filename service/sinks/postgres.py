@@ -14,9 +14,10 @@ duplicate costs no row version.
 
 Dead letters are stored once: each one whose source names where it was read (a Kafka
 message: ``topic/partition offset=N``; an HTTP batch: its request cursor) gets a
-``dedup_key``, a digest of that source, the reason, the raw text and its ordinal among
-identical ones in the write, and is inserted ``ON CONFLICT (dedup_key) DO NOTHING``; a
-replay after ``kill -9``, a takeover or a redelivery computes the same keys. See
+``dedup_key``, a digest of the input (the checkpoint namespace), that source, the
+reason, the raw text and its ordinal among identical ones in the write, and is inserted
+``ON CONFLICT (dedup_key) DO NOTHING``; a replay after ``kill -9``, a takeover or a
+redelivery computes the same keys. See
 :func:`dead_letter_keys` for which dead letters get no key.
 
 Errors by SQLSTATE class (see :func:`service.pg_errors.pg_error_kind`): connection,
@@ -62,10 +63,13 @@ T = TypeVar("T")
 
 
 class SinkStatements:
-    """The SQL of one sink, built once from validated table names."""
+    """The SQL of one sink, built once from validated table names. ``dedup_scope`` names
+    the input (the checkpoint namespace) in every dead letter's key: two buses sharing
+    the table may use the same cursors or topic names."""
 
-    def __init__(self, tables: TableNames) -> None:
+    def __init__(self, tables: TableNames, dedup_scope: str = "") -> None:
         self.tables = tables
+        self.dedup_scope = dedup_scope
         self.aggregates_label = tables.aggregates.replace('"', "")  # for messages, unquoted
         # Times travel as epoch float8 and become timestamptz in the server: cheaper
         # than building datetimes in Python, and out-of-range values fail per row (22008)
@@ -134,7 +138,7 @@ def _positioned(source: str) -> bool:
     return " offset=" in source or ("cursor=" in source and not source.endswith("cursor=none"))
 
 
-def dead_letter_keys(rows: Sequence[DeadLetter]) -> list[str | None]:
+def dead_letter_keys(rows: Sequence[DeadLetter], scope: str = "") -> list[str | None]:
     """The ``dedup_key`` of each dead letter: None where the source names no position
     (the sinks' own, a demo stream), since identical text there may be a new input.
 
@@ -153,7 +157,7 @@ def dead_letter_keys(rows: Sequence[DeadLetter]) -> list[str | None]:
         ident = (d.source, d.reason, d.raw)
         n = seen[ident]
         seen[ident] = n + 1
-        text = repr((*ident, n)).encode("utf-8", "surrogatepass")
+        text = repr((scope, *ident, n)).encode("utf-8", "surrogatepass")
         keys.append(hashlib.blake2b(text, digest_size=16).hexdigest())
     return keys
 
@@ -230,7 +234,7 @@ async def write_batch(
     letters = [*dead_letters, *created]
     unstorable = await _store_isolating(
         conn,
-        list(zip(letters, dead_letter_keys(letters), strict=True)),
+        list(zip(letters, dead_letter_keys(letters, sql.dedup_scope), strict=True)),
         lambda rows: _insert_dead_letters(conn, sql, rows),
     )
     for (dl, _), exc in unstorable:
@@ -264,12 +268,14 @@ class PostgresSink(AsyncResource):
         command_timeout_s: float = 60.0,
         check_timeout_s: float = 3.0,
         fence: LeaseFence | None = None,
+        dedup_scope: str = "",
     ) -> None:
         self._cfg = cfg
         self._fence = fence  # a leased bus's: rows commit only while the epoch is ours
         self._metrics = metrics
         self._clock = clock or SystemClock()
-        self._sql = SinkStatements(TableNames.of(cfg.table, cfg.dead_letter_table))
+        tables = TableNames.of(cfg.table, cfg.dead_letter_table)
+        self._sql = SinkStatements(tables, dedup_scope)
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s

@@ -116,3 +116,15 @@ async def test_the_migration_upgrades_a_dead_letter_table_of_the_old_schema_in_p
     assert await stored(conn, cfg.dead_letter_table) == EXPECTED + Counter(
         {("kafka in/0 offset=1", "invalid_json"): 2}  # old rows kept as they were
     )
+
+
+async def test_two_inputs_sharing_the_table_keep_their_own_dead_letters(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    """Two HTTP buses may hand out the same cursors: the key names the input too."""
+    cfg = config(postgres_dsn, unique_name)
+    for scope in ("http:http://bus-a", "http:http://bus-b"):
+        async with PostgresSink(cfg, MetricsCollector(), dedup_scope=scope) as sink:
+            await sink.write([], BATCH)
+            await sink.write([], BATCH)
+    assert await stored(conn, cfg.dead_letter_table) == EXPECTED + EXPECTED
