@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 __all__ = ["SECRET_VARIABLES", "URL_VARIABLES", "Secret", "mask_password", "plain", "shown"]
 
 # Variables whose value is never shown; URL-like ones show it with the password masked.
-SECRET_VARIABLES = frozenset({"VABUS_TOKEN", "KAFKA_SASL_PASSWORD"}) | {"VABUS_KAFKA_SASL_PASSWORD"}
+SECRET_VARIABLES = frozenset({"VABUS_TOKEN", "KAFKA_SASL_PASSWORD", "VABUS_KAFKA_SASL_PASSWORD"})
 URL_VARIABLES = frozenset({"VABUS_URL", "POSTGRES_DSN", "POSTGRES_CONNECTION_STRING"})
 _PASSWORD_PARAM = re.compile(r"((?:^|&)[^=&]*password[^=&]*=)[^&]*", re.IGNORECASE)
 
