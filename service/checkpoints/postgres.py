@@ -28,7 +28,7 @@ import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
-from service.lease.fence import FencedError, LeaseFence
+from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
 from service.lifecycle import AsyncResource
 from service.pg_errors import pg_error
 from service.schema import (
@@ -178,7 +178,12 @@ class PostgresCheckpointStore(AsyncResource):
         else:
             try:
                 pool = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=2, timeout=self._timeout_s
+                    self._dsn,
+                    min_size=1,
+                    max_size=2,
+                    timeout=self._timeout_s,
+                    init=keep_alive,
+                    connection_class=KeepAliveConnection,  # a vanished owner's locks go soon
                 )
             except Exception as exc:
                 raise pg_error(exc, "checkpoint store start") from exc

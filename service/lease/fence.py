@@ -17,6 +17,12 @@ nothing. The instance then treats the lease as lost (:meth:`PostgresLease.wait_l
 <service.lease.postgres.PostgresLease.wait_lost>` returns at once) and drops that
 write instead of retrying it: the successor reads those events again from the
 checkpoint it restored.
+
+A write's row lock lives as long as its session: if the old holder's host vanishes in
+the middle of a write, the successor's acquisition waits until the server drops that
+session. Every session of the writers sets :data:`KEEPALIVES` (:func:`keep_alive`,
+:class:`KeepAliveConnection`), as the lease does, so that takes about 11 s, not the
+operating system's default of hours.
 """
 
 from __future__ import annotations
@@ -24,10 +30,38 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+import asyncpg
+
 from service.errors import PermanentError
 from service.schema import LEASE_TABLE
 
-__all__ = ["FencedError", "LeaseFence"]
+__all__ = ["KEEPALIVES", "FencedError", "KeepAliveConnection", "LeaseFence", "keep_alive"]
+
+# The server drops a vanished client's session (its advisory lock, its open transaction
+# and row locks) after about idle + count * interval seconds; libpq's names, per session.
+KEEPALIVES: Final = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+
+
+_SET_KEEPALIVES: Final = "".join(f"SET {name} = {value};\n" for name, value in KEEPALIVES.items())
+
+
+async def keep_alive(conn: Any) -> None:
+    """Set :data:`KEEPALIVES` on a new pooled session (a pool's ``init``), with ``SET``
+    rather than start-up parameters, which a pooler such as PgBouncer refuses."""
+    await conn.execute(_SET_KEEPALIVES)
+
+
+class KeepAliveConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled session that keeps :data:`KEEPALIVES` when the pool resets it on release
+    (``RESET ALL``): set again in the same round trip."""
+
+    def get_reset_query(self) -> str:
+        return f"{super().get_reset_query()}\n{_SET_KEEPALIVES}"
+
 
 _STORED_EPOCH: Final = f"SELECT epoch FROM {LEASE_TABLE} WHERE namespace = $1 FOR SHARE"
 _TAKE_EPOCH: Final = f"""

@@ -46,7 +46,7 @@ import asyncpg
 from service.clock import Clock
 from service.errors import describe_error
 from service.lease.base import LeaseRole
-from service.lease.fence import LeaseFence
+from service.lease.fence import KEEPALIVES, LeaseFence
 from service.pg_errors import pg_error
 from service.schema import ensure_lease_table
 
@@ -59,13 +59,6 @@ CHECK_S: Final = 1.0
 _QUERY_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 1.0  # a goodbye to a server that may be gone; it fits phase 5
-# The server drops a vanished holder's session (and so the lock) after about
-# idle + count * interval seconds; libpq's names, set per session.
-_KEEPALIVES: Final = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2",
-    "tcp_keepalives_count": "3",
-}
 _WHERE_LOCK: Final = """
     l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
     AND l.classid = $1::oid AND l.objid = $2::oid
@@ -214,7 +207,7 @@ class PostgresLease:
         conn = await asyncpg.connect(
             self._dsn,
             timeout=_CONNECT_TIMEOUT_S,
-            server_settings={"application_name": self.application_name, **_KEEPALIVES},
+            server_settings={"application_name": self.application_name, **KEEPALIVES},
         )
         self._terminated.clear()
         conn.add_termination_listener(self._on_terminated)

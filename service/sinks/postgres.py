@@ -43,7 +43,7 @@ from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
 from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
-from service.lease.fence import FencedError, LeaseFence
+from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.pg_errors import pg_error, pg_error_kind
@@ -298,6 +298,8 @@ class PostgresSink(AsyncResource):
                 max_size=self._cfg.pool_max_size,
                 timeout=self._connect_timeout_s,
                 command_timeout=self._command_timeout_s,
+                init=keep_alive,
+                connection_class=KeepAliveConnection,  # a vanished writer's locks go soon
             )
         except Exception as exc:
             raise pg_error(exc, "output start") from exc

@@ -120,3 +120,16 @@ async def test_a_leader_whose_session_ended_cannot_commit_after_its_successor(
     reason = await asyncio.wait_for(lease_a.wait_lost(), 5)
     assert "fenced" in reason
     assert (lease_a.role, lease_b.role) == ("standby", "leader")
+
+
+async def test_writer_sessions_ask_the_server_to_drop_them_soon_when_their_host_vanishes(
+    services: list[Service],
+) -> None:
+    """A write's row lock on the lease lives as long as its session: a successor's
+    acquisition must not wait hours for the operating system's keepalive."""
+    svc = services[0]
+    pools = [svc.sinks[0].pool, svc.store._pool]  # type: ignore[attr-defined]
+    for pool in pools:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW tcp_keepalives_idle") == "5"
+            assert await conn.fetchval("SHOW tcp_keepalives_count") == "3"
