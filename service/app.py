@@ -342,9 +342,9 @@ def build_service(
     """The service with the bus, outputs and checkpoint store the configuration names."""
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock, {} if worker is None else {"worker": str(worker)})
-    outputs = build_outputs(config, metrics)
-    bus = build_bus(config, metrics, clock)
     lease = build_lease(config, clock)
+    outputs = build_outputs(config, metrics, None if lease is None else lease.fence)
+    bus = build_bus(config, metrics, clock)
     if lease is not None:
         bus = LeasedBus(bus, lease, metrics)
     return Service(

@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from service.config import KafkaConfig
+from service.config import BusConfig, KafkaConfig, Secret
 
 __all__ = [
+    "bus_client_options",
     "client_options",
     "create_topics",
     "group_member_options",
@@ -22,27 +23,60 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _Security(Protocol):
+    """A cluster's security settings: KafkaConfig (the output cluster's, KAFKA_*) and
+    KafkaSecurity (the bus cluster's, VABUS_KAFKA_*) both have them."""
+
+    @property
+    def security_protocol(self) -> str: ...
+    @property
+    def sasl_mechanism(self) -> str | None: ...
+    @property
+    def sasl_username(self) -> str | None: ...
+    @property
+    def sasl_password(self) -> Secret: ...
+    @property
+    def ssl_cafile(self) -> str | None: ...
+    @property
+    def ssl_certfile(self) -> str | None: ...
+    @property
+    def ssl_keyfile(self) -> str | None: ...
+
+
 def client_options(
     cfg: KafkaConfig, bootstrap_servers: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
-    """Keyword arguments for AIOKafkaProducer/Consumer/AdminClient: servers and security.
+    """Keyword arguments for AIOKafkaProducer/Consumer/AdminClient of the output
+    cluster: servers and security (KAFKA_*).
 
     SSL uses the system trust store unless ``ssl_cafile`` is given; SASL mechanisms are
     PLAIN and SCRAM-SHA-256/512, as aiokafka supports them.
     """
+    return _options(cfg, bootstrap_servers or cfg.bootstrap_servers)
+
+
+def bus_client_options(bus: BusConfig, kafka: KafkaConfig) -> dict[str, Any]:
+    """:func:`client_options` for a client of the bus cluster (the bus, its metrics
+    producer, the repartition topic, the Kafka checkpoint store): the bus's brokers
+    (KAFKA_BOOTSTRAP_SERVERS when the URL names none) with the bus's own security
+    (``bus.kafka_security``), never the output cluster's credentials."""
+    return _options(bus.kafka_security, bus.kafka_bootstrap_servers or kafka.bootstrap_servers)
+
+
+def _options(sec: _Security, servers: tuple[str, ...]) -> dict[str, Any]:
     opts: dict[str, Any] = {
-        "bootstrap_servers": ",".join(bootstrap_servers or cfg.bootstrap_servers),
-        "security_protocol": cfg.security_protocol,
+        "bootstrap_servers": ",".join(servers),
+        "security_protocol": sec.security_protocol,
     }
-    if cfg.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=cfg.ssl_cafile)
-        if cfg.ssl_certfile:
-            ctx.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+    if sec.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=sec.ssl_cafile)
+        if sec.ssl_certfile:
+            ctx.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
         opts["ssl_context"] = ctx
-    if cfg.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
-        opts["sasl_mechanism"] = cfg.sasl_mechanism or "PLAIN"
-        opts["sasl_plain_username"] = cfg.sasl_username
-        opts["sasl_plain_password"] = cfg.sasl_password.value
+    if sec.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        opts["sasl_mechanism"] = sec.sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = sec.sasl_username
+        opts["sasl_plain_password"] = sec.sasl_password.value
     return opts
 
 

@@ -22,10 +22,14 @@ from service.pg_errors import pg_error
 
 __all__ = [
     "CHECKPOINT_TABLE",
+    "LEASE_TABLE",
+    "OWNER_TABLE",
     "TableNames",
     "checkpoint_ddl",
     "ensure_checkpoint_table",
+    "ensure_lease_table",
     "ensure_schema",
+    "lease_ddl",
     "migrate",
     "migrate_connection",
     "quote_identifier",
@@ -35,6 +39,8 @@ __all__ = [
 CHECKPOINT_TABLE: Final = "vabus_checkpoints"
 LEDGER_TABLE: Final = "vabus_ledger"
 WINDOW_LATE_TABLE: Final = "vabus_window_late"
+LEASE_TABLE: Final = "vabus_leases"  # the HTTP bus lease's epoch (service.lease.fence)
+OWNER_TABLE: Final = "vabus_partition_owners"  # who last restored a partition's checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,12 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
             received_at timestamptz NOT NULL,
             stored_at   timestamptz NOT NULL DEFAULT now()
         )""",
+        # A dead letter's identity where its source names a position (see
+        # service.sinks.postgres.dead_letter_keys): a replay inserts nothing twice. Rows
+        # of older versions keep NULL, which never conflicts.
+        _add_column_if_missing(dlq, "dedup_key", "text"),
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'dedup_key_idx')} "
+        f"ON {dlq} (dedup_key)",
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'received_at_idx')} "
         f"ON {dlq} (received_at)",
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'reason_idx')} "
@@ -180,6 +192,30 @@ def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
             updated_at   timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (namespace, partition, name, agg_func, window_start)
         )""",
+        # the epoch of each partition's owner: raised by every restore (a load), checked
+        # by every save (service.checkpoints.postgres); ``store`` is the checkpoint table
+        f"""CREATE TABLE IF NOT EXISTS {OWNER_TABLE} (
+            store      text        NOT NULL,
+            namespace  text        NOT NULL,
+            partition  text        NOT NULL,
+            epoch      bigint      NOT NULL,
+            owner      text        NOT NULL DEFAULT '',
+            claimed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (store, namespace, partition)
+        )""",
+        *lease_ddl(),
+    ]
+
+
+def lease_ddl() -> list[str]:
+    """One row per lease namespace: the epoch its latest holder took on acquiring it."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {LEASE_TABLE} (
+            namespace   text        PRIMARY KEY,
+            epoch       bigint      NOT NULL,
+            holder      text        NOT NULL DEFAULT '',
+            acquired_at timestamptz NOT NULL DEFAULT now()
+        )""",
     ]
 
 
@@ -201,7 +237,15 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
     as long as every table already exists."""
     await _ensure(
         conn,
-        [table, dead_letter_table, CHECKPOINT_TABLE, LEDGER_TABLE, WINDOW_LATE_TABLE],
+        [
+            table,
+            dead_letter_table,
+            CHECKPOINT_TABLE,
+            LEDGER_TABLE,
+            WINDOW_LATE_TABLE,
+            OWNER_TABLE,
+            LEASE_TABLE,
+        ],
         schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
     )
 
@@ -209,8 +253,13 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
 async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:
     """Create the checkpoint table only (for a checkpoint store used without the sink);
     like :func:`ensure_schema`, an existing table needs no ``CREATE`` privilege."""
-    tables = [checkpoint_table, LEDGER_TABLE, WINDOW_LATE_TABLE]
+    tables = [checkpoint_table, LEDGER_TABLE, WINDOW_LATE_TABLE, OWNER_TABLE, LEASE_TABLE]
     await _ensure(conn, tables, checkpoint_ddl(checkpoint_table))
+
+
+async def ensure_lease_table(conn: Any) -> None:
+    """The lease table alone, for a lease that may compete before the outputs start."""
+    await _ensure(conn, [LEASE_TABLE], lease_ddl())
 
 
 async def _ensure(conn: Any, tables: list[str], statements: list[str]) -> None:

@@ -21,6 +21,11 @@ database), the rows written just before a checkpoint and the checkpoint rows com
 one transaction, after every other sink has acknowledged those rows. So the stored
 positions can never name rows that PostgreSQL does not hold, and a checkpoint costs no
 extra commit.
+
+Fenced writes: when a lease guards the bus, a PostgreSQL write of an instance that has
+lost it fails with :class:`~service.lease.fence.FencedError`. That write (rows, or a
+checkpoint with its rows) is dropped, not retried: the lease's new holder reads those
+events again from the checkpoint it restored, and this instance stands by.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from service.errors import TransientError, describe_error
 from service.events import Aggregate, DeadLetter
 from service.flow import Checkpoint, ReadBack
 from service.hub import Delivery
+from service.lease.fence import FencedError
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, CircuitBreaker, output_backoff, retry
 from service.sinks.base import Sink
@@ -186,9 +192,21 @@ class DataSender:
     ) -> None:
         # Sinks report their own write/error metrics: only they know how many rows they
         # stored and how many they had to dead-letter.
-        await asyncio.gather(
-            *(self._retrying(s.name, partial(s.write, aggregates, dead_letters)) for s in sinks)
-        )
+        await asyncio.gather(*(self._write_one(s, aggregates, dead_letters) for s in sinks))
+
+    async def _write_one(
+        self, sink: Sink, aggregates: list[Aggregate], dead_letters: list[DeadLetter]
+    ) -> None:
+        try:
+            await self._retrying(sink.name, partial(sink.write, aggregates, dead_letters))
+        except FencedError as exc:
+            log.error(
+                "output %s: %d aggregate(s) and %d dead letter(s) dropped: %s",
+                sink.name,
+                len(aggregates),
+                len(dead_letters),
+                exc,
+            )
 
     async def _retrying(self, name: str, attempt_once: Callable[[], Awaitable[None]]) -> None:
         """Run ``attempt_once`` until it succeeds: :class:`TransientError` is retried with
@@ -298,15 +316,27 @@ class DataSender:
     ) -> None:
         started = self._clock.monotonic()
         checkpoints = self._with_outputs(cp.checkpoints)
-        if with_rows is None:
-            await self._retrying(CHECKPOINT_STORE, lambda: self._store.save(checkpoints))
-        else:
-            sink, store, rows_a, rows_d = with_rows
+        try:
+            if with_rows is None:
+                await self._retrying(CHECKPOINT_STORE, lambda: self._store.save(checkpoints))
+            else:
+                sink, store, rows_a, rows_d = with_rows
 
-            async def save(conn: Any) -> None:
-                await store.save_in(conn, checkpoints)
+                async def save(conn: Any) -> None:
+                    await store.save_in(conn, checkpoints)
 
-            await self._retrying(sink.name, lambda: sink.write_in_transaction(rows_a, rows_d, save))
+                await self._retrying(
+                    sink.name, lambda: sink.write_in_transaction(rows_a, rows_d, save)
+                )
+        except FencedError as exc:
+            log.error(
+                "checkpoint of %s (and the rows written with it) dropped: %s",
+                [c.partition for c in checkpoints],
+                exc,
+            )
+            if cp.done is not None and not cp.done.done():
+                cp.done.set_exception(exc)
+            return
         positions = cp.positions
         if positions:
             try:

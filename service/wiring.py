@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
 from service.clock import Clock
 from service.config import Config
-from service.lease.base import Lease
 from service.ops.metrics import MetricsCollector
 from service.sender import ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from service.lease.fence import LeaseFence
+    from service.lease.postgres import PostgresLease
 
 __all__ = ["OutputWiring", "build_bus", "build_lease", "build_outputs", "checkpoint_namespace"]
 
@@ -34,7 +38,7 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
     return DemoBus(cfg.bus, metrics, clock)
 
 
-def build_lease(cfg: Config, clock: Clock) -> Lease | None:
+def build_lease(cfg: Config, clock: Clock) -> PostgresLease | None:
     """The lease that makes one instance of an HTTP bus its only reader, or None.
 
     Only the HTTP bus needs one: a Kafka bus shares its partitions through the consumer
@@ -70,14 +74,17 @@ class OutputWiring:
     read_back: list[ReadBackSink] = field(default_factory=list)
 
 
-def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
+def build_outputs(
+    cfg: Config, metrics: MetricsCollector, fence: LeaseFence | None = None
+) -> OutputWiring:
     """The sinks STORAGE_TYPE names and the checkpoint store that goes with them.
 
     Checkpoints live in the cluster, so partitions move between the instances of a
     consumer group with their state: in PostgreSQL when it is an output (they then
     commit inside the PostgreSQL sink's write transaction), otherwise, on the Kafka
     bus, in the group's checkpoint topic. Only a single reader (HTTP or demo bus)
-    keeps them in a local file in STATE_DIR.
+    keeps them in a local file in STATE_DIR. ``fence`` (the lease's, when a lease
+    guards the bus) is checked in every PostgreSQL write transaction.
     """
     sinks: list[Sink] = []
     read_back: list[ReadBackSink] = []
@@ -92,15 +99,15 @@ def build_outputs(cfg: Config, metrics: MetricsCollector) -> OutputWiring:
         from service.checkpoints.postgres import PostgresCheckpointStore
         from service.sinks.postgres import PostgresSink
 
-        pg_sink = PostgresSink(cfg.postgres, metrics)
-        pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace)
+        pg_sink = PostgresSink(cfg.postgres, metrics, fence=fence, dedup_scope=namespace)
+        pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace, fence=fence)
         sinks.append(pg_sink)
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)
     if cfg.bus.kind == "kafka":
         from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
-        from service.kafka_client import client_options
+        from service.kafka_client import bus_client_options
 
-        options = client_options(cfg.kafka, cfg.bus.kafka_bootstrap_servers)
+        options = bus_client_options(cfg.bus, cfg.kafka)
         topic = checkpoint_topic(cfg.bus.kafka_group)
         store = KafkaCheckpointStore(options, topic, namespace)
         return OutputWiring(sinks, store, None, read_back)

@@ -47,7 +47,7 @@ from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError, is_retriable
 from service.events import Metric
-from service.kafka_client import client_options, create_topics, group_member_options
+from service.kafka_client import bus_client_options, create_topics, group_member_options
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff, retry
@@ -99,7 +99,7 @@ class KafkaBus(AsyncResource):
         revoke_timeout_s: float = 30.0,
     ) -> None:
         self._cfg = bus_cfg
-        self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
+        self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._servers = self._options["bootstrap_servers"]
         self._metrics = metrics
         self._clock = clock

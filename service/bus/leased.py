@@ -16,13 +16,12 @@ for one:
   waited for up to ``revoke_timeout_s``. Then the lease is competed for again; its next
   holder, this instance too, restores from the store.
 
-A lost lease may already have a new holder while the old one still checkpoints. That
-costs no exactness against a server that honours cursors: every checkpoint is a
-position with the state at that position, both instances compute the same aggregates
-from the same events, the outputs are idempotent upserts, and a checkpoint older than
-the newest only means a longer replay after the next crash. (Against a server that
-ignores cursors the events handed out in that moment are split between the two, as a
-crash there loses what was handed out.)
+A lost lease may already have a new holder while the old one still checkpoints: then
+the lease's fence (:mod:`service.lease.fence`) refuses that checkpoint and every
+PostgreSQL write of the old holder, which also ends its reading at once (``wait_lost``
+returns). The new holder reads those events again from the checkpoint it restored.
+(Against a server that ignores cursors the events handed out in that moment are split
+between the two, as a crash there loses what was handed out.)
 
 A standby sends no metrics to the bus: the bus's metric series carry no instance label,
 and a standby's zeros would interleave with the reader's numbers.

@@ -65,7 +65,7 @@ from service.clock import Clock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
-from service.kafka_client import client_options, create_topics, group_member_options
+from service.kafka_client import bus_client_options, create_topics, group_member_options
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.retry import sleep_unless_stopped
@@ -213,7 +213,7 @@ class Router(AsyncResource):
         max_lead_s: float = _DEFAULT_MAX_LEAD_S,
     ) -> None:
         self._cfg = bus_cfg
-        self._options = client_options(kafka_cfg, bus_cfg.kafka_bootstrap_servers or None)
+        self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._clock = clock
         self._max_future_s = max_future_s
         self._max_lead_s = max_lead_s  # AGGREGATION_MAX_WATERMARK_LEAD

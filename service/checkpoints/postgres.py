@@ -3,10 +3,23 @@
 One row per (namespace, partition). ``save`` upserts every given row in one
 transaction. :func:`save_in_transaction` does the same inside a caller's transaction,
 so that a later change can commit checkpoints together with the sink's rows.
+
+**Owners.** Loading a partition's checkpoint is what a new owner does before it reads
+the partition (a Kafka assignment, an HTTP lease taken over), so a load also claims
+the partition: it raises the partition's epoch in ``vabus_partition_owners`` and this
+store remembers the number. A save first reads the epochs of its partitions ``FOR
+SHARE`` in its own transaction; if another store has claimed one since, the save
+raises :class:`~service.lease.fence.FencedError` and commits nothing. The row lock
+orders the two: a claim waits for a save that passed the check, and its load then
+reads that save. So an owner that lost a partition without noticing (a consumer-group
+member whose session expired while it kept reading; a revoke whose checkpoint outlived
+its timeout) can never overwrite the checkpoint its successor restored from or wrote.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -15,12 +28,14 @@ import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.errors import PermanentError, TransientError
+from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
 from service.lifecycle import AsyncResource
 from service.pg_errors import pg_error
 from service.pg_text import storable_text
 from service.schema import (
     CHECKPOINT_TABLE,
     LEDGER_TABLE,
+    OWNER_TABLE,
     WINDOW_LATE_TABLE,
     ensure_checkpoint_table,
     quote_identifier,
@@ -60,6 +75,19 @@ _LATE_UPSERT: Final = f"""
         AS u(p, nm, f, w, l)
     ON CONFLICT (namespace, partition, name, agg_func, window_start) DO UPDATE SET
         late = EXCLUDED.late, updated_at = now()"""
+
+
+_CLAIM: Final = f"""
+    INSERT INTO {OWNER_TABLE} AS t (store, namespace, partition, epoch, owner, claimed_at)
+    SELECT $1, $2, p, 1, $4, now() FROM unnest($3::text[]) AS u(p)
+    ON CONFLICT (store, namespace, partition) DO UPDATE SET
+        epoch = t.epoch + 1, owner = EXCLUDED.owner, claimed_at = now()
+    RETURNING partition, epoch"""
+_OWNERS: Final = f"""
+    SELECT partition, epoch, owner FROM {OWNER_TABLE}
+    WHERE store = $1 AND namespace = $2 AND partition = ANY($3::text[])
+    ORDER BY partition COLLATE "C"
+    FOR SHARE"""
 
 
 async def _save_ledger(conn: Any, namespace: str, rows: Sequence[PartitionCheckpoint]) -> None:
@@ -126,14 +154,18 @@ class PostgresCheckpointStore(AsyncResource):
         *,
         table: str = CHECKPOINT_TABLE,
         timeout_s: float = 10.0,
+        fence: LeaseFence | None = None,
     ) -> None:
         quote_identifier(table)  # a bad name fails here, not at the first save
         self.namespace = namespace
+        self._fence = fence  # a leased bus's: checkpoints commit only while it holds
         self._table = table
         self._dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
         self._borrowed = None if isinstance(pool_or_dsn, str) else pool_or_dsn
         self._pool: Any = None
         self._timeout_s = timeout_s
+        self._epochs: dict[str, int] = {}  # partition -> the epoch our last load took
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._select = (
             f"SELECT partition, position, state, outputs, format FROM {quote_identifier(table)} "
             "WHERE namespace = $1 AND partition = ANY($2::text[])"
@@ -147,7 +179,12 @@ class PostgresCheckpointStore(AsyncResource):
         else:
             try:
                 pool = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=2, timeout=self._timeout_s
+                    self._dsn,
+                    min_size=1,
+                    max_size=2,
+                    timeout=self._timeout_s,
+                    init=keep_alive,
+                    connection_class=KeepAliveConnection,  # a vanished owner's locks go soon
                 )
             except Exception as exc:
                 raise pg_error(exc, "checkpoint store start") from exc
@@ -172,11 +209,19 @@ class PostgresCheckpointStore(AsyncResource):
 
     async def load(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
         pool = self._started_pool()
+        wanted = list(partitions)
         try:
-            async with pool.acquire(timeout=self._timeout_s) as conn:
-                rows = await conn.fetch(self._select, self.namespace, list(partitions))
+            async with pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+                # Claim first: the claim waits for a save that is under way, so the
+                # read below sees everything the previous owner could still commit.
+                # (In sorted order, as saves lock them: no deadlock between the two.)
+                claimed = await conn.fetch(
+                    _CLAIM, self._table, self.namespace, sorted(set(wanted)), self._owner
+                )
+                rows = await conn.fetch(self._select, self.namespace, wanted)
         except Exception as exc:
             raise self._classify(exc) from exc
+        self._epochs.update((r["partition"], r["epoch"]) for r in claimed)
         result: dict[str, PartitionCheckpoint] = {}
         for row in rows:
             if row["format"] != ROW_FORMAT:
@@ -200,13 +245,40 @@ class PostgresCheckpointStore(AsyncResource):
         pool = self._started_pool()
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
-                await save_in_transaction(conn, self.namespace, checkpoints, self._table)
+                await self.save_in(conn, checkpoints)
+        except FencedError:
+            raise
         except Exception as exc:
             raise self._classify(exc) from exc
 
     async def save_in(self, conn: Any, checkpoints: Sequence[PartitionCheckpoint]) -> None:
-        """:meth:`save` on a connection whose transaction the caller owns."""
+        """:meth:`save` on a connection whose transaction the caller owns; with a fence,
+        raises :class:`FencedError` (committing nothing) once the lease has moved on."""
+        if not checkpoints:
+            return
+        if self._fence is not None:
+            await self._fence.check(conn)
+        await self._check_owner(conn, {c.partition for c in checkpoints})
         await save_in_transaction(conn, self.namespace, checkpoints, self._table)
+
+    async def _check_owner(self, conn: Any, partitions: set[str]) -> None:
+        """Raise :class:`FencedError` if another store claimed one of ``partitions``
+        after this one (a partition nobody ever claimed is anyone's to save)."""
+        rows = await conn.fetch(_OWNERS, self._table, self.namespace, sorted(partitions))
+        lost = {
+            r["partition"]: r["owner"]
+            for r in rows
+            if r["epoch"] != self._epochs.get(r["partition"])
+        }
+        if lost:
+            raise FencedError(
+                f"checkpoint of {self.namespace!r} fenced: partition(s) "
+                + ", ".join(
+                    f"{p!r} (restored since by {o or 'another instance'})"
+                    for p, o in sorted(lost.items())
+                )
+                + "; their new owner continues from there, this save is dropped"
+            )
 
     def _classify(self, exc: Exception) -> TransientError | PermanentError:
         return pg_error(exc, f"checkpoints in {self._table}")

@@ -37,6 +37,7 @@ from service.config.sections import (
     Config,
     HttpServerConfig,
     KafkaConfig,
+    KafkaSecurity,
     LogConfig,
     PostgresConfig,
     RuntimeConfig,
@@ -92,8 +93,76 @@ def read_config(r: Reader) -> Config:
         log=read_log(r),
         runtime=read_runtime(r),
     )
+    config = replace(config, bus=with_bus_security(r, config.bus, config.kafka))
     check_consistency(r, config)
     return config
+
+
+BUS_SECURITY_VARIABLES = (
+    "VABUS_KAFKA_SECURITY_PROTOCOL",
+    "VABUS_KAFKA_SASL_MECHANISM",
+    "VABUS_KAFKA_SASL_USERNAME",
+    "VABUS_KAFKA_SASL_PASSWORD",
+    "VABUS_KAFKA_SSL_CAFILE",
+    "VABUS_KAFKA_SSL_CERTFILE",
+    "VABUS_KAFKA_SSL_KEYFILE",
+)
+
+
+def with_bus_security(r: Reader, bus: BusConfig, kafka: KafkaConfig) -> BusConfig:
+    """The bus cluster's SASL/SSL settings: VABUS_KAFKA_* only. For compatibility, when
+    none of them is set and the bus's brokers are exactly KAFKA_BOOTSTRAP_SERVERS (one
+    cluster), the KAFKA_* settings; never for other brokers, so the output cluster's
+    password is never sent to the bus's."""
+    d = KafkaSecurity()
+    own = KafkaSecurity(
+        security_protocol=r.custom(
+            "VABUS_KAFKA_SECURITY_PROTOCOL",
+            d.security_protocol,
+            lambda v: pick(v.upper(), PROTOCOLS),
+            "one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+        ),
+        sasl_mechanism=r.custom(
+            "VABUS_KAFKA_SASL_MECHANISM",
+            d.sasl_mechanism,
+            lambda v: pick(v.upper(), MECHANISMS),
+            MECHANISM_FORM,
+        ),
+        sasl_username=r.custom("VABUS_KAFKA_SASL_USERNAME", d.sasl_username, str, "a user name"),
+        sasl_password=Secret(r.custom("VABUS_KAFKA_SASL_PASSWORD", "", str, "a password")),
+        ssl_cafile=r.custom("VABUS_KAFKA_SSL_CAFILE", None, existing_file, FILE_FORM),
+        ssl_certfile=r.custom("VABUS_KAFKA_SSL_CERTFILE", None, existing_file, FILE_FORM),
+        ssl_keyfile=r.custom("VABUS_KAFKA_SSL_KEYFILE", None, existing_file, FILE_FORM),
+    )
+    any_set = any(r.raw(name) for name in BUS_SECURITY_VARIABLES)
+    one_cluster = set(bus.kafka_bootstrap_servers) == set(kafka.bootstrap_servers)
+    if bus.kind == "kafka" and not any_set and one_cluster:
+        return replace(
+            bus,
+            kafka_security=KafkaSecurity(
+                security_protocol=kafka.security_protocol,
+                sasl_mechanism=kafka.sasl_mechanism,
+                sasl_username=kafka.sasl_username,
+                sasl_password=kafka.sasl_password,
+                ssl_cafile=kafka.ssl_cafile,
+                ssl_certfile=kafka.ssl_certfile,
+                ssl_keyfile=kafka.ssl_keyfile,
+                inherited=True,
+            ),
+        )
+    if own.security_protocol.startswith("SASL_"):
+        needed = (
+            ("VABUS_KAFKA_SASL_MECHANISM", own.sasl_mechanism, MECHANISM_FORM),
+            ("VABUS_KAFKA_SASL_USERNAME", own.sasl_username, "a user name"),
+            ("VABUS_KAFKA_SASL_PASSWORD", own.sasl_password.value, "a password"),
+        )
+        for name, value, form in needed:
+            if not value:
+                r.fail(
+                    name,
+                    f"{form}, because VABUS_KAFKA_SECURITY_PROTOCOL={own.security_protocol}",
+                )
+    return replace(bus, kafka_security=own)
 
 
 def read_http(r: Reader) -> HttpServerConfig:

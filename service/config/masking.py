@@ -10,7 +10,9 @@ from typing import Any
 __all__ = ["SECRET_VARIABLES", "URL_VARIABLES", "Secret", "mask_password", "plain", "shown"]
 
 # Variables whose value is never shown; URL-like ones show it with the password masked.
-SECRET_VARIABLES = frozenset({"VABUS_TOKEN", "KAFKA_SASL_PASSWORD", "HTTP_AUTH_TOKEN"})
+SECRET_VARIABLES = frozenset(
+    {"VABUS_TOKEN", "KAFKA_SASL_PASSWORD", "VABUS_KAFKA_SASL_PASSWORD", "HTTP_AUTH_TOKEN"}
+)
 URL_VARIABLES = frozenset({"VABUS_URL", "POSTGRES_DSN", "POSTGRES_CONNECTION_STRING"})
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _NOT_IN_USER = re.compile(r"[/?#@]")

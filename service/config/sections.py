@@ -14,6 +14,7 @@ __all__ = [
     "Config",
     "HttpServerConfig",
     "KafkaConfig",
+    "KafkaSecurity",
     "LogConfig",
     "PostgresConfig",
     "RuntimeConfig",
@@ -39,6 +40,23 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """SASL/SSL settings of the bus cluster's clients (VABUS_KAFKA_*), kept apart from
+    the output cluster's (KAFKA_*) so that neither's credentials reach the other."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret = Secret("")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # True when no VABUS_KAFKA_* security variable is set and the bus's brokers are
+    # exactly KAFKA_BOOTSTRAP_SERVERS: one cluster, so the KAFKA_* settings are used
+    inherited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class BusConfig:
     """VABUS_URL and what it implies. ``kind`` comes from the URL scheme."""
 
@@ -59,6 +77,9 @@ class BusConfig:
     # ?repartition=true: the input is not keyed by event name; route every event by name
     # through the internal topic first (service/bus/repartition.py)
     kafka_repartition: bool = False
+    # VABUS_KAFKA_SECURITY_PROTOCOL, VABUS_KAFKA_SASL_*, VABUS_KAFKA_SSL_*: how the bus,
+    # its metrics producer, the repartition topic and the Kafka checkpoint store connect
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     # demo://?rate=<events/s>&names=<n>
     demo_rate: float = 1000.0
     demo_names: int = 50

@@ -20,7 +20,10 @@ one round trip after the holder's session ended. The session ends:
 **The holder steps down** when it can no longer show that it holds the lock: every
 ``check_s`` (default 1 s) it asks PostgreSQL whether its own session holds it, with a
 timeout, and it is woken at once when asyncpg sees the connection terminated. A failed
-or negative check means "lost": the caller stops reading, and competes again.
+or negative check means "lost": the caller stops reading, and competes again. So does a
+write that the lease's fence refused (:mod:`service.lease.fence`): every acquisition
+takes a new epoch, and a write checks it inside its transaction, so a holder that lost
+the lease cannot commit after its successor took it, whatever it has noticed yet.
 
 **Limits.** The DSN must reach PostgreSQL directly or through a pooler in *session*
 mode. In transaction mode a session lock lands on a server connection that the next
@@ -43,7 +46,9 @@ import asyncpg
 from service.clock import Clock
 from service.errors import describe_error
 from service.lease.base import LeaseRole
+from service.lease.fence import KEEPALIVES, LeaseFence
 from service.pg_errors import pg_error
+from service.schema import ensure_lease_table
 
 __all__ = ["CHECK_S", "POLL_S", "PostgresLease", "lease_key"]
 
@@ -54,13 +59,6 @@ CHECK_S: Final = 1.0
 _QUERY_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 1.0  # a goodbye to a server that may be gone; it fits phase 5
-# The server drops a vanished holder's session (and so the lock) after about
-# idle + count * interval seconds; libpq's names, set per session.
-_KEEPALIVES: Final = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2",
-    "tcp_keepalives_count": "3",
-}
 _WHERE_LOCK: Final = """
     l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
     AND l.classid = $1::oid AND l.objid = $2::oid
@@ -120,6 +118,7 @@ class PostgresLease:
             :63  # PostgreSQL truncates longer names
         ]
         self._conn: Any = None
+        self.fence = LeaseFence(namespace)  # the writers of this lease's holder check it
         self._terminated = asyncio.Event()
         self._role: LeaseRole = "standby"
         self._since = clock.now()
@@ -177,13 +176,17 @@ class PostgresLease:
             "SELECT pg_try_advisory_lock($1)", self.key, timeout=self._timeout_s
         )
         if got:
+            # Taken while the lock is held, so no other holder can take the same epoch;
+            # should this fail, acquire() drops the connection and the lock with it.
+            epoch = await self.fence.take(conn, self.application_name, self._timeout_s)
             self._become("leader")
             self._holder = None
             log.info(
-                "lease %s: acquired (%s, key %d): this instance reads the bus",
+                "lease %s: acquired (%s, key %d, epoch %d): this instance reads the bus",
                 self.namespace,
                 self.kind,
                 self.key,
+                epoch,
             )
             return True
         row = await conn.fetchrow(_HOLDER, *self._tag, timeout=self._timeout_s)
@@ -204,11 +207,12 @@ class PostgresLease:
         conn = await asyncpg.connect(
             self._dsn,
             timeout=_CONNECT_TIMEOUT_S,
-            server_settings={"application_name": self.application_name, **_KEEPALIVES},
+            server_settings={"application_name": self.application_name, **KEEPALIVES},
         )
         self._terminated.clear()
         conn.add_termination_listener(self._on_terminated)
         self._conn = conn
+        await ensure_lease_table(conn)  # where its epochs are taken (service.lease.fence)
         return conn
 
     def _on_terminated(self, conn: Any) -> None:
@@ -237,14 +241,18 @@ class PostgresLease:
         """``seconds`` on the clock, or less if the connection terminates meanwhile."""
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         terminated = asyncio.ensure_future(self._terminated.wait())
+        fenced = asyncio.ensure_future(self.fence.fenced.wait())
         try:
-            await asyncio.wait({sleeper, terminated}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, terminated, fenced}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
             terminated.cancel()
+            fenced.cancel()
 
     async def _check(self, conn: Any) -> str | None:
         """Why the lease is lost, or None while this session still holds the lock."""
+        if self.fence.fenced.is_set():
+            return "a write was fenced: another instance took the lease over"
         if conn.is_closed():
             return "its PostgreSQL connection was closed"
         try:

@@ -12,6 +12,14 @@ revision is lower (``DO UPDATE ... WHERE (t.count, t.emitted_at) < (EXCLUDED.cou
 EXCLUDED.emitted_at)``), so a stale replay never overwrites a newer row and an exact
 duplicate costs no row version.
 
+Dead letters are stored once: each one whose source names where it was read (a Kafka
+message: ``topic/partition offset=N``; an HTTP batch: its request cursor) gets a
+``dedup_key``, a digest of the input (the checkpoint namespace), that source, the
+reason, the raw text and its ordinal among identical ones in the write, and is inserted
+``ON CONFLICT (dedup_key) DO NOTHING``; a replay after ``kill -9``, a takeover or a
+redelivery computes the same keys. See
+:func:`dead_letter_keys` for which dead letters get no key.
+
 Errors by SQLSTATE class (see :func:`service.pg_errors.pg_error_kind`): connection,
 transaction-rollback and resource classes are :class:`TransientError` (the sender
 retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
@@ -22,7 +30,9 @@ a :class:`PermanentError` whose message says what the operator must do.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -32,6 +42,7 @@ from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
 from service.errors import PermanentError, TransientError
 from service.events import Aggregate, DeadLetter
+from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
 from service.lifecycle import AsyncResource
 from service.ops.metrics import MetricsCollector
 from service.pg_errors import pg_error, pg_error_kind
@@ -39,7 +50,7 @@ from service.pg_text import json_text
 from service.pg_text import storable_text as _storable_text
 from service.schema import TableNames, ensure_schema
 
-__all__ = ["PostgresSink", "SinkStatements", "write_batch"]
+__all__ = ["PostgresSink", "SinkStatements", "dead_letter_keys", "write_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +64,13 @@ T = TypeVar("T")
 
 
 class SinkStatements:
-    """The SQL of one sink, built once from validated table names."""
+    """The SQL of one sink, built once from validated table names. ``dedup_scope`` names
+    the input (the checkpoint namespace) in every dead letter's key: two buses sharing
+    the table may use the same cursors or topic names."""
 
-    def __init__(self, tables: TableNames) -> None:
+    def __init__(self, tables: TableNames, dedup_scope: str = "") -> None:
         self.tables = tables
+        self.dedup_scope = dedup_scope
         self.aggregates_label = tables.aggregates.replace('"', "")  # for messages, unquoted
         # Times travel as epoch float8 and become timestamptz in the server: cheaper
         # than building datetimes in Python, and out-of-range values fail per row (22008)
@@ -74,10 +88,12 @@ class SinkStatements:
                 updated_at = now()
             WHERE (t.count, t.emitted_at) < (EXCLUDED.count, EXCLUDED.emitted_at)"""
         self.insert_dead_letters = f"""
-            INSERT INTO {tables.dead_letters} (raw, reason, detail, source, received_at)
-            SELECT r, re, d, s, to_timestamp(ra)
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])
-                AS u(r, re, d, s, ra)"""
+            INSERT INTO {tables.dead_letters}
+                (raw, reason, detail, source, received_at, dedup_key)
+            SELECT r, re, d, s, to_timestamp(ra), k
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[],
+                        $6::text[]) AS u(r, re, d, s, ra, k)
+            ON CONFLICT (dedup_key) DO NOTHING"""
 
 
 def _dedupe(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
@@ -105,14 +121,48 @@ async def _upsert(conn: Any, sql: SinkStatements, rows: Sequence[Aggregate]) -> 
     )
 
 
-async def _insert_dead_letters(conn: Any, sql: SinkStatements, rows: Sequence[DeadLetter]) -> None:
+def _positioned(source: str) -> bool:
+    """Whether ``source`` says where its dead letter was read, the same at every replay:
+    a Kafka offset (as the Kafka sink's read-back tells dead letters apart), or the
+    cursor an HTTP batch was asked for (not the first request's ``none``)."""
+    return " offset=" in source or ("cursor=" in source and not source.endswith("cursor=none"))
+
+
+def dead_letter_keys(rows: Sequence[DeadLetter], scope: str = "") -> list[str | None]:
+    """The ``dedup_key`` of each dead letter: None where the source names no position
+    (the sinks' own, a demo stream), since identical text there may be a new input.
+
+    The ordinal tells apart identical rejects of one message (a JSON array holding the
+    same bad element twice). Limits: an HTTP replay whose answers are cut at other
+    places than the first run's (it was caught up then, it catches up now) files some
+    dead letters under another request cursor, which stores them again; and identical
+    rejects of one message split across two writes share an ordinal, storing one.
+    """
+    seen: Counter[tuple[str, str, str]] = Counter()
+    keys: list[str | None] = []
+    for d in rows:
+        if not _positioned(d.source):
+            keys.append(None)
+            continue
+        ident = (d.source, d.reason, d.raw)
+        n = seen[ident]
+        seen[ident] = n + 1
+        text = repr((scope, *ident, n)).encode("utf-8", "surrogatepass")
+        keys.append(hashlib.blake2b(text, digest_size=16).hexdigest())
+    return keys
+
+
+async def _insert_dead_letters(
+    conn: Any, sql: SinkStatements, rows: Sequence[tuple[DeadLetter, str | None]]
+) -> None:
     await conn.execute(
         sql.insert_dead_letters,
-        [_storable_text(d.raw) for d in rows],
-        [_storable_text(d.reason) for d in rows],
-        [_storable_text(d.detail) for d in rows],
-        [_storable_text(d.source) for d in rows],
-        [d.received_at for d in rows],
+        [_storable_text(d.raw) for d, _ in rows],
+        [_storable_text(d.reason) for d, _ in rows],
+        [_storable_text(d.detail) for d, _ in rows],
+        [_storable_text(d.source) for d, _ in rows],
+        [d.received_at for d, _ in rows],
+        [k for _, k in rows],
     )
 
 
@@ -171,10 +221,13 @@ async def write_batch(
         )
         for agg, exc in refused
     ]
+    letters = [*dead_letters, *created]
     unstorable = await _store_isolating(
-        conn, [*dead_letters, *created], lambda rows: _insert_dead_letters(conn, sql, rows)
+        conn,
+        list(zip(letters, dead_letter_keys(letters, sql.dedup_scope), strict=True)),
+        lambda rows: _insert_dead_letters(conn, sql, rows),
     )
-    for dl, exc in unstorable:
+    for (dl, _), exc in unstorable:
         # Nothing further downstream can hold it: say so loudly rather than block the sink.
         log.error("dropping a dead letter PostgreSQL refuses (%s): %r", exc, dl)
     return created
@@ -204,11 +257,15 @@ class PostgresSink(AsyncResource):
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 60.0,
         check_timeout_s: float = 3.0,
+        fence: LeaseFence | None = None,
+        dedup_scope: str = "",
     ) -> None:
         self._cfg = cfg
+        self._fence = fence  # a leased bus's: rows commit only while the epoch is ours
         self._metrics = metrics
         self._clock = clock or SystemClock()
-        self._sql = SinkStatements(TableNames.of(cfg.table, cfg.dead_letter_table))
+        tables = TableNames.of(cfg.table, cfg.dead_letter_table)
+        self._sql = SinkStatements(tables, dedup_scope)
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s
@@ -231,6 +288,8 @@ class PostgresSink(AsyncResource):
                 max_size=self._cfg.pool_max_size,
                 timeout=self._connect_timeout_s,
                 command_timeout=self._command_timeout_s,
+                init=keep_alive,
+                connection_class=KeepAliveConnection,  # a vanished writer's locks go soon
             )
         except Exception as exc:
             raise pg_error(exc, "output start") from exc
@@ -277,11 +336,15 @@ class PostgresSink(AsyncResource):
         started = self._clock.monotonic()
         try:
             async with pool.acquire(timeout=self._connect_timeout_s) as conn, conn.transaction():
+                if self._fence is not None and (aggregates or dead_letters):
+                    await self._fence.check(conn)
                 created = await write_batch(
                     conn, self._sql, aggregates, dead_letters, self._clock.now()
                 )
                 if then is not None:
                     await then(conn)
+        except FencedError:
+            raise  # not a failure of this output: the lease is lost
         except Exception as exc:
             err = self._classify(exc, "write")
             self._metrics.on_sink_error(self.name, err.retriable)

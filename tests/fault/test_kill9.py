@@ -1,7 +1,8 @@
 """kill -9 at seeded random moments, at least 10 times per transport, during a stream of
 100k valid events (plus invalid and late ones); the final stored aggregates must equal an
 independent computation exactly, and the Kafka topics hold each aggregate and each
-dead letter once: a restart reads back what the dead run wrote past its checkpoint.
+dead letter once: a restart reads back what the dead run wrote past its checkpoint (the
+PostgreSQL dead-letter table too: its rows carry a natural key).
 
 * Kafka bus (4 partitions, keyed by name) -> Kafka + PostgreSQL; checkpoints in PostgreSQL.
 * HTTP bus (emulator, cursors) -> Kafka only; checkpoints in a file in STATE_DIR.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from service.dev.emulator import Emulator
@@ -118,6 +120,18 @@ def assert_dead_letters(got: Counter[str], expected: Counter[str]) -> None:
     assert got == expected, f"dead letters by reason (got, expected): {got} {expected}"
 
 
+async def postgres_dead_letters(dsn: str, source_prefix: str) -> Counter[str]:
+    """Reasons of the dead letters in PostgreSQL whose source starts with the prefix."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT reason FROM dead_letters WHERE starts_with(source, $1)", source_prefix
+        )
+    finally:
+        await conn.close()
+    return Counter(r["reason"] for r in rows)
+
+
 def assert_no_duplicates(out: KafkaOutput) -> None:
     assert out.duplicates == 0, (
         f"{out.duplicates} duplicate aggregate messages over {out.keys_with_duplicates} keys"
@@ -166,6 +180,9 @@ async def test_kill9_cycles_over_kafka_leave_exact_aggregates_in_postgres_and_ka
             kafka_bootstrap, f"{topic}.dlq", sum(stream.rejects.values())
         )
         assert_dead_letters(dead, stream.rejects)
+        # ... and so does PostgreSQL's dead-letter table
+        pg_dead = await postgres_dead_letters(postgres_dsn, f"kafka {source}/")
+        assert_dead_letters(pg_dead, stream.rejects)
         # the ledger in PostgreSQL is exact across every kill -9 and replay
         ledger = await ledger_totals(postgres_dsn, f"kafka:{source}:g-{unique_name}")
         received = len(stream.valid) + sum(stream.rejects.values())

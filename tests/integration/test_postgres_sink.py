@@ -118,6 +118,7 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
             "source",
             "received_at",
             "stored_at",
+            "dedup_key",  # a replay stores a dead letter once (test_dead_letters_once.py)
         }
         indexes = {
             r["indexdef"].split(" USING ")[1]
@@ -128,6 +129,7 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
         assert {"btree (window_start)", "btree (received_at)", "btree (reason, received_at)"} <= (
             indexes
         )
+        assert "btree (dedup_key)" in indexes
         assert await conn.fetchval("SELECT to_regclass('vabus_checkpoints')") is not None
     finally:
         await conn.execute(f"DROP TABLE IF EXISTS {table}, {dlq}")

@@ -79,7 +79,8 @@ async def test_sasl_ssl_has_both_the_context_and_the_credentials(mechanism: str)
     await accepted_by_aiokafka(opts)
 
 
-def test_the_bus_may_use_other_bootstrap_servers_with_the_same_security() -> None:
+def test_other_bootstrap_servers_keep_the_given_security() -> None:
+    # (the bus's clients take their own settings: tests/unit/test_bus_security.py)
     opts = client_options(cfg("SASL_PLAINTEXT", "PLAIN"), ("bus:9092",))
     assert opts["bootstrap_servers"] == "bus:9092" and opts["sasl_mechanism"] == "PLAIN"
 

@@ -14,6 +14,7 @@ from service.errors import PermanentError
 from service.events import Aggregate, DeadLetter
 from service.flow import OUTPUT, Checkpoint
 from service.hub import Delivery, EventHub
+from service.lease.fence import FencedError
 from service.ops.metrics import MetricsCollector
 from service.retry import Backoff
 from service.sender import DataSender
@@ -164,3 +165,29 @@ async def test_a_checkpoint_whose_waiter_gave_up_is_not_saved() -> None:
     await sender.handle(Delivery([Outputs([agg("a")], []), cp]))
     assert store.saved == [] and commits == []
     assert all(len(s.aggregates) == 1 for s in sinks)  # the outputs are still written
+
+
+async def test_a_fenced_write_is_dropped_once_not_retried_and_the_others_go_on() -> None:
+    """A lease lost to another instance: retrying could never succeed, and the new
+    holder reads those events again."""
+    sender, sinks, _, _, _ = await make()
+    sinks[0].fail_next(5, FencedError("lease on http:x fenced"))
+    await sender.handle(Delivery([Outputs([agg("a")], [])]))
+    assert sinks[0].aggregates == {} and sinks[0]._failures_left == 4  # one attempt
+    assert [k[0] for k in sinks[1].aggregates] == ["a"]
+    assert "s0" not in sender.degraded
+
+
+async def test_a_fenced_checkpoint_is_dropped_and_its_waiter_told() -> None:
+    sender, _, store, commits, _ = await make()
+
+    async def fenced(checkpoints: Sequence[PartitionCheckpoint]) -> None:
+        raise FencedError("checkpoint of 'ns' fenced")
+
+    store.save = fenced  # type: ignore[method-assign]
+    done = asyncio.get_running_loop().create_future()
+    cp = Checkpoint([PartitionCheckpoint("p0", "7", b"s")], done)
+    delivery = Delivery([Outputs([agg("a")], []), cp])
+    await sender.handle(delivery)
+    assert delivery.done == 2 and commits == []
+    assert isinstance(done.exception(), FencedError)
