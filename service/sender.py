@@ -223,8 +223,9 @@ class DataSender:
             except Exception as exc:
                 # Not retried here (a permission, an auth, a full disk: whatever the
                 # class), the hub runs the handler again; it is failing all the same,
-                # and /readyz must say so (it reads ``degraded``).
-                if not isinstance(exc, TransientError):
+                # and /readyz must say so (it reads ``degraded``). A fenced write is no
+                # output failure: the lease moved on, and the lease reports it.
+                if not isinstance(exc, (TransientError, FencedError)):
                     self._record_failure(name, exc)
                 raise
 
