@@ -87,7 +87,13 @@ async def test_a_stalled_partition_with_unread_data_makes_readyz_503_naming_it(
 
         await until(p1_reported, "the report on p1")
         clock.advance(29)
+        p0_before = service.aggregator.partitions()["p0"]["position"]
         bus.add("p0", [ev("a", START + 2)])  # p0 keeps moving
+
+        async def p0_delivered() -> bool:
+            return bool(service.aggregator.partitions()["p0"]["position"] != p0_before)
+
+        await until(p0_delivered, "p0's new event taken")  # else p0 would look stalled too
         assert (await readyz(port))[0] == 200
         clock.advance(2)
         code, body = await readyz(port)
