@@ -175,7 +175,7 @@ class EventAggregator:
 
     def _on_restore_dropped(self, partition: str, p: PartitionState, d: Dropped) -> None:
         """A checkpoint entry that cannot be used: dropped, never kept to fail later."""
-        if d.name is None and d.start is None:
+        if d.whole:
             log.error(
                 "checkpoint of partition %s: %s; its open windows and ledger are lost, "
                 "reading resumes at its stored position %r",

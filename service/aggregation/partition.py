@@ -199,7 +199,7 @@ class PartitionState:
             body = orjson.loads(cp.state)
             state_format = body.get("format")
         except (orjson.JSONDecodeError, AttributeError) as exc:
-            return p, [Dropped(None, None, None, 0, f"unreadable state: {exc}")]
+            return p, [Dropped(None, None, None, 0, f"unreadable state: {exc}", whole=True)]
         if state_format != STATE_FORMAT:
             raise ValueError(
                 f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
@@ -212,7 +212,8 @@ class PartitionState:
                 raise TypeError(f"windows is a {type(entries).__name__}")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             fresh = cls(position=cp.position, last_message_at=now_mono, reported_at=now_mono)
-            return fresh, [Dropped(None, None, None, 0, f"unreadable state: {exc!r}")]
+            why = f"unreadable state: {exc!r}"
+            return fresh, [Dropped(None, None, None, 0, why, whole=True)]
         dropped: list[Dropped] = []
         for entry in entries:
             why = _invalid_window(entry)
@@ -284,13 +285,14 @@ class PartitionState:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
-    """A window (or with ``name`` None, a whole body) of a checkpoint that was dropped."""
+    """A window of a checkpoint that was dropped, or (``whole``) its unreadable body."""
 
     start: Any
     name: Any
     func: Any
     events: int  # as far as the entry tells (0 when it does not)
     why: str
+    whole: bool = False
 
 
 def _time_or_none(x: Any) -> float | None:
