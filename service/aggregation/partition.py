@@ -37,12 +37,25 @@ from service.aggregation.origins import RoutedTime
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
-__all__ = ["NEG_INF", "STATE_FORMAT", "Dropped", "PartitionState", "WindowKey"]
+__all__ = [
+    "NEG_INF",
+    "STATE_FORMAT",
+    "WIDE_STATE_FORMAT",
+    "Dropped",
+    "PartitionState",
+    "WindowKey",
+]
 
 STATE_FORMAT: Final = 1
 """Version 1 since the first release; ``closed_until`` has been per partition since
 v1.2, older checkpoints carried the instance's boundary there, which is a safe (never
 later) value for the partition too."""
+WIDE_STATE_FORMAT: Final = 2
+"""A state holding an accumulator in a layout added in v1.3 for values near the double
+limit (a 4th element: ``sum``/``avg`` multiples of 2**1000, a scaled ``stddev``). Only
+such states get it, so that a release before it, which would misread them, refuses them
+(naming the format) and every other state stays readable by it."""
+READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT})
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
@@ -163,18 +176,20 @@ class PartitionState:
 
     # -- checkpoint format ------------------------------------------------------------
     def snapshot(self, partition: str) -> PartitionCheckpoint:
+        windows: list[list[Any]] = [
+            [start, name, func, acc]
+            for start, keyed in self.windows.items()
+            for (name, func), acc in keyed.items()
+        ]
+        wide = any(len(w[3]) > 3 for w in windows)
         body = {
-            "format": STATE_FORMAT,
+            "format": WIDE_STATE_FORMAT if wide else STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "origins": self.origins,
             "routed": None if self.routed is None else self.routed.to_json(),
             "ledger": (ledger := self._ledger_body()),
-            "windows": [
-                [start, name, func, acc]
-                for start, keyed in self.windows.items()
-                for (name, func), acc in keyed.items()
-            ],
+            "windows": windows,
         }
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
@@ -200,10 +215,10 @@ class PartitionState:
             state_format = body.get("format")
         except (orjson.JSONDecodeError, AttributeError) as exc:
             return p, [Dropped(None, None, None, 0, f"unreadable state: {exc}", whole=True)]
-        if state_format != STATE_FORMAT:
+        if state_format not in READ_FORMATS:
             raise ValueError(
                 f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
-                f"this version reads format {STATE_FORMAT}"
+                f"this version reads formats {STATE_FORMAT} and {WIDE_STATE_FORMAT}"
             )
         try:
             p._restore_progress(body, now_mono)
@@ -212,8 +227,8 @@ class PartitionState:
                 raise TypeError(f"windows is a {type(entries).__name__}")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             fresh = cls(position=cp.position, last_message_at=now_mono, reported_at=now_mono)
-            why = f"unreadable state: {exc!r}"
-            return fresh, [Dropped(None, None, None, 0, why, whole=True)]
+            problem = f"unreadable state: {exc!r}"
+            return fresh, [Dropped(None, None, None, 0, problem, whole=True)]
         dropped: list[Dropped] = []
         for entry in entries:
             why = _invalid_window(entry)

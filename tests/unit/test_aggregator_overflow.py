@@ -284,3 +284,18 @@ def test_every_window_state_round_trips_through_a_checkpoint(
         for key, acc in keyed.items():
             assert _same(acc, back.windows[start][key]), (key, acc, back.windows[start][key])
             assert math.isfinite(FUNCTIONS[key[1]].result(back.windows[start][key]))
+
+
+def test_only_a_state_with_a_wide_accumulator_gets_the_new_format() -> None:
+    agg, clock, _ = make()
+    agg.process(batch([ev("a", 1.0, START + 1, "avg"), ev("a", 2.0, START + 2, "avg")], "p0"))
+    agg.process(
+        batch([ev("a", 1.7e308, START + 1, "avg"), ev("a", 1.7e308, START + 2, "avg")], "p1")
+    )
+    formats = {c.partition: orjson.loads(c.state or b"")["format"] for c in agg.snapshot()}
+    assert formats == {"p0": 1, "p1": 2}  # a release before 1.3 reads p0 and refuses p1
+    again, _, _ = make(clock)
+    again.restore(agg.snapshot())
+    out = again.process(batch([ev("later", 1.0, START + 120)], "p0"))
+    out.extend(again.process(batch([ev("later", 1.0, START + 120)], "p1")))
+    assert values_of(out) == {("a", "avg"): (1.7e308 / 2 + 0.75, 4)}
