@@ -10,8 +10,8 @@ Layouts after the count:
 
 =============  ====================================================================
 count          nothing
-sum, avg       ``s, c[, k]``: Neumaier-compensated sum, the total is ``s + c + k * 2**1000``
-               (``k`` only once the running sum came near the double limit, see below)
+sum, avg       ``s, c``: Neumaier-compensated sum, the total is ``s + c``; an ``avg``
+               may hold ``k`` after them: then the total is ``s + c + k * 2**1000``
 min, max       the extreme value
 first, last    ``ts, value`` of the chosen event
 stddev         ``mean, m2[, e]``: Welford's running mean and sum of squared deviations;
@@ -21,8 +21,9 @@ p50 .. p99     a list of the raw values while there are at most
 =============  ====================================================================
 
 Every result is a finite double. The mean, the standard deviation and a percentile of finite
-values always are, and they are computed so that no intermediate overflows: a running sum
-that comes within ``2**1020`` of the limit moves whole multiples of ``2**1000`` into ``k``; a
+values always are, and they are computed so that no intermediate overflows: an ``avg``'s
+running sum that comes within ``2**1020`` of the limit moves whole multiples of
+``2**1000`` into ``k``; a
 Welford state that would overflow (squares of values beyond ~1e154) is rescaled by
 ``2**-600`` once. Only a ``sum`` can truly leave the double range: its ``add`` and ``merge``
 then raise ``OverflowError`` and leave the accumulator as it was (the aggregator rejects the
@@ -153,13 +154,15 @@ def _avg_add(acc: Acc, value: float, ts: float) -> None:
 
 
 def _sum_add(acc: Acc, value: float, ts: float) -> None:
+    # A sum's total must stay finite, so its running sum never needs the wide layout:
+    # near the limit, add as usual and undo it when the total left the range.
     t = acc[1] + value
     if -SUM_PLAIN_LIMIT <= t <= SUM_PLAIN_LIMIT:
         _sum_plain_add(acc, value)
         return
     saved = acc[:]
-    _wide_add(acc, value)
-    if not math.isfinite(_sum_total(acc)):
+    _sum_plain_add(acc, value)
+    if not math.isfinite(_sum_total(acc)):  # inf, or nan from the compensation of inf
         acc[:] = saved
         raise OverflowError(f"adding {value!r} would take the sum beyond the double range")
 
@@ -178,7 +181,10 @@ def _avg_merge(into: Acc, other: Acc) -> None:
 
 def _sum_merge(into: Acc, other: Acc) -> None:
     saved = into[:]
-    _avg_merge(into, other)
+    count = into[0] + other[0]
+    _sum_plain_add(into, other[1])
+    into[0] = count
+    into[2] += other[2]
     if not math.isfinite(_sum_total(into)):
         into[:] = saved
         raise OverflowError("the merged sum would be beyond the double range")
@@ -454,6 +460,10 @@ def _count_ok(acc: Any, size: int, *optional: int) -> bool:
 
 
 def _valid_sum(acc: Any) -> bool:
+    return _count_ok(acc, 3) and _finite(acc[1]) and _finite(acc[2])
+
+
+def _valid_avg(acc: Any) -> bool:
     if not (_count_ok(acc, 3, 4) and _finite(acc[1]) and _finite(acc[2])):
         return False
     return len(acc) == 3 or (type(acc[3]) is int and abs(acc[3]) < _MAX_EVENTS)
@@ -463,8 +473,10 @@ def valid(func: str, acc: Any) -> bool:
     """Whether ``acc`` is a usable accumulator of ``func``: the layout, finite numbers
     of the right types and an event count that matches what it holds. Every function's
     ``result`` returns a finite double for a valid accumulator."""
-    if func in ("sum", "avg"):
-        return _valid_sum(acc) and (func == "avg" or math.isfinite(_sum_total(acc)))
+    if func == "sum":
+        return _valid_sum(acc) and math.isfinite(_sum_total(acc))
+    if func == "avg":
+        return _valid_avg(acc)
     if func == "count":
         return _count_ok(acc, 1)
     if func in ("min", "max"):

@@ -96,6 +96,15 @@ def test_sum_refuses_the_event_that_would_overflow_and_keeps_its_value() -> None
     assert (acc[0], fn.result(acc)) == (3, 1e308)
 
 
+def test_a_sum_at_the_limit_takes_what_rounds_back_to_it_and_refuses_more() -> None:
+    values = [MAX, 1e200, 9.979200952866836e291]  # found by hypothesis: rounds to MAX
+    acc, accepted = _run("sum", values)
+    assert (accepted, FUNCTIONS["sum"].result(acc)) == (values, MAX)
+    assert valid("sum", acc)
+    acc, accepted = _run("sum", [*values, 2.0**971])  # half an ulp of MAX more: inf
+    assert (accepted, FUNCTIONS["sum"].result(acc)) == (values, MAX)
+
+
 def test_merging_sums_that_would_overflow_raises_and_keeps_the_target() -> None:
     fn = FUNCTIONS["sum"]
     into, other = fn.new(1.7e308, 0.0), fn.new(1.7e308, 0.0)
