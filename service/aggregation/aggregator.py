@@ -56,6 +56,7 @@ _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FU
 _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
     k: f.add for k, f in FUNCTIONS.items()
 }
+_RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
 
 
 @dataclass(slots=True)
@@ -543,13 +544,20 @@ class EventAggregator:
             return
         now = self._clock.now()
         emitted: list[Aggregate] = []
+        append = emitted.append
+        result_of = _RESULT
         for start in sorted(ready):
+            end = start + interval
             for (name, func), acc in ready[start].items():
-                value = _result(func, acc)
-                if value is None:
+                try:
+                    value = result_of[func](acc)
+                    finite = value - value == 0.0  # inf - inf and nan - nan are nan
+                except Exception:  # a broken state must not stop the stage: dropped
+                    finite = False
+                if finite:
+                    append(Aggregate(name, func, value, acc[0], start, end, now))
+                else:
                     self._on_unusable(owner[start], (name, func), start, acc)
-                    continue
-                emitted.append(Aggregate(name, func, value, acc[0], start, start + interval, now))
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)
@@ -584,11 +592,3 @@ class EventAggregator:
         )
         p.on_dropped(events, emitted=True)
         self._metrics.on_state_dropped("window")
-
-
-def _result(func: str, acc: Acc) -> float | None:
-    try:
-        value = FUNCTIONS[func].result(acc)
-    except Exception:  # a broken state must not stop the stage: the caller drops it
-        return None
-    return value if math.isfinite(value) else None
