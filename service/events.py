@@ -51,6 +51,7 @@ REJECT_REASONS: Final = (
     "late",
     "cardinality_limit",
     "invalid_origin",  # repartitioned input: a malformed vabus-origin header (internal topic)
+    "overflow",
 )
 
 

@@ -30,9 +30,15 @@ from service.aggregation.decode import (
     parse_event,
     raw_text,
 )
-from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
 from service.aggregation.origins import RoutedTime
-from service.aggregation.partition import NEG_INF, STATE_FORMAT, PartitionState, WindowKey
+from service.aggregation.partition import (
+    NEG_INF,
+    STATE_FORMAT,
+    Dropped,
+    PartitionState,
+    WindowKey,
+)
 from service.aggregation.windows import closed_boundary
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -54,6 +60,7 @@ _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FU
 _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
     k: f.add for k, f in FUNCTIONS.items()
 }
+_RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
 
 
 @dataclass(slots=True)
@@ -146,17 +153,18 @@ class EventAggregator:
     def ledger(self) -> dict[str, int]:
         """The ledger of the partitions held here, summed: cumulative counts (across
         restarts: they are checkpointed) and ``open`` (events in open windows) and
-        ``imbalance`` = received - (emitted + open + late + rejected), which is 0."""
+        ``imbalance`` = received - (emitted + open + late + rejected + dropped), which is 0
+        (``dropped``: events of windows whose state could not be used)."""
         total: dict[str, int] = {}
         for p in self._parts.values():
             for key, n in p.ledger_totals().items():
                 total[key] = total.get(key, 0) + n
-        for key in ("received", "aggregated", "emitted", "late", "open"):
+        for key in ("received", "aggregated", "emitted", "late", "open", "dropped"):
             total.setdefault(key, 0)
         rejected = sum(n for k, n in total.items() if k.startswith("rejected:"))
         total["rejected"] = rejected
         total["imbalance"] = total["received"] - (
-            total["emitted"] + total["open"] + total["late"] + rejected
+            total["emitted"] + total["open"] + total["late"] + rejected + total["dropped"]
         )
         return total
 
@@ -183,9 +191,36 @@ class EventAggregator:
             old = self._parts.pop(cp.partition, None)
             if old is not None:
                 self._open -= old.open_windows()
-            p = self._parts[cp.partition] = PartitionState.restored(cp, now)
+            p, dropped = PartitionState.restored(cp, now)
+            self._parts[cp.partition] = p
             self._open += p.open_windows()
+            for d in dropped:
+                self._on_restore_dropped(cp.partition, p, d)
         self._metrics.set_open_windows(self._open)
+
+    def _on_restore_dropped(self, partition: str, p: PartitionState, d: Dropped) -> None:
+        """A checkpoint entry that cannot be used: dropped, never kept to fail later."""
+        if d.whole:
+            log.error(
+                "checkpoint of partition %s: %s; its open windows and ledger are lost, "
+                "reading resumes at its stored position %r",
+                partition,
+                d.why,
+                p.position,
+            )
+            self._metrics.on_state_dropped("partition")
+            return
+        log.error(
+            "checkpoint of partition %s: window %r of %r/%r dropped (%d event(s)): %s",
+            partition,
+            d.start,
+            d.name,
+            d.func,
+            d.events,
+            d.why,
+        )
+        p.on_dropped(d.events)
+        self._metrics.on_state_dropped("window")
 
     def release(self, partitions: Iterable[str]) -> list[PartitionCheckpoint]:
         """Give partitions up (revoked): return their final snapshot and forget them."""
@@ -262,6 +297,8 @@ class EventAggregator:
         add_acc = _ADD
         canon = CANONICAL_FUNCS
         sum_, avg_, min_, max_ = canon["sum"], canon["avg"], canon["min"], canon["max"]
+        wide = SUM_PLAIN_LIMIT
+        nwide = -wide
         fast = decode_fast
         wire = WireEvent
         # The window of the previous event, as the range [q_lo, q_hi) of ts / interval
@@ -367,15 +404,22 @@ class EventAggregator:
                     keyed[key] = new_acc[func](value, ts)
                     open_now += 1
                 elif func is sum_ or func is avg_:  # the common functions inlined
-                    # functions._sum_add: count, Neumaier-compensated sum
-                    acc[0] += 1
                     s = acc[1]
                     t = s + value
-                    if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
-                        acc[2] += (s - t) + value
-                    else:
-                        acc[2] += (value - t) + s
-                    acc[1] = t
+                    if t > wide or t < nwide:  # near the double limit: functions decide
+                        try:
+                            add_acc[func](acc, value, ts)
+                        except OverflowError as exc:
+                            raw = _raw_of(ev, evs, raws, record)
+                            self._reject(out, rejects, batch, idx, raw, "overflow", str(exc), now)
+                            continue
+                    else:  # functions._sum_plain_add: count, Neumaier-compensated sum
+                        acc[0] += 1
+                        if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
+                            acc[2] += (s - t) + value
+                        else:
+                            acc[2] += (value - t) + s
+                        acc[1] = t
                 elif func is min_:
                     acc[0] += 1
                     if value < acc[1]:
@@ -385,7 +429,12 @@ class EventAggregator:
                     if value > acc[1]:
                         acc[1] = value
                 else:
-                    add_acc[func](acc, value, ts)
+                    try:
+                        add_acc[func](acc, value, ts)
+                    except OverflowError as exc:  # cannot happen with today's functions
+                        raw = _raw_of(ev, evs, raws, record)
+                        self._reject(out, rejects, batch, idx, raw, "overflow", str(exc), now)
+                        continue
                 # The close boundary follows the partition's own event time, or with
                 # repartitioned input its slowest input partition's; the step is written
                 # out for each, as the hot loop calls no function on the direct path.
@@ -618,6 +667,7 @@ class EventAggregator:
         interval = self._interval
         idle_s = self._idle_s
         ready: dict[float, dict[WindowKey, Acc]] = {}
+        owner: dict[float, PartitionState] = {}  # who contributed each window first
         for p in self._parts.values():
             if p.closed_until >= boundary:
                 continue
@@ -642,21 +692,66 @@ class EventAggregator:
                 into = ready.get(start)
                 if into is None:
                     ready[start] = keyed
+                    owner[start] = p
                     continue
                 for key, acc in keyed.items():
                     mine = into.get(key)
                     if mine is None:
                         into[key] = acc
-                    else:
+                        continue
+                    try:
                         FUNCTIONS[key[1]].merge(mine, acc)
+                    except OverflowError:
+                        self._on_merge_overflow(p, key, start, acc[0])
         if not ready:
             return
         now = self._clock.now()
-        emitted = [
-            Aggregate(name, func, FUNCTIONS[func].result(acc), acc[0], start, start + interval, now)
-            for start in sorted(ready)
-            for (name, func), acc in ready[start].items()
-        ]
+        emitted: list[Aggregate] = []
+        append = emitted.append
+        result_of = _RESULT
+        for start in sorted(ready):
+            end = start + interval
+            for (name, func), acc in ready[start].items():
+                try:
+                    value = result_of[func](acc)
+                    finite = value - value == 0.0  # inf - inf and nan - nan are nan
+                except Exception:  # a broken state must not stop the stage: dropped
+                    finite = False
+                if finite:
+                    append(Aggregate(name, func, value, acc[0], start, end, now))
+                else:
+                    self._on_unusable(owner[start], (name, func), start, acc)
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)
+
+    def _on_merge_overflow(
+        self, p: PartitionState, key: WindowKey, start: float, events: int
+    ) -> None:
+        """A partition's share of a window would take the merged sum beyond the double
+        range: the window keeps the value it had, that share counts as rejected."""
+        log.error(
+            "window %s of %r/%r: merging %d event(s) from another partition would make the "
+            "sum non-finite; they are counted as rejected (overflow)",
+            start,
+            key[0],
+            key[1],
+            events,
+        )
+        p.on_merge_overflow(events)
+        self._metrics.on_events_rejected("overflow", events)
+
+    def _on_unusable(self, p: PartitionState, key: WindowKey, start: float, acc: Acc) -> None:
+        """Never expected (state is validated when restored, every function stays finite),
+        but no output may hold a value a consumer cannot parse, nor a stage crash-loop."""
+        events = acc[0] if type(acc[0]) is int else 0
+        log.error(
+            "window %s of %r/%r has no finite result (state %.200r); dropped with %d event(s)",
+            start,
+            key[0],
+            key[1],
+            acc,
+            events,
+        )
+        p.on_dropped(events, emitted=True)
+        self._metrics.on_state_dropped("window")

@@ -41,17 +41,30 @@ from typing import Any, Final
 
 import orjson
 
-from service.aggregation.functions import Acc
+from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.origins import RoutedTime
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
-__all__ = ["NEG_INF", "STATE_FORMAT", "PartitionState", "WindowKey"]
+__all__ = [
+    "NEG_INF",
+    "STATE_FORMAT",
+    "WIDE_STATE_FORMAT",
+    "Dropped",
+    "PartitionState",
+    "WindowKey",
+]
 
 STATE_FORMAT: Final = 1
 """Version 1 since the first release; ``closed_until`` has been per partition since
 v1.2, older checkpoints carried the instance's boundary there, which is a safe (never
 later) value for the partition too."""
+WIDE_STATE_FORMAT: Final = 2
+"""A state holding an accumulator in a layout added in v1.3 for values near the double
+limit (a 4th element: ``sum``/``avg`` multiples of 2**1000, a scaled ``stddev``). Only
+such states get it, so that a release before it, which would misread them, refuses them
+(naming the format) and every other state stays readable by it."""
+READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT})
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
@@ -178,8 +191,14 @@ class PartitionState:
 
     # -- checkpoint format ------------------------------------------------------------
     def snapshot(self, partition: str) -> PartitionCheckpoint:
+        windows: list[list[Any]] = [
+            [start, name, func, acc]
+            for start, keyed in self.windows.items()
+            for (name, func), acc in keyed.items()
+        ]
+        wide = any(len(w[3]) > 3 for w in windows)
         body = {
-            "format": STATE_FORMAT,
+            "format": WIDE_STATE_FORMAT if wide else STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "ahead_ts": self.ahead_ts,
@@ -187,41 +206,91 @@ class PartitionState:
             "origins": self.origins,
             "routed": None if self.routed is None else self.routed.to_json(),
             "ledger": (ledger := self._ledger_body()),
-            "windows": [
-                [start, name, func, acc]
-                for start, keyed in self.windows.items()
-                for (name, func), acc in keyed.items()
-            ],
+            "windows": windows,
         }
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
-    def restored(cls, cp: PartitionCheckpoint, now_mono: float) -> PartitionState:
-        """The state stored in ``cp``; restored windows get a full idle period."""
+    def restored(
+        cls, cp: PartitionCheckpoint, now_mono: float
+    ) -> tuple[PartitionState, list[Dropped]]:
+        """The state stored in ``cp``, and what of it could not be used; restored windows
+        get a full idle period.
+
+        A checkpoint is input too: a window whose entry is not a valid accumulator
+        (``null`` written for an overflowed sum by releases before 1.3, wrong types, a
+        count that does not match) is dropped and reported, never kept to fail at
+        emission. A body that cannot be read at all restores the position alone (see
+        docs/operations.md). A state format other than this release's raises: that is a
+        downgrade, which needs the operator, not a guess.
+        """
         p = cls(position=cp.position, last_message_at=now_mono, reported_at=now_mono)
         if not cp.state:
-            return p
-        body = orjson.loads(cp.state)
-        if body.get("format") != STATE_FORMAT:
+            return p, []
+        try:
+            body = orjson.loads(cp.state)
+            state_format = body.get("format")
+        except (orjson.JSONDecodeError, AttributeError) as exc:
+            return p, [Dropped(None, None, None, 0, f"unreadable state: {exc}", whole=True)]
+        if state_format not in READ_FORMATS:
             raise ValueError(
-                f"checkpoint of {cp.partition!r} has state format {body.get('format')!r}; "
-                f"this version reads format {STATE_FORMAT}"
+                f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
+                f"this version reads formats {STATE_FORMAT} and {WIDE_STATE_FORMAT}"
             )
-        p.max_ts = body["max_ts"]
-        if body["closed_until"] is not None:
-            p.closed_until = body["closed_until"]
-        p.ahead_ts = body.get("ahead_ts")  # absent before AGGREGATION_MAX_WATERMARK_LEAD
-        p.ahead_closed = set(body.get("ahead_closed", ()))
-        for start, name, func, acc in body["windows"]:
-            p.windows.setdefault(start, {})[(name, func)] = acc
-        p.origins = {k: (v[0], v[1]) for k, v in body.get("origins", {}).items()}
+        try:
+            p._restore_progress(body, now_mono)
+            entries = body["windows"]
+            if type(entries) is not list:
+                raise TypeError(f"windows is a {type(entries).__name__}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            fresh = cls(position=cp.position, last_message_at=now_mono, reported_at=now_mono)
+            problem = f"unreadable state: {exc!r}"
+            return fresh, [Dropped(None, None, None, 0, problem, whole=True)]
+        dropped: list[Dropped] = []
+        for entry in entries:
+            why = _invalid_window(entry)
+            if why is None:
+                start, name, func, acc = entry
+                p.windows.setdefault(float(start), {})[(name, func)] = acc
+            else:
+                dropped.append(_dropped(entry, why))
+        return p, dropped
+
+    def _restore_progress(self, body: dict[str, Any], now_mono: float) -> None:
+        """Everything but the windows; raises on what does not fit."""
+        self.max_ts = _time_or_none(body["max_ts"])
+        closed = _time_or_none(body["closed_until"])
+        if closed is not None:
+            self.closed_until = closed
+        self.ahead_ts = _time_or_none(body.get("ahead_ts"))  # absent before the lead cap
+        self.ahead_closed = {float(s) for s in body.get("ahead_closed", ())}
+        self.origins = {str(k): (int(v[0]), int(v[1])) for k, v in body.get("origins", {}).items()}
         if body.get("routed") is not None:
-            p.routed = RoutedTime.from_json(body["routed"], now_mono)
+            self.routed = RoutedTime.from_json(body["routed"], now_mono)
         ledger = body.get("ledger") or {}
-        p.totals = dict(ledger.get("totals", {}))
-        p.intervals = {float(k): dict(v) for k, v in ledger.get("intervals", {}).items()}
-        p.late_windows = {(n, f, st): c for n, f, st, c in ledger.get("late_windows", [])}
-        return p
+        self.totals = {str(k): int(v) for k, v in ledger.get("totals", {}).items()}
+        self.intervals = {
+            float(k): {str(c): int(n) for c, n in v.items()}
+            for k, v in ledger.get("intervals", {}).items()
+        }
+        self.late_windows = {
+            (str(n), str(f), float(st)): int(c) for n, f, st, c in ledger.get("late_windows", [])
+        }
+
+    def on_dropped(self, events: int, *, emitted: bool = False) -> None:
+        """Account ``events`` of a window whose state could not be used (the ledger's
+        ``dropped``); ``emitted`` when they had already been counted as emitted."""
+        totals = self.totals
+        totals["dropped"] = totals.get("dropped", 0) + events
+        if emitted:
+            totals["emitted"] = totals.get("emitted", 0) - events
+
+    def on_merge_overflow(self, events: int) -> None:
+        """This partition's share of a window could not be merged (the sum would leave
+        the double range): its events count as rejected ``overflow``, not emitted."""
+        totals = self.totals
+        totals["emitted"] = totals.get("emitted", 0) - events
+        totals["rejected:overflow"] = totals.get("rejected:overflow", 0) + events
 
     def drop_replayed(self, batch: SourceBatch) -> int:
         """Remove from ``batch`` the records this partition has delivered before (their
@@ -246,3 +315,52 @@ class PartitionState:
                 batch.offsets = [batch.offsets[i] for i in keep]
             batch.origins = [origins[i] for i in keep]
         return dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A window of a checkpoint that was dropped, or (``whole``) its unreadable body."""
+
+    start: Any
+    name: Any
+    func: Any
+    events: int  # as far as the entry tells (0 when it does not)
+    why: str
+    whole: bool = False
+
+
+def _time_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    if type(x) not in (int, float) or not math.isfinite(x):
+        raise ValueError(f"{x!r} is not a time")
+    return float(x)
+
+
+def _invalid_window(entry: Any) -> str | None:
+    """Why a checkpoint's window entry ``[start, name, func, acc]`` cannot be used, or None."""
+    if type(entry) is not list or len(entry) != 4:
+        return "not a [start, name, func, state] entry"
+    start, name, func, acc = entry
+    if type(start) not in (int, float) or not math.isfinite(start):
+        return f"window start {start!r} is not a time"
+    if type(name) is not str or type(func) is not str or func not in FUNCTIONS:
+        return f"name {name!r} or function {func!r} is not valid"
+    if not valid(func, acc):
+        return f"state {_clip(acc)} is not a valid {func} accumulator"
+    return None
+
+
+def _dropped(entry: Any, why: str) -> Dropped:
+    start = name = func = None
+    events = 0
+    if type(entry) is list and len(entry) == 4:
+        start, name, func, acc = entry
+        if type(acc) is list and acc and type(acc[0]) is int and acc[0] > 0:
+            events = acc[0]
+    return Dropped(start, name, func, events, why)
+
+
+def _clip(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -35,6 +35,7 @@ __all__ = [
     "new",
     "of",
     "quantile",
+    "valid_count",
 ]
 
 Sketch = dict[str, Any]
@@ -46,6 +47,7 @@ _INV_LN_GAMMA: Final = 1 / _LN_GAMMA
 # gamma**k * this is the bucket's midpoint in relative terms: 2 * gamma**k / (gamma + 1).
 _REPRESENTATIVE: Final = 2 / (_GAMMA + 1)
 _MIN_INDEXABLE: Final = sys.float_info.min
+_MAX_KEY: Final = math.ceil(math.log(sys.float_info.max) * _INV_LN_GAMMA) + 1
 
 
 def new() -> Sketch:
@@ -99,6 +101,26 @@ def merge(into: Sketch, other: Sketch) -> None:
 def count(sketch: Sketch) -> int:
     """Number of values counted."""
     total: int = sketch["zero"] + sum(sketch["pos"][1]) + sum(sketch["neg"][1])
+    return total
+
+
+def valid_count(sketch: Any) -> int | None:
+    """The number of values in a decoded sketch, or None when it is not a well-formed one
+    (a checkpoint is input too: wrong types must not fail later, at a quantile)."""
+    if type(sketch) is not dict or type(sketch.get("zero")) is not int or sketch["zero"] < 0:
+        return None
+    total: int = sketch["zero"]
+    for sign in ("pos", "neg"):
+        store = sketch.get(sign)
+        if type(store) is not list or len(store) != 2 or type(store[0]) is not int:
+            return None
+        counts = store[1]
+        if type(counts) is not list or not all(type(n) is int and n >= 0 for n in counts):
+            return None
+        # keys beyond the double range have no value (the whole range is ~142,000 keys)
+        if counts and not (store[0] >= -_MAX_KEY and store[0] + len(counts) <= _MAX_KEY):
+            return None
+        total += sum(counts)
     return total
 
 

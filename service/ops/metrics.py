@@ -159,6 +159,7 @@ class MetricsCollector:
         self.events_late = 0
         self.events_ahead = 0
         self.replays_dropped = 0
+        self.state_dropped: defaultdict[str, int] = defaultdict(int)
         self.aggregates_emitted = 0
         self.open_windows = 0
         self.watermark: float | None = None
@@ -230,6 +231,11 @@ class MetricsCollector:
     def on_replays_dropped(self, n: int) -> None:
         """Repartitioned records dropped as replays of the routing stage."""
         self.replays_dropped += n
+
+    def on_state_dropped(self, what: str, n: int = 1) -> None:
+        """State that could not be used was dropped: ``what`` is ``window`` (one window's
+        accumulator) or ``partition`` (a whole unreadable checkpoint body)."""
+        self.state_dropped[what] += n
 
     def on_events_late(self, n: int = 1) -> None:
         self.events_late += n
@@ -356,6 +362,7 @@ class MetricsCollector:
             "events_late": self.events_late,
             "events_ahead": self.events_ahead,
             "replays_dropped": self.replays_dropped,
+            "state_dropped": dict(self.state_dropped),
             "ledger": dict(self.ledger()),
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
@@ -512,6 +519,13 @@ class _PrometheusView:
                 {(r,): n for r, n in m.events_rejected.items()},
             ),
             (
+                "state_dropped",
+                "Window state (what=window) or a partition's checkpointed state "
+                "(what=partition) that could not be used and was dropped.",
+                ["what"],
+                {(w,): n for w, n in m.state_dropped.items()},
+            ),
+            (
                 "bus_errors",
                 "Failed bus operations.",
                 ["transport", "retriable"],
@@ -625,7 +639,8 @@ class _PrometheusView:
             f"{PREFIX}_ledger_events",
             "The ledger of the partitions held here, cumulative across restarts: events "
             "received, aggregated, emitted (in emitted windows), open (in open windows), "
-            "late, rejected (all reasons) and rejected:<reason>.",
+            "late, rejected (all reasons), rejected:<reason> and dropped (in windows whose "
+            "state could not be used).",
             labels=["counter"],
         )
         for key, n in sorted(ledger.items()):
@@ -634,7 +649,7 @@ class _PrometheusView:
         yield events
         yield GaugeMetricFamily(
             f"{PREFIX}_ledger_imbalance",
-            "received - (emitted + open + late + rejected) over the partitions held: 0.",
+            "received - (emitted + open + late + rejected + dropped) over the partitions held: 0.",
             ledger.get("imbalance", 0),
         )
 
