@@ -50,6 +50,7 @@ REJECT_REASONS: Final = (
     "too_large",
     "late",
     "cardinality_limit",
+    "internal_error",
 )
 
 

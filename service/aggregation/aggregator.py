@@ -172,6 +172,35 @@ class EventAggregator:
         self._metrics.set_open_windows(self._open)
         return snap
 
+    def partition_ids(self) -> list[str]:
+        return list(self._parts)
+
+    def discard(self, partitions: Iterable[str]) -> None:
+        """Forget partitions without a snapshot: their state is not trusted (applying a
+        batch raised half-way); the stage has them delivered again from a checkpoint."""
+        for k in partitions:
+            self._parts.pop(k, None)
+        # a batch that raised never stored its count of new windows: count them again
+        self._open = sum(p.open_windows() for p in self._parts.values())
+        self._metrics.set_open_windows(self._open)
+
+    def reject_record(self, batch: SourceBatch, idx: int, reason: str, detail: str) -> Outputs:
+        """Dead-letter record ``idx`` of ``batch`` whole, without applying it; counted
+        in the ledger as one event received and rejected (like ``too_large``)."""
+        part = self._parts.get(batch.partition)
+        if part is None:
+            part = self._parts[batch.partition] = PartitionState()
+        seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
+        part.reported_at = max(part.reported_at, seen)
+        part.last_message_at = seen
+        out = Outputs()
+        rejects: dict[str, int] = {}
+        now = self._clock.now()
+        self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
+        part.count(math.floor(batch.received_at / self._interval) * self._interval, 1, 0, rejects)
+        self._metrics.on_events_rejected(reason)
+        return out
+
     # -- processing -------------------------------------------------------------------
     def process(self, batch: SourceBatch) -> Outputs:
         """Aggregate one batch; returns dead letters and any windows it closed.
