@@ -43,9 +43,7 @@ async def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> N
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
-        sent = [
-            await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events
-        ]
+        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
