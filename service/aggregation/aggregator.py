@@ -40,7 +40,7 @@ from service.config import AggregationConfig
 from service.events import Aggregate, DeadLetter
 from service.ops.metrics import MetricsCollector
 
-__all__ = ["STATE_FORMAT", "EventAggregator", "Outputs"]
+__all__ = ["STATE_FORMAT", "CloseError", "EventAggregator", "Outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FU
 _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
     k: f.add for k, f in FUNCTIONS.items()
 }
+
+
+class CloseError(RuntimeError):
+    """Closing windows raised after a batch was applied: no record of it is to blame
+    (the stage does not set any aside for it)."""
 
 
 @dataclass(slots=True)
@@ -228,7 +233,10 @@ class EventAggregator:
             part.position = batch.next_position
         part.caught_up = batch.caught_up
         part.lag = batch.lag
-        self._close_ready(out)
+        try:
+            self._close_ready(out)
+        except Exception as exc:
+            raise CloseError(f"closing windows raised {exc!r}") from exc
         return out
 
     def _aggregate(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> None:

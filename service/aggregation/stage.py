@@ -8,13 +8,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import CloseError, EventAggregator, Outputs
 from service.aggregation.recovery import Recovery, Step
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.flow import Checkpoint, CheckpointRequest, ReadBack, Tick
 from service.hub import Delivery
+from service.retry import Backoff
 
 __all__ = ["AggregatorStage", "Publish", "Rewind"]
 
@@ -27,6 +28,11 @@ output topic); may wait, which is how backpressure reaches the stage."""
 Rewind = Callable[[Sequence[str]], None]
 """Asks the bus to deliver these partitions again from their stored checkpoints
 (:meth:`~service.bus.base.Bus.rewind`); returns at once."""
+
+_REWIND_BACKOFF = Backoff(initial_s=0.5, maximum_s=10.0)
+"""Between failures that follow each other (a failure that no record causes would
+otherwise rewind in a tight loop); short enough for a shutdown to get through."""
+_FAILURES_FORGOTTEN_S = 60.0  # a failure this long after the previous one starts afresh
 
 _SNAPSHOT_COST_RATIO = 10.0
 """Periodic checkpoints may take at most about 1/10 of the stage's time."""
@@ -85,6 +91,8 @@ class AggregatorStage:
         self._agg = aggregator
         self._rewind = rewind
         self._recovery = Recovery()
+        self._failures = 0  # failures in a row, each within _FAILURES_FORGOTTEN_S
+        self._failed_at = 0.0
         self._emit = publish
         self._clock = clock
         self._interval = checkpoint_interval_s
@@ -170,16 +178,20 @@ class AggregatorStage:
                 else:
                     out.extend(self._agg.process(_piece(batch, step, last=step is steps[-1])))
             except Exception as exc:
-                recovery.failed(partition, i, j, f"{type(exc).__name__}: {exc}")
-                self._rewind_all(rewind, batch, step, exc)
+                if not isinstance(exc, CloseError):
+                    recovery.failed(partition, i, j, f"{type(exc).__name__}: {exc}")
+                await self._rewind_all(rewind, batch, step, exc)
                 return
         recovery.applied(partition, n)
         await self._emit_outputs(out)
 
-    def _rewind_all(self, rewind: Rewind, batch: SourceBatch, step: Step, exc: Exception) -> None:
+    async def _rewind_all(
+        self, rewind: Rewind, batch: SourceBatch, step: Step, exc: Exception
+    ) -> None:
         """Drop every partition's state (a failure while closing windows may have
         touched them all) and have the bus deliver them again from their checkpoints.
-        Their batches until then are stale; checkpoints leave them out."""
+        Their batches until then are stale; checkpoints leave them out. Failures that
+        follow each other closely are spaced out with a backoff."""
         partitions = self._agg.partition_ids()
         log.error(
             "applying records %d..%d of a batch of %s (%s) raised; its state is not "
@@ -193,6 +205,11 @@ class AggregatorStage:
         )
         self._agg.discard(partitions)
         self._recovery.rewinding.update(partitions)
+        now = self._clock.monotonic()
+        self._failures = 1 if now - self._failed_at > _FAILURES_FORGOTTEN_S else self._failures + 1
+        self._failed_at = now
+        if self._failures > 1:
+            await self._clock.sleep(_REWIND_BACKOFF.delay(self._failures - 1))
         rewind(partitions)
 
     def _checkpoint_due(self) -> bool:

@@ -9,6 +9,7 @@ event applied twice, none lost, and the stage keeps emitting afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from service.aggregation import aggregator as aggregator_module
-from service.aggregation.functions import Acc
+from service.aggregation.functions import FUNCTIONS, Acc
 from service.app import Service
 from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
@@ -209,3 +210,32 @@ async def test_an_event_that_raises_on_every_replay_is_dead_lettered_and_the_res
     ledger = service.aggregator.ledger()
     assert ledger["imbalance"] == 0
     assert ledger["rejected:internal_error"] == 1
+
+
+async def test_a_failure_while_closing_windows_blames_no_record_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = 0
+    count = FUNCTIONS["count"]
+
+    def result_or_raise(acc: Acc) -> float:
+        nonlocal results
+        results += 1
+        if results == 3:
+            raise RuntimeError("injected failure while closing")
+        return count.result(acc)
+
+    functions = dict(FUNCTIONS)
+    functions["count"] = dataclasses.replace(count, result=result_or_raise)
+    monkeypatch.setattr(aggregator_module, "FUNCTIONS", functions)
+    events = {"p0": stream(0, 120), "p1": stream(1, 90)}
+    sink = MemorySink()
+    service, bus = build(with_closers(events, START + 600), tmp_path, sink)
+    expected = expected_of(events["p0"] + events["p1"])
+    task = asyncio.create_task(service.run())
+    await run_until(service, lambda: len(sink.aggregates) >= len(expected), stop=False)
+    assert results > 3
+    assert {k: v for k, v in written(sink).items() if not k[0].startswith("closer")} == expected
+    assert sink.dead_letters == []
+    assert bus.rewinds == [["p0", "p1"]]
+    await keeps_emitting(service, bus, sink, task)
