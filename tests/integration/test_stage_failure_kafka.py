@@ -1,11 +1,11 @@
 """On the real broker: a stage failure in the middle of a delivery, and a poison event.
 
 The service runs in this process (the failure is injected into the aggregator's function
-table), reads three Kafka partitions and writes to Kafka with its checkpoints in the
-group's checkpoint topic. A failure makes the bus deliver the partitions again from
-their checkpointed positions, and the Kafka output reads back what it had written: the
-aggregates topic must hold every window once, with the count and value of an
-independent computation.
+table), reads three Kafka partitions and writes to Kafka (checkpoints in the group's
+checkpoint topic), or to Kafka and PostgreSQL (checkpoints in PostgreSQL, with the
+rows). A failure makes the bus deliver the partitions again from their checkpointed
+positions; the Kafka output reads back what it had written, PostgreSQL upserts: every
+window must be there once, with the count and value of an independent computation.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from service.aggregation import aggregator as aggregator_module
 from service.aggregation.functions import Acc
 from service.app import build_service
 from service.config.loader import load_config
+from tests.e2e.live import pg_dead_letters
+from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import free_port
 
 pytestmark = pytest.mark.integration
@@ -87,8 +89,11 @@ def window_key(value: dict[str, Any]) -> Key:
     return (value["name"], value["agg_func"], start)
 
 
+@pytest.mark.parametrize("storage", ["kafka", "kafka,postgres"])
 async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_written_once(
+    storage: str,
     kafka_bootstrap: str,
+    postgres_dsn: str,
     unique_name: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -136,12 +141,17 @@ async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_writt
         await admin.close()
     await produce(kafka_bootstrap, source, events[:300])
 
+    table = f"agg_{unique_name}"
+    pg: dict[str, str] = {}
+    if "postgres" in storage:  # checkpoints then commit with the rows in PostgreSQL
+        pg = {"POSTGRES_DSN": postgres_dsn, "POSTGRES_TABLE": table}
     config = load_config(
         {
+            **pg,
             "VABUS_URL": f"kafka://{kafka_bootstrap}/{source}?group=g-{unique_name}"
             f"&metrics_topic=m-{unique_name}",
             "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000",
-            "STORAGE_TYPE": "kafka",
+            "STORAGE_TYPE": storage,
             "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
             "KAFKA_TOPIC": topic,
             "AGGREGATION_INTERVAL": str(int(INTERVAL)),
@@ -171,6 +181,8 @@ async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_writt
         await produce(kafka_bootstrap, source, after)
         expected.update(expected_of(after))
         written = await read_all(kafka_bootstrap, topic, len(expected))
+        if pg:
+            await wait_for_rows(pg["POSTGRES_DSN"], table, len(expected))
     finally:
         service.request_stop()
         await asyncio.wait_for(task, 30)
@@ -185,3 +197,16 @@ async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_writt
     assert {window_key(v): (v["count"], v["value"]) for v in written} == expected
     assert [(d["reason"], orjson.loads(d["raw"])) for d in dead] == [("internal_error", poison)]
     assert "injected failure" in dead[0]["detail"]
+    if pg:
+        rows = await stored_rows(pg["POSTGRES_DSN"], table)
+        assert {k: (count, value) for k, (value, count) in rows.items()} == expected
+        pg_dead = await pg_dead_letters(pg["POSTGRES_DSN"], source)
+        assert [(d["reason"], orjson.loads(d["raw"])) for d in pg_dead] == [
+            ("internal_error", poison)
+        ]
+
+
+async def wait_for_rows(dsn: str, table: str, n: int) -> None:
+    async with asyncio.timeout(60):
+        while len(await stored_rows(dsn, table)) < n:
+            await asyncio.sleep(0.2)
