@@ -424,13 +424,14 @@ class KafkaBus(AsyncResource):
                 consumer.seek(tp, offset)
                 self._live[tp] = _Live(live.partition, offset, assigned_at=live.assigned_at)
                 checkpoints.append(cp)
+            offsets = [self._live[tp].next_offset for tp in tps]
             if checkpoints:
                 await emit(PartitionsAssigned(checkpoints))
-        consumer.resume(*tps)
+        consumer.resume(*(tp for tp in tps if tp in consumer.assignment()))
         log.warning(
             "kafka bus: delivering %s again from %s (rewind)",
             [c.partition for c in checkpoints],
-            [self._live[tp].next_offset for tp in tps],
+            offsets,
         )
 
     async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
