@@ -188,6 +188,7 @@ class EventAggregator:
         # a batch that raised never stored its count of new windows: count them again
         self._open = sum(p.open_windows() for p in self._parts.values())
         self._metrics.set_open_windows(self._open)
+        self._metrics.on_stage_rewind()
 
     def reject_record(self, batch: SourceBatch, idx: int, reason: str, detail: str) -> Outputs:
         """Dead-letter record ``idx`` of ``batch`` whole, without applying it; counted

@@ -158,6 +158,7 @@ class MetricsCollector:
         self.events_aggregated = 0
         self.events_late = 0
         self.replays_dropped = 0
+        self.stage_rewinds = 0
         self.aggregates_emitted = 0
         self.open_windows = 0
         self.watermark: float | None = None
@@ -217,6 +218,10 @@ class MetricsCollector:
     def on_replays_dropped(self, n: int) -> None:
         """Repartitioned records dropped as replays of the routing stage."""
         self.replays_dropped += n
+
+    def on_stage_rewind(self) -> None:
+        """Applying a batch raised: the partitions went back to their checkpoints."""
+        self.stage_rewinds += 1
 
     def on_events_late(self, n: int = 1) -> None:
         self.events_late += n
@@ -337,6 +342,7 @@ class MetricsCollector:
             "events_rejected_by_reason": dict(self.events_rejected),
             "events_late": self.events_late,
             "replays_dropped": self.replays_dropped,
+            "stage_rewinds": self.stage_rewinds,
             "ledger": dict(self.ledger()),
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
@@ -460,6 +466,11 @@ class _PrometheusView:
                 "replays_dropped",
                 "Repartitioned records dropped as replays of the routing stage.",
                 m.replays_dropped,
+            ),
+            (
+                "stage_rewinds",
+                "Batches that raised in the aggregator: partitions read again from checkpoints.",
+                m.stage_rewinds,
             ),
         ):
             # CounterMetricFamily appends the ``_total`` suffix itself.

@@ -172,6 +172,7 @@ async def test_failure_in_the_middle_of_a_delivery_applies_nothing_twice(
             assert (a.count, a.value) == expected.get(key, (a.count, a.value))
     assert sink.dead_letters == []
     assert bus.rewinds == [["p0", "p1"]]  # delivered again from their checkpoints, once
+    assert service.metrics.stage_rewinds == 1
 
     await keeps_emitting(service, bus, sink, task)
 
