@@ -23,10 +23,12 @@ from service.aggregation.functions import FUNCTIONS, Acc
 from service.app import Service
 from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock
+from service.clock import ManualClock, SystemClock
 from service.config import AggregationConfig, Config
+from service.dev.emulator import Emulator
 from service.ops.metrics import MetricsCollector
 from service.sinks.memory import MemorySink
+from tests.unit.test_http_bus import http_bus
 
 START = 1_699_999_980.0  # a multiple of 60
 INTERVAL = 60.0
@@ -240,3 +242,61 @@ async def test_a_failure_while_closing_windows_blames_no_record_and_loses_nothin
     assert sink.dead_letters == []
     assert bus.rewinds == [["p0", "p1"]]
     await keeps_emitting(service, bus, sink, task)
+
+
+async def test_on_the_http_bus_the_replay_starts_again_from_the_stored_cursor(
+    tmp_path: Path, failing_count: Callable[[Callable[[float], bool]], list[float]]
+) -> None:
+    seen: list[float] = []
+
+    def once_and_poison(value: float) -> bool:  # 5.0 raises once, the poison every time
+        seen.append(value)
+        return value == POISON or (value == 5.0 and seen.count(5.0) == 3)
+
+    raised = failing_count(once_and_poison)
+    events = stream(0, 150)
+    poison = event("n0-1", "count", POISON, START + 100.1)
+    records = [
+        *map(orjson.dumps, events[:80]),
+        orjson.dumps(poison),
+        *map(orjson.dumps, events[80:]),
+    ]
+    expected = expected_of(events)
+    sink = MemorySink()
+    async with Emulator() as emulator:
+        emulator.append([*records, closer(0, START + 600)])
+        clock = SystemClock()
+        service = Service(
+            Config(aggregation=AggregationConfig(interval_s=INTERVAL)),
+            bus=http_bus(emulator.url, http_batch_limit=10),
+            sinks=[sink],
+            store=FileCheckpointStore(str(tmp_path), "test"),
+            metrics=MetricsCollector(clock),
+            clock=clock,
+            serve_http=False,
+        )
+        task = asyncio.create_task(service.run())
+        try:
+            async with asyncio.timeout(30):
+                while len(sink.aggregates) < len(expected) or not sink.dead_letters:
+                    assert not task.done()
+                    await asyncio.sleep(0.01)
+                emulator.append(
+                    [
+                        orjson.dumps(event("after", "count", 1.0, START + 700)),
+                        closer(0, START + 1000),
+                    ]
+                )
+                while ("after", "count", START + 660) not in written(sink):
+                    await asyncio.sleep(0.01)
+        finally:
+            service.request_stop()
+            await asyncio.wait_for(task, 10)
+    assert sorted(raised) == [5.0, POISON, POISON]
+    assert {
+        k: v for k, v in written(sink).items() if not k[0].startswith(("closer", "after"))
+    } == expected
+    assert [(d.reason, orjson.loads(d.raw)) for d in sink.dead_letters] == [
+        ("internal_error", poison)
+    ]
+    assert service.metrics.stage_rewinds == 3
