@@ -107,6 +107,7 @@ class Service:
             partial(self.hub.publish, OUTPUT),
             clock,
             config.runtime.checkpoint_interval_s,
+            rewind=bus.rewind,
         )
         q = config.runtime.queue_size
         self.hub.subscribe(INPUT, "aggregator", stage.handle, maxsize=q, max_batch=16)

@@ -52,6 +52,7 @@ REJECT_REASONS: Final = (
     "cardinality_limit",
     "invalid_origin",  # repartitioned input: a malformed vabus-origin header (internal topic)
     "overflow",
+    "internal_error",
 )
 
 

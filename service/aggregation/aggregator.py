@@ -47,7 +47,7 @@ from service.config import AggregationConfig
 from service.events import Aggregate, DeadLetter
 from service.ops.metrics import MetricsCollector
 
-__all__ = ["STATE_FORMAT", "EventAggregator", "Outputs"]
+__all__ = ["STATE_FORMAT", "CloseError", "EventAggregator", "Outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
     k: f.add for k, f in FUNCTIONS.items()
 }
 _RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
+
+
+class CloseError(RuntimeError):
+    """Closing windows raised after a batch was applied: no record of it is to blame
+    (the stage does not set any aside for it)."""
 
 
 @dataclass(slots=True)
@@ -231,6 +236,36 @@ class EventAggregator:
         self._metrics.set_open_windows(self._open)
         return snap
 
+    def partition_ids(self) -> list[str]:
+        return list(self._parts)
+
+    def discard(self, partitions: Iterable[str]) -> None:
+        """Forget partitions without a snapshot: their state is not trusted (applying a
+        batch raised half-way); the stage has them delivered again from a checkpoint."""
+        for k in partitions:
+            self._parts.pop(k, None)
+        # a batch that raised never stored its count of new windows: count them again
+        self._open = sum(p.open_windows() for p in self._parts.values())
+        self._metrics.set_open_windows(self._open)
+        self._metrics.on_stage_rewind()
+
+    def reject_record(self, batch: SourceBatch, idx: int, reason: str, detail: str) -> Outputs:
+        """Dead-letter record ``idx`` of ``batch`` whole, without applying it; counted
+        in the ledger as one event received and rejected (like ``too_large``)."""
+        part = self._parts.get(batch.partition)
+        if part is None:
+            part = self._parts[batch.partition] = PartitionState()
+        seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
+        part.reported_at = max(part.reported_at, seen)
+        part.last_message_at = seen
+        out = Outputs()
+        rejects: dict[str, int] = {}
+        now = self._clock.now()
+        self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
+        part.count(math.floor(batch.received_at / self._interval) * self._interval, 1, 0, rejects)
+        self._metrics.on_events_rejected(reason)
+        return out
+
     # -- processing -------------------------------------------------------------------
     def process(self, batch: SourceBatch) -> Outputs:
         """Aggregate one batch; returns dead letters and any windows it closed.
@@ -260,7 +295,10 @@ class EventAggregator:
             part.position = batch.next_position
         part.caught_up = batch.caught_up
         part.lag = batch.lag
-        self._close_ready(out)
+        try:
+            self._close_ready(out)
+        except Exception as exc:
+            raise CloseError(f"closing windows raised {exc!r}") from exc
         return out
 
     def _aggregate(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> None:

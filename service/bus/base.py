@@ -9,12 +9,15 @@ that they stay ordered with the data.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.events import Metric
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "REPORT_INTERVAL_S",
@@ -27,6 +30,7 @@ __all__ = [
     "PartitionsRevoked",
     "Progress",
     "Restore",
+    "RewindByRerun",
     "SourceBatch",
 ]
 
@@ -144,6 +148,14 @@ class Bus(Protocol):
     def stop_intake(self) -> None:
         """Stop pulling new messages; :meth:`run` returns soon after."""
 
+    def rewind(self, partitions: Sequence[str]) -> None:
+        """Deliver these partitions again from their stored checkpoints, as after a new
+        assignment: restore them, emit :class:`PartitionsAssigned`, then their records
+        from the restored positions. Asked when applying a batch raised (the stage
+        dropped their state); returns at once and takes effect soon after. Partitions
+        no longer assigned here are skipped: their next owner restores them anyway.
+        """
+
     async def commit(self, positions: Mapping[str, str]) -> None:
         """Tell the bus that everything before these positions is durable."""
 
@@ -152,3 +164,33 @@ class Bus(Protocol):
 
     async def check(self) -> None:
         """Raise a :class:`~service.errors.TransientError` if the bus is unreachable."""
+
+
+class RewindByRerun:
+    """:meth:`Bus.rewind` for a bus whose reading restores its partitions before its
+    first batch (a single-partition bus: HTTP, demo): a rewind cancels the reading and
+    starts it again, which restores the stored checkpoints and continues from them."""
+
+    def __init__(self) -> None:
+        self._asked = asyncio.Event()
+
+    def rewind(self, partitions: Sequence[str]) -> None:
+        self._asked.set()
+
+    async def run(self, read: Callable[[], Awaitable[None]]) -> None:
+        """Run ``read`` until it returns, again from the start after each rewind."""
+        while True:
+            self._asked.clear()
+            reader = asyncio.ensure_future(read())
+            asked = asyncio.ensure_future(self._asked.wait())
+            try:
+                await asyncio.wait({reader, asked}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                asked.cancel()
+                rewound = not reader.done()
+                if rewound:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+            if not rewound:
+                return reader.result()
+            log.warning("reading again from the stored checkpoints (rewind)")

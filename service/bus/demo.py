@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Final
 
-from service.bus.base import Emit, PartitionsAssigned, Restore, SourceBatch
+from service.bus.base import Emit, PartitionsAssigned, Restore, RewindByRerun, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.clock import Clock
 from service.config import BusConfig
@@ -80,6 +81,7 @@ class DemoBus(AsyncResource):
         self._tick = tick_s
         self._max_batch = max_batch
         self._intake_stopped = False
+        self._rewinds = RewindByRerun()
         self.last_metrics: list[Metric] = []  # what send_metrics got last, for /status and tests
 
     async def start(self) -> None:
@@ -91,7 +93,13 @@ class DemoBus(AsyncResource):
     def stop_intake(self) -> None:
         self._intake_stopped = True
 
+    def rewind(self, partitions: Sequence[str]) -> None:
+        self._rewinds.rewind(partitions)
+
     async def run(self, emit: Emit, restore: Restore) -> None:
+        await self._rewinds.run(partial(self._read, emit, restore))
+
+    async def _read(self, emit: Emit, restore: Restore) -> None:
         stored = await restore([PARTITION])
         checkpoint = stored.get(PARTITION) or PartitionCheckpoint(PARTITION, None, None)
         await emit(PartitionsAssigned([checkpoint]))

@@ -29,12 +29,20 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import aiohttp
 import orjson
 
-from service.bus.base import REPORT_INTERVAL_S, Emit, PartitionsAssigned, Restore, SourceBatch
+from service.bus.base import (
+    REPORT_INTERVAL_S,
+    Emit,
+    PartitionsAssigned,
+    Restore,
+    RewindByRerun,
+    SourceBatch,
+)
 from service.bus.http_limits import (
     ProtocolError,
     ResponseTooLarge,
@@ -128,6 +136,7 @@ class HttpBus(AsyncResource):
         self._base = config.http_base_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._intake_stopped = False
+        self._rewinds = RewindByRerun()
         self._inflight: asyncio.Task[_Fetched] | None = None
         self._bad_cursor: str | None = None
         self._bad_bodies: set[int] = set()  # hashes of bad bodies handed on for _bad_cursor
@@ -157,7 +166,13 @@ class HttpBus(AsyncResource):
             self._inflight.cancel()
 
     # -- data path ------------------------------------------------------------------
+    def rewind(self, partitions: Sequence[str]) -> None:
+        self._rewinds.rewind(partitions)
+
     async def run(self, emit: Emit, restore: Restore) -> None:
+        await self._rewinds.run(partial(self._read, emit, restore))
+
+    async def _read(self, emit: Emit, restore: Restore) -> None:
         await self.start()
         stored = await restore([PARTITION])
         checkpoint = stored.get(PARTITION) or PartitionCheckpoint(PARTITION, None, None)

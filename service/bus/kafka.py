@@ -76,6 +76,7 @@ class _Live:
     partition: str
     next_offset: int
     reported_at: float = float("-inf")  # when downstream last heard of it (monotonic)
+    assigned_at: int = 0  # where it was read from on assignment: a rewind's fallback
 
 
 class KafkaBus(AsyncResource):
@@ -114,6 +115,7 @@ class KafkaBus(AsyncResource):
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
         self._failure: BaseException | None = None
         self._malformed_logged: set[str] = set()  # kinds of malformed records logged once
+        self._rewinds: set[str] = set()  # partitions to deliver again (rewind)
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -244,6 +246,8 @@ class KafkaBus(AsyncResource):
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
+                if self._rewinds:
+                    await self._rewind(consumer, emit, restore)
                 try:
                     data = await retry(
                         partial(self._poll, consumer, stop_waiter),
@@ -414,10 +418,50 @@ class KafkaBus(AsyncResource):
                 positions[tp] = await consumer.position(tp)
         async with self._emit_lock:
             for tp, pid in zip(tps, ids, strict=True):
-                self._live[tp] = _Live(pid, positions[tp])
+                self._live[tp] = _Live(pid, positions[tp], assigned_at=positions[tp])
             await emit(PartitionsAssigned(checkpoints))
         consumer.resume(*tps)
         log.info("kafka bus: assigned %s at %s", ids, [positions[tp] for tp in tps])
+
+    def rewind(self, partitions: Sequence[str]) -> None:
+        """Done by the poll loop before its next fetch (see :meth:`_rewind`)."""
+        self._rewinds.update(partitions)
+
+    async def _rewind(self, consumer: AIOKafkaConsumer, emit: Emit, restore: Restore) -> None:
+        """The steps of an assignment for partitions that stay assigned: pause, restore,
+        seek to the stored positions, announce, resume. A seek drops what was fetched
+        before it; those of the partitions a rebalance took meanwhile are skipped."""
+        ids, self._rewinds = self._rewinds, set()
+        tps = sorted(tp for tp, live in self._live.items() if live.partition in ids)
+        if not tps:
+            return
+        consumer.pause(*tps)
+        stored = await self._restore(restore, [_partition_id(tp) for tp in tps])
+        async with self._emit_lock:
+            assigned = consumer.assignment()
+            tps = [tp for tp in tps if tp in self._live and tp in assigned]
+            checkpoints: list[PartitionCheckpoint] = []
+            for tp in tps:
+                live = self._live[tp]
+                cp = stored.get(live.partition) or PartitionCheckpoint(live.partition, None, None)
+                offset = live.assigned_at
+                if cp.position is not None:
+                    try:
+                        offset = int(cp.position)
+                    except ValueError:
+                        log.warning("kafka bus: ignoring stored position %r", cp.position)
+                consumer.seek(tp, offset)
+                self._live[tp] = _Live(live.partition, offset, assigned_at=live.assigned_at)
+                checkpoints.append(cp)
+            offsets = [self._live[tp].next_offset for tp in tps]
+            if checkpoints:
+                await emit(PartitionsAssigned(checkpoints))
+        consumer.resume(*(tp for tp in tps if tp in consumer.assignment()))
+        log.warning(
+            "kafka bus: delivering %s again from %s (rewind)",
+            [c.partition for c in checkpoints],
+            offsets,
+        )
 
     async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
         """``restore(ids)``; what says it is retriable is tried a few times, then raised."""

@@ -121,8 +121,9 @@ class LeasedBus:
         partitions: list[str] = []
 
         async def tracked(item: BusItem) -> None:
-            if type(item) is PartitionsAssigned:
-                partitions.extend(c.partition for c in item.checkpoints)
+            if type(item) is PartitionsAssigned:  # again after a rewind: listed once
+                assigned = [c.partition for c in item.checkpoints]
+                partitions[:] = [p for p in partitions if p not in assigned] + assigned
             elif type(item) is PartitionsRevoked:
                 partitions[:] = [p for p in partitions if p not in item.partitions]
             await emit(item)
@@ -175,6 +176,9 @@ class LeasedBus:
                 partitions,
                 self._revoke_timeout_s,
             )
+
+    def rewind(self, partitions: Sequence[str]) -> None:
+        self._bus.rewind(partitions)
 
     # -- side channels: the wrapped bus's, metrics only from the reader --------------
     async def commit(self, positions: Mapping[str, str]) -> None:

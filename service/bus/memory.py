@@ -52,6 +52,7 @@ class MemoryBus(AsyncResource):
         self.reachable = True
         self.commits: list[dict[str, str]] = []
         self.sent_metrics: list[list[Metric]] = []
+        self.rewinds: list[list[str]] = []
         self.positions: dict[str, int] = {}  # next index to emit, per assigned partition
         self.held: set[str] = set()  # partitions that stall: unread data, nothing delivered
         self._reports: list[str] = []
@@ -78,6 +79,13 @@ class MemoryBus(AsyncResource):
     def report(self, partition: str) -> None:
         """Emit a report on ``partition`` next: no records, its unread count as lag."""
         self._reports.append(partition)
+        self._wakeup.set()
+
+    def rewind(self, partitions: Sequence[str]) -> None:
+        """Assign these partitions again from their stored checkpoints, next."""
+        self.rewinds.append(list(partitions))
+        for partition in partitions:
+            self.positions.pop(partition, None)
         self._wakeup.set()
 
     def add(self, partition: str, records: Sequence[Any]) -> None:
@@ -136,6 +144,8 @@ class MemoryBus(AsyncResource):
         await emit(PartitionsAssigned(checkpoints))
 
     async def _emit_next(self, partition: str, emit: Emit) -> bool:
+        if partition not in self.positions:  # rewound while the others were emitted
+            return False
         records, start = self._records[partition], self.positions[partition]
         if start >= len(records) or partition in self.held:
             return False

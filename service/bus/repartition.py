@@ -490,6 +490,9 @@ class RepartitionedBus(AsyncResource):
         self._router.stop_intake()
         self._windowing.stop_intake()
 
+    def rewind(self, partitions: Sequence[str]) -> None:
+        self._windowing.rewind(partitions)
+
     async def commit(self, positions: Mapping[str, str]) -> None:
         await self._windowing.commit(positions)
 

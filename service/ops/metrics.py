@@ -160,6 +160,7 @@ class MetricsCollector:
         self.events_ahead = 0
         self.replays_dropped = 0
         self.state_dropped: defaultdict[str, int] = defaultdict(int)
+        self.stage_rewinds = 0
         self.aggregates_emitted = 0
         self.open_windows = 0
         self.watermark: float | None = None
@@ -236,6 +237,10 @@ class MetricsCollector:
         """State that could not be used was dropped: ``what`` is ``window`` (one window's
         accumulator) or ``partition`` (a whole unreadable checkpoint body)."""
         self.state_dropped[what] += n
+
+    def on_stage_rewind(self) -> None:
+        """Applying a batch raised: the partitions went back to their checkpoints."""
+        self.stage_rewinds += 1
 
     def on_events_late(self, n: int = 1) -> None:
         self.events_late += n
@@ -363,6 +368,7 @@ class MetricsCollector:
             "events_ahead": self.events_ahead,
             "replays_dropped": self.replays_dropped,
             "state_dropped": dict(self.state_dropped),
+            "stage_rewinds": self.stage_rewinds,
             "ledger": dict(self.ledger()),
             "events_per_second": self.events_per_second(),
             "messages_received": dict(self.messages_received),
@@ -501,6 +507,11 @@ class _PrometheusView:
                 "dead_letters_rolled_up",
                 "Rejected elements of a message written as one roll-up dead letter.",
                 m.dead_letters_rolled_up,
+            ),
+            (
+                "stage_rewinds",
+                "Batches that raised in the aggregator: partitions read again from checkpoints.",
+                m.stage_rewinds,
             ),
         ):
             # CounterMetricFamily appends the ``_total`` suffix itself.
