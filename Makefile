@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock run test test-unit lint typecheck bench clean
+.PHONY: install lock run test test-unit test-container lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: install lint      ## lint, then every test: unit, integration (real broker
 
 test-unit: install
 	$(BIN)/pytest tests/unit
+
+# The image and docker-compose.yml, in Docker (root, ~2 GB; tests/container/README.md):
+# installs Debian's docker.io when missing, starts dockerd for the run and stops it after.
+test-container: install ## builds the image, runs it (outputs exact, read-only, any uid), boots compose
+	tests/container/machinery.sh run env VABUS_CONTAINER_REQUIRED=1 \
+	  $(BIN)/pytest -m container --timeout 600 --durations 10 tests/container
 
 # promtool (Prometheus's checker) comes from Debian's prometheus package; .ci/run installs it.
 PROMTOOL ?= promtool
