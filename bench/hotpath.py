@@ -25,10 +25,10 @@ from bench.workload import Workload, generate
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.events import iso_utc
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.events import iso_utc
+from service.metrics.collector import MetricsCollector
 
 
 def batches(w: Workload, size: int) -> list[SourceBatch]:

@@ -29,9 +29,9 @@ import orjson
 
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 T0 = 1_699_999_980.0
 BATCH = 10_000

@@ -3,7 +3,7 @@
 Run by ``make lint`` (``python deploy/check_monitoring.py``), from the repository root:
 
 * the metric families come from the service itself: a fresh ``MetricsCollector``
-  (service/ops/metrics.py) is scraped through its Prometheus registry, so names, types
+  (service/metrics/collector.py) is scraped through its Prometheus registry, so names, types
   and label names are the exported ones, never a copy that could drift;
 * the Grafana dashboard (deploy/grafana/dashboards/*.json) must be valid JSON with
   unique panel ids, every panel querying through the ``datasource`` variable, every
@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.ops.metrics import MetricsCollector  # noqa: E402
+from service.metrics.collector import MetricsCollector  # noqa: E402
 
 DASHBOARDS = ROOT / "deploy/grafana/dashboards"
 PROMETHEUS = ROOT / "deploy/prometheus"

@@ -23,16 +23,16 @@ from service.aggregation.stage import AggregatorStage
 from service.bus.base import Bus, BusItem
 from service.bus.leased import LeasedBus
 from service.checkpoints.base import CheckpointStore
-from service.clock import Clock, SystemClock
 from service.config import Config
-from service.errors import TransientError
-from service.flow import INPUT, OUTPUT, CheckpointRequest, Tick
-from service.hub import EventHub
-from service.lifecycle import unless_stopped
-from service.ops.metrics import MetricsCollector
+from service.core.clock import Clock, SystemClock
+from service.core.errors import TransientError
+from service.core.lifecycle import unless_stopped
+from service.core.retry import Backoff, output_backoff, retry
+from service.metrics.collector import MetricsCollector
 from service.ops.web import WebServer, build_web_app
-from service.retry import Backoff, output_backoff, retry
-from service.sender import DataSender, ReadBackSink, SharedTransaction
+from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
+from service.pipeline.hub import EventHub
+from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_lease, build_outputs
 

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from service.config import Config, load_config
+from service.core.errors import ConfigError
 from service.dev.emulator import add_arguments as add_emulator_arguments
-from service.errors import ConfigError
 from service.ops.logs import setup_logging
 
 __all__ = ["main"]
@@ -105,11 +105,11 @@ def main(argv: Sequence[str]) -> int:
         asyncio.run(run(config))
         return EXIT_OK
     if args.command == "check":
-        from service.ops.checks import check_all
+        from service.commands import check_all
 
         return asyncio.run(check_all(config))
     if args.command == "migrate":
-        from service.ops.checks import migrate
+        from service.commands import migrate
 
         return asyncio.run(migrate(config))
     return EXIT_CONFIG

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
-from service.clock import Clock
 from service.config import Config
-from service.ops.metrics import MetricsCollector
-from service.sender import ReadBackSink, SharedTransaction
+from service.core.clock import Clock
+from service.metrics.collector import MetricsCollector
+from service.pipeline.sender import ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
 
         return HttpBus(cfg.bus, metrics, clock)
     if cfg.bus.kind == "kafka" and cfg.bus.kafka_repartition:
-        from service.bus.repartition import build_repartitioned_bus
+        from service.repartition.router import build_repartitioned_bus
 
         return build_repartitioned_bus(cfg.bus, cfg.kafka, cfg.aggregation, metrics, clock)
     if cfg.bus.kind == "kafka":
@@ -105,7 +105,7 @@ def build_outputs(
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)
     if cfg.bus.kind == "kafka":
         from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
-        from service.kafka_client import bus_client_options
+        from service.kafka.options import bus_client_options
 
         options = bus_client_options(cfg.bus, cfg.kafka)
         topic = checkpoint_topic(cfg.bus.kafka_group)

@@ -42,10 +42,10 @@ from service.aggregation.partition import (
 from service.aggregation.windows import closed_boundary
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock
 from service.config import AggregationConfig
-from service.events import Aggregate, DeadLetter
-from service.ops.metrics import MetricsCollector
+from service.core.clock import Clock
+from service.core.events import Aggregate, DeadLetter
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["STATE_FORMAT", "CloseError", "EventAggregator", "Outputs"]
 

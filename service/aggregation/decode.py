@@ -25,7 +25,7 @@ from typing import Annotated, Any, Final
 import msgspec
 import orjson
 
-from service.events import AGG_FUNCS
+from service.core.events import AGG_FUNCS
 
 __all__ = [
     "CANONICAL_FUNCS",

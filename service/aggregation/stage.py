@@ -12,10 +12,10 @@ from service.aggregation.aggregator import CloseError, EventAggregator, Outputs
 from service.aggregation.recovery import Recovery, Step
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock
-from service.flow import Checkpoint, CheckpointRequest, ReadBack, Tick
-from service.hub import Delivery
-from service.retry import Backoff
+from service.core.clock import Clock
+from service.core.retry import Backoff
+from service.pipeline.flow import Checkpoint, CheckpointRequest, ReadBack, Tick
+from service.pipeline.hub import Delivery
 
 __all__ = ["AggregatorStage", "Publish", "Rewind"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.events import Metric
+from service.core.events import Metric
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Bus(Protocol):
         """Publish the service's own metrics to the bus."""
 
     async def check(self) -> None:
-        """Raise a :class:`~service.errors.TransientError` if the bus is unreachable."""
+        """Raise a :class:`~service.core.errors.TransientError` if the bus is unreachable."""
 
 
 class RewindByRerun:

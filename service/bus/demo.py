@@ -15,11 +15,11 @@ from typing import Any, Final
 
 from service.bus.base import Emit, PartitionsAssigned, Restore, RewindByRerun, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock
 from service.config import BusConfig
-from service.events import AGG_FUNCS, Metric
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
+from service.core.clock import Clock
+from service.core.events import AGG_FUNCS, Metric
+from service.core.lifecycle import AsyncResource
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["PARTITION", "DemoBus", "demo_event"]
 

@@ -52,13 +52,13 @@ from service.bus.http_limits import (
 )
 from service.bus.json_text import skip_ws, split_json_array
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock
 from service.config import BusConfig
-from service.errors import ServiceError, TransientError, describe_error
-from service.events import Metric
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, retry
+from service.core.clock import Clock
+from service.core.errors import ServiceError, TransientError, describe_error
+from service.core.events import Metric
+from service.core.lifecycle import AsyncResource
+from service.core.retry import Backoff, retry
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["PARTITION", "HttpBus"]
 

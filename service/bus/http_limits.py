@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from service.errors import ServiceError
+from service.core.errors import ServiceError
 
 __all__ = [
     "MAX_CURSOR_LENGTH",

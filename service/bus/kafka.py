@@ -41,16 +41,16 @@ from service.bus.base import (
     Restore,
     SourceBatch,
 )
-from service.bus.internal_records import Marked, read_origins, split_at_progress
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock
 from service.config import BusConfig, KafkaConfig
-from service.errors import TransientError, is_retriable
-from service.events import Metric
-from service.kafka_client import bus_client_options, create_topics, group_member_options
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, retry
+from service.core.clock import Clock
+from service.core.errors import TransientError, is_retriable
+from service.core.events import Metric
+from service.core.lifecycle import AsyncResource
+from service.core.retry import Backoff, retry
+from service.kafka.options import bus_client_options, create_topics, group_member_options
+from service.metrics.collector import MetricsCollector
+from service.repartition.records import Marked, read_origins, split_at_progress
 
 __all__ = ["KafkaBus"]
 

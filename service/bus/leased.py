@@ -35,10 +35,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from service.bus.base import Bus, BusItem, Emit, PartitionsAssigned, PartitionsRevoked, Restore
-from service.events import Metric
+from service.core.events import Metric
+from service.core.lifecycle import unless_stopped
 from service.lease.base import Lease
-from service.lifecycle import unless_stopped
-from service.ops.metrics import MetricsCollector
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["LeasedBus"]
 

@@ -26,8 +26,8 @@ from typing import Any, Final
 import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import PermanentError, ServiceError, TransientError, describe_error
-from service.lifecycle import AsyncResource
+from service.core.errors import PermanentError, ServiceError, TransientError, describe_error
+from service.core.lifecycle import AsyncResource
 
 __all__ = ["FORMAT_VERSION", "CheckpointFileError", "FileCheckpointStore", "file_stem"]
 

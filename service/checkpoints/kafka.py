@@ -41,9 +41,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import TransientError
-from service.kafka_client import create_topics
-from service.lifecycle import AsyncResource
+from service.core.errors import TransientError
+from service.core.lifecycle import AsyncResource
+from service.kafka.options import create_topics
 
 __all__ = ["KafkaCheckpointStore", "checkpoint_topic"]
 
@@ -73,7 +73,7 @@ class KafkaCheckpointStore(AsyncResource):
     """Implements :class:`~service.checkpoints.base.CheckpointStore` in a Kafka topic.
 
     ``options`` are aiokafka client options (servers and security, see
-    :func:`service.kafka_client.client_options`). Broker trouble surfaces as
+    :func:`service.kafka.options.client_options`). Broker trouble surfaces as
     :class:`TransientError`, which the sender retries.
     """
 

@@ -27,12 +27,11 @@ import asyncpg
 import orjson
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import PermanentError, TransientError
+from service.core.errors import PermanentError, TransientError
+from service.core.lifecycle import AsyncResource
 from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
-from service.lifecycle import AsyncResource
-from service.pg_errors import pg_error
-from service.pg_text import storable_text
-from service.schema import (
+from service.postgres.errors import pg_error
+from service.postgres.schema import (
     CHECKPOINT_TABLE,
     LEDGER_TABLE,
     OWNER_TABLE,
@@ -40,6 +39,7 @@ from service.schema import (
     ensure_checkpoint_table,
     quote_identifier,
 )
+from service.postgres.text import storable_text
 
 __all__ = ["ROW_FORMAT", "PostgresCheckpointStore", "save_in_transaction"]
 

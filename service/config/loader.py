@@ -42,8 +42,8 @@ from service.config.sections import (
     PostgresConfig,
     RuntimeConfig,
 )
-from service.errors import ConfigError
-from service.retry import BACKOFF_KINDS
+from service.core.errors import ConfigError
+from service.core.retry import BACKOFF_KINDS
 
 __all__ = ["load_config"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from service.config.masking import Secret, mask_password, plain
-from service.retry import BackoffKind
+from service.core.retry import BackoffKind
 
 __all__ = [
     "AggregationConfig",
@@ -75,7 +75,7 @@ class BusConfig:
     kafka_metrics_topic: str = "vabus-metrics"
     kafka_session_timeout_ms: int = 10_000  # VABUS_KAFKA_SESSION_TIMEOUT_MS
     # ?repartition=true: the input is not keyed by event name; route every event by name
-    # through the internal topic first (service/bus/repartition.py)
+    # through the internal topic first (service/repartition/router.py)
     kafka_repartition: bool = False
     # VABUS_KAFKA_SECURITY_PROTOCOL, VABUS_KAFKA_SASL_*, VABUS_KAFKA_SSL_*: how the bus,
     # its metrics producer, the repartition topic and the Kafka checkpoint store connect

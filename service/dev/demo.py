@@ -18,8 +18,8 @@ from service.app import Service, build_service, install_signal_handlers
 from service.config import load_config
 from service.dev.devstack import DevStack
 from service.dev.emulator import Emulator, LoadGenerator
+from service.metrics.collector import MetricsCollector
 from service.ops.logs import setup_logging
-from service.ops.metrics import MetricsCollector
 
 __all__ = ["main"]
 

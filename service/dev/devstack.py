@@ -3,7 +3,7 @@
 Used by ``vabus-aggregator demo``, the test fixtures and the benchmarks. Both servers
 listen on free loopback ports and run as direct children of this process. No child may
 outlive it: each child asks the kernel (``PR_SET_PDEATHSIG``, see
-``service/child_process.py``) to signal it when its parent dies, so Ctrl-C, an exception
+``service/workers/child_process.py``) to signal it when its parent dies, so Ctrl-C, an exception
 or ``kill -9`` of the parent all end the servers. Servers are always spawned from the
 event loop's thread (the kernel's "parent" is the spawning thread).
 """
@@ -30,8 +30,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import IO
 
-from service.child_process import death_pact
-from service.lifecycle import AsyncResource
+from service.core.lifecycle import AsyncResource
+from service.workers.child_process import death_pact
 
 __all__ = ["DevStack", "EmbeddedKafka", "EmbeddedPostgres", "ServerStartError"]
 

@@ -36,9 +36,9 @@ import orjson
 from aiohttp import web
 
 from service.bus.json_text import split_json_array
-from service.clock import Clock, SystemClock
-from service.events import AGG_FUNCS
-from service.lifecycle import AsyncResource
+from service.core.clock import Clock, SystemClock
+from service.core.events import AGG_FUNCS
+from service.core.lifecycle import AsyncResource
 
 __all__ = ["Emulator", "EventLog", "LoadGenerator", "add_arguments", "main"]
 

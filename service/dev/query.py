@@ -10,7 +10,7 @@ import sys
 
 import asyncpg
 
-from service.schema import quote_identifier
+from service.postgres.schema import quote_identifier
 
 __all__ = ["main"]
 

@@ -32,8 +32,8 @@ from typing import Any, Final
 
 import asyncpg
 
-from service.errors import PermanentError
-from service.schema import LEASE_TABLE
+from service.core.errors import PermanentError
+from service.postgres.schema import LEASE_TABLE
 
 __all__ = ["KEEPALIVES", "FencedError", "KeepAliveConnection", "LeaseFence", "keep_alive"]
 

@@ -43,12 +43,12 @@ from typing import Any, Final
 
 import asyncpg
 
-from service.clock import Clock
-from service.errors import describe_error
+from service.core.clock import Clock
+from service.core.errors import describe_error
 from service.lease.base import LeaseRole
 from service.lease.fence import KEEPALIVES, LeaseFence
-from service.pg_errors import pg_error
-from service.schema import ensure_lease_table
+from service.postgres.errors import pg_error
+from service.postgres.schema import ensure_lease_table
 
 __all__ = ["CHECK_S", "POLL_S", "PostgresLease", "lease_key"]
 

@@ -17,10 +17,10 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from service.clock import Clock
-from service.lifecycle import AsyncResource
+from service.core.clock import Clock
+from service.core.lifecycle import AsyncResource
+from service.metrics.collector import MetricsCollector
 from service.ops.auth import bearer_auth
-from service.ops.metrics import MetricsCollector
 from service.ops.readiness import READINESS_CACHE_S, SharedAnswer
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from service.events import Aggregate, DeadLetter
+from service.core.events import Aggregate, DeadLetter
 
 __all__ = ["Sink"]
 
@@ -16,8 +16,8 @@ class Sink(Protocol):
     ``write`` returns only when everything passed to it is durable (acknowledged by
     the broker / committed by the database). It must be idempotent: writing the same
     aggregate twice leaves one stored result. Failures raise
-    :class:`~service.errors.TransientError` (retry later) or
-    :class:`~service.errors.PermanentError` (retrying cannot help).
+    :class:`~service.core.errors.TransientError` (retry later) or
+    :class:`~service.core.errors.PermanentError` (retrying cannot help).
     """
 
     name: str  # "kafka", "postgres", "memory"
@@ -31,4 +31,4 @@ class Sink(Protocol):
     ) -> None: ...
 
     async def check(self) -> None:
-        """Raise :class:`~service.errors.TransientError` if the output is unreachable."""
+        """Raise :class:`~service.core.errors.TransientError` if the output is unreachable."""

@@ -52,13 +52,13 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
-from service.clock import Clock, SystemClock
 from service.config import KafkaConfig
-from service.errors import PermanentError, TransientError
-from service.events import Aggregate, DeadLetter, iso_utc
-from service.kafka_client import client_options, create_topics
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
+from service.core.clock import Clock, SystemClock
+from service.core.errors import PermanentError, TransientError
+from service.core.events import Aggregate, DeadLetter, iso_utc
+from service.core.lifecycle import AsyncResource
+from service.kafka.options import client_options, create_topics
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
 

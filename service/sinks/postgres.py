@@ -20,7 +20,7 @@ reason, the raw text and its ordinal among identical ones in the write, and is i
 redelivery computes the same keys. See
 :func:`dead_letter_keys` for which dead letters get no key.
 
-Errors by SQLSTATE class (see :func:`service.pg_errors.pg_error_kind`): connection,
+Errors by SQLSTATE class (see :func:`service.postgres.errors.pg_error_kind`): connection,
 transaction-rollback and resource classes are :class:`TransientError` (the sender
 retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
 savepoints until the bad rows are found, each becomes a dead letter with reason
@@ -38,17 +38,17 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
-from service.clock import Clock, SystemClock
 from service.config import PostgresConfig
-from service.errors import PermanentError, TransientError
-from service.events import Aggregate, DeadLetter
+from service.core.clock import Clock, SystemClock
+from service.core.errors import PermanentError, TransientError
+from service.core.events import Aggregate, DeadLetter
+from service.core.lifecycle import AsyncResource
 from service.lease.fence import FencedError, KeepAliveConnection, LeaseFence, keep_alive
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
-from service.pg_errors import pg_error, pg_error_kind
-from service.pg_text import json_text
-from service.pg_text import storable_text as _storable_text
-from service.schema import TableNames, ensure_schema
+from service.metrics.collector import MetricsCollector
+from service.postgres.errors import pg_error, pg_error_kind
+from service.postgres.schema import TableNames, ensure_schema
+from service.postgres.text import json_text
+from service.postgres.text import storable_text as _storable_text
 
 __all__ = ["PostgresSink", "SinkStatements", "dead_letter_keys", "write_batch"]
 

@@ -17,7 +17,7 @@ refuses connections instead of leaving them hanging.
   exits 130 at once.
 - No worker outlives the supervisor. Workers have their own process group, so a
   terminal's Ctrl-C reaches only the supervisor (which stops them once, in order), and a
-  death pact (``service/child_process.py``): when the supervisor dies, even by
+  death pact (``service/workers/child_process.py``): when the supervisor dies, even by
   ``kill -9``, each worker receives ``ORPHAN_SIGNAL`` and stops gracefully on its own.
   Not SIGTERM: the kernel sends the pact's signal once per thread of the dying parent,
   and a second SIGTERM would make the worker exit at once, skipping its drain.
@@ -35,11 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Final
 
-from service.child_process import death_pact
-from service.clock import Clock, SystemClock
 from service.config import Config
+from service.core.clock import Clock, SystemClock
+from service.core.retry import Backoff, sleep_unless_stopped
 from service.ops.web import WebServer
-from service.retry import Backoff, sleep_unless_stopped
+from service.workers.child_process import death_pact
 from service.workers.slot import WorkerExit, WorkerSlot, describe_exit
 from service.workers.surface import WorkerClient, build_surface_app
 

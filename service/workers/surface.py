@@ -24,9 +24,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from service.errors import describe_error
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
+from service.core.errors import describe_error
+from service.core.lifecycle import AsyncResource
+from service.metrics.collector import MetricsCollector
 from service.ops.readiness import SharedAnswer
 from service.ops.web import (
     READINESS_ANSWER_KEY,

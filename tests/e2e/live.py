@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bus.repartition import internal_topic
+from service.repartition.router import internal_topic
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import FUNCS, INTERVAL, Key, Results, expected_aggregates
 from tests.fault.harness import (

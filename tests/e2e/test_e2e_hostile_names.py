@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from service.dev.emulator import Emulator
-from service.schema import CHECKPOINT_TABLE
+from service.postgres.schema import CHECKPOINT_TABLE
 from tests.e2e.test_e2e_http import _epoch, read_topic, stored_rows, wait_until
 from tests.e2e.workload import ServiceProcess, free_port
 

@@ -163,12 +163,12 @@ async def test_status_page_behind_http_auth_token_takes_it_once_and_sends_it(
     from playwright.async_api import async_playwright
 
     from service.app import Service
-    from service.bus.memory import MemoryBus
     from service.checkpoints.file import FileCheckpointStore
-    from service.clock import SystemClock
     from service.config import load_config
-    from service.ops.metrics import MetricsCollector
-    from service.sinks.memory import MemorySink
+    from service.core.clock import SystemClock
+    from service.metrics.collector import MetricsCollector
+    from tests.fakes.bus import MemoryBus
+    from tests.fakes.sinks import MemorySink
 
     executable = chromium_path()
     token = "page-t0ken-5b1e9d2c7a"

@@ -12,12 +12,12 @@ import orjson
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import PartitionsAssigned, SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.flow import INPUT, Checkpoint, ReadBack, Tick
-from service.hub import Delivery, EventHub
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import ManualClock
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import INPUT, Checkpoint, ReadBack, Tick
+from service.pipeline.hub import Delivery, EventHub
 
 NOW = 1_700_000_000.0
 IDLE_S = 5.0

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import load_config
-from service.retry import Backoff
+from service.core.retry import Backoff
 from service.workers import Supervisor
 from tests.fault.harness import process_gone
 

@@ -21,10 +21,10 @@ import orjson
 with atheris.instrument_imports():
     from service.aggregation.aggregator import EventAggregator
     from service.bus.base import SourceBatch
-    from service.clock import ManualClock
     from service.config import AggregationConfig
-    from service.events import REJECT_REASONS
-    from service.ops.metrics import MetricsCollector
+    from service.core.clock import ManualClock
+    from service.core.events import REJECT_REASONS
+    from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 MAX_BYTES = 4096

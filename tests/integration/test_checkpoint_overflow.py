@@ -21,9 +21,9 @@ from service.bus.base import SourceBatch
 from service.checkpoints.file import FileCheckpointStore
 from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.errors import PermanentError
+from service.core.errors import PermanentError
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from service.config import PostgresConfig, Secret
-from service.events import DeadLetter
-from service.ops.metrics import MetricsCollector
-from service.schema import migrate
+from service.core.events import DeadLetter
+from service.metrics.collector import MetricsCollector
+from service.postgres.schema import migrate
 from service.sinks.postgres import PostgresSink
 
 pytestmark = pytest.mark.integration

@@ -16,13 +16,13 @@ import pytest
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.clock import ManualClock
 from service.config import AggregationConfig, PostgresConfig, Secret
-from service.flow import Checkpoint
-from service.hub import Delivery
-from service.ops.metrics import MetricsCollector
-from service.schema import WINDOW_LATE_TABLE
-from service.sender import DataSender, SharedTransaction
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Checkpoint
+from service.pipeline.hub import Delivery
+from service.pipeline.sender import DataSender, SharedTransaction
+from service.postgres.schema import WINDOW_LATE_TABLE
 from service.sinks.postgres import PostgresSink
 
 pytestmark = pytest.mark.integration

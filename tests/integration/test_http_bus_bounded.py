@@ -22,11 +22,11 @@ from aiohttp import web
 from service.bus.base import BusItem, SourceBatch
 from service.bus.http import HttpBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
 from service.config import BusConfig
-from service.errors import TransientError
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import SystemClock
+from service.core.errors import TransientError
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
 
 CAP = 1024 * 1024  # VABUS_MAX_RESPONSE_BYTES in these tests
 LIMIT = 100

@@ -17,14 +17,14 @@ from aiokafka import AIOKafkaProducer
 
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
-from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER
 from service.bus.kafka import KafkaBus
-from service.bus.repartition import Router, internal_topic, windowing_group
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
-from service.events import DeadLetter
-from service.ops.metrics import MetricsCollector
+from service.core.clock import SystemClock
+from service.core.events import DeadLetter
+from service.metrics.collector import MetricsCollector
+from service.repartition.records import ORIGIN_HEADER, PROGRESS_HEADER
+from service.repartition.router import Router, internal_topic, windowing_group
 from tests.fault.harness import create_topic
 
 pytestmark = pytest.mark.integration

@@ -17,12 +17,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
 from service.config import BusConfig, KafkaConfig
-from service.errors import TransientError
-from service.events import Metric
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import SystemClock
+from service.core.errors import TransientError
+from service.core.events import Metric
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
 
 pytestmark = pytest.mark.integration
 

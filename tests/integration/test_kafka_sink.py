@@ -16,9 +16,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.config import KafkaConfig
-from service.errors import PermanentError, TransientError
-from service.events import Aggregate, DeadLetter
-from service.ops.metrics import MetricsCollector
+from service.core.errors import PermanentError, TransientError
+from service.core.events import Aggregate, DeadLetter
+from service.metrics.collector import MetricsCollector
 from service.sinks.kafka import KafkaSink, encode_aggregates
 
 pytestmark = pytest.mark.integration

@@ -18,10 +18,10 @@ from service.app import Service, build_service
 from service.bus.http import PARTITION
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import load_config
-from service.errors import PermanentError
-from service.events import Aggregate
-from service.flow import Checkpoint
-from service.hub import Delivery
+from service.core.errors import PermanentError
+from service.core.events import Aggregate
+from service.pipeline.flow import Checkpoint
+from service.pipeline.hub import Delivery
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from service.clock import SystemClock
+from service.core.clock import SystemClock
 from service.dev.devstack import EmbeddedPostgres
 from service.lease.postgres import CHECK_S, POLL_S, PostgresLease
 

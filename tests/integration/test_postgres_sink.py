@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 from service.config import PostgresConfig, Secret
+from service.core.errors import PermanentError, TransientError
+from service.core.events import Aggregate, DeadLetter
 from service.dev.devstack import EmbeddedPostgres
-from service.errors import PermanentError, TransientError
-from service.events import Aggregate, DeadLetter
-from service.ops.metrics import MetricsCollector
-from service.schema import migrate
+from service.metrics.collector import MetricsCollector
+from service.postgres.schema import migrate
 from service.sinks.postgres import PostgresSink
 
 pytestmark = pytest.mark.integration

@@ -17,18 +17,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.app import Service
-from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore, file_stem
-from service.clock import ManualClock, SystemClock
 from service.config import Config, HttpServerConfig, PostgresConfig, Secret, load_config
+from service.core.clock import ManualClock, SystemClock
 from service.dev.devstack import EmbeddedPostgres
-from service.ops.metrics import MetricsCollector
+from service.metrics.collector import MetricsCollector
 from service.ops.web import build_web_app
-from service.schema import CHECKPOINT_TABLE, migrate
-from service.sinks.memory import MemorySink
+from service.postgres.schema import CHECKPOINT_TABLE, migrate
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_outputs
 from tests.e2e.workload import free_port
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
 
 pytestmark = pytest.mark.integration
 

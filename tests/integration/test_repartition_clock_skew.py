@@ -13,10 +13,10 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.bus.internal_records import PROGRESS_HEADER, decode_progress
-from service.bus.repartition import Router, internal_topic
-from service.clock import SystemClock
 from service.config import BusConfig, KafkaConfig
+from service.core.clock import SystemClock
+from service.repartition.records import PROGRESS_HEADER, decode_progress
+from service.repartition.router import Router, internal_topic
 from tests.fault.harness import create_topic
 
 pytestmark = pytest.mark.integration

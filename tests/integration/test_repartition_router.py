@@ -17,13 +17,13 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
-from service.bus.internal_records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
 from service.bus.kafka import KafkaBus
-from service.bus.repartition import Router, internal_topic, route
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
 from service.config import AggregationConfig, BusConfig, KafkaConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import SystemClock
+from service.metrics.collector import MetricsCollector
+from service.repartition.records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
+from service.repartition.router import Router, internal_topic, route
 from tests.fault.harness import create_topic
 
 pytestmark = pytest.mark.integration

@@ -14,12 +14,12 @@ import pytest
 
 from service.app import Service
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.clock import SystemClock
+from service.commands import check_all
 from service.config import PostgresConfig, Secret, load_config
+from service.core.clock import SystemClock
+from service.core.errors import ConfigError, ServiceError
 from service.dev.emulator import Emulator
-from service.errors import ConfigError, ServiceError
-from service.ops.checks import check_all
-from service.ops.metrics import MetricsCollector
+from service.metrics.collector import MetricsCollector
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_bus, build_outputs
 from tests.e2e.workload import free_port

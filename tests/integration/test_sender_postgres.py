@@ -13,17 +13,17 @@ import pytest
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.clock import SystemClock
 from service.config import PostgresConfig, Secret, load_config
-from service.errors import PermanentError
-from service.events import Aggregate
-from service.flow import Checkpoint
-from service.hub import Delivery
-from service.ops.metrics import MetricsCollector
-from service.sender import DataSender, SharedTransaction
-from service.sinks.memory import MemorySink
+from service.core.clock import SystemClock
+from service.core.errors import PermanentError
+from service.core.events import Aggregate
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Checkpoint
+from service.pipeline.hub import Delivery
+from service.pipeline.sender import DataSender, SharedTransaction
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_outputs
+from tests.fakes.sinks import MemorySink
 
 pytestmark = pytest.mark.integration
 

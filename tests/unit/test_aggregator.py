@@ -11,10 +11,10 @@ import pytest
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.events import Aggregate
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.events import Aggregate
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 CLOCK = NOW + 3600.0

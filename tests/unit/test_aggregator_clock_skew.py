@@ -13,9 +13,9 @@ import orjson
 
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 INTERVAL = 10.0

@@ -22,10 +22,10 @@ from service.aggregation.partition import PartitionState
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.events import AGG_FUNCS
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.events import AGG_FUNCS
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 START = NOW // 60 * 60 - 60  # a window that is open at NOW

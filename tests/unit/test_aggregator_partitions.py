@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from service.aggregation.aggregator import EventAggregator, Outputs
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 T0 = 1_699_990_000.0  # a multiple of the interval

@@ -12,9 +12,9 @@ import orjson
 
 from service.aggregation.aggregator import DEAD_LETTERS_PER_MESSAGE, EventAggregator
 from service.bus.base import SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 

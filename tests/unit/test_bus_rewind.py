@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from service.bus.base import BusItem, PartitionsAssigned, RewindByRerun, SourceBatch
-from service.bus.memory import MemoryBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.dev.emulator import Emulator
+from tests.fakes.bus import MemoryBus
 from tests.unit.test_http_bus import Recorder, http_bus, numbered, restore_from, running
 
 

@@ -10,12 +10,12 @@ from typing import Any, cast
 import pytest
 
 from service.bus.kafka import KafkaBus
-from service.bus.repartition import RepartitionedBus
-from service.clock import SystemClock
 from service.config import load_config
 from service.config.masking import shown
-from service.errors import ConfigError
-from service.ops.metrics import MetricsCollector
+from service.core.clock import SystemClock
+from service.core.errors import ConfigError
+from service.metrics.collector import MetricsCollector
+from service.repartition.router import RepartitionedBus
 from service.wiring import build_bus, build_outputs
 
 OUTPUT_SASL = {

@@ -11,7 +11,7 @@ import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.file import CheckpointFileError, FileCheckpointStore, file_stem
-from service.errors import PermanentError, TransientError
+from service.core.errors import PermanentError, TransientError
 
 
 def cp(partition: str, position: str | None, state: bytes | None) -> PartitionCheckpoint:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.clock import ManualClock
+from service.core.clock import ManualClock
 
 
 async def test_a_sleep_ends_once_the_clock_has_been_advanced_far_enough() -> None:

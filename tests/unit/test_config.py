@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.config import Config, load_config
-from service.errors import ConfigError
+from service.core.errors import ConfigError
 
 # A DSN is needed whenever postgres is an output; reused where the value does not matter.
 DSN = "postgresql://agg:pg-secret-1@db.example:5432/metrics"

@@ -16,9 +16,9 @@ from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import WireEvent, decode_fast, loads_message
 from service.aggregation.functions import FUNCTIONS
 from service.bus.base import SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 
 NOW = 1_700_000_000.0
 

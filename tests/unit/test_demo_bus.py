@@ -10,10 +10,10 @@ from typing import Any
 from service.bus.base import BusItem, PartitionsAssigned, SourceBatch
 from service.bus.demo import DemoBus, demo_event
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
 from service.config import BusConfig
-from service.events import AGG_FUNCS
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.events import AGG_FUNCS
+from service.metrics.collector import MetricsCollector
 
 START = 1_700_000_000.0
 

@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 import pytest
 
-from service.clock import ManualClock
+from service.core.clock import ManualClock
+from service.core.events import AGG_FUNCS
 from service.dev.emulator import Emulator, EventLog, LoadGenerator, main
-from service.events import AGG_FUNCS
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from service.aggregation import sketch
 from service.aggregation.functions import FUNCTIONS, PERCENTILE_EXACT_LIMIT, Acc, AggFunction
-from service.events import AGG_FUNCS
+from service.core.events import AGG_FUNCS
 
 Events = list[tuple[float, float]]  # (value, ts) in arrival order
 

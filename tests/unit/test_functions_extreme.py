@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from service.aggregation import sketch
 from service.aggregation.functions import FUNCTIONS, Acc, valid
-from service.events import AGG_FUNCS
+from service.core.events import AGG_FUNCS
 
 MAX = sys.float_info.max
 EPS = sys.float_info.epsilon

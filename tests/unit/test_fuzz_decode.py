@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import Rejected, loads_message, name_fault, parse_event
 from service.bus.base import SourceBatch
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.events import AGG_FUNCS, REJECT_REASONS
-from service.ops.metrics import MetricsCollector
-from service.pg_text import storable_text
+from service.core.clock import ManualClock
+from service.core.events import AGG_FUNCS, REJECT_REASONS
+from service.metrics.collector import MetricsCollector
+from service.postgres.text import storable_text
 from service.sinks.kafka import encode_aggregates, encode_dead_letter
 
 NOW = 1_700_000_000.0

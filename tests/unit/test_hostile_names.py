@@ -14,12 +14,12 @@ import service.aggregation.aggregator as aggregator_module
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import Rejected, loads_message, name_fault, parse_event
 from service.bus.base import SourceBatch
-from service.bus.repartition import route
-from service.clock import ManualClock
 from service.config import AggregationConfig
-from service.events import DeadLetter
-from service.ops.metrics import MetricsCollector
-from service.pg_text import json_text, storable_text
+from service.core.clock import ManualClock
+from service.core.events import DeadLetter
+from service.metrics.collector import MetricsCollector
+from service.postgres.text import json_text, storable_text
+from service.repartition.router import route
 from service.sinks.kafka import encode_dead_letter
 
 START = 1_699_999_980.0  # a multiple of 60

@@ -15,13 +15,13 @@ from service.bus.base import BusItem, PartitionsAssigned, Restore, SourceBatch
 from service.bus.http import HttpBus
 from service.bus.json_text import split_json_array
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
 from service.config import BusConfig, Secret
+from service.core.clock import SystemClock
+from service.core.errors import TransientError
+from service.core.events import Metric
+from service.core.retry import Backoff
 from service.dev.emulator import Emulator
-from service.errors import TransientError
-from service.events import Metric
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.metrics.collector import MetricsCollector
 
 FAST_RETRY = Backoff(kind="fixed", initial_s=0.02, jitter=False)
 

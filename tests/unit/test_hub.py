@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from service.clock import ManualClock
-from service.hub import Delivery, EventHub
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import ManualClock
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
+from service.pipeline.hub import Delivery, EventHub
 
 
 def make_hub() -> tuple[EventHub, ManualClock]:

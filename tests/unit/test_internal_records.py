@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from service.bus.base import OriginReport, Progress
-from service.bus.internal_records import (
+from service.repartition.records import (
     ORIGIN_HEADER,
     PROGRESS_HEADER,
     decode_progress,

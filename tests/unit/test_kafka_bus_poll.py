@@ -10,10 +10,10 @@ from aiokafka.errors import KafkaConnectionError
 
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
 from service.config import BusConfig, KafkaConfig
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import ManualClock
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
 
 
 class RecordingClock(ManualClock):

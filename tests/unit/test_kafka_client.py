@@ -11,9 +11,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAuthorizationFailedError
 
-import service.kafka_client
+import service.kafka.options
 from service.config import KafkaConfig, Secret
-from service.kafka_client import client_options, create_topics
+from service.kafka.options import client_options, create_topics
 
 SERVERS = ("k1:9093", "k2:9093")
 
@@ -111,7 +111,7 @@ class FakeAdmin:
 async def test_create_topics_returns_only_what_the_broker_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(service.kafka_client, "AIOKafkaAdminClient", FakeAdmin)
+    monkeypatch.setattr(service.kafka.options, "AIOKafkaAdminClient", FakeAdmin)
     monkeypatch.setattr(FakeAdmin, "instances", [])
     refused = await create_topics({"request_timeout_ms": 5}, ["new", "old", "denied", "new"], 3)
 

@@ -22,16 +22,16 @@ from service.bus.base import (
 from service.bus.http import HttpBus
 from service.bus.leased import LeasedBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock, SystemClock
 from service.config import AggregationConfig, BusConfig, Config, PostgresConfig, Secret
+from service.core.clock import ManualClock, SystemClock
+from service.core.events import Metric
 from service.dev.emulator import Emulator
-from service.events import Metric
-from service.lease.memory import MemoryLease, MemoryLeaseServer
 from service.lease.postgres import PostgresLease, lease_key
-from service.ops.metrics import MetricsCollector
+from service.metrics.collector import MetricsCollector
 from service.ops.web import build_web_app
-from service.sinks.memory import MemorySink
 from service.wiring import build_lease, checkpoint_namespace
+from tests.fakes.lease import MemoryLease, MemoryLeaseServer
+from tests.fakes.sinks import MemorySink
 
 NS = "http:http://vabus:8081"
 START = 1_699_999_980.0  # a multiple of 60

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from service.config import load_config
 from service.config.masking import mask_password, shown
-from service.errors import ConfigError
+from service.core.errors import ConfigError
 
 # Any text: raw '#', '/', '?', '@', ':', '%', spaces, unicode, control characters.
 passwords = st.text(min_size=1, max_size=40)

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import pytest
 
 from service.bus.base import BusItem, PartitionsAssigned, Restore, SourceBatch
-from service.bus.memory import MemoryBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.errors import TransientError
-from service.events import Metric
+from service.core.errors import TransientError
+from service.core.events import Metric
+from tests.fakes.bus import MemoryBus
 
 
 async def no_checkpoints(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:

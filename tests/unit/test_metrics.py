@@ -6,9 +6,9 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.clock import ManualClock
-from service.events import Aggregate, Metric
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.events import Aggregate, Metric
+from service.metrics.collector import MetricsCollector
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from service.errors import PermanentError, TransientError
-from service.pg_errors import pg_error, pg_error_kind
+from service.core.errors import PermanentError, TransientError
+from service.postgres.errors import pg_error, pg_error_kind
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ import aiohttp
 import orjson
 
 from service.app import Service
-from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock
 from service.config import load_config
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 from service.ops.readiness import READINESS_CACHE_S
-from service.sinks.memory import MemorySink
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
 
 START = 1_699_999_980.0
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.clock import ManualClock
-from service.errors import ServiceError, TransientError, describe_error, is_retriable
-from service.retry import Backoff, retry, sleep_unless_stopped
+from service.core.clock import ManualClock
+from service.core.errors import ServiceError, TransientError, describe_error, is_retriable
+from service.core.retry import Backoff, retry, sleep_unless_stopped
 
 FIXED = Backoff("fixed", initial_s=1.0, jitter=False)
 LINEAR = Backoff("linear", initial_s=1.0, maximum_s=30.0, jitter=False)
@@ -51,7 +51,7 @@ class Failing:
 async def test_retries_until_success_with_the_backoff_delays_and_logs_one_line_each(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.retry")
+    caplog.set_level(logging.INFO, logger="service.core.retry")
     clock = StepClock()
     op = Failing(TransientError("db down"), TransientError("db down"), TransientError("busy"))
 
@@ -68,7 +68,7 @@ async def test_retries_until_success_with_the_backoff_delays_and_logs_one_line_e
 
 
 async def test_a_first_success_neither_sleeps_nor_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="service.retry")
+    caplog.set_level(logging.DEBUG, logger="service.core.retry")
     clock = StepClock()
     assert await retry(Failing(result="x"), name="op", backoff=FIXED, clock=clock) == "x"
     assert clock.sleeps == [] and caplog.records == []
@@ -108,7 +108,7 @@ async def test_cancellation_is_never_retried() -> None:
 async def test_a_bounded_retry_raises_the_last_failure_and_counts_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="service.retry")
+    caplog.set_level(logging.WARNING, logger="service.core.retry")
     clock = StepClock()
     op = Failing(*(OSError(f"refused {n}") for n in range(1, 5)))
 
@@ -211,7 +211,7 @@ async def test_a_failure_after_the_stop_is_raised_without_waiting() -> None:
 async def test_a_retried_error_that_says_it_is_not_retriable_is_logged_as_an_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="service.retry")
+    caplog.set_level(logging.WARNING, logger="service.core.retry")
     op = Failing(ServiceError("HTTP 401: bad token"), TransientError("HTTP 503"))
     await retry(op, name="GET", backoff=FIXED, clock=StepClock(), retriable=ServiceError)
     assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]

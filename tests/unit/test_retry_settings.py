@@ -12,12 +12,12 @@ import orjson
 import pytest
 
 from service.app import Service
-from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock
 from service.config import load_config
-from service.ops.metrics import MetricsCollector
-from service.sinks.memory import MemorySink
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
 
 START = 1_699_999_980.0
 FAILURES = 4  # below the circuit breaker's threshold (5): pure backoff

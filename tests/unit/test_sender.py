@@ -9,16 +9,16 @@ import pytest
 
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
-from service.errors import PermanentError
-from service.events import Aggregate, DeadLetter
-from service.flow import OUTPUT, Checkpoint
-from service.hub import Delivery, EventHub
+from service.core.clock import ManualClock
+from service.core.errors import PermanentError
+from service.core.events import Aggregate, DeadLetter
+from service.core.retry import Backoff
 from service.lease.fence import FencedError
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
-from service.sender import DataSender
-from service.sinks.memory import MemorySink
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import OUTPUT, Checkpoint
+from service.pipeline.hub import Delivery, EventHub
+from service.pipeline.sender import DataSender
+from tests.fakes.sinks import MemorySink
 
 
 class RecordingStore:

@@ -11,15 +11,15 @@ import pytest
 
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import ManualClock
-from service.errors import PermanentError, TransientError, describe_error
-from service.events import Aggregate, DeadLetter
-from service.flow import Checkpoint
-from service.hub import Delivery
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, CircuitBreaker
-from service.sender import DataSender, SharedTransaction
-from service.sinks.memory import MemorySink
+from service.core.clock import ManualClock
+from service.core.errors import PermanentError, TransientError, describe_error
+from service.core.events import Aggregate, DeadLetter
+from service.core.retry import Backoff, CircuitBreaker
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Checkpoint
+from service.pipeline.hub import Delivery
+from service.pipeline.sender import DataSender, SharedTransaction
+from tests.fakes.sinks import MemorySink
 
 
 def agg(name: str) -> Aggregate:

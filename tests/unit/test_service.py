@@ -9,13 +9,13 @@ from typing import Any
 import orjson
 
 from service.app import Service
-from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock
 from service.config import AggregationConfig, Config
-from service.flow import INPUT, CheckpointRequest
-from service.ops.metrics import MetricsCollector
-from service.sinks.memory import MemorySink
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import INPUT, CheckpointRequest
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
 
 START = 1_699_999_980.0  # a multiple of 60
 

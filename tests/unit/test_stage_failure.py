@@ -21,13 +21,13 @@ from service.aggregation import aggregator as aggregator_module
 from service.aggregation.functions import Acc
 from service.aggregation.partition import PartitionState
 from service.app import Service
-from service.bus.memory import MemoryBus
 from service.checkpoints.file import FileCheckpointStore
-from service.clock import ManualClock, SystemClock
 from service.config import AggregationConfig, Config
+from service.core.clock import ManualClock, SystemClock
 from service.dev.emulator import Emulator
-from service.ops.metrics import MetricsCollector
-from service.sinks.memory import MemorySink
+from service.metrics.collector import MetricsCollector
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
 from tests.unit.test_http_bus import http_bus
 
 START = 1_699_999_980.0  # a multiple of 60

@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.clock import ManualClock
-from service.errors import TransientError
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.core.errors import TransientError
+from service.metrics.collector import MetricsCollector
 from service.ops.web import ReadinessCheck, WebServer, build_web_app
 
 

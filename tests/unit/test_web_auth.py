@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.clock import ManualClock
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.workers.slot import WorkerSlot
 from service.workers.surface import WorkerClient, build_surface_app

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.clock import ManualClock
-from service.ops.metrics import MetricsCollector
+from service.core.clock import ManualClock
+from service.metrics.collector import MetricsCollector
 from service.workers.exposition import exposition, merge_expositions, supervisor_families
 from service.workers.slot import WorkerSlot
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from service.pg_errors import pg_error
+from service.postgres.errors import pg_error
 
 __all__ = [
     "CHECKPOINT_TABLE",

@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.clock import Clock, SystemClock
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff
+from service.core.clock import Clock, SystemClock
+from service.core.retry import Backoff
+from service.metrics.collector import MetricsCollector
 
 __all__ = ["Delivery", "EventHub", "Handler", "SubscriberStats"]
 

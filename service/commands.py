@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.clock import SystemClock
 from service.config import Config
-from service.ops.metrics import MetricsCollector
+from service.core.clock import SystemClock
+from service.metrics.collector import MetricsCollector
 from service.wiring import build_bus, build_outputs
 
 __all__ = ["check_all", "migrate"]
@@ -51,7 +51,7 @@ async def migrate(config: Config) -> int:
     if not config.postgres.dsn:
         print("migrate: POSTGRES_DSN is not set", flush=True)
         return 2
-    from service.schema import migrate as run_migration
+    from service.postgres.schema import migrate as run_migration
 
     await run_migration(
         config.postgres.dsn.value, config.postgres.table, config.postgres.dead_letter_table

@@ -8,7 +8,7 @@ durable, ``kill -9`` and start again. Reported, from the new process's start:
 * ``restored`` - /status shows all 100k windows open again;
 * ``process``  - an event appended after the restart has been received and aggregated.
 
-Run: ``.venv/bin/python -m tests.fault.measure_restart [--store file|postgres|both]
+Run: ``.venv/bin/python -m bench.measure_restart [--store file|postgres|both]
 [--windows N] [--repeat N]``.
 """
 

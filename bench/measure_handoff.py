@@ -12,7 +12,7 @@ them is durable, one is killed with ``kill -9``. Reported, from the kill:
 * ``process``  - an event sent after the kill to a partition of the dead instance has
   been aggregated by the survivor.
 
-Run: ``.venv/bin/python -m tests.fault.measure_handoff [--storage kafka|kafka,postgres]
+Run: ``.venv/bin/python -m bench.measure_handoff [--storage kafka|kafka,postgres]
 [--windows N] [--repeat N]``.
 """
 

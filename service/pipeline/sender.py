@@ -39,14 +39,14 @@ from typing import Any, Protocol
 
 from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
-from service.clock import Clock
-from service.errors import TransientError, describe_error
-from service.events import Aggregate, DeadLetter
-from service.flow import Checkpoint, ReadBack
-from service.hub import Delivery
+from service.core.clock import Clock
+from service.core.errors import TransientError, describe_error
+from service.core.events import Aggregate, DeadLetter
+from service.core.retry import Backoff, CircuitBreaker, output_backoff, retry
 from service.lease.fence import FencedError
-from service.ops.metrics import MetricsCollector
-from service.retry import Backoff, CircuitBreaker, output_backoff, retry
+from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Checkpoint, ReadBack
+from service.pipeline.hub import Delivery
 from service.sinks.base import Sink
 
 __all__ = [

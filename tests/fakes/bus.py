@@ -12,10 +12,10 @@ from typing import Any
 
 from service.bus.base import Emit, PartitionsAssigned, Restore, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import Clock, SystemClock
-from service.errors import TransientError
-from service.events import Metric
-from service.lifecycle import AsyncResource
+from service.core.clock import Clock, SystemClock
+from service.core.errors import TransientError
+from service.core.events import Metric
+from service.core.lifecycle import AsyncResource
 
 __all__ = ["MemoryBus"]
 

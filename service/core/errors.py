@@ -1,6 +1,6 @@
 """One small error tree. ``retriable`` tells retry loops whether trying again can help.
 
-A :class:`TransientError` is retried where it happens (:func:`service.retry.retry`).
+A :class:`TransientError` is retried where it happens (:func:`service.core.retry.retry`).
 A :class:`PermanentError` is not: at start-up it fails the start, and while restoring
 checkpoints it stops the intake (a partition is never read without its state). From an
 output the sender passes it to the hub, which runs the sender again on the same items

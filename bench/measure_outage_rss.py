@@ -5,7 +5,7 @@ names; the service writes to Kafka and PostgreSQL. After ``--warmup`` seconds Po
 is stopped for ``--down`` seconds (default 60), then started again, and the run goes on
 until the service has caught up. The service's RSS is sampled every 0.5 s from /proc.
 
-Run: ``.venv/bin/python -m tests.fault.measure_outage_rss [--rate N] [--down S]``.
+Run: ``.venv/bin/python -m bench.measure_outage_rss [--rate N] [--down S]``.
 """
 
 from __future__ import annotations

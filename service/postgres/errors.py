@@ -8,7 +8,7 @@ from typing import Final, Literal
 
 import asyncpg
 
-from service.errors import PermanentError, TransientError, describe_error
+from service.core.errors import PermanentError, TransientError, describe_error
 
 __all__ = ["PgErrorKind", "pg_error", "pg_error_kind"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from service.errors import TransientError
-from service.events import Aggregate, DeadLetter
-from service.lifecycle import AsyncResource
+from service.core.errors import TransientError
+from service.core.events import Aggregate, DeadLetter
+from service.core.lifecycle import AsyncResource
 
 __all__ = ["AggregateKey", "MemorySink"]
 

@@ -25,8 +25,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.metrics_core import Metric as PromMetric
 
-from service.clock import Clock, SystemClock
-from service.events import REJECT_REASONS, Aggregate, Metric
+from service.core.clock import Clock, SystemClock
+from service.core.events import REJECT_REASONS, Aggregate, Metric
 
 __all__ = ["MetricsCollector"]
 

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
-from service.clock import Clock
-from service.errors import TransientError, describe_error
+from service.core.clock import Clock
+from service.core.errors import TransientError, describe_error
 
 __all__ = [
     "BACKOFF_KINDS",

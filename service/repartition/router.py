@@ -22,7 +22,7 @@ partition meet, so its event time must follow the slowest input partition, or on
 changes routing instance (seconds without records) would come back late. About once a
 second each routing instance writes a progress report to every internal partition: for
 each input partition it reads, the largest valid event time routed, whether it is caught
-up and how long it has been silent (:mod:`service.bus.internal_records`). The windowing
+up and how long it has been silent (:mod:`service.repartition.records`). The windowing
 stage holds each internal partition's event time per input partition with it
 (:mod:`service.aggregation.origins`), so a hand-off only delays windows, and the quiet
 rule is decided where the input is read.
@@ -53,22 +53,22 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service.aggregation.decode import Rejected, WireEvent, decode_fast, fast_ok, parse_event
 from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
-from service.bus.internal_records import (
+from service.bus.kafka import KafkaBus
+from service.config import AggregationConfig, BusConfig, KafkaConfig
+from service.core.clock import Clock
+from service.core.errors import TransientError
+from service.core.events import Metric
+from service.core.lifecycle import AsyncResource
+from service.core.retry import sleep_unless_stopped
+from service.kafka.options import bus_client_options, create_topics, group_member_options
+from service.metrics.collector import MetricsCollector
+from service.repartition.records import (
     EXCESS_HEADER,
     ORIGIN_HEADER,
     PROGRESS_HEADER,
     encode_progress,
     excess_record,
 )
-from service.bus.kafka import KafkaBus
-from service.clock import Clock
-from service.config import AggregationConfig, BusConfig, KafkaConfig
-from service.errors import TransientError
-from service.events import Metric
-from service.kafka_client import bus_client_options, create_topics, group_member_options
-from service.lifecycle import AsyncResource
-from service.ops.metrics import MetricsCollector
-from service.retry import sleep_unless_stopped
 
 __all__ = ["RepartitionedBus", "Router", "internal_topic", "windowing_group"]
 

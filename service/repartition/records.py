@@ -1,4 +1,4 @@
-"""The records of the internal topic of ``repartition=true`` (:mod:`service.bus.repartition`).
+"""The records of the internal topic of ``repartition=true`` (:mod:`service.repartition.router`).
 
 Two kinds, told apart by their headers (and a rare third, below):
 

@@ -1,0 +1,1 @@
+"""Shared Kafka adapter code: client options and topic creation."""

@@ -1,0 +1,1 @@
+"""Shared PostgreSQL adapter code: the schema, SQLSTATE classes and stored text."""
