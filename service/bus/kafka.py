@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -38,6 +38,7 @@ from service.bus.base import (
     Origin,
     PartitionsAssigned,
     PartitionsRevoked,
+    Progress,
     Restore,
     SourceBatch,
 )
@@ -50,9 +51,8 @@ from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
 from service.kafka.options import bus_client_options, create_topics, group_member_options
 from service.metrics.collector import MetricsCollector
-from service.repartition.records import Marked, read_origins, split_at_progress
 
-__all__ = ["KafkaBus"]
+__all__ = ["InternalRecords", "KafkaBus", "Marked", "OnMalformed"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,25 @@ _MAX_RECORDS = 20_000
 _RESTORE_ATTEMPTS = 5
 _METRICS_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
+
+OnMalformed = Callable[[str, bytes | None], None]
+"""Told of each malformed internal record: ``(kind, raw header or value)``."""
+Marked = dict[int, tuple[str, str, int]]
+"""Records to dead-letter instead of aggregating: index -> (reason, detail, elements)."""
+
+
+class InternalRecords(Protocol):
+    """How the bus reads the internal topic of repartitioned input. The routing stage owns
+    that format and sits above the bus, so the wiring hands it in
+    (:mod:`service.repartition.records`) instead of the bus importing it."""
+
+    def split_at_progress(
+        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
+    ) -> Iterable[tuple[Sequence[Any], Progress | None, int]]: ...
+
+    def read_origins(
+        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
+    ) -> tuple[list[Origin], Marked]: ...
 
 
 def _partition_id(tp: TopicPartition) -> str:
@@ -98,8 +117,12 @@ class KafkaBus(AsyncResource):
         connect_attempts: int = 10,
         backoff: Backoff = Backoff(initial_s=0.5, maximum_s=10.0),  # noqa: B008 - frozen
         revoke_timeout_s: float = 30.0,
+        internal: InternalRecords | None = None,
     ) -> None:
+        if bus_cfg.kafka_repartition and internal is None:
+            raise ValueError("a KafkaBus on the internal topic needs its InternalRecords")
         self._cfg = bus_cfg
+        self._internal = internal if bus_cfg.kafka_repartition else None
         self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._servers = self._options["bootstrap_servers"]
         self._metrics = metrics
@@ -312,15 +335,16 @@ class KafkaBus(AsyncResource):
                 # An internal partition of repartitioned input is cut after each progress
                 # report, which applies after its events: event time then moves exactly
                 # where the routing stage wrote it, whatever the fetches.
-                routed = self._cfg.kafka_repartition
                 runs = (
-                    split_at_progress(msgs, self._on_malformed)
-                    if routed
+                    self._internal.split_at_progress(msgs, self._on_malformed)
+                    if self._internal is not None
                     else ((msgs, None, live.next_offset),)
                 )
                 for run, progress, next_offset in runs:
                     received += len(run)
-                    origins, rejected = self._origins(run) if routed else (None, None)
+                    origins, rejected = (
+                        self._origins(run) if self._internal is not None else (None, None)
+                    )
                     await emit(
                         SourceBatch(
                             partition=live.partition,
@@ -370,7 +394,8 @@ class KafkaBus(AsyncResource):
     def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
         """The origins of a run of internal records, and those to dead-letter (records
         whose origin header is malformed cannot be checked for replays)."""
-        origins, marked = read_origins(run, self._on_malformed)
+        assert self._internal is not None  # routed input only
+        origins, marked = self._internal.read_origins(run, self._on_malformed)
         return origins, marked or None
 
     def _on_malformed(self, kind: str, raw: bytes | None) -> None:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import orjson
 
 from service.bus.base import Origin, OriginReport, Progress
+from service.bus.kafka import Marked, OnMalformed
 
 __all__ = [
     "EXCESS_HEADER",
@@ -70,8 +71,6 @@ MAX_PARTITIONS: Final = 100_000
 # (below 2**63) for each number, so no sign and no huge integer is ever parsed
 _ORIGIN: Final = re.compile(r"([A-Za-z0-9._-]{1,249}:[0-9]{1,9}):([0-9]{1,18}):([0-9]{1,18})")
 _ABSENT: Final = object()
-OnMalformed = Callable[[str, bytes | None], None]
-"""Told of each malformed record: ``(kind, raw header or value)``."""
 
 
 def encode_progress(progress: Progress) -> bytes:
@@ -130,10 +129,6 @@ def parse_origin(raw: Any) -> Origin | None:
     if found is None:
         return None
     return found[1], int(found[2]), int(found[3])
-
-
-Marked = dict[int, tuple[str, str, int]]
-"""Records to dead-letter instead of aggregating: index -> (reason, detail, elements)."""
 
 
 def read_origins(

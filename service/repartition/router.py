@@ -62,6 +62,7 @@ from service.core.lifecycle import AsyncResource
 from service.core.retry import sleep_unless_stopped
 from service.kafka.options import bus_client_options, create_topics, group_member_options
 from service.metrics.collector import MetricsCollector
+from service.repartition import records
 from service.repartition.records import (
     EXCESS_HEADER,
     ORIGIN_HEADER,
@@ -518,5 +519,5 @@ def build_repartitioned_bus(
     )
     return RepartitionedBus(
         Router(bus_cfg, kafka_cfg, clock, agg_cfg.max_future_s, agg_cfg.max_watermark_lead_s),
-        KafkaBus(windowing_cfg, kafka_cfg, metrics, clock),
+        KafkaBus(windowing_cfg, kafka_cfg, metrics, clock, internal=records),
     )

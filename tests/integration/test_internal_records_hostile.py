@@ -23,6 +23,7 @@ from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.core.clock import SystemClock
 from service.core.events import DeadLetter
 from service.metrics.collector import MetricsCollector
+from service.repartition import records as internal_records
 from service.repartition.records import ORIGIN_HEADER, PROGRESS_HEADER
 from service.repartition.router import Router, internal_topic, windowing_group
 from tests.fault.harness import create_topic
@@ -129,7 +130,7 @@ async def test_malformed_internal_records_are_dead_lettered_or_skipped_and_count
         kafka_repartition=True,
     )
     kafka_cfg = KafkaConfig(bootstrap_servers=(kafka_bootstrap,))
-    async with KafkaBus(cfg, kafka_cfg, metrics, clock) as bus:
+    async with KafkaBus(cfg, kafka_cfg, metrics, clock, internal=internal_records) as bus:
         task = asyncio.create_task(bus.run(emit, restore))
         try:
             async with asyncio.timeout(30):
@@ -208,7 +209,10 @@ async def test_elements_past_the_cap_cross_the_internal_topic_as_one_too_large(
     )  # fmt: skip
     kafka_cfg = KafkaConfig(bootstrap_servers=(kafka_bootstrap,))
     router = Router(cfg, kafka_cfg, clock)
-    async with router, KafkaBus(windowing_cfg, kafka_cfg, metrics, clock) as windowing:
+    async with (
+        router,
+        KafkaBus(windowing_cfg, kafka_cfg, metrics, clock, internal=internal_records) as windowing,
+    ):
         tasks = [
             asyncio.create_task(router.run()),
             asyncio.create_task(windowing.run(emit, restore)),

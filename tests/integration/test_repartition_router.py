@@ -22,6 +22,7 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.core.clock import SystemClock
 from service.metrics.collector import MetricsCollector
+from service.repartition import records as internal_records
 from service.repartition.records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
 from service.repartition.router import Router, internal_topic, route
 from tests.fault.harness import create_topic
@@ -217,7 +218,10 @@ async def test_a_replay_of_the_routing_stage_counts_once_downstream(
         kafka_repartition=True,
     )
     successor = Router(cfg, kafka_cfg, clock)  # routes everything again, then reports idle
-    async with successor, KafkaBus(windowing_cfg, kafka_cfg, metrics, clock) as windowing:
+    async with (
+        successor,
+        KafkaBus(windowing_cfg, kafka_cfg, metrics, clock, internal=internal_records) as windowing,
+    ):
         tasks = [
             asyncio.create_task(successor.run()),
             asyncio.create_task(windowing.run(emit, restore)),
