@@ -27,11 +27,12 @@ from pathlib import Path
 
 import orjson
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 T0 = 1_699_999_980.0
 BATCH = 10_000

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from service.aggregation.decode import (
@@ -46,8 +45,9 @@ from service.config import AggregationConfig
 from service.core.clock import Clock
 from service.core.events import Aggregate, DeadLetter
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
-__all__ = ["STATE_FORMAT", "CloseError", "EventAggregator", "Outputs"]
+__all__ = ["STATE_FORMAT", "CloseError", "EventAggregator"]
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,6 @@ _RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUN
 class CloseError(RuntimeError):
     """Closing windows raised after a batch was applied: no record of it is to blame
     (the stage does not set any aside for it)."""
-
-
-@dataclass(slots=True)
-class Outputs:
-    """What one step of the aggregator produced for the outputs."""
-
-    aggregates: list[Aggregate] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.aggregates or self.dead_letters)
-
-    def extend(self, other: Outputs) -> None:
-        self.aggregates.extend(other.aggregates)
-        self.dead_letters.extend(other.dead_letters)
 
 
 def _raw_of(ev: WireEvent, evs: Sequence[WireEvent], raws: list[Any] | None, record: Any) -> Any:

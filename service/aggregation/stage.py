@@ -8,13 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from service.aggregation.aggregator import CloseError, EventAggregator, Outputs
+from service.aggregation.aggregator import CloseError, EventAggregator
 from service.aggregation.recovery import Recovery, Step
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import Clock
 from service.core.retry import Backoff
-from service.pipeline.flow import Checkpoint, CheckpointRequest, ReadBack, Tick
+from service.pipeline.flow import Checkpoint, CheckpointRequest, Outputs, ReadBack, Tick
 from service.pipeline.hub import Delivery
 
 __all__ = ["AggregatorStage", "Publish", "Rewind"]

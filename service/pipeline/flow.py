@@ -12,8 +12,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from service.checkpoints.base import PartitionCheckpoint
+from service.core.events import Aggregate, DeadLetter
 
-__all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "ReadBack", "Tick"]
+__all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "Outputs", "ReadBack", "Tick"]
 
 INPUT = "input"
 OUTPUT = "output"
@@ -55,3 +56,18 @@ class Checkpoint:
     @property
     def positions(self) -> dict[str, str]:
         return {c.partition: c.position for c in self.checkpoints if c.position is not None}
+
+
+@dataclass(slots=True)
+class Outputs:
+    """What one step of the aggregator produced for the outputs."""
+
+    aggregates: list[Aggregate] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.aggregates or self.dead_letters)
+
+    def extend(self, other: Outputs) -> None:
+        self.aggregates.extend(other.aggregates)
+        self.dead_letters.extend(other.dead_letters)

@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
-from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
 from service.core.clock import Clock
 from service.core.errors import TransientError, describe_error
@@ -45,7 +44,7 @@ from service.core.events import Aggregate, DeadLetter
 from service.core.retry import Backoff, CircuitBreaker, output_backoff, retry
 from service.lease.fence import FencedError
 from service.metrics.collector import MetricsCollector
-from service.pipeline.flow import Checkpoint, ReadBack
+from service.pipeline.flow import Checkpoint, Outputs, ReadBack
 from service.pipeline.hub import Delivery
 from service.sinks.base import Sink
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import orjson
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import PartitionsAssigned, SourceBatch
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.retry import Backoff
 from service.metrics.collector import MetricsCollector
-from service.pipeline.flow import INPUT, Checkpoint, ReadBack, Tick
+from service.pipeline.flow import INPUT, Checkpoint, Outputs, ReadBack, Tick
 from service.pipeline.hub import Delivery, EventHub
 
 NOW = 1_700_000_000.0

@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from service.aggregation.aggregator import Outputs
 from service.app import Service, build_service
 from service.bus.http import PARTITION
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import load_config
 from service.core.errors import PermanentError
 from service.core.events import Aggregate
-from service.pipeline.flow import Checkpoint
+from service.pipeline.flow import Checkpoint, Outputs
 from service.pipeline.hub import Delivery
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,6 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
 from service.config import PostgresConfig, Secret, load_config
@@ -18,7 +17,7 @@ from service.core.clock import SystemClock
 from service.core.errors import PermanentError
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
-from service.pipeline.flow import Checkpoint
+from service.pipeline.flow import Checkpoint, Outputs
 from service.pipeline.hub import Delivery
 from service.pipeline.sender import DataSender, SharedTransaction
 from service.sinks.postgres import PostgresSink

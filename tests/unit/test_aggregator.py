@@ -8,13 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 NOW = 1_700_000_000.0
 CLOCK = NOW + 3600.0

@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 NOW = 1_700_000_000.0
 INTERVAL = 10.0

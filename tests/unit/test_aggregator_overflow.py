@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.aggregation import sketch
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.aggregation.functions import FUNCTIONS
 from service.aggregation.partition import PartitionState
 from service.bus.base import SourceBatch
@@ -26,6 +26,7 @@ from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.events import AGG_FUNCS
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 NOW = 1_700_000_000.0
 START = NOW // 60 * 60 - 60  # a window that is open at NOW

@@ -19,12 +19,13 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 NOW = 1_700_000_000.0
 T0 = 1_699_990_000.0  # a multiple of the interval

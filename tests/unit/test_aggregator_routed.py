@@ -10,12 +10,13 @@ from typing import Any
 import orjson
 import pytest
 
-from service.aggregation.aggregator import EventAggregator, Outputs
+from service.aggregation.aggregator import EventAggregator
 from service.aggregation.origins import STALE_MIN_S
 from service.bus.base import Origin, OriginReport, Progress, SourceBatch
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 
 NOW = 1_700_000_000.0
 T0 = 1_699_990_020.0  # a window start (interval 10)

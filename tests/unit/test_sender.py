@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError
@@ -15,7 +14,7 @@ from service.core.events import Aggregate, DeadLetter
 from service.core.retry import Backoff
 from service.lease.fence import FencedError
 from service.metrics.collector import MetricsCollector
-from service.pipeline.flow import OUTPUT, Checkpoint
+from service.pipeline.flow import OUTPUT, Checkpoint, Outputs
 from service.pipeline.hub import Delivery, EventHub
 from service.pipeline.sender import DataSender
 from tests.fakes.sinks import MemorySink

@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 
-from service.aggregation.aggregator import Outputs
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError, TransientError, describe_error
 from service.core.events import Aggregate, DeadLetter
 from service.core.retry import Backoff, CircuitBreaker
 from service.metrics.collector import MetricsCollector
-from service.pipeline.flow import Checkpoint
+from service.pipeline.flow import Checkpoint, Outputs
 from service.pipeline.hub import Delivery
 from service.pipeline.sender import DataSender, SharedTransaction
 from tests.fakes.sinks import MemorySink
