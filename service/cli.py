@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from service.config import Config, load_config
 from service.core.errors import ConfigError
-from service.dev.emulator import add_arguments as add_emulator_arguments
 from service.ops.logs import setup_logging
 
 __all__ = ["main"]
@@ -24,7 +23,9 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """``command``: the sub-command asked for; the emulator's options are added only for
+    it, so that service.dev stays out of the production import graph."""
     p = argparse.ArgumentParser(
         prog="vabus-aggregator",
         description="Aggregate VaBus events into tumbling windows; write them to Kafka/PostgreSQL.",
@@ -51,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="test every configured connection; exit 0 if all are reachable")
     sub.add_parser("migrate", help="create or upgrade the PostgreSQL schema")
     emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
-    add_emulator_arguments(emu)
+    if command == "emulator":
+        from service.dev.emulator import add_arguments as add_emulator_arguments
+
+        add_emulator_arguments(emu)
     # internal: started by the supervisor of `run` with WORKERS above 1, never by hand
     worker = sub.add_parser("worker")
     worker.add_argument("--index", type=int, required=True)
@@ -69,7 +73,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     if args.command == "emulator":
         from service.dev.emulator import main as emulator_main
 
