@@ -45,11 +45,12 @@ test-container: install ## builds the image, runs it (outputs exact, read-only, 
 # promtool (Prometheus's checker) comes from Debian's prometheus package; .ci/run installs it.
 PROMTOOL ?= promtool
 
-lint: install           ## ruff, mypy, compose schema, hadolint, monitoring files (deploy/, promtool)
+lint: install           ## ruff, mypy, import layering, compose schema, hadolint, monitoring (promtool)
 	$(BIN)/ruff check service tests bench deploy
 	$(BIN)/ruff format --check service tests bench deploy
 	$(BIN)/mypy
 	$(BIN)/mypy deploy
+	$(BIN)/lint-imports
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	$(BIN)/hadolint Dockerfile
 	@command -v $(PROMTOOL) >/dev/null 2>&1 || { \
