@@ -1,1 +1,1 @@
-"""The service's metrics: counted once, read by the exposition, the bus and /status."""
+"""The service's metrics: the collector every component reports to (``collector``)."""

@@ -1,1 +1,1 @@
-"""What operators see: metrics, the HTTP endpoints, connection checks and logging."""
+"""What operators see: the HTTP endpoints (web, readiness, auth) and logging."""
