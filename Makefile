@@ -58,6 +58,7 @@ lint: install           ## ruff, mypy, import layering, compose schema, hadolint
 	  echo "  Install it: apt-get install -y --no-install-recommends prometheus (Debian)," >&2; \
 	  echo "  or point to one: make lint PROMTOOL=/path/to/promtool" >&2; exit 1; }
 	$(BIN)/python deploy/check_monitoring.py --promtool $(PROMTOOL)
+	$(BIN)/python deploy/check_links.py
 
 bench: install          ## the benchmark of bench/README.md (not part of `make test`)
 	$(BIN)/python bench/run.py
