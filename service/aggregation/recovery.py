@@ -114,7 +114,13 @@ class Recovery:
         seq = self._seq[partition] = self._seq.get(partition, 0) + n
         suspect = self._suspects.get(partition)
         if suspect is not None and seq >= suspect.hi:
-            del self._suspects[partition]
+            if suspect.bad:
+                # Known-bad records stay known until a replay starts past them: another
+                # partition's failure can rewind this one to the same checkpoint, and
+                # the record must not be found again by two more raises.
+                suspect.lo, suspect.hi = min(suspect.bad), max(suspect.bad) + 1
+            else:
+                del self._suspects[partition]
 
     def failed(self, partition: str, i: int, j: int, error: str) -> None:
         """Records ``[i, j)`` of the partition's next batch raised when applied

@@ -65,6 +65,24 @@ def test_a_record_that_raises_alone_is_rejected_in_the_next_replay() -> None:
     assert r.plan(batch(4)) is None
 
 
+def test_a_rejected_record_stays_rejected_when_another_failure_rewinds_again() -> None:
+    r = Recovery()
+    r.assigned([cp("0")])
+    r.failed("p", 0, 4, "RuntimeError: boom")
+    r.assigned([cp("0")])
+    r.failed("p", 2, 3, "RuntimeError: boom")  # record 2 raised alone
+    r.assigned([cp("0")])
+    assert r.plan(batch(6)) is not None
+    r.applied("p", 6)  # record 2 set aside, the others applied
+    assert r.plan(batch(4)) is None  # later records: all at once
+    r.assigned([cp("0")])  # another partition's failure rewinds this one too
+    assert r.plan(batch(6)) == [("apply", 0, 2), ("reject", 2, 3), ("apply", 3, 6)]
+    r.applied("p", 6)
+    r.checkpointed([cp("6")])
+    r.assigned([cp("6")])  # a replay that starts past it has no use for it
+    assert r.plan(batch(6)) is None
+
+
 def test_a_replay_from_a_checkpoint_that_no_mark_covers_forgets_the_failure() -> None:
     r = Recovery()
     r.assigned([cp("0")])
