@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from service.ops.metric_defs import DECLARED  # noqa: E402
 from service.ops.metrics import MetricsCollector  # noqa: E402
 
 DASHBOARDS = ROOT / "deploy/grafana/dashboards"
@@ -68,6 +69,9 @@ class Family:
     samples: tuple[str, ...]  # every sample name it exposes
 
 
+_LABELS = {d.full_name: d.labels for d in DECLARED}
+
+
 def exported_families() -> list[Family]:
     """The families a collector exposes, including those that appear only later (the
     watermark gauges once there is a watermark; labelled families once labelled)."""
@@ -77,7 +81,7 @@ def exported_families() -> list[Family]:
     collector.set_ledger_view(lambda: {"received": 0, "imbalance": 0})  # once partitions
     families = []
     for fam in collector.registry.collect():
-        labels = tuple(getattr(fam, "_labelnames", ()))
+        labels = _LABELS[fam.name]  # a family without samples yet carries none to read
         samples: tuple[str, ...]
         if fam.type == "counter":
             name, samples = f"{fam.name}_total", (f"{fam.name}_total",)

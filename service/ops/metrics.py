@@ -121,6 +121,11 @@ class MetricsCollector:
         self._histogram_children: _Children[Histogram] = {}
         for d in DECLARED:  # registered in declaration order: the exposition's order
             self._register(d)
+        self._stored: dict[str, Counter | Gauge | Histogram] = {
+            **self._counters,
+            **self._gauges,
+            **self._histograms,
+        }
         # kept under its old name for callers that observe a latency directly
         self.emit_to_durable = self._histograms["emit_to_durable_seconds"]
 
@@ -311,11 +316,10 @@ class MetricsCollector:
         if view is not None:
             return view()
         d = _DECLARED[name]
-        metric = self._counters.get(name) or self._gauges.get(name) or self._histograms[name]
         sample = d.full_name + _VALUE_SUFFIX[d.kind]
         return {
             tuple(s.labels[label] for label in d.labels): s.value
-            for family in metric.collect()
+            for family in self._stored[name].collect()
             for s in family.samples
             if s.name == sample
         }
@@ -326,6 +330,7 @@ class MetricsCollector:
 
     def snapshot(self) -> dict[str, Any]:
         """Every counter and gauge as a JSON-able dict (no NaN: unknown is ``None``)."""
+        # the ledger as the aggregator keeps it (its imbalance included)
         out: dict[str, Any] = {"ledger": dict(self.ledger())}
         for d in DECLARED:
             values = self.read(d.name) if d.status else {}
