@@ -19,6 +19,8 @@ __all__ = [
     "LATENCY_BUCKETS",
     "PREFIX",
     "RATE_WINDOW_S",
+    "SUPERVISOR",
+    "WORKER_LABEL",
     "Declared",
     "Values",
 ]
@@ -328,32 +330,35 @@ DECLARED: Final[tuple[Declared, ...]] = (
     ),
 )
 
+# WORKERS=N: the label that tells the workers' series apart in the merged exposition
+WORKER_LABEL: Final = "worker"
+
 # WORKERS=N: the supervisor's own families, computed from its worker slots when scraped
 # and served beside the workers' merged expositions (service.workers.exposition).
 SUPERVISOR: Final[tuple[Declared, ...]] = (
     Declared("workers", "gauge", "Worker processes configured (WORKERS).", on_scrape=True),
     Declared(
-        "worker_up", "gauge", "1 while the worker's process runs.", ("worker",), on_scrape=True
+        "worker_up", "gauge", "1 while the worker's process runs.", (WORKER_LABEL,), on_scrape=True
     ),
     Declared(
         "worker_restarts",
         "counter",
         "Times a worker was started again after it exited.",
-        ("worker",),
+        (WORKER_LABEL,),
         on_scrape=True,
     ),
     Declared(
         "worker_uptime_seconds",
         "gauge",
         "Seconds since the worker's current process started (0 while none runs).",
-        ("worker",),
+        (WORKER_LABEL,),
         on_scrape=True,
     ),
     Declared(
         "worker_scrape_success",
         "gauge",
         "1 if this exposition holds the worker's own metrics.",
-        ("worker",),
+        (WORKER_LABEL,),
         on_scrape=True,
     ),
 )

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from service.ops.metric_defs import SUPERVISOR, Values
+from service.ops.metric_defs import SUPERVISOR, WORKER_LABEL, Values
 from service.ops.metric_views import computed_family
 from service.workers.slot import WorkerSlot
 
 __all__ = ["WORKER_LABEL", "exposition", "merge_expositions", "supervisor_families"]
 
 log = logging.getLogger(__name__)
-
-WORKER_LABEL: Final = "worker"
 
 
 def merge_expositions(texts: Mapping[str, str]) -> tuple[list[Metric], list[str]]:
