@@ -3,8 +3,9 @@
 Run by ``make lint`` (``python deploy/check_monitoring.py``), from the repository root:
 
 * the metric families come from the service itself: a fresh ``MetricsCollector``
-  (service/ops/metrics.py) is scraped through its Prometheus registry, so names, types
-  and label names are the exported ones, never a copy that could drift;
+  (service/ops/metrics.py) is scraped through its Prometheus registry, so names and
+  types are the exported ones, and label names come from the same declarations
+  (service/ops/metric_defs.py), never a copy that could drift;
 * the Grafana dashboard (deploy/grafana/dashboards/*.json) must be valid JSON with
   unique panel ids, every panel querying through the ``datasource`` variable, every
   expression naming only exported metrics, labels those metrics carry, and PromQL
