@@ -3,8 +3,9 @@
 Run by ``make lint`` (``python deploy/check_monitoring.py``), from the repository root:
 
 * the metric families come from the service itself: a fresh ``MetricsCollector``
-  (service/metrics/collector.py) is scraped through its Prometheus registry, so names, types
-  and label names are the exported ones, never a copy that could drift;
+  (service/metrics/collector.py) is scraped through its Prometheus registry, so names and
+  types are the exported ones, and label names come from the same declarations
+  (service/metrics/definitions.py), never a copy that could drift;
 * the Grafana dashboard (deploy/grafana/dashboards/*.json) must be valid JSON with
   unique panel ids, every panel querying through the ``datasource`` variable, every
   expression naming only exported metrics, labels those metrics carry, and PromQL
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.metrics.collector import MetricsCollector  # noqa: E402
+from service.metrics.definitions import DECLARED  # noqa: E402
 
 DASHBOARDS = ROOT / "deploy/grafana/dashboards"
 PROMETHEUS = ROOT / "deploy/prometheus"
@@ -68,6 +70,9 @@ class Family:
     samples: tuple[str, ...]  # every sample name it exposes
 
 
+_LABELS = {d.full_name: d.labels for d in DECLARED}
+
+
 def exported_families() -> list[Family]:
     """The families a collector exposes, including those that appear only later (the
     watermark gauges once there is a watermark; labelled families once labelled)."""
@@ -77,7 +82,7 @@ def exported_families() -> list[Family]:
     collector.set_ledger_view(lambda: {"received": 0, "imbalance": 0})  # once partitions
     families = []
     for fam in collector.registry.collect():
-        labels = tuple(getattr(fam, "_labelnames", ()))
+        labels = _LABELS[fam.name]  # a family without samples yet carries none to read
         samples: tuple[str, ...]
         if fam.type == "counter":
             name, samples = f"{fam.name}_total", (f"{fam.name}_total",)

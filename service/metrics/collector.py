@@ -1,9 +1,10 @@
 """MetricsCollector: components report through ``on_*`` hooks; nothing else touches metrics.
 
-Hooks are called once per batch on the event loop, so they only bump plain ints and
-floats. Everything derived (Prometheus families, quantiles, rates, the bus metrics) is
-computed when someone asks: a scrape, ``/status`` or the periodic publish. No locks are
-needed because every reader and writer runs on the same loop.
+Every metric is declared once in :mod:`service.metrics.definitions`; that table drives the
+prometheus_client objects the hooks update, the exposition, the ``/status`` snapshot
+and the bus metrics. Values that depend on when they are read (rates, durations of an
+ongoing outage, the components' own views) are computed when someone asks: a scrape,
+``/status`` or the periodic publish. Hooks and readers all run on the event loop.
 """
 
 from __future__ import annotations
@@ -11,134 +12,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from bisect import bisect_left
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.metrics_core import Metric as PromMetric
 
 from service.core.clock import Clock, SystemClock
 from service.core.events import REJECT_REASONS, Aggregate, Metric
+from service.metrics.definitions import (
+    DECLARED,
+    PREFIX,
+    RATE_WINDOW_S,
+    Declared,
+    Values,
+    count,
+    flags,
+)
+from service.metrics.recent import RateMeter, Reservoir
+from service.metrics.views import (
+    Read,
+    ScrapeView,
+    WithoutCreated,
+    counts,
+    pair_counts,
+    retriable_counts,
+)
 
 __all__ = ["MetricsCollector"]
 
 log = logging.getLogger(__name__)
 
-PREFIX: Final = "vabus_aggregator"
-RATE_WINDOW_S: Final = 10.0
 RESERVOIR_SIZE: Final = 10_000
 LATEST_AGGREGATES: Final = 10
-# Emit-to-durable spans milliseconds (healthy) to minutes (an output outage).
-LATENCY_BUCKETS: Final = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-)
-DURATION_BUCKETS: Final = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 _KNOWN_REASONS: Final = frozenset(REJECT_REASONS)
+_DECLARED: Final = {d.name: d for d in DECLARED}
+# the sample that holds a stored metric's value(s), by kind
+_VALUE_SUFFIX: Final = {"counter": "_total", "gauge": "", "histogram": "_count"}
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+_Children = dict[tuple[str, tuple[str, ...]], M]
 
 
-class _Histogram:
-    """Cumulative-bucket histogram kept as plain numbers (Prometheus semantics)."""
-
-    __slots__ = ("bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # last slot is +Inf
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
-
-    def prometheus_buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
-            running += n
-            out.append(("+Inf" if bound == math.inf else repr(bound), running))
-        return out
-
-
-class _RateMeter:
-    """Events per second over the last ``window_s`` of monotonic time.
-
-    Young meters divide by their age (at least one second) rather than the full
-    window, so the first reading is not understated tenfold.
-    """
-
-    __slots__ = ("_in_window", "_samples", "_started", "window_s")
-
-    def __init__(self, started: float, window_s: float = RATE_WINDOW_S) -> None:
-        self.window_s = window_s
-        self._started = started
-        self._samples: deque[tuple[float, int]] = deque()
-        self._in_window = 0
-
-    def add(self, n: int, now: float) -> None:
-        self._samples.append((now, n))
-        self._in_window += n
-        self._expire(now)
-
-    def rate(self, now: float) -> float:
-        self._expire(now)
-        span = min(self.window_s, max(now - self._started, 1.0))
-        return self._in_window / span
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self.window_s
-        while self._samples and self._samples[0][0] <= horizon:
-            self._in_window -= self._samples.popleft()[1]
-
-
-def _quantiles(samples: Sequence[float], qs: Sequence[float]) -> list[float | None]:
-    """Nearest-rank quantiles; ``None`` for each when there are no samples."""
-    if not samples:
-        return [None] * len(qs)
-    ordered = sorted(samples)
-    last = len(ordered) - 1
-    return [ordered[min(last, max(0, math.ceil(q * len(ordered)) - 1))] for q in qs]
+def _child(
+    metrics: Mapping[str, M], children: _Children[M], name: str, label_values: tuple[str, ...]
+) -> M:
+    key = (name, label_values)
+    child = children.get(key)
+    if child is None:
+        child = children[key] = metrics[name].labels(*label_values)
+    return child
 
 
 class MetricsCollector:
-    """The service's counters and gauges, with three read-outs.
+    """The service's metrics, with three read-outs.
 
     ``exposition()`` (Prometheus text 0.0.4 from a private registry, so several
     collectors can live in one process), ``snapshot()`` (JSON-able dict for
@@ -149,65 +77,96 @@ class MetricsCollector:
 
     content_type: Final = CONTENT_TYPE_PLAIN_0_0_4
 
+    events_received = Read("events_received", count)
+    events_aggregated = Read("events_aggregated", count)
+    events_late = Read("events_late", count)
+    events_ahead = Read("events_ahead", count)
+    aggregates_emitted = Read("aggregates_emitted", count)
+    metrics_publish_errors = Read("metrics_publish_errors", count)
+    lease_lost = Read("lease_lost", count)
+    replays_dropped = Read("replays_dropped", count)
+    dead_letters_rolled_up = Read("dead_letters_rolled_up", count)
+    stage_rewinds = Read("stage_rewinds", count)
+    messages_received = Read("messages_received", counts)
+    events_rejected = Read("events_rejected", counts)
+    state_dropped = Read("state_dropped", counts)
+    bus_errors = Read("bus_errors", retriable_counts)
+    bus_protocol_errors = Read("bus_protocol_errors", pair_counts)
+    sink_retries = Read("sink_retries", counts)
+    sink_circuit_open = Read("sink_circuit_open", flags)
+
     def __init__(self, clock: Clock | None = None, bus_labels: Mapping[str, str] = {}) -> None:
         self.clock = clock or SystemClock()
         # on every metric sent to the bus: {"worker": "<i>"} in a worker of WORKERS=N, so
         # that the bus's consumers can tell the workers' series apart
         self.bus_labels = dict(bus_labels)
-        self.events_received = 0
-        self.events_aggregated = 0
-        self.events_late = 0
-        self.events_ahead = 0
-        self.replays_dropped = 0
-        self.state_dropped: defaultdict[str, int] = defaultdict(int)
-        self.stage_rewinds = 0
-        self.aggregates_emitted = 0
-        self.open_windows = 0
         self.watermark: float | None = None
-        self.metrics_publish_errors = 0
         self.lease_leader: bool | None = None  # None: no lease (the bus needs none)
-        self.lease_lost = 0
-        self.messages_received: defaultdict[str, int] = defaultdict(int)
-        self.events_rejected: defaultdict[str, int] = defaultdict(int)
-        self.bus_errors: defaultdict[tuple[str, bool], int] = defaultdict(int)
-        self.bus_protocol_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.dead_letters_rolled_up = 0
-        self.sink_writes: defaultdict[str, int] = defaultdict(int)
-        self.sink_aggregates_written: defaultdict[str, int] = defaultdict(int)
-        self.sink_dead_letters_written: defaultdict[str, int] = defaultdict(int)
-        self.sink_errors: defaultdict[tuple[str, bool], int] = defaultdict(int)
-        self.sink_retries: defaultdict[str, int] = defaultdict(int)
-        self.sink_circuit_open: dict[str, bool] = {}
-        self._sink_degraded_s: defaultdict[str, float] = defaultdict(float)
-        self._sink_degraded_since: dict[str, float] = {}
-        self.subscriber_crashes: defaultdict[str, int] = defaultdict(int)
         self.queue_depth: dict[str, int] = {}
         self.latest_aggregates: deque[Aggregate] = deque(maxlen=LATEST_AGGREGATES)
-        self.emit_to_durable = _Histogram(LATENCY_BUCKETS)
-        self.checkpoint_duration = _Histogram(DURATION_BUCKETS)
-        self.sink_write_duration: dict[str, _Histogram] = {}
-        self._latencies: deque[float] = deque(maxlen=RESERVOIR_SIZE)
-        self._events_rate = _RateMeter(self.clock.monotonic())
+        self._sink_degraded_s: defaultdict[str, float] = defaultdict(float)
+        self._sink_degraded_since: dict[str, float] = {}
+        self._latencies = Reservoir(RESERVOIR_SIZE)
+        self._events_rate = RateMeter(self.clock.monotonic(), RATE_WINDOW_S)
         self._partition_view: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
         self._ledger_view: Callable[[], Mapping[str, int]] = dict
         self._queue_view: Callable[[], Mapping[str, int]] = dict
+        self._views = self._scrape_views()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_PrometheusView(self))
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._counter_children: _Children[Counter] = {}
+        self._gauge_children: _Children[Gauge] = {}
+        self._histogram_children: _Children[Histogram] = {}
+        for d in DECLARED:  # registered in declaration order: the exposition's order
+            self._register(d)
+        self._stored: dict[str, Counter | Gauge | Histogram] = {
+            **self._counters,
+            **self._gauges,
+            **self._histograms,
+        }
+        # kept under its old name for callers that observe a latency directly
+        self.emit_to_durable = self._histograms["emit_to_durable_seconds"]
+
+    def _register(self, d: Declared) -> None:
+        name, labels, registry = d.full_name, d.labels, self.registry
+        if d.on_scrape:
+            registry.register(ScrapeView(d, self._views[d.name]))
+        elif d.kind == "counter":
+            self._counters[d.name] = Counter(name, d.help, labels, registry=registry)
+        elif d.kind == "gauge":
+            self._gauges[d.name] = Gauge(name, d.help, labels, registry=registry)
+        else:
+            self._histograms[d.name] = Histogram(
+                name, d.help, labels, registry=registry, buckets=d.buckets
+            )
+
+    # prometheus_client's ``labels()`` takes a lock and rebuilds its key on every call (a
+    # microsecond a hook, per batch on the hot path): the hooks keep the children here.
+    def _counter(self, name: str, *label_values: str) -> Counter:
+        return _child(self._counters, self._counter_children, name, label_values)
+
+    def _gauge(self, name: str, *label_values: str) -> Gauge:
+        return _child(self._gauges, self._gauge_children, name, label_values)
+
+    def _histogram(self, name: str, *label_values: str) -> Histogram:
+        return _child(self._histograms, self._histogram_children, name, label_values)
 
     # -- intake ---------------------------------------------------------------------
     def on_messages_received(self, transport: str, messages: int, events: int) -> None:
         """A bus fetch returned ``messages`` transport messages holding ``events`` events."""
-        self.messages_received[transport] += messages
-        self.events_received += events
+        self._counter("messages_received", transport).inc(messages)
+        self._counters["events_received"].inc(events)
         self._events_rate.add(events, self.clock.monotonic())
 
     def on_bus_error(self, transport: str, retriable: bool) -> None:
-        self.bus_errors[(transport, retriable)] += 1
+        self._counter("bus_errors", transport, _bool(retriable)).inc()
 
     def on_bus_protocol_error(self, transport: str, kind: str) -> None:
         """An answer or internal record refused as breaking the bus's protocol; ``kind``
         is one of a few names chosen by the code (never error text)."""
-        self.bus_protocol_errors[(transport, kind)] += 1
+        self._counter("bus_protocol_errors", transport, kind).inc()
 
     def set_lease_leader(self, leader: bool) -> None:
         """This instance holds the bus's lease (reads it) or stands by."""
@@ -215,47 +174,48 @@ class MetricsCollector:
 
     def on_lease_lost(self) -> None:
         """The lease was lost while reading (its connection went away)."""
-        self.lease_lost += 1
+        self._counters["lease_lost"].inc()
 
     # -- aggregation ----------------------------------------------------------------
     def on_events_aggregated(self, n: int) -> None:
-        self.events_aggregated += n
+        self._counters["events_aggregated"].inc(n)
 
     def on_events_rejected(self, reason: str, n: int = 1) -> None:
-        self.events_rejected[reason if reason in _KNOWN_REASONS else "other"] += n
+        reason = reason if reason in _KNOWN_REASONS else "other"
+        self._counter("events_rejected", reason).inc(n)
 
     def on_dead_letters_rolled_up(self, n: int) -> None:
         """Rejected elements of one message folded into a roll-up dead letter (counted,
         by reason, in ``events_rejected`` as usual)."""
-        self.dead_letters_rolled_up += n
+        self._counters["dead_letters_rolled_up"].inc(n)
 
     def on_replays_dropped(self, n: int) -> None:
         """Repartitioned records dropped as replays of the routing stage."""
-        self.replays_dropped += n
+        self._counters["replays_dropped"].inc(n)
 
     def on_state_dropped(self, what: str, n: int = 1) -> None:
         """State that could not be used was dropped: ``what`` is ``window`` (one window's
         accumulator) or ``partition`` (a whole unreadable checkpoint body)."""
-        self.state_dropped[what] += n
+        self._counter("state_dropped", what).inc(n)
 
     def on_stage_rewind(self) -> None:
         """Applying a batch raised: the partitions went back to their checkpoints."""
-        self.stage_rewinds += 1
+        self._counters["stage_rewinds"].inc()
 
     def on_events_late(self, n: int = 1) -> None:
-        self.events_late += n
+        self._counters["events_late"].inc(n)
 
     def on_events_ahead(self, n: int) -> None:
         """Events aggregated without moving event time: further ahead of the clock than
         AGGREGATION_MAX_WATERMARK_LEAD."""
-        self.events_ahead += n
+        self._counters["events_ahead"].inc(n)
 
     def on_aggregates_emitted(self, aggregates: Sequence[Aggregate]) -> None:
-        self.aggregates_emitted += len(aggregates)
+        self._counters["aggregates_emitted"].inc(len(aggregates))
         self.latest_aggregates.extend(aggregates[-LATEST_AGGREGATES:])
 
     def set_open_windows(self, n: int) -> None:
-        self.open_windows = n
+        self._gauges["open_windows"].set(n)
 
     def set_watermark(self, event_time: float | None) -> None:
         self.watermark = event_time
@@ -277,20 +237,17 @@ class MetricsCollector:
 
     # -- outputs --------------------------------------------------------------------
     def on_sink_write(self, sink: str, aggregates: int, dead_letters: int, seconds: float) -> None:
-        self.sink_writes[sink] += 1
-        self.sink_aggregates_written[sink] += aggregates
-        self.sink_dead_letters_written[sink] += dead_letters
-        hist = self.sink_write_duration.get(sink)
-        if hist is None:
-            hist = self.sink_write_duration[sink] = _Histogram(DURATION_BUCKETS)
-        hist.observe(seconds)
+        self._counter("sink_writes", sink).inc()
+        self._counter("sink_aggregates_written", sink).inc(aggregates)
+        self._counter("sink_dead_letters_written", sink).inc(dead_letters)
+        self._histogram("sink_write_seconds", sink).observe(seconds)
 
     def on_sink_error(self, sink: str, retriable: bool) -> None:
-        self.sink_errors[(sink, retriable)] += 1
+        self._counter("sink_errors", sink, _bool(retriable)).inc()
 
     def on_sink_retry(self, sink: str) -> None:
         """A failed write to ``sink`` (or the checkpoint store) will be tried again."""
-        self.sink_retries[sink] += 1
+        self._counter("sink_retries", sink).inc()
 
     def on_sink_degraded(self, sink: str) -> None:
         """``sink`` started failing; time counts as degraded until it recovers."""
@@ -303,7 +260,7 @@ class MetricsCollector:
             self._sink_degraded_s[sink] += max(0.0, self.clock.monotonic() - since)
 
     def set_sink_circuit(self, sink: str, is_open: bool) -> None:
-        self.sink_circuit_open[sink] = is_open
+        self._gauge("sink_circuit_open", sink).set(1.0 if is_open else 0.0)
 
     def sink_degraded_seconds(self) -> dict[str, float]:
         """Seconds each sink spent failing so far, including an outage still going on."""
@@ -320,14 +277,14 @@ class MetricsCollector:
             # wall clocks can step back; a negative latency would only mislead
             latency = max(0.0, now - t)
             self.emit_to_durable.observe(latency)
-            self._latencies.append(latency)
+            self._latencies.add(latency)
 
     def on_checkpoint(self, seconds: float) -> None:
-        self.checkpoint_duration.observe(seconds)
+        self._histograms["checkpoint_seconds"].observe(seconds)
 
     # -- hub ------------------------------------------------------------------------
     def on_subscriber_crash(self, subscriber: str) -> None:
-        self.subscriber_crashes[subscriber] += 1
+        self._counter("subscriber_crashes", subscriber).inc()
 
     def set_queue_depth(self, subscriber: str, depth: int) -> None:
         self.queue_depth[subscriber] = depth
@@ -350,86 +307,98 @@ class MetricsCollector:
 
     def latency_quantiles(self) -> dict[str, float | None]:
         """p50/p95/p99 of emit-to-durable seconds over the last ~10k aggregates."""
-        p50, p95, p99 = _quantiles(self._latencies, (0.5, 0.95, 0.99))
+        p50, p95, p99 = self._latencies.quantiles((0.5, 0.95, 0.99))
         return {"p50": p50, "p95": p95, "p99": p99}
+
+    def read(self, name: str) -> Values:
+        """A declared metric's current values by label values (a histogram's: counts)."""
+        view = self._views.get(name)
+        if view is not None:
+            return view()
+        d = _DECLARED[name]
+        sample = d.full_name + _VALUE_SUFFIX[d.kind]
+        return {
+            tuple(s.labels[label] for label in d.labels): s.value
+            for family in self._stored[name].collect()
+            for s in family.samples
+            if s.name == sample
+        }
 
     def exposition(self) -> bytes:
         """Prometheus text format 0.0.4; serve with :attr:`content_type`."""
-        return generate_latest(self.registry)
+        return generate_latest(WithoutCreated(self.registry))
 
     def snapshot(self) -> dict[str, Any]:
         """Every counter and gauge as a JSON-able dict (no NaN: unknown is ``None``)."""
-        return {
-            "events_received": self.events_received,
-            "events_aggregated": self.events_aggregated,
-            "events_rejected": sum(self.events_rejected.values()),
-            "events_rejected_by_reason": dict(self.events_rejected),
-            "events_late": self.events_late,
-            "events_ahead": self.events_ahead,
-            "replays_dropped": self.replays_dropped,
-            "state_dropped": dict(self.state_dropped),
-            "stage_rewinds": self.stage_rewinds,
-            "ledger": dict(self.ledger()),
-            "events_per_second": self.events_per_second(),
-            "messages_received": dict(self.messages_received),
-            "bus_errors": _by_retriable(self.bus_errors),
-            "bus_protocol_errors": {
-                f"{t}:{k}": n for (t, k), n in self.bus_protocol_errors.items()
-            },
-            "dead_letters_rolled_up": self.dead_letters_rolled_up,
-            "aggregates_emitted": self.aggregates_emitted,
-            "open_windows": self.open_windows,
-            "watermark": self.watermark,
-            "processing_lag_seconds": self.processing_lag(),
-            "sink_writes": dict(self.sink_writes),
-            "sink_aggregates_written": dict(self.sink_aggregates_written),
-            "sink_dead_letters_written": dict(self.sink_dead_letters_written),
-            "sink_errors": _by_retriable(self.sink_errors),
-            "sink_retries": dict(self.sink_retries),
-            "sink_degraded_seconds": self.sink_degraded_seconds(),
-            "sink_circuit_open": dict(self.sink_circuit_open),
-            "emit_to_durable_seconds": {
-                "count": self.emit_to_durable.count,
-                **self.latency_quantiles(),
-            },
-            "checkpoints": self.checkpoint_duration.count,
-            "queue_depth": self.queue_depths(),
-            "subscriber_crashes": dict(self.subscriber_crashes),
-            "metrics_publish_errors": self.metrics_publish_errors,
-            "lease_lost": self.lease_lost,
-            "latest_aggregates": [a.to_json_obj() for a in self.latest_aggregates],
+        # the ledger as the aggregator keeps it (its imbalance included)
+        out: dict[str, Any] = {"ledger": dict(self.ledger())}
+        for d in DECLARED:
+            values = self.read(d.name) if d.status else {}
+            for key, form in d.status:
+                out[key] = form(values)
+        # the quantiles come from the latest samples, which no histogram keeps
+        out["emit_to_durable_seconds"] = {
+            "count": count(self.read("emit_to_durable_seconds")),
+            **self.latency_quantiles(),
         }
+        out["latest_aggregates"] = [a.to_json_obj() for a in self.latest_aggregates]
+        return out
 
     def to_bus_metrics(self) -> list[Metric]:
         """The service's own metrics for the bus; unknown values are NaN (sent as null)."""
-        now = self.clock.now()
-        lag = self.processing_lag()
-        quantiles = self.latency_quantiles()
-        values: list[tuple[str, float]] = [
-            ("events_received", self.events_received),
-            ("events_aggregated", self.events_aggregated),
-            ("events_rejected", sum(self.events_rejected.values())),
-            ("events_late", self.events_late),
-            ("events_ahead", self.events_ahead),
-            ("aggregates_emitted", self.aggregates_emitted),
-            ("sink_errors", sum(self.sink_errors.values())),
-            ("sink_retries", sum(self.sink_retries.values())),
-            ("sink_degraded_seconds", sum(self.sink_degraded_seconds().values())),
-            ("bus_errors", sum(self.bus_errors.values())),
-            ("open_windows", self.open_windows),
-            ("queue_depth", sum(self.queue_depths().values())),
-            ("events_per_second", self.events_per_second()),
-            ("processing_lag_seconds", math.nan if lag is None else lag),
-        ]
-        for q, v in quantiles.items():
-            values.append((f"emit_to_durable_{q}_seconds", math.nan if v is None else v))
-        labels = self.bus_labels
-        metrics = [Metric(f"{PREFIX}.{name}", float(v), now, dict(labels)) for name, v in values]
-        metrics.extend(
-            Metric(f"{PREFIX}.subscriber_queue_depth", float(d), now, {**labels, "subscriber": s})
-            for s, d in self.queue_depths().items()
-        )
-        return metrics
+        now, labels = self.clock.now(), self.bus_labels
+        totals: list[tuple[str, float]] = []
+        each: list[Metric] = []
+        for d in DECLARED:
+            if not (d.bus or d.bus_each):
+                continue
+            values = self.read(d.name)
+            if d.bus:  # an unlabelled metric without a value is unknown, not 0
+                totals.append((d.name, sum(values.values()) if values or d.labels else math.nan))
+            if d.bus_each:
+                name, label = f"{PREFIX}.{d.bus_each}", d.labels[0]
+                each.extend(
+                    Metric(name, float(v), now, {**labels, label: k[0]}) for k, v in values.items()
+                )
+        for q, v in self.latency_quantiles().items():
+            totals.append((f"emit_to_durable_{q}_seconds", math.nan if v is None else v))
+        metrics = [Metric(f"{PREFIX}.{name}", float(v), now, dict(labels)) for name, v in totals]
+        return metrics + each
+
+    def _scrape_views(self) -> dict[str, Callable[[], Values]]:
+        """The declared metrics computed when read, by name."""
+
+        def partition(field: str, f: Callable[[Any], float] = float) -> Callable[[], Values]:
+            return lambda: {
+                (p,): f(v[field]) for p, v in self.partitions().items() if v[field] is not None
+            }
+
+        def ledger() -> Values:
+            return {(k,): n for k, n in sorted(self.ledger().items()) if k != "imbalance"}
+
+        def one(value: Callable[[], float | None]) -> Callable[[], Values]:
+            return lambda: {} if (v := value()) is None else {(): v}
+
+        return {
+            "sink_degraded_seconds": lambda: {
+                (s,): t for s, t in self.sink_degraded_seconds().items()
+            },
+            "queue_depth": lambda: {(s,): d for s, d in self.queue_depths().items()},
+            "events_per_second": one(self.events_per_second),
+            "partition_watermark_seconds": partition("watermark"),
+            "partition_holds_watermark": partition("holds_watermark", lambda h: 1.0 if h else 0.0),
+            "partition_lag_messages": partition("lag"),
+            "partition_seconds_since_message": partition("seconds_since_message"),
+            "ledger_events": ledger,
+            "ledger_imbalance": one(
+                lambda: self.ledger().get("imbalance", 0) if self.ledger() else None
+            ),
+            "lease_leader": one(
+                lambda: None if self.lease_leader is None else float(self.lease_leader)
+            ),
+            "watermark_seconds": one(lambda: self.watermark),
+            "processing_lag_seconds": one(self.processing_lag),
+        }
 
     # -- publishing -----------------------------------------------------------------
     async def publish_once(self, send: Callable[[Sequence[Metric]], Awaitable[None]]) -> bool:
@@ -437,7 +406,7 @@ class MetricsCollector:
         try:
             await send(self.to_bus_metrics())
         except Exception as exc:
-            self.metrics_publish_errors += 1
+            self._counters["metrics_publish_errors"].inc()
             log.warning(
                 "publishing metrics to the bus failed (%d failures so far): %s: %s",
                 self.metrics_publish_errors,
@@ -471,252 +440,5 @@ def _bounded(
     return call
 
 
-def _by_retriable(counts: dict[tuple[str, bool], int]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for (name, retriable), n in counts.items():
-        out.setdefault(name, {})["retriable" if retriable else "permanent"] = n
-    return out
-
-
-class _PrometheusView:
-    """Reads a collector's attributes at scrape time (nothing is copied per hook)."""
-
-    def __init__(self, m: MetricsCollector) -> None:
-        self._m = m
-
-    def collect(self) -> Iterator[PromMetric]:
-        m = self._m
-        for name, doc, value in (
-            ("events_received", "Events received from the bus.", m.events_received),
-            ("events_aggregated", "Events added to windows.", m.events_aggregated),
-            ("events_late", "Events behind the watermark past grace.", m.events_late),
-            (
-                "events_ahead",
-                "Events aggregated without moving event time: too far ahead of the clock.",
-                m.events_ahead,
-            ),
-            ("aggregates_emitted", "Aggregates from closed windows.", m.aggregates_emitted),
-            ("metrics_publish_errors", "Failed metric sends.", m.metrics_publish_errors),
-            ("lease_lost", "Times the bus's lease was lost while reading.", m.lease_lost),
-            (
-                "replays_dropped",
-                "Repartitioned records dropped as replays of the routing stage.",
-                m.replays_dropped,
-            ),
-            (
-                "dead_letters_rolled_up",
-                "Rejected elements of a message written as one roll-up dead letter.",
-                m.dead_letters_rolled_up,
-            ),
-            (
-                "stage_rewinds",
-                "Batches that raised in the aggregator: partitions read again from checkpoints.",
-                m.stage_rewinds,
-            ),
-        ):
-            # CounterMetricFamily appends the ``_total`` suffix itself.
-            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value)
-        labelled: list[tuple[str, str, list[str], dict[tuple[str, ...], int]]] = [
-            (
-                "messages_received",
-                "Transport messages received.",
-                ["transport"],
-                {(t,): n for t, n in m.messages_received.items()},
-            ),
-            (
-                "events_rejected",
-                "Events sent to dead letters.",
-                ["reason"],
-                {(r,): n for r, n in m.events_rejected.items()},
-            ),
-            (
-                "state_dropped",
-                "Window state (what=window) or a partition's checkpointed state "
-                "(what=partition) that could not be used and was dropped.",
-                ["what"],
-                {(w,): n for w, n in m.state_dropped.items()},
-            ),
-            (
-                "bus_errors",
-                "Failed bus operations.",
-                ["transport", "retriable"],
-                {(t, _bool(r)): n for (t, r), n in m.bus_errors.items()},
-            ),
-            (
-                "bus_protocol_errors",
-                "Bus answers or internal records refused as breaking the protocol.",
-                ["transport", "kind"],
-                {(t, k): n for (t, k), n in m.bus_protocol_errors.items()},
-            ),
-            (
-                "sink_writes",
-                "Successful sink writes.",
-                ["sink"],
-                {(s,): n for s, n in m.sink_writes.items()},
-            ),
-            (
-                "sink_aggregates_written",
-                "Aggregates made durable.",
-                ["sink"],
-                {(s,): n for s, n in m.sink_aggregates_written.items()},
-            ),
-            (
-                "sink_dead_letters_written",
-                "Dead letters made durable.",
-                ["sink"],
-                {(s,): n for s, n in m.sink_dead_letters_written.items()},
-            ),
-            (
-                "sink_errors",
-                "Failed sink writes.",
-                ["sink", "retriable"],
-                {(s, _bool(r)): n for (s, r), n in m.sink_errors.items()},
-            ),
-            (
-                "subscriber_crashes",
-                "Hub subscriber task crashes.",
-                ["subscriber"],
-                {(s,): n for s, n in m.subscriber_crashes.items()},
-            ),
-            (
-                "sink_retries",
-                "Sink writes retried after a transient failure.",
-                ["sink"],
-                {(s,): n for s, n in m.sink_retries.items()},
-            ),
-        ]
-        for name, doc, label_names, values in labelled:
-            family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=label_names)
-            for label_values, n in values.items():
-                family.add_metric(list(label_values), n)
-            yield family
-        degraded = CounterMetricFamily(
-            f"{PREFIX}_sink_degraded_seconds",
-            "Seconds a sink spent failing (retrying), including an ongoing outage.",
-            labels=["sink"],
-        )
-        for s, seconds in m.sink_degraded_seconds().items():
-            degraded.add_metric([s], seconds)
-        yield degraded
-        yield from self._gauges()
-        yield from self._histograms()
-
-    def _gauges(self) -> Iterator[PromMetric]:
-        m = self._m
-        yield GaugeMetricFamily(f"{PREFIX}_open_windows", "Windows open now.", m.open_windows)
-        depth = GaugeMetricFamily(
-            f"{PREFIX}_queue_depth", "Items waiting in a hub queue.", labels=["subscriber"]
-        )
-        for s, d in m.queue_depths().items():
-            depth.add_metric([s], d)
-        yield depth
-        circuit = GaugeMetricFamily(
-            f"{PREFIX}_sink_circuit_open",
-            "1 while a sink's circuit breaker is open (writes paused for a cool-down).",
-            labels=["sink"],
-        )
-        for s, is_open in m.sink_circuit_open.items():
-            circuit.add_metric([s], 1.0 if is_open else 0.0)
-        yield circuit
-        yield GaugeMetricFamily(
-            f"{PREFIX}_events_per_second",
-            f"Events received per second over the last {RATE_WINDOW_S:g} s.",
-            m.events_per_second(),
-        )
-        yield from self._partition_gauges()
-        yield from self._ledger_gauges()
-        if m.lease_leader is not None:  # absent when the bus needs no lease
-            yield GaugeMetricFamily(
-                f"{PREFIX}_lease_leader",
-                "1 while this instance holds the bus's lease and reads it, 0 on standby.",
-                1.0 if m.lease_leader else 0.0,
-            )
-        # Absent (not NaN) until the first watermark: "unknown" is not a value.
-        if m.watermark is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_watermark_seconds", "Event-time watermark, Unix seconds.", m.watermark
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_processing_lag_seconds",
-                "Wall time minus the watermark.",
-                m.clock.now() - m.watermark,
-            )
-
-    def _ledger_gauges(self) -> Iterator[PromMetric]:
-        ledger = self._m.ledger()
-        if not ledger:
-            return
-        events = GaugeMetricFamily(
-            f"{PREFIX}_ledger_events",
-            "The ledger of the partitions held here, cumulative across restarts: events "
-            "received, aggregated, emitted (in emitted windows), open (in open windows), "
-            "late, rejected (all reasons), rejected:<reason> and dropped (in windows whose "
-            "state could not be used).",
-            labels=["counter"],
-        )
-        for key, n in sorted(ledger.items()):
-            if key != "imbalance":
-                events.add_metric([key], n)
-        yield events
-        yield GaugeMetricFamily(
-            f"{PREFIX}_ledger_imbalance",
-            "received - (emitted + open + late + rejected + dropped) over the partitions held: 0.",
-            ledger.get("imbalance", 0),
-        )
-
-    def _partition_gauges(self) -> Iterator[PromMetric]:
-        parts = self._m.partitions()
-        labels = ["partition"]
-        wm = GaugeMetricFamily(
-            f"{PREFIX}_partition_watermark_seconds",
-            "A partition's own watermark: its largest event time minus the grace.",
-            labels=labels,
-        )
-        holds = GaugeMetricFamily(
-            f"{PREFIX}_partition_holds_watermark",
-            "1 while the partition holds the watermark back; 0 once silent (idle).",
-            labels=labels,
-        )
-        lag = GaugeMetricFamily(
-            f"{PREFIX}_partition_lag_messages",
-            "Messages unread in the partition at the bus's last report.",
-            labels=labels,
-        )
-        quiet = GaugeMetricFamily(
-            f"{PREFIX}_partition_seconds_since_message",
-            "Seconds since the partition last delivered a message.",
-            labels=labels,
-        )
-        for p, v in parts.items():
-            if v["watermark"] is not None:
-                wm.add_metric([p], v["watermark"])
-            holds.add_metric([p], 1.0 if v["holds_watermark"] else 0.0)
-            if v["lag"] is not None:
-                lag.add_metric([p], v["lag"])
-            quiet.add_metric([p], v["seconds_since_message"])
-        yield from (wm, holds, lag, quiet)
-
-    def _histograms(self) -> Iterator[PromMetric]:
-        m = self._m
-        yield _histogram(
-            "emit_to_durable_seconds",
-            "From window emission to durable in every output.",
-            m.emit_to_durable,
-        )
-        yield _histogram("checkpoint_seconds", "Duration of a checkpoint.", m.checkpoint_duration)
-        writes = HistogramMetricFamily(
-            f"{PREFIX}_sink_write_seconds", "Duration of a successful sink write.", labels=["sink"]
-        )
-        for s, h in m.sink_write_duration.items():
-            writes.add_metric([s], h.prometheus_buckets(), h.sum)
-        yield writes
-
-
 def _bool(flag: bool) -> str:
     return "true" if flag else "false"
-
-
-def _histogram(name: str, doc: str, hist: _Histogram) -> PromMetric:
-    return HistogramMetricFamily(
-        f"{PREFIX}_{name}", doc, buckets=hist.prometheus_buckets(), sum_value=hist.sum
-    )

@@ -9,22 +9,20 @@ samples of every worker (the text format allows one ``# TYPE`` line per name).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from service.metrics.definitions import SUPERVISOR, WORKER_LABEL, Values
+from service.metrics.views import computed_family
 from service.workers.slot import WorkerSlot
 
 __all__ = ["WORKER_LABEL", "exposition", "merge_expositions", "supervisor_families"]
 
 log = logging.getLogger(__name__)
-
-WORKER_LABEL: Final = "worker"
-_PREFIX: Final = "vabus_aggregator"
 
 
 def merge_expositions(texts: Mapping[str, str]) -> tuple[list[Metric], list[str]]:
@@ -56,33 +54,16 @@ def supervisor_families(
     """The supervisor's view: configured workers, which run, restarts, uptime, and which
     workers' metrics this scrape has (``scraped``: their indices)."""
     got = set(scraped)
-    configured = GaugeMetricFamily(f"{_PREFIX}_workers", "Worker processes configured (WORKERS).")
-    configured.add_metric([], len(slots))
-    up = GaugeMetricFamily(
-        f"{_PREFIX}_worker_up", "1 while the worker's process runs.", labels=[WORKER_LABEL]
-    )
-    restarts = CounterMetricFamily(
-        f"{_PREFIX}_worker_restarts",
-        "Times a worker was started again after it exited.",
-        labels=[WORKER_LABEL],
-    )
-    uptime = GaugeMetricFamily(
-        f"{_PREFIX}_worker_uptime_seconds",
-        "Seconds since the worker's current process started (0 while none runs).",
-        labels=[WORKER_LABEL],
-    )
-    scrape = GaugeMetricFamily(
-        f"{_PREFIX}_worker_scrape_success",
-        "1 if this exposition holds the worker's own metrics.",
-        labels=[WORKER_LABEL],
-    )
-    for slot in slots:
-        index = [str(slot.index)]
-        up.add_metric(index, 1 if slot.alive else 0)
-        restarts.add_metric(index, slot.restarts)
-        uptime.add_metric(index, slot.uptime_s(now_mono) or 0.0)
-        scrape.add_metric(index, 1 if str(slot.index) in got else 0)
-    return [configured, up, restarts, uptime, scrape]
+    per_slot: dict[str, Callable[[WorkerSlot], float]] = {
+        "worker_up": lambda slot: 1 if slot.alive else 0,
+        "worker_restarts": lambda slot: slot.restarts,
+        "worker_uptime_seconds": lambda slot: slot.uptime_s(now_mono) or 0.0,
+        "worker_scrape_success": lambda slot: 1 if str(slot.index) in got else 0,
+    }
+    values: dict[str, Values] = {"workers": {(): len(slots)}}
+    for name, read in per_slot.items():
+        values[name] = {(str(slot.index),): read(slot) for slot in slots}
+    return [computed_family(d, values[d.name]) for d in SUPERVISOR]
 
 
 class _Families(Collector):

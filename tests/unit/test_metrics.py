@@ -164,7 +164,7 @@ def test_latency_reservoir_keeps_only_the_latest_samples() -> None:
     m.on_aggregates_durable([clock.now() - 100.0] * 10_000)
     m.on_aggregates_durable([clock.now() - 1.0] * 10_000)
     assert m.latency_quantiles()["p99"] == pytest.approx(1.0)
-    assert m.emit_to_durable.count == 20_000
+    assert m.snapshot()["emit_to_durable_seconds"]["count"] == 20_000
 
 
 def test_latest_aggregates_keeps_the_last_ten() -> None:
