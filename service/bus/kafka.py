@@ -210,7 +210,7 @@ class KafkaBus(AsyncResource):
                     log.warning("kafka bus: %s", error)
             producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
             await producer.start()
-        except KafkaError as exc:
+        except KAFKA_FAILURES as exc:
             log.warning("kafka bus: metrics topic %r unavailable (%s)", topic, exc)
             return None
         return producer
@@ -573,7 +573,7 @@ class KafkaBus(AsyncResource):
                         topics = await probe.topics()
                     finally:
                         await probe.stop()
-        except (KafkaError, TimeoutError, OSError) as exc:
+        except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
             raise TransientError(
                 f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
             ) from exc
