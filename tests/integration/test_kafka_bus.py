@@ -15,10 +15,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from service.app import start_with_retry
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
-from service.clock import SystemClock
+from service.clock import ManualClock, SystemClock
 from service.config import BusConfig, KafkaConfig
 from service.errors import TransientError
 from service.events import Metric
@@ -381,6 +382,30 @@ async def test_start_before_the_input_topic_exists_is_transient_and_creates_noth
     try:
         await bus.start()  # the next attempt of the app's start loop
     finally:
+        await bus.stop()
+
+
+async def test_the_app_start_loop_is_the_one_that_waits_for_the_input_topic(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    clock = ManualClock()
+    bus = KafkaBus(
+        bus_config(kafka_bootstrap, unique_name, unique_name),
+        KafkaConfig(),
+        MetricsCollector(),
+        clock,
+    )
+    starting = asyncio.create_task(start_with_retry("bus kafka", bus.start, clock))
+    try:
+        async with asyncio.timeout(30):
+            await clock.sleeping()  # the first attempt failed: the loop waits
+            await create_topic(kafka_bootstrap, unique_name, 1)
+            clock.advance(15.0)  # at least the wait of the start loop
+            await starting
+        assert bus._consumer is not None
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         await bus.stop()
 
 
