@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
 from service.clock import Clock
-from service.errors import TransientError, describe_error
+from service.errors import ServiceError, TransientError, describe_error
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -199,8 +199,11 @@ async def retry(
     breaker) and may return a minimum for the next wait (the breaker's cool-down).
     When ``stop`` is set the wait ends early and the last failure is raised.
 
-    A failure that says it is not retriable (``retriable = False``), but that the caller
-    retries anyway, is logged as an error, the others as warnings.
+    A failure of the service's error tree that says it is not retriable (``retriable =
+    False``), but that the caller retries anyway, is logged as an error, the others as
+    warnings. Other libraries' flags are not read here: their errors are judged by the
+    caller's classifier (aiokafka calls a request timeout not retriable, for instance,
+    which ``service.kafka.errors`` retries as transient).
     """
     if attempts is not None and attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -221,7 +224,9 @@ async def retry(
             if floor is not None:
                 delay = max(delay, floor)
             log.log(
-                logging.ERROR if getattr(exc, "retriable", True) is False else logging.WARNING,
+                logging.ERROR
+                if isinstance(exc, ServiceError) and not exc.retriable
+                else logging.WARNING,
                 "%s failed (%s), attempt %d%s, next try in %.1fs",
                 name,
                 describe_error(exc),
