@@ -24,13 +24,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import KafkaError
 
 from service.bus.base import (
     REPORT_INTERVAL_S,
@@ -49,6 +49,13 @@ from service.core.errors import TransientError, is_retriable
 from service.core.events import Metric
 from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
+from service.kafka.errors import (
+    KAFKA_FAILURES,
+    is_transient,
+    kafka_error,
+    kafka_error_kind,
+    keeps_reading,
+)
 from service.kafka.options import bus_client_options, create_topics, group_member_options
 from service.metrics.collector import MetricsCollector
 
@@ -114,7 +121,6 @@ class KafkaBus(AsyncResource):
         metrics: MetricsCollector,
         clock: Clock,
         *,
-        connect_attempts: int = 10,
         backoff: Backoff = Backoff(initial_s=0.5, maximum_s=10.0),  # noqa: B008 - frozen
         revoke_timeout_s: float = 30.0,
         internal: InternalRecords | None = None,
@@ -127,7 +133,6 @@ class KafkaBus(AsyncResource):
         self._servers = self._options["bootstrap_servers"]
         self._metrics = metrics
         self._clock = clock
-        self._connect_attempts = max(1, connect_attempts)
         self._backoff = backoff
         self._revoke_timeout_s = revoke_timeout_s
         self._consumer: AIOKafkaConsumer | None = None
@@ -142,10 +147,13 @@ class KafkaBus(AsyncResource):
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect (retrying with backoff), then wait until the input topic exists.
+        """Connect, check that the input topic exists, start the metrics producer.
 
-        The input topic belongs to the producers, so it is never created here.
-        Raises :class:`TransientError` when the broker stays unreachable.
+        One attempt: the caller's start loop (``service.app.start_with_retry``) is the
+        one that retries, so a :class:`TransientError` (the broker unreachable, the
+        input topic missing: it belongs to the producers and is never created here) is
+        tried again there, and a :class:`PermanentError` (refused credentials, say)
+        fails the start.
         """
         if self._consumer is not None:
             return
@@ -154,7 +162,7 @@ class KafkaBus(AsyncResource):
         consumer = await self._connect_consumer()
         self._consumer = consumer
         try:
-            topics = await self._wait_for_topic(consumer)
+            topics = await self._require_input_topic(consumer)
             self._producer = await self._start_metrics_producer(topics)
         except BaseException:
             await self.stop()
@@ -175,19 +183,13 @@ class KafkaBus(AsyncResource):
 
     async def _connect_consumer(self) -> AIOKafkaConsumer:
         try:
-            consumer = await retry(
-                self._start_consumer,
-                name=f"kafka bus: connect to {self._servers}",
-                backoff=self._backoff,
-                clock=self._clock,
-                retriable=KafkaError,
-                attempts=self._connect_attempts,
-            )
-        except KafkaError as exc:
-            raise TransientError(
-                f"Kafka bus: cannot connect to {self._servers} after {self._connect_attempts} "
-                f"attempts ({type(exc).__name__}); check VABUS_URL and that the broker is "
-                "running"
+            consumer = await self._start_consumer()
+        except KAFKA_FAILURES as exc:
+            raise kafka_error(
+                exc,
+                "kafka bus: connect",
+                self._servers,
+                hint="check VABUS_URL and that the broker is running",
             ) from exc
         log.info("kafka bus: connected to %s", self._servers)
         return consumer
@@ -212,26 +214,20 @@ class KafkaBus(AsyncResource):
             raise
         return consumer
 
-    async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
-        """The broker's topics, once they include the input topic (which belongs to the
-        producers: it is waited for, never created). Checked at least every 5 s."""
+    async def _require_input_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
+        """The broker's topics, which must include the input topic (it belongs to the
+        producers: it is waited for by the caller's start loop, never created)."""
         topic = self._cfg.kafka_topic
-
-        async def listing() -> set[str]:
+        try:
             topics: set[str] = await consumer.topics()
-            if topic not in topics:
-                raise TransientError(
-                    f"input topic {topic!r} does not exist on {self._servers} yet; "
-                    "it is not created by this service"
-                )
-            return topics
-
-        return await retry(
-            listing,
-            name="kafka bus: input topic lookup",
-            backoff=replace(self._backoff, maximum_s=min(self._backoff.maximum_s, 5.0)),
-            clock=self._clock,
-        )
+        except KAFKA_FAILURES as exc:
+            raise kafka_error(exc, "kafka bus: list topics", self._servers) from exc
+        if topic not in topics:
+            raise TransientError(
+                f"input topic {topic!r} does not exist on {self._servers} yet; "
+                "it is not created by this service"
+            )
+        return topics
 
     async def _start_metrics_producer(self, topics: set[str]) -> AIOKafkaProducer | None:
         """A small producer for our own metrics; failure only costs metrics, so it is logged."""
@@ -243,7 +239,7 @@ class KafkaBus(AsyncResource):
                     log.warning("kafka bus: %s", error)
             producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
             await producer.start()
-        except KafkaError as exc:
+        except KAFKA_FAILURES as exc:
             log.warning("kafka bus: metrics topic %r unavailable (%s)", topic, exc)
             return None
         return producer
@@ -258,7 +254,9 @@ class KafkaBus(AsyncResource):
         self._stopping.set()
 
     async def run(self, emit: Emit, restore: Restore) -> None:
-        """Join the group and poll until :meth:`stop_intake`; broker errors are retried.
+        """Join the group and poll until :meth:`stop_intake`; failed polls are retried
+        with backoff, except a refusal of credentials, rights or topic, which raises a
+        :class:`PermanentError` (``keeps_reading`` in ``service.kafka.errors``).
 
         Raises what a rebalance callback could not handle (e.g. ``restore`` failing
         persistently): continuing would read partitions without their state.
@@ -277,12 +275,15 @@ class KafkaBus(AsyncResource):
                         name=f"kafka bus: poll of {self._servers}",
                         backoff=self._backoff,
                         clock=self._clock,
-                        retriable=KafkaError,
+                        retriable=keeps_reading,
                         on_failure=self._count_error,
                         stop=self._stopping,
                     )
-                except KafkaError:  # retried until stopped: only a stop ends it so
-                    break
+                except KAFKA_FAILURES as exc:
+                    if keeps_reading(exc):  # retried until stopped: only a stop ends it so
+                        break
+                    self._metrics.on_bus_error(self.name, False)
+                    raise kafka_error(exc, "kafka bus: poll", self._servers) from exc
                 if data is None:
                     break
                 await self._emit_polled(consumer, data, emit)
@@ -308,7 +309,7 @@ class KafkaBus(AsyncResource):
         return data
 
     def _count_error(self, exc: BaseException, attempt: int) -> None:
-        self._metrics.on_bus_error(self.name, is_retriable(exc))
+        self._metrics.on_bus_error(self.name, True)  # only transient errors are retried
 
     async def _emit_polled(
         self, consumer: AIOKafkaConsumer, data: Mapping[TopicPartition, list[Any]], emit: Emit
@@ -565,10 +566,12 @@ class KafkaBus(AsyncResource):
             return
         try:
             await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
-        except KafkaError as exc:
-            self._metrics.on_bus_error(self.name, bool(getattr(exc, "retriable", False)))
+        except KAFKA_FAILURES as exc:
+            kind = kafka_error_kind(exc)
+            if kind == "ownership":
+                log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
+                return
+            self._metrics.on_bus_error(self.name, kind == "transient")
             log.warning("kafka bus: commit to %s failed (%s)", self._servers, exc)
 
     async def send_metrics(self, metrics: Sequence[Metric]) -> None:
@@ -584,8 +587,8 @@ class KafkaBus(AsyncResource):
                     for m in metrics
                 ]
                 await asyncio.gather(*sent)
-        except (KafkaError, TimeoutError) as exc:
-            self._metrics.on_bus_error(self.name, True)
+        except KAFKA_FAILURES as exc:
+            self._metrics.on_bus_error(self.name, is_transient(exc))
             log.warning("kafka bus: metrics not sent to %r (%r)", topic, exc)
 
     async def check(self) -> None:
@@ -602,7 +605,7 @@ class KafkaBus(AsyncResource):
                         topics = await probe.topics()
                     finally:
                         await probe.stop()
-        except (KafkaError, TimeoutError, OSError) as exc:
+        except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
             raise TransientError(
                 f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
             ) from exc

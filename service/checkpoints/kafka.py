@@ -41,9 +41,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.checkpoints.base import PartitionCheckpoint
-from service.core.errors import TransientError
+from service.core.errors import PermanentError, TransientError
 from service.core.lifecycle import AsyncResource
+from service.kafka.errors import KAFKA_FAILURES, kafka_error
 from service.kafka.options import create_topics
+from service.kafka.reading import read_to_end
 
 __all__ = ["KafkaCheckpointStore", "checkpoint_topic"]
 
@@ -73,8 +75,10 @@ class KafkaCheckpointStore(AsyncResource):
     """Implements :class:`~service.checkpoints.base.CheckpointStore` in a Kafka topic.
 
     ``options`` are aiokafka client options (servers and security, see
-    :func:`service.kafka.options.client_options`). Broker trouble surfaces as
-    :class:`TransientError`, which the sender retries.
+    :func:`service.kafka.options.client_options`). Failures are classified by
+    :mod:`service.kafka.errors`: broker trouble surfaces as :class:`TransientError`,
+    which the sender retries; a refusal (authorisation, an invalid topic) as
+    :class:`PermanentError`.
     """
 
     def __init__(
@@ -115,9 +119,9 @@ class KafkaCheckpointStore(AsyncResource):
             consumer.assign([self._tp])
             await consumer.seek_to_beginning(self._tp)
             self._consumer = consumer
-        except KafkaError as exc:
+        except KAFKA_FAILURES as exc:
             await self.stop()
-            raise TransientError(f"Kafka checkpoint topic {self.topic!r}: {exc!r}") from exc
+            raise self._error(exc, "start") from exc
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
@@ -140,8 +144,8 @@ class KafkaCheckpointStore(AsyncResource):
         """The newest complete checkpoint of each of these partitions (absent: never)."""
         try:
             await self._catch_up()
-        except KafkaError as exc:
-            raise TransientError(f"reading checkpoints from {self.topic!r}: {exc!r}") from exc
+        except KAFKA_FAILURES as exc:
+            raise self._error(exc, "read") from exc
         found: dict[str, PartitionCheckpoint] = {}
         for p in partitions:
             cp = self._complete(p)
@@ -169,26 +173,15 @@ class KafkaCheckpointStore(AsyncResource):
         return PartitionCheckpoint(partition, head["position"], state, head.get("outputs"))
 
     async def _catch_up(self) -> None:
-        """Read every record acknowledged before this call.
-
-        ``end_offsets`` asks the broker now; some brokers (tansu) answer with the base
-        offset of the last record batch instead of the end, so reading also goes on up
-        to the high watermark of the fetch responses, which is right on both.
-        """
+        """Read every record acknowledged before this call."""
         consumer = self._require(self._consumer)
-        async with self._read_lock, asyncio.timeout(self._timeout_s):
-            end = (await consumer.end_offsets([self._tp]))[self._tp]
-            fetched = False
-            while True:
-                position = await consumer.position(self._tp)
-                highwater = consumer.highwater(self._tp)
-                done = highwater is not None and position >= max(end, highwater)
-                if fetched and done:
-                    return
-                batch = await consumer.getmany(self._tp, timeout_ms=200, max_records=10_000)
-                fetched = True
-                for record in batch.get(self._tp, []):
-                    self._apply(record.key, record.value)
+        async with self._read_lock:
+            await read_to_end(
+                consumer,
+                [self._tp],
+                lambda _tp, record: self._apply(record.key, record.value),
+                timeout_s=self._timeout_s,
+            )
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -234,10 +227,14 @@ class KafkaCheckpointStore(AsyncResource):
             for records in (chunks, heads):
                 sent = [await producer.send(self.topic, v, key=k, partition=0) for k, v in records]
                 await asyncio.gather(*sent)
-        except KafkaError as exc:
-            raise TransientError(f"writing checkpoints to {self.topic!r}: {exc!r}") from exc
+        except KAFKA_FAILURES as exc:
+            raise self._error(exc, "write") from exc
         for key, value in (*chunks, *heads):  # what we wrote is what a reader would see
             self._apply(key, value)
+
+    def _error(self, exc: Exception, operation: str) -> TransientError | PermanentError:
+        servers = str(self._options.get("bootstrap_servers", "?"))
+        return kafka_error(exc, f"checkpoint topic {self.topic!r}: {operation}", servers)
 
     def _next_epoch(self) -> int:
         """Increasing across saves and restarts (nanoseconds of wall time, or one more)."""

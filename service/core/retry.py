@@ -3,6 +3,36 @@
 A retry loop is a call of :func:`retry`: it waits on the injected clock, can be cut
 short by a stop event, and logs every retry in one form,
 ``<name> failed (<error>), attempt N[, M retries remaining], next try in X.Xs``.
+
+Who retries what: each backend has one classifier, and each class one policy, applied
+by one loop (a loop never runs inside another that retries the same failure).
+
+=================  ==========================  ==========================================
+backend            classifier                  policy
+=================  ==========================  ==========================================
+start-up of any    TransientError or not       ``service.app.start_with_retry``: transient
+component                                      retried for ever (0.5 s .. 15 s); anything
+                                               else fails the start. ``start()`` itself
+                                               makes one attempt.
+Kafka (bus,        ``service.kafka.errors``    transient: retried for ever by the caller's
+router, sink,                                  loop (poll, sender); ownership: skipped, the
+checkpoints,                                   group rebalances; record, config, other:
+metrics)                                       PermanentError (see the table there).
+PostgreSQL (sink,  ``service.postgres.errors``       transient: the sender retries for ever, the
+checkpoints,                                   lease polls on; data: the row is found and
+lease)                                         dead-lettered; login, schema, other:
+                                               PermanentError naming what to check.
+HTTP bus           ``retriable`` of the        every failure of a request is retried for
+                   response (5xx, 408, 429)    ever (an operator can fix a refusal while
+                   and ``ProtocolError``       we wait); non-retriable ones are logged as
+                                               errors. Metrics: a few attempts, dropped.
+file checkpoints   errno                       transient errnos: TransientError; else
+                                               PermanentError naming STATE_DIR.
+outputs (sender)   TransientError or not       transient: retried by the sender (circuit
+                                               breaker per output); permanent: the hub
+                                               runs the sender again with backoff, so the
+                                               output holds and nothing is dropped.
+=================  ==========================  ==========================================
 """
 
 from __future__ import annotations
@@ -15,7 +45,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
 from service.core.clock import Clock
-from service.core.errors import TransientError, describe_error
+from service.core.errors import ServiceError, TransientError, describe_error
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -169,8 +199,11 @@ async def retry(
     breaker) and may return a minimum for the next wait (the breaker's cool-down).
     When ``stop`` is set the wait ends early and the last failure is raised.
 
-    A failure that says it is not retriable (``retriable = False``), but that the caller
-    retries anyway, is logged as an error, the others as warnings.
+    A failure of the service's error tree that says it is not retriable (``retriable =
+    False``), but that the caller retries anyway, is logged as an error, the others as
+    warnings. Other libraries' flags are not read here: their errors are judged by the
+    caller's classifier (aiokafka calls a request timeout not retriable, for instance,
+    which ``service.kafka.errors`` retries as transient).
     """
     if attempts is not None and attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -191,7 +224,9 @@ async def retry(
             if floor is not None:
                 delay = max(delay, floor)
             log.log(
-                logging.ERROR if getattr(exc, "retriable", True) is False else logging.WARNING,
+                logging.ERROR
+                if isinstance(exc, ServiceError) and not exc.retriable
+                else logging.WARNING,
                 "%s failed (%s), attempt %d%s, next try in %.1fs",
                 name,
                 describe_error(exc),

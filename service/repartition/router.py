@@ -59,7 +59,8 @@ from service.core.clock import Clock
 from service.core.errors import TransientError
 from service.core.events import Metric
 from service.core.lifecycle import AsyncResource
-from service.core.retry import sleep_unless_stopped
+from service.core.retry import Backoff, retry
+from service.kafka.errors import KAFKA_FAILURES, kafka_error, keeps_reading
 from service.kafka.options import bus_client_options, create_topics, group_member_options
 from service.metrics.collector import MetricsCollector
 from service.repartition import records
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
 _POLL_MS: Final = 500
 _MAX_RECORDS: Final = 5_000
-_RETRY_S: Final = 1.0
+_RETRY: Final = Backoff(kind="fixed", initial_s=1.0)  # a failed batch is read again
 _DEFAULT_MAX_FUTURE_S: Final = AggregationConfig().max_future_s
 _DEFAULT_MAX_LEAD_S: Final = AggregationConfig().max_watermark_lead_s
 _BATCH_BYTES: Final = 512 * 1024  # one record batch of the internal topic, below 1 MB limits
@@ -215,6 +216,7 @@ class Router(AsyncResource):
     ) -> None:
         self._cfg = bus_cfg
         self._options = bus_client_options(bus_cfg, kafka_cfg)
+        self._servers = str(self._options["bootstrap_servers"])
         self._clock = clock
         self._max_future_s = max_future_s
         self._max_lead_s = max_lead_s  # AGGREGATION_MAX_WATERMARK_LEAD
@@ -248,9 +250,12 @@ class Router(AsyncResource):
             await self._ensure_topic(consumer)
             self._internal_partitions = sorted(await producer.partitions_for(self.topic))
             self._outbox = _Outbox(producer, self.topic, self._internal_partitions)
-        except KafkaError as exc:
+        except KAFKA_FAILURES as exc:
             await self.stop()
-            raise TransientError(f"repartition: cannot start ({exc!r})") from exc
+            raise kafka_error(exc, "repartition: start", self._servers) from exc
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -270,9 +275,9 @@ class Router(AsyncResource):
     async def _ensure_topic(self, consumer: AIOKafkaConsumer) -> None:
         """The internal topic, with as many partitions as the input topic."""
         source = self._cfg.kafka_topic
-        while source not in await consumer.topics():
-            log.warning("repartition: input topic %r does not exist yet", source)
-            await self._clock.sleep(_RETRY_S)
+        if source not in await consumer.topics():
+            # the caller's start loop tries again (service.app.start_with_retry)
+            raise TransientError(f"repartition: input topic {source!r} does not exist yet")
         count = max(1, len(consumer.partitions_for_topic(source) or ()))
         self._input_partitions = count
         refused = await create_topics(self._options, [self.topic], count)
@@ -280,32 +285,51 @@ class Router(AsyncResource):
             raise refused[self.topic]
 
     async def run(self) -> None:
-        """Route until :meth:`stop_intake`; broker errors are logged and retried."""
+        """Route until :meth:`stop_intake`; failures are retried, except a refusal of
+        credentials, rights or topic, which raises a :class:`PermanentError`
+        (``keeps_reading`` in ``service.kafka.errors``)."""
         consumer = self._require(self._consumer)
         consumer.subscribe([self._cfg.kafka_topic], listener=_Rebalance(self))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                poll = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
-                )
-                await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if self._stopping.is_set():
-                    poll.cancel()
-                    await asyncio.gather(poll, return_exceptions=True)
-                    return
                 try:
-                    await self._forward(poll.result())
-                except KafkaError as exc:
-                    # nothing was committed: the next poll starts where the batch did
-                    log.warning(
-                        "repartition: routing failed (%r), retrying in %.0fs", exc, _RETRY_S
+                    routed = await retry(
+                        lambda: self._route_once(consumer, stop),
+                        name="repartition: routing",
+                        backoff=_RETRY,
+                        clock=self._clock,
+                        retriable=keeps_reading,
+                        stop=self._stopping,
                     )
-                    self._require(self._outbox).discard()
-                    await self._seek_to_committed()
-                    await sleep_unless_stopped(self._clock, _RETRY_S, self._stopping)
+                except KAFKA_FAILURES as exc:
+                    if keeps_reading(exc):  # retried until stopped: only a stop ends it so
+                        return
+                    raise kafka_error(exc, "repartition: routing", self._servers) from exc
+                if not routed:
+                    return
         finally:
             stop.cancel()
+
+    async def _route_once(self, consumer: AIOKafkaConsumer, stop: asyncio.Future[Any]) -> bool:
+        """Poll and forward one batch; False when intake stops first. A batch that fails
+        is dropped and the input rewound to the last commit (nothing of it was
+        committed), so the next attempt starts where the batch did."""
+        poll = asyncio.ensure_future(
+            consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
+        )
+        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if self._stopping.is_set():
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+            return False
+        try:
+            await self._forward(poll.result())
+        except KAFKA_FAILURES:
+            self._require(self._outbox).discard()
+            await self._seek_to_committed()
+            raise
+        return True
 
     async def _forward(self, data: Mapping[TopicPartition, Sequence[Any]]) -> None:
         consumer, out = self._require(self._consumer), self._require(self._outbox)

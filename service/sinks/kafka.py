@@ -36,20 +36,7 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    AuthenticationFailedError,
-    AuthenticationMethodNotSupported,
-    ClusterAuthorizationFailedError,
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    UnsupportedSaslMechanismError,
-)
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from service.config import KafkaConfig
@@ -57,7 +44,9 @@ from service.core.clock import Clock, SystemClock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter, iso_utc
 from service.core.lifecycle import AsyncResource
+from service.kafka.errors import KAFKA_FAILURES, kafka_error, kafka_error_kind
 from service.kafka.options import client_options, create_topics
+from service.kafka.reading import read_to_end
 from service.metrics.collector import MetricsCollector
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
@@ -66,15 +55,6 @@ log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S: Final = 5.0
 
-_TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-_AUTH: Final = (
-    AuthenticationFailedError,
-    AuthenticationMethodNotSupported,
-    ClusterAuthorizationFailedError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    UnsupportedSaslMechanismError,
-)
 # Headroom for the record and batch headers on top of key and value.
 _RECORD_OVERHEAD: Final = 128
 # Large batches keep throughput up (only one batch per partition is in flight), while
@@ -266,7 +246,7 @@ class KafkaSink(AsyncResource):
         except BaseException as exc:
             await producer.stop()
             if isinstance(exc, Exception):
-                raise self._classify(exc) from exc
+                raise self._classify(exc, "start") from exc
             raise
         self._producer = producer
 
@@ -335,9 +315,21 @@ class KafkaSink(AsyncResource):
             consumer.assign(list(tps))
             for tp, offset in tps.items():
                 consumer.seek(tp, offset)
-            found = await self._read_to_end(consumer, list(tps))
-        except KafkaError as exc:
-            raise TransientError(f"reading back the Kafka outputs failed: {exc!r}") from exc
+            found: list[tuple[str, bytes]] = []
+
+            def keep(tp: TopicPartition, record: Any) -> None:
+                if record.value is not None:
+                    found.append((tp.topic, record.value))
+
+            await read_to_end(
+                consumer,
+                list(tps),
+                keep,
+                timeout_s=self._request_timeout_ms / 1000,
+                max_records=50_000,
+            )
+        except KAFKA_FAILURES as exc:
+            raise self._classify(exc, "read back the outputs") from exc
         finally:
             await consumer.stop()
         self._seen.add(found, self._cfg.topic, self._clock.monotonic())
@@ -346,24 +338,6 @@ class KafkaSink(AsyncResource):
             len(found),
             self._clock.monotonic() - started,
         )
-
-    async def _read_to_end(
-        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
-    ) -> list[tuple[str, bytes]]:
-        ends = await consumer.end_offsets(tps)
-        found: list[tuple[str, bytes]] = []
-        pending = set(tps)
-        async with asyncio.timeout(self._request_timeout_ms / 1000):
-            while pending:
-                batch = await consumer.getmany(*pending, timeout_ms=200, max_records=50_000)
-                for tp, msgs in batch.items():
-                    found.extend((tp.topic, m.value) for m in msgs if m.value is not None)
-                for tp in list(pending):
-                    position = await consumer.position(tp)
-                    highwater = consumer.highwater(tp)
-                    if highwater is not None and position >= max(ends[tp], highwater):
-                        pending.discard(tp)
-        return found
 
     async def write(
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
@@ -411,7 +385,7 @@ class KafkaSink(AsyncResource):
                 # delivery outcome goes unobserved.
                 await self._await_all(futures)
         except Exception as exc:
-            err = self._classify(exc)
+            err = self._classify(exc, "write")
             self._metrics.on_sink_error(self.name, err.retriable)
             raise err from exc
         self._metrics.on_sink_write(
@@ -498,23 +472,18 @@ class KafkaSink(AsyncResource):
                 f"Kafka brokers {self._servers} unreachable: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _classify(self, exc: Exception) -> TransientError | PermanentError:
-        servers = self._servers
-        if isinstance(exc, _TOO_LARGE):
-            return PermanentError(
-                f"Kafka refused a record as too large ({exc}); raise KAFKA_MAX_REQUEST_SIZE "
-                f"(now {self._cfg.max_request_size}) and the topic's max.message.bytes"
+    def _classify(self, exc: Exception, operation: str) -> TransientError | PermanentError:
+        """``exc`` as :func:`service.kafka.errors.kafka_error` says, with what to change."""
+        kind = kafka_error_kind(exc)
+        hint = ""
+        if kind == "record":
+            hint = (
+                f"raise KAFKA_MAX_REQUEST_SIZE (now {self._cfg.max_request_size}) and the "
+                "topic's max.message.bytes"
             )
-        if isinstance(exc, _AUTH):
-            return PermanentError(
-                f"Kafka at {servers} refused authentication or authorisation ({exc}); check "
-                "KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
+        elif kind == "config":
+            hint = (
+                "check KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
                 f"{self._cfg.topic!r} and {self._cfg.dlq_topic!r}"
             )
-        if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | OSError | TimeoutError) or (
-            isinstance(exc, KafkaError) and exc.retriable
-        ):
-            return TransientError(f"Kafka at {servers} unavailable: {type(exc).__name__}: {exc}")
-        return PermanentError(
-            f"Kafka at {servers} failed with an unexpected error: {type(exc).__name__}: {exc}"
-        )
+        return kafka_error(exc, f"kafka sink: {operation}", self._servers, hint=hint)

@@ -4,6 +4,8 @@ its head, and restore time with 100k open windows."""
 
 from __future__ import annotations
 
+import re
+import socket
 import time
 
 import orjson
@@ -12,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.kafka import KafkaCheckpointStore, checkpoint_topic
+from service.core.errors import TransientError
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +117,11 @@ async def test_restore_of_100k_open_windows_is_fast(kafka_bootstrap: str, unique
         len(state) - p for p in range(4)
     ]
     print(f"\n[kafka checkpoints] {4 * len(state) / 1e6:.1f} MB of state restored in {took:.2f} s")
+
+
+async def test_an_unreachable_broker_is_transient_and_names_the_servers(unique_name: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(TransientError, match=rf"Kafka at {re.escape(dead)} unavailable"):
+        await store(dead, checkpoint_topic(unique_name)).start()

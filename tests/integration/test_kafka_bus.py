@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,14 +15,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from service.app import start_with_retry
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import BusConfig, KafkaConfig
-from service.core.clock import SystemClock
+from service.core.clock import ManualClock, SystemClock
 from service.core.errors import TransientError
 from service.core.events import Metric
-from service.core.retry import Backoff
 from service.metrics.collector import MetricsCollector
 
 pytestmark = pytest.mark.integration
@@ -340,7 +341,10 @@ async def test_check_fails_for_a_missing_topic_and_passes_for_an_existing_one(
     await bus.check()
 
 
-async def test_start_gives_up_with_a_transient_error_after_its_retries(unique_name: str) -> None:
+async def test_start_is_one_attempt_that_names_the_servers_of_an_unreachable_broker(
+    unique_name: str,
+) -> None:
+    """The bus does not retry its connect: the app's start loop does (one loop)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
@@ -349,15 +353,14 @@ async def test_start_gives_up_with_a_transient_error_after_its_retries(unique_na
         KafkaConfig(),
         MetricsCollector(),
         SystemClock(),
-        connect_attempts=2,
-        backoff=Backoff(kind="fixed", initial_s=0.05),
     )
-    with pytest.raises(TransientError, match=f"{dead} after 2 attempts"):
+    with pytest.raises(TransientError, match=rf"{re.escape(dead)} unavailable.*check VABUS_URL"):
         await bus.start()
+    assert bus._consumer is None
     await bus.stop()
 
 
-async def test_start_waits_for_the_input_topic_instead_of_creating_it(
+async def test_start_before_the_input_topic_exists_is_transient_and_creates_nothing(
     kafka_bootstrap: str, unique_name: str
 ) -> None:
     bus = KafkaBus(
@@ -365,21 +368,41 @@ async def test_start_waits_for_the_input_topic_instead_of_creating_it(
         KafkaConfig(),
         MetricsCollector(),
         SystemClock(),
-        backoff=Backoff(kind="fixed", initial_s=0.05),
     )
-    starting = asyncio.create_task(bus.start())
+    with pytest.raises(TransientError, match="does not exist"):
+        await bus.start()
+    assert bus._consumer is None  # disconnected until the next attempt
+    probe = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await probe.start()
     try:
-        await wait_until(lambda: bus._consumer is not None)  # connected, now waiting
-        probe = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await probe.start()
-        try:
-            assert unique_name not in await probe.list_topics()
-        finally:
-            await probe.close()
-        assert not starting.done()
-        await create_topic(kafka_bootstrap, unique_name, 1)
-        async with asyncio.timeout(10):
+        assert unique_name not in await probe.list_topics()
+    finally:
+        await probe.close()
+    await create_topic(kafka_bootstrap, unique_name, 1)
+    try:
+        await bus.start()  # the next attempt of the app's start loop
+    finally:
+        await bus.stop()
+
+
+async def test_the_app_start_loop_is_the_one_that_waits_for_the_input_topic(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    clock = ManualClock()
+    bus = KafkaBus(
+        bus_config(kafka_bootstrap, unique_name, unique_name),
+        KafkaConfig(),
+        MetricsCollector(),
+        clock,
+    )
+    starting = asyncio.create_task(start_with_retry("bus kafka", bus.start, clock))
+    try:
+        async with asyncio.timeout(30):
+            await clock.sleeping()  # the first attempt failed: the loop waits
+            await create_topic(kafka_bootstrap, unique_name, 1)
+            clock.advance(15.0)  # at least the wait of the start loop
             await starting
+        assert bus._consumer is not None
     finally:
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)

@@ -6,12 +6,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError
+import pytest
+from aiokafka.errors import (
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+    UnknownError,
+)
 
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import BusConfig, KafkaConfig
 from service.core.clock import ManualClock
+from service.core.errors import PermanentError
 from service.core.retry import Backoff
 from service.metrics.collector import MetricsCollector
 
@@ -29,17 +37,18 @@ class RecordingClock(ManualClock):
 
 
 class FailingConsumer:
-    """Just what ``run`` calls; every poll fails as with a broker that is gone."""
+    """Just what ``run`` calls; every poll fails, by default as with a broker that is gone."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: KafkaError | None = None) -> None:
         self.polls = 0
+        self.error = error or KafkaConnectionError("broker gone")
 
     def subscribe(self, topics: list[str], listener: Any) -> None:
         pass
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
         self.polls += 1
-        raise KafkaConnectionError("broker gone")
+        raise self.error
 
 
 async def _no_restore(partitions: Any) -> dict[str, PartitionCheckpoint]:
@@ -50,12 +59,16 @@ async def _no_emit(item: Any) -> None:
     raise AssertionError("nothing can be emitted")
 
 
+def _config() -> BusConfig:
+    return BusConfig(
+        url="kafka://k:9092/t", kind="kafka", kafka_topic="t", kafka_bootstrap_servers=("k:9092",)
+    )
+
+
 async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -> None:
     clock = RecordingClock()
     metrics = MetricsCollector(clock)
-    config = BusConfig(
-        url="kafka://k:9092/t", kind="kafka", kafka_topic="t", kafka_bootstrap_servers=("k:9092",)
-    )
+    config = _config()
     bus = KafkaBus(
         config,
         KafkaConfig(),
@@ -78,3 +91,41 @@ async def test_poll_failures_are_counted_backed_off_and_a_stop_ends_the_wait() -
     async with asyncio.timeout(5):
         await task
     assert consumer.polls == 2
+
+
+@pytest.mark.parametrize("error", [UnknownError(), IllegalStateError("not assigned")])
+async def test_an_unknown_failure_or_a_rebalance_race_while_polling_is_retried(
+    error: KafkaError,
+) -> None:
+    """Only a refusal stops a running reader: anything else waits and polls again."""
+    clock = RecordingClock()
+    metrics = MetricsCollector(clock)
+    backoff = Backoff("linear", initial_s=2.0, jitter=False)
+    bus = KafkaBus(_config(), KafkaConfig(), metrics, clock, backoff=backoff)
+    consumer = FailingConsumer(error)
+    bus._consumer = consumer
+    task = asyncio.create_task(bus.run(_no_emit, _no_restore))
+    async with asyncio.timeout(5):
+        await clock.sleeping()
+        clock.advance(2.0)
+        await clock.sleeping()
+    assert consumer.polls == 2 and not task.done()
+    bus.stop_intake()
+    async with asyncio.timeout(5):
+        await task
+
+
+async def test_a_refused_poll_is_not_retried_but_raised_as_permanent_at_once() -> None:
+    """Before, the bus retried every Kafka error for ever, also the ones the sink treats
+    as permanent: refused authorisation now ends the intake with what to check."""
+    clock = RecordingClock()
+    metrics = MetricsCollector(clock)
+    bus = KafkaBus(_config(), KafkaConfig(), metrics, clock)
+    consumer = FailingConsumer(TopicAuthorizationFailedError())
+    bus._consumer = consumer
+
+    with pytest.raises(PermanentError, match=r"refused the request.*ACLs"):
+        async with asyncio.timeout(5):
+            await bus.run(_no_emit, _no_restore)
+    assert consumer.polls == 1 and clock.sleeps == []
+    assert metrics.bus_errors == {("kafka", False): 1}

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from service.core.clock import ManualClock
 from service.core.errors import ServiceError, TransientError, describe_error, is_retriable
@@ -215,6 +216,16 @@ async def test_a_retried_error_that_says_it_is_not_retriable_is_logged_as_an_err
     op = Failing(ServiceError("HTTP 401: bad token"), TransientError("HTTP 503"))
     await retry(op, name="GET", backoff=FIXED, clock=StepClock(), retriable=ServiceError)
     assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]
+
+
+async def test_a_retried_error_of_another_library_is_a_warning_whatever_its_own_flag(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiokafka flags a request timeout not retriable; the caller's classifier decided."""
+    caplog.set_level(logging.WARNING, logger="service.core.retry")
+    op = Failing(KafkaTimeoutError())
+    await retry(op, name="poll", backoff=FIXED, clock=StepClock(), retriable=KafkaTimeoutError)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 async def test_sleep_unless_stopped_sleeps_the_whole_time_when_not_stopped() -> None:
