@@ -5,34 +5,8 @@ short by a stop event, and logs every retry in one form,
 ``<name> failed (<error>), attempt N[, M retries remaining], next try in X.Xs``.
 
 Who retries what: each backend has one classifier, and each class one policy, applied
-by one loop (a loop never runs inside another that retries the same failure).
-
-=================  ==========================  ==========================================
-backend            classifier                  policy
-=================  ==========================  ==========================================
-start-up of any    TransientError or not       ``service.app.start_with_retry``: transient
-component                                      retried for ever (0.5 s .. 15 s); anything
-                                               else fails the start. ``start()`` itself
-                                               makes one attempt.
-Kafka (bus,        ``service.kafka.errors``    transient: retried for ever by the caller's
-router, sink,                                  loop (poll, sender); ownership: skipped, the
-checkpoints,                                   group rebalances; record, config, other:
-metrics)                                       PermanentError (see the table there).
-PostgreSQL (sink,  ``service.postgres.errors``       transient: the sender retries for ever, the
-checkpoints,                                   lease polls on; data: the row is found and
-lease)                                         dead-lettered; login, schema, other:
-                                               PermanentError naming what to check.
-HTTP bus           ``retriable`` of the        every failure of a request is retried for
-                   response (5xx, 408, 429)    ever (an operator can fix a refusal while
-                   and ``ProtocolError``       we wait); non-retriable ones are logged as
-                                               errors. Metrics: a few attempts, dropped.
-file checkpoints   errno                       transient errnos: TransientError; else
-                                               PermanentError naming STATE_DIR.
-outputs (sender)   TransientError or not       transient: retried by the sender (circuit
-                                               breaker per output); permanent: the hub
-                                               runs the sender again with backoff, so the
-                                               output holds and nothing is dropped.
-=================  ==========================  ==========================================
+by one loop (a loop never runs inside another that retries the same failure); the table
+is in docs/delivery.md, "Who retries what".
 """
 
 from __future__ import annotations
