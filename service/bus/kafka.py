@@ -106,7 +106,7 @@ class _Live:
 
 
 class KafkaBus(AsyncResource):
-    """The ``kafka://`` transport (README, "The bus (VaBus)").
+    """The ``kafka://`` transport (docs/bus.md).
 
     ``run`` may be called once per started bus. ``emit`` is called from the poll loop
     and from the rebalance callbacks, never concurrently.

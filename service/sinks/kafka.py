@@ -12,7 +12,7 @@ guarantee rests on deterministic content, a revision and the commit order:
   crash, from the last checkpoint) delivers those records again. A replayed aggregate
   is recomputed from the same events: same key, window, value and ``count``.
 * Each value carries ``"revision"`` (= ``count``, the number of events in it) besides
-  the fields README lists under "Outputs". A later emission of one window can only hold
+  the fields docs/delivery.md lists under "Outputs". A later emission of one window can only hold
   more events, so a consumer that keeps, per ``(name, agg_func, window_start)``, the
   record with the greatest ``(revision, emitted_at)`` never lets an older value replace
   a newer one, whatever order duplicates arrive in. Records of one name stay in one
