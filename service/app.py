@@ -296,7 +296,12 @@ class Service:
         )
         request = CheckpointRequest()
         await self.hub.publish(INPUT, request)
-        await request.done
+        try:
+            await request.done.wait()
+        except asyncio.CancelledError:
+            # the deadline: connections close now, a save not started must not start
+            request.done.abandon()
+            raise
         self.phase = "4/5 final metrics"
         log.info("shutdown 4/5: final metrics")
         with contextlib.suppress(Exception):

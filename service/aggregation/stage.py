@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,6 +12,7 @@ from service.aggregation.recovery import Recovery, Step
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import Clock
+from service.core.confirmation import Confirmation
 from service.core.retry import Backoff
 from service.pipeline.flow import Checkpoint, CheckpointRequest, Outputs, ReadBack, Tick
 from service.pipeline.hub import Delivery
@@ -98,7 +98,7 @@ class AggregatorStage:
         self._interval = checkpoint_interval_s
         self._last_checkpoint = clock.monotonic()
         self._snapshot_s = 0.0  # what the last snapshot took
-        self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
+        self._pending: Confirmation | None = None  # the last periodic checkpoint's outcome
         self._dirty = False
 
     async def handle(self, delivery: Delivery[Any]) -> None:
@@ -218,14 +218,14 @@ class AggregatorStage:
 
     async def _previous_checkpoint_durable(self) -> None:
         pending = self._pending
-        if pending is not None and not pending.done():
-            await asyncio.wait({pending})
+        if pending is not None:
+            await pending.until_settled()
 
     async def _checkpoint(self, request: CheckpointRequest | None) -> None:
         started = self._clock.monotonic()
         snapshot = self._snapshot()
         self._snapshot_s = self._clock.monotonic() - started
-        done = asyncio.get_running_loop().create_future() if request is None else request.done
+        done = Confirmation() if request is None else request.done
         await self._emit(Checkpoint(snapshot, done))
         if request is None:
             # Pending only once published: if the publish failed, the re-delivered tick
