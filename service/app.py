@@ -28,6 +28,7 @@ from service.core.clock import Clock, SystemClock
 from service.core.errors import TransientError
 from service.core.lifecycle import unless_stopped
 from service.core.retry import Backoff, output_backoff, retry
+from service.lease.base import Lease
 from service.metrics.collector import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
@@ -71,6 +72,7 @@ class Service:
         http_socket: socket.socket | None = None,
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
+        lease: Lease | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -115,8 +117,9 @@ class Service:
         self.stopping = asyncio.Event()
         self.web: WebServer | None = None
         self.phase = "starting"
-        # a single-reader bus shared by several instances reads only while leased
-        self.leased = bus if isinstance(bus, LeasedBus) else None
+        # the lease of a single-reader bus shared by several instances (the bus reads
+        # only while it is held), as the wiring built it; None: no lease
+        self.lease = lease
 
     def request_stop(self) -> None:
         """What a signal does: only set an event."""
@@ -126,8 +129,8 @@ class Service:
         return {
             "phase": self.phase,
             "bus": {"transport": self.bus.name, "url": self.config.bus.url},
-            "lease": None if self.leased is None else self.leased.lease.role,
-            "lease_detail": None if self.leased is None else self.leased.lease.describe(),
+            "lease": None if self.lease is None else self.lease.role,
+            "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
@@ -163,12 +166,13 @@ class Service:
         """What /readyz adds about the lease. A standby is *ready* (healthy, its outputs
         reachable, able to take over), it just does not read: a 503 would keep a rolling
         update waiting for a pod that by design never reads while the old one lives."""
-        leased = self.leased
-        if leased is None:
+        lease = self.lease
+        if lease is None:
             return {}
-        if leased.lease.role == "leader":
-            return {"lease": "leader", "reading": leased.reading}
-        error = leased.lease.describe().get("error")
+        if lease.role == "leader":
+            # the bus reads while the lease is held, until the drain stops intake
+            return {"lease": "leader", "reading": self.phase == "running"}
+        error = lease.describe().get("error")
         reason = (
             f"standby: cannot compete for the lease: {error}"
             if error
@@ -177,8 +181,7 @@ class Service:
         return {
             "lease": "standby",
             "reading": False,
-            "reason": f"{reason} on {leased.lease.namespace}; this one takes over when it "
-            "is released",
+            "reason": f"{reason} on {lease.namespace}; this one takes over when it is released",
         }
 
     async def run(self) -> None:
@@ -363,6 +366,7 @@ def build_service(
         http_socket=http_socket,
         shared_transaction=outputs.shared_transaction,
         read_back=outputs.read_back,
+        lease=lease,
     )
 
 

@@ -44,8 +44,8 @@ async def services(postgres_dsn: str, unique_name: str) -> AsyncIterator[list[Se
         await svc.store.start()
     yield made
     for svc in made:
-        assert svc.leased is not None
-        await svc.leased.lease.stop()
+        assert svc.lease is not None
+        await svc.lease.stop()
         await svc.store.stop()
         for sink in svc.sinks:
             await sink.stop()
@@ -88,8 +88,8 @@ async def test_a_leader_whose_session_ended_cannot_commit_after_its_successor(
     services: list[Service], postgres_dsn: str, unique_name: str
 ) -> None:
     a, b = services
-    assert a.leased is not None and b.leased is not None
-    lease_a, lease_b = a.leased.lease, b.leased.lease
+    assert a.lease is not None and b.lease is not None
+    lease_a, lease_b = a.lease, b.lease
     namespace = lease_a.namespace
     await asyncio.wait_for(lease_a.acquire(), 10)
     taking_over = asyncio.create_task(lease_b.acquire())

@@ -335,6 +335,7 @@ def service(bus: ReplayBus, lease: MemoryLease, store: DictStore, sink: MemorySi
         metrics=metrics,
         clock=clock,
         serve_http=False,
+        lease=lease,
     )
 
 
