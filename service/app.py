@@ -352,7 +352,7 @@ def build_service(
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock, {} if worker is None else {"worker": str(worker)})
     lease = build_lease(config, clock)
-    outputs = build_outputs(config, metrics, None if lease is None else lease.fence)
+    outputs = build_outputs(config, metrics, clock, None if lease is None else lease.fence)
     bus = build_bus(config, metrics, clock)
     if lease is not None:
         bus = LeasedBus(bus, lease, metrics)

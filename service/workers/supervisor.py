@@ -97,13 +97,13 @@ class Supervisor:
         self,
         config: Config,
         *,
+        clock: Clock,
         command: WorkerCommand = worker_command,
-        clock: Clock | None = None,
         backoff: Backoff = RESTART_BACKOFF,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock or SystemClock()
+        self.clock = clock
         self._command = command
         self._backoff = backoff
         timeout_s = config.runtime.shutdown_timeout_s
@@ -277,6 +277,6 @@ def install_signal_handlers(supervisor: Supervisor) -> None:
 
 async def run_supervised(config: Config) -> None:
     """``run`` with WORKERS above 1: the supervisor until SIGTERM/SIGINT."""
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, clock=SystemClock())
     install_signal_handlers(supervisor)
     await supervisor.run()

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import load_config
+from service.core.clock import SystemClock
 from service.core.retry import Backoff
 from service.workers import Supervisor
 from tests.fault.harness import process_gone
@@ -87,6 +88,7 @@ async def supervising(
     }
     sup = Supervisor(
         load_config(env, dotenv=None),
+        clock=SystemClock(),
         command=fake_command,
         backoff=backoff,
         environ={**os.environ, **env, "FAKE_WORKER_MODE": mode},

@@ -60,7 +60,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
     memory = MemorySink("kafka-like")
     try:
         async with (
-            PostgresSink(cfg, metrics) as pg,
+            PostgresSink(cfg, metrics, SystemClock()) as pg,
             PostgresCheckpointStore(postgres_dsn, unique_name, table=cp_table) as store,
             memory,
         ):
@@ -104,11 +104,11 @@ def test_the_wiring_pairs_the_postgres_sink_with_its_checkpoint_store() -> None:
     config = load_config(
         {"STORAGE_TYPE": "kafka,postgres", "POSTGRES_DSN": "postgresql://u@h/db"}, dotenv=None
     )
-    outputs = build_outputs(config, MetricsCollector())
+    outputs = build_outputs(config, MetricsCollector(), SystemClock())
     assert outputs.shared_transaction is not None
     assert outputs.shared_transaction.sink is outputs.sinks[-1]
     assert outputs.shared_transaction.store is cast(object, outputs.store)
-    kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector())
+    kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector(), SystemClock())
     assert kafka_only.shared_transaction is None
 
 
