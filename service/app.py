@@ -117,9 +117,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.web: WebServer | None = None
         self.phase = "starting"
-        # the lease of a single-reader bus shared by several instances (the bus reads
-        # only while it is held), as the wiring built it; None: no lease
-        self.lease = lease
+        self.lease = lease  # guards a single-reader bus (read only while held), or None
 
     def request_stop(self) -> None:
         """What a signal does: only set an event."""
