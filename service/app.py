@@ -28,6 +28,7 @@ from service.core.clock import Clock, SystemClock
 from service.core.errors import TransientError
 from service.core.lifecycle import unless_stopped
 from service.core.retry import Backoff, output_backoff, retry
+from service.lease.base import Lease
 from service.metrics.collector import MetricsCollector
 from service.ops.web import WebServer, build_web_app
 from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
@@ -71,6 +72,7 @@ class Service:
         http_socket: socket.socket | None = None,
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
+        lease: Lease | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -115,8 +117,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.web: WebServer | None = None
         self.phase = "starting"
-        # a single-reader bus shared by several instances reads only while leased
-        self.leased = bus if isinstance(bus, LeasedBus) else None
+        self.lease = lease  # guards a single-reader bus (read only while held), or None
 
     def request_stop(self) -> None:
         """What a signal does: only set an event."""
@@ -126,8 +127,8 @@ class Service:
         return {
             "phase": self.phase,
             "bus": {"transport": self.bus.name, "url": self.config.bus.url},
-            "lease": None if self.leased is None else self.leased.lease.role,
-            "lease_detail": None if self.leased is None else self.leased.lease.describe(),
+            "lease": None if self.lease is None else self.lease.role,
+            "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
@@ -163,12 +164,13 @@ class Service:
         """What /readyz adds about the lease. A standby is *ready* (healthy, its outputs
         reachable, able to take over), it just does not read: a 503 would keep a rolling
         update waiting for a pod that by design never reads while the old one lives."""
-        leased = self.leased
-        if leased is None:
+        lease = self.lease
+        if lease is None:
             return {}
-        if leased.lease.role == "leader":
-            return {"lease": "leader", "reading": leased.reading}
-        error = leased.lease.describe().get("error")
+        if lease.role == "leader":
+            # the bus reads while the lease is held, until the drain stops intake
+            return {"lease": "leader", "reading": self.phase == "running"}
+        error = lease.describe().get("error")
         reason = (
             f"standby: cannot compete for the lease: {error}"
             if error
@@ -177,8 +179,7 @@ class Service:
         return {
             "lease": "standby",
             "reading": False,
-            "reason": f"{reason} on {leased.lease.namespace}; this one takes over when it "
-            "is released",
+            "reason": f"{reason} on {lease.namespace}; this one takes over when it is released",
         }
 
     async def run(self) -> None:
@@ -296,7 +297,12 @@ class Service:
         )
         request = CheckpointRequest()
         await self.hub.publish(INPUT, request)
-        await request.done
+        try:
+            await request.done.wait()
+        except asyncio.CancelledError:
+            # the deadline: connections close now, a save not started must not start
+            request.done.abandon()
+            raise
         self.phase = "4/5 final metrics"
         log.info("shutdown 4/5: final metrics")
         with contextlib.suppress(Exception):
@@ -344,7 +350,7 @@ def build_service(
     clock = clock or SystemClock()
     metrics = MetricsCollector(clock, {} if worker is None else {"worker": str(worker)})
     lease = build_lease(config, clock)
-    outputs = build_outputs(config, metrics, None if lease is None else lease.fence)
+    outputs = build_outputs(config, metrics, clock, None if lease is None else lease.fence)
     bus = build_bus(config, metrics, clock)
     if lease is not None:
         bus = LeasedBus(bus, lease, metrics)
@@ -358,6 +364,7 @@ def build_service(
         http_socket=http_socket,
         shared_transaction=outputs.shared_transaction,
         read_back=outputs.read_back,
+        lease=lease,
     )
 
 

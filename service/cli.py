@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from service.config import Config, load_config
 from service.core.errors import ConfigError
@@ -60,6 +61,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     worker = sub.add_parser("worker")
     worker.add_argument("--index", type=int, required=True)
     worker.add_argument("--http-fd", type=int, required=True, help="bound socket to serve on")
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        required=True,
+        help="seconds for its graceful stop: the supervisor's SHUTDOWN_TIMEOUT less a margin",
+    )
     return p
 
 
@@ -69,7 +76,13 @@ def _load(args: argparse.Namespace) -> Config:
     environ = None
     if getattr(args, "workers", None) is not None:
         environ = {**os.environ, "WORKERS": args.workers}
-    return load_config(environ, require_bus=args.command in ("run", "check", "worker"))
+    config = load_config(environ, require_bus=args.command in ("run", "check", "worker"))
+    if args.command == "worker":
+        # the supervisor's deadline for this worker replaces SHUTDOWN_TIMEOUT, which
+        # stays the operator's value for the whole WORKERS=N service
+        runtime = replace(config.runtime, shutdown_timeout_s=args.shutdown_timeout)
+        config = replace(config, runtime=runtime)
+    return config
 
 
 def main(argv: Sequence[str]) -> int:

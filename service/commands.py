@@ -30,7 +30,7 @@ async def check_all(config: Config) -> int:
     metrics = MetricsCollector()
     clock = SystemClock()
     bus = build_bus(config, metrics, clock)
-    sinks = build_outputs(config, metrics).sinks
+    sinks = build_outputs(config, metrics, clock).sinks
     targets = [(f"bus {bus.name} {config.bus.url}", bus)] + [(f"output {s.name}", s) for s in sinks]
     failed = 0
     for label, comp in targets:

@@ -75,7 +75,7 @@ class OutputWiring:
 
 
 def build_outputs(
-    cfg: Config, metrics: MetricsCollector, fence: LeaseFence | None = None
+    cfg: Config, metrics: MetricsCollector, clock: Clock, fence: LeaseFence | None = None
 ) -> OutputWiring:
     """The sinks STORAGE_TYPE names and the checkpoint store that goes with them.
 
@@ -91,7 +91,7 @@ def build_outputs(
     if "kafka" in cfg.outputs:
         from service.sinks.kafka import KafkaSink
 
-        kafka_sink = KafkaSink(cfg.kafka, metrics)
+        kafka_sink = KafkaSink(cfg.kafka, metrics, clock)
         sinks.append(kafka_sink)
         read_back.append(kafka_sink)
     namespace = checkpoint_namespace(cfg)
@@ -99,7 +99,7 @@ def build_outputs(
         from service.checkpoints.postgres import PostgresCheckpointStore
         from service.sinks.postgres import PostgresSink
 
-        pg_sink = PostgresSink(cfg.postgres, metrics, fence=fence, dedup_scope=namespace)
+        pg_sink = PostgresSink(cfg.postgres, metrics, clock, fence=fence, dedup_scope=namespace)
         pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace, fence=fence)
         sinks.append(pg_sink)
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)

@@ -174,6 +174,13 @@ class EventAggregator:
         )
         return [self._parts[k].snapshot(k) for k in keys]
 
+    def on_durable(self, checkpoints: Iterable[PartitionCheckpoint]) -> None:
+        """These checkpoints (of :meth:`snapshot`) are durable: drop what they covered."""
+        for cp in checkpoints:
+            part = self._parts.get(cp.partition)
+            if part is not None and cp.ledger is not None:
+                part.on_durable(cp.ledger)
+
     def restore(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         """Adopt partitions (newly assigned), with their stored state when there is one."""
         now = self._clock.monotonic()

@@ -36,6 +36,7 @@ past, never against the boundary of the partitions it meets there.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -120,19 +121,27 @@ class PartitionState:
         return view
 
     def _ledger_body(self) -> dict[str, Any]:
-        body = {  # copies: the checkpoint must not see counts that come after it
+        return {  # copies: the checkpoint must not see counts that come after it
             "totals": dict(self.totals),
             "intervals": {repr(k): dict(v) for k, v in self.intervals.items()},
             "late_windows": [[n, f, s, c] for (n, f, s), c in self.late_windows.items()],
         }
-        # older intervals are final (a replay counts into the interval it runs in) and
-        # this checkpoint writes them: keep only the two newest
-        for old in sorted(self.intervals)[:-2]:
-            del self.intervals[old]
-        if len(self.late_windows) > _LATE_WINDOWS_KEPT:
-            for key in sorted(self.late_windows, key=lambda k: k[2])[:-_LATE_WINDOWS_KEPT]:
-                del self.late_windows[key]
-        return body
+
+    def on_durable(self, ledger: Mapping[str, Any]) -> None:
+        """A checkpoint of this partition with ``ledger`` is durable: forget what it
+        wrote for good. Intervals older than its two newest are final (a replay counts
+        into the interval it runs in); of the late counts, those beyond the newest
+        ``_LATE_WINDOWS_KEPT`` windows. An entry that changed since is kept: the next
+        checkpoint writes it again."""
+        starts = sorted(float(k) for k in ledger.get("intervals", {}))
+        for start in starts[:-2]:
+            if self.intervals.get(start) == ledger["intervals"][repr(start)]:
+                del self.intervals[start]
+        late = ledger.get("late_windows", [])
+        if len(late) > _LATE_WINDOWS_KEPT:
+            for n, f, start, c in sorted(late, key=lambda e: e[2])[:-_LATE_WINDOWS_KEPT]:
+                if self.late_windows.get((n, f, start)) == c:
+                    del self.late_windows[(n, f, start)]
 
     # -- the idleness rule ------------------------------------------------------------
     def idle(self, idle_timeout_s: float) -> bool:
@@ -191,6 +200,8 @@ class PartitionState:
 
     # -- checkpoint format ------------------------------------------------------------
     def snapshot(self, partition: str) -> PartitionCheckpoint:
+        """The checkpoint of this state; changes nothing, since a checkpoint can be given
+        up before it is durable (:meth:`on_durable` follows when it is)."""
         windows: list[list[Any]] = [
             [start, name, func, acc]
             for start, keyed in self.windows.items()

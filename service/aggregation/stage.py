@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,6 +12,7 @@ from service.aggregation.recovery import Recovery, Step
 from service.bus.base import PartitionsAssigned, PartitionsRevoked, SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import Clock
+from service.core.confirmation import Confirmation
 from service.core.retry import Backoff
 from service.pipeline.flow import Checkpoint, CheckpointRequest, Outputs, ReadBack, Tick
 from service.pipeline.hub import Delivery
@@ -98,7 +98,10 @@ class AggregatorStage:
         self._interval = checkpoint_interval_s
         self._last_checkpoint = clock.monotonic()
         self._snapshot_s = 0.0  # what the last snapshot took
-        self._pending: asyncio.Future[None] | None = None  # the last checkpoint's durability
+        self._pending: Confirmation | None = None  # the last periodic checkpoint's outcome
+        # checkpoints sent and not settled yet: once durable, the state drops what they
+        # covered (a snapshot itself changes nothing, it may still be given up)
+        self._unconfirmed: list[tuple[Confirmation, list[PartitionCheckpoint]]] = []
         self._dirty = False
 
     async def handle(self, delivery: Delivery[Any]) -> None:
@@ -114,6 +117,7 @@ class AggregatorStage:
             await self._apply(item)
             self._dirty = True
         elif type(item) is Tick:
+            self._forget_durable()
             if self._dirty and self._checkpoint_due():
                 await self._previous_checkpoint_durable()
                 await self._checkpoint(None)
@@ -129,7 +133,7 @@ class AggregatorStage:
             # first periodic checkpoint then still has offsets to read back from.
             fresh = [c.partition for c in item.checkpoints if c.outputs is None]
             if fresh:
-                await self._emit(Checkpoint(self._snapshot(fresh)))
+                await self._send_checkpoint(self._snapshot(fresh), Confirmation())
         elif type(item) is PartitionsRevoked:
             snapshot = self._agg.release(item.partitions)
             self._recovery.checkpointed(snapshot)
@@ -212,21 +216,37 @@ class AggregatorStage:
             await self._clock.sleep(_REWIND_BACKOFF.delay(self._failures - 1))
         rewind(partitions)
 
+    async def _send_checkpoint(
+        self, snapshot: list[PartitionCheckpoint], done: Confirmation
+    ) -> None:
+        await self._emit(Checkpoint(snapshot, done))
+        self._unconfirmed.append((done, snapshot))
+
+    def _forget_durable(self) -> None:
+        """Drop from the state what the checkpoints confirmed since covered; those that
+        failed or were given up are forgotten (the next one covers the same again)."""
+        pending, self._unconfirmed = self._unconfirmed, []
+        for done, snapshot in pending:
+            if done.confirmed:
+                self._agg.on_durable(snapshot)
+            elif not done.settled and not done.abandoned:
+                self._unconfirmed.append((done, snapshot))
+
     def _checkpoint_due(self) -> bool:
         spacing = max(self._interval, _SNAPSHOT_COST_RATIO * self._snapshot_s)
         return self._clock.monotonic() - self._last_checkpoint >= spacing
 
     async def _previous_checkpoint_durable(self) -> None:
         pending = self._pending
-        if pending is not None and not pending.done():
-            await asyncio.wait({pending})
+        if pending is not None:
+            await pending.until_settled()
 
     async def _checkpoint(self, request: CheckpointRequest | None) -> None:
         started = self._clock.monotonic()
         snapshot = self._snapshot()
         self._snapshot_s = self._clock.monotonic() - started
-        done = asyncio.get_running_loop().create_future() if request is None else request.done
-        await self._emit(Checkpoint(snapshot, done))
+        done = Confirmation() if request is None else request.done
+        await self._send_checkpoint(snapshot, done)
         if request is None:
             # Pending only once published: if the publish failed, the re-delivered tick
             # must not wait for a checkpoint that never left.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from service.checkpoints.base import PartitionCheckpoint
+from service.core.confirmation import Confirmation
 from service.core.events import Metric
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,12 @@ class PartitionsAssigned:
 
 @dataclass(slots=True)
 class PartitionsRevoked:
-    """The bus gives these partitions up. ``done`` is resolved once their state and
-    outputs are durable, so the bus can let go of them safely."""
+    """The bus gives these partitions up. ``done`` is confirmed once their state and
+    outputs are durable, so the bus can let go of them safely; a bus that stops waiting
+    for it abandons it (:class:`~service.core.confirmation.Confirmation`)."""
 
     partitions: list[str]
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    done: Confirmation = field(default_factory=Confirmation)
 
 
 BusItem = SourceBatch | PartitionsAssigned | PartitionsRevoked

@@ -509,8 +509,14 @@ class KafkaBus(AsyncResource):
             await emit(item)
         try:
             async with asyncio.timeout(self._revoke_timeout_s):
-                await item.done
+                await item.done.wait()
+        except asyncio.CancelledError:
+            # stop() ends the wait: the group hands the partitions on meanwhile, so a
+            # checkpoint saved from now on could overwrite their new owner's
+            item.done.abandon()
+            raise
         except TimeoutError:
+            item.done.abandon()
             log.error(
                 "kafka bus: downstream did not confirm revoked partitions %s within %.0fs; "
                 "letting them go (the new owner resumes from the last checkpoint)",

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Final
 
 from service.bus.base import Bus, BusItem, Emit, PartitionsAssigned, PartitionsRevoked, Restore
 from service.core.events import Metric
@@ -154,22 +154,23 @@ class LeasedBus:
         item = PartitionsRevoked(list(partitions))
         if not await unless_stopped(emit(item), self._stopping):
             return  # stopping: the shutdown's checkpoint takes these partitions along
-        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
-        waits: set[asyncio.Future[Any]] = {item.done, stop}
+        settled = asyncio.ensure_future(item.done.until_settled())
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            finished, _ = await asyncio.wait(
-                waits, timeout=self._revoke_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            await asyncio.wait(
+                {settled, stop}, timeout=self._revoke_timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
+            settled.cancel()
             stop.cancel()
-        if item.done in finished:
-            failure = None if item.done.cancelled() else item.done.exception()
+        if item.done.settled:
+            failure = item.done.failure
             if failure is None:
                 log.info("lease lost: %s checkpointed", partitions)
             else:
                 log.error("lease lost: %s not checkpointed: %r", partitions, failure)
         elif not self._stopping.is_set():
-            item.done.cancel()
+            item.done.abandon()
             log.error(
                 "lease lost: the checkpoint of %s was not durable within %.0f s; given up "
                 "(the next reader resumes from the previous checkpoint)",

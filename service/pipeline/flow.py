@@ -8,10 +8,10 @@ aggregator stage --Outputs/Checkpoint/ReadBack--> "output" --> DataSender --> si
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from service.checkpoints.base import PartitionCheckpoint
+from service.core.confirmation import Confirmation
 from service.core.events import Aggregate, DeadLetter
 
 __all__ = ["INPUT", "OUTPUT", "Checkpoint", "CheckpointRequest", "Outputs", "ReadBack", "Tick"]
@@ -27,11 +27,9 @@ class Tick:
 
 @dataclass(slots=True)
 class CheckpointRequest:
-    """Checkpoint everything now (shutdown); ``done`` resolves when it is durable."""
+    """Checkpoint everything now (shutdown); ``done`` is confirmed when it is durable."""
 
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    done: Confirmation = field(default_factory=Confirmation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +45,12 @@ class ReadBack:
 class Checkpoint:
     """Make these partition states durable, then commit their positions to the bus.
 
-    Travels behind the outputs it covers, so the sender has written them first.
+    Travels behind the outputs it covers, so the sender has written them first. The
+    sender settles ``done``, and skips the checkpoint when its waiter abandoned it first.
     """
 
     checkpoints: list[PartitionCheckpoint]
-    done: asyncio.Future[None] | None = None
+    done: Confirmation | None = None
 
     @property
     def positions(self) -> dict[str, str]:

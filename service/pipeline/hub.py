@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.core.clock import Clock, SystemClock
+from service.core.clock import Clock
 from service.core.retry import Backoff
 from service.metrics.collector import MetricsCollector
 
@@ -101,12 +101,12 @@ class EventHub:
     def __init__(
         self,
         metrics: MetricsCollector,
-        clock: Clock | None = None,
+        clock: Clock,
         restart_backoff: Backoff | None = None,
     ) -> None:
         self._metrics = metrics
         metrics.set_queue_view(self._depths)
-        self._clock = clock or SystemClock()
+        self._clock = clock
         self._backoff = restart_backoff or Backoff(initial_s=0.1, maximum_s=30.0)
         self._subs: dict[str, _Subscriber] = {}
         self._started = False

@@ -270,7 +270,7 @@ class DataSender:
         self, aggregates: list[Aggregate], dead_letters: list[DeadLetter], cp: Checkpoint
     ) -> None:
         shared = self._shared
-        if cp.done is not None and cp.done.cancelled():
+        if cp.done is not None and cp.done.abandoned:
             # Its waiter gave up: the bus lets revoked partitions go after its timeout
             # (their new owner may have saved newer state than this), the shutdown at
             # its deadline. Not a redelivery: those never repeat a durable checkpoint.
@@ -334,8 +334,8 @@ class DataSender:
                 [c.partition for c in checkpoints],
                 exc,
             )
-            if cp.done is not None and not cp.done.done():
-                cp.done.set_exception(exc)
+            if cp.done is not None:
+                cp.done.fail(exc)
             return
         positions = cp.positions
         if positions:
@@ -344,8 +344,8 @@ class DataSender:
             except Exception as exc:  # the stored checkpoint is the source of truth
                 log.warning("committing positions to the bus failed: %s", exc)
         self._metrics.on_checkpoint(self._clock.monotonic() - started)
-        if cp.done is not None and not cp.done.done():  # its waiter may have given up
-            cp.done.set_result(None)
+        if cp.done is not None:
+            cp.done.confirm()
 
     def readiness_check(
         self, sink: Sink, failing_for_s: float = 0.0

@@ -40,7 +40,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from service.config import KafkaConfig
-from service.core.clock import Clock, SystemClock
+from service.core.clock import Clock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter, iso_utc
 from service.core.lifecycle import AsyncResource
@@ -209,15 +209,15 @@ class KafkaSink(AsyncResource):
         self,
         cfg: KafkaConfig,
         metrics: MetricsCollector,
+        clock: Clock,
         *,
-        clock: Clock | None = None,
         topic_partitions: int = 3,
         request_timeout_s: float = 30.0,
         check_timeout_s: float = 3.0,
     ) -> None:
         self._cfg = cfg
         self._metrics = metrics
-        self._clock = clock or SystemClock()
+        self._clock = clock
         self._topic_partitions = topic_partitions
         self._request_timeout_ms = int(request_timeout_s * 1000)
         self._check_timeout_s = check_timeout_s

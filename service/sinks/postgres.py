@@ -39,7 +39,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from service.config import PostgresConfig
-from service.core.clock import Clock, SystemClock
+from service.core.clock import Clock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter
 from service.core.lifecycle import AsyncResource
@@ -252,8 +252,8 @@ class PostgresSink(AsyncResource):
         self,
         cfg: PostgresConfig,
         metrics: MetricsCollector,
+        clock: Clock,
         *,
-        clock: Clock | None = None,
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 60.0,
         check_timeout_s: float = 3.0,
@@ -263,7 +263,7 @@ class PostgresSink(AsyncResource):
         self._cfg = cfg
         self._fence = fence  # a leased bus's: rows commit only while the epoch is ours
         self._metrics = metrics
-        self._clock = clock or SystemClock()
+        self._clock = clock
         tables = TableNames.of(cfg.table, cfg.dead_letter_table)
         self._sql = SinkStatements(tables, dedup_scope)
         self._connect_timeout_s = connect_timeout_s

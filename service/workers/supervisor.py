@@ -11,8 +11,9 @@ refuses connections instead of leaving them hanging.
   ``RESTART_BACKOFF.delay(n)``, n counting the exits in a row of that worker that came
   within ``STABLE_S`` of its start; every exit and restart is logged. The others go on.
 - SIGTERM/SIGINT: SIGTERM to every worker, which then drains as a single service does,
-  under a ``SHUTDOWN_TIMEOUT`` of its own that ends ``_WORKER_MARGIN_S`` before the
-  supervisor's; a worker still running when the supervisor's deadline (less
+  under a deadline of its own that ends ``_WORKER_MARGIN_S`` before the supervisor's
+  ``SHUTDOWN_TIMEOUT`` (handed over as the worker's ``--shutdown-timeout``, see
+  :func:`worker_command`); a worker still running when the supervisor's deadline (less
   ``_KILL_RESERVE_S``) comes is killed. Exit 0. A second signal kills every worker and
   exits 130 at once.
 - No worker outlives the supervisor. Workers have their own process group, so a
@@ -61,11 +62,15 @@ _KILL_RESERVE_S: Final = 0.5  # of SHUTDOWN_TIMEOUT, for killing and reaping str
 _WORKER_MARGIN_S: Final = 1.0  # a worker's own deadline comes this much earlier
 _KILL_WAIT_S: Final = 5.0
 
-WorkerCommand = Callable[[int, int], Sequence[str]]
-"""``(worker index, HTTP socket fd) -> argv`` of one worker process."""
+WorkerCommand = Callable[[int, int, float], Sequence[str]]
+"""``(worker index, HTTP socket fd, shutdown timeout in s) -> argv`` of one worker."""
 
 
-def worker_command(index: int, http_fd: int) -> list[str]:
+def worker_command(index: int, http_fd: int, shutdown_timeout_s: float) -> list[str]:
+    """The worker reads everything else from the environment, as the supervisor did;
+    its shutdown deadline is an argument because it is not the operator's
+    SHUTDOWN_TIMEOUT: it ends earlier, so that the supervisor still has time to kill
+    and reap a worker that overruns it within SHUTDOWN_TIMEOUT."""
     return [
         sys.executable,
         "-m",
@@ -75,6 +80,8 @@ def worker_command(index: int, http_fd: int) -> list[str]:
         str(index),
         "--http-fd",
         str(http_fd),
+        "--shutdown-timeout",
+        f"{shutdown_timeout_s:.3f}",
     ]
 
 
@@ -90,21 +97,20 @@ class Supervisor:
         self,
         config: Config,
         *,
+        clock: Clock,
         command: WorkerCommand = worker_command,
-        clock: Clock | None = None,
         backoff: Backoff = RESTART_BACKOFF,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock or SystemClock()
+        self.clock = clock
         self._command = command
         self._backoff = backoff
         timeout_s = config.runtime.shutdown_timeout_s
-        worker_timeout_s = timeout_s - _fraction(timeout_s, _WORKER_MARGIN_S, 0.2)
+        self._worker_timeout_s = timeout_s - _fraction(timeout_s, _WORKER_MARGIN_S, 0.2)
         self._environ = {
             **(os.environ if environ is None else environ),
             "WORKERS": str(config.runtime.workers),
-            "SHUTDOWN_TIMEOUT": f"{worker_timeout_s:.3f}",
         }
         self._slots = [WorkerSlot(i) for i in range(config.runtime.workers)]
         self.stopping = asyncio.Event()
@@ -230,7 +236,7 @@ class Supervisor:
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
             process = await asyncio.create_subprocess_exec(
-                *self._command(slot.index, sock.fileno()),
+                *self._command(slot.index, sock.fileno(), self._worker_timeout_s),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self._environ,
                 pass_fds=(sock.fileno(),),
@@ -271,6 +277,6 @@ def install_signal_handlers(supervisor: Supervisor) -> None:
 
 async def run_supervised(config: Config) -> None:
     """``run`` with WORKERS above 1: the supervisor until SIGTERM/SIGINT."""
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, clock=SystemClock())
     install_signal_handlers(supervisor)
     await supervisor.run()

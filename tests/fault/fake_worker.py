@@ -2,7 +2,8 @@
 on the socket its supervisor passes, and behaves as ``FAKE_WORKER_MODE`` says, so that
 the supervisor's process handling and HTTP surface can be tested without a broker.
 
-``python fake_worker.py INDEX FD``; FAKE_WORKER_MODE (default ``ready``):
+``python fake_worker.py INDEX FD SHUTDOWN_TIMEOUT_S`` (its /status shows the deadline it
+was handed and the environment's SHUTDOWN_TIMEOUT); FAKE_WORKER_MODE (default ``ready``):
 ``ready``; ``not_ready:<i>`` (worker i answers /readyz with 503, a failing output);
 ``ignore_term`` (SIGTERM is ignored: only SIGKILL ends it); ``crash`` (exits 3 at once).
 """
@@ -18,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 
 def main() -> None:
-    index, fd = int(sys.argv[1]), int(sys.argv[2])
+    index, fd, shutdown_timeout_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     mode = os.environ.get("FAKE_WORKER_MODE", "ready")
     if mode == "crash":
         sys.exit(3)
@@ -34,7 +35,16 @@ def main() -> None:
                 checks = {"bus": "ok", "postgres": "ok" if ready else "ConnectionRefusedError"}
                 self._send(200 if ready else 503, {"checks": checks})
             elif self.path == "/status":
-                self._send(200, {"phase": "running", "index": index, "events_received": 7})
+                self._send(
+                    200,
+                    {
+                        "phase": "running",
+                        "index": index,
+                        "events_received": 7,
+                        "shutdown_timeout_s": shutdown_timeout_s,
+                        "SHUTDOWN_TIMEOUT": os.environ.get("SHUTDOWN_TIMEOUT"),
+                    },
+                )
             elif self.path == "/metrics":
                 text = (
                     "# HELP vabus_aggregator_events_received_total Events received.\n"

@@ -43,7 +43,7 @@ class FakeOutput:
             await self.gate.wait()
         self.items.append(item)
         if self.durable and isinstance(item, Checkpoint) and item.done is not None:
-            item.done.set_result(None)
+            item.done.confirm()
 
     def checkpoints(self) -> list[Checkpoint]:
         return [i for i in self.items if isinstance(i, Checkpoint)]
@@ -144,7 +144,7 @@ async def test_no_second_periodic_checkpoint_while_the_first_is_not_durable() ->
     assert delivery.done == 1
     assert len(out.checkpoints()) == 1
     assert first.done is not None
-    first.done.set_result(None)
+    first.done.confirm()
     await asyncio.wait_for(work, 5)
     assert len(out.checkpoints()) == 2
 
@@ -179,4 +179,4 @@ async def test_a_crash_mid_batch_never_aggregates_a_batch_twice() -> None:
     assert processed == [first, second]
     assert (hub.stats()["aggregator"].processed, hub.stats()["aggregator"].errors) == (3, 1)
     [cp] = out.checkpoints()
-    assert cp.done is not None and cp.done.done()
+    assert cp.done is not None and cp.done.confirmed

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import load_config
+from service.core.clock import SystemClock
 from service.core.retry import Backoff
 from service.workers import Supervisor
 from tests.fault.harness import process_gone
@@ -31,8 +32,8 @@ FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 FAST = Backoff(initial_s=0.1, maximum_s=1.0, jitter=False)  # 0.1, 0.2, 0.4, 0.8, 1.0 s
 
 
-def fake_command(index: int, http_fd: int) -> list[str]:
-    return [sys.executable, str(FAKE_WORKER), str(index), str(http_fd)]
+def fake_command(index: int, http_fd: int, shutdown_timeout_s: float) -> list[str]:
+    return [sys.executable, str(FAKE_WORKER), str(index), str(http_fd), str(shutdown_timeout_s)]
 
 
 async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -87,9 +88,10 @@ async def supervising(
     }
     sup = Supervisor(
         load_config(env, dotenv=None),
+        clock=SystemClock(),
         command=fake_command,
         backoff=backoff,
-        environ={**os.environ, "FAKE_WORKER_MODE": mode},
+        environ={**os.environ, **env, "FAKE_WORKER_MODE": mode},
     )
     task = asyncio.create_task(sup.run())
     try:
@@ -145,6 +147,15 @@ async def test_stop_ends_every_worker_gracefully_and_leaves_no_process() -> None
     assert all(pid is not None and process_gone(pid) for pid in pids)
     assert [s.last_exit.code if s.last_exit else None for s in sup.slots] == [0, 0]
     assert sup.phase == "stopped" and took < 5
+
+
+async def test_each_worker_is_handed_a_deadline_before_the_supervisors_as_an_argument() -> None:
+    """SHUTDOWN_TIMEOUT stays the operator's value in every process; a worker's own
+    deadline, a second earlier, comes as its ``--shutdown-timeout``."""
+    async with supervising(2, shutdown_timeout=5.0) as (sup, _):
+        _, body = await get_json(sup, "/status")
+    for worker in body["workers"].values():
+        assert worker["shutdown_timeout_s"] == 4.0 and worker["SHUTDOWN_TIMEOUT"] == "5.0"
 
 
 async def test_a_worker_that_ignores_sigterm_is_killed_at_the_shutdown_deadline(
@@ -223,7 +234,13 @@ async def test_status_holds_each_workers_status_and_the_supervisors_view() -> No
         code_page, page = await get(sup, "/")
         pids = [s.pid for s in sup.slots]
     assert code == 200 and code_page == 200 and "<title>VaBus Aggregator</title>" in page
-    assert body["workers"]["1"] == {"phase": "running", "index": 1, "events_received": 7}
+    assert body["workers"]["1"] == {
+        "phase": "running",
+        "index": 1,
+        "events_received": 7,
+        "shutdown_timeout_s": 4.0,
+        "SHUTDOWN_TIMEOUT": "5.0",
+    }
     view = body["supervisor"]
     assert view["pid"] == os.getpid() and view["workers_configured"] == 2
     assert [view["workers"][i]["pid"] for i in ("0", "1")] == pids

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from service.config import PostgresConfig, Secret
+from service.core.clock import SystemClock
 from service.core.events import DeadLetter
 from service.metrics.collector import MetricsCollector
 from service.postgres.schema import migrate
@@ -66,7 +67,7 @@ async def test_a_replayed_batch_stores_each_dead_letter_once(
     postgres_dsn: str, unique_name: str, conn: Any
 ) -> None:
     cfg = config(postgres_dsn, unique_name)
-    async with PostgresSink(cfg, MetricsCollector()) as sink:
+    async with PostgresSink(cfg, MetricsCollector(), SystemClock()) as sink:
         await sink.write([], BATCH)
         # the replay stamps a new receipt time, and may come cut into other writes
         replay = [DeadLetter(d.raw, d.reason, d.detail, d.source, T0 + 90) for d in BATCH]
@@ -81,7 +82,7 @@ async def test_dead_letters_without_a_position_are_stored_each_time(
     """Identical text from a source that names no position may be a new input."""
     cfg = config(postgres_dsn, unique_name)
     letter = DeadLetter("{}", "invalid_value", "refused", "sink:postgres:agg", T0)
-    async with PostgresSink(cfg, MetricsCollector()) as sink:
+    async with PostgresSink(cfg, MetricsCollector(), SystemClock()) as sink:
         await sink.write([], [letter])
         await sink.write([], [letter])
     assert await stored(conn, cfg.dead_letter_table) == {("sink:postgres:agg", "invalid_value"): 2}
@@ -110,7 +111,7 @@ async def test_the_migration_upgrades_a_dead_letter_table_of_the_old_schema_in_p
         )
     await migrate(postgres_dsn, cfg.table, cfg.dead_letter_table)
     await migrate(postgres_dsn, cfg.table, cfg.dead_letter_table)  # idempotent
-    async with PostgresSink(cfg, MetricsCollector()) as sink:
+    async with PostgresSink(cfg, MetricsCollector(), SystemClock()) as sink:
         await sink.write([], BATCH)
         await sink.write([], BATCH)
     assert await stored(conn, cfg.dead_letter_table) == EXPECTED + Counter(
@@ -124,7 +125,7 @@ async def test_two_inputs_sharing_the_table_keep_their_own_dead_letters(
     """Two HTTP buses may hand out the same cursors: the key names the input too."""
     cfg = config(postgres_dsn, unique_name)
     for scope in ("http:http://bus-a", "http:http://bus-b"):
-        async with PostgresSink(cfg, MetricsCollector(), dedup_scope=scope) as sink:
+        async with PostgresSink(cfg, MetricsCollector(), SystemClock(), dedup_scope=scope) as sink:
             await sink.write([], BATCH)
             await sink.write([], BATCH)
     assert await stored(conn, cfg.dead_letter_table) == EXPECTED + EXPECTED

@@ -17,7 +17,7 @@ from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.postgres import PostgresCheckpointStore
 from service.config import AggregationConfig, PostgresConfig, Secret
-from service.core.clock import ManualClock
+from service.core.clock import ManualClock, SystemClock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Checkpoint
 from service.pipeline.hub import Delivery
@@ -81,7 +81,7 @@ async def test_hostile_names_on_time_and_late_are_dead_letters_and_output_and_ch
 
     try:
         async with (
-            PostgresSink(cfg, metrics) as pg,
+            PostgresSink(cfg, metrics, SystemClock()) as pg,
             PostgresCheckpointStore(postgres_dsn, unique_name, table=cp_table) as store,
         ):
             sender = DataSender(

@@ -116,7 +116,7 @@ async def test_malformed_internal_records_are_dead_lettered_or_skipped_and_count
             for a in out.aggregates:
                 emitted[(a.name, a.window_start)] = (a.value, a.count)
         elif isinstance(item, PartitionsRevoked):
-            item.done.set_result(None)
+            item.done.confirm()
 
     async def restore(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
         return {}
@@ -190,7 +190,7 @@ async def test_elements_past_the_cap_cross_the_internal_topic_as_one_too_large(
             for a in out.aggregates:
                 emitted[(a.name, a.window_start)] = (a.value, a.count)
         elif isinstance(item, PartitionsRevoked):
-            item.done.set_result(None)
+            item.done.confirm()
 
     async def restore(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
         return {}

@@ -87,7 +87,7 @@ class Downstream:
     async def emit(self, item: BusItem) -> None:
         if isinstance(item, PartitionsAssigned):
             self.assigned_while_unconfirmed.append(
-                any(isinstance(i, PartitionsRevoked) and not i.done.done() for i in self.items)
+                any(isinstance(i, PartitionsRevoked) and not i.done.settled for i in self.items)
             )
         self.items.append(item)
         if isinstance(item, SourceBatch) and item.next_position is not None:
@@ -97,7 +97,7 @@ class Downstream:
                 if p in self.positions:
                     self.store[p] = PartitionCheckpoint(p, self.positions.pop(p), None)
             loop = asyncio.get_running_loop()
-            loop.call_later(self.confirm_delay_s, item.done.set_result, None)
+            loop.call_later(self.confirm_delay_s, item.done.confirm)
 
     async def restore(self, partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
         return {p: self.store[p] for p in partitions if p in self.store}
@@ -451,6 +451,8 @@ async def test_stop_ends_a_revocation_that_downstream_never_confirms(
     try:
         # well under the 30 s revoke timeout
         assert asyncio.get_running_loop().time() - leaving < 5
+        revoked = [i for i in first.items if isinstance(i, PartitionsRevoked)]
+        assert all(i.done.abandoned for i in revoked), "a stop gives the checkpoint up"
         await wait_until(
             lambda: any(
                 isinstance(i, PartitionsAssigned) and len(i.checkpoints) == 2 for i in second.items

@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.config import KafkaConfig
+from service.core.clock import SystemClock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter
 from service.metrics.collector import MetricsCollector
@@ -65,7 +66,9 @@ async def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 30.0) -
 
 @pytest.fixture
 async def sink(kafka_bootstrap: str, unique_name: str) -> AsyncIterator[KafkaSink]:
-    async with KafkaSink(config(kafka_bootstrap, unique_name), MetricsCollector()) as s:
+    async with KafkaSink(
+        config(kafka_bootstrap, unique_name), MetricsCollector(), SystemClock()
+    ) as s:
         yield s
 
 
@@ -184,7 +187,10 @@ async def test_start_creates_both_topics_and_accepts_them_when_they_exist(
     kafka_bootstrap: str, unique_name: str
 ) -> None:
     cfg = config(kafka_bootstrap, unique_name)
-    async with KafkaSink(cfg, MetricsCollector()), KafkaSink(cfg, MetricsCollector()) as second:
+    async with (
+        KafkaSink(cfg, MetricsCollector(), SystemClock()),
+        KafkaSink(cfg, MetricsCollector(), SystemClock()) as second,
+    ):
         await second.check()
 
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -203,7 +209,7 @@ async def test_a_record_over_the_request_size_limit_is_a_permanent_error_naming_
     kafka_bootstrap: str, unique_name: str
 ) -> None:
     cfg = replace(config(kafka_bootstrap, unique_name), max_request_size=300)
-    async with KafkaSink(cfg, MetricsCollector()) as sink:
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as sink:
         with pytest.raises(PermanentError, match="KAFKA_MAX_REQUEST_SIZE"):
             await sink.write([agg("x" * 200)], [])
 
@@ -215,7 +221,7 @@ async def test_a_dead_letter_over_the_request_size_limit_is_delivered_with_raw_c
     letter = DeadLetter(
         raw="x" * 10_000, reason="too_large", detail="", source="http:cursor=1", received_at=T0
     )
-    async with KafkaSink(cfg, MetricsCollector()) as sink:
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as sink:
         await sink.write([agg("cpu")], [letter])
 
     [record] = await consume(kafka_bootstrap, f"{unique_name}.dlq", 1)
@@ -236,7 +242,7 @@ async def test_an_unreachable_broker_is_a_transient_error_naming_the_servers(
     servers = f"127.0.0.1:{_closed_port()}"
 
     with pytest.raises(TransientError, match=re.escape(servers)):
-        await KafkaSink(config(servers, unique_name), MetricsCollector()).start()
+        await KafkaSink(config(servers, unique_name), MetricsCollector(), SystemClock()).start()
 
 
 async def test_check_passes_while_the_broker_answers_metadata(sink: KafkaSink) -> None:
@@ -257,11 +263,11 @@ async def test_after_a_read_back_a_replay_writes_nothing_twice(
     checkpoint's offsets and writes only what is new (a replay stamps new times)."""
     cfg = config(kafka_bootstrap, unique_name)
     dead = DeadLetter("{bad", "invalid_json", "not JSON", "kafka in/0 offset=7", T0)
-    async with KafkaSink(cfg, MetricsCollector()) as first:
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as first:
         await first.write([agg("before")], [])
         checkpoint = first.written_offsets()  # the checkpoint is taken here
         await first.write([agg("a", 2.0, 3), agg("b", 5.0, 1)], [dead])  # then the crash
-    async with KafkaSink(cfg, MetricsCollector()) as second:
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as second:
         await second.read_back(checkpoint)
         replayed = [replace(agg("a", 2.0, 3), emitted_at=T0 + 99), agg("b", 6.0, 2)]
         await second.write(replayed, [replace(dead, received_at=T0 + 99)])

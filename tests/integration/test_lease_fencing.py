@@ -17,6 +17,7 @@ from service.app import Service, build_service
 from service.bus.http import PARTITION
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import load_config
+from service.core.confirmation import Confirmation
 from service.core.errors import PermanentError
 from service.core.events import Aggregate
 from service.pipeline.flow import Checkpoint, Outputs
@@ -43,8 +44,8 @@ async def services(postgres_dsn: str, unique_name: str) -> AsyncIterator[list[Se
         await svc.store.start()
     yield made
     for svc in made:
-        assert svc.leased is not None
-        await svc.leased.lease.stop()
+        assert svc.lease is not None
+        await svc.lease.stop()
         await svc.store.stop()
         for sink in svc.sinks:
             await sink.stop()
@@ -63,7 +64,7 @@ async def _checkpoint(svc: Service, position: str, name: str) -> Checkpoint:
     """Through the sender, as the pipeline does: one aggregate, then its checkpoint."""
     cp = Checkpoint(
         [PartitionCheckpoint(PARTITION, position, b"state-" + position.encode())],
-        asyncio.get_running_loop().create_future(),
+        Confirmation(),
     )
     await svc.sender.handle(Delivery([Outputs([_aggregate(name)]), cp]))
     return cp
@@ -87,8 +88,8 @@ async def test_a_leader_whose_session_ended_cannot_commit_after_its_successor(
     services: list[Service], postgres_dsn: str, unique_name: str
 ) -> None:
     a, b = services
-    assert a.leased is not None and b.leased is not None
-    lease_a, lease_b = a.leased.lease, b.leased.lease
+    assert a.lease is not None and b.lease is not None
+    lease_a, lease_b = a.lease, b.lease
     namespace = lease_a.namespace
     await asyncio.wait_for(lease_a.acquire(), 10)
     taking_over = asyncio.create_task(lease_b.acquire())
@@ -113,7 +114,7 @@ async def test_a_leader_whose_session_ended_cannot_commit_after_its_successor(
     position, names = await _stored(postgres_dsn, namespace, unique_name)
     assert position == "b1", "the old leader's checkpoint landed after its successor's"
     assert names == ["from_a1", "from_b1"], "the old leader's rows landed after the takeover"
-    failure = late.done.exception() if late.done is not None else None
+    failure = late.done.failure if late.done is not None else None
     assert isinstance(failure, PermanentError) and "fenced" in str(failure)
     # ... and it treats that as losing the lease: it stands by at once.
     reason = await asyncio.wait_for(lease_a.wait_lost(), 5)

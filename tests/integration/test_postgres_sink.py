@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from service.config import PostgresConfig, Secret
+from service.core.clock import SystemClock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter
 from service.dev.devstack import EmbeddedPostgres
@@ -59,7 +60,9 @@ async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def sink(postgres_dsn: str, unique_name: str, conn: Any) -> AsyncIterator[PostgresSink]:
-    async with PostgresSink(config(postgres_dsn, unique_name), MetricsCollector()) as s:
+    async with PostgresSink(
+        config(postgres_dsn, unique_name), MetricsCollector(), SystemClock()
+    ) as s:
         yield s
     await conn.execute(f"DROP TABLE IF EXISTS {unique_name}_agg, {unique_name}_dlq")
 
@@ -257,7 +260,9 @@ async def test_a_user_without_create_privilege_can_run_on_tables_made_by_migrate
         assert postgres_dsn.startswith("postgresql://postgres@")  # the test edits the user
         writer_dsn = postgres_dsn.replace("postgres@", f"{role}@", 1)
 
-        async with PostgresSink(config(writer_dsn, unique_name), MetricsCollector()) as sink:
+        async with PostgresSink(
+            config(writer_dsn, unique_name), MetricsCollector(), SystemClock()
+        ) as sink:
             await sink.write([agg("cpu")], [])
         assert len(await rows(conn, table)) == 1
     finally:
@@ -270,13 +275,13 @@ def test_a_table_name_that_is_not_an_identifier_is_refused_before_connecting() -
     cfg = PostgresConfig(dsn=Secret("postgresql://nowhere/db"), table='events"; DROP TABLE x; --')
 
     with pytest.raises(ValueError, match="invalid table name"):
-        PostgresSink(cfg, MetricsCollector())
+        PostgresSink(cfg, MetricsCollector(), SystemClock())
 
 
 async def test_writes_fail_transiently_while_postgresql_is_down_and_succeed_after_restart(
     pg_restartable: EmbeddedPostgres, unique_name: str
 ) -> None:
-    sink = PostgresSink(config(pg_restartable.dsn, unique_name), MetricsCollector())
+    sink = PostgresSink(config(pg_restartable.dsn, unique_name), MetricsCollector(), SystemClock())
     async with sink:
         await sink.write([agg("cpu", 1.0)], [])
         await sink.check()
@@ -302,7 +307,7 @@ async def test_start_fails_transiently_when_postgresql_is_unreachable(unique_nam
     cfg = config("postgresql://postgres@127.0.0.1:1/postgres", unique_name)
 
     with pytest.raises(TransientError, match="unreachable"):
-        await PostgresSink(cfg, MetricsCollector(), connect_timeout_s=2).start()
+        await PostgresSink(cfg, MetricsCollector(), SystemClock(), connect_timeout_s=2).start()
 
 
 def emitted(a: Aggregate, at: float) -> Aggregate:
@@ -349,7 +354,9 @@ async def test_migration_adds_emitted_at_to_a_table_made_from_the_contract_colum
     try:
         await migrate(postgres_dsn, table, dlq)
         await migrate(postgres_dsn, table, dlq)  # and again: nothing left to do
-        async with PostgresSink(config(postgres_dsn, unique_name), MetricsCollector()) as s:
+        async with PostgresSink(
+            config(postgres_dsn, unique_name), MetricsCollector(), SystemClock()
+        ) as s:
             await s.write([agg("cpu", 2.0, count=1)], [])  # same count: beats the old row
 
         [row] = await rows(conn, table)

@@ -64,7 +64,7 @@ async def test_readyz_turns_503_while_postgres_is_down_and_200_after(
     service = Service(
         config,
         bus=MemoryBus({"p0": []}),
-        sinks=[PostgresSink(pg, metrics)],
+        sinks=[PostgresSink(pg, metrics, clock)],
         store=FileCheckpointStore(str(tmp_path), "t"),
         metrics=metrics,
         clock=clock,
@@ -199,7 +199,7 @@ async def test_readyz_names_a_postgres_output_whose_role_lost_insert_and_recover
     service = Service(
         config,
         bus=bus,
-        sinks=[PostgresSink(pg, metrics)],
+        sinks=[PostgresSink(pg, metrics, clock)],
         store=FileCheckpointStore(str(tmp_path), "t"),
         metrics=metrics,
         clock=clock,
@@ -232,7 +232,7 @@ async def test_readyz_names_checkpoints_saved_in_postgres_when_the_role_may_not_
     config = Config(outputs=("postgres",), postgres=pg, http=HttpServerConfig("127.0.0.1", port))
     clock = SystemClock()
     metrics = MetricsCollector(clock)
-    outputs = build_outputs(config, metrics)
+    outputs = build_outputs(config, metrics, clock)
     assert outputs.shared_transaction is not None
     bus = MemoryBus({"p0": []})
     service = Service(
@@ -281,7 +281,7 @@ async def test_a_probe_flood_runs_one_postgres_check_and_takes_one_connection(
     pg = PostgresConfig(
         dsn=Secret(postgres_dsn), table=f"agg_{unique_name}", pool_min_size=1, pool_max_size=4
     )
-    sink = PostgresSink(pg, metrics)
+    sink = PostgresSink(pg, metrics, SystemClock())
     await sink.start()
     checks = 0
 

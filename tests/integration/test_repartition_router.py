@@ -206,7 +206,7 @@ async def test_a_replay_of_the_routing_stage_counts_once_downstream(
             for a in agg.process(item).aggregates:
                 emitted[(a.name, a.window_start)] = (a.value, a.count)
         elif isinstance(item, PartitionsRevoked):
-            item.done.set_result(None)
+            item.done.confirm()
 
     async def restore(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
         return {}

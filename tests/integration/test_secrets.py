@@ -101,7 +101,7 @@ async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
     assert_no_secret("configuration problems", str(refused.value))
     clock = SystemClock()
     metrics = MetricsCollector(clock)
-    outputs = build_outputs(config, metrics)
+    outputs = build_outputs(config, metrics, clock)
     service = Service(
         config,
         bus=build_bus(config, metrics, clock),
@@ -147,7 +147,9 @@ async def test_no_secret_reaches_logs_status_readyz_metrics_or_error_messages(
         errors: list[str] = []
         closed = with_password(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", "u")
         for dsn in (with_password(postgres_dsn, "no_such_role"), closed):
-            sink = PostgresSink(PostgresConfig(dsn=Secret(dsn)), metrics, connect_timeout_s=2)
+            sink = PostgresSink(
+                PostgresConfig(dsn=Secret(dsn)), metrics, clock, connect_timeout_s=2
+            )
             for operation in (sink.start(), PostgresCheckpointStore(dsn, "ns").start()):
                 with pytest.raises(ServiceError) as info:
                     await operation

@@ -14,6 +14,7 @@ from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
 from service.config import PostgresConfig, Secret, load_config
 from service.core.clock import SystemClock
+from service.core.confirmation import Confirmation
 from service.core.errors import PermanentError
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
@@ -59,7 +60,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
     memory = MemorySink("kafka-like")
     try:
         async with (
-            PostgresSink(cfg, metrics) as pg,
+            PostgresSink(cfg, metrics, SystemClock()) as pg,
             PostgresCheckpointStore(postgres_dsn, unique_name, table=cp_table) as store,
             memory,
         ):
@@ -71,7 +72,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
 
             # The other output holds the PostgreSQL commit back until it has the rows.
             memory.pause()
-            done = asyncio.get_running_loop().create_future()
+            done = Confirmation()
             cp = Checkpoint([PartitionCheckpoint("p0", "3", b"s1")], done)
             task = asyncio.create_task(
                 sender.handle(Delivery([Outputs([agg("a"), agg("b"), agg("c")], []), cp]))
@@ -80,7 +81,7 @@ async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_out
             assert await conn.fetchval(f"SELECT count(*) FROM {cp_table}") == 0
             memory.resume()
             await asyncio.wait_for(task, 10)
-            assert done.done() and commits == [{"p0": "3"}]
+            assert done.confirmed and commits == [{"p0": "3"}]
             assert await conn.fetchval(f"SELECT count(*) FROM {cfg.table}") == 3
             assert await store.load(["p0"]) == {"p0": PartitionCheckpoint("p0", "3", b"s1")}
 
@@ -103,11 +104,11 @@ def test_the_wiring_pairs_the_postgres_sink_with_its_checkpoint_store() -> None:
     config = load_config(
         {"STORAGE_TYPE": "kafka,postgres", "POSTGRES_DSN": "postgresql://u@h/db"}, dotenv=None
     )
-    outputs = build_outputs(config, MetricsCollector())
+    outputs = build_outputs(config, MetricsCollector(), SystemClock())
     assert outputs.shared_transaction is not None
     assert outputs.shared_transaction.sink is outputs.sinks[-1]
     assert outputs.shared_transaction.store is cast(object, outputs.store)
-    kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector())
+    kafka_only = build_outputs(load_config({}, dotenv=None), MetricsCollector(), SystemClock())
     assert kafka_only.shared_transaction is None
 
 

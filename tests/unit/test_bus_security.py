@@ -40,7 +40,7 @@ def bus_clients(env: dict[str, str]) -> list[dict[str, Any]]:
         dotenv=None,
     )
     routed = cast(RepartitionedBus, build_bus(routed_config, metrics, SystemClock()))
-    store = build_outputs(config, metrics).store
+    store = build_outputs(config, metrics, SystemClock()).store
     return [
         bus._options,
         routed._router._options,

@@ -132,7 +132,7 @@ class Recorder:
     async def __call__(self, item: BusItem) -> None:
         self.items.append(item)
         if type(item) is PartitionsRevoked and self._confirm:
-            item.done.set_result(None)
+            item.done.confirm()
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [i for i in self.items if type(i) is kind]
@@ -213,7 +213,7 @@ async def test_a_revocation_not_durable_in_time_is_given_up() -> None:
     await server.cut(NS)
     await eventually(lambda: bool(emit.of(PartitionsRevoked)), "the revocation")
     revoked = emit.of(PartitionsRevoked)[0]
-    await eventually(revoked.done.cancelled, "the revocation given up")
+    await eventually(lambda: revoked.done.abandoned, "the revocation given up")
     await eventually(lambda: guarded.lease.role == "leader", "competing again")
     guarded.stop_intake()
     await asyncio.wait_for(task, 5)
@@ -335,6 +335,7 @@ def service(bus: ReplayBus, lease: MemoryLease, store: DictStore, sink: MemorySi
         metrics=metrics,
         clock=clock,
         serve_http=False,
+        lease=lease,
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
+from service.core.confirmation import Confirmation
 from service.core.errors import PermanentError
 from service.core.events import Aggregate, DeadLetter
 from service.core.retry import Backoff
@@ -84,14 +85,14 @@ async def test_outputs_reach_every_sink_in_chunks_of_batch_size() -> None:
 async def test_checkpoint_is_saved_after_earlier_outputs_and_then_committed() -> None:
     sender, _, store, commits, _ = await make()
     cp = PartitionCheckpoint("p0", "10", b"{}")
-    done = asyncio.get_running_loop().create_future()
+    done = Confirmation()
     await sender.handle(
         Delivery([Outputs([agg("a")], []), Checkpoint([cp], done), Outputs([agg("b")], [])])
     )
     assert store.saved == [[cp]]
     assert store.sink_sizes_at_save == [[1, 1]]  # "a" durable before the checkpoint, "b" after
     assert commits == [{"p0": "10"}]
-    assert done.done()
+    assert done.confirmed
 
 
 async def test_transient_sink_failure_is_retried_without_blocking_the_other_sink() -> None:
@@ -155,11 +156,11 @@ async def test_a_redelivery_through_the_hub_does_not_save_a_durable_checkpoint_a
 
 
 async def test_a_checkpoint_whose_waiter_gave_up_is_not_saved() -> None:
-    """The bus lets revoked partitions go when nobody confirms them in time (it cancels
+    """The bus lets revoked partitions go when nobody confirms them in time (it abandons
     ``done``); a late save could overwrite the state of their new owner."""
     sender, sinks, store, commits, _ = await make()
-    done = asyncio.get_running_loop().create_future()
-    done.cancel()
+    done = Confirmation()
+    done.abandon()
     cp = Checkpoint([PartitionCheckpoint("p0", "1", None)], done)
     await sender.handle(Delivery([Outputs([agg("a")], []), cp]))
     assert store.saved == [] and commits == []
@@ -184,9 +185,9 @@ async def test_a_fenced_checkpoint_is_dropped_and_its_waiter_told() -> None:
         raise FencedError("checkpoint of 'ns' fenced")
 
     store.save = fenced  # type: ignore[method-assign]
-    done = asyncio.get_running_loop().create_future()
+    done = Confirmation()
     cp = Checkpoint([PartitionCheckpoint("p0", "7", b"s")], done)
     delivery = Delivery([Outputs([agg("a")], []), cp])
     await sender.handle(delivery)
     assert delivery.done == 2 and commits == []
-    assert isinstance(done.exception(), FencedError)
+    assert isinstance(done.failure, FencedError)

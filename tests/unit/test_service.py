@@ -101,10 +101,10 @@ async def test_sink_outage_holds_the_commit_until_outputs_are_durable(tmp_path: 
         while service.hub.stats()["aggregator"].processed <= handled:
             await asyncio.sleep(0.01)
     await sink.wait_until(lambda s: s.writes_started >= 1)  # and the held write began
-    assert not request.done.done()
+    assert not request.done.settled
     assert bus.commits == []  # nothing committed while the output holds the aggregate
     sink.resume()
-    await asyncio.wait_for(request.done, 5)
+    await asyncio.wait_for(request.done.wait(), 5)
     assert len(sink.aggregates) == 1
     assert bus.commits == [{"p0": "2"}]
     service.request_stop()
