@@ -24,9 +24,7 @@ stored, is refused whole and retried with backoff on the same cursor. Bodies abo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +41,7 @@ from service.bus.base import (
     RewindByRerun,
     SourceBatch,
 )
+from service.bus.http_envelope import cursor_from_text, parse_envelope
 from service.bus.http_limits import (
     ProtocolError,
     ResponseTooLarge,
@@ -50,7 +49,6 @@ from service.bus.http_limits import (
     check_cursor,
     read_capped,
 )
-from service.bus.json_text import skip_ws, split_json_array
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import BusConfig
 from service.core.clock import Clock
@@ -70,7 +68,6 @@ _MIN_EMPTY_POLL_S: Final = 0.05  # a server that ignores `wait` must not make us
 _CHECK_TIMEOUT_S: Final = 5.0
 _ERROR_TEXT: Final = 1024  # bytes of an error answer kept for the log
 _THREAD_PARSE_BYTES: Final = 256 * 1024  # larger bodies are parsed off the event loop
-_CURSOR_TEXT: Final = re.compile(rb'"cursor"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
 class _Narrow(Exception):
@@ -299,9 +296,9 @@ class HttpBus(AsyncResource):
             body = await read_capped(response, config.max_response_bytes, limit)
         seconds = self._clock.monotonic() - started
         if len(body) > _THREAD_PARSE_BYTES:
-            events, cursor_value = await asyncio.to_thread(_parse_envelope, body)
+            events, cursor_value = await asyncio.to_thread(parse_envelope, body)
         else:
-            events, cursor_value = _parse_envelope(body)
+            events, cursor_value = parse_envelope(body)
         if events is not None:
             if len(events) > limit:
                 raise TooManyEvents(
@@ -318,6 +315,13 @@ class HttpBus(AsyncResource):
                 self._limit = min(config.http_batch_limit, limit * 2)
             caught_up = len(events) < limit
             return _Fetched(cursor, events, next_cursor or cursor, caught_up, len(events), seconds)
+        return self._not_an_envelope(cursor, limit, body, cursor_value, seconds)
+
+    def _not_an_envelope(
+        self, cursor: str | None, limit: int, body: bytes, cursor_value: Any, seconds: float
+    ) -> _Fetched:
+        """A body that is not an events envelope: :class:`_Narrow` to isolate it, else
+        handed on once per cursor as one invalid record (:class:`_RepeatedBody` after)."""
         if limit > 1 and cursor is not None:
             # The bad element is among the next `limit`: find it alone, keep the others.
             # (Without a cursor the server is queue-like: what it sent cannot be re-asked.)
@@ -330,7 +334,7 @@ class HttpBus(AsyncResource):
             )
             raise _Narrow
         self._narrow_left = 0
-        next_cursor = check_cursor(cursor_value) or check_cursor(_cursor_from_text(body))
+        next_cursor = check_cursor(cursor_value) or check_cursor(cursor_from_text(body))
         if cursor != self._bad_cursor:
             self._bad_cursor, self._bad_bodies = cursor, set()
         if hash(body) in self._bad_bodies:
@@ -423,65 +427,3 @@ class HttpBus(AsyncResource):
         if self._session is None:
             raise RuntimeError("HttpBus.start() was not called")
         return self._session
-
-
-def _parse_envelope(body: bytes) -> tuple[list[Any] | None, Any]:
-    """``(events, cursor)``; ``events`` is None when the body is not an envelope; the
-    cursor as it was sent (any JSON value, None when absent), for :func:`check_cursor`.
-
-    orjson refuses numbers outside a double (``1e999``, 400-digit integers) that are
-    still JSON; then the standard library parses the envelope and the events are handed
-    on as their exact texts (``bytes``), which the aggregator rejects one by one.
-    """
-    try:
-        envelope = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _parse_envelope_slowly(body)
-    if not isinstance(envelope, dict):
-        return None, None
-    events, cursor = envelope.get("events"), envelope.get("cursor")
-    return (events if isinstance(events, list) else None), cursor
-
-
-def _cursor_from_text(body: bytes) -> str | None:
-    """The last ``"cursor": "..."`` of a body that is not valid JSON as a whole."""
-    found = _CURSOR_TEXT.findall(body[-4096:])
-    if not found:
-        return None
-    try:
-        cursor = json.loads(found[-1])
-    except ValueError:
-        return None
-    return cursor if isinstance(cursor, str) else None
-
-
-def _parse_envelope_slowly(body: bytes) -> tuple[list[Any] | None, Any]:
-    try:
-        text = body.decode("utf-8")
-        envelope = json.loads(text)
-    except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(envelope, dict):
-        return None, None
-    cursor = envelope.get("cursor")
-    if not isinstance(envelope.get("events"), list):
-        return None, cursor
-    return [e.encode() for e in _events_texts(text)], cursor
-
-
-def _events_texts(text: str) -> list[str]:
-    """The element texts of the top-level ``events`` array of a valid JSON object."""
-    decoder = json.JSONDecoder()
-    found: list[str] = []
-    pos = skip_ws(text, skip_ws(text, 0) + 1)  # past "{"
-    while text[pos] != "}":
-        key, pos = decoder.raw_decode(text, pos)
-        pos = skip_ws(text, skip_ws(text, pos) + 1)  # past ":"
-        if key == "events":
-            found, pos = split_json_array(text, pos)  # the last duplicate wins, as in json
-        else:
-            _, pos = decoder.raw_decode(text, pos)
-        pos = skip_ws(text, pos)
-        if text[pos] == ",":
-            pos = skip_ws(text, pos + 1)
-    return found

@@ -197,23 +197,28 @@ async def retry(
             delay = backoff.delay(attempt)
             if floor is not None:
                 delay = max(delay, floor)
-            log.log(
-                logging.ERROR
-                if isinstance(exc, ServiceError) and not exc.retriable
-                else logging.WARNING,
-                "%s failed (%s), attempt %d%s, next try in %.1fs",
-                name,
-                describe_error(exc),
-                attempt,
-                "" if remaining is None else f", {remaining} retries remaining",
-                delay,
-            )
+            _log_retry(name, exc, attempt, remaining, delay)
             if not await sleep_unless_stopped(clock, delay, stop):
                 raise
             continue
         if attempt > 1:
             log.info("%s succeeded after %d failed attempt(s)", name, attempt - 1)
         return result
+
+
+def _log_retry(
+    name: str, exc: BaseException, attempt: int, remaining: int | None, delay: float
+) -> None:
+    """Log one retry in the form the module docstring gives, at the level retry() states."""
+    log.log(
+        logging.ERROR if isinstance(exc, ServiceError) and not exc.retriable else logging.WARNING,
+        "%s failed (%s), attempt %d%s, next try in %.1fs",
+        name,
+        describe_error(exc),
+        attempt,
+        "" if remaining is None else f", {remaining} retries remaining",
+        delay,
+    )
 
 
 def _accepts(retriable: Retriable) -> Callable[[BaseException], bool]:

@@ -44,14 +44,11 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final, cast
+from typing import Any, Final
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
-from service.aggregation.decode import Rejected, WireEvent, decode_fast, fast_ok, parse_event
 from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
 from service.bus.kafka import KafkaBus
 from service.config import AggregationConfig, BusConfig, KafkaConfig
@@ -64,6 +61,8 @@ from service.kafka.errors import KAFKA_FAILURES, kafka_error, keeps_reading
 from service.kafka.options import bus_client_options, create_topics, group_member_options
 from service.metrics.collector import MetricsCollector
 from service.repartition import records
+from service.repartition.keying import Routed, route
+from service.repartition.outbox import Outbox
 from service.repartition.records import (
     EXCESS_HEADER,
     ORIGIN_HEADER,
@@ -83,7 +82,6 @@ _RETRY: Final = Backoff(kind="fixed", initial_s=1.0)  # a failed batch is read a
 _DEFAULT_MAX_FUTURE_S: Final = AggregationConfig().max_future_s
 _DEFAULT_MAX_LEAD_S: Final = AggregationConfig().max_watermark_lead_s
 _BATCH_BYTES: Final = 512 * 1024  # one record batch of the internal topic, below 1 MB limits
-_PARTITION_CACHE: Final = 100_000  # names whose internal partition is remembered
 
 
 def internal_topic(group: str) -> str:
@@ -92,45 +90,6 @@ def internal_topic(group: str) -> str:
 
 def windowing_group(group: str) -> str:
     return f"{group}.windows"
-
-
-Routed = tuple[bytes, bytes, float | None]
-"""(key, value, event time when the event is valid) of one record for the internal topic."""
-
-
-def route(value: bytes | None, fallback: bytes, max_ts: float) -> list[Routed]:
-    """One record per event of one input message, in order. An object keeps its exact
-    text; array elements are written one each; a message without a usable name goes
-    whole, keyed by ``fallback`` (its input partition), to be dead-lettered downstream.
-    The event time is given for the events the windowing stage will accept (``max_ts``:
-    the latest acceptable one), the only ones that move the input partition's progress."""
-    raw = value or b""
-    try:  # the common case, one valid event, as the aggregator's own fast path reads it
-        fast = decode_fast(raw)
-    except Exception:  # noqa: S110 - any refusal: the reference path below decides
-        pass
-    else:
-        if type(fast) is WireEvent and fast_ok(fast, max_ts):
-            return [(fast.name.encode(), raw, cast(float, fast.timestamp))]
-    try:
-        decoded = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return [(fallback, raw, None)]
-    if type(decoded) is list:
-        return [(_key(e, fallback), orjson.dumps(e), _event_time(e, max_ts)) for e in decoded]
-    return [(_key(decoded, fallback), raw, _event_time(decoded, max_ts))]
-
-
-def _key(event: Any, fallback: bytes) -> bytes:
-    name = event.get("name") if type(event) is dict else None
-    return name.encode("utf-8", "surrogatepass") if type(name) is str and name else fallback
-
-
-def _event_time(event: Any, max_ts: float) -> float | None:
-    try:
-        return parse_event(event, max_ts)[3]  # the windowing stage's own validation
-    except Rejected:
-        return None
 
 
 @dataclass(slots=True)
@@ -144,63 +103,6 @@ class _Owned:
     def report(self, highwater: int | None, now: float) -> OriginReport:
         caught_up = highwater is not None and self.next_offset >= highwater
         return OriginReport(self.max_ts, caught_up, max(0.0, now - self.last_message_at))
-
-
-class _Outbox:
-    """Records for the internal topic, built into one record batch per partition: far
-    cheaper than a ``send()`` per record, which dominated the routing stage's CPU. A
-    keyed record goes where aiokafka's default partitioner puts it (as ``send()`` did),
-    so each name keeps its internal partition across versions."""
-
-    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]) -> None:
-        self._producer = producer
-        self._topic = topic
-        self._partitions = partitions
-        self._partition_of: dict[bytes, int] = {}
-        self._open: dict[int, Any] = {}  # partition -> the batch being filled
-        self._acks: list[asyncio.Future[Any]] = []
-
-    def _partition(self, key: bytes) -> int:
-        p = self._partition_of.get(key)
-        if p is None:
-            if len(self._partition_of) >= _PARTITION_CACHE:
-                self._partition_of.clear()
-            p = self._partition_of[key] = _PARTITIONER(key, self._partitions, None)
-        return p
-
-    async def add(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        p = self._partition(key)
-        batch = self._open.get(p)
-        if batch is None:
-            batch = self._open[p] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-            await self._send(p, batch)  # full: a new batch always takes its first record
-            batch = self._open[p] = self._producer.create_batch()
-            batch.append(key=key, value=value, timestamp=None, headers=headers)
-
-    async def flush(self) -> None:
-        """Send what is open; return once the broker has acknowledged everything added."""
-        for p, batch in list(self._open.items()):
-            await self._send(p, batch)
-        self._open.clear()
-        acks, self._acks = self._acks, []
-        for outcome in await asyncio.gather(*acks, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    def discard(self) -> None:
-        """Forget a batch that failed (its input is read again from the committed offsets;
-        whatever of it reached the broker is dropped downstream as a replay)."""
-        self._open.clear()
-        acks, self._acks = self._acks, []
-        for ack in acks:  # their outcome no longer matters, but must be retrieved
-            ack.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def _send(self, partition: int, batch: Any) -> None:
-        self._acks.append(await self._producer.send_batch(batch, self._topic, partition=partition))
-
-
-_PARTITIONER: Final = DefaultPartitioner()
 
 
 class Router(AsyncResource):
@@ -228,7 +130,7 @@ class Router(AsyncResource):
         self._owned: dict[TopicPartition, _Owned] = {}
         self._input_partitions = 0
         self._internal_partitions: list[int] = []
-        self._outbox: _Outbox | None = None
+        self._outbox: Outbox | None = None
         self._reported_at = float("-inf")
 
     async def start(self) -> None:
@@ -249,7 +151,7 @@ class Router(AsyncResource):
             self._consumer = consumer
             await self._ensure_topic(consumer)
             self._internal_partitions = sorted(await producer.partitions_for(self.topic))
-            self._outbox = _Outbox(producer, self.topic, self._internal_partitions)
+            self._outbox = Outbox(producer, self.topic, self._internal_partitions)
         except KAFKA_FAILURES as exc:
             await self.stop()
             raise kafka_error(exc, "repartition: start", self._servers) from exc
@@ -373,7 +275,7 @@ class Router(AsyncResource):
                 await self._report_progress()
 
     async def _add_excess(
-        self, out: _Outbox, fallback: bytes, message: str, routed: list[Routed]
+        self, out: Outbox, fallback: bytes, message: str, routed: list[Routed]
     ) -> None:
         """The elements of one input message past ``VABUS_MAX_EVENTS_PER_MESSAGE`` as one
         record (keyed by the input partition, after the message's other elements), which

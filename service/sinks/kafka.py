@@ -30,7 +30,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -48,6 +48,7 @@ from service.kafka.errors import KAFKA_FAILURES, kafka_error, kafka_error_kind
 from service.kafka.options import client_options, create_topics
 from service.kafka.reading import read_to_end
 from service.metrics.collector import MetricsCollector
+from service.sinks.kafka_read_back import AlreadyWritten
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
 
@@ -125,76 +126,6 @@ def encode_dead_letter(d: DeadLetter, max_bytes: int) -> _Record:
         obj["raw"] = raw + "...[truncated]"
 
 
-_READ_BACK_KEEP_S: Final = 600.0
-
-
-class _AlreadyWritten:
-    """Records found in the output past a restored checkpoint, matched by content
-    (``emitted_at`` and ``received_at`` aside: a replay stamps new ones), one copy per
-    copy found: an aggregate is ``(name, agg_func, window_start, count, value)``, a dead
-    letter ``(where, reason, raw)`` with ``where`` its source when that names a position
-    (Kafka: topic, partition, offset), else only its transport (an HTTP batch's cursor
-    depends on where the replay's batches happen to start). Forgotten once matched, or
-    ``_READ_BACK_KEEP_S`` after the read-back: by then the replay that could repeat them
-    is long over."""
-
-    def __init__(self) -> None:
-        self._aggregates: Counter[tuple[Any, ...]] = Counter()
-        self._dead_letters: Counter[tuple[str, str, str]] = Counter()
-        self._until = 0.0
-
-    def __bool__(self) -> bool:
-        return bool(self._aggregates or self._dead_letters)
-
-    @staticmethod
-    def _where(source: str) -> str:
-        return source if "offset=" in source else source.split(" ", 1)[0]
-
-    def add(self, found: list[tuple[str, bytes]], aggregates_topic: str, now: float) -> None:
-        for topic, value in found:
-            try:
-                obj = orjson.loads(value)
-                if topic == aggregates_topic:
-                    key = (obj["name"], obj["agg_func"], obj["window_start"], obj["count"])
-                    self._aggregates[(*key, obj["value"])] += 1
-                else:
-                    where = self._where(obj["source"])
-                    self._dead_letters[(where, obj["reason"], obj["raw"])] += 1
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue  # not ours: nothing we could repeat
-        self._until = now + _READ_BACK_KEEP_S
-
-    def drop_written(
-        self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter], now: float
-    ) -> tuple[Sequence[Aggregate], Sequence[DeadLetter]]:
-        if now > self._until:
-            self._aggregates.clear()
-            self._dead_letters.clear()
-            return aggregates, dead_letters
-        iso = functools.lru_cache(maxsize=None)(iso_utc)
-        seen_a, seen_d = self._aggregates, self._dead_letters
-        kept_a = []
-        for a in aggregates:
-            key = (a.name, a.agg_func, iso(a.window_start), a.count, a.value)
-            if seen_a[key] > 0:
-                seen_a[key] -= 1
-            else:
-                kept_a.append(a)
-        kept_d = []
-        for d in dead_letters:
-            key_d = (self._where(d.source), d.reason, d.raw)
-            if seen_d[key_d] > 0:
-                seen_d[key_d] -= 1
-            else:
-                kept_d.append(d)
-        seen_a += Counter()  # drop the keys counted down to zero
-        seen_d += Counter()
-        skipped = len(aggregates) - len(kept_a) + len(dead_letters) - len(kept_d)
-        if skipped:
-            log.info("kafka: %d record(s) already in the output were not written again", skipped)
-        return kept_a, kept_d
-
-
 class KafkaSink(AsyncResource):
     """A producer with ``acks=all`` (not idempotent: tansu refuses idempotent producers).
 
@@ -225,7 +156,7 @@ class KafkaSink(AsyncResource):
         self._servers = ",".join(cfg.bootstrap_servers)
         # "<topic>:<partition>" -> an offset up to which the partition is written
         self._written: dict[str, int] = {}
-        self._seen = _AlreadyWritten()
+        self._seen = AlreadyWritten()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -345,9 +276,7 @@ class KafkaSink(AsyncResource):
         """Produce every record and wait until the broker acknowledged all of them;
         records read back after a restore are not written again."""
         if self._seen:
-            aggregates, dead_letters = self._seen.drop_written(
-                aggregates, dead_letters, self._clock.monotonic()
-            )
+            aggregates, dead_letters = self._drop_written(aggregates, dead_letters)
         if not aggregates and not dead_letters:
             return
         if self._producer is None:
@@ -394,6 +323,16 @@ class KafkaSink(AsyncResource):
             len(dead_letters) + len(created),
             self._clock.monotonic() - started,
         )
+
+    def _drop_written(
+        self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
+    ) -> tuple[Sequence[Aggregate], Sequence[DeadLetter]]:
+        """The records not already in the output (:class:`AlreadyWritten`)."""
+        kept_a, kept_d = self._seen.drop_written(aggregates, dead_letters, self._clock.monotonic())
+        skipped = len(aggregates) - len(kept_a) + len(dead_letters) - len(kept_d)
+        if skipped:
+            log.info("kafka: %d record(s) already in the output were not written again", skipped)
+        return kept_a, kept_d
 
     async def _send(
         self, topic: str, records: list[_Record], futures: list[asyncio.Future[Any]]

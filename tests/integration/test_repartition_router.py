@@ -23,8 +23,9 @@ from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.core.clock import SystemClock
 from service.metrics.collector import MetricsCollector
 from service.repartition import records as internal_records
+from service.repartition.keying import route
 from service.repartition.records import ORIGIN_HEADER, PROGRESS_HEADER, decode_progress
-from service.repartition.router import Router, internal_topic, route
+from service.repartition.router import Router, internal_topic
 from tests.fault.harness import create_topic
 
 pytestmark = pytest.mark.integration

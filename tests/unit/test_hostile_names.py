@@ -19,7 +19,7 @@ from service.core.clock import ManualClock
 from service.core.events import DeadLetter
 from service.metrics.collector import MetricsCollector
 from service.postgres.text import json_text, storable_text
-from service.repartition.router import route
+from service.repartition.keying import route
 from service.sinks.kafka import encode_dead_letter
 
 START = 1_699_999_980.0  # a multiple of 60
