@@ -333,8 +333,8 @@ class LoadGenerator:
     Deterministic for a seed (the sequence of names, functions and values; event time
     is the injected clock's now). ``agg_func`` fixes one function for every event;
     ``fixed_per_name`` gives each name one function of its own; otherwise each event
-    draws one. ``invalid_fraction`` of events break a rule of README's "Input events" and
-    ``late_fraction`` carry a timestamp ``late_by_s`` in the past.
+    draws one. ``invalid_fraction`` of events break a rule of docs/aggregation.md#input-events
+    and ``late_fraction`` carry a timestamp ``late_by_s`` in the past.
     """
 
     def __init__(
