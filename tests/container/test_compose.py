@@ -26,7 +26,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML (via moto) ships no types
 from aiokafka import AIOKafkaConsumer
 
-from service.dev.devstack import tansu_binary
+from service.dev.broker import tansu_binary
 from tests.container.docker import DOCKER, REPO_ROOT, docker_env, run
 
 pytestmark = [pytest.mark.container]
