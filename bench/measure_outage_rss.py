@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from service.dev.broker import EmbeddedKafka
-from service.dev.emulator import Emulator, LoadGenerator
+from service.dev.emulator import Emulator
+from service.dev.load import LoadGenerator
 from service.dev.postgres_server import EmbeddedPostgres
 from tests.fault.harness import Incarnation, service_env
 

@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.dev.emulator import Emulator, LoadGenerator
+from service.dev.emulator import Emulator
+from service.dev.load import LoadGenerator
 from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.workload import ServiceProcess, free_port
 
