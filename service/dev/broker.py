@@ -8,12 +8,11 @@ import importlib.resources
 import logging
 import signal
 import stat
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from service.core.lifecycle import AsyncResource
-from service.dev.children import POLL_S, Child, ServerStartError, free_port, log_tail
+from service.dev.children import Child, ServerStartError, free_port, wait_ready
 
 __all__ = ["EmbeddedKafka", "tansu_binary"]
 
@@ -119,10 +118,7 @@ class EmbeddedKafka(AsyncResource):
         from aiokafka import AIOKafkaClient
         from aiokafka.errors import KafkaError
 
-        deadline = time.monotonic() + self._start_timeout_s
-        while time.monotonic() < deadline:
-            if child.exited:
-                raise ServerStartError(f"tansu exited:\n{log_tail(self.log_path)}")
+        async def answers() -> bool:
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.close()
@@ -135,11 +131,9 @@ class EmbeddedKafka(AsyncResource):
                 except KafkaError:
                     pass
                 else:
-                    if not child.exited:  # the answer came from our broker, not a squatter
-                        return
+                    return not child.exited  # the answer came from our broker, not a squatter
                 finally:
                     await client.close()
-            await asyncio.sleep(POLL_S)
-        raise ServerStartError(
-            f"tansu not ready within {self._start_timeout_s} s:\n{log_tail(self.log_path)}"
-        )
+            return False
+
+        await wait_ready(child, "tansu", answers, self._start_timeout_s)

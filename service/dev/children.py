@@ -15,17 +15,17 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import IO
 
 from service.workers.child_process import death_pact
 
-__all__ = ["POLL_S", "Child", "ServerStartError", "free_port", "log_tail"]
+__all__ = ["Child", "ServerStartError", "free_port", "log_tail", "wait_ready"]
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.01  # how often a server's readiness and exit are looked at
+_POLL_S = 0.01  # how often a server's readiness and exit are looked at
 
 
 class ServerStartError(RuntimeError):
@@ -91,8 +91,23 @@ class Child:
         while not self.exited:
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(_POLL_S)
         return True
+
+
+async def wait_ready(
+    child: Child, name: str, ready: Callable[[], Awaitable[bool]], timeout_s: float
+) -> None:
+    """Poll ``ready`` until it says yes; :class:`ServerStartError`, ending with the
+    child's log, if the child exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.exited:
+            raise ServerStartError(f"{name} exited:\n{log_tail(child.log_path)}")
+        if await ready():
+            return
+        await asyncio.sleep(_POLL_S)
+    raise ServerStartError(f"{name} not ready within {timeout_s} s:\n{log_tail(child.log_path)}")
 
 
 def _spawn(

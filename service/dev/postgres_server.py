@@ -11,12 +11,11 @@ import pwd
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import IO
 
 from service.core.lifecycle import AsyncResource
-from service.dev.children import POLL_S, Child, ServerStartError, free_port, log_tail
+from service.dev.children import Child, ServerStartError, free_port, log_tail, wait_ready
 
 __all__ = ["EmbeddedPostgres"]
 
@@ -157,18 +156,16 @@ class EmbeddedPostgres(AsyncResource):
     async def _wait_ready(self, child: Child) -> None:
         # postmaster.pid names our pid and says "ready" once connections are accepted.
         pid_file = self._data_dir / "postmaster.pid"
-        deadline = time.monotonic() + self._start_timeout_s
-        while time.monotonic() < deadline:
-            if child.exited:
-                raise ServerStartError(f"postgres exited:\n{log_tail(self.log_path)}")
+
+        async def accepts() -> bool:
             with contextlib.suppress(OSError):
                 lines = pid_file.read_text().splitlines()
-                if len(lines) >= 8 and lines[0] == str(child.pid) and lines[7].strip() == "ready":
-                    return
-            await asyncio.sleep(POLL_S)
-        raise ServerStartError(
-            f"postgres not ready within {self._start_timeout_s} s:\n{log_tail(self.log_path)}"
-        )
+                return (
+                    len(lines) >= 8 and lines[0] == str(child.pid) and lines[7].strip() == "ready"
+                )
+            return False
+
+        await wait_ready(child, "postgres", accepts, self._start_timeout_s)
 
 
 def _pg_install() -> Path:
