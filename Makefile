@@ -64,4 +64,4 @@ bench: install          ## the benchmark of bench/README.md (not part of `make t
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache state
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache state .coverage
