@@ -30,8 +30,8 @@ lock:                   ## refresh constraints.txt: the newest versions pyprojec
 run: install            ## the service on the embedded stack (broker + PostgreSQL + emulator)
 	$(BIN)/vabus-aggregator demo
 
-test: install lint      ## lint, then every test: unit, integration (real broker + PostgreSQL), e2e
-	$(BIN)/pytest
+test: install lint      ## lint, then every test: unit, integration (real broker + PostgreSQL), e2e; coverage of service/
+	$(BIN)/pytest --cov
 
 test-unit: install
 	$(BIN)/pytest tests/unit
@@ -64,4 +64,4 @@ bench: install          ## the benchmark of bench/README.md (not part of `make t
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache state
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache state .coverage

@@ -32,7 +32,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.broker import EmbeddedKafka
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.fault.harness import Incarnation, create_topic, service_env, wait_for
 
 INTERVAL = 3600

@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
-from service.dev.emulator import Emulator, LoadGenerator
+from service.dev.broker import EmbeddedKafka
+from service.dev.emulator import Emulator
+from service.dev.load import LoadGenerator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.fault.harness import Incarnation, service_env
 
 

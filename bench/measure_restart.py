@@ -25,8 +25,9 @@ from typing import Any
 
 import orjson
 
-from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.broker import EmbeddedKafka
 from service.dev.emulator import Emulator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.fault.harness import Incarnation, service_env, wait_for
 
 INTERVAL = 3600

@@ -21,7 +21,7 @@ from uuid import uuid4
 import pytest
 
 if TYPE_CHECKING:
-    from service.dev.devstack import EmbeddedPostgres
+    from service.dev.postgres_server import EmbeddedPostgres
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def kafka_bootstrap(devstack_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from service.dev.devstack import EmbeddedKafka
+    from service.dev.broker import EmbeddedKafka
 
     broker = EmbeddedKafka(devstack_dir / "kafka")
     _run(broker.start())
@@ -73,7 +73,7 @@ def postgres_dsn(devstack_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from service.dev.devstack import EmbeddedPostgres
+    from service.dev.postgres_server import EmbeddedPostgres
 
     server = EmbeddedPostgres(devstack_dir / "pgdata")
     _run(server.start())
@@ -91,7 +91,7 @@ def pg_restartable(devstack_dir: Path) -> Iterator[EmbeddedPostgres]:
     """
     if os.environ.get("TEST_POSTGRES_DSN"):
         pytest.skip("TEST_POSTGRES_DSN is set; an external PostgreSQL cannot be restarted")
-    from service.dev.devstack import EmbeddedPostgres
+    from service.dev.postgres_server import EmbeddedPostgres
 
     data_dir = devstack_dir / f"pg-{uuid4().hex[:8]}"
     server = EmbeddedPostgres(data_dir)

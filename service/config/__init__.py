@@ -5,30 +5,9 @@
 component receives only its own section.
 """
 
+from service.config import sections
 from service.config.loader import load_config
 from service.config.masking import Secret
-from service.config.sections import (
-    AggregationConfig,
-    BusConfig,
-    Config,
-    HttpServerConfig,
-    KafkaConfig,
-    KafkaSecurity,
-    LogConfig,
-    PostgresConfig,
-    RuntimeConfig,
-)
+from service.config.sections import *  # noqa: F403  (the section types: sections.__all__)
 
-__all__ = [
-    "AggregationConfig",
-    "BusConfig",
-    "Config",
-    "HttpServerConfig",
-    "KafkaConfig",
-    "KafkaSecurity",
-    "LogConfig",
-    "PostgresConfig",
-    "RuntimeConfig",
-    "Secret",
-    "load_config",
-]
+__all__ = [*sections.__all__, "Secret", "load_config"]

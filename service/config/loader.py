@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
+from typing import Any
 
 from service.config.masking import Secret
 from service.config.parsers import (
@@ -34,6 +35,7 @@ from service.config.reader import Reader
 from service.config.sections import (
     AggregationConfig,
     BusConfig,
+    ClusterSecurity,
     Config,
     HttpServerConfig,
     KafkaConfig,
@@ -98,15 +100,47 @@ def read_config(r: Reader) -> Config:
     return config
 
 
-BUS_SECURITY_VARIABLES = (
-    "VABUS_KAFKA_SECURITY_PROTOCOL",
-    "VABUS_KAFKA_SASL_MECHANISM",
-    "VABUS_KAFKA_SASL_USERNAME",
-    "VABUS_KAFKA_SASL_PASSWORD",
-    "VABUS_KAFKA_SSL_CAFILE",
-    "VABUS_KAFKA_SSL_CERTFILE",
-    "VABUS_KAFKA_SSL_KEYFILE",
-)
+def read_security(r: Reader, prefix: str) -> ClusterSecurity:
+    """One cluster's SASL/SSL settings: ``{prefix}SECURITY_PROTOCOL`` and the rest."""
+    d = ClusterSecurity()
+    return ClusterSecurity(
+        security_protocol=r.custom(
+            f"{prefix}SECURITY_PROTOCOL",
+            d.security_protocol,
+            lambda v: pick(v.upper(), PROTOCOLS),
+            "one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+        ),
+        sasl_mechanism=r.custom(
+            f"{prefix}SASL_MECHANISM",
+            d.sasl_mechanism,
+            lambda v: pick(v.upper(), MECHANISMS),
+            MECHANISM_FORM,
+        ),
+        sasl_username=r.custom(f"{prefix}SASL_USERNAME", d.sasl_username, str, "a user name"),
+        sasl_password=Secret(r.custom(f"{prefix}SASL_PASSWORD", "", str, "a password")),
+        ssl_cafile=r.custom(f"{prefix}SSL_CAFILE", None, existing_file, FILE_FORM),
+        ssl_certfile=r.custom(f"{prefix}SSL_CERTFILE", None, existing_file, FILE_FORM),
+        ssl_keyfile=r.custom(f"{prefix}SSL_KEYFILE", None, existing_file, FILE_FORM),
+    )
+
+
+def security_of(settings: ClusterSecurity) -> dict[str, Any]:
+    """The :class:`ClusterSecurity` fields of ``settings``, as keyword arguments."""
+    return {f.name: getattr(settings, f.name) for f in fields(ClusterSecurity)}
+
+
+def check_sasl(r: Reader, prefix: str, security: ClusterSecurity) -> None:
+    """A SASL protocol needs ``{prefix}SASL_MECHANISM``, ``_USERNAME`` and ``_PASSWORD``."""
+    if not security.security_protocol.startswith("SASL_"):
+        return
+    needed = (
+        (f"{prefix}SASL_MECHANISM", security.sasl_mechanism, MECHANISM_FORM),
+        (f"{prefix}SASL_USERNAME", security.sasl_username, "a user name"),
+        (f"{prefix}SASL_PASSWORD", security.sasl_password.value, "a password"),
+    )
+    for name, value, form in needed:
+        if not value:
+            r.fail(name, f"{form}, because {prefix}SECURITY_PROTOCOL={security.security_protocol}")
 
 
 def with_bus_security(r: Reader, bus: BusConfig, kafka: KafkaConfig) -> BusConfig:
@@ -114,55 +148,13 @@ def with_bus_security(r: Reader, bus: BusConfig, kafka: KafkaConfig) -> BusConfi
     none of them is set and the bus's brokers are exactly KAFKA_BOOTSTRAP_SERVERS (one
     cluster), the KAFKA_* settings; never for other brokers, so the output cluster's
     password is never sent to the bus's."""
-    d = KafkaSecurity()
-    own = KafkaSecurity(
-        security_protocol=r.custom(
-            "VABUS_KAFKA_SECURITY_PROTOCOL",
-            d.security_protocol,
-            lambda v: pick(v.upper(), PROTOCOLS),
-            "one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
-        ),
-        sasl_mechanism=r.custom(
-            "VABUS_KAFKA_SASL_MECHANISM",
-            d.sasl_mechanism,
-            lambda v: pick(v.upper(), MECHANISMS),
-            MECHANISM_FORM,
-        ),
-        sasl_username=r.custom("VABUS_KAFKA_SASL_USERNAME", d.sasl_username, str, "a user name"),
-        sasl_password=Secret(r.custom("VABUS_KAFKA_SASL_PASSWORD", "", str, "a password")),
-        ssl_cafile=r.custom("VABUS_KAFKA_SSL_CAFILE", None, existing_file, FILE_FORM),
-        ssl_certfile=r.custom("VABUS_KAFKA_SSL_CERTFILE", None, existing_file, FILE_FORM),
-        ssl_keyfile=r.custom("VABUS_KAFKA_SSL_KEYFILE", None, existing_file, FILE_FORM),
-    )
-    any_set = any(r.raw(name) for name in BUS_SECURITY_VARIABLES)
+    own = read_security(r, "VABUS_KAFKA_")
+    any_set = any(r.raw(f"VABUS_KAFKA_{f.name.upper()}") for f in fields(ClusterSecurity))
     one_cluster = set(bus.kafka_bootstrap_servers) == set(kafka.bootstrap_servers)
     if bus.kind == "kafka" and not any_set and one_cluster:
-        return replace(
-            bus,
-            kafka_security=KafkaSecurity(
-                security_protocol=kafka.security_protocol,
-                sasl_mechanism=kafka.sasl_mechanism,
-                sasl_username=kafka.sasl_username,
-                sasl_password=kafka.sasl_password,
-                ssl_cafile=kafka.ssl_cafile,
-                ssl_certfile=kafka.ssl_certfile,
-                ssl_keyfile=kafka.ssl_keyfile,
-                inherited=True,
-            ),
-        )
-    if own.security_protocol.startswith("SASL_"):
-        needed = (
-            ("VABUS_KAFKA_SASL_MECHANISM", own.sasl_mechanism, MECHANISM_FORM),
-            ("VABUS_KAFKA_SASL_USERNAME", own.sasl_username, "a user name"),
-            ("VABUS_KAFKA_SASL_PASSWORD", own.sasl_password.value, "a password"),
-        )
-        for name, value, form in needed:
-            if not value:
-                r.fail(
-                    name,
-                    f"{form}, because VABUS_KAFKA_SECURITY_PROTOCOL={own.security_protocol}",
-                )
-    return replace(bus, kafka_security=own)
+        return replace(bus, kafka_security=KafkaSecurity(**security_of(kafka), inherited=True))
+    check_sasl(r, "VABUS_KAFKA_", own)
+    return replace(bus, kafka_security=KafkaSecurity(**security_of(own)))
 
 
 def read_http(r: Reader) -> HttpServerConfig:
@@ -216,30 +208,16 @@ def read_bus(r: Reader) -> BusConfig:
 def read_kafka(r: Reader) -> KafkaConfig:
     d = KafkaConfig()
     topic = r.custom("KAFKA_TOPIC", d.topic, parse_topic, TOPIC_FORM)
+    servers = r.custom(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        d.bootstrap_servers,
+        parse_servers,
+        "a comma-separated list of host:port",
+    )
+    security = read_security(r, "KAFKA_")
     return KafkaConfig(
-        bootstrap_servers=r.custom(
-            "KAFKA_BOOTSTRAP_SERVERS",
-            d.bootstrap_servers,
-            parse_servers,
-            "a comma-separated list of host:port",
-        ),
-        security_protocol=r.custom(
-            "KAFKA_SECURITY_PROTOCOL",
-            d.security_protocol,
-            lambda v: pick(v.upper(), PROTOCOLS),
-            "one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
-        ),
-        sasl_mechanism=r.custom(
-            "KAFKA_SASL_MECHANISM",
-            d.sasl_mechanism,
-            lambda v: pick(v.upper(), MECHANISMS),
-            MECHANISM_FORM,
-        ),
-        sasl_username=r.custom("KAFKA_SASL_USERNAME", d.sasl_username, str, "a user name"),
-        sasl_password=Secret(r.custom("KAFKA_SASL_PASSWORD", "", str, "a password")),
-        ssl_cafile=r.custom("KAFKA_SSL_CAFILE", None, existing_file, FILE_FORM),
-        ssl_certfile=r.custom("KAFKA_SSL_CERTFILE", None, existing_file, FILE_FORM),
-        ssl_keyfile=r.custom("KAFKA_SSL_KEYFILE", None, existing_file, FILE_FORM),
+        bootstrap_servers=servers,
+        **security_of(security),
         topic=topic,
         dlq_topic=r.custom("KAFKA_DLQ_TOPIC", f"{topic}.dlq", parse_topic, TOPIC_FORM),
         linger_ms=r.integer("KAFKA_LINGER_MS", d.linger_ms, low=0),
@@ -321,15 +299,7 @@ def check_consistency(r: Reader, config: Config) -> None:
     if "postgres" in config.outputs and not config.postgres.dsn:
         r.fail("POSTGRES_DSN", "a postgresql:// DSN, because STORAGE_TYPE includes postgres")
     kafka = config.kafka
-    if kafka.security_protocol.startswith("SASL_"):
-        needed = (
-            ("KAFKA_SASL_MECHANISM", kafka.sasl_mechanism, MECHANISM_FORM),
-            ("KAFKA_SASL_USERNAME", kafka.sasl_username, "a user name"),
-            ("KAFKA_SASL_PASSWORD", kafka.sasl_password.value, "a password"),
-        )
-        for name, value, form in needed:
-            if not value:
-                r.fail(name, f"{form}, because KAFKA_SECURITY_PROTOCOL={kafka.security_protocol}")
+    check_sasl(r, "KAFKA_", kafka)
     if kafka.dlq_topic == kafka.topic:
         r.fail("KAFKA_DLQ_TOPIC", "a topic other than KAFKA_TOPIC")
     if config.postgres.table == config.postgres.dead_letter_table:

@@ -1,61 +1,49 @@
-"""Reading variables: an environs ``Env`` kept hermetic, and a reader that collects
-every problem instead of stopping at the first."""
+"""Reading variables hermetically (only the given mapping, then its ``.env``) with a
+reader that collects every problem instead of stopping at the first."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
-from environs import Env, EnvValidationError, validate
+from dotenv import dotenv_values
 
 from service.config.masking import shown
 from service.config.parsers import Invalid
 
 _T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 
-class SourceEnv(Env):
-    """An environs ``Env`` that reads only the mapping it is given, then its ``.env``.
-
-    environs always consults ``os.environ`` first; overriding that one lookup keeps an
-    explicitly passed environment hermetic.
-    """
-
-    def __init__(self, source: Mapping[str, str]) -> None:
-        super().__init__(eager=False)
-        self._source = source
-
-    def _get_value(self, env_key: str, default: Any) -> Any:
-        for values in (self._source, self._environ):
-            value = values.get(env_key)
-            if value:  # empty counts as unset
-                return value
-        return default
-
-    def raw(self, name: str) -> str | None:
-        value = self._get_value(name, None)
-        return value if isinstance(value, str) else None
+def _dotenv(path: str | None) -> dict[str, str]:
+    """The variables of the ``.env`` file at ``path``; none when it is absent or ``None``."""
+    if path is None or not Path(path).exists():
+        return {}
+    return {name: value for name, value in dotenv_values(path).items() if value is not None}
 
 
 class Reader:
     """Reads variables without stopping at the first bad one.
 
     A bad value is replaced by its default so that reading goes on; every problem is
-    kept and reported in the order the variables were read.
+    kept and reported in the order the variables were read. A bad number is recorded
+    only when the problems are asked for, after the consistency checks, so that a check's
+    own message about the same variable is the one kept.
     """
 
     def __init__(self, environ: Mapping[str, str] | None, dotenv: str | None) -> None:
-        self._env = SourceEnv(dict(os.environ) if environ is None else environ)
-        if dotenv is not None:
-            self._env.read_env(dotenv, recurse=False)
+        self._sources = (dict(os.environ) if environ is None else environ, _dotenv(dotenv))
         self._expected: dict[str, str] = {}
         self._failures: dict[str, str] = {}  # name -> problem line
+        self._bad_numbers: list[str] = []
 
     def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
         form = f"an integer >= {low}" if high is None else f"an integer {low}-{high}"
         self._expected[name] = form
-        value = self._env.int(name, default, validate=validate.Range(min=low, max=high))
+        value = self._number(name, int, lambda n: n >= low and (high is None or n <= high))
         return default if value is None else value
 
     def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
@@ -67,13 +55,30 @@ class Reader:
 
     def _seconds(self, name: str, *, allow_zero: bool) -> float | None:
         self._expected[name] = f"a number of seconds {'>= 0' if allow_zero else '> 0'}"
-        check = validate.Range(min=0, min_inclusive=allow_zero)
-        return self._env.float(name, None, validate=check)
+        return self._number(
+            name, float, lambda s: math.isfinite(s) and (s >= 0 if allow_zero else s > 0)
+        )
+
+    def _number(
+        self, name: str, kind: Callable[[str], _N], fits: Callable[[_N], bool]
+    ) -> _N | None:
+        """``name`` as a number that ``fits``; ``None`` when unset or bad (recorded)."""
+        raw = self.raw(name)
+        if raw is None:
+            return None
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+        if value is None or not fits(value):
+            self._bad_numbers.append(name)
+            return None
+        return value
 
     def custom(self, name: str, default: _T, parse: Callable[[str], _T], form: str) -> _T:
         """Read ``name`` with ``parse``, which raises ``ValueError`` on a bad value."""
         self._expected[name] = form
-        raw = self._env.raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         try:
@@ -88,22 +93,24 @@ class Reader:
         """Record a problem with ``name``; only the first one per variable is kept."""
         if name in self._failures:
             return
-        line = f"{name}={shown(name, self._env.raw(name) or '')}: expected {form}"
+        line = f"{name}={shown(name, self.raw(name) or '')}: expected {form}"
         self._failures[name] = f"{line} ({detail})" if detail else line
 
     def raw(self, name: str) -> str | None:
-        return self._env.raw(name)
+        """The value of ``name``: the mapping's, else the ``.env`` file's; empty is unset."""
+        for values in self._sources:
+            value = values.get(name)
+            if value:
+                return value
+        return None
 
     def failed(self, name: str) -> bool:
         """Whether a problem with ``name`` is already recorded (its value is the default)."""
         return name in self._failures
 
     def problems(self) -> list[str]:
-        try:
-            self._env.seal()
-        except EnvValidationError as error:
-            for name in error.error_messages:
-                self.fail(str(name), self._expected[str(name)])
+        for name in self._bad_numbers:
+            self.fail(name, self._expected[name])
         order = {name: index for index, name in enumerate(self._expected)}
         names = sorted(self._failures, key=lambda name: order.get(name, len(order)))
         return [self._failures[name] for name in names]

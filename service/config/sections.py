@@ -11,6 +11,7 @@ from service.core.retry import BackoffKind
 __all__ = [
     "AggregationConfig",
     "BusConfig",
+    "ClusterSecurity",
     "Config",
     "HttpServerConfig",
     "KafkaConfig",
@@ -22,10 +23,9 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class KafkaConfig:
-    """Kafka client settings shared by the Kafka bus and the Kafka sink."""
+class ClusterSecurity:
+    """How the clients of one Kafka cluster authenticate: its SASL and SSL settings."""
 
-    bootstrap_servers: tuple[str, ...] = ("localhost:9092",)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -33,6 +33,14 @@ class KafkaConfig:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig(ClusterSecurity):
+    """Kafka client settings shared by the Kafka bus and the Kafka sink: the output
+    cluster's brokers and security (KAFKA_*), and the output topics."""
+
+    bootstrap_servers: tuple[str, ...] = ("localhost:9092",)
     topic: str = "aggregated-events"  # KAFKA_TOPIC
     dlq_topic: str = "aggregated-events.dlq"  # KAFKA_DLQ_TOPIC (default <topic>.dlq)
     linger_ms: int = 20  # KAFKA_LINGER_MS
@@ -40,17 +48,10 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class KafkaSecurity:
+class KafkaSecurity(ClusterSecurity):
     """SASL/SSL settings of the bus cluster's clients (VABUS_KAFKA_*), kept apart from
     the output cluster's (KAFKA_*) so that neither's credentials reach the other."""
 
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret = Secret("")
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
     # True when no VABUS_KAFKA_* security variable is set and the bus's brokers are
     # exactly KAFKA_BOOTSTRAP_SERVERS: one cluster, so the KAFKA_* settings are used
     inherited: bool = False

@@ -1,4 +1,4 @@
-"""The messages that flow through the service: input events, aggregates, dead letters, metrics.
+"""What the service emits (aggregates, dead letters, metrics) and the names they use.
 
 Everything here is a frozen, slotted dataclass so that it is cheap, hashable where it
 matters and cannot be changed behind a stage's back.
@@ -16,7 +16,6 @@ __all__ = [
     "REJECT_REASONS",
     "Aggregate",
     "DeadLetter",
-    "Event",
     "Metric",
     "iso_utc",
 ]
@@ -60,24 +59,6 @@ def iso_utc(ts: float) -> str:
     """Unix seconds -> ISO-8601 UTC with a trailing ``Z`` (millisecond precision)."""
     dt = datetime.fromtimestamp(ts, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One validated input event. The hot path works on tuples; this is the public form."""
-
-    name: str
-    value: float
-    timestamp: float
-    agg_func: str = "sum"
-
-    def to_json_obj(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "timestamp": self.timestamp,
-            "agg_func": self.agg_func,
-        }
 
 
 @dataclass(frozen=True, slots=True)

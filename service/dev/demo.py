@@ -17,7 +17,8 @@ from pathlib import Path
 from service.app import Service, build_service, install_signal_handlers
 from service.config import load_config
 from service.dev.devstack import DevStack
-from service.dev.emulator import Emulator, LoadGenerator
+from service.dev.emulator import Emulator
+from service.dev.load import LoadGenerator
 from service.metrics.collector import MetricsCollector
 from service.ops.logs import setup_logging
 

@@ -28,11 +28,11 @@ __all__ = [
     "READINESS_KEY",
     "READINESS_TIMEOUT_KEY",
     "STATUS_KEY",
+    "Readiness",
     "ReadinessCheck",
     "WebServer",
-    "add_status_page",
     "build_web_app",
-    "new_app",
+    "new_surface",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ PAGE_KEY: Final = web.AppKey("status_page", bytes)
 Readiness = tuple[int, dict[str, Any]]
 """A /readyz answer: HTTP status and JSON body."""
 READINESS_ANSWER_KEY: Final = web.AppKey[SharedAnswer[Readiness]]("readiness_answer")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_web_app(
@@ -76,38 +77,58 @@ def build_web_app(
     ``auth_token``, every path but /healthz and /readyz needs it as a bearer token
     (:mod:`service.ops.auth`).
     """
-    app = new_app(auth_token)
+    app = new_surface(
+        auth_token,
+        _readiness,
+        (clock or metrics.clock).monotonic,
+        readiness_cache_s,
+        healthz=_healthz,
+        metrics=_metrics,
+        status=_status,
+    )
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = dict(readiness)
     app[READINESS_TIMEOUT_KEY] = readiness_timeout_s
     app[STATUS_KEY] = status
     app[READINESS_DETAILS_KEY] = readiness_details
-    answer = SharedAnswer(
-        partial(_readiness, app), (clock or metrics.clock).monotonic, readiness_cache_s
-    )
-    app[READINESS_ANSWER_KEY] = answer
-    app.on_cleanup.append(lambda _: answer.close())
-    add_status_page(app)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/status", _status)
     return app
 
 
-def new_app(auth_token: str = "") -> web.Application:
-    """An empty app; with ``auth_token``, behind :func:`~service.ops.auth.bearer_auth`
-    (whose 401 for ``/`` is the status page, so a browser can ask for the token)."""
-    if not auth_token:
-        return web.Application()
-    return web.Application(middlewares=[bearer_auth(auth_token, lambda r: r.app[PAGE_KEY])])
+def new_surface(
+    auth_token: str,
+    readiness: Callable[[web.Application], Awaitable[Readiness]],
+    monotonic: Callable[[], float],
+    readiness_cache_s: float = READINESS_CACHE_S,
+    *,
+    healthz: Handler,
+    metrics: Handler,
+    status: Handler,
+) -> web.Application:
+    """The endpoints a worker and the WORKERS=N supervisor both serve: ``/`` (the status
+    page), ``/healthz``, ``/readyz``, ``/metrics`` and ``/status``.
 
-
-def add_status_page(app: web.Application) -> None:
-    """Serve the status page at ``/``: one self-contained file (no external resources,
-    works offline) that polls ``status`` (relative, so it works behind a path prefix)."""
+    ``/readyz`` answers ``readiness(app)``, computed once for the probes that arrive
+    within ``readiness_cache_s`` (on ``monotonic``). With ``auth_token``, the app is
+    behind :func:`~service.ops.auth.bearer_auth` (whose 401 for ``/`` is the status page,
+    so a browser can ask for the token). The caller puts what its handlers read in the
+    app before it serves.
+    """
+    if auth_token:
+        app = web.Application(middlewares=[bearer_auth(auth_token, lambda r: r.app[PAGE_KEY])])
+    else:
+        app = web.Application()
+    answer = SharedAnswer(partial(readiness, app), monotonic, readiness_cache_s)
+    app[READINESS_ANSWER_KEY] = answer
+    app.on_cleanup.append(lambda _: answer.close())
+    # One self-contained file (no external resources, works offline) that polls
+    # ``status`` (relative, so it works behind a path prefix).
     app[PAGE_KEY] = files("service.ops").joinpath("status_page.html").read_bytes()
     app.router.add_get("/", _page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    return app
 
 
 async def _page(request: web.Request) -> web.Response:

@@ -1,13 +1,9 @@
 """EventHub: in-process publish/subscribe where every subscriber owns its queue and task.
 
-A subscriber's failure, slowness or restart stays its own. Two kinds of subscriber:
-
-* **required** (the data path): ``publish`` waits for room in its queue, so a slow
-  stage slows the publisher (backpressure) and nothing is ever dropped. A handler
-  that raises is handed its unfinished items again, with backoff, until it succeeds.
-* **best-effort** (observers): ``publish`` never waits for them; when their queue is
-  full the item is dropped and counted. A handler that keeps failing on one batch
-  gives its unfinished items up after ``max_attempts`` and goes on.
+A subscriber's failure, slowness or restart stays its own. ``publish`` waits for room
+in each subscriber's queue, so a slow stage slows the publisher (backpressure) and
+nothing is ever dropped. A handler that raises is handed its unfinished items again,
+with backoff, until it succeeds.
 
 The handler contract. The subscriber task drains up to ``max_batch`` queued items at
 once and calls the handler once per drained batch with a :class:`Delivery`:
@@ -62,11 +58,11 @@ Handler = Callable[[Delivery[Any]], Awaitable[None]]
 @dataclass(slots=True)
 class SubscriberStats:
     """Per-subscriber counters for ``/status``. ``errors`` counts handler failures, each
-    followed by a re-delivery unless nothing was left or a best-effort one gave up."""
+    followed by a re-delivery unless nothing was left."""
 
     processed: int = 0  # items done
     errors: int = 0
-    dropped: int = 0  # items a best-effort subscriber lost: queue full, or given up
+    dropped: int = 0  # always 0 (the hub never drops); kept for /status's format
     depth: int = 0  # items waiting in its queue (updated by EventHub.stats)
 
 
@@ -79,18 +75,12 @@ class _Subscriber:
         *,
         maxsize: int,
         max_batch: int,
-        required: bool,
-        accepts: Callable[[Any], bool] | None,
-        max_attempts: int | None,
     ) -> None:
         self.name = name
         self.topic = topic
         self.handler = handler
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.max_batch = max_batch
-        self.required = required
-        self.accepts = accepts
-        self.max_attempts = max_attempts
         self.stats = SubscriberStats()
         self.task: asyncio.Task[None] | None = None
 
@@ -119,46 +109,21 @@ class EventHub:
         *,
         maxsize: int = 64,
         max_batch: int = 64,
-        required: bool = True,
-        accepts: Callable[[Any], bool] | None = None,
-        max_attempts: int | None = None,
     ) -> None:
-        """Add a subscriber. ``accepts`` filters items; ``max_attempts`` (best-effort only)
-        bounds retries of one failing batch. May be called while the hub runs."""
+        """Add a subscriber to ``topic``. May be called while the hub runs."""
         if name in self._subs:
             raise ValueError(f"subscriber {name!r} already exists")
         if maxsize < 1 or max_batch < 1:
             raise ValueError("maxsize and max_batch must be at least 1")
-        sub = _Subscriber(
-            name,
-            topic,
-            handler,
-            maxsize=maxsize,
-            max_batch=max_batch,
-            required=required,
-            accepts=accepts,
-            max_attempts=None if required else (max_attempts or 3),
-        )
+        sub = _Subscriber(name, topic, handler, maxsize=maxsize, max_batch=max_batch)
         self._subs[name] = sub
         if self._started:
             self._spawn(sub)
 
-    async def unsubscribe(self, name: str) -> None:
-        """Remove a subscriber; items still queued for it are discarded."""
-        sub = self._subs.pop(name)
-        await self._cancel(sub)
-
     async def publish(self, topic: str, item: Any) -> None:
         for sub in list(self._subs.values()):
-            if sub.topic != topic or (sub.accepts is not None and not sub.accepts(item)):
-                continue
-            if sub.required:
+            if sub.topic == topic:
                 await sub.queue.put(item)
-            else:
-                try:
-                    sub.queue.put_nowait(item)
-                except asyncio.QueueFull:
-                    sub.stats.dropped += 1
 
     async def start(self) -> None:
         if self._started:
@@ -232,15 +197,6 @@ class EventHub:
                         "subscriber %s failed after finishing its %d item(s); nothing to retry",
                         sub.name,
                         done,
-                    )
-                    return
-                if sub.max_attempts is not None and delivery.attempt >= sub.max_attempts:
-                    sub.stats.dropped += left
-                    log.exception(
-                        "subscriber %s failed %d times; giving up %d item(s)",
-                        sub.name,
-                        delivery.attempt,
-                        left,
                     )
                     return
                 delay = self._backoff.delay(delivery.attempt)

@@ -110,7 +110,7 @@ def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> s
 
 
 def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
-    """DDL for the aggregates and dead-letter tables (docs/delivery.md, "Outputs")."""
+    """DDL for the aggregates and dead-letter tables (docs/delivery.md#outputs-what-is-written)."""
     agg = quote_identifier(table)
     dlq = quote_identifier(dead_letter_table)
     return [

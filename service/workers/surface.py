@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -27,14 +26,7 @@ from aiohttp import web
 from service.core.errors import describe_error
 from service.core.lifecycle import AsyncResource
 from service.metrics.collector import MetricsCollector
-from service.ops.readiness import SharedAnswer
-from service.ops.web import (
-    READINESS_ANSWER_KEY,
-    READINESS_TIMEOUT_S,
-    Readiness,
-    add_status_page,
-    new_app,
-)
+from service.ops.web import READINESS_TIMEOUT_S, Readiness, new_surface
 from service.workers.exposition import exposition, merge_expositions, supervisor_families
 from service.workers.slot import WorkerSlot, describe_exit
 
@@ -115,18 +107,17 @@ def build_surface_app(
 ) -> web.Application:
     """The supervisor's surface; ``auth_token`` guards it as it does a worker's own
     (:mod:`service.ops.auth`), and ``client`` sends it to the workers."""
-    app = new_app(auth_token)
+    # a probe flood asks each worker once a second at most (see service.ops.readiness)
+    app = new_surface(
+        auth_token,
+        _ask_readiness,
+        supervised.monotonic,
+        healthz=_healthz,
+        metrics=_metrics,
+        status=_status,
+    )
     app[SUPERVISED_KEY] = supervised
     app[CLIENT_KEY] = client
-    # a probe flood asks each worker once a second at most (see service.ops.readiness)
-    answer = SharedAnswer(partial(_ask_readiness, app), supervised.monotonic)
-    app[READINESS_ANSWER_KEY] = answer
-    app.on_cleanup.append(lambda _: answer.close())
-    add_status_page(app)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/status", _status)
     return app
 
 
@@ -136,11 +127,6 @@ async def _healthz(request: web.Request) -> web.Response:
     ok = sup.running and bool(alive)
     body = {"status": "ok" if ok else "failing", "workers_alive": alive}
     return web.json_response(body, status=200 if ok else 503)
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    status, body = await request.app[READINESS_ANSWER_KEY].get()
-    return web.json_response(body, status=status)
 
 
 async def _ask_readiness(app: web.Application) -> Readiness:

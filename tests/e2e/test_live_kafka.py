@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.dev.devstack import EmbeddedPostgres
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.live import GRACE_S, INTERVAL, TIME_SCALE, LiveRun, build_live_workload
 from tests.e2e.test_e2e_http import stored_rows
 from tests.fault.harness import wait_for

@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.dev.devstack import EmbeddedPostgres
-from service.dev.emulator import Emulator, LoadGenerator
+from service.dev.emulator import Emulator
+from service.dev.load import LoadGenerator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.workload import ServiceProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

@@ -17,8 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.dev.devstack import EmbeddedKafka, EmbeddedPostgres
+from service.dev.broker import EmbeddedKafka
 from service.dev.emulator import Emulator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches, expected_aggregates, free_port
 from tests.fault.harness import (

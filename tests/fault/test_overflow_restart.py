@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from service.dev.devstack import EmbeddedPostgres
 from service.dev.emulator import Emulator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import BASE_TS, INTERVAL, Key
 from tests.fault.harness import Incarnation, read_output_topic, service_env, wait_for

@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.dev.devstack import EmbeddedPostgres
 from service.dev.emulator import Emulator
+from service.dev.postgres_server import EmbeddedPostgres
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches
 from tests.fault.harness import (
@@ -204,7 +204,7 @@ async def test_sigterm_while_the_kafka_output_is_down_still_exits_within_the_dea
 ) -> None:
     """The broker of the Kafka output goes away: closing the producer must not hang
     past the deadline either."""
-    from service.dev.devstack import EmbeddedKafka
+    from service.dev.broker import EmbeddedKafka
 
     broker = EmbeddedKafka(tmp_path / "tansu")
     await broker.start()

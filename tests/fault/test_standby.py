@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.dev.devstack import EmbeddedPostgres
 from service.dev.emulator import Emulator
+from service.dev.postgres_server import EmbeddedPostgres
 from service.lease.postgres import POLL_S
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import assert_matches

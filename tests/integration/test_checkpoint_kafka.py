@@ -103,7 +103,7 @@ async def test_a_save_cut_between_its_chunks_and_its_head_leaves_the_previous_ch
 
 
 async def test_restore_of_100k_open_windows_is_fast(kafka_bootstrap: str, unique_name: str) -> None:
-    """Prints the figure for the README; asserts only that it came back whole."""
+    """Prints the figure of docs/delivery.md#checkpoints; asserts only that it came back whole."""
     topic = checkpoint_topic(unique_name)
     windows = [[1_700_000_000.0, f"name-{i}", "sum", [3, 1.5, 0.0]] for i in range(100_000)]
     state = orjson.dumps({"format": 1, "max_ts": 1.0, "closed_until": None, "windows": windows})

@@ -14,7 +14,9 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.dev.devstack import DevStack, EmbeddedKafka, EmbeddedPostgres
+from service.dev.broker import EmbeddedKafka
+from service.dev.devstack import DevStack
+from service.dev.postgres_server import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from service.core.clock import SystemClock
-from service.dev.devstack import EmbeddedPostgres
+from service.dev.postgres_server import EmbeddedPostgres
 from service.lease.postgres import CHECK_S, POLL_S, PostgresLease
 
 pytestmark = pytest.mark.integration

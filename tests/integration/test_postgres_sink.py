@@ -15,7 +15,7 @@ from service.config import PostgresConfig, Secret
 from service.core.clock import SystemClock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Aggregate, DeadLetter
-from service.dev.devstack import EmbeddedPostgres
+from service.dev.postgres_server import EmbeddedPostgres
 from service.metrics.collector import MetricsCollector
 from service.postgres.schema import migrate
 from service.sinks.postgres import PostgresSink

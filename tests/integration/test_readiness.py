@@ -20,7 +20,7 @@ from service.app import Service
 from service.checkpoints.file import FileCheckpointStore, file_stem
 from service.config import Config, HttpServerConfig, PostgresConfig, Secret, load_config
 from service.core.clock import ManualClock, SystemClock
-from service.dev.devstack import EmbeddedPostgres
+from service.dev.postgres_server import EmbeddedPostgres
 from service.metrics.collector import MetricsCollector
 from service.ops.web import build_web_app
 from service.postgres.schema import CHECKPOINT_TABLE, migrate

@@ -14,7 +14,9 @@ import pytest
 
 from service.core.clock import ManualClock
 from service.core.events import AGG_FUNCS
-from service.dev.emulator import Emulator, EventLog, LoadGenerator, main
+from service.dev.emulator import Emulator, main
+from service.dev.event_log import EventLog
+from service.dev.load import LoadGenerator
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""EventHub: isolated subscribers, backpressure, crash restarts, best-effort drops."""
+"""EventHub: isolated subscribers, backpressure, crash restarts."""
 
 from __future__ import annotations
 
@@ -44,14 +44,14 @@ async def test_items_reach_every_subscriber_of_the_topic_in_order() -> None:
         return handle
 
     hub.subscribe("t", "a", collect("a"))
-    hub.subscribe("t", "b", collect("b"), accepts=lambda i: i % 2 == 0)
+    hub.subscribe("t", "b", collect("b"))
     hub.subscribe("u", "other", collect("other"))
     await hub.start()
     for i in range(10):
         await hub.publish("t", i)
     await hub.drain()
     await hub.stop()
-    assert got == {"a": list(range(10)), "b": [0, 2, 4, 6, 8], "other": []}
+    assert got == {"a": list(range(10)), "b": list(range(10)), "other": []}
 
 
 async def test_crashing_subscriber_is_retried_while_others_go_on() -> None:
@@ -152,7 +152,7 @@ async def test_a_miscounted_progress_is_clamped_to_the_delivery() -> None:
     await hub.stop()
 
 
-async def test_full_required_queue_makes_the_publisher_wait() -> None:
+async def test_a_full_queue_makes_the_publisher_wait() -> None:
     hub, _ = make_hub()
     gate = asyncio.Event()
     seen: list[int] = []
@@ -161,89 +161,21 @@ async def test_full_required_queue_makes_the_publisher_wait() -> None:
         await gate.wait()
         seen.extend(d.items)
 
-    offered: list[int] = []
-
-    def note(item: int) -> bool:  # the publisher has reached this subscriber's queue
-        offered.append(item)
-        return True
-
-    hub.subscribe("t", "slow", slow, maxsize=2, max_batch=1, accepts=note)
+    hub.subscribe("t", "slow", slow, maxsize=2, max_batch=1)
     await hub.start()
     await hub.publish("t", 0)  # taken by the task
     await wait_for(lambda: hub.stats()["slow"].depth == 0)
     await hub.publish("t", 1)
     await hub.publish("t", 2)
     blocked = asyncio.create_task(hub.publish("t", 3))
-    # Once 3 is offered, the publisher puts it without yielding first: so either it
-    # is done now, or it waits for room.
-    await wait_for(lambda: 3 in offered)
+    # One yield runs the new task up to its first suspension: publish reaches the queue
+    # without awaiting anything else, so it is either done now or waiting for room.
+    await asyncio.sleep(0)
     assert not blocked.done()
     gate.set()
     await asyncio.wait_for(blocked, 5)
     await hub.drain()
     assert seen == [0, 1, 2, 3]
-    await hub.stop()
-
-
-async def test_best_effort_subscriber_drops_and_counts_when_full() -> None:
-    hub, _ = make_hub()
-    gate = asyncio.Event()
-
-    async def slow(d: Delivery[int]) -> None:
-        await gate.wait()
-
-    hub.subscribe("t", "observer", slow, maxsize=1, max_batch=1, required=False)
-    await hub.start()
-    await hub.publish("t", 0)
-    await wait_for(lambda: hub.stats()["observer"].depth == 0)
-    for i in range(1, 5):
-        await hub.publish("t", i)  # never blocks
-    assert hub.stats()["observer"].dropped == 3
-    gate.set()
-    await hub.stop()
-
-
-async def test_best_effort_subscriber_gives_up_only_the_items_not_done() -> None:
-    hub, clock = make_hub()
-    calls: list[list[int]] = []
-
-    async def finishes_one_then_fails(d: Delivery[int]) -> None:
-        calls.append(list(d.items))
-        if 9 in d.items:
-            d.done = 1
-            raise ValueError("poison")
-
-    hub.subscribe("t", "obs", finishes_one_then_fails, required=False, max_attempts=2)
-    for i in (7, 8, 9):
-        await hub.publish("t", i)
-    await hub.start()
-    await sit_out_restarts(clock, 1)  # none after the last attempt
-    await wait_for(lambda: hub.stats()["obs"].dropped == 1)
-    assert clock.sleepers == 0
-    assert calls == [[7, 8, 9], [8, 9]]
-    stats = hub.stats()["obs"]
-    assert (stats.processed, stats.errors) == (2, 2)  # 7, then 8; only 9 given up
-    await hub.publish("t", 10)
-    await wait_for(lambda: calls[-1] == [10])
-    await hub.stop()
-
-
-async def test_best_effort_subscriber_gives_up_a_poison_batch_and_goes_on() -> None:
-    hub, clock = make_hub()
-    seen: list[int] = []
-
-    async def poison_on_zero(d: Delivery[int]) -> None:
-        if 0 in d.items:
-            raise ValueError("poison")
-        seen.extend(d.items)
-
-    hub.subscribe("t", "obs", poison_on_zero, max_batch=1, required=False, max_attempts=2)
-    await hub.start()
-    await hub.publish("t", 0)
-    await hub.publish("t", 1)
-    await sit_out_restarts(clock, 1)
-    await wait_for(lambda: seen == [1])
-    assert hub.stats()["obs"].dropped == 1
     await hub.stop()
 
 
@@ -258,9 +190,6 @@ async def test_subscriber_added_at_run_time_starts_receiving() -> None:
     hub.subscribe("t", "late", handle)
     await hub.publish("t", 5)
     await hub.drain()
-    assert got == [5]
-    await hub.unsubscribe("late")
-    await hub.publish("t", 6)
     assert got == [5]
     await hub.stop()
 
