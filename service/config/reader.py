@@ -22,7 +22,9 @@ def _dotenv(path: str | None) -> dict[str, str]:
     """The variables of the ``.env`` file at ``path``; none when it is absent or ``None``."""
     if path is None or not Path(path).exists():
         return {}
-    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+    # interpolate=False: `${VAR}` in a value is literal (a password may contain `$`)
+    values = dotenv_values(path, interpolate=False)
+    return {name: value for name, value in values.items() if value is not None}
 
 
 class Reader:

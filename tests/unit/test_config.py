@@ -489,6 +489,15 @@ def test_dollar_signs_are_taken_literally() -> None:
     assert load(KAFKA_SASL_PASSWORD="a${HOME}b").kafka.sasl_password.value == "a${HOME}b"
 
 
+def test_dollar_signs_in_dotenv_are_taken_literally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("KAFKA_SASL_PASSWORD=a${HOME}b$c\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/x")
+    assert load_config({}).kafka.sasl_password.value == "a${HOME}b$c"
+
+
 # --- .env.example stays in step with the loader -----------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
