@@ -273,7 +273,7 @@ class PostgresSink(AsyncResource):
 
     @property
     def pool(self) -> Any:
-        """The started asyncpg pool (shared with a PostgreSQL checkpoint store)."""
+        """The started asyncpg pool (the sink's own; the checkpoint store has its own pool)."""
         if self._pool is None:
             raise RuntimeError("PostgresSink is not started")
         return self._pool
