@@ -171,6 +171,16 @@ class BatchRun:
                             lo = hi = 0.0
         self.done(part_max, x_next, accepted, received)
 
+    def run_reference(self) -> None:
+        """What :meth:`run` must equal: every message through the reference decoder and
+        every event through the reference step (``tests/unit/test_window_paths.py``)."""
+        part_max = self.part_max
+        for idx, record in enumerate(self.batch.records):
+            evs, raws = self.decode(idx, record)
+            for ev in evs:
+                part_max = self.place(idx, record, evs, raws, ev, part_max)[0]
+        self.part_max = part_max
+
     def done(self, part_max: float, x_next: float, accepted: int, received: int) -> None:
         """The hot loop's locals back into the run."""
         self.part_max, self.x_next = part_max, x_next
