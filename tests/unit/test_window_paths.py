@@ -71,8 +71,11 @@ def _record(draw: st.DrawFn) -> Any:
 def _batch(draw: st.DrawFn) -> tuple[int, list[Any], float, bool]:
     """(partition, records, seconds the clock moves first, caught up)"""
     records = draw(st.lists(_record(), max_size=8))
-    return draw(st.integers(0, 2)), records, draw(st.sampled_from([0.0, 1.0, 90.0])), draw(
-        st.booleans()
+    return (
+        draw(st.integers(0, 2)),
+        records,
+        draw(st.sampled_from([0.0, 1.0, 90.0])),
+        draw(st.booleans()),
     )
 
 
