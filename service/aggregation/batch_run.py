@@ -55,7 +55,7 @@ _ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
 _EMPTY: Final[dict[WindowKey, Acc]] = {}  # the window cache holds nothing
 # bound at import for the hot loop
 _CANON: Final = CANONICAL_FUNCS
-_SUM, _AVG, _MIN, _MAX = (CANONICAL_FUNCS[f] for f in ("sum", "avg", "min", "max"))
+_FUNCS: Final = tuple(CANONICAL_FUNCS[f] for f in ("sum", "avg", "min", "max"))  # inlined
 _W: Final = SUM_PLAIN_LIMIT
 _NW: Final = -SUM_PLAIN_LIMIT
 
@@ -111,25 +111,23 @@ class BatchRun:
         if part.routed is not None:
             part.routed.limit(idle_s, part.reported_at)  # time and reports may have moved it
 
-    # -- the hot loop -------------------------------------------------------------------
+    # -- the hot loop: names bound to locals; ``lo``, ``hi``, ``keyed``: the window cache
     def run(self) -> None:
-        """No awaits, no logging, no objects per event beyond the decoded event and its
-        key, names bound to locals. ``lo``, ``hi``, ``keyed``: the window cache."""
         interval, grace, _, max_ts, lead_cap, max_bytes, _ = self.limits
-        place, cap, blocked, direct = self.place, self.cap, self.blocked, self.part.routed is None
-        lo = hi = 0.0
-        keyed, part_max, x_next, accepted, received = _EMPTY, self.part_max, self.x_next, 0, 0
+        canon, fast, wide, nwide, sum_, avg_, min_, max_ = _CANON, decode_fast, _W, _NW, *_FUNCS
+        place, cap, blocked, accepted, received = self.place, self.cap, self.blocked, 0, 0
+        keyed, lo, hi, part_max, x_next = _EMPTY, 0.0, 0.0, self.part_max, self.x_next
         for idx, record in enumerate(self.batch.records):
             evs: Sequence[WireEvent] | None = None
             raws: list[Any] | None = None
             if type(record) is bytes and len(record) <= max_bytes:
                 try:
-                    d = decode_fast(record)
+                    d = fast(record)
                 except Exception:  # any refusal: the reference decoder decides
                     d = None
                 if type(d) is WireEvent:  # fast_ok(), inlined but for the name (see it)
                     t = d.timestamp
-                    if type(t) is float and 0.0 <= t <= max_ts and d.agg_func in _CANON:
+                    if type(t) is float and 0.0 <= t <= max_ts and d.agg_func in canon:
                         evs = (d,)
                 elif d is not None:
                     evs = self.fast_all(cast(list[WireEvent], d))
@@ -140,22 +138,26 @@ class BatchRun:
             for ev in evs:
                 ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
                 q = ts / interval
-                func = _CANON[ev.agg_func]
+                func = canon[ev.agg_func]
                 acc = keyed.get((ev.name, func)) if lo <= q < hi else None
-                if acc is None or not direct:  # a new window or key, or routed input
+                if acc is None:  # a new window or key, or routed input (never cached)
                     part_max, x_next, lo, hi, keyed = place(idx, record, evs, raws, ev, part_max)
                     continue
                 value = ev.value
-                if (func is _SUM or func is _AVG) and _NW <= (u := (s := acc[1]) + value) <= _W:
+                if (func is sum_ or func is avg_) and nwide <= (u := (s := acc[1]) + value) <= wide:
                     acc[0] += 1  # functions._sum_plain_add, inlined: not near the limit
                     if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
                         acc[2] += (s - u) + value
                     else:
                         acc[2] += (value - u) + s
                     acc[1] = u
-                elif func is _MIN or func is _MAX:
+                elif func is min_:
                     acc[0] += 1
-                    if (value < acc[1]) if func is _MIN else (value > acc[1]):
+                    if value < acc[1]:
+                        acc[1] = value
+                elif func is max_:
+                    acc[0] += 1
+                    if value > acc[1]:
                         acc[1] = value
                 elif not self.add(idx, record, evs, raws, ev, acc):
                     continue
@@ -206,7 +208,8 @@ class BatchRun:
     ) -> tuple[float, float, float, float, dict[WindowKey, Acc]]:
         """Apply one event by the rules as written. Takes the hot loop's event time and
         returns its state: event time, x_next and the window cache (the event's window,
-        or none when it was refused or the close boundary moved)."""
+        or none when it was refused, the close boundary moved or the input is routed:
+        there every event moves the slowest input partition's event time)."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
         keyed = self._accumulate(idx, record, evs, raws, ev)
         if keyed is None:
@@ -214,7 +217,7 @@ class BatchRun:
         self.accepted += 1
         closed_until = self.closed_until
         part_max = self._advance(idx, ts, part_max)
-        if self.closed_until != closed_until:
+        if self.closed_until != closed_until or self.part.routed is not None:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
         k = float(window_index(ts, self.limits.interval))
         return part_max, self.x_next, k, k + 1.0, keyed
