@@ -211,7 +211,8 @@ class BatchRun:
         or none when it was refused, the close boundary moved or the input is routed:
         there every event moves the slowest input partition's event time)."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
-        keyed = self._accumulate(idx, record, evs, raws, ev)
+        k = window_index(ts, self.limits.interval)
+        keyed = self._accumulate(idx, record, evs, raws, ev, k * self.limits.interval)
         if keyed is None:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
         self.accepted += 1
@@ -219,8 +220,7 @@ class BatchRun:
         part_max = self._advance(idx, ts, part_max)
         if self.closed_until != closed_until or self.part.routed is not None:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
-        k = float(window_index(ts, self.limits.interval))
-        return part_max, self.x_next, k, k + 1.0, keyed
+        return part_max, self.x_next, float(k), k + 1.0, keyed
 
     def _accumulate(
         self,
@@ -229,14 +229,15 @@ class BatchRun:
         evs: Sequence[WireEvent],
         raws: list[Any] | None,
         ev: WireEvent,
+        start: float,
     ) -> dict[WindowKey, Acc] | None:
-        """Add the event to its window's accumulator; its window, or None when refused
-        (dead-lettered). A name is checked when its event would open a window or a key,
-        or be refused, before any state changes (see decode.fast_ok): an open key holds
-        a checked name, so the common event pays nothing."""
+        """Add the event to the accumulator of its window (which starts at ``start``);
+        returns that window, or None when the event was refused (dead-lettered). A name
+        is checked when its event would open a window or a key, or be refused, before
+        any state changes (see decode.fast_ok): an open key holds a checked name, so
+        the common event pays nothing."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
         interval = self.limits.interval
-        start = window_index(ts, interval) * interval
         windows = self.part.windows
         if is_late(start, interval, self.closed_until, self.part.ahead_closed):
             if not self._bad_name(idx, record, evs, raws, ev):
@@ -294,7 +295,8 @@ class BatchRun:
         whether the boundary moved."""
         lim = self.limits
         k = close_index(event_time_limit(event_time, self.cap), lim.grace, lim.interval)
-        self.x_next = max(self.x_next, k + 1.0)
+        if k + 1.0 > self.x_next:
+            self.x_next = k + 1.0
         edge = k * lim.interval
         if edge > self.closed_until:
             self.closed_until = edge
