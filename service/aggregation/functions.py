@@ -64,7 +64,7 @@ Acc = list[Any]
 
 @dataclass(frozen=True, slots=True)
 class AggFunction:
-    """One aggregation function; the aggregator binds these callables in its hot loop."""
+    """One aggregation function; the hot loop binds these callables (batch_run)."""
 
     name: str
     new: Callable[[float, float], Acc]
@@ -103,7 +103,7 @@ def _count_result(acc: Acc) -> float:
 WIDE_UNIT: Final = 2.0**1000
 """Near the double limit a running sum keeps whole multiples of this apart (``acc[3]``)."""
 SUM_PLAIN_LIMIT: Final = 2.0**1020
-"""A running sum within this bound takes the plain path (the aggregator inlines it)."""
+"""A running sum within this bound takes the plain path (the hot loop inlines it)."""
 _MAX: Final = sys.float_info.max
 
 
