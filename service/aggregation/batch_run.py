@@ -114,7 +114,7 @@ class BatchRun:
     # -- the hot loop: names bound to locals; ``lo``, ``hi``, ``keyed``: the window cache
     def run(self) -> None:
         interval, grace, _, max_ts, lead_cap, max_bytes, _ = self.limits
-        canon, fast, wide, nwide, sum_, avg_, min_, max_ = _CANON, decode_fast, _W, _NW, *_FUNCS
+        canon, fast, big, nbig, sum_, avg_, min_, max_ = _CANON, decode_fast, _W, _NW, *_FUNCS
         place, cap, blocked, accepted, received = self.place, self.cap, self.blocked, 0, 0
         keyed, lo, hi, part_max, x_next = _EMPTY, 0.0, 0.0, self.part_max, self.x_next
         for idx, record in enumerate(self.batch.records):
@@ -139,38 +139,36 @@ class BatchRun:
                 ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
                 q = ts / interval
                 func = canon[ev.agg_func]
-                acc = keyed.get((ev.name, func)) if lo <= q < hi else None
-                if acc is None:  # a new window or key, or routed input (never cached)
+                if not lo <= q < hi:  # another window, or routed input (never cached)
                     part_max, x_next, lo, hi, keyed = place(idx, record, evs, raws, ev, part_max)
                     continue
                 value = ev.value
-                if (func is sum_ or func is avg_) and nwide <= (u := (s := acc[1]) + value) <= wide:
+                acc = keyed.get((ev.name, func))
+                if acc is None:
+                    if not self.new_key(idx, record, evs, raws, ev, keyed):
+                        continue
+                elif (func is sum_ or func is avg_) and nbig <= (u := (s := acc[1]) + value) <= big:
                     acc[0] += 1  # functions._sum_plain_add, inlined: not near the limit
                     if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
                         acc[2] += (s - u) + value
                     else:
                         acc[2] += (value - u) + s
                     acc[1] = u
-                elif func is min_:
+                elif func is min_ or func is max_:
                     acc[0] += 1
-                    if value < acc[1]:
-                        acc[1] = value
-                elif func is max_:
-                    acc[0] += 1
-                    if value > acc[1]:
+                    if (value < acc[1]) if func is min_ else (value > acc[1]):
                         acc[1] = value
                 elif not self.add(idx, record, evs, raws, ev, acc):
                     continue
                 accepted += 1
-                if ts > part_max:
-                    if ts > lead_cap:  # windows.is_ahead, inlined
-                        self.on_ahead(ts)
-                        continue
+                if part_max < ts <= lead_cap:  # moves the event time (windows.is_ahead)
                     part_max = ts
                     if not blocked and ((ts if ts < cap else cap) - grace) / interval >= x_next:
                         x_next, moved = self.close_with(ts)
                         if moved:
                             lo = hi = 0.0
+                elif ts > part_max:
+                    self.on_ahead(ts)
         self.done(part_max, x_next, accepted, received)
 
     def run_reference(self) -> None:
@@ -260,15 +258,28 @@ class BatchRun:
                 self.overflow(idx, record, evs, raws, ev, exc)
                 return None
             return keyed
+        return keyed if self.new_key(idx, record, evs, raws, ev, keyed) else None
+
+    def new_key(
+        self,
+        idx: int,
+        record: Any,
+        evs: Sequence[WireEvent],
+        raws: list[Any] | None,
+        ev: WireEvent,
+        keyed: dict[WindowKey, Acc],
+    ) -> bool:
+        """Open the event's key in its window (on time, open): False when refused."""
         if self._bad_name(idx, record, evs, raws, ev):
-            return None
+            return False
         if self.open_now >= self.limits.budget:
             detail = f"{self.limits.budget} open windows reached"
             self._reject(idx, RawOf(ev, evs, raws, record), "cardinality_limit", detail)
-            return None
-        keyed[key] = _NEW[func](ev.value, ts)
+            return False
+        func = CANONICAL_FUNCS[ev.agg_func]
+        keyed[(ev.name, func)] = _NEW[func](ev.value, ev.timestamp)  # type: ignore[arg-type]
         self.open_now += 1
-        return keyed
+        return True
 
     def _advance(self, idx: int, ts: float, part_max: float) -> float:
         """The event-time step: the partition's own event time (or with repartitioned
