@@ -3,12 +3,13 @@
 The reference step (:meth:`BatchRun.place`) applies one event by the rules as written:
 :mod:`service.aggregation.windows` for its window, lateness, aheadness and the close
 boundary, :data:`~service.aggregation.functions.FUNCTIONS` for its accumulator. The hot
-loop (:meth:`BatchRun.run`) takes only the common event itself: decoded by the fast path,
-in the window of the event before it, under a key already open, with an inlined
-accumulator, moving its partition's event time without moving the close boundary.
-Everything else goes to the reference step, so a rule has one definition and the hot
-loop only the caches of it (``tests/unit/test_window_paths.py`` runs every event through
-the reference step and checks that the outputs are the same).
+loop (:meth:`BatchRun.run`) takes only the common event itself: in the window of the
+event before it (which it caches), with an inlined accumulator or one of the reference
+step's own (a new key: :meth:`BatchRun.new_key`), moving its partition's event time
+without moving the close boundary (it caches when that can next move). Everything else
+goes to the reference step, so a rule has one definition and the hot loop only caches of
+it (``tests/unit/test_window_paths.py`` runs every event through the reference step and
+checks that the outputs are the same).
 
 Lateness must not depend on where batch boundaries fall (a replay after a crash batches
 differently): the close boundary advances event by event, as if each event were its own
