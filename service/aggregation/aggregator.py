@@ -14,78 +14,35 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, cast
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from service.aggregation.decode import (
-    CANONICAL_FUNCS,
-    Rejected,
-    WireEvent,
-    decode_fast,
-    element_of,
-    fast_ok,
-    loads_message,
-    name_fault,
-    parse_event,
-    raw_text,
-)
-from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
+from service.aggregation.batch_run import BatchRun, Limits
+from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
+from service.aggregation.emission import aggregates_of, take_through
 from service.aggregation.origins import RoutedTime
-from service.aggregation.partition import (
-    NEG_INF,
-    STATE_FORMAT,
-    Dropped,
-    PartitionState,
-    WindowKey,
-)
-from service.aggregation.windows import closed_boundary
+from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
+from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
 from service.core.clock import Clock
-from service.core.events import Aggregate, DeadLetter
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
 
-__all__ = ["STATE_FORMAT", "CloseError", "EventAggregator"]
+__all__ = [
+    "DEAD_LETTERS_PER_MESSAGE",
+    "STATE_FORMAT",
+    "CloseError",
+    "EventAggregator",
+]
 
 log = logging.getLogger(__name__)
-
-_NEG_INF: Final = NEG_INF
-# Dead letters written one by one per message; its further rejects roll up, one dead
-# letter per reason with their count (the ledger and metrics still count each element).
-DEAD_LETTERS_PER_MESSAGE: Final = 100
-
-_NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FUNCTIONS.items()}
-_ADD: Final[dict[str, Callable[[Acc, float, float], None]]] = {
-    k: f.add for k, f in FUNCTIONS.items()
-}
-_RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
 
 
 class CloseError(RuntimeError):
     """Closing windows raised after a batch was applied: no record of it is to blame
     (the stage does not set any aside for it)."""
-
-
-def _raw_of(ev: WireEvent, evs: Sequence[WireEvent], raws: list[Any] | None, record: Any) -> Any:
-    """The raw element behind ``ev`` (one of ``evs``, decoded from ``record``), for a
-    dead letter. Found by identity: rejections are rare, the hot loop keeps no index."""
-    j = next(i for i, e in enumerate(evs) if e is ev)
-    return raws[j] if raws is not None else element_of(record, j)
-
-
-class _RawOf:
-    """:func:`_raw_of`, found only for a dead letter that is written: it costs a scan
-    of the message, which thousands of rejects of one message must not each pay."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-    def __call__(self) -> Any:
-        return _raw_of(*self.args)
 
 
 class EventAggregator:
@@ -105,11 +62,7 @@ class EventAggregator:
         self._clock = clock
         self._max_bytes = max_message_bytes
         self._max_elements = max_events_per_message
-        # the message whose dead letters are being counted, how many it wrote, and its
-        # roll-ups by reason: [count, first raw, its detail, source]
-        self._dl_message: tuple[int, int] | None = None
-        self._dl_written = 0
-        self._rollups: dict[str, list[Any]] = {}
+        self._dead = DeadLetters(metrics, clock)
         self._parts: dict[str, PartitionState] = {}
         self._open = 0
         metrics.set_partition_view(self.partitions)
@@ -253,8 +206,8 @@ class EventAggregator:
         out = Outputs()
         rejects: dict[str, int] = {}
         now = self._clock.now()
-        self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
-        part.count(math.floor(batch.received_at / self._interval) * self._interval, 1, 0, rejects)
+        self._dead.reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now)
+        part.count(window_start(batch.received_at, self._interval), 1, 0, rejects)
         self._metrics.on_events_rejected(reason)
         return out
 
@@ -294,270 +247,56 @@ class EventAggregator:
         return out
 
     def _aggregate(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> None:
-        """The hot loop: no awaits, no logging, no per-event objects beyond the decoded
-        event and its key, names bound to locals. Its results must equal the reference
-        path's (``tests/unit/test_decode_fast.py`` compares them on generated input)."""
-        if self._dl_message is not None:  # a batch that failed half-way: not its roll-ups
-            self._rollups.clear()
-            self._dl_message, self._dl_written = None, 0
-        interval = self._interval
-        grace = self._cfg.grace_s
-        windows = part.windows
-        # Lateness must not depend on where batch boundaries fall (a replay after a crash
-        # batches differently): the close boundary advances event by event, as if each
-        # event were its own batch. Other partitions cannot move during this batch.
-        cap, blocked = self._others_limit(part)
-        closed_until = part.closed_until
-        budget = self._cfg.max_open_windows
-        open_now = self._open
+        """Apply the batch's records (:mod:`service.aggregation.batch_run`), then count
+        them in the ledger and the metrics."""
+        self._dead.forget()  # a batch that failed half-way: not its roll-ups
+        run = self._start_run(part, batch, out)
+        run.run()
+        self._dead.finish(out)
+        self._finish_run(part, batch, run)
+
+    def _start_run(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> BatchRun:
+        cfg = self._cfg
         now = self._clock.now()
-        max_ts = now + self._cfg.max_future_s
-        # Further ahead of the clock than this, an event is aggregated but moves no event
-        # time ("ahead", service.aggregation.partition): one bad clock must not close the
-        # windows that on-time events are still arriving for. The only clock-dependent
-        # judgement here: a replay runs later, so it finds the same events ahead or
-        # fewer, never more (docs/aggregation.md, "Replays stay exact").
-        lead_cap = now + self._cfg.max_watermark_lead_s
-        max_bytes = self._max_bytes
-        part_max = _NEG_INF if part.max_ts is None else part.max_ts
-        ahead_max = _NEG_INF if part.ahead_ts is None else part.ahead_ts
-        ahead_closed = part.ahead_closed  # windows of ahead events the quiet rule emitted
-        floor = math.floor
-        new_acc = _NEW
-        add_acc = _ADD
-        canon = CANONICAL_FUNCS
-        sum_, avg_, min_, max_ = canon["sum"], canon["avg"], canon["min"], canon["max"]
-        wide = SUM_PLAIN_LIMIT
-        nwide = -wide
-        fast = decode_fast
-        wire = WireEvent
-        # The window of the previous event, as the range [q_lo, q_hi) of ts / interval
-        # that floors to it: consecutive events mostly share one. Emptied whenever the
-        # close boundary moves (it may have made that window late).
-        q_lo = q_hi = 0.0
-        keyed: dict[WindowKey, Acc] = {}
-        start = 0.0
-        # The close boundary is floor(x) * interval, x = (max event time - grace) /
-        # interval; it cannot move until x reaches x_next.
-        x_next = _NEG_INF
-        # Repartitioned input: the event time that closes windows is the slowest input
-        # partition's (service.aggregation.origins), moved by each event's origin.
-        routed = part.routed
-        if routed is not None:
-            origin_of = batch.origins or []
-            seen = part.reported_at
-            idle_s = self._idle_s
-            track = routed.on_event
-            routed.limit(idle_s, seen)  # time and reports may have moved it
-        accepted = late = received = ahead = 0
-        rejects: dict[str, int] = {}
-        late_windows = part.late_windows
-        for idx, record in enumerate(batch.records):
-            raws: list[Any] | None = None
-            evs: Sequence[WireEvent] | None = None
-            if type(record) is bytes:
-                if len(record) > max_bytes:
-                    detail = f"message of {len(record)} bytes exceeds {max_bytes}"
-                    self._reject(out, rejects, batch, idx, record, "too_large", detail, now)
-                    received += 1
-                    continue
-                try:
-                    decoded = fast(record)
-                except Exception:  # noqa: S110 - any refusal: the reference path decides
-                    pass
-                else:
-                    if type(decoded) is wire:
-                        t = decoded.timestamp  # fast_ok(), inlined
-                        if type(t) is float and 0.0 <= t <= max_ts and decoded.agg_func in canon:
-                            evs = (decoded,)
-                    else:  # a JSON array: list[WireEvent]
-                        many = cast(list[WireEvent], decoded)
-                        if len(many) <= self._max_elements and all(
-                            fast_ok(e, max_ts) for e in many
-                        ):
-                            evs = many
-            if evs is None:
-                evs, raws, held = self._reference(record, idx, batch, out, rejects, max_ts, now)
-                received += held
-            else:
-                received += len(evs)
-            for ev in evs:
-                name = ev.name
-                func = canon[ev.agg_func]
-                value = ev.value
-                ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
-                q = ts / interval
-                if not q_lo <= q < q_hi:
-                    k = floor(q)
-                    start = k * interval
-                    if start + interval <= closed_until or (ahead_closed and start in ahead_closed):
-                        if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
-                            continue
-                        late += 1
-                        late_key = (name, func, start)
-                        late_windows[late_key] = late_windows.get(late_key, 0) + 1
-                        raw = _RawOf(ev, evs, raws, record)
-                        detail = f"window starting {start} was already emitted"
-                        self._reject(out, rejects, batch, idx, raw, "late", detail, now)
-                        continue
-                    got = windows.get(start)
-                    if got is None:
-                        # never open a window for an event that is then refused: the
-                        # reference path (which refused it before) would not have one
-                        if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
-                            continue
-                        got = windows[start] = {}
-                    keyed = got
-                    q_lo = float(k)
-                    q_hi = q_lo + 1.0
-                key = (name, func)
-                acc = keyed.get(key)
-                if acc is None:
-                    # A name is checked when it first opens a window or a key (see
-                    # fast_ok): an open key holds a checked name, so the common event
-                    # pays nothing.
-                    if self._bad_name(ev, evs, raws, record, out, rejects, batch, idx, now):
-                        continue
-                    if open_now >= budget:
-                        raw = _RawOf(ev, evs, raws, record)
-                        self._reject(
-                            out,
-                            rejects,
-                            batch,
-                            idx,
-                            raw,
-                            "cardinality_limit",
-                            f"{budget} open windows reached",
-                            now,
-                        )
-                        continue
-                    keyed[key] = new_acc[func](value, ts)
-                    open_now += 1
-                elif func is sum_ or func is avg_:  # the common functions inlined
-                    s = acc[1]
-                    t = s + value
-                    if t > wide or t < nwide:  # near the double limit: functions decide
-                        try:
-                            add_acc[func](acc, value, ts)
-                        except OverflowError as exc:
-                            raw = _raw_of(ev, evs, raws, record)
-                            self._reject(out, rejects, batch, idx, raw, "overflow", str(exc), now)
-                            continue
-                    else:  # functions._sum_plain_add: count, Neumaier-compensated sum
-                        acc[0] += 1
-                        if (s if s >= 0.0 else -s) >= (value if value >= 0.0 else -value):
-                            acc[2] += (s - t) + value
-                        else:
-                            acc[2] += (value - t) + s
-                        acc[1] = t
-                elif func is min_:
-                    acc[0] += 1
-                    if value < acc[1]:
-                        acc[1] = value
-                elif func is max_:
-                    acc[0] += 1
-                    if value > acc[1]:
-                        acc[1] = value
-                else:
-                    try:
-                        add_acc[func](acc, value, ts)
-                    except OverflowError as exc:  # cannot happen with today's functions
-                        raw = _raw_of(ev, evs, raws, record)
-                        self._reject(out, rejects, batch, idx, raw, "overflow", str(exc), now)
-                        continue
-                # The close boundary follows the partition's own event time, or with
-                # repartitioned input its slowest input partition's; the step is written
-                # out for each, as the hot loop calls no function on the direct path.
-                if ts > part_max:
-                    if ts > lead_cap:
-                        ahead += 1
-                        if ts > ahead_max:
-                            ahead_max = ts
-                    elif routed is None and not blocked:
-                        part_max = ts
-                        x = ((ts if ts < cap else cap) - grace) / interval
-                        if x >= x_next:
-                            k = floor(x)
-                            x_next = k + 1.0
-                            edge = k * interval
-                            if edge > closed_until:
-                                closed_until = edge
-                                q_lo = q_hi = 0.0
-                    else:
-                        part_max = ts
-                if routed is not None:
-                    # the slowest input partition's event time, when this event moved it
-                    lim = track(origin_of[idx][0], ts if ts <= lead_cap else None, seen, idle_s)
-                    if lim is not None and not blocked:
-                        x = ((lim if lim < cap else cap) - grace) / interval
-                        if x >= x_next:
-                            k = floor(x)
-                            x_next = k + 1.0
-                            edge = k * interval
-                            if edge > closed_until:
-                                closed_until = edge
-                                q_lo = q_hi = 0.0
-                accepted += 1
-        if self._dl_message is not None:
-            self._flush_rollups(out)
-        self._open = open_now
-        if part_max != _NEG_INF:
-            part.max_ts = part_max
-        if ahead:
-            part.ahead_ts = ahead_max
-        part.count(floor(batch.received_at / interval) * interval, received, accepted, rejects)
+        limits = Limits(
+            interval=self._interval,
+            grace=cfg.grace_s,
+            budget=cfg.max_open_windows,
+            max_ts=now + cfg.max_future_s,
+            lead_cap=now + cfg.max_watermark_lead_s,
+            max_bytes=self._max_bytes,
+            max_elements=self._max_elements,
+        )
+        others = self._others_limit(part)
+        return BatchRun(
+            part,
+            batch,
+            out,
+            self._dead,
+            limits,
+            now=now,
+            open_now=self._open,
+            others=others,
+            idle_s=self._idle_s,
+        )
+
+    def _finish_run(self, part: PartitionState, batch: SourceBatch, run: BatchRun) -> None:
+        self._open = run.open_now
+        if run.part_max != NEG_INF:
+            part.max_ts = run.part_max
+        if run.ahead:
+            part.ahead_ts = run.ahead_max
+        received_in = window_start(batch.received_at, self._interval)
+        part.count(received_in, run.received, run.accepted, run.rejects)
         metrics = self._metrics
-        metrics.on_events_aggregated(accepted)
-        if ahead:
-            metrics.on_events_ahead(ahead)
-        for reason, n in rejects.items():
+        metrics.on_events_aggregated(run.accepted)
+        if run.ahead:
+            metrics.on_events_ahead(run.ahead)
+        for reason, n in run.rejects.items():
             if reason == "late":
                 metrics.on_events_late(n)
             else:
                 metrics.on_events_rejected(reason, n)
-
-    def _reference(
-        self,
-        record: Any,
-        idx: int,
-        batch: SourceBatch,
-        out: Outputs,
-        rejects: dict[str, int],
-        max_ts: float,
-        now: float,
-    ) -> tuple[list[WireEvent], list[Any], int]:
-        """The reference path for one message: dead-letters what is invalid, with its
-        exact reason, and returns the valid events, their raw elements and how many
-        events the message held (the ledger's "received")."""
-        if type(record) is bytes:
-            try:
-                decoded = loads_message(record)
-            except Rejected as exc:
-                self._reject(out, rejects, batch, idx, record, exc.reason, exc.detail, now)
-                return [], [], 1
-        else:
-            decoded = record
-        items = decoded if type(decoded) is list else [decoded]
-        held = len(items)
-        if held > self._max_elements:
-            cap = self._max_elements
-            detail = (
-                f"{held - cap} elements past the first {cap} of a {held}-element message "
-                "(VABUS_MAX_EVENTS_PER_MESSAGE); raw is the message"
-            )
-            self._reject(out, rejects, batch, idx, record, "too_large", detail, now, held - cap)
-            items = items[:cap]
-        evs: list[WireEvent] = []
-        raws: list[Any] = []
-        for item in items:
-            try:
-                name, func, value, ts = parse_event(item, max_ts)
-            except Rejected as exc:
-                self._reject(out, rejects, batch, idx, item, exc.reason, exc.detail, now)
-                continue
-            evs.append(WireEvent(name, value, ts, func))
-            raws.append(item)
-        return evs, raws, held
 
     def _reject_marked(
         self, part: PartitionState, batch: SourceBatch, out: Outputs, seen: float
@@ -568,9 +307,9 @@ class EventAggregator:
         now = self._clock.now()
         rejects: dict[str, int] = {}
         for idx, (reason, detail, n) in sorted(marked.items()):
-            self._reject(out, rejects, batch, idx, batch.records[idx], reason, detail, now, n)
-        if self._dl_message is not None:
-            self._flush_rollups(out)
+            raw = batch.records[idx]
+            self._dead.reject(out, rejects, batch, idx, raw, reason, detail, now, n)
+        self._dead.finish(out)
         keep = [i for i in range(len(batch.records)) if i not in marked]
         batch.records = [batch.records[i] for i in keep]
         if batch.offsets is not None:
@@ -578,86 +317,10 @@ class EventAggregator:
         if batch.origins is not None:
             batch.origins = [batch.origins[i] for i in keep]
         part.last_message_at = seen
-        interval_start = math.floor(batch.received_at / self._interval) * self._interval
-        part.count(interval_start, sum(rejects.values()), 0, rejects)
+        received_in = window_start(batch.received_at, self._interval)
+        part.count(received_in, sum(rejects.values()), 0, rejects)
         for reason, n in rejects.items():
             self._metrics.on_events_rejected(reason, n)
-
-    def _bad_name(
-        self,
-        ev: WireEvent,
-        evs: Sequence[WireEvent],
-        raws: list[Any] | None,
-        record: Any,
-        out: Outputs,
-        rejects: dict[str, int],
-        batch: SourceBatch,
-        idx: int,
-        now: float,
-    ) -> bool:
-        """Dead-letter ``ev`` as ``invalid_name`` if its name may not be stored (the
-        fast path's share of :func:`parse_event`'s name rule), and say whether it did."""
-        fault = name_fault(ev.name)
-        if fault is None:
-            return False
-        raw = _raw_of(ev, evs, raws, record)
-        self._reject(out, rejects, batch, idx, raw, "invalid_name", fault, now)
-        return True
-
-    def _reject(
-        self,
-        out: Outputs,
-        counts: dict[str, int],
-        batch: SourceBatch,
-        idx: int,
-        raw: Any,
-        reason: str,
-        detail: str,
-        now: float,
-        n: int = 1,
-    ) -> None:
-        """Count ``n`` rejected elements of message ``idx`` and write their dead letter;
-        past :data:`DEAD_LETTERS_PER_MESSAGE` of one message, roll them up instead."""
-        counts[reason] = counts.get(reason, 0) + n
-        message = (id(batch), idx)
-        if message != self._dl_message:
-            if self._dl_message is not None:
-                self._flush_rollups(out)
-            self._dl_message = message
-        if self._dl_written >= DEAD_LETTERS_PER_MESSAGE:
-            rollup = self._rollups.get(reason)
-            if rollup is None:
-                raw = raw() if type(raw) is _RawOf else raw
-                self._rollups[reason] = [n, raw, detail, self._source(batch, idx)]
-            else:
-                rollup[0] += n
-            return
-        self._dl_written += 1
-        raw = raw() if type(raw) is _RawOf else raw
-        source = self._source(batch, idx)
-        out.dead_letters.append(DeadLetter(raw_text(raw), reason, detail, source, now))
-
-    @staticmethod
-    def _source(batch: SourceBatch, idx: int) -> str:
-        if batch.offsets is None:
-            return batch.source
-        return f"{batch.source} offset={batch.offsets[idx]}"
-
-    def _flush_rollups(self, out: Outputs) -> None:
-        """One dead letter per reason for the rejects of the last message past its
-        :data:`DEAD_LETTERS_PER_MESSAGE`."""
-        now = self._clock.now()
-        for reason, (n, raw, detail, source) in self._rollups.items():
-            summary = (
-                f"{n} more elements of this message rejected as {reason!r} (past the first "
-                f"{DEAD_LETTERS_PER_MESSAGE} dead letters of one message); raw is the first "
-                f"of them: {detail}"
-            )
-            out.dead_letters.append(DeadLetter(raw_text(raw), reason, summary, source, now))
-            self._metrics.on_dead_letters_rolled_up(n)
-        self._rollups.clear()
-        self._dl_message = None
-        self._dl_written = 0
 
     def _others_limit(self, part: PartitionState) -> tuple[float, bool]:
         """(cap, blocked): the event time the other holding partitions allow while
@@ -686,102 +349,15 @@ class EventAggregator:
             self._emit_through(latest + self._interval, out)
 
     def _emit_through(self, boundary: float, out: Outputs) -> None:
-        """Emit every window ending at or before ``boundary``, merged over partitions.
-
-        Each partition's emitted boundary only moves up (a partition adopted with an
-        older history pulls the watermark back for a while; the others keep theirs).
-        A holding partition's moves to ``boundary``, which is never above its own
-        event time minus the grace. A silent one's moves only past the windows emitted
-        for it, so when it speaks again it is judged by its own history.
-        """
-        interval = self._interval
-        idle_s = self._idle_s
-        ready: dict[float, dict[WindowKey, Acc]] = {}
-        owner: dict[float, PartitionState] = {}  # who contributed each window first
-        for p in self._parts.values():
-            if p.closed_until >= boundary:
-                continue
-            starts = [s for s in p.windows if s + interval <= boundary]
-            if p.holds(idle_s):
-                p.closed_until = boundary
-            elif starts:
-                # The quiet rule: the emitted boundary moves past the windows of the
-                # partition's event time only; those of ahead events, above it, are
-                # remembered one by one, so on-time events below them stay on time.
-                held = NEG_INF if p.max_ts is None else p.max_ts
-                in_step = [s for s in starts if s <= held]
-                if in_step:
-                    p.closed_until = max(p.closed_until, max(in_step) + interval)
-                p.ahead_closed.update(s for s in starts if s > held)
-            if p.ahead_closed:
-                p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
-            for start in starts:
-                keyed = p.windows.pop(start)
-                self._open -= len(keyed)
-                p.on_emitted(keyed)
-                into = ready.get(start)
-                if into is None:
-                    ready[start] = keyed
-                    owner[start] = p
-                    continue
-                for key, acc in keyed.items():
-                    mine = into.get(key)
-                    if mine is None:
-                        into[key] = acc
-                        continue
-                    try:
-                        FUNCTIONS[key[1]].merge(mine, acc)
-                    except OverflowError:
-                        self._on_merge_overflow(p, key, start, acc[0])
-        if not ready:
+        """Emit every window ending at or before ``boundary``, merged over partitions
+        (:mod:`service.aggregation.emission`)."""
+        taken = take_through(
+            self._parts.values(), boundary, self._interval, self._idle_s, self._metrics
+        )
+        self._open -= taken.keys
+        if not taken.ready:
             return
-        now = self._clock.now()
-        emitted: list[Aggregate] = []
-        append = emitted.append
-        result_of = _RESULT
-        for start in sorted(ready):
-            end = start + interval
-            for (name, func), acc in ready[start].items():
-                try:
-                    value = result_of[func](acc)
-                    finite = value - value == 0.0  # inf - inf and nan - nan are nan
-                except Exception:  # a broken state must not stop the stage: dropped
-                    finite = False
-                if finite:
-                    append(Aggregate(name, func, value, acc[0], start, end, now))
-                else:
-                    self._on_unusable(owner[start], (name, func), start, acc)
+        emitted = aggregates_of(taken, self._interval, self._clock.now(), self._metrics)
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)
-
-    def _on_merge_overflow(
-        self, p: PartitionState, key: WindowKey, start: float, events: int
-    ) -> None:
-        """A partition's share of a window would take the merged sum beyond the double
-        range: the window keeps the value it had, that share counts as rejected."""
-        log.error(
-            "window %s of %r/%r: merging %d event(s) from another partition would make the "
-            "sum non-finite; they are counted as rejected (overflow)",
-            start,
-            key[0],
-            key[1],
-            events,
-        )
-        p.on_merge_overflow(events)
-        self._metrics.on_events_rejected("overflow", events)
-
-    def _on_unusable(self, p: PartitionState, key: WindowKey, start: float, acc: Acc) -> None:
-        """Never expected (state is validated when restored, every function stays finite),
-        but no output may hold a value a consumer cannot parse, nor a stage crash-loop."""
-        events = acc[0] if type(acc[0]) is int else 0
-        log.error(
-            "window %s of %r/%r has no finite result (state %.200r); dropped with %d event(s)",
-            start,
-            key[0],
-            key[1],
-            acc,
-            events,
-        )
-        p.on_dropped(events, emitted=True)
-        self._metrics.on_state_dropped("window")

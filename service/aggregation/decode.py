@@ -5,7 +5,7 @@ Two paths that must agree exactly:
 * **fast** — :data:`decode_fast` (msgspec, typed): one C call turns a message's bytes
   into :class:`WireEvent` structs (or a list of them), checking types, the name length
   and the number range on the way. It only *accepts*; whatever it refuses, and every
-  event the aggregator's remaining checks (:func:`fast_ok`) do not pass, goes to the
+  event the hot loop's remaining checks (:func:`fast_ok`) do not pass, goes to the
   reference path, so reasons and details come from one place.
 * **reference** — :func:`loads_message` (orjson, then the standard library) and
   :func:`parse_event` per element: the exact reason of every rejection.
@@ -74,10 +74,12 @@ not exactly that shape: the caller then takes the reference path."""
 def fast_ok(ev: WireEvent, max_ts: float) -> bool:
     """Whether a fast-decoded event is valid as it is (the checks msgspec cannot make).
 
-    The aggregator inlines this test for single-event messages, all but the name: there
-    it checks :func:`name_fault` when an event would open a window or a key, or be
-    rejected as late or over budget, before it changes any state, so a name already
-    open costs nothing. Keep them in step.
+    The hot loop (:mod:`service.aggregation.batch_run`) inlines this test for
+    single-event messages, all but the name: its reference step checks
+    :func:`name_fault` when an event would open a window or a key, or be rejected as
+    late or over budget, before it changes any state, so a name already open costs
+    nothing. ``tests/unit/test_decode_fast.py`` (the fast decoder off) and
+    ``tests/unit/test_window_paths.py`` (the reference path alone) hold them in step.
     """
     ts = ev.timestamp
     return (

@@ -18,6 +18,7 @@ stddev         ``mean, m2[, e]``: Welford's running mean and sum of squared devi
                with ``e`` both are of the values scaled by ``2**-e`` (values beyond ~1e154)
 p50 .. p99     a list of the raw values while there are at most
                ``PERCENTILE_EXACT_LIMIT``, then a :mod:`~service.aggregation.sketch`
+               (:mod:`~service.aggregation.percentiles`)
 =============  ====================================================================
 
 Every result is a finite double. The mean, the standard deviation and a percentile of finite
@@ -45,7 +46,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from service.aggregation import sketch
+from service.aggregation import percentiles, sketch
+from service.aggregation.percentiles import PERCENTILE_EXACT_LIMIT, exact_percentile
 
 __all__ = [
     "FUNCTIONS",
@@ -59,12 +61,10 @@ __all__ = [
 
 Acc = list[Any]
 
-PERCENTILE_EXACT_LIMIT: Final = 10_000
-
 
 @dataclass(frozen=True, slots=True)
 class AggFunction:
-    """One aggregation function; the aggregator binds these callables in its hot loop."""
+    """One aggregation function; the hot loop binds these callables (batch_run)."""
 
     name: str
     new: Callable[[float, float], Acc]
@@ -103,7 +103,7 @@ def _count_result(acc: Acc) -> float:
 WIDE_UNIT: Final = 2.0**1000
 """Near the double limit a running sum keeps whole multiples of this apart (``acc[3]``)."""
 SUM_PLAIN_LIMIT: Final = 2.0**1020
-"""A running sum within this bound takes the plain path (the aggregator inlines it)."""
+"""A running sum within this bound takes the plain path (the hot loop inlines it)."""
 _MAX: Final = sys.float_info.max
 
 
@@ -359,66 +359,9 @@ def _stddev_result(acc: Acc) -> float:
         return _MAX
 
 
-# -- percentiles: exact up to PERCENTILE_EXACT_LIMIT values, then a relative-error sketch ----
-
-
-def _percentile_new(value: float, ts: float) -> Acc:
-    return [1, [value]]
-
-
-def _percentile_add(acc: Acc, value: float, ts: float) -> None:
-    acc[0] += 1
-    store = acc[1]
-    if type(store) is list:
-        store.append(value)
-        if len(store) > PERCENTILE_EXACT_LIMIT:
-            acc[1] = sketch.of(store)
-    else:
-        sketch.add(store, value)
-
-
-def _percentile_merge(into: Acc, other: Acc) -> None:
-    into[0] += other[0]
-    mine, theirs = into[1], other[1]
-    if type(mine) is list and type(theirs) is list:
-        mine.extend(theirs)
-        if len(mine) > PERCENTILE_EXACT_LIMIT:
-            into[1] = sketch.of(mine)
-        return
-    if type(mine) is list:
-        mine = into[1] = sketch.of(mine)
-    if type(theirs) is list:
-        for value in theirs:
-            sketch.add(mine, value)
-    else:
-        sketch.merge(mine, theirs)
-
-
-def exact_percentile(sorted_values: list[float], q: float) -> float:
-    """numpy.percentile's default ("linear") on ascending, non-empty values; ``q`` in [0, 1]."""
-    h = (len(sorted_values) - 1) * q
-    lower = math.floor(h)
-    fraction = h - lower
-    a = sorted_values[lower]
-    if fraction == 0.0 or lower + 1 >= len(sorted_values):
-        return float(a)
-    return sketch.interpolate(a, sorted_values[lower + 1], fraction)
-
-
-def _percentile_result(q: float) -> Callable[[Acc], float]:
-    def result(acc: Acc) -> float:
-        store = acc[1]
-        if type(store) is list:
-            store.sort()  # in place: order inside the accumulator carries no meaning
-            return exact_percentile(store, q)
-        return sketch.quantile(store, q)
-
-    return result
-
-
 def _percentile(name: str, q: float) -> AggFunction:
     return AggFunction(
-        name, _percentile_new, _percentile_add, _percentile_merge, _percentile_result(q)
+        name, percentiles.new, percentiles.add, percentiles.merge, percentiles.result(q)
     )
 
 

@@ -44,6 +44,7 @@ import orjson
 
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.origins import RoutedTime
+from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
@@ -146,7 +147,7 @@ class PartitionState:
     # -- the idleness rule ------------------------------------------------------------
     def idle(self, idle_timeout_s: float) -> bool:
         """Silent: nothing unread, and no message for ``idle_timeout_s`` when last seen."""
-        return self.caught_up and self.reported_at - self.last_message_at >= idle_timeout_s
+        return is_idle(self.caught_up, self.reported_at, self.last_message_at, idle_timeout_s)
 
     def holds(self, idle_timeout_s: float) -> bool:
         """Whether this partition holds the watermark back (see the module docstring)."""

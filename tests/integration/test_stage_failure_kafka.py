@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.aggregation import aggregator as aggregator_module
+from service.aggregation import batch_run
 from service.aggregation.functions import Acc
 from service.app import build_service
 from service.config.loader import load_config
@@ -100,7 +100,7 @@ async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_writt
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     raised: list[float] = []
-    new, add = aggregator_module._NEW["count"], aggregator_module._ADD["count"]
+    new, add = batch_run._NEW["count"], batch_run._ADD["count"]
 
     def may_raise(value: float) -> None:
         if value == POISON or (value == ONCE and ONCE not in raised):
@@ -115,8 +115,8 @@ async def test_failures_mid_delivery_on_kafka_leave_every_window_exact_and_writt
         may_raise(value)
         add(acc, value, ts)
 
-    monkeypatch.setitem(aggregator_module._NEW, "count", new_or_raise)
-    monkeypatch.setitem(aggregator_module._ADD, "count", add_or_raise)
+    monkeypatch.setitem(batch_run._NEW, "count", new_or_raise)
+    monkeypatch.setitem(batch_run._ADD, "count", add_or_raise)
     caplog.set_level(logging.WARNING, logger="service.bus.kafka")
 
     base = math.floor(time.time() / INTERVAL) * INTERVAL - 900

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import service.aggregation.aggregator as aggregator_module
+from service.aggregation import batch_run
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import WireEvent, decode_fast, loads_message
 from service.aggregation.functions import FUNCTIONS
@@ -193,7 +193,7 @@ def test_fast_path_gives_exactly_what_the_reference_path_gives(
 ) -> None:
     fast = _run(batches, max_open, grace)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(aggregator_module, "decode_fast", _refuse)
+        mp.setattr(batch_run, "decode_fast", _refuse)
         reference = _run(batches, max_open, grace)
     assert fast == reference
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-import service.aggregation.aggregator as aggregator_module
+from service.aggregation import batch_run
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.decode import Rejected, loads_message, name_fault, parse_event
 from service.bus.base import SourceBatch
@@ -210,5 +210,5 @@ def test_hostile_name_alone_in_its_window_leaves_the_state_the_reference_path_le
         return [orjson.loads(c.state or b"") for c in agg.snapshot()]
 
     fast = state()
-    monkeypatch.setattr(aggregator_module, "decode_fast", _refuse)
+    monkeypatch.setattr(batch_run, "decode_fast", _refuse)
     assert fast == state()

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.aggregation import aggregator as aggregator_module
+from service.aggregation import batch_run
 from service.aggregation.functions import Acc
 from service.aggregation.partition import PartitionState
 from service.app import Service
@@ -123,7 +123,7 @@ def failing_count(
 
     def install(fails: Callable[[float], bool]) -> list[float]:
         raised: list[float] = []
-        add = aggregator_module._ADD["count"]
+        add = batch_run._ADD["count"]
 
         def add_or_raise(acc: Acc, value: float, ts: float) -> None:
             if fails(value):
@@ -131,7 +131,7 @@ def failing_count(
                 raise RuntimeError(f"injected failure on {value}")
             add(acc, value, ts)
 
-        monkeypatch.setitem(aggregator_module._ADD, "count", add_or_raise)
+        monkeypatch.setitem(batch_run._ADD, "count", add_or_raise)
         return raised
 
     yield install

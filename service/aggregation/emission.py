@@ -1,0 +1,152 @@
+"""Closing windows: what a close boundary takes out of each partition, merged over the
+partitions that hold shares of one window, and the aggregates of what was taken.
+
+Each partition's emitted boundary only moves up (a partition adopted with an older
+history pulls the watermark back for a while; the others keep theirs). A holding
+partition's moves to the boundary, which is never above its own event time minus the
+grace. A silent one's moves only past the windows emitted for it (the quiet rule,
+:func:`~service.aggregation.windows.quiet_close`), so when it speaks again it is judged
+by its own history.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.windows import emitted_by, quiet_close
+from service.core.events import Aggregate
+from service.metrics.collector import MetricsCollector
+
+__all__ = ["Taken", "aggregates_of", "take_through"]
+
+log = logging.getLogger(__name__)
+
+_RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
+
+
+class Taken:
+    """The windows a boundary took out: merged by start, the partition that gave each
+    its first share (blamed when its result is unusable), and how many keys in all."""
+
+    __slots__ = ("keys", "owner", "ready")
+
+    def __init__(self) -> None:
+        self.ready: dict[float, dict[WindowKey, Acc]] = {}
+        self.owner: dict[float, PartitionState] = {}
+        self.keys = 0
+
+
+def take_through(
+    parts: Iterable[PartitionState],
+    boundary: float,
+    interval: float,
+    idle_s: float,
+    metrics: MetricsCollector,
+) -> Taken:
+    """Take out every window ending at or before ``boundary``, merged over partitions,
+    and move each partition's emitted boundary."""
+    taken = Taken()
+    for p in parts:
+        if p.closed_until >= boundary:
+            continue
+        starts = emitted_by(p.windows, boundary, interval)
+        if p.holds(idle_s):
+            p.closed_until = boundary
+        elif starts:
+            # ahead events' windows above the partition's event time are remembered one
+            # by one, so on-time events below them stay on time
+            p.closed_until, above = quiet_close(starts, p.max_ts, p.closed_until, interval)
+            p.ahead_closed.update(above)
+        if p.ahead_closed:
+            p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
+        for start in starts:
+            keyed = p.windows.pop(start)
+            taken.keys += len(keyed)
+            p.on_emitted(keyed)
+            _merge(taken, p, start, keyed, metrics)
+    return taken
+
+
+def _merge(
+    taken: Taken,
+    p: PartitionState,
+    start: float,
+    keyed: dict[WindowKey, Acc],
+    metrics: MetricsCollector,
+) -> None:
+    into = taken.ready.get(start)
+    if into is None:
+        taken.ready[start] = keyed
+        taken.owner[start] = p
+        return
+    for key, acc in keyed.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = acc
+            continue
+        try:
+            FUNCTIONS[key[1]].merge(mine, acc)
+        except OverflowError:
+            _on_merge_overflow(p, key, start, acc[0], metrics)
+
+
+def aggregates_of(
+    taken: Taken, interval: float, now: float, metrics: MetricsCollector
+) -> list[Aggregate]:
+    """The aggregates of the windows taken, by start; a window without a finite result
+    is dropped (and logged), never emitted."""
+    emitted: list[Aggregate] = []
+    append = emitted.append
+    result_of = _RESULT
+    for start in sorted(taken.ready):
+        end = start + interval
+        for (name, func), acc in taken.ready[start].items():
+            try:
+                value = result_of[func](acc)
+                finite = value - value == 0.0  # inf - inf and nan - nan are nan
+            except Exception:  # a broken state must not stop the stage: dropped
+                finite = False
+            if finite:
+                append(Aggregate(name, func, value, acc[0], start, end, now))
+            else:
+                _on_unusable(taken.owner[start], (name, func), start, acc, metrics)
+    return emitted
+
+
+def _on_merge_overflow(
+    p: PartitionState, key: WindowKey, start: float, events: int, metrics: MetricsCollector
+) -> None:
+    """A partition's share of a window would take the merged sum beyond the double
+    range: the window keeps the value it had, that share counts as rejected."""
+    log.error(
+        "window %s of %r/%r: merging %d event(s) from another partition would make the "
+        "sum non-finite; they are counted as rejected (overflow)",
+        start,
+        key[0],
+        key[1],
+        events,
+    )
+    p.on_merge_overflow(events)
+    metrics.on_events_rejected("overflow", events)
+
+
+def _on_unusable(
+    p: PartitionState, key: WindowKey, start: float, acc: Acc, metrics: MetricsCollector
+) -> None:
+    """Never expected (state is validated when restored, every function stays finite),
+    but no output may hold a value a consumer cannot parse, nor a stage crash-loop."""
+    events = acc[0] if type(acc[0]) is int else 0
+    log.error(
+        "window %s of %r/%r has no finite result (state %.200r); dropped with %d event(s)",
+        start,
+        key[0],
+        key[1],
+        acc,
+        events,
+    )
+    p.on_dropped(events, emitted=True)
+    metrics.on_state_dropped("window")
