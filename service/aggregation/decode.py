@@ -1,4 +1,4 @@
-"""Decoding and validation at the edge (the rules and reasons of README, "Input events").
+"""Decoding and validation at the edge (rules and reasons: docs/aggregation.md, "Input events").
 
 Two paths that must agree exactly:
 

@@ -1,7 +1,7 @@
 """One input partition's share of the aggregator: open windows, event-time progress,
 what it has emitted, and the idleness rule that decides whether it holds the watermark.
 
-The idleness rule (README "Event time and watermarks" has a worked example):
+The idleness rule (docs/aggregation.md, "Worked example", shows it at work):
 
 * A partition that has delivered events holds the watermark at its own largest event
   time minus the grace.
