@@ -49,6 +49,7 @@ from service.core.errors import TransientError, is_retriable
 from service.core.events import Metric
 from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
+from service.kafka.clients import stop_clients
 from service.kafka.errors import (
     KAFKA_FAILURES,
     is_transient,
@@ -174,11 +175,7 @@ class KafkaBus(AsyncResource):
         self._closing.set()
         producer, self._producer = self._producer, None
         consumer, self._consumer = self._consumer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
+        await stop_clients(producer, consumer)
         self._live.clear()
 
     async def _connect_consumer(self) -> AIOKafkaConsumer:
