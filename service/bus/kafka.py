@@ -21,16 +21,12 @@ are read again by whichever member gets it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 
 from service.bus.base import (
     REPORT_INTERVAL_S,
@@ -38,10 +34,18 @@ from service.bus.base import (
     Origin,
     PartitionsAssigned,
     PartitionsRevoked,
-    Progress,
     Restore,
     SourceBatch,
 )
+from service.bus.internal_records import InternalRecords, Marked
+from service.bus.kafka_clients import (
+    broker_topics,
+    connect_consumer,
+    require_input_topic,
+    send_metrics,
+    start_metrics_producer,
+)
+from service.bus.kafka_partitions import LivePartition, partition_id, report_batch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import BusConfig, KafkaConfig
 from service.core.clock import Clock
@@ -57,53 +61,17 @@ from service.kafka.errors import (
     kafka_error_kind,
     keeps_reading,
 )
-from service.kafka.options import bus_client_options, create_topics, group_member_options
+from service.kafka.options import bus_client_options
 from service.metrics.collector import MetricsCollector
 
-__all__ = ["InternalRecords", "KafkaBus", "Marked", "OnMalformed"]
+__all__ = ["KafkaBus"]
 
 log = logging.getLogger(__name__)
 
-_MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
-_FETCH_MAX_BYTES = 64 * 1024 * 1024  # with smaller fetches consumption was measurably slower
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
 _RESTORE_ATTEMPTS = 5
-_METRICS_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
-
-OnMalformed = Callable[[str, bytes | None], None]
-"""Told of each malformed internal record: ``(kind, raw header or value)``."""
-Marked = dict[int, tuple[str, str, int]]
-"""Records to dead-letter instead of aggregating: index -> (reason, detail, elements)."""
-
-
-class InternalRecords(Protocol):
-    """How the bus reads the internal topic of repartitioned input. The routing stage owns
-    that format and sits above the bus, so the wiring hands it in
-    (:mod:`service.repartition.records`) instead of the bus importing it."""
-
-    def split_at_progress(
-        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
-    ) -> Iterable[tuple[Sequence[Any], Progress | None, int]]: ...
-
-    def read_origins(
-        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
-    ) -> tuple[list[Origin], Marked]: ...
-
-
-def _partition_id(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
-
-
-@dataclass(slots=True)
-class _Live:
-    """An assigned partition that downstream knows about."""
-
-    partition: str
-    next_offset: int
-    reported_at: float = float("-inf")  # when downstream last heard of it (monotonic)
-    assigned_at: int = 0  # where it was read from on assignment: a rewind's fallback
 
 
 class KafkaBus(AsyncResource):
@@ -138,7 +106,7 @@ class KafkaBus(AsyncResource):
         self._revoke_timeout_s = revoke_timeout_s
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._live: dict[TopicPartition, _Live] = {}
+        self._live: dict[TopicPartition, LivePartition] = {}
         self._emit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()  # stop_intake() or stop()
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
@@ -160,11 +128,13 @@ class KafkaBus(AsyncResource):
             return
         self._stopping.clear()
         self._closing.clear()
-        consumer = await self._connect_consumer()
+        consumer = await connect_consumer(self._cfg, self._options, self._revoke_timeout_s)
         self._consumer = consumer
         try:
-            topics = await self._require_input_topic(consumer)
-            self._producer = await self._start_metrics_producer(topics)
+            topics = await require_input_topic(consumer, self._cfg.kafka_topic, self._servers)
+            self._producer = await start_metrics_producer(
+                self._options, self._cfg.kafka_metrics_topic, topics
+            )
         except BaseException:
             await self.stop()
             raise
@@ -177,69 +147,6 @@ class KafkaBus(AsyncResource):
         consumer, self._consumer = self._consumer, None
         await stop_clients(producer, consumer)
         self._live.clear()
-
-    async def _connect_consumer(self) -> AIOKafkaConsumer:
-        try:
-            consumer = await self._start_consumer()
-        except KAFKA_FAILURES as exc:
-            raise kafka_error(
-                exc,
-                "kafka bus: connect",
-                self._servers,
-                hint="check VABUS_URL and that the broker is running",
-            ) from exc
-        log.info("kafka bus: connected to %s", self._servers)
-        return consumer
-
-    async def _start_consumer(self) -> AIOKafkaConsumer:
-        """A started group member, or the start's error with the half-made client closed."""
-        session_ms = self._cfg.kafka_session_timeout_ms
-        consumer = AIOKafkaConsumer(
-            **self._options,
-            **group_member_options(self._cfg.kafka_group, session_ms),
-            # the group waits this long for a member still checkpointing its revoked
-            # partitions before it is thrown out
-            rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),
-            max_partition_fetch_bytes=_MAX_PARTITION_FETCH_BYTES,
-            fetch_max_bytes=_FETCH_MAX_BYTES,
-        )
-        try:
-            await consumer.start()
-        except BaseException:
-            with contextlib.suppress(KafkaError):
-                await consumer.stop()
-            raise
-        return consumer
-
-    async def _require_input_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
-        """The broker's topics, which must include the input topic (it belongs to the
-        producers: it is waited for by the caller's start loop, never created)."""
-        topic = self._cfg.kafka_topic
-        try:
-            topics: set[str] = await consumer.topics()
-        except KAFKA_FAILURES as exc:
-            raise kafka_error(exc, "kafka bus: list topics", self._servers) from exc
-        if topic not in topics:
-            raise TransientError(
-                f"input topic {topic!r} does not exist on {self._servers} yet; "
-                "it is not created by this service"
-            )
-        return topics
-
-    async def _start_metrics_producer(self, topics: set[str]) -> AIOKafkaProducer | None:
-        """A small producer for our own metrics; failure only costs metrics, so it is logged."""
-        topic = self._cfg.kafka_metrics_topic
-        try:
-            if topic not in topics:
-                # one partition: metrics are best-effort
-                for error in (await create_topics(self._options, [topic], 1)).values():
-                    log.warning("kafka bus: %s", error)
-            producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
-            await producer.start()
-        except KAFKA_FAILURES as exc:
-            log.warning("kafka bus: metrics topic %r unavailable (%s)", topic, exc)
-            return None
-        return producer
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -313,7 +220,6 @@ class KafkaBus(AsyncResource):
     ) -> None:
         now = self._clock.now()
         mono = self._clock.monotonic()
-        topic = self._cfg.kafka_topic
         received = 0
         async with self._emit_lock:
             assigned = consumer.assignment()
@@ -321,73 +227,86 @@ class KafkaBus(AsyncResource):
                 live = self._live.get(tp)
                 if live is None or not msgs:
                     continue  # not announced: the next assignment seeks it again
-                if msgs[0].offset < live.next_offset:  # fetched before a seek
-                    msgs = [m for m in msgs if m.offset >= live.next_offset]
-                    if not msgs:
-                        continue
-                live.next_offset = msgs[-1].offset + 1
                 highwater = consumer.highwater(tp) if tp in assigned else None
-                caught_up = highwater is not None and live.next_offset >= highwater
-                live.reported_at = mono
-                lag = None if highwater is None else max(0, highwater - live.next_offset)
-                # An internal partition of repartitioned input is cut after each progress
-                # report, which applies after its events: event time then moves exactly
-                # where the routing stage wrote it, whatever the fetches.
-                runs = (
-                    self._internal.split_at_progress(msgs, self._on_malformed)
-                    if self._internal is not None
-                    else ((msgs, None, live.next_offset),)
-                )
-                for run, progress, next_offset in runs:
-                    received += len(run)
-                    origins, rejected = (
-                        self._origins(run) if self._internal is not None else (None, None)
-                    )
-                    await emit(
-                        SourceBatch(
-                            partition=live.partition,
-                            records=[b"" if m.value is None else m.value for m in run],
-                            offsets=[m.offset for m in run],
-                            source=f"kafka {topic}/{tp.partition}",
-                            next_position=str(next_offset),
-                            received_at=now,
-                            caught_up=caught_up and next_offset == live.next_offset,
-                            polled_at=mono,
-                            lag=lag,
-                            origins=origins,
-                            progress=progress,
-                            rejected=rejected,
-                        )
-                    )
-            # Reports on partitions this poll brought nothing for: a silent partition
-            # stops holding the watermark only on such evidence. Taken now, after any
-            # backpressure above, so the time and the high watermark are both current.
-            for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
-                if tp in data or tp not in assigned:
-                    continue
-                seen = self._clock.monotonic()
-                if seen - live.reported_at < REPORT_INTERVAL_S:
-                    continue
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue  # not fetched yet: nothing is known about it
-                live.reported_at = seen
-                await emit(
-                    SourceBatch(
-                        partition=live.partition,
-                        records=[],
-                        source=f"kafka {topic}/{tp.partition}",
-                        next_position=None,
-                        received_at=now,
-                        caught_up=live.next_offset >= highwater,
-                        polled_at=seen,
-                        lag=max(0, highwater - live.next_offset),
-                    )
-                )
+                received += await self._emit_records(tp, live, msgs, highwater, emit, now, mono)
+            await self._emit_reports(consumer, data, assigned, emit, now)
         if received:
             # one Kafka message may hold a JSON array; the bus does not decode, so the
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
+
+    async def _emit_records(
+        self,
+        tp: TopicPartition,
+        live: LivePartition,
+        msgs: list[Any],
+        highwater: int | None,
+        emit: Emit,
+        now: float,
+        mono: float,
+    ) -> int:
+        """Emit a partition's fetched records; how many were emitted."""
+        if msgs[0].offset < live.next_offset:  # fetched before a seek
+            msgs = [m for m in msgs if m.offset >= live.next_offset]
+            if not msgs:
+                return 0
+        live.next_offset = msgs[-1].offset + 1
+        caught_up = highwater is not None and live.next_offset >= highwater
+        live.reported_at = mono
+        lag = None if highwater is None else max(0, highwater - live.next_offset)
+        # An internal partition of repartitioned input is cut after each progress
+        # report, which applies after its events: event time then moves exactly
+        # where the routing stage wrote it, whatever the fetches.
+        runs = (
+            self._internal.split_at_progress(msgs, self._on_malformed)
+            if self._internal is not None
+            else ((msgs, None, live.next_offset),)
+        )
+        received = 0
+        for run, progress, next_offset in runs:
+            received += len(run)
+            origins, rejected = self._origins(run) if self._internal is not None else (None, None)
+            await emit(
+                SourceBatch(
+                    partition=live.partition,
+                    records=[b"" if m.value is None else m.value for m in run],
+                    offsets=[m.offset for m in run],
+                    source=f"kafka {self._cfg.kafka_topic}/{tp.partition}",
+                    next_position=str(next_offset),
+                    received_at=now,
+                    caught_up=caught_up and next_offset == live.next_offset,
+                    polled_at=mono,
+                    lag=lag,
+                    origins=origins,
+                    progress=progress,
+                    rejected=rejected,
+                )
+            )
+        return received
+
+    async def _emit_reports(
+        self,
+        consumer: AIOKafkaConsumer,
+        data: Mapping[TopicPartition, list[Any]],
+        assigned: set[TopicPartition],
+        emit: Emit,
+        now: float,
+    ) -> None:
+        """Reports on partitions this poll brought nothing for: a silent partition
+        stops holding the watermark only on such evidence. Taken after any backpressure
+        in emitting the records, so the time and the high watermark are both current."""
+        for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
+            if tp in data or tp not in assigned:
+                continue
+            seen = self._clock.monotonic()
+            if seen - live.reported_at < REPORT_INTERVAL_S:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue  # not fetched yet: nothing is known about it
+            live.reported_at = seen
+            source = f"kafka {self._cfg.kafka_topic}/{tp.partition}"
+            await emit(report_batch(live, source, highwater, now, seen))
 
     def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
         """The origins of a run of internal records, and those to dead-letter (records
@@ -420,7 +339,7 @@ class KafkaBus(AsyncResource):
         restore: Restore,
     ) -> None:
         tps = sorted(assigned)
-        ids = [_partition_id(tp) for tp in tps]
+        ids = [partition_id(tp) for tp in tps]
         stored = await self._restore(restore, ids)
         checkpoints: list[PartitionCheckpoint] = []
         positions: dict[TopicPartition, int] = {}
@@ -441,7 +360,7 @@ class KafkaBus(AsyncResource):
                 positions[tp] = await consumer.position(tp)
         async with self._emit_lock:
             for tp, pid in zip(tps, ids, strict=True):
-                self._live[tp] = _Live(pid, positions[tp], assigned_at=positions[tp])
+                self._live[tp] = LivePartition(pid, positions[tp], assigned_at=positions[tp])
             await emit(PartitionsAssigned(checkpoints))
         consumer.resume(*tps)
         log.info("kafka bus: assigned %s at %s", ids, [positions[tp] for tp in tps])
@@ -459,7 +378,7 @@ class KafkaBus(AsyncResource):
         if not tps:
             return
         consumer.pause(*tps)
-        stored = await self._restore(restore, [_partition_id(tp) for tp in tps])
+        stored = await self._restore(restore, [partition_id(tp) for tp in tps])
         async with self._emit_lock:
             assigned = consumer.assignment()
             tps = [tp for tp in tps if tp in self._live and tp in assigned]
@@ -474,7 +393,7 @@ class KafkaBus(AsyncResource):
                     except ValueError:
                         log.warning("kafka bus: ignoring stored position %r", cp.position)
                 consumer.seek(tp, offset)
-                self._live[tp] = _Live(live.partition, offset, assigned_at=live.assigned_at)
+                self._live[tp] = LivePartition(live.partition, offset, assigned_at=live.assigned_at)
                 checkpoints.append(cp)
             offsets = [self._live[tp].next_offset for tp in tps]
             if checkpoints:
@@ -584,12 +503,7 @@ class KafkaBus(AsyncResource):
             return
         topic = self._cfg.kafka_metrics_topic
         try:
-            async with asyncio.timeout(_METRICS_TIMEOUT_S):
-                sent: list[Awaitable[Any]] = [
-                    await producer.send(topic, orjson.dumps(m.to_json_obj()), key=m.name.encode())
-                    for m in metrics
-                ]
-                await asyncio.gather(*sent)
+            await send_metrics(producer, topic, metrics)
         except KAFKA_FAILURES as exc:
             self._metrics.on_bus_error(self.name, is_transient(exc))
             log.warning("kafka bus: metrics not sent to %r (%r)", topic, exc)
@@ -599,15 +513,7 @@ class KafkaBus(AsyncResource):
         topic = self._cfg.kafka_topic
         try:
             async with asyncio.timeout(_CHECK_TIMEOUT_S):
-                if self._consumer is not None:
-                    topics: set[str] = await self._consumer.topics()
-                else:
-                    probe = AIOKafkaConsumer(**self._options, request_timeout_ms=4000)
-                    try:
-                        await probe.start()
-                        topics = await probe.topics()
-                    finally:
-                        await probe.stop()
+                topics = await broker_topics(self._consumer, self._options)
         except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
             raise TransientError(
                 f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
