@@ -26,41 +26,40 @@ from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
-    Origin,
     PartitionsAssigned,
     PartitionsRevoked,
     Restore,
     SourceBatch,
 )
-from service.bus.internal_records import InternalRecords, Marked
+from service.bus.internal_records import InternalRecords, InternalTopicReader
 from service.bus.kafka_clients import (
-    broker_topics,
+    check_topic,
+    commit_offsets,
     connect_consumer,
     require_input_topic,
     send_metrics,
     start_metrics_producer,
 )
 from service.bus.kafka_partitions import LivePartition, partition_id, report_batch
-from service.checkpoints.base import PartitionCheckpoint
+from service.bus.kafka_rebalance import (
+    RebalanceListener,
+    await_revocation,
+    restore_retried,
+    seek_assigned,
+    seek_rewound,
+)
 from service.config import BusConfig, KafkaConfig
 from service.core.clock import Clock
-from service.core.errors import TransientError, is_retriable
 from service.core.events import Metric
 from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
 from service.kafka.clients import stop_clients
-from service.kafka.errors import (
-    KAFKA_FAILURES,
-    is_transient,
-    kafka_error,
-    kafka_error_kind,
-    keeps_reading,
-)
+from service.kafka.errors import KAFKA_FAILURES, is_transient, kafka_error, keeps_reading
 from service.kafka.options import bus_client_options
 from service.metrics.collector import MetricsCollector
 
@@ -70,8 +69,6 @@ log = logging.getLogger(__name__)
 
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
-_RESTORE_ATTEMPTS = 5
-_CHECK_TIMEOUT_S = 5.0
 
 
 class KafkaBus(AsyncResource):
@@ -97,7 +94,11 @@ class KafkaBus(AsyncResource):
         if bus_cfg.kafka_repartition and internal is None:
             raise ValueError("a KafkaBus on the internal topic needs its InternalRecords")
         self._cfg = bus_cfg
-        self._internal = internal if bus_cfg.kafka_repartition else None
+        self._internal = (
+            InternalTopicReader(internal, metrics, self.name, bus_cfg.kafka_topic)
+            if internal is not None and bus_cfg.kafka_repartition
+            else None
+        )
         self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._servers = self._options["bootstrap_servers"]
         self._metrics = metrics
@@ -111,7 +112,6 @@ class KafkaBus(AsyncResource):
         self._stopping = asyncio.Event()  # stop_intake() or stop()
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
         self._failure: BaseException | None = None
-        self._malformed_logged: set[str] = set()  # kinds of malformed records logged once
         self._rewinds: set[str] = set()  # partitions to deliver again (rewind)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -166,7 +166,10 @@ class KafkaBus(AsyncResource):
         persistently): continuing would read partitions without their state.
         """
         consumer = self._require_consumer()
-        listener = _Listener(self, emit, restore)
+        listener = RebalanceListener(
+            lambda revoked: self._guard(self._on_revoked(revoked, emit)),
+            partial(self._assign, emit=emit, restore=restore),
+        )
         consumer.subscribe(topics=[self._cfg.kafka_topic], listener=listener)
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -258,14 +261,16 @@ class KafkaBus(AsyncResource):
         # report, which applies after its events: event time then moves exactly
         # where the routing stage wrote it, whatever the fetches.
         runs = (
-            self._internal.split_at_progress(msgs, self._on_malformed)
+            self._internal.split_at_progress(msgs)
             if self._internal is not None
             else ((msgs, None, live.next_offset),)
         )
         received = 0
         for run, progress, next_offset in runs:
             received += len(run)
-            origins, rejected = self._origins(run) if self._internal is not None else (None, None)
+            origins, rejected = (
+                self._internal.origins(run) if self._internal is not None else (None, None)
+            )
             await emit(
                 SourceBatch(
                     partition=live.partition,
@@ -308,29 +313,16 @@ class KafkaBus(AsyncResource):
             source = f"kafka {self._cfg.kafka_topic}/{tp.partition}"
             await emit(report_batch(live, source, highwater, now, seen))
 
-    def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
-        """The origins of a run of internal records, and those to dead-letter (records
-        whose origin header is malformed cannot be checked for replays)."""
-        assert self._internal is not None  # routed input only
-        origins, marked = self._internal.read_origins(run, self._on_malformed)
-        return origins, marked or None
+    # -- rebalance (called by the RebalanceListener from aiokafka's coordinator task) ---
+    async def _assign(self, assigned: set[TopicPartition], emit: Emit, restore: Restore) -> None:
+        consumer = self._consumer
+        if consumer is None or not assigned:
+            return
+        # before any await: the fetcher must not return records of these partitions
+        # until they are positioned and announced
+        consumer.pause(*assigned)
+        await self._guard(self._on_assigned(consumer, assigned, emit, restore))
 
-    def _on_malformed(self, kind: str, raw: bytes | None) -> None:
-        """Count a malformed internal record; log the first of each kind (a flood of
-        them must not flood the log: the metric counts them all)."""
-        self._metrics.on_bus_protocol_error(self.name, kind)
-        if kind not in self._malformed_logged:
-            self._malformed_logged.add(kind)
-            log.error(
-                "kafka bus: %s on the internal topic %r: %r (%s; further ones are only "
-                "counted in vabus_aggregator_bus_protocol_errors_total)",
-                kind.replace("_", " "),
-                self._cfg.kafka_topic,
-                (raw or b"")[:200],
-                "dead-lettered as invalid_origin" if kind == "malformed_origin" else "skipped",
-            )
-
-    # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
     async def _on_assigned(
         self,
         consumer: AIOKafkaConsumer,
@@ -340,24 +332,8 @@ class KafkaBus(AsyncResource):
     ) -> None:
         tps = sorted(assigned)
         ids = [partition_id(tp) for tp in tps]
-        stored = await self._restore(restore, ids)
-        checkpoints: list[PartitionCheckpoint] = []
-        positions: dict[TopicPartition, int] = {}
-        for tp, pid in zip(tps, ids, strict=True):
-            cp = stored.get(pid) or PartitionCheckpoint(pid, None, None)
-            checkpoints.append(cp)
-            if cp.position is None:
-                continue
-            try:
-                positions[tp] = int(cp.position)
-            except ValueError:
-                log.warning("kafka bus: ignoring stored position %r of %s", cp.position, pid)
-                continue
-            consumer.seek(tp, positions[tp])
-        for tp in tps:
-            if tp not in positions:
-                # committed offset, else earliest (auto_offset_reset); waits for the lookup
-                positions[tp] = await consumer.position(tp)
+        stored = await restore_retried(restore, self._backoff, self._clock, ids)
+        checkpoints, positions = await seek_assigned(consumer, tps, ids, stored)
         async with self._emit_lock:
             for tp, pid in zip(tps, ids, strict=True):
                 self._live[tp] = LivePartition(pid, positions[tp], assigned_at=positions[tp])
@@ -378,23 +354,13 @@ class KafkaBus(AsyncResource):
         if not tps:
             return
         consumer.pause(*tps)
-        stored = await self._restore(restore, [partition_id(tp) for tp in tps])
+        stored = await restore_retried(
+            restore, self._backoff, self._clock, [partition_id(tp) for tp in tps]
+        )
         async with self._emit_lock:
             assigned = consumer.assignment()
             tps = [tp for tp in tps if tp in self._live and tp in assigned]
-            checkpoints: list[PartitionCheckpoint] = []
-            for tp in tps:
-                live = self._live[tp]
-                cp = stored.get(live.partition) or PartitionCheckpoint(live.partition, None, None)
-                offset = live.assigned_at
-                if cp.position is not None:
-                    try:
-                        offset = int(cp.position)
-                    except ValueError:
-                        log.warning("kafka bus: ignoring stored position %r", cp.position)
-                consumer.seek(tp, offset)
-                self._live[tp] = LivePartition(live.partition, offset, assigned_at=live.assigned_at)
-                checkpoints.append(cp)
+            checkpoints = seek_rewound(consumer, self._live, tps, stored)
             offsets = [self._live[tp].next_offset for tp in tps]
             if checkpoints:
                 await emit(PartitionsAssigned(checkpoints))
@@ -405,17 +371,6 @@ class KafkaBus(AsyncResource):
             offsets,
         )
 
-    async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
-        """``restore(ids)``; what says it is retriable is tried a few times, then raised."""
-        return await retry(
-            lambda: restore(ids),
-            name=f"kafka bus: restoring {ids}",
-            backoff=self._backoff,
-            clock=self._clock,
-            retriable=is_retriable,
-            attempts=_RESTORE_ATTEMPTS,
-        )
-
     async def _on_revoked(self, revoked: set[TopicPartition], emit: Emit) -> None:
         async with self._emit_lock:
             ids = [self._live.pop(tp).partition for tp in sorted(revoked) if tp in self._live]
@@ -423,31 +378,7 @@ class KafkaBus(AsyncResource):
                 return
             item = PartitionsRevoked(ids)
             await emit(item)
-        try:
-            async with asyncio.timeout(self._revoke_timeout_s):
-                await item.done.wait()
-        except asyncio.CancelledError:
-            # stop() ends the wait: the group hands the partitions on meanwhile, so a
-            # checkpoint saved from now on could overwrite their new owner's
-            item.done.abandon()
-            raise
-        except TimeoutError:
-            item.done.abandon()
-            log.error(
-                "kafka bus: downstream did not confirm revoked partitions %s within %.0fs; "
-                "letting them go (the new owner resumes from the last checkpoint)",
-                ids,
-                self._revoke_timeout_s,
-            )
-        except Exception as exc:  # downstream could not checkpoint them
-            log.error(
-                "kafka bus: revoked partitions %s were not checkpointed (%r); the new owner "
-                "resumes from their previous checkpoint",
-                ids,
-                exc,
-            )
-        else:
-            log.info("kafka bus: revoked %s", ids)
+        await await_revocation(item, self._revoke_timeout_s)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a rebalance callback so that :meth:`stop` can end it and its failure
@@ -486,15 +417,9 @@ class KafkaBus(AsyncResource):
         }
         if not offsets:
             return
-        try:
-            await consumer.commit(offsets)
-        except KAFKA_FAILURES as exc:
-            kind = kafka_error_kind(exc)
-            if kind == "ownership":
-                log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
-                return
-            self._metrics.on_bus_error(self.name, kind == "transient")
-            log.warning("kafka bus: commit to %s failed (%s)", self._servers, exc)
+        await commit_offsets(
+            consumer, offsets, self._servers, partial(self._metrics.on_bus_error, self.name)
+        )
 
     async def send_metrics(self, metrics: Sequence[Metric]) -> None:
         """Produce one JSON object per metric; gives up after a few seconds and logs."""
@@ -510,34 +435,4 @@ class KafkaBus(AsyncResource):
 
     async def check(self) -> None:
         """Raise :class:`TransientError` unless the broker answers and the topic exists."""
-        topic = self._cfg.kafka_topic
-        try:
-            async with asyncio.timeout(_CHECK_TIMEOUT_S):
-                topics = await broker_topics(self._consumer, self._options)
-        except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
-            raise TransientError(
-                f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
-            ) from exc
-        if topic not in topics:
-            raise TransientError(f"Kafka bus {self._servers}: topic {topic!r} does not exist")
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, bus: KafkaBus, emit: Emit, restore: Restore) -> None:
-        self._bus = bus
-        self._emit = emit
-        self._restore = restore
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._bus._guard(self._bus._on_revoked(set(revoked), self._emit))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        consumer = self._bus._consumer
-        if consumer is None or not assigned:
-            return
-        # before any await: the fetcher must not return records of these partitions
-        # until they are positioned and announced
-        consumer.pause(*assigned)
-        await self._bus._guard(
-            self._bus._on_assigned(consumer, set(assigned), self._emit, self._restore)
-        )
+        await check_topic(self._consumer, self._options, self._cfg.kafka_topic, self._servers)

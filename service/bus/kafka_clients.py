@@ -1,26 +1,28 @@
-"""The Kafka bus's clients: starting its group member, checking its input topic, its
-metrics producer and the readiness probe's topic listing."""
+"""The Kafka bus's clients: starting its group member, checking its input topic,
+committing, its metrics producer and the readiness check."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.config import BusConfig
 from service.core.errors import TransientError
 from service.core.events import Metric
-from service.kafka.errors import KAFKA_FAILURES, kafka_error
+from service.kafka.errors import KAFKA_FAILURES, kafka_error, kafka_error_kind
 from service.kafka.options import create_topics, group_member_options
 
 __all__ = [
     "broker_topics",
+    "check_topic",
+    "commit_offsets",
     "connect_consumer",
     "require_input_topic",
     "send_metrics",
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 _MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
 _FETCH_MAX_BYTES = 64 * 1024 * 1024  # with smaller fetches consumption was measurably slower
 _METRICS_TIMEOUT_S = 5.0
+_CHECK_TIMEOUT_S = 5.0
 
 
 async def connect_consumer(
@@ -128,3 +131,35 @@ async def broker_topics(consumer: AIOKafkaConsumer | None, options: dict[str, An
     finally:
         await probe.stop()
     return topics
+
+
+async def check_topic(
+    consumer: AIOKafkaConsumer | None, options: dict[str, Any], topic: str, servers: Any
+) -> None:
+    """Raise :class:`TransientError` unless the broker answers and the topic exists."""
+    try:
+        async with asyncio.timeout(_CHECK_TIMEOUT_S):
+            topics = await broker_topics(consumer, options)
+    except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
+        raise TransientError(f"Kafka bus {servers} unreachable ({type(exc).__name__})") from exc
+    if topic not in topics:
+        raise TransientError(f"Kafka bus {servers}: topic {topic!r} does not exist")
+
+
+async def commit_offsets(
+    consumer: AIOKafkaConsumer,
+    offsets: dict[TopicPartition, int],
+    servers: Any,
+    on_error: Callable[[bool], None],
+) -> None:
+    """Commit; a broker failure is logged and told to ``on_error(transient)``, never
+    raised (the checkpoint store, not Kafka, is the source of truth)."""
+    try:
+        await consumer.commit(offsets)
+    except KAFKA_FAILURES as exc:
+        kind = kafka_error_kind(exc)
+        if kind == "ownership":
+            log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
+            return
+        on_error(kind == "transient")
+        log.warning("kafka bus: commit to %s failed (%s)", servers, exc)
