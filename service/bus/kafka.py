@@ -21,88 +21,54 @@ are read again by whichever member gets it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.bus.base import (
     REPORT_INTERVAL_S,
     Emit,
-    Origin,
     PartitionsAssigned,
     PartitionsRevoked,
-    Progress,
     Restore,
     SourceBatch,
 )
-from service.checkpoints.base import PartitionCheckpoint
+from service.bus.internal_records import InternalRecords, InternalTopicReader
+from service.bus.kafka_clients import (
+    check_topic,
+    commit_offsets,
+    connect_consumer,
+    require_input_topic,
+    send_metrics,
+    start_metrics_producer,
+)
+from service.bus.kafka_partitions import LivePartition, partition_id, report_batch
+from service.bus.kafka_rebalance import (
+    RebalanceListener,
+    await_revocation,
+    restore_retried,
+    seek_assigned,
+    seek_rewound,
+)
 from service.config import BusConfig, KafkaConfig
 from service.core.clock import Clock
-from service.core.errors import TransientError, is_retriable
 from service.core.events import Metric
 from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
-from service.kafka.errors import (
-    KAFKA_FAILURES,
-    is_transient,
-    kafka_error,
-    kafka_error_kind,
-    keeps_reading,
-)
-from service.kafka.options import bus_client_options, create_topics, group_member_options
+from service.kafka.clients import stop_clients
+from service.kafka.errors import KAFKA_FAILURES, is_transient, kafka_error, keeps_reading
+from service.kafka.options import bus_client_options
 from service.metrics.collector import MetricsCollector
 
-__all__ = ["InternalRecords", "KafkaBus", "Marked", "OnMalformed"]
+__all__ = ["KafkaBus"]
 
 log = logging.getLogger(__name__)
 
-_MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
-_FETCH_MAX_BYTES = 64 * 1024 * 1024  # with smaller fetches consumption was measurably slower
 _POLL_TIMEOUT_MS = 500
 _MAX_RECORDS = 20_000
-_RESTORE_ATTEMPTS = 5
-_METRICS_TIMEOUT_S = 5.0
-_CHECK_TIMEOUT_S = 5.0
-
-OnMalformed = Callable[[str, bytes | None], None]
-"""Told of each malformed internal record: ``(kind, raw header or value)``."""
-Marked = dict[int, tuple[str, str, int]]
-"""Records to dead-letter instead of aggregating: index -> (reason, detail, elements)."""
-
-
-class InternalRecords(Protocol):
-    """How the bus reads the internal topic of repartitioned input. The routing stage owns
-    that format and sits above the bus, so the wiring hands it in
-    (:mod:`service.repartition.records`) instead of the bus importing it."""
-
-    def split_at_progress(
-        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
-    ) -> Iterable[tuple[Sequence[Any], Progress | None, int]]: ...
-
-    def read_origins(
-        self, msgs: Sequence[Any], on_malformed: OnMalformed | None = None
-    ) -> tuple[list[Origin], Marked]: ...
-
-
-def _partition_id(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
-
-
-@dataclass(slots=True)
-class _Live:
-    """An assigned partition that downstream knows about."""
-
-    partition: str
-    next_offset: int
-    reported_at: float = float("-inf")  # when downstream last heard of it (monotonic)
-    assigned_at: int = 0  # where it was read from on assignment: a rewind's fallback
 
 
 class KafkaBus(AsyncResource):
@@ -128,7 +94,11 @@ class KafkaBus(AsyncResource):
         if bus_cfg.kafka_repartition and internal is None:
             raise ValueError("a KafkaBus on the internal topic needs its InternalRecords")
         self._cfg = bus_cfg
-        self._internal = internal if bus_cfg.kafka_repartition else None
+        self._internal = (
+            InternalTopicReader(internal, metrics, self.name, bus_cfg.kafka_topic)
+            if internal is not None and bus_cfg.kafka_repartition
+            else None
+        )
         self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._servers = self._options["bootstrap_servers"]
         self._metrics = metrics
@@ -137,12 +107,11 @@ class KafkaBus(AsyncResource):
         self._revoke_timeout_s = revoke_timeout_s
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._live: dict[TopicPartition, _Live] = {}
+        self._live: dict[TopicPartition, LivePartition] = {}
         self._emit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()  # stop_intake() or stop()
         self._closing = asyncio.Event()  # stop(): rebalance callbacks give up waiting
         self._failure: BaseException | None = None
-        self._malformed_logged: set[str] = set()  # kinds of malformed records logged once
         self._rewinds: set[str] = set()  # partitions to deliver again (rewind)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -159,11 +128,13 @@ class KafkaBus(AsyncResource):
             return
         self._stopping.clear()
         self._closing.clear()
-        consumer = await self._connect_consumer()
+        consumer = await connect_consumer(self._cfg, self._options, self._revoke_timeout_s)
         self._consumer = consumer
         try:
-            topics = await self._require_input_topic(consumer)
-            self._producer = await self._start_metrics_producer(topics)
+            topics = await require_input_topic(consumer, self._cfg.kafka_topic, self._servers)
+            self._producer = await start_metrics_producer(
+                self._options, self._cfg.kafka_metrics_topic, topics
+            )
         except BaseException:
             await self.stop()
             raise
@@ -174,75 +145,8 @@ class KafkaBus(AsyncResource):
         self._closing.set()
         producer, self._producer = self._producer, None
         consumer, self._consumer = self._consumer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
+        await stop_clients(producer, consumer)
         self._live.clear()
-
-    async def _connect_consumer(self) -> AIOKafkaConsumer:
-        try:
-            consumer = await self._start_consumer()
-        except KAFKA_FAILURES as exc:
-            raise kafka_error(
-                exc,
-                "kafka bus: connect",
-                self._servers,
-                hint="check VABUS_URL and that the broker is running",
-            ) from exc
-        log.info("kafka bus: connected to %s", self._servers)
-        return consumer
-
-    async def _start_consumer(self) -> AIOKafkaConsumer:
-        """A started group member, or the start's error with the half-made client closed."""
-        session_ms = self._cfg.kafka_session_timeout_ms
-        consumer = AIOKafkaConsumer(
-            **self._options,
-            **group_member_options(self._cfg.kafka_group, session_ms),
-            # the group waits this long for a member still checkpointing its revoked
-            # partitions before it is thrown out
-            rebalance_timeout_ms=max(session_ms, int(self._revoke_timeout_s * 1000) + 5000),
-            max_partition_fetch_bytes=_MAX_PARTITION_FETCH_BYTES,
-            fetch_max_bytes=_FETCH_MAX_BYTES,
-        )
-        try:
-            await consumer.start()
-        except BaseException:
-            with contextlib.suppress(KafkaError):
-                await consumer.stop()
-            raise
-        return consumer
-
-    async def _require_input_topic(self, consumer: AIOKafkaConsumer) -> set[str]:
-        """The broker's topics, which must include the input topic (it belongs to the
-        producers: it is waited for by the caller's start loop, never created)."""
-        topic = self._cfg.kafka_topic
-        try:
-            topics: set[str] = await consumer.topics()
-        except KAFKA_FAILURES as exc:
-            raise kafka_error(exc, "kafka bus: list topics", self._servers) from exc
-        if topic not in topics:
-            raise TransientError(
-                f"input topic {topic!r} does not exist on {self._servers} yet; "
-                "it is not created by this service"
-            )
-        return topics
-
-    async def _start_metrics_producer(self, topics: set[str]) -> AIOKafkaProducer | None:
-        """A small producer for our own metrics; failure only costs metrics, so it is logged."""
-        topic = self._cfg.kafka_metrics_topic
-        try:
-            if topic not in topics:
-                # one partition: metrics are best-effort
-                for error in (await create_topics(self._options, [topic], 1)).values():
-                    log.warning("kafka bus: %s", error)
-            producer = AIOKafkaProducer(**self._options, linger_ms=50, acks=1)
-            await producer.start()
-        except KAFKA_FAILURES as exc:
-            log.warning("kafka bus: metrics topic %r unavailable (%s)", topic, exc)
-            return None
-        return producer
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -262,7 +166,10 @@ class KafkaBus(AsyncResource):
         persistently): continuing would read partitions without their state.
         """
         consumer = self._require_consumer()
-        listener = _Listener(self, emit, restore)
+        listener = RebalanceListener(
+            lambda revoked: self._guard(self._on_revoked(revoked, emit)),
+            partial(self._assign, emit=emit, restore=restore),
+        )
         consumer.subscribe(topics=[self._cfg.kafka_topic], listener=listener)
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -316,7 +223,6 @@ class KafkaBus(AsyncResource):
     ) -> None:
         now = self._clock.now()
         mono = self._clock.monotonic()
-        topic = self._cfg.kafka_topic
         received = 0
         async with self._emit_lock:
             assigned = consumer.assignment()
@@ -324,97 +230,99 @@ class KafkaBus(AsyncResource):
                 live = self._live.get(tp)
                 if live is None or not msgs:
                     continue  # not announced: the next assignment seeks it again
-                if msgs[0].offset < live.next_offset:  # fetched before a seek
-                    msgs = [m for m in msgs if m.offset >= live.next_offset]
-                    if not msgs:
-                        continue
-                live.next_offset = msgs[-1].offset + 1
                 highwater = consumer.highwater(tp) if tp in assigned else None
-                caught_up = highwater is not None and live.next_offset >= highwater
-                live.reported_at = mono
-                lag = None if highwater is None else max(0, highwater - live.next_offset)
-                # An internal partition of repartitioned input is cut after each progress
-                # report, which applies after its events: event time then moves exactly
-                # where the routing stage wrote it, whatever the fetches.
-                runs = (
-                    self._internal.split_at_progress(msgs, self._on_malformed)
-                    if self._internal is not None
-                    else ((msgs, None, live.next_offset),)
-                )
-                for run, progress, next_offset in runs:
-                    received += len(run)
-                    origins, rejected = (
-                        self._origins(run) if self._internal is not None else (None, None)
-                    )
-                    await emit(
-                        SourceBatch(
-                            partition=live.partition,
-                            records=[b"" if m.value is None else m.value for m in run],
-                            offsets=[m.offset for m in run],
-                            source=f"kafka {topic}/{tp.partition}",
-                            next_position=str(next_offset),
-                            received_at=now,
-                            caught_up=caught_up and next_offset == live.next_offset,
-                            polled_at=mono,
-                            lag=lag,
-                            origins=origins,
-                            progress=progress,
-                            rejected=rejected,
-                        )
-                    )
-            # Reports on partitions this poll brought nothing for: a silent partition
-            # stops holding the watermark only on such evidence. Taken now, after any
-            # backpressure above, so the time and the high watermark are both current.
-            for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
-                if tp in data or tp not in assigned:
-                    continue
-                seen = self._clock.monotonic()
-                if seen - live.reported_at < REPORT_INTERVAL_S:
-                    continue
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue  # not fetched yet: nothing is known about it
-                live.reported_at = seen
-                await emit(
-                    SourceBatch(
-                        partition=live.partition,
-                        records=[],
-                        source=f"kafka {topic}/{tp.partition}",
-                        next_position=None,
-                        received_at=now,
-                        caught_up=live.next_offset >= highwater,
-                        polled_at=seen,
-                        lag=max(0, highwater - live.next_offset),
-                    )
-                )
+                received += await self._emit_records(tp, live, msgs, highwater, emit, now, mono)
+            await self._emit_reports(consumer, data, assigned, emit, now)
         if received:
             # one Kafka message may hold a JSON array; the bus does not decode, so the
             # event count is reported as the message count
             self._metrics.on_messages_received(self.name, received, received)
 
-    def _origins(self, run: Sequence[Any]) -> tuple[list[Origin], Marked | None]:
-        """The origins of a run of internal records, and those to dead-letter (records
-        whose origin header is malformed cannot be checked for replays)."""
-        assert self._internal is not None  # routed input only
-        origins, marked = self._internal.read_origins(run, self._on_malformed)
-        return origins, marked or None
-
-    def _on_malformed(self, kind: str, raw: bytes | None) -> None:
-        """Count a malformed internal record; log the first of each kind (a flood of
-        them must not flood the log: the metric counts them all)."""
-        self._metrics.on_bus_protocol_error(self.name, kind)
-        if kind not in self._malformed_logged:
-            self._malformed_logged.add(kind)
-            log.error(
-                "kafka bus: %s on the internal topic %r: %r (%s; further ones are only "
-                "counted in vabus_aggregator_bus_protocol_errors_total)",
-                kind.replace("_", " "),
-                self._cfg.kafka_topic,
-                (raw or b"")[:200],
-                "dead-lettered as invalid_origin" if kind == "malformed_origin" else "skipped",
+    async def _emit_records(
+        self,
+        tp: TopicPartition,
+        live: LivePartition,
+        msgs: list[Any],
+        highwater: int | None,
+        emit: Emit,
+        now: float,
+        mono: float,
+    ) -> int:
+        """Emit a partition's fetched records; how many were emitted."""
+        if msgs[0].offset < live.next_offset:  # fetched before a seek
+            msgs = [m for m in msgs if m.offset >= live.next_offset]
+            if not msgs:
+                return 0
+        live.next_offset = msgs[-1].offset + 1
+        caught_up = highwater is not None and live.next_offset >= highwater
+        live.reported_at = mono
+        lag = None if highwater is None else max(0, highwater - live.next_offset)
+        # An internal partition of repartitioned input is cut after each progress
+        # report, which applies after its events: event time then moves exactly
+        # where the routing stage wrote it, whatever the fetches.
+        runs = (
+            self._internal.split_at_progress(msgs)
+            if self._internal is not None
+            else ((msgs, None, live.next_offset),)
+        )
+        received = 0
+        for run, progress, next_offset in runs:
+            received += len(run)
+            origins, rejected = (
+                self._internal.origins(run) if self._internal is not None else (None, None)
             )
+            await emit(
+                SourceBatch(
+                    partition=live.partition,
+                    records=[b"" if m.value is None else m.value for m in run],
+                    offsets=[m.offset for m in run],
+                    source=f"kafka {self._cfg.kafka_topic}/{tp.partition}",
+                    next_position=str(next_offset),
+                    received_at=now,
+                    caught_up=caught_up and next_offset == live.next_offset,
+                    polled_at=mono,
+                    lag=lag,
+                    origins=origins,
+                    progress=progress,
+                    rejected=rejected,
+                )
+            )
+        return received
 
-    # -- rebalance (called by _Listener from aiokafka's coordinator task) ----------------
+    async def _emit_reports(
+        self,
+        consumer: AIOKafkaConsumer,
+        data: Mapping[TopicPartition, list[Any]],
+        assigned: set[TopicPartition],
+        emit: Emit,
+        now: float,
+    ) -> None:
+        """Reports on partitions this poll brought nothing for: a silent partition
+        stops holding the watermark only on such evidence. Taken after any backpressure
+        in emitting the records, so the time and the high watermark are both current."""
+        for tp, live in list(self._live.items()):  # stop() may clear it meanwhile
+            if tp in data or tp not in assigned:
+                continue
+            seen = self._clock.monotonic()
+            if seen - live.reported_at < REPORT_INTERVAL_S:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue  # not fetched yet: nothing is known about it
+            live.reported_at = seen
+            source = f"kafka {self._cfg.kafka_topic}/{tp.partition}"
+            await emit(report_batch(live, source, highwater, now, seen))
+
+    # -- rebalance (called by the RebalanceListener from aiokafka's coordinator task) ---
+    async def _assign(self, assigned: set[TopicPartition], emit: Emit, restore: Restore) -> None:
+        consumer = self._consumer
+        if consumer is None or not assigned:
+            return
+        # before any await: the fetcher must not return records of these partitions
+        # until they are positioned and announced
+        consumer.pause(*assigned)
+        await self._guard(self._on_assigned(consumer, assigned, emit, restore))
+
     async def _on_assigned(
         self,
         consumer: AIOKafkaConsumer,
@@ -423,28 +331,12 @@ class KafkaBus(AsyncResource):
         restore: Restore,
     ) -> None:
         tps = sorted(assigned)
-        ids = [_partition_id(tp) for tp in tps]
-        stored = await self._restore(restore, ids)
-        checkpoints: list[PartitionCheckpoint] = []
-        positions: dict[TopicPartition, int] = {}
-        for tp, pid in zip(tps, ids, strict=True):
-            cp = stored.get(pid) or PartitionCheckpoint(pid, None, None)
-            checkpoints.append(cp)
-            if cp.position is None:
-                continue
-            try:
-                positions[tp] = int(cp.position)
-            except ValueError:
-                log.warning("kafka bus: ignoring stored position %r of %s", cp.position, pid)
-                continue
-            consumer.seek(tp, positions[tp])
-        for tp in tps:
-            if tp not in positions:
-                # committed offset, else earliest (auto_offset_reset); waits for the lookup
-                positions[tp] = await consumer.position(tp)
+        ids = [partition_id(tp) for tp in tps]
+        stored = await restore_retried(restore, self._backoff, self._clock, ids)
+        checkpoints, positions = await seek_assigned(consumer, tps, ids, stored)
         async with self._emit_lock:
             for tp, pid in zip(tps, ids, strict=True):
-                self._live[tp] = _Live(pid, positions[tp], assigned_at=positions[tp])
+                self._live[tp] = LivePartition(pid, positions[tp], assigned_at=positions[tp])
             await emit(PartitionsAssigned(checkpoints))
         consumer.resume(*tps)
         log.info("kafka bus: assigned %s at %s", ids, [positions[tp] for tp in tps])
@@ -462,23 +354,13 @@ class KafkaBus(AsyncResource):
         if not tps:
             return
         consumer.pause(*tps)
-        stored = await self._restore(restore, [_partition_id(tp) for tp in tps])
+        stored = await restore_retried(
+            restore, self._backoff, self._clock, [partition_id(tp) for tp in tps]
+        )
         async with self._emit_lock:
             assigned = consumer.assignment()
             tps = [tp for tp in tps if tp in self._live and tp in assigned]
-            checkpoints: list[PartitionCheckpoint] = []
-            for tp in tps:
-                live = self._live[tp]
-                cp = stored.get(live.partition) or PartitionCheckpoint(live.partition, None, None)
-                offset = live.assigned_at
-                if cp.position is not None:
-                    try:
-                        offset = int(cp.position)
-                    except ValueError:
-                        log.warning("kafka bus: ignoring stored position %r", cp.position)
-                consumer.seek(tp, offset)
-                self._live[tp] = _Live(live.partition, offset, assigned_at=live.assigned_at)
-                checkpoints.append(cp)
+            checkpoints = seek_rewound(consumer, self._live, tps, stored)
             offsets = [self._live[tp].next_offset for tp in tps]
             if checkpoints:
                 await emit(PartitionsAssigned(checkpoints))
@@ -489,17 +371,6 @@ class KafkaBus(AsyncResource):
             offsets,
         )
 
-    async def _restore(self, restore: Restore, ids: list[str]) -> dict[str, PartitionCheckpoint]:
-        """``restore(ids)``; what says it is retriable is tried a few times, then raised."""
-        return await retry(
-            lambda: restore(ids),
-            name=f"kafka bus: restoring {ids}",
-            backoff=self._backoff,
-            clock=self._clock,
-            retriable=is_retriable,
-            attempts=_RESTORE_ATTEMPTS,
-        )
-
     async def _on_revoked(self, revoked: set[TopicPartition], emit: Emit) -> None:
         async with self._emit_lock:
             ids = [self._live.pop(tp).partition for tp in sorted(revoked) if tp in self._live]
@@ -507,31 +378,7 @@ class KafkaBus(AsyncResource):
                 return
             item = PartitionsRevoked(ids)
             await emit(item)
-        try:
-            async with asyncio.timeout(self._revoke_timeout_s):
-                await item.done.wait()
-        except asyncio.CancelledError:
-            # stop() ends the wait: the group hands the partitions on meanwhile, so a
-            # checkpoint saved from now on could overwrite their new owner's
-            item.done.abandon()
-            raise
-        except TimeoutError:
-            item.done.abandon()
-            log.error(
-                "kafka bus: downstream did not confirm revoked partitions %s within %.0fs; "
-                "letting them go (the new owner resumes from the last checkpoint)",
-                ids,
-                self._revoke_timeout_s,
-            )
-        except Exception as exc:  # downstream could not checkpoint them
-            log.error(
-                "kafka bus: revoked partitions %s were not checkpointed (%r); the new owner "
-                "resumes from their previous checkpoint",
-                ids,
-                exc,
-            )
-        else:
-            log.info("kafka bus: revoked %s", ids)
+        await await_revocation(item, self._revoke_timeout_s)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a rebalance callback so that :meth:`stop` can end it and its failure
@@ -570,15 +417,9 @@ class KafkaBus(AsyncResource):
         }
         if not offsets:
             return
-        try:
-            await consumer.commit(offsets)
-        except KAFKA_FAILURES as exc:
-            kind = kafka_error_kind(exc)
-            if kind == "ownership":
-                log.info("kafka bus: commit skipped after a rebalance (%s)", exc)
-                return
-            self._metrics.on_bus_error(self.name, kind == "transient")
-            log.warning("kafka bus: commit to %s failed (%s)", self._servers, exc)
+        await commit_offsets(
+            consumer, offsets, self._servers, partial(self._metrics.on_bus_error, self.name)
+        )
 
     async def send_metrics(self, metrics: Sequence[Metric]) -> None:
         """Produce one JSON object per metric; gives up after a few seconds and logs."""
@@ -587,54 +428,11 @@ class KafkaBus(AsyncResource):
             return
         topic = self._cfg.kafka_metrics_topic
         try:
-            async with asyncio.timeout(_METRICS_TIMEOUT_S):
-                sent: list[Awaitable[Any]] = [
-                    await producer.send(topic, orjson.dumps(m.to_json_obj()), key=m.name.encode())
-                    for m in metrics
-                ]
-                await asyncio.gather(*sent)
+            await send_metrics(producer, topic, metrics)
         except KAFKA_FAILURES as exc:
             self._metrics.on_bus_error(self.name, is_transient(exc))
             log.warning("kafka bus: metrics not sent to %r (%r)", topic, exc)
 
     async def check(self) -> None:
         """Raise :class:`TransientError` unless the broker answers and the topic exists."""
-        topic = self._cfg.kafka_topic
-        try:
-            async with asyncio.timeout(_CHECK_TIMEOUT_S):
-                if self._consumer is not None:
-                    topics: set[str] = await self._consumer.topics()
-                else:
-                    probe = AIOKafkaConsumer(**self._options, request_timeout_ms=4000)
-                    try:
-                        await probe.start()
-                        topics = await probe.topics()
-                    finally:
-                        await probe.stop()
-        except KAFKA_FAILURES as exc:  # readiness: any failure means "not ready now"
-            raise TransientError(
-                f"Kafka bus {self._servers} unreachable ({type(exc).__name__})"
-            ) from exc
-        if topic not in topics:
-            raise TransientError(f"Kafka bus {self._servers}: topic {topic!r} does not exist")
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, bus: KafkaBus, emit: Emit, restore: Restore) -> None:
-        self._bus = bus
-        self._emit = emit
-        self._restore = restore
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._bus._guard(self._bus._on_revoked(set(revoked), self._emit))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        consumer = self._bus._consumer
-        if consumer is None or not assigned:
-            return
-        # before any await: the fetcher must not return records of these partitions
-        # until they are positioned and announced
-        consumer.pause(*assigned)
-        await self._bus._guard(
-            self._bus._on_assigned(consumer, set(assigned), self._emit, self._restore)
-        )
+        await check_topic(self._consumer, self._options, self._cfg.kafka_topic, self._servers)

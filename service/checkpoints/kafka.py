@@ -27,7 +27,6 @@ so a restore costs reading the checkpoints written since the last one, not the t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import struct
@@ -38,11 +37,11 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.errors import PermanentError, TransientError
 from service.core.lifecycle import AsyncResource
+from service.kafka.clients import stop_clients
 from service.kafka.errors import KAFKA_FAILURES, kafka_error
 from service.kafka.options import create_topics
 from service.kafka.reading import read_to_end
@@ -126,11 +125,7 @@ class KafkaCheckpointStore(AsyncResource):
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
         consumer, self._consumer = self._consumer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
+        await stop_clients(producer, consumer)
 
     async def _ensure_topic(self) -> None:
         # compacted: only the newest record per key matters; never deleted by age

@@ -1,1 +1,2 @@
-"""Shared Kafka adapter code: client options and topic creation."""
+"""Shared Kafka adapter code: client options, topic creation, error classification,
+reading to the end, closing clients."""

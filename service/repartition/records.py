@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 
 from service.bus.base import Origin, OriginReport, Progress
-from service.bus.kafka import Marked, OnMalformed
+from service.bus.internal_records import Marked, OnMalformed
 
 __all__ = [
     "EXCESS_HEADER",

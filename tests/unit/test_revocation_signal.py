@@ -15,7 +15,8 @@ from aiokafka import TopicPartition
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import BusItem, PartitionsAssigned, PartitionsRevoked
-from service.bus.kafka import KafkaBus, _Live
+from service.bus.kafka import KafkaBus
+from service.bus.kafka_partitions import LivePartition
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig, BusConfig, KafkaConfig
 from service.core.clock import ManualClock
@@ -34,7 +35,7 @@ def kafka_bus(revoke_timeout_s: float) -> KafkaBus:
     bus = KafkaBus(
         config, KafkaConfig(), MetricsCollector(clock), clock, revoke_timeout_s=revoke_timeout_s
     )
-    bus._live[TopicPartition("t", 0)] = _Live("t:0", 5)
+    bus._live[TopicPartition("t", 0)] = LivePartition("t:0", 5)
     return bus
 
 
