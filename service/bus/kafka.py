@@ -61,6 +61,7 @@ from service.core.retry import Backoff, retry
 from service.kafka.clients import stop_clients
 from service.kafka.errors import KAFKA_FAILURES, is_transient, kafka_error, keeps_reading
 from service.kafka.options import bus_client_options
+from service.kafka.reading import poll_unless_stopped
 from service.metrics.collector import MetricsCollector
 
 __all__ = ["KafkaBus"]
@@ -202,18 +203,14 @@ class KafkaBus(AsyncResource):
     async def _poll(
         self, consumer: AIOKafkaConsumer, stop_waiter: asyncio.Future[Any]
     ) -> Mapping[TopicPartition, list[Any]] | None:
-        """One fetch, or None when intake stops first (the records of an unfinished
-        fetch are simply read again after a restart)."""
-        poll = asyncio.ensure_future(
-            consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=_MAX_RECORDS)
+        """One fetch, or None when intake stops first."""
+        return await poll_unless_stopped(
+            consumer,
+            stop_waiter,
+            self._stopping,
+            timeout_ms=_POLL_TIMEOUT_MS,
+            max_records=_MAX_RECORDS,
         )
-        await asyncio.wait({poll, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._stopping.is_set():
-            poll.cancel()
-            await asyncio.gather(poll, return_exceptions=True)
-            return None
-        data: Mapping[TopicPartition, list[Any]] = poll.result()
-        return data
 
     def _count_error(self, exc: BaseException, attempt: int) -> None:
         self._metrics.on_bus_error(self.name, True)  # only transient errors are retried

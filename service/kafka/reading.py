@@ -1,17 +1,38 @@
-"""Reading assigned partitions up to their end: the output read-back of the Kafka sink
-and the catch-up of the Kafka checkpoint store."""
+"""Reading Kafka: one fetch that a stop cuts short (the bus, the repartition router),
+and assigned partitions up to their end (the output read-back of the Kafka sink and the
+catch-up of the Kafka checkpoint store)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-__all__ = ["read_to_end"]
+__all__ = ["poll_unless_stopped", "read_to_end"]
 
 _FETCH_WAIT_MS = 200
+
+
+async def poll_unless_stopped(
+    consumer: AIOKafkaConsumer,
+    stop_waiter: asyncio.Future[Any],
+    stopping: asyncio.Event,
+    *,
+    timeout_ms: int,
+    max_records: int,
+) -> Mapping[TopicPartition, list[Any]] | None:
+    """One fetch, or None when ``stopping`` is set first (``stop_waiter`` waits for it).
+    The records of a fetch cut short are simply fetched again after a restart."""
+    poll = asyncio.ensure_future(consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+    await asyncio.wait({poll, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if stopping.is_set():
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+        return None
+    data: Mapping[TopicPartition, list[Any]] = poll.result()
+    return data
 
 
 async def read_to_end(

@@ -59,6 +59,7 @@ from service.core.lifecycle import AsyncResource
 from service.core.retry import Backoff, retry
 from service.kafka.errors import KAFKA_FAILURES, kafka_error, keeps_reading
 from service.kafka.options import bus_client_options, create_topics, group_member_options
+from service.kafka.reading import poll_unless_stopped
 from service.metrics.collector import MetricsCollector
 from service.repartition import records
 from service.repartition.keying import Routed, route
@@ -217,16 +218,13 @@ class Router(AsyncResource):
         """Poll and forward one batch; False when intake stops first. A batch that fails
         is dropped and the input rewound to the last commit (nothing of it was
         committed), so the next attempt starts where the batch did."""
-        poll = asyncio.ensure_future(
-            consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
-        )
-        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if self._stopping.is_set():
-            poll.cancel()
-            await asyncio.gather(poll, return_exceptions=True)
-            return False
         try:
-            await self._forward(poll.result())
+            data = await poll_unless_stopped(
+                consumer, stop, self._stopping, timeout_ms=_POLL_MS, max_records=_MAX_RECORDS
+            )
+            if data is None:
+                return False
+            await self._forward(data)
         except KAFKA_FAILURES:
             self._require(self._outbox).discard()
             await self._seek_to_committed()
