@@ -18,22 +18,10 @@ from aiokafka.errors import (
 from service.bus.kafka import KafkaBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import BusConfig, KafkaConfig
-from service.core.clock import ManualClock
 from service.core.errors import PermanentError
 from service.core.retry import Backoff
 from service.metrics.collector import MetricsCollector
-
-
-class RecordingClock(ManualClock):
-    """A manual clock that remembers every sleep asked of it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        await super().sleep(seconds)
+from tests.fakes.clock import RecordingClock
 
 
 class FailingConsumer:

@@ -15,16 +15,7 @@ from service.config import BusConfig, KafkaConfig
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError
 from service.repartition.router import Router
-
-
-class RecordingClock(ManualClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        await super().sleep(seconds)
+from tests.fakes.clock import RecordingClock
 
 
 class FailingConsumer:
