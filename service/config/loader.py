@@ -28,6 +28,7 @@ from service.config.parsers import (
     parse_identifier,
     parse_outputs,
     parse_servers,
+    parse_tag_keys,
     parse_topic,
     pick,
 )
@@ -256,6 +257,18 @@ def read_aggregation(r: Reader) -> AggregationConfig:
         ),
         idle_timeout_s=r.optional_seconds("AGGREGATION_IDLE_TIMEOUT"),
         max_open_windows=r.integer("AGGREGATION_MAX_OPEN_WINDOWS", d.max_open_windows, low=1),
+        group_by=r.custom(
+            "AGGREGATION_GROUP_BY",
+            d.group_by,
+            parse_tag_keys,
+            "a comma-separated list of distinct tag keys (1-200 printable characters each)",
+        ),
+        max_series_per_name=r.integer(
+            "AGGREGATION_MAX_SERIES_PER_NAME", d.max_series_per_name, low=1
+        ),
+        allowed_lateness_s=r.seconds(
+            "AGGREGATION_ALLOWED_LATENESS", d.allowed_lateness_s, allow_zero=True
+        ),
     )
     if cfg.max_watermark_lead_s > cfg.max_future_s:
         # unset, the default follows a smaller AGGREGATION_MAX_FUTURE; set, it is a mistake:

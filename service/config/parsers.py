@@ -106,6 +106,17 @@ def parse_topic(value: str) -> str:
     return value
 
 
+def parse_tag_keys(value: str) -> tuple[str, ...]:
+    """``host, region`` -> ``("host", "region")``: distinct, printable, at most 200 long."""
+    keys = tuple(k.strip() for k in value.split(",") if k.strip())
+    for key in keys:
+        if len(key) > 200 or not key.isprintable():
+            raise Invalid(f"tag key {key[:40]!r} is not 1-200 printable characters")
+    if len(set(keys)) != len(keys):
+        raise Invalid("a tag key is listed twice")
+    return keys
+
+
 def parse_identifier(value: str) -> str:
     if not IDENTIFIER.fullmatch(value):
         raise Invalid()

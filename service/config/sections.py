@@ -114,6 +114,15 @@ class AggregationConfig:
     # come out within interval + grace + 10 s of its last message.
     idle_timeout_s: float | None = None
     max_open_windows: int = 1_000_000  # AGGREGATION_MAX_OPEN_WINDOWS (cardinality budget)
+    # AGGREGATION_GROUP_BY: tag keys that split a name into series (contract §12.3);
+    # empty: tags are ignored like any other extra field
+    group_by: tuple[str, ...] = ()
+    # AGGREGATION_MAX_SERIES_PER_NAME: tag sets of one name in one window; events of
+    # further tag sets go to the name's overflow series (never dead-lettered)
+    max_series_per_name: int = 1000
+    # AGGREGATION_ALLOWED_LATENESS: an emitted window stays correctable until its
+    # partition's watermark passes window_end + this; 0: late events are dead letters
+    allowed_lateness_s: float = 0.0
 
     @property
     def effective_idle_timeout_s(self) -> float:

@@ -6,7 +6,9 @@ matters and cannot be changed behind a stage's back.
 
 from __future__ import annotations
 
+import base64
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -49,6 +51,7 @@ REJECT_REASONS: Final = (
     "too_large",
     "late",
     "cardinality_limit",
+    "invalid_tags",  # a group-by tag whose value is not a string (<= 200), number or boolean
     "invalid_origin",  # repartitioned input: a malformed vabus-origin header (internal topic)
     "overflow",
     "internal_error",
@@ -63,7 +66,13 @@ def iso_utc(ts: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Aggregate:
-    """The result of one window for one (name, agg_func)."""
+    """The result of one window for one series (name and tags) and agg_func.
+
+    ``tags`` is None when ``AGGREGATION_GROUP_BY`` is empty (the Kafka value then has
+    no ``tags`` field, as before v1.3), else the series' group-by tags (maybe empty).
+    ``revision`` is 1 for the first emission, one more for each correction (§12.4).
+    ``sketch`` is the DDSketch of a percentile aggregate (protobuf bytes), else None.
+    """
 
     name: str
     agg_func: str
@@ -72,9 +81,12 @@ class Aggregate:
     window_start: float
     window_end: float
     emitted_at: float
+    tags: Mapping[str, str] | None = None
+    revision: int = 1
+    sketch: bytes | None = None
 
     def to_json_obj(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "name": self.name,
             "agg_func": self.agg_func,
             "value": self.value,
@@ -82,7 +94,13 @@ class Aggregate:
             "window_start": iso_utc(self.window_start),
             "window_end": iso_utc(self.window_end),
             "emitted_at": iso_utc(self.emitted_at),
+            "revision": self.revision,
         }
+        if self.tags is not None:
+            obj["tags"] = dict(self.tags)
+        if self.sketch is not None:
+            obj["sketch"] = base64.b64encode(self.sketch).decode("ascii")
+        return obj
 
 
 @dataclass(frozen=True, slots=True)
