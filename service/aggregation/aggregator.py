@@ -22,6 +22,7 @@ from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLette
 from service.aggregation.emission import aggregates_of, take_through
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
+from service.aggregation.series import TagRule
 from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -65,6 +66,8 @@ class EventAggregator:
         self._dead = DeadLetters(metrics, clock)
         self._parts: dict[str, PartitionState] = {}
         self._open = 0
+        # AGGREGATION_GROUP_BY set: series keys and the series budget (docs/series.md)
+        self._tags = TagRule(cfg.group_by, cfg.max_series_per_name) if cfg.group_by else None
         metrics.set_partition_view(self.partitions)
         metrics.set_ledger_view(self.ledger)
 
@@ -278,6 +281,7 @@ class EventAggregator:
             open_now=self._open,
             others=others,
             idle_s=self._idle_s,
+            tags=self._tags,
         )
 
     def _finish_run(self, part: PartitionState, batch: SourceBatch, run: BatchRun) -> None:
@@ -290,6 +294,9 @@ class EventAggregator:
         part.count(received_in, run.received, run.accepted, run.rejects)
         metrics = self._metrics
         metrics.on_events_aggregated(run.accepted)
+        if run.overflowed:
+            part.on_series_overflow(run.overflowed)
+            metrics.on_series_overflow(run.overflowed)
         if run.ahead:
             metrics.on_events_ahead(run.ahead)
         for reason, n in run.rejects.items():
@@ -357,7 +364,9 @@ class EventAggregator:
         self._open -= taken.keys
         if not taken.ready:
             return
-        emitted = aggregates_of(taken, self._interval, self._clock.now(), self._metrics)
+        emitted = aggregates_of(
+            taken, self._interval, self._clock.now(), self._metrics, tagged=self._tags is not None
+        )
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)

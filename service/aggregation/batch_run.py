@@ -14,6 +14,11 @@ checks that the outputs are the same).
 Lateness must not depend on where batch boundaries fall (a replay after a crash batches
 differently): the close boundary advances event by event, as if each event were its own
 batch. Other partitions cannot move during a batch (only reports move their idleness).
+
+With ``AGGREGATION_GROUP_BY`` set (``tags``), an event's ``name`` holds its series key
+(:mod:`service.aggregation.series`) from decoding on, and its name was checked there:
+the hot loop is the same, keyed by series. The series budget applies where a key opens
+(:meth:`BatchRun.new_key`), so a series over it costs the reference step per event.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from service.aggregation.dead_letters import DeadLetters, RawOf, raw_of
 from service.aggregation.decode import (
     CANONICAL_FUNCS,
     Rejected,
+    TaggedWire,
     WireEvent,
     decode_fast,
+    decode_tagged,
     fast_ok,
     loads_message,
     name_fault,
@@ -34,6 +41,7 @@ from service.aggregation.decode import (
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
+from service.aggregation.series import SeriesBudget, TagRule, fast_series, name_of, series_key
 from service.aggregation.windows import (
     close_index,
     event_time_limit,
@@ -59,6 +67,11 @@ _CANON: Final = CANONICAL_FUNCS
 _FUNCS: Final = tuple(CANONICAL_FUNCS[f] for f in ("sum", "avg", "min", "max"))  # inlined
 _W: Final = SUM_PLAIN_LIMIT
 _NW: Final = -SUM_PLAIN_LIMIT
+
+
+def _checked(many: list[WireEvent]) -> list[WireEvent]:
+    """A tagged run's list message: :meth:`BatchRun.fast_tagged` checked it."""
+    return many
 
 
 class Limits(NamedTuple):
@@ -93,6 +106,7 @@ class BatchRun:
         open_now: int,
         others: tuple[float, bool],
         idle_s: float,
+        tags: TagRule | None = None,
     ) -> None:
         self.part, self.batch, self.out, self.dead, self.limits = part, batch, out, dead, limits
         self.now = now
@@ -109,14 +123,24 @@ class BatchRun:
         self.ahead_max = NEG_INF if part.ahead_ts is None else part.ahead_ts
         self.part_max = NEG_INF if part.max_ts is None else part.max_ts
         self.rejects: dict[str, int] = {}
+        self.tags = tags
+        self.overflowed = 0  # events aggregated into an overflow series
+        if tags is not None and part.series is None:
+            part.series = SeriesBudget.of(part.windows)
         if part.routed is not None:
             part.routed.limit(idle_s, part.reported_at)  # time and reports may have moved it
 
     # -- the hot loop: names bound to locals; ``lo``, ``hi``, ``keyed``: the window cache
     def run(self) -> None:
         interval, grace, _, max_ts, lead_cap, max_bytes, _ = self.limits
-        canon, fast, big, nbig, sum_, avg_, min_, max_ = _CANON, decode_fast, _W, _NW, *_FUNCS
+        canon, big, nbig, sum_, avg_, min_, max_ = _CANON, _W, _NW, *_FUNCS
         place, cap, blocked, accepted, received = self.place, self.cap, self.blocked, 0, 0
+        if self.tags is None:
+            one: type[WireEvent] = WireEvent
+            fast: Callable[[bytes], Any] = decode_fast
+            fast_all: Callable[[list[WireEvent]], list[WireEvent] | None] = self.fast_all
+        else:  # names checked and series keys made by fast_tagged
+            one, fast, fast_all = TaggedWire, self.fast_tagged, _checked
         keyed, lo, hi, part_max, x_next = _EMPTY, 0.0, 0.0, self.part_max, self.x_next
         for idx, record in enumerate(self.batch.records):
             evs: Sequence[WireEvent] | None = None
@@ -126,12 +150,12 @@ class BatchRun:
                     d = fast(record)
                 except Exception:  # any refusal: the reference decoder decides
                     d = None
-                if type(d) is WireEvent:  # fast_ok(), inlined but for the name (see it)
+                if type(d) is one:  # fast_ok(), inlined but for the name (see it)
                     t = d.timestamp
                     if type(t) is float and 0.0 <= t <= max_ts and d.agg_func in canon:
                         evs = (d,)
                 elif d is not None:
-                    evs = self.fast_all(cast(list[WireEvent], d))
+                    evs = fast_all(cast(list[WireEvent], d))
             if evs is None:
                 evs, raws = self.decode(idx, record)
             else:
@@ -194,6 +218,31 @@ class BatchRun:
         if len(many) <= lim.max_elements and all(fast_ok(e, lim.max_ts) for e in many):
             return many
         return None
+
+    def fast_tagged(self, record: bytes) -> TaggedWire | list[TaggedWire] | None:
+        """:data:`decode_tagged` for the hot loop: each event's name checked and replaced
+        by its series key; None (or a raise) when the reference decoder must decide. A
+        list has passed :meth:`fast_all` (a single event gets the hot loop's checks)."""
+        d = decode_tagged(record)
+        group_by = self.tags.group_by  # type: ignore[union-attr]  # tagged runs only
+        if type(d) is TaggedWire:
+            name = d.name
+            if not name.isprintable() and name_fault(name) is not None:
+                return None
+            series = fast_series(name, d.tags, group_by)
+            if series is None:
+                return None
+            d.name = series
+            return d
+        many = self.fast_all(cast(list[WireEvent], d))
+        if many is None:
+            return None
+        keys = [fast_series(e.name, cast(TaggedWire, e).tags, group_by) for e in many]
+        if None in keys:
+            return None
+        for e, key in zip(many, keys, strict=True):
+            e.name = cast(str, key)
+        return cast(list[TaggedWire], many)
 
     # -- the reference step -------------------------------------------------------------
     def place(
@@ -270,17 +319,37 @@ class BatchRun:
         ev: WireEvent,
         keyed: dict[WindowKey, Acc],
     ) -> bool:
-        """Open the event's key in its window (on time, open): False when refused."""
+        """Open the event's key in its window (on time, open): False when refused. A
+        series over its name's budget goes to the name's overflow series instead."""
         if self._bad_name(idx, record, evs, raws, ev):
             return False
+        func = CANONICAL_FUNCS[ev.agg_func]
+        series = ev.name
+        if self.tags is not None:
+            series = self._admit(ev)
+            if series is not ev.name:
+                acc = keyed.get((series, func))
+                if acc is not None:
+                    if not self.add(idx, record, evs, raws, ev, acc):
+                        return False
+                    self.overflowed += 1
+                    return True
         if self.open_now >= self.limits.budget:
             detail = f"{self.limits.budget} open windows reached"
             self._reject(idx, RawOf(ev, evs, raws, record), "cardinality_limit", detail)
             return False
-        func = CANONICAL_FUNCS[ev.agg_func]
-        keyed[(ev.name, func)] = _NEW[func](ev.value, ev.timestamp)  # type: ignore[arg-type]
+        keyed[(series, func)] = _NEW[func](ev.value, ev.timestamp)  # type: ignore[arg-type]
         self.open_now += 1
+        if series is not ev.name:
+            self.overflowed += 1
         return True
+
+    def _admit(self, ev: WireEvent) -> str:
+        """The series ``ev`` goes to in its window under the series budget."""
+        tags = cast(TagRule, self.tags)
+        start = window_index(ev.timestamp, self.limits.interval) * self.limits.interval  # type: ignore[arg-type]  # a float by now
+        budget = cast(SeriesBudget, self.part.series)
+        return budget.admit(start, ev.name, tags.max_series, tags.group_by)
 
     def _advance(self, idx: int, ts: float, part_max: float) -> float:
         """The event-time step: the partition's own event time (or with repartitioned
@@ -352,9 +421,12 @@ class BatchRun:
             items = items[:cap]
         evs: list[WireEvent] = []
         raws: list[Any] = []
+        tags = self.tags
         for item in items:
             try:
                 name, func, value, ts = parse_event(item, lim.max_ts)
+                if tags is not None:  # the event's name becomes its series key
+                    name = series_key(name, item.get("tags"), tags.group_by)
             except Rejected as exc:
                 self._reject(idx, item, exc.reason, exc.detail)
                 continue
@@ -399,7 +471,7 @@ class BatchRun:
         ev: WireEvent,
         start: float,
     ) -> None:
-        late_key = (ev.name, CANONICAL_FUNCS[ev.agg_func], start)
+        late_key = (name_of(ev.name), CANONICAL_FUNCS[ev.agg_func], start)  # per name
         late_windows = self.part.late_windows
         late_windows[late_key] = late_windows.get(late_key, 0) + 1
         detail = f"window starting {start} was already emitted"
@@ -414,7 +486,10 @@ class BatchRun:
         ev: WireEvent,
     ) -> bool:
         """Dead-letter ``ev`` as ``invalid_name`` if its name may not be stored (the
-        fast path's share of :func:`parse_event`'s name rule), and say whether it did."""
+        fast path's share of :func:`parse_event`'s name rule), and say whether it did.
+        A tagged run checked every name when it made the series key."""
+        if self.tags is not None:
+            return False
         fault = name_fault(ev.name)
         if fault is None:
             return False

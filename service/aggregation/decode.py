@@ -12,6 +12,12 @@ Two paths that must agree exactly:
 
 ``tests/unit/test_decode_fast.py`` checks that the fast path never accepts what the
 reference path rejects, and reads the same numbers.
+
+With ``AGGREGATION_GROUP_BY`` set the fast path decodes :class:`TaggedWire` instead
+(:data:`decode_tagged`: the event's ``tags`` as a dict) and the reference path reads
+``tags`` after :func:`parse_event`; both make the series key with
+:func:`service.aggregation.series.series_key`, the fast path refusing whatever the
+reference decoder could read differently. Without it, nothing here looks at ``tags``.
 """
 
 from __future__ import annotations
@@ -30,19 +36,24 @@ from service.core.events import AGG_FUNCS
 __all__ = [
     "CANONICAL_FUNCS",
     "MAX_NAME_LENGTH",
+    "MAX_TAG_LENGTH",
     "RAW_LIMIT",
     "Rejected",
+    "TaggedWire",
     "WireEvent",
     "decode_fast",
+    "decode_tagged",
     "element_of",
     "fast_ok",
     "loads_message",
     "name_fault",
     "parse_event",
     "raw_text",
+    "tag_fault",
 ]
 
 MAX_NAME_LENGTH: Final = 200
+MAX_TAG_LENGTH: Final = 200  # characters of a group-by tag value (contract §12.3)
 RAW_LIMIT: Final = 64 * 1024  # dead-letter `raw` is truncated to this many characters
 _FUNCS: Final = frozenset(AGG_FUNCS)
 # agg_func as sent -> its canonical name, for the spellings the fast path takes as they
@@ -69,6 +80,18 @@ class WireEvent(msgspec.Struct, gc=False):
 decode_fast: Final = msgspec.json.Decoder(WireEvent | list[WireEvent]).decode
 """bytes -> ``WireEvent | list[WireEvent]``; raises (any exception) when the message is
 not exactly that shape: the caller then takes the reference path."""
+
+
+class TaggedWire(WireEvent, gc=False):
+    """A :class:`WireEvent` with its ``tags`` (any JSON object; checked when the series
+    key is made). Once the key is made, ``name`` holds it (the hot loop keys by
+    ``name``): only the aggregator's decode steps see a TaggedWire before that."""
+
+    tags: dict[str, Any] | None = None
+
+
+decode_tagged: Final = msgspec.json.Decoder(TaggedWire | list[TaggedWire]).decode
+""":data:`decode_fast` with ``tags``, for ``AGGREGATION_GROUP_BY`` set."""
 
 
 def fast_ok(ev: WireEvent, max_ts: float) -> bool:
@@ -110,6 +133,20 @@ def name_fault(name: str) -> str | None:
     return (
         f"'name' holds {what} (U+{code:04X} at index {bad.start()}); names may not hold "
         "control characters (U+0000-U+001F, U+007F) or lone surrogates"
+    )
+
+
+def tag_fault(value: str) -> str | None:
+    """Why a tag value cannot be stored (PostgreSQL jsonb refuses NUL, UTF-8 a lone
+    surrogate; the other controls are refused like in names), or None."""
+    if value.isprintable():
+        return None
+    bad = _NAME_FAULT.search(value)
+    if bad is None:
+        return None
+    return (
+        f"a tag value holds a control character or a lone surrogate "
+        f"(U+{ord(bad.group()):04X} at index {bad.start()})"
     )
 
 

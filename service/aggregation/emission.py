@@ -12,11 +12,12 @@ by its own history.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.series import SEP, split
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
@@ -65,6 +66,8 @@ def take_through(
             p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
         for start in starts:
             keyed = p.windows.pop(start)
+            if p.series is not None:
+                p.series.forget(start)
             taken.keys += len(keyed)
             p.on_emitted(keyed)
             _merge(taken, p, start, keyed, metrics)
@@ -95,26 +98,40 @@ def _merge(
 
 
 def aggregates_of(
-    taken: Taken, interval: float, now: float, metrics: MetricsCollector
+    taken: Taken, interval: float, now: float, metrics: MetricsCollector, *, tagged: bool = False
 ) -> list[Aggregate]:
     """The aggregates of the windows taken, by start; a window without a finite result
-    is dropped (and logged), never emitted."""
+    is dropped (and logged), never emitted. ``tagged`` (AGGREGATION_GROUP_BY set):
+    each series key is split into the name and its tags ({} for none)."""
     emitted: list[Aggregate] = []
     append = emitted.append
     result_of = _RESULT
+    names: dict[str, tuple[str, Mapping[str, str] | None]] = {}  # series -> split, cached
     for start in sorted(taken.ready):
         end = start + interval
-        for (name, func), acc in taken.ready[start].items():
+        for (series, func), acc in taken.ready[start].items():
             try:
                 value = result_of[func](acc)
                 finite = value - value == 0.0  # inf - inf and nan - nan are nan
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
-                append(Aggregate(name, func, value, acc[0], start, end, now))
+                split_ = names.get(series)
+                if split_ is None:
+                    split_ = names[series] = _split(series, tagged)
+                name, tags = split_
+                append(Aggregate(name, func, value, acc[0], start, end, now, tags))
             else:
-                _on_unusable(taken.owner[start], (name, func), start, acc, metrics)
+                _on_unusable(taken.owner[start], (series, func), start, acc, metrics)
     return emitted
+
+
+def _split(series: str, tagged: bool) -> tuple[str, Mapping[str, str] | None]:
+    """(name, tags) of an aggregate; a tagged series restored into a run without
+    AGGREGATION_GROUP_BY keeps its tags rather than merge into the name's series."""
+    if tagged or SEP in series:
+        return split(series)
+    return series, None
 
 
 def _on_merge_overflow(

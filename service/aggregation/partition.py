@@ -44,6 +44,7 @@ import orjson
 
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.origins import RoutedTime
+from service.aggregation.series import SEP, SeriesBudget, valid_series
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -51,6 +52,7 @@ from service.checkpoints.base import PartitionCheckpoint
 __all__ = [
     "NEG_INF",
     "STATE_FORMAT",
+    "V13_STATE_FORMAT",
     "WIDE_STATE_FORMAT",
     "Dropped",
     "PartitionState",
@@ -66,10 +68,14 @@ WIDE_STATE_FORMAT: Final = 2
 limit (a 4th element: ``sum``/``avg`` multiples of 2**1000, a scaled ``stddev``). Only
 such states get it, so that a release before it, which would misread them, refuses them
 (naming the format) and every other state stays readable by it."""
-READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT})
+V13_STATE_FORMAT: Final = 3
+"""A state a release before v1.3 would misread: it holds a series with tags (a key
+``name + "\x1f" + tags``, see :mod:`service.aggregation.series`), which such a
+release would emit as a name. Only such states get it; it reads wide accumulators too."""
+READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT})
 NEG_INF: Final = -math.inf
 
-WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
+WindowKey = tuple[str, str]  # (series, agg_func) inside one window start (series.py)
 _LATE_WINDOWS_KEPT: Final = 10_000  # per partition: late counts of the newest windows
 
 
@@ -96,6 +102,9 @@ class PartitionState:
     totals: dict[str, int] = field(default_factory=dict)
     intervals: dict[float, dict[str, int]] = field(default_factory=dict)
     late_windows: dict[tuple[str, str, float], int] = field(default_factory=dict)
+    # AGGREGATION_GROUP_BY set: the tag sets open per window and name (the series
+    # budget), derived from ``windows`` on first use, so never checkpointed
+    series: SeriesBudget | None = None
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -111,6 +120,11 @@ class PartitionState:
             for reason, n in rejects.items():
                 key = "late" if reason == "late" else f"rejected:{reason}"
                 target[key] = target.get(key, 0) + n
+
+    def on_series_overflow(self, events: int) -> None:
+        """``events`` of this batch were aggregated into an overflow series (a count
+        within ``aggregated``, kept in the ledger for /status)."""
+        self.totals["series_overflow"] = self.totals.get("series_overflow", 0) + events
 
     def on_emitted(self, keyed: dict[WindowKey, Acc]) -> None:
         self.totals["emitted"] = self.totals.get("emitted", 0) + sum(a[0] for a in keyed.values())
@@ -197,6 +211,17 @@ class PartitionState:
             "lag": self.lag,
             "seconds_since_message": max(0.0, now_mono - self.last_message_at),
             "open_windows": self.open_windows(),
+            **self._series_view(),
+        }
+
+    def _series_view(self) -> dict[str, int]:
+        """With AGGREGATION_GROUP_BY set: the series open (tag sets in open windows,
+        overflow series aside) and the events put into overflow series so far."""
+        if self.series is None:
+            return {}
+        return {
+            "open_series": self.series.open_series(),
+            "series_overflow": self.totals.get("series_overflow", 0),
         }
 
     # -- checkpoint format ------------------------------------------------------------
@@ -208,9 +233,14 @@ class PartitionState:
             for start, keyed in self.windows.items()
             for (name, func), acc in keyed.items()
         ]
-        wide = any(len(w[3]) > 3 for w in windows)
+        if any(SEP in w[1] for w in windows):
+            state_format = V13_STATE_FORMAT
+        elif any(len(w[3]) > 3 for w in windows):
+            state_format = WIDE_STATE_FORMAT
+        else:
+            state_format = STATE_FORMAT
         body = {
-            "format": WIDE_STATE_FORMAT if wide else STATE_FORMAT,
+            "format": state_format,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "ahead_ts": self.ahead_ts,
@@ -247,7 +277,7 @@ class PartitionState:
         if state_format not in READ_FORMATS:
             raise ValueError(
                 f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
-                f"this version reads formats {STATE_FORMAT} and {WIDE_STATE_FORMAT}"
+                f"this version reads formats {', '.join(map(str, sorted(READ_FORMATS)))}"
             )
         try:
             p._restore_progress(body, now_mono)
@@ -358,6 +388,8 @@ def _invalid_window(entry: Any) -> str | None:
         return f"window start {start!r} is not a time"
     if type(name) is not str or type(func) is not str or func not in FUNCTIONS:
         return f"name {name!r} or function {func!r} is not valid"
+    if SEP in name and not valid_series(name):
+        return f"series {_clip(name)} is not a name and its tags"
     if not valid(func, acc):
         return f"state {_clip(acc)} is not a valid {func} accumulator"
     return None

@@ -81,6 +81,7 @@ class MetricsCollector:
     events_aggregated = Read("events_aggregated", count)
     events_late = Read("events_late", count)
     events_ahead = Read("events_ahead", count)
+    series_overflow = Read("series_overflow", count)
     aggregates_emitted = Read("aggregates_emitted", count)
     metrics_publish_errors = Read("metrics_publish_errors", count)
     lease_lost = Read("lease_lost", count)
@@ -209,6 +210,10 @@ class MetricsCollector:
         """Events aggregated without moving event time: further ahead of the clock than
         AGGREGATION_MAX_WATERMARK_LEAD."""
         self._counters["events_ahead"].inc(n)
+
+    def on_series_overflow(self, n: int) -> None:
+        """Events aggregated into an overflow series (AGGREGATION_MAX_SERIES_PER_NAME)."""
+        self._counters["series_overflow"].inc(n)
 
     def on_aggregates_emitted(self, aggregates: Sequence[Aggregate]) -> None:
         self._counters["aggregates_emitted"].inc(len(aggregates))

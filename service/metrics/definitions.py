@@ -156,6 +156,12 @@ DECLARED: Final[tuple[Declared, ...]] = (
         "Events aggregated without moving event time: too far ahead of the clock.",
         bus=True,
     ),
+    _counter(
+        "series_overflow",
+        "Events aggregated into a name's overflow series: their tag set was beyond "
+        "AGGREGATION_MAX_SERIES_PER_NAME in their window.",
+        bus=True,
+    ),
     _counter("aggregates_emitted", "Aggregates from closed windows.", bus=True),
     _counter("metrics_publish_errors", "Failed metric sends."),
     _counter("lease_lost", "Times the bus's lease was lost while reading."),

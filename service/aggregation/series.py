@@ -1,0 +1,188 @@
+"""Series: a name split by its group-by tags (contract §12.3, docs/series.md).
+
+Inside the aggregator a window key stays ``(series, agg_func)``: two strings. ``series``
+is the event name when ``AGGREGATION_GROUP_BY`` is empty or the event carries none of
+its keys, else ``name + "\\x1f" + canonical JSON of the group-by tags`` (sorted keys,
+no spaces). A name cannot hold a control character (decode.name_fault), so the first
+``"\\x1f"`` always ends the name. Only this module builds and splits the key; every
+other module treats it as opaque.
+
+The series budget (``AGGREGATION_MAX_SERIES_PER_NAME``) counts distinct tag sets per
+partition, window and name; a tag set beyond it is aggregated into the name's overflow
+series (every group-by key -> ``"__overflow__"``), which is not counted against it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from service.aggregation.decode import MAX_TAG_LENGTH, Rejected, tag_fault
+
+__all__ = [
+    "OVERFLOW",
+    "SEP",
+    "SeriesBudget",
+    "TagRule",
+    "fast_series",
+    "is_overflow",
+    "name_of",
+    "overflow_series",
+    "series_key",
+    "split",
+    "tag_text",
+    "valid_series",
+]
+
+SEP: Final = "\x1f"
+OVERFLOW: Final = "__overflow__"
+_SORTED: Final = orjson.OPT_SORT_KEYS
+_INT64: Final = 2**63
+
+
+def tag_text(value: Any) -> str:
+    """A group-by tag value as stored: a string as it is, a number or a boolean as its
+    JSON text (``true``, ``2``, ``1.5``); raises :class:`Rejected` (``invalid_tags``)."""
+    kind = type(value)
+    if kind is str:
+        if len(value) > MAX_TAG_LENGTH:
+            raise Rejected("invalid_tags", f"a tag value is longer than {MAX_TAG_LENGTH}")
+        fault = tag_fault(value)
+        if fault is not None:
+            raise Rejected("invalid_tags", fault)
+        return value  # type: ignore[no-any-return]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        text = str(value)
+    elif kind is float and math.isfinite(value):
+        text = repr(value)
+    else:
+        what = "a non-finite number" if kind is float else kind.__name__
+        raise Rejected(
+            "invalid_tags", f"a tag value must be a string, a number or a boolean, not {what}"
+        )
+    if len(text) > MAX_TAG_LENGTH:
+        raise Rejected("invalid_tags", f"a tag value is longer than {MAX_TAG_LENGTH}")
+    return text
+
+
+def series_key(name: str, tags: Any, group_by: tuple[str, ...]) -> str:
+    """The series of an event named ``name`` carrying ``tags`` (the event's field, maybe
+    absent: None); raises :class:`Rejected` (``invalid_tags``) when it is not an object
+    or a group-by value is not usable. Other keys of ``tags`` are ignored."""
+    if tags is None:
+        return name
+    if type(tags) is not dict:
+        raise Rejected("invalid_tags", f"'tags' must be a JSON object, not {type(tags).__name__}")
+    picked = {k: tag_text(tags[k]) for k in group_by if k in tags}
+    if not picked:
+        return name
+    return name + SEP + orjson.dumps(picked, option=_SORTED).decode()
+
+
+def fast_series(name: str, tags: dict[str, Any] | None, group_by: tuple[str, ...]) -> str | None:
+    """:func:`series_key` for the fast path (msgspec-decoded tags): None where the
+    reference decoder might read the tags differently (an integer beyond 64 bits, which
+    orjson reads as a float) or refuses them; it then decides."""
+    if tags is None:
+        return name
+    for k in group_by:
+        v = tags.get(k)
+        if type(v) is int and not -_INT64 <= v < _INT64:
+            return None
+    try:
+        return series_key(name, tags, group_by)
+    except Rejected:
+        return None
+
+
+def name_of(series: str) -> str:
+    return series.partition(SEP)[0]
+
+
+def split(series: str) -> tuple[str, dict[str, str]]:
+    """``series`` -> (name, group-by tags); ``{}`` for a series without tags."""
+    name, sep, tags = series.partition(SEP)
+    return name, (orjson.loads(tags) if sep else {})
+
+
+def valid_series(series: str) -> bool:
+    """Whether a series key read from a checkpoint splits into a name and string tags."""
+    try:
+        name, tags = split(series)
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        bool(name)
+        and type(tags) is dict
+        and bool(tags)
+        and all(type(v) is str for v in tags.values())
+    )
+
+
+def overflow_series(name: str, group_by: tuple[str, ...]) -> str:
+    return name + SEP + orjson.dumps(dict.fromkeys(group_by, OVERFLOW), option=_SORTED).decode()
+
+
+def is_overflow(series: str) -> bool:
+    _, sep, tags = series.partition(SEP)
+    return bool(sep) and all(v == OVERFLOW for v in orjson.loads(tags).values())
+
+
+class TagRule(NamedTuple):
+    """What a run needs of the config when ``AGGREGATION_GROUP_BY`` is set."""
+
+    group_by: tuple[str, ...]
+    max_series: int  # AGGREGATION_MAX_SERIES_PER_NAME
+
+
+class SeriesBudget:
+    """A partition's tag sets open per window start and name, for the budget: derived
+    from its windows (restored ones too), never checkpointed. Deterministic under
+    replay: the first tag sets in partition order get the places."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self) -> None:
+        self.sets: dict[float, dict[str, set[str]]] = {}
+
+    @classmethod
+    def of(cls, windows: Mapping[float, Iterable[tuple[str, str]]]) -> SeriesBudget:
+        """The budget state of ``windows`` (start -> keys)."""
+        budget = cls()
+        for start, keys in windows.items():
+            by_name: dict[str, set[str]] = {}
+            for series, _ in keys:
+                if not is_overflow(series):
+                    by_name.setdefault(name_of(series), set()).add(series)
+            budget.sets[start] = by_name
+        return budget
+
+    def admit(self, start: float, series: str, limit: int, group_by: tuple[str, ...]) -> str:
+        """The series an event of ``series`` goes to in the window at ``start``: its
+        own (the same object), or its name's overflow series when the name's budget
+        there is spent. An overflow series never counts against the budget."""
+        by_name = self.sets.get(start)
+        if by_name is None:
+            by_name = self.sets[start] = {}
+        name = name_of(series)
+        open_sets = by_name.get(name)
+        if open_sets is None:
+            open_sets = by_name[name] = set()
+        if series in open_sets or (OVERFLOW in series and is_overflow(series)):
+            return series
+        if len(open_sets) < limit:
+            open_sets.add(series)
+            return series
+        return overflow_series(name, group_by)
+
+    def forget(self, start: float) -> None:
+        """The window at ``start`` left the partition (emitted)."""
+        self.sets.pop(start, None)
+
+    def open_series(self) -> int:
+        return sum(len(s) for by_name in self.sets.values() for s in by_name.values())
