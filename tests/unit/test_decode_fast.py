@@ -27,9 +27,17 @@ def _refuse(data: bytes) -> Any:
     raise ValueError("fast path disabled")
 
 
-def _run(batches: list[list[Any]], max_open: int, grace: float) -> dict[str, Any]:
+def _run(
+    batches: list[list[Any]], max_open: int, grace: float, group_by: tuple[str, ...] = ()
+) -> dict[str, Any]:
     clock = ManualClock(NOW)
-    cfg = AggregationConfig(interval_s=60.0, grace_s=grace, max_open_windows=max_open)
+    cfg = AggregationConfig(
+        interval_s=60.0,
+        grace_s=grace,
+        max_open_windows=max_open,
+        group_by=group_by,
+        max_series_per_name=2,
+    )
     agg = EventAggregator(cfg, MetricsCollector(clock), clock, max_message_bytes=4096)
     dead, aggs = [], []
     for i, records in enumerate(batches):
@@ -39,7 +47,13 @@ def _run(batches: list[list[Any]], max_open: int, grace: float) -> dict[str, Any
         dead += [(d.raw, d.reason, d.detail, d.source) for d in out.dead_letters]
         aggs += out.aggregates
     state = [(c.partition, c.position, orjson.loads(c.state or b"null")) for c in agg.snapshot()]
-    return {"dead": dead, "aggregates": aggs, "state": state, "open": agg.open_windows}
+    return {
+        "dead": dead,
+        "aggregates": aggs,
+        "state": state,
+        "open": agg.open_windows,
+        "ledger": agg.ledger(),
+    }
 
 
 # -- messages from a grammar of valid and broken fields, as raw JSON text -------------------
@@ -129,6 +143,43 @@ _funcs = st.sampled_from(
 )
 
 
+_tag_values = st.one_of(
+    _numbers,
+    st.sampled_from(
+        [
+            '"eu"',
+            '"us"',
+            '""',
+            '"' + "t" * 200 + '"',
+            '"' + "t" * 201 + '"',
+            '"\\u0000"',
+            '"a\\u001f"',
+            '"\\ud800"',
+            '"\u00e9"',
+            '{"a":1}',
+            "[]",
+            "2",
+            "2.0",
+            "-0.0",
+            "1" + "0" * 30,
+            "1" + "0" * 250,
+        ]
+    ),
+)
+
+
+@st.composite
+def _tags(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.sampled_from(["null", "[]", '"host"', "1", "true"]))
+    pairs = [
+        f'"{k}":{draw(_tag_values)}'
+        for k in draw(st.lists(st.sampled_from(["host", "region", "other"]), max_size=3))
+    ]
+    return "{" + ",".join(pairs) + "}"
+
+
 @st.composite
 def _event(draw: st.DrawFn) -> str:
     fields = []
@@ -138,8 +189,10 @@ def _event(draw: st.DrawFn) -> str:
         ("timestamp", _times),
         ("agg_func", _funcs),
         ("extra", _numbers),
+        ("tags", _tags()),
     ):
-        present = draw(st.booleans()) if key == "extra" else draw(st.integers(0, 9)) > 0
+        optional = key in ("extra", "tags")
+        present = draw(st.booleans()) if optional else draw(st.integers(0, 9)) > 0
         if present:
             fields.append(f'"{key}":{draw(values)}')
     if draw(st.integers(0, 15)) == 0 and fields:  # a duplicate key: the last one counts
@@ -187,15 +240,18 @@ def _message(draw: st.DrawFn) -> Any:
     batches=st.lists(st.lists(_message(), max_size=6), min_size=1, max_size=5),
     max_open=st.integers(1, 20),
     grace=st.sampled_from([0.0, 30.0]),
+    group_by=st.sampled_from([(), ("host",), ("host", "region")]),
 )
 def test_fast_path_gives_exactly_what_the_reference_path_gives(
-    batches: list[list[Any]], max_open: int, grace: float
+    batches: list[list[Any]], max_open: int, grace: float, group_by: tuple[str, ...]
 ) -> None:
-    fast = _run(batches, max_open, grace)
+    fast = _run(batches, max_open, grace, group_by)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(batch_run, "decode_fast", _refuse)
-        reference = _run(batches, max_open, grace)
+        mp.setattr(batch_run, "decode_tagged", _refuse)
+        reference = _run(batches, max_open, grace, group_by)
     assert fast == reference
+    assert fast["ledger"]["imbalance"] == 0
 
 
 @given(
@@ -259,3 +315,27 @@ def test_name_with_a_lone_surrogate_is_rejected_and_checkpoints_still_work() -> 
     assert agg.open_windows == 0
     [cp] = agg.snapshot()
     assert cp.position == "1"
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "1" + "0" * 30,  # msgspec reads an int, orjson a float: the reference decides
+        "-0.0",
+        "2.0",
+        "true",
+        '"\\u00e9"',
+        "1e2",
+    ],
+)
+def test_tag_values_read_the_same_on_both_paths(tag: str) -> None:
+    record = b'{"name":"a","value":1,"timestamp":%d,"tags":{"host":%s}}' % (
+        NOW - 5,
+        tag.encode(),
+    )
+    fast = _run([[record]], 10, 0.0, ("host",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch_run, "decode_tagged", _refuse)
+        reference = _run([[record]], 10, 0.0, ("host",))
+    assert fast == reference
+    assert fast["dead"] == []

@@ -42,6 +42,21 @@ _times = st.one_of(
 )
 
 
+# group-by tags (host, region) of a few series, some without tags, some invalid
+_tags = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "host": st.sampled_from(["h1", "h2", "h3", 4, True]),
+            "region": st.sampled_from(["eu", "us"]),
+            "other": st.just([1]),
+        },
+    ),
+    st.sampled_from([{"host": None}, {"host": "x" * 201}, "host"]),
+)
+
+
 @st.composite
 def _event(draw: st.DrawFn) -> dict[str, Any]:
     ev: dict[str, Any] = {
@@ -52,6 +67,9 @@ def _event(draw: st.DrawFn) -> dict[str, Any]:
     func = draw(_funcs)
     if func is not None:
         ev["agg_func"] = func
+    tags = draw(_tags)
+    if tags is not None:
+        ev["tags"] = tags
     return ev
 
 
@@ -80,11 +98,19 @@ def _batch(draw: st.DrawFn) -> tuple[int, list[Any], float, bool]:
 
 
 def _run(
-    batches: list[tuple[int, list[Any], float, bool]], grace: float, max_open: int
+    batches: list[tuple[int, list[Any], float, bool]],
+    grace: float,
+    max_open: int,
+    group_by: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     clock = ManualClock(NOW)
     cfg = AggregationConfig(
-        interval_s=INTERVAL, grace_s=grace, max_open_windows=max_open, idle_timeout_s=60.0
+        interval_s=INTERVAL,
+        grace_s=grace,
+        max_open_windows=max_open,
+        idle_timeout_s=60.0,
+        group_by=group_by,
+        max_series_per_name=2,
     )
     agg = EventAggregator(cfg, MetricsCollector(clock), clock, max_message_bytes=4096)
     dead, aggregates = [], []
@@ -104,6 +130,7 @@ def _run(
         "state": state,
         "open": agg.open_windows,
         "ledger": agg.ledger(),
+        "partitions": agg.partitions(),
     }
 
 
@@ -112,14 +139,18 @@ def _run(
     batches=st.lists(_batch(), min_size=1, max_size=8),
     grace=st.sampled_from([0.0, 30.0, 90.0]),
     max_open=st.sampled_from([3, 1000]),
+    group_by=st.sampled_from([(), ("host", "region")]),
 )
 def test_hot_loop_gives_exactly_what_the_reference_path_gives(
-    batches: list[tuple[int, list[Any], float, bool]], grace: float, max_open: int
+    batches: list[tuple[int, list[Any], float, bool]],
+    grace: float,
+    max_open: int,
+    group_by: tuple[str, ...],
 ) -> None:
-    hot = _run(batches, grace, max_open)
+    hot = _run(batches, grace, max_open, group_by)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
-        reference = _run(batches, grace, max_open)
+        reference = _run(batches, grace, max_open, group_by)
     assert hot == reference
     assert hot["ledger"]["imbalance"] == 0
 
