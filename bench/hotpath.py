@@ -1,6 +1,6 @@
 """HOT PATH: the aggregator alone, in-process, on the benchmark workload (no I/O).
 
-``python -m bench.hotpath [-n N] [-r R] [--batch B] [--tags] [--profile]``
+``python -m bench.hotpath [-n N] [-r R] [--batch B] [--tags [S]] [--profile]``
 
 Feeds the workload's JSON texts as Kafka-like ``SourceBatch`` objects (``bytes``
 records with offsets, per partition, ``batch`` records each) through
@@ -10,10 +10,13 @@ emitted aggregates are checked against the workload's expected results, so a fas
 wrong change fails here too. ``--profile`` runs one
 repetition under cProfile and prints the top functions.
 
-``--tags``: every event also carries ``"tags": {"host": ..., "region": ..., "rack": ...}``
-(10 hosts x 3 regions, and a rack that is not grouped by) and the aggregator runs with
-``AGGREGATION_GROUP_BY=host,region``: 30 series per name and window. The series of a
-name and window are merged back (sum, count, min, max; avg weighted) for the check.
+``--tags S``: every event also carries ``"tags": {"host": ..., "region": ..., "rack": ...}``
+(``rack`` is not grouped by) and the aggregator runs with
+``AGGREGATION_GROUP_BY=host,region``: ``S`` series per name (default 1: the cost of
+tags alone, with as many aggregates as without). With ``S`` > 1 each (name, window) has
+about 50 events, so most of them open a key: that measures the cost of ``S`` times the
+keys. The series of a name and window are merged back (sum, count, min, max; avg
+weighted) for the check.
 """
 
 from __future__ import annotations
@@ -67,12 +70,13 @@ def batches(w: Workload, size: int) -> list[SourceBatch]:
 GROUP_BY = ("host", "region")
 
 
-def with_tags(w: Workload) -> None:
+def with_tags(w: Workload, series: int) -> None:
     """Give every data event two group-by tags and one other (see the module doc)."""
     tagged = []
-    for i, value in enumerate(w.values):
+    for i, (value, k) in enumerate(zip(w.values, w.name_index, strict=True)):
         ev = orjson.loads(value)
-        ev["tags"] = {"host": f"host-{i % 10}", "region": ("eu", "us", "ap")[i % 3], "rack": i}
+        s = k + i % series
+        ev["tags"] = {"host": f"host-{s % 100}", "region": ("eu", "us", "ap")[s % 3], "rack": i}
         tagged.append(orjson.dumps(ev))
     w.values = tagged
 
@@ -136,13 +140,21 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("--batch", type=int, default=5000, help="records per SourceBatch")
-    ap.add_argument("--tags", action="store_true", help="events with 2 group-by tags")
+    ap.add_argument(
+        "--tags",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="S",
+        help="events with 2 group-by tags, S series per name (default 1)",
+    )
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     w = generate(args.n)
     group_by: tuple[str, ...] = ()
     if args.tags:
-        with_tags(w)
+        with_tags(w, args.tags)
         group_by = GROUP_BY
     feed = batches(w, args.batch)
     if args.profile:
@@ -165,7 +177,7 @@ def main() -> None:
     print(
         f"median {rates[len(rates) // 2]:,.0f} ev/CPU-s, range {rates[0]:,.0f}-{rates[-1]:,.0f} "
         f"(n={args.n:,}, batch={args.batch}, {args.r} reps, "
-        f"{'2 group-by tags, ' if group_by else ''}correct)"
+        f"{f'2 group-by tags, {args.tags} series per name, ' if group_by else ''}correct)"
     )
 
 

@@ -41,7 +41,7 @@ from service.aggregation.decode import (
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
-from service.aggregation.series import SeriesBudget, TagRule, fast_series, name_of, series_key
+from service.aggregation.series import SeriesBudget, TagRule, name_of, series_key
 from service.aggregation.windows import (
     close_index,
     event_time_limit,
@@ -125,8 +125,10 @@ class BatchRun:
         self.rejects: dict[str, int] = {}
         self.tags = tags
         self.overflowed = 0  # events aggregated into an overflow series
-        if tags is not None and part.series is None:
-            part.series = SeriesBudget.of(part.windows)
+        if tags is not None:
+            self.key_of = tags.fast_key
+            if part.series is None:
+                part.series = SeriesBudget.of(part.windows)
         if part.routed is not None:
             part.routed.limit(idle_s, part.reported_at)  # time and reports may have moved it
 
@@ -224,12 +226,9 @@ class BatchRun:
         by its series key; None (or a raise) when the reference decoder must decide. A
         list has passed :meth:`fast_all` (a single event gets the hot loop's checks)."""
         d = decode_tagged(record)
-        group_by = self.tags.group_by  # type: ignore[union-attr]  # tagged runs only
+        key_of = self.key_of
         if type(d) is TaggedWire:
-            name = d.name
-            if not name.isprintable() and name_fault(name) is not None:
-                return None
-            series = fast_series(name, d.tags, group_by)
+            series = key_of(d.name, d.tags)
             if series is None:
                 return None
             d.name = series
@@ -237,7 +236,7 @@ class BatchRun:
         many = self.fast_all(cast(list[WireEvent], d))
         if many is None:
             return None
-        keys = [fast_series(e.name, cast(TaggedWire, e).tags, group_by) for e in many]
+        keys = [key_of(e.name, cast(TaggedWire, e).tags) for e in many]
         if None in keys:
             return None
         for e, key in zip(many, keys, strict=True):

@@ -268,3 +268,16 @@ def test_repartitioning_routes_every_series_of_a_name_by_the_name() -> None:
     routed = route(many, b"fallback", NOW)
     assert [k for k, _, _ in routed] == [b"cpu"] * 3
     assert [orjson.loads(v)["tags"]["host"] for _, v, _ in routed] == ["a", "b", "c"]
+
+
+def test_remembered_series_keys_never_confuse_equal_values_of_other_types() -> None:
+    # 1 == 1.0 == True and an absent key reads like null: the fast path remembers keys
+    # of string values only, so each of these gets its own series (or its rejection)
+    agg, clock, _ = _agg(("host",))
+    values: list[Any] = ["1", 1, True, 1.0, "1", None, "true", 1]
+    records = [_ev("cpu", 1.0, NOW - 30, {"host": v}) for v in values]
+    records.append(_ev("cpu", 1.0, NOW - 30, {}))
+    out = _feed(agg, records)
+    assert [d.reason for d in out.dead_letters] == ["invalid_tags"]  # null
+    got = {orjson.dumps(a.tags).decode(): a.count for a in _flush(agg, clock)}
+    assert got == {'{"host":"1"}': 4, '{"host":"true"}': 2, '{"host":"1.0"}': 1, "{}": 1}
