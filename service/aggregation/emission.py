@@ -116,6 +116,9 @@ def aggregates_of(
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
+                if not tagged and SEP not in series:  # without tags: as before v1.3
+                    append(Aggregate(series, func, value, acc[0], start, end, now))
+                    continue
                 split_ = names.get(series)
                 if split_ is None:
                     split_ = names[series] = _split(series, tagged)
