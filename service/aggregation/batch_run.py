@@ -30,10 +30,8 @@ from service.aggregation.dead_letters import DeadLetters, RawOf, raw_of
 from service.aggregation.decode import (
     CANONICAL_FUNCS,
     Rejected,
-    TaggedWire,
     WireEvent,
     decode_fast,
-    decode_tagged,
     fast_ok,
     loads_message,
     name_fault,
@@ -127,6 +125,7 @@ class BatchRun:
         self.overflowed = 0  # events aggregated into an overflow series
         if tags is not None:
             self.key_of = tags.fast_key
+            self.wire, self.decode_tagged = tags.wire, tags.decode
             if part.series is None:
                 part.series = SeriesBudget.of(part.windows)
         if part.routed is not None:
@@ -142,7 +141,7 @@ class BatchRun:
             fast: Callable[[bytes], Any] = decode_fast
             fast_all: Callable[[list[WireEvent]], list[WireEvent] | None] = self.fast_all
         else:  # names checked and series keys made by fast_tagged
-            one, fast, fast_all = TaggedWire, self.fast_tagged, _checked
+            one, fast, fast_all = self.tags.wire, self.fast_tagged, _checked
         keyed, lo, hi, part_max, x_next = _EMPTY, 0.0, 0.0, self.part_max, self.x_next
         for idx, record in enumerate(self.batch.records):
             evs: Sequence[WireEvent] | None = None
@@ -221,14 +220,15 @@ class BatchRun:
             return many
         return None
 
-    def fast_tagged(self, record: bytes) -> TaggedWire | list[TaggedWire] | None:
-        """:data:`decode_tagged` for the hot loop: each event's name checked and replaced
-        by its series key; None (or a raise) when the reference decoder must decide. A
-        list has passed :meth:`fast_all` (a single event gets the hot loop's checks)."""
-        d = decode_tagged(record)
+    def fast_tagged(self, record: bytes) -> Any:
+        """The fast decoder of a tagged run (decode.tagged_decoder): each event's name
+        checked and replaced by its series key; None (or a raise) when the reference
+        decoder must decide. A list has passed :meth:`fast_all` (a single event gets the
+        hot loop's checks)."""
+        d = self.decode_tagged(record)
         key_of = self.key_of
-        if type(d) is TaggedWire:
-            series = key_of(d.name, d.tags)
+        if type(d) is self.wire:
+            series = key_of(d.name, d.tags)  # type: ignore[attr-defined]  # the tagged type
             if series is None:
                 return None
             d.name = series
@@ -236,12 +236,12 @@ class BatchRun:
         many = self.fast_all(cast(list[WireEvent], d))
         if many is None:
             return None
-        keys = [key_of(e.name, cast(TaggedWire, e).tags) for e in many]
+        keys = [key_of(e.name, e.tags) for e in many]  # type: ignore[attr-defined]
         if None in keys:
             return None
         for e, key in zip(many, keys, strict=True):
             e.name = cast(str, key)
-        return cast(list[TaggedWire], many)
+        return many
 
     # -- the reference step -------------------------------------------------------------
     def place(

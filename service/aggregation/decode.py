@@ -13,11 +13,12 @@ Two paths that must agree exactly:
 ``tests/unit/test_decode_fast.py`` checks that the fast path never accepts what the
 reference path rejects, and reads the same numbers.
 
-With ``AGGREGATION_GROUP_BY`` set the fast path decodes :class:`TaggedWire` instead
-(:data:`decode_tagged`: the event's ``tags`` as a dict) and the reference path reads
-``tags`` after :func:`parse_event`; both make the series key with
-:func:`service.aggregation.series.series_key`, the fast path refusing whatever the
-reference decoder could read differently. Without it, nothing here looks at ``tags``.
+With ``AGGREGATION_GROUP_BY`` set the fast path decodes the structs of
+:func:`tagged_decoder` instead (the event's ``tags``, of which only the group-by keys
+are read) and the reference path reads ``tags`` after :func:`parse_event`; both make
+the series key by :mod:`service.aggregation.series`, the fast path refusing whatever
+the reference decoder could read differently. Without it, nothing here looks at
+``tags``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -39,10 +41,8 @@ __all__ = [
     "MAX_TAG_LENGTH",
     "RAW_LIMIT",
     "Rejected",
-    "TaggedWire",
     "WireEvent",
     "decode_fast",
-    "decode_tagged",
     "element_of",
     "fast_ok",
     "loads_message",
@@ -50,6 +50,7 @@ __all__ = [
     "parse_event",
     "raw_text",
     "tag_fault",
+    "tagged_decoder",
 ]
 
 MAX_NAME_LENGTH: Final = 200
@@ -82,16 +83,19 @@ decode_fast: Final = msgspec.json.Decoder(WireEvent | list[WireEvent]).decode
 not exactly that shape: the caller then takes the reference path."""
 
 
-class TaggedWire(WireEvent, gc=False):
-    """A :class:`WireEvent` with its ``tags`` (any JSON object; checked when the series
-    key is made). Once the key is made, ``name`` holds it (the hot loop keys by
-    ``name``): only the aggregator's decode steps see a TaggedWire before that."""
-
-    tags: dict[str, Any] | None = None
-
-
-decode_tagged: Final = msgspec.json.Decoder(TaggedWire | list[TaggedWire]).decode
-""":data:`decode_fast` with ``tags``, for ``AGGREGATION_GROUP_BY`` set."""
+def tagged_decoder(group_by: tuple[str, ...]) -> tuple[type[WireEvent], Callable[[bytes], Any]]:
+    """(event type, decoder) of :data:`decode_fast` with ``tags`` for these group-by
+    keys: the event's ``tags`` field is a struct of the group-by values only
+    (``msgspec.UNSET`` where absent; the other keys are skipped, never built), or None.
+    Once its series key is made, an event's ``name`` holds it (the hot loop keys by
+    ``name``): only the aggregator's decode steps see the name before that."""
+    fields = [(f"t{i}", Any, msgspec.UNSET) for i in range(len(group_by))]
+    rename = {f"t{i}": key for i, key in enumerate(group_by)}
+    tags = msgspec.defstruct("GroupByTags", fields, rename=rename, gc=False)
+    event = msgspec.defstruct(
+        "TaggedWire", [("tags", tags | None, None)], bases=(WireEvent,), gc=False
+    )
+    return event, msgspec.json.Decoder(event | list[event]).decode  # type: ignore[valid-type,return-value]
 
 
 def fast_ok(ev: WireEvent, max_ts: float) -> bool:

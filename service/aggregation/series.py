@@ -15,13 +15,20 @@ series (every group-by key -> ``"__overflow__"``), which is not counted against 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import orjson
+from msgspec import UNSET
+from msgspec.structs import astuple
 
-from service.aggregation.decode import MAX_TAG_LENGTH, Rejected, name_fault, tag_fault
+from service.aggregation.decode import (
+    MAX_TAG_LENGTH,
+    Rejected,
+    name_fault,
+    tag_fault,
+    tagged_decoder,
+)
 
 __all__ = [
     "OVERFLOW",
@@ -85,16 +92,18 @@ def series_key(name: str, tags: Any, group_by: tuple[str, ...]) -> str:
     return name + SEP + orjson.dumps(picked, option=_SORTED).decode()
 
 
-def fast_series(name: str, tags: dict[str, Any] | None, group_by: tuple[str, ...]) -> str | None:
-    """:func:`series_key` for the fast path (msgspec-decoded tags): None where the
-    reference decoder might read the tags differently (an integer beyond 64 bits, which
-    orjson reads as a float) or refuses them; it then decides. The name is not checked."""
-    if tags is None:
-        return name
-    for k in group_by:
-        v = tags.get(k)
+def fast_series(name: str, values: tuple[Any, ...], group_by: tuple[str, ...]) -> str | None:
+    """:func:`series_key` for the fast path, from the group-by values msgspec decoded
+    (``UNSET`` where absent): None where the reference decoder might read them
+    differently (an integer beyond 64 bits, which orjson reads as a float) or refuses
+    them; it then decides. The name is not checked."""
+    tags = {}
+    for k, v in zip(group_by, values, strict=True):
+        if v is UNSET:
+            continue
         if type(v) is int and not -_INT64 <= v < _INT64:
             return None
+        tags[k] = v
     try:
         return series_key(name, tags, group_by)
     except Rejected:
@@ -138,48 +147,44 @@ _KEYS_KEPT: Final = 100_000  # series keys remembered by TagRule.fast_key
 
 
 class TagRule:
-    """What a run needs when ``AGGREGATION_GROUP_BY`` is set, and the series keys of
-    recent events (one per aggregator): making a key costs more than the rest of an
-    event's hot path, and a stream repeats its series."""
+    """What a run needs when ``AGGREGATION_GROUP_BY`` is set: the fast decoder of its
+    group-by keys, and the series keys of recent events (one per aggregator): making a
+    key costs more than the rest of an event's hot path, and a stream repeats its
+    series."""
 
-    __slots__ = ("_keys", "_pick", "group_by", "max_series")
+    __slots__ = ("_keys", "decode", "group_by", "max_series", "wire")
 
     def __init__(self, group_by: tuple[str, ...], max_series: int) -> None:
         self.group_by = group_by
         self.max_series = max_series  # AGGREGATION_MAX_SERIES_PER_NAME
-        # tags -> the group-by values (a tuple for 2 or more keys), KeyError if one is
-        # absent: such events are not remembered
-        self._pick = operator.itemgetter(*group_by)
+        self.wire, self.decode = tagged_decoder(group_by)
         # (name, group-by values) -> series key, for events whose group-by values are
-        # all strings (a number or a boolean may equal another of a different text:
-        # 1 == 1.0 == True)
-        self._keys: dict[tuple[str, Any], str] = {}
+        # all strings or absent (a number or a boolean may equal another of a different
+        # text: 1 == 1.0 == True)
+        self._keys: dict[tuple[str, tuple[Any, ...]], str] = {}
 
-    def fast_key(self, name: str, tags: dict[str, Any] | None) -> str | None:
-        """:func:`fast_series` of an event whose name is checked here too: its series
-        key, or None when the reference decoder must decide."""
+    def fast_key(self, name: str, tags: Any) -> str | None:
+        """The series key of a fast-decoded event (``tags``: its group-by struct or
+        None) whose name is checked here too; None when the reference decoder must
+        decide."""
         if tags is None:
             return name if name.isprintable() or name_fault(name) is None else None
+        probe = (name, astuple(tags))
         try:
-            probe: tuple[str, Any] | None = (name, self._pick(tags))
-            key = self._keys.get(probe)  # type: ignore[arg-type]
-        except (KeyError, TypeError):  # absent, or unhashable (refused below)
-            probe = key = None
+            key = self._keys.get(probe)
+        except TypeError:  # an unhashable value (refused below)
+            key = None
         if key is not None:
             return key
         if not name.isprintable() and name_fault(name) is not None:
             return None
-        key = fast_series(name, tags, self.group_by)
-        if key is not None and probe is not None and self._all_text(probe[1]):
+        values = probe[1]
+        key = fast_series(name, values, self.group_by)
+        if key is not None and all(type(v) is str or v is UNSET for v in values):
             if len(self._keys) >= _KEYS_KEPT:
                 self._keys.clear()  # a stream of ever new series: start over
             self._keys[probe] = key
         return key
-
-    def _all_text(self, values: Any) -> bool:
-        if len(self.group_by) == 1:
-            return type(values) is str
-        return all(type(v) is str for v in values)
 
 
 class SeriesBudget:

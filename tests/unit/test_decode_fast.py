@@ -27,6 +27,10 @@ def _refuse(data: bytes) -> Any:
     raise ValueError("fast path disabled")
 
 
+def _refuse_tagged(self: Any, data: bytes) -> Any:
+    raise ValueError("fast path disabled")
+
+
 def _run(
     batches: list[list[Any]], max_open: int, grace: float, group_by: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -248,7 +252,7 @@ def test_fast_path_gives_exactly_what_the_reference_path_gives(
     fast = _run(batches, max_open, grace, group_by)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(batch_run, "decode_fast", _refuse)
-        mp.setattr(batch_run, "decode_tagged", _refuse)
+        mp.setattr(batch_run.BatchRun, "fast_tagged", _refuse_tagged)
         reference = _run(batches, max_open, grace, group_by)
     assert fast == reference
     assert fast["ledger"]["imbalance"] == 0
@@ -335,7 +339,7 @@ def test_tag_values_read_the_same_on_both_paths(tag: str) -> None:
     )
     fast = _run([[record]], 10, 0.0, ("host",))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(batch_run, "decode_tagged", _refuse)
+        mp.setattr(batch_run.BatchRun, "fast_tagged", _refuse_tagged)
         reference = _run([[record]], 10, 0.0, ("host",))
     assert fast == reference
     assert fast["dead"] == []
