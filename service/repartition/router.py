@@ -49,6 +49,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from service.aggregation.series import TagRule
 from service.bus.base import REPORT_INTERVAL_S, Emit, OriginReport, Progress, Restore
 from service.bus.kafka import KafkaBus
 from service.config import AggregationConfig, BusConfig, KafkaConfig
@@ -116,8 +117,12 @@ class Router(AsyncResource):
         clock: Clock,
         max_future_s: float = _DEFAULT_MAX_FUTURE_S,
         max_lead_s: float = _DEFAULT_MAX_LEAD_S,
+        group_by: tuple[str, ...] = (),
     ) -> None:
         self._cfg = bus_cfg
+        # AGGREGATION_GROUP_BY: an event with unusable tags moves no progress (it will
+        # be dead-lettered as invalid_tags); the budget plays no part here
+        self._tags = TagRule(group_by, 1) if group_by else None
         self._options = bus_client_options(bus_cfg, kafka_cfg)
         self._servers = str(self._options["bootstrap_servers"])
         self._clock = clock
@@ -250,7 +255,7 @@ class Router(AsyncResource):
                 fallback = f"{tp.topic}:{tp.partition}".encode()
                 prefix = f"{tp.topic}:{tp.partition}:"
                 for m in msgs:
-                    routed = route(m.value, fallback, max_ts)
+                    routed = route(m.value, fallback, max_ts, self._tags)
                     for i, (key, value, ts) in enumerate(
                         routed if len(routed) <= cap else routed[:cap]
                     ):
@@ -442,6 +447,13 @@ def build_repartitioned_bus(
         kafka_group=windowing_group(bus_cfg.kafka_group),
     )
     return RepartitionedBus(
-        Router(bus_cfg, kafka_cfg, clock, agg_cfg.max_future_s, agg_cfg.max_watermark_lead_s),
+        Router(
+            bus_cfg,
+            kafka_cfg,
+            clock,
+            agg_cfg.max_future_s,
+            agg_cfg.max_watermark_lead_s,
+            agg_cfg.group_by,
+        ),
         KafkaBus(windowing_cfg, kafka_cfg, metrics, clock, internal=records),
     )

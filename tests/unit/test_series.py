@@ -13,6 +13,7 @@ from service.aggregation.partition import STATE_FORMAT, V13_STATE_FORMAT
 from service.aggregation.series import (
     OVERFLOW,
     SEP,
+    TagRule,
     overflow_series,
     series_key,
     split,
@@ -281,3 +282,16 @@ def test_remembered_series_keys_never_confuse_equal_values_of_other_types() -> N
     assert [d.reason for d in out.dead_letters] == ["invalid_tags"]  # null
     got = {orjson.dumps(a.tags).decode(): a.count for a in _flush(agg, clock)}
     assert got == {'{"host":"1"}': 4, '{"host":"true"}': 2, '{"host":"1.0"}': 1, "{}": 1}
+
+
+def test_an_event_with_unusable_tags_moves_no_routed_progress() -> None:
+    # repartition=true: the router gives an event time only for events the windowing
+    # stage will accept, so one it dead-letters as invalid_tags moves no event time
+    rule = TagRule(GROUP_BY, 1)
+    good = _ev("cpu", 1.0, NOW - 30, {"host": "a"})
+    bad = _ev("cpu", 1.0, NOW - 20, {"host": [1]})
+    assert route(good, b"f", NOW, rule) == [(b"cpu", good, NOW - 30)]
+    assert route(bad, b"f", NOW, rule) == [(b"cpu", bad, None)]
+    assert route(bad, b"f", NOW) == [(b"cpu", bad, NOW - 20)]  # without group-by: valid
+    both = orjson.dumps([orjson.loads(good), orjson.loads(bad)])
+    assert [ts for _, _, ts in route(both, b"f", NOW, rule)] == [NOW - 30, None]
