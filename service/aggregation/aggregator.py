@@ -22,7 +22,7 @@ from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLette
 from service.aggregation.emission import aggregates_of, take_through
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
-from service.aggregation.series import TagRule
+from service.aggregation.series import SeriesBudget, TagRule
 from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -145,6 +145,8 @@ class EventAggregator:
             if old is not None:
                 self._open -= old.open_windows()
             p, dropped = PartitionState.restored(cp, now)
+            if self._tags is not None:  # the series budget, derived from the windows
+                p.series = SeriesBudget.of(p.windows)
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:

@@ -325,7 +325,9 @@ class BatchRun:
         func = CANONICAL_FUNCS[ev.agg_func]
         series = ev.name
         if self.tags is not None:
-            series = self._admit(ev)
+            start = window_index(ev.timestamp, self.limits.interval) * self.limits.interval  # type: ignore[arg-type]  # a float by now
+            budget = cast(SeriesBudget, self.part.series)
+            series = budget.admit(start, series, self.tags.max_series, self.tags.group_by)
             if series is not ev.name:
                 acc = keyed.get((series, func))
                 if acc is not None:
@@ -341,14 +343,11 @@ class BatchRun:
         self.open_now += 1
         if series is not ev.name:
             self.overflowed += 1
+        elif self.tags is not None:
+            # counted once its key is open: the budget state is what the windows hold,
+            # so a restart from a checkpoint derives the same one
+            budget.record(start, series)
         return True
-
-    def _admit(self, ev: WireEvent) -> str:
-        """The series ``ev`` goes to in its window under the series budget."""
-        tags = cast(TagRule, self.tags)
-        start = window_index(ev.timestamp, self.limits.interval) * self.limits.interval  # type: ignore[arg-type]  # a float by now
-        budget = cast(SeriesBudget, self.part.series)
-        return budget.admit(start, ev.name, tags.max_series, tags.group_by)
 
     def _advance(self, idx: int, ts: float, part_max: float) -> float:
         """The event-time step: the partition's own event time (or with repartitioned

@@ -212,7 +212,21 @@ class SeriesBudget:
     def admit(self, start: float, series: str, limit: int, group_by: tuple[str, ...]) -> str:
         """The series an event of ``series`` goes to in the window at ``start``: its
         own (the same object), or its name's overflow series when the name's budget
-        there is spent. An overflow series never counts against the budget."""
+        there is spent (:meth:`record` counts a series once its key is open). An
+        overflow series never counts against the budget."""
+        by_name = self.sets.get(start)
+        name = name_of(series)
+        open_sets = None if by_name is None else by_name.get(name)
+        if open_sets is None or series in open_sets or len(open_sets) < limit:
+            return series
+        if OVERFLOW in series and is_overflow(series):
+            return series
+        return overflow_series(name, group_by)
+
+    def record(self, start: float, series: str) -> None:
+        """A key of ``series`` was opened in the window at ``start``."""
+        if OVERFLOW in series and is_overflow(series):
+            return
         by_name = self.sets.get(start)
         if by_name is None:
             by_name = self.sets[start] = {}
@@ -220,12 +234,7 @@ class SeriesBudget:
         open_sets = by_name.get(name)
         if open_sets is None:
             open_sets = by_name[name] = set()
-        if series in open_sets or (OVERFLOW in series and is_overflow(series)):
-            return series
-        if len(open_sets) < limit:
-            open_sets.add(series)
-            return series
-        return overflow_series(name, group_by)
+        open_sets.add(series)
 
     def forget(self, start: float) -> None:
         """The window at ``start`` left the partition (emitted)."""

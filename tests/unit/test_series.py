@@ -295,3 +295,20 @@ def test_an_event_with_unusable_tags_moves_no_routed_progress() -> None:
     assert route(bad, b"f", NOW) == [(b"cpu", bad, NOW - 20)]  # without group-by: valid
     both = orjson.dumps([orjson.loads(good), orjson.loads(bad)])
     assert [ts for _, _, ts in route(both, b"f", NOW, rule)] == [NOW - 30, None]
+
+
+def test_a_series_refused_by_the_cardinality_limit_takes_no_place_in_the_budget() -> None:
+    # the budget is what the windows hold: the same after a restart from a checkpoint
+    agg, _, _ = _agg(budget=2, max_open=2)
+    records = [
+        _ev("x", 1.0, NOW - 30, {"host": "a"}),
+        _ev("y", 1.0, NOW - 30, {"host": "p"}),
+        _ev("x", 1.0, NOW - 30, {"host": "b"}),  # cardinality_limit
+    ]
+    out = _feed(agg, records)
+    assert [d.reason for d in out.dead_letters] == ["cardinality_limit"]
+    [cp] = agg.snapshot()
+    again, _, _ = _agg(budget=2, max_open=2)
+    again.restore([cp])
+    assert agg.partitions()["p"]["open_series"] == 2
+    assert again.partitions()["p"]["open_series"] == 2
