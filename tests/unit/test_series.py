@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.partition import STATE_FORMAT, V13_STATE_FORMAT
@@ -312,3 +314,42 @@ def test_a_series_refused_by_the_cardinality_limit_takes_no_place_in_the_budget(
     again.restore([cp])
     assert agg.partitions()["p"]["open_series"] == 2
     assert again.partitions()["p"]["open_series"] == 2
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["x", "y"]),
+            st.sampled_from(["a", "b", "c", "d", None]),
+            st.sampled_from(["sum", "max"]),
+            st.sampled_from([NOW - 150, NOW - 90, NOW - 30]),
+        ),
+        max_size=40,
+    ),
+    cut=st.integers(0, 40),
+    budget=st.integers(1, 3),
+    max_open=st.sampled_from([4, 1000]),
+)
+def test_a_restart_from_a_checkpoint_changes_no_output(
+    events: list[tuple[str, str | None, str, float]], cut: int, budget: int, max_open: int
+) -> None:
+    records = [
+        _ev(name, 1.0, ts, None if host is None else {"host": host}, func)
+        for name, host, func, ts in events
+    ]
+
+    def run(pieces: list[list[bytes]]) -> tuple[list[str], list[str]]:
+        agg, clock, _ = _agg(budget=budget, max_open=max_open)
+        dead, aggs = [], []
+        for i, piece in enumerate(pieces):
+            if i:  # a restart: a new aggregator from the last checkpoint
+                snapshot = agg.snapshot()
+                agg, clock, _ = _agg(budget=budget, max_open=max_open)
+                agg.restore(snapshot)
+            out = _feed(agg, piece, str(i))
+            dead += [d.reason for d in out.dead_letters]
+            aggs += out.aggregates
+        return dead, sorted(map(repr, aggs + _flush(agg, clock)))
+
+    assert run([records]) == run([records[:cut], records[cut:]])
