@@ -329,11 +329,14 @@ def test_a_series_refused_by_the_cardinality_limit_takes_no_place_in_the_budget(
     ),
     cut=st.integers(0, 40),
     budget=st.integers(1, 3),
-    max_open=st.sampled_from([4, 1000]),
 )
 def test_a_restart_from_a_checkpoint_changes_no_output(
-    events: list[tuple[str, str | None, str, float]], cut: int, budget: int, max_open: int
+    events: list[tuple[str, str | None, str, float]], cut: int, budget: int
 ) -> None:
+    # without AGGREGATION_MAX_OPEN_WINDOWS in play: a batch counts the keys of windows
+    # it closes until it ends, so where batches are cut moves that limit (as before
+    # v1.3, without tags too)
+    max_open = 1000
     records = [
         _ev(name, 1.0, ts, None if host is None else {"host": host}, func)
         for name, host, func, ts in events
