@@ -16,6 +16,7 @@ from service.core.clock import SystemClock
 from service.core.errors import PermanentError
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
+from service.postgres.errors import pg_error_kind
 from service.postgres.schema import ensure_checkpoint_table, migrate
 from service.sinks.postgres import PostgresSink
 
@@ -211,3 +212,41 @@ async def test_a_user_that_may_not_upgrade_a_v12_table_is_told_to_run_migrate(
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
+
+
+# The v1.2 sink's upsert (git show 08fbe4e:service/sinks/postgres.py), verbatim.
+V12_UPSERT = """
+            INSERT INTO {table} AS t
+                (name, agg_func, window_start, window_end, value, count, emitted_at, updated_at)
+            SELECT n, f, to_timestamp(ws), to_timestamp(we), v, c, to_timestamp(ea), now()
+            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
+                        $6::int8[], $7::float8[]) AS u(n, f, ws, we, v, c, ea)
+            ON CONFLICT (name, agg_func, window_start, window_end) DO UPDATE SET
+                value = EXCLUDED.value,
+                count = EXCLUDED.count,
+                emitted_at = EXCLUDED.emitted_at,
+                updated_at = now()
+            WHERE (t.count, t.emitted_at) < (EXCLUDED.count, EXCLUDED.emitted_at)"""
+
+
+async def test_a_v12_instance_still_running_is_refused_by_the_upgraded_table_not_misled(
+    postgres_dsn: str, conn: Any, v12_tables: tuple[str, str]
+) -> None:
+    """During a rolling upgrade a v1.2 writer gets a permanent error (its output holds
+    and its successor replays) instead of overwriting a series it cannot tell apart."""
+    table, dlq = v12_tables
+    await migrate(postgres_dsn, table, dlq)
+
+    with pytest.raises(asyncpg.InvalidColumnReferenceError) as refused:
+        await conn.execute(
+            V12_UPSERT.format(table=f'"{table}"'),
+            ["cpu"],
+            ["sum"],
+            [T0],
+            [T0 + 60],
+            [1.0],
+            [9],
+            [T0 + 70],
+        )
+    assert refused.value.sqlstate == "42P10"
+    assert pg_error_kind(refused.value) == "schema"
