@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -479,10 +480,11 @@ async def test_a_sketch_round_trips_as_bytea_and_a_correction_replaces_it(
     )
 
 
+@pytest.mark.parametrize("value", ["nul\x00", "lone \ud800 surrogate"])
 async def test_a_tag_value_jsonb_cannot_hold_is_dead_lettered_and_the_rest_stored(
-    sink: PostgresSink, conn: Any, unique_name: str
+    sink: PostgresSink, conn: Any, unique_name: str, value: str
 ) -> None:
-    bad = replace(agg("cpu"), tags={"host": "nul\x00"})
+    bad = replace(agg("cpu"), tags={"host": value})
     good = replace(agg("cpu", 2.0, 2), tags={"host": "ok"})
 
     await sink.write([bad, good], [])
@@ -490,6 +492,6 @@ async def test_a_tag_value_jsonb_cannot_hold_is_dead_lettered_and_the_rest_store
     assert await series_rows(conn, f"{unique_name}_agg") == [
         ("cpu", {"host": "ok"}, 2.0, 2, 1, None)
     ]
-    [letter] = await conn.fetch(f"SELECT raw, reason FROM {unique_name}_dlq")
+    [letter] = await conn.fetch(f"SELECT raw, reason, detail FROM {unique_name}_dlq")
     assert letter["reason"] == "invalid_value"
-    assert orjson.loads(letter["raw"])["tags"] == {"host": "nul\x00"}
+    assert json.loads(letter["raw"])["tags"] == {"host": value}
