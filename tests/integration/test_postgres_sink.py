@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import string
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -495,3 +497,22 @@ async def test_a_tag_value_jsonb_cannot_hold_is_dead_lettered_and_the_rest_store
     [letter] = await conn.fetch(f"SELECT raw, reason, detail FROM {unique_name}_dlq")
     assert letter["reason"] == "invalid_value"
     assert json.loads(letter["raw"])["tags"] == {"host": value}
+
+
+async def test_a_series_too_large_for_the_primary_key_is_dead_lettered_and_the_rest_stored(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    """Tag values are at most 200 characters each, but many group-by keys add up."""
+    rng = random.Random(17)
+    tags = {f"k{i}": "".join(rng.choices(string.ascii_letters, k=200)) for i in range(30)}
+    huge = replace(agg("cpu"), tags=tags)
+    good = replace(agg("cpu", 2.0, 2), tags={"host": "ok"})
+
+    await sink.write([huge, good], [])
+
+    assert await series_rows(conn, f"{unique_name}_agg") == [
+        ("cpu", {"host": "ok"}, 2.0, 2, 1, None)
+    ]
+    [letter] = await conn.fetch(f"SELECT reason, detail FROM {unique_name}_dlq")
+    assert letter["reason"] == "invalid_value"
+    assert "54000" in letter["detail"]
