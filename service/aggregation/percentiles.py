@@ -46,7 +46,7 @@ def add(acc: Acc, value: float, ts: float) -> None:
         if len(store) > PERCENTILE_EXACT_LIMIT:
             acc[1] = dd.of(store)
     else:
-        dd.add(_sketch(acc), value)
+        dd.add(store if "alpha" in store else _sketch(acc), value)
 
 
 def merge(into: Acc, other: Acc) -> None:

@@ -60,6 +60,8 @@ GAMMA: Final[float] = _MAPPING.gamma
 _MULTIPLIER: Final[float] = _MAPPING._multiplier
 _MIN_INDEXABLE: Final[float] = _MAPPING.min_possible
 _REPRESENTATIVE: Final = 2.0 / (1.0 + GAMMA)
+_log: Final = math.log
+_ceil: Final = math.ceil
 _MAX: Final = sys.float_info.max
 # keys of the whole double range, with room: |log2| <= 1075 for finite non-zero doubles
 _MAX_KEY: Final = math.ceil(1080 * _MULTIPLIER)
@@ -104,12 +106,13 @@ def add_many(state: State, values: Iterable[float]) -> None:
 
 def add(state: State, value: float) -> None:
     """Count one finite value."""
+    # key_of inlined: this runs per event past the exact limit
     if value > _MIN_INDEXABLE:
         store = state["pos"]
-        key = key_of(value)
+        key = _ceil(_log(value, 2) * _MULTIPLIER)
     elif value < -_MIN_INDEXABLE:
         store = state["neg"]
-        key = key_of(-value)
+        key = _ceil(_log(-value, 2) * _MULTIPLIER)
     else:
         state["zero"] += 1
         return
