@@ -37,6 +37,7 @@ __all__ = [
     "GAMMA",
     "State",
     "add",
+    "add_many",
     "count",
     "from_v12",
     "key_of",
@@ -265,10 +266,15 @@ def _valid_stores(state: dict[str, Any], max_key: int) -> int | None:
 
 
 def _value(key: int) -> float:
-    """``LogarithmicMapping.value``, the largest double for the top bin instead of an error."""
+    """``LogarithmicMapping.value``; in the top bins ``2**x`` alone would overflow where the
+    representative does not (the library raises there), so it is scaled down first, and
+    a representative beyond the double range is the largest double (as in SQL)."""
+    x = key / _MULTIPLIER
+    if x < 1020.0:
+        return math.pow(2.0, x) * _REPRESENTATIVE
     try:
-        return min(math.pow(2.0, key / _MULTIPLIER) * _REPRESENTATIVE, _MAX)
-    except OverflowError:
+        return min(math.pow(2.0, x - 8.0) * _REPRESENTATIVE, _MAX / 256.0) * 256.0
+    except OverflowError:  # keys above the double range (a valid state may hold some)
         return _MAX
 
 

@@ -378,9 +378,10 @@ BEGIN
     END IF;
     IF a < power(2::float8, -1022) THEN
         biased := 0;
-        m := (a * power(2::float8, 1074))::bigint;
+        m := (a * power(2::float8, 1022) * power(2::float8, 52))::bigint;  -- 2**1074 overflows
     ELSE
-        e := floor(ln(a) / ln(2::float8))::integer;
+        -- the logarithm may be one off near powers of two (2**1024 would overflow)
+        e := least(1023, floor(ln(a) / ln(2::float8))::integer);
         WHILE e > -1022 AND power(2::float8, e) > a LOOP e := e - 1; END LOOP;
         WHILE e < 1023 AND power(2::float8, e + 1) <= a LOOP e := e + 1; END LOOP;
         biased := e + 1023;

@@ -110,7 +110,9 @@ async def test_an_hour_of_minute_sketches_merges_to_within_one_percent_in_any_gr
         for grouping in (pairwise, tens, shuffled):
             assert await _quantile(conn, grouping, q) == in_sql
             assert helper.quantile(grouping, q) == in_python
-        assert helper.quantile([helper.merge(sketches[:30]), *sketches[30:]], q) == in_python  # type: ignore[list-item]
+        first_half = helper.merge(sketches[:30])
+        assert first_half is not None
+        assert helper.quantile([first_half, *sketches[30:]], q) == in_python
 
     # the merged hour of SQL is the sketch of the service's own merge, byte for byte
     merged = dd.new()
@@ -135,6 +137,34 @@ async def test_sql_quantiles_equal_the_library_for_signed_values_and_zeros(conn:
         got = await _quantile(conn, [*sketches, None], q)
         assert got is not None and expected is not None
         assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=0.0), (q, got, expected)
+
+
+async def test_doubles_decode_and_encode_exactly_as_ieee_754(conn: Any) -> None:
+    rng = random.Random(8)
+    doubles = [0.0, 1.0, -2.5, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308]
+    doubles += [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(3000)]
+    doubles = [x for x in doubles if math.isfinite(x)]
+    decoded = await conn.fetchval(
+        "SELECT array_agg(vabus_sketch_double(b, 0) ORDER BY i)"
+        " FROM unnest($1::bytea[]) WITH ORDINALITY AS u(b, i)",
+        [struct.pack("<d", x) for x in doubles],
+    )
+    assert decoded == doubles
+    encoded = await conn.fetchval(
+        "SELECT array_agg(vabus_sketch_double_bytes(x) ORDER BY i)"
+        " FROM unnest($1::float8[]) WITH ORDINALITY AS u(x, i)",
+        doubles,
+    )
+    assert encoded == [struct.pack("<d", abs(x) if x == 0 else x) for x in doubles]
+
+
+async def test_values_at_the_edges_of_the_double_range_stay_finite(conn: Any) -> None:
+    edge = [1.7976931348623157e308, -1.7976931348623157e308, 1e-300, -1e-300, 1.0]
+    state = dd.of(edge)
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        got = await _quantile(conn, [dd.to_bytes(state)], q)
+        assert got is not None and math.isfinite(got)
+        assert math.isclose(got, dd.quantile(state, q), rel_tol=1e-9), q
 
 
 async def test_the_bin_count_map_and_unpacked_doubles_are_read_too(conn: Any) -> None:
