@@ -17,15 +17,21 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from ddsketch import DDSketch
 from ddsketch.pb import ddsketch_pb2, proto
 
-from service.aggregation import percentiles
 from service.aggregation import quantile_sketch as dd
-from service.aggregation.functions import FUNCTIONS, exact_percentile
+from service.aggregation.aggregator import EventAggregator
+from service.aggregation.functions import exact_percentile
+from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
+from service.config import AggregationConfig
 from service.consumer import sketches as helper
+from service.core.clock import ManualClock
 from service.core.events import Aggregate
+from service.metrics.collector import MetricsCollector
 from service.postgres.schema import migrate_connection
 
 pytestmark = pytest.mark.integration
@@ -43,16 +49,37 @@ async def conn(postgres_dsn: str, unique_name: str) -> AsyncIterator[Any]:
     await c.close()
 
 
-def _window_sketch(values: list[float]) -> bytes:
-    """What emission does for a p99 key: the accumulator of the hot path, then its sketch
-    (a raw list up to 10,000 values, the sketch itself beyond)."""
-    fn = FUNCTIONS["p99"]
-    acc = fn.new(values[0], 0.0)
-    for v in values[1:]:
-        fn.add(acc, v, 0.0)
-    sketch = percentiles.sketch_of("p99", acc)
-    assert sketch is not None
-    return sketch
+T0 = 1_700_000_000.0 // 3600 * 3600  # an hour's start
+
+
+def _minute_aggregates(windows: list[list[float]]) -> list[Aggregate]:
+    """The service's own code path: the values as ``p99`` events of one name through the
+    aggregator, one window per minute, a third of each window's events on a second input
+    partition (so the shares merge at emission: raw lists, sketches, both); the emitted
+    aggregates by window."""
+    clock = ManualClock(T0 + 3_700)
+    agg = EventAggregator(AggregationConfig(interval_s=60.0), MetricsCollector(clock), clock)
+    agg.restore([PartitionCheckpoint(p, None, None) for p in ("p0", "p1")])
+    emitted: list[Aggregate] = []
+
+    def feed(partition: str, records: list[bytes]) -> None:
+        for s in range(0, len(records), 5_000):
+            chunk = records[s : s + 5_000]
+            batch = SourceBatch(partition, chunk, f"test {partition}", None, T0, None, False)
+            emitted.extend(agg.process(batch).aggregates)
+
+    for i, values in enumerate(windows):
+        ts = T0 + 60 * i + 1
+        events = [
+            orjson.dumps({"name": "latency", "value": v, "timestamp": ts, "agg_func": "p99"})
+            for v in values
+        ]
+        feed("p1", events[::3])
+        feed("p0", [e for j, e in enumerate(events) if j % 3])
+    closing = orjson.dumps({"name": "closing", "value": 0.0, "timestamp": T0 + 3_660})
+    feed("p0", [closing])
+    feed("p1", [closing])
+    return sorted((a for a in emitted if a.name == "latency"), key=lambda a: a.window_start)
 
 
 async def _quantile(conn: Any, sketches: Sequence[bytes | None], q: float) -> float | None:
@@ -69,7 +96,10 @@ async def test_an_hour_of_minute_sketches_merges_to_within_one_percent_in_any_gr
     sizes.append(1_000_000 - sum(sizes))
     assert sizes[-1] > 0
     windows = [[rng.lognormvariate(3.0, 1.2) for _ in range(n)] for n in sizes]
-    sketches = [_window_sketch(w) for w in windows]
+    aggregates = _minute_aggregates(windows)
+    assert [a.count for a in aggregates] == sizes
+    sketches = [a.sketch for a in aggregates if a.sketch is not None]
+    assert len(sketches) == 60
     everything = sorted(v for w in windows for v in w)
     assert len(everything) == 1_000_000
 
@@ -77,10 +107,7 @@ async def test_an_hour_of_minute_sketches_merges_to_within_one_percent_in_any_gr
     await conn.execute(f"CREATE TABLE {table} (minute integer PRIMARY KEY, sketch bytea)")
     await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", list(enumerate(sketches)))
 
-    kafka_text = [
-        Aggregate("m", "p99", 0.0, len(w), 0.0, 60.0, 60.0, sketch=s).to_json_obj()["sketch"]
-        for w, s in zip(windows, sketches, strict=True)
-    ]
+    kafka_text = [a.to_json_obj()["sketch"] for a in aggregates]  # base64, as in Kafka
     for q in HOUR_QS:
         exact = exact_percentile(everything, q)
         started = time.perf_counter()
