@@ -112,33 +112,26 @@ BEGIN
 END $$"""
 
 # The IEEE 754 double in the 8 little-endian bytes at ``pos``; exact (the significand is
-# an integer below 2**53, scaled by a power of two). Single expressions without FROM, so
-# that PostgreSQL inlines them into the decoding query: ~30x faster than a function call
-# per bin. Parenthesised throughout: SQL gives | and << the same precedence.
+# an integer below 2**53, scaled by a power of two; a subnormal's exponent is that of 1).
+# One expression of ``b`` and ``pos`` only, without FROM and not STRICT (a CASE is not
+# strict), so that PostgreSQL inlines it into the decoding query: ~6x faster than a
+# function call per bin. Parenthesised throughout: SQL gives | and << one precedence.
 _DOUBLE: Final = r"""
-CREATE OR REPLACE FUNCTION vabus_sketch_double_of(e integer, m bigint, negative boolean,
-                                                  pos integer)
-RETURNS float8
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT CASE WHEN negative THEN -1::float8 ELSE 1::float8 END
-           * CASE
-                 WHEN e = 2047 THEN vabus_sketch_fail('DDSketch holds a NaN or an infinity at byte '
-                                                      || pos)
-                 ELSE (m + CASE WHEN e = 0 THEN 0 ELSE 4503599627370496 END)::float8
-             END
-           * power(2::float8, CASE WHEN e = 0 THEN -1074 ELSE e - 1075 END)
-$$;
-
 CREATE OR REPLACE FUNCTION vabus_sketch_double(b bytea, pos integer) RETURNS float8
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT vabus_sketch_double_of(
-        ((get_byte(b, pos + 7) & 127) << 4) | (get_byte(b, pos + 6) >> 4),
-        ((get_byte(b, pos + 6) & 15)::bigint << 48) | (get_byte(b, pos + 5)::bigint << 40)
-        | (get_byte(b, pos + 4)::bigint << 32) | (get_byte(b, pos + 3)::bigint << 24)
-        | (get_byte(b, pos + 2)::bigint << 16) | (get_byte(b, pos + 1)::bigint << 8)
-        | get_byte(b, pos)::bigint,
-        get_byte(b, pos + 7) >= 128,
-        pos)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN (get_byte(b, pos + 7) & 127) = 127 AND get_byte(b, pos + 6) >= 240
+            THEN vabus_sketch_fail('DDSketch holds a NaN or an infinity at byte ' || pos::text)
+        ELSE CASE WHEN get_byte(b, pos + 7) >= 128 THEN -1::float8 ELSE 1::float8 END
+            * (((get_byte(b, pos + 6) & 15)::bigint << 48) | (get_byte(b, pos + 5)::bigint << 40)
+               | (get_byte(b, pos + 4)::bigint << 32) | (get_byte(b, pos + 3)::bigint << 24)
+               | (get_byte(b, pos + 2)::bigint << 16) | (get_byte(b, pos + 1)::bigint << 8)
+               | get_byte(b, pos)::bigint
+               + CASE WHEN (get_byte(b, pos + 7) & 127) = 0 AND get_byte(b, pos + 6) < 16
+                      THEN 0 ELSE 4503599627370496 END)::float8
+            * power(2::float8, greatest(((get_byte(b, pos + 7) & 127) << 4)
+                                        | (get_byte(b, pos + 6) >> 4), 1) - 1075)
+    END
 $$"""
 
 # One sketch's bins. Repeated occurrences of a sub-message merge, as protobuf defines it,
@@ -181,7 +174,7 @@ contiguous AS (  -- packed (wire 2) and unpacked (wire 1) counts, in wire order
     WHERE CASE  -- one condition: the check must not run on rows of other fields
         WHEN field <> 2 OR wire <> 2 THEN false
         WHEN length(sub) % 8 = 0 THEN true
-        ELSE vabus_sketch_fail('malformed DDSketch: packed doubles of length ' || length(sub)) = 0
+        ELSE vabus_sketch_fail('malformed DDSketch: packed length ' || length(sub)::text) = 0
     END
 ),
 entries AS (
