@@ -65,8 +65,19 @@ def merge(sketches: Iterable[Sketch]) -> BaseDDSketch | None:
         one = decode(sketch)
         if merged is None:  # a fresh sketch: the inputs are never changed
             merged = BaseDDSketch(one._mapping, DenseStore(), DenseStore(), 0.0)
+        elif _mapping_of(one) != _mapping_of(merged):
+            # the library compares gamma alone; an offset or interpolation moves keys too
+            raise ValueError(
+                f"cannot merge DDSketches of different mappings: {_mapping_of(merged)} "
+                f"and {_mapping_of(one)}"
+            )
         merged.merge(one)
     return merged
+
+
+def _mapping_of(sketch: BaseDDSketch) -> tuple[str, float, float]:
+    mapping = sketch._mapping
+    return type(mapping).__name__, mapping.gamma, mapping._offset
 
 
 def quantile(sketches: Iterable[Sketch], q: float) -> float | None:
