@@ -17,6 +17,7 @@ from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.percentiles import sketch_of
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
@@ -111,7 +112,8 @@ def aggregates_of(
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
-                append(Aggregate(name, func, value, acc[0], start, end, now))
+                sketch = sketch_of(func, acc)  # p50..p99: the DDSketch (contract 12.5)
+                append(Aggregate(name, func, value, acc[0], start, end, now, sketch=sketch))
             else:
                 _on_unusable(taken.owner[start], (name, func), start, acc, metrics)
     return emitted
