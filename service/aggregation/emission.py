@@ -17,6 +17,7 @@ from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.percentiles import sketch_of
 from service.aggregation.series import SEP, split
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
@@ -116,14 +117,15 @@ def aggregates_of(
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
+                sketch = sketch_of(func, acc)  # p50..p99: the DDSketch (contract 12.5)
                 if not tagged and SEP not in series:  # without tags: as before v1.3
-                    append(Aggregate(series, func, value, acc[0], start, end, now))
+                    append(Aggregate(series, func, value, acc[0], start, end, now, sketch=sketch))
                     continue
                 split_ = names.get(series)
                 if split_ is None:
                     split_ = names[series] = _split(series, tagged)
                 name, tags = split_
-                append(Aggregate(name, func, value, acc[0], start, end, now, tags))
+                append(Aggregate(name, func, value, acc[0], start, end, now, tags, sketch=sketch))
             else:
                 _on_unusable(taken.owner[start], (series, func), start, acc, metrics)
     return emitted

@@ -44,6 +44,7 @@ import orjson
 
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.origins import RoutedTime
+from service.aggregation.percentiles import PERCENTILES, v13_layout
 from service.aggregation.series import SEP, SeriesBudget, valid_series
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
@@ -69,9 +70,10 @@ limit (a 4th element: ``sum``/``avg`` multiples of 2**1000, a scaled ``stddev``)
 such states get it, so that a release before it, which would misread them, refuses them
 (naming the format) and every other state stays readable by it."""
 V13_STATE_FORMAT: Final = 3
-"""A state a release before v1.3 would misread: it holds a series with tags (a key
-``name + "\x1f" + tags``, see :mod:`service.aggregation.series`), which such a
-release would emit as a name. Only such states get it; it reads wide accumulators too."""
+"""A state holding what a release before 1.3 would misread: a DDSketch percentile state
+(its layout looks like the older hand-written sketch's), or a series with tags (a key
+``name + "\x1f" + tags``, see :mod:`service.aggregation.series`) that such a release
+would emit as a name. Those releases refuse it; it reads wide accumulators too."""
 READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT})
 NEG_INF: Final = -math.inf
 
@@ -233,14 +235,10 @@ class PartitionState:
             for start, keyed in self.windows.items()
             for (name, func), acc in keyed.items()
         ]
-        if any(SEP in w[1] for w in windows):
-            state_format = V13_STATE_FORMAT
-        elif any(len(w[3]) > 3 for w in windows):
-            state_format = WIDE_STATE_FORMAT
-        else:
-            state_format = STATE_FORMAT
+        wide = any(len(w[3]) > 3 for w in windows)
+        v13 = any(SEP in w[1] or (w[2] in PERCENTILES and v13_layout(w[3])) for w in windows)
         body = {
-            "format": state_format,
+            "format": V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "ahead_ts": self.ahead_ts,
@@ -277,7 +275,7 @@ class PartitionState:
         if state_format not in READ_FORMATS:
             raise ValueError(
                 f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
-                f"this version reads formats {', '.join(map(str, sorted(READ_FORMATS)))}"
+                f"this version reads formats {sorted(READ_FORMATS)}"
             )
         try:
             p._restore_progress(body, now_mono)

@@ -204,7 +204,6 @@ def differences(actual: Results, expected: Results, where: str) -> list[str]:
     ]
 
 
-@pytest.mark.skip(reason="the outputs' tags (Kafka field, PostgreSQL column) land with them")
 @pytest.mark.timeout(240)
 async def test_live_series_with_a_budget_are_exact_in_both_outputs(
     kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
