@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e.live import TIME_SCALE, LiveRun, LiveWorkload, Message
 from tests.e2e.workload import INTERVAL
-from tests.fault.harness import ledger_problems, ledger_totals
+from tests.fault.harness import ledger_problems, ledger_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -204,52 +204,43 @@ def differences(actual: Results, expected: Results, where: str) -> list[str]:
     ]
 
 
-@pytest.mark.timeout(240)
-async def test_live_series_with_a_budget_are_exact_in_both_outputs(
-    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
-) -> None:
-    workload, events = build_tagged_workload(17, messages=6000, rate=300, partitions=4)
-    expected, overflowed = expected_series(events)
-    env = {
-        "AGGREGATION_GROUP_BY": ",".join(GROUP_BY),
-        "AGGREGATION_MAX_SERIES_PER_NAME": str(BUDGET),
-    }
-    run = LiveRun(
-        workload,
-        kafka_bootstrap=kafka_bootstrap,
-        postgres_dsn=postgres_dsn,
-        unique_name=unique_name,
-        workdir=tmp_path,
-        late=0,
-        env=env,
-    )
-    async with run:
-        await run.stream()
-        deadline = time.monotonic() + 90
-        rows: Results = {}
-        while time.monotonic() < deadline:
-            run.check_alive()
-            rows = await pg_series(run.dsn, run.table)
-            if not differences(rows, expected, ""):
-                break
-            await asyncio.sleep(0.5)
-        [status] = [await inc.status() for inc in run.alive()]
-        kafka, messages = await kafka_series(run)
-        ledger = await ledger_totals(run.dsn, run.namespace)
+ENV = {
+    "AGGREGATION_GROUP_BY": ",".join(GROUP_BY),
+    "AGGREGATION_MAX_SERIES_PER_NAME": str(BUDGET),
+}
+
+
+async def settled(run: LiveRun, expected: Results, timeout: float = 90.0) -> Results:
+    """PostgreSQL's rows once they equal ``expected`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    rows: Results = {}
+    while time.monotonic() < deadline:
+        run.check_alive()
+        rows = await pg_series(run.dsn, run.table)
+        if not differences(rows, expected, ""):
+            break
+        await asyncio.sleep(0.5)
+    return rows
+
+
+async def output_problems(
+    run: LiveRun, rows: Results, expected: Results, events: list[dict[str, Any]]
+) -> tuple[list[str], int]:
+    """What PostgreSQL, Kafka (each series aggregate once) and the ledger get wrong."""
+    kafka, messages = await kafka_series(run)
+    ledger = await ledger_totals(run.dsn, run.namespace)
     problems = differences(rows, expected, "PostgreSQL")
     problems += differences(kafka, expected, "Kafka (last value per series)")
     if messages != len(expected):
         problems.append(f"Kafka: {messages} messages for {len(expected)} series aggregates")
     problems += ledger_problems(ledger, len(events), len(events), Counter())
-    assert status is not None
-    if status.get("series_overflow") != overflowed:
-        problems.append(f"/status series_overflow {status.get('series_overflow')}, {overflowed}")
-    if status.get("events_rejected"):
-        problems.append(f"/status events_rejected {status.get('events_rejected')}")
-    assert not problems, "\n".join(problems)
-    assert run.exit_codes == {0: 0}
+    return problems, messages
 
-    # the acceptance figures, read from what PostgreSQL holds
+
+def acceptance_figures(rows: Results, events: list[dict[str, Any]]) -> tuple[int, int]:
+    """The acceptance figures, read from what PostgreSQL holds: 100 + 1 series per
+    window of the wide name (but for the stream's first and last), counts summing to the
+    events sent per name and window. Returns (full windows, windows)."""
     by_window: dict[float, set[str]] = {}
     counts: Counter[tuple[str, float]] = Counter()
     for name, tags, func, ws in rows:
@@ -259,7 +250,7 @@ async def test_live_series_with_a_budget_are_exact_in_both_outputs(
             counts[(name, ws)] += rows[(name, tags, func, ws)][1]
     full = [ws for ws, series in by_window.items() if len(series) == BUDGET + 1]
     assert all(OVERFLOW_TAGS in by_window[ws] for ws in full)
-    assert len(full) >= len(by_window) - 2  # all but the stream's first and last windows
+    assert len(full) >= len(by_window) - 2
     assert all(len(s) <= BUDGET + 1 for s in by_window.values())
     sent: Counter[tuple[str, float]] = Counter(
         (e["name"], math.floor(e["timestamp"] / INTERVAL) * INTERVAL)
@@ -267,10 +258,87 @@ async def test_live_series_with_a_budget_are_exact_in_both_outputs(
         if e["agg_func"] == NARROW.get(e["name"], "sum")
     )
     assert counts == sent
+    return len(full), len(by_window)
+
+
+@pytest.mark.timeout(240)
+async def test_live_series_with_a_budget_are_exact_in_both_outputs(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    workload, events = build_tagged_workload(17, messages=6000, rate=300, partitions=4)
+    expected, overflowed = expected_series(events)
+    run = LiveRun(
+        workload,
+        kafka_bootstrap=kafka_bootstrap,
+        postgres_dsn=postgres_dsn,
+        unique_name=unique_name,
+        workdir=tmp_path,
+        late=0,
+        env=ENV,
+    )
+    async with run:
+        await run.stream()
+        rows = await settled(run, expected)
+        [status] = [await inc.status() for inc in run.alive()]
+        problems, messages = await output_problems(run, rows, expected, events)
+    assert status is not None
+    if status.get("series_overflow") != overflowed:
+        problems.append(f"/status series_overflow {status.get('series_overflow')}, {overflowed}")
+    if status.get("events_rejected"):
+        problems.append(f"/status events_rejected {status.get('events_rejected')}")
+    assert not problems, "\n".join(problems)
+    assert run.exit_codes == {0: 0}
+    full, windows = acceptance_figures(rows, events)
     print(
         f"\n[tags] {len(events)} events, {len(expected)} series aggregates, "
-        f"{len(full)} of {len(by_window)} windows of {WIDE} with {BUDGET} + 1 series, "
+        f"{full} of {windows} windows of {WIDE} with {BUDGET} + 1 series, "
         f"{overflowed} events in overflow series; Kafka {messages} messages"
+    )
+
+
+@pytest.mark.timeout(300)
+async def test_live_series_survive_kill_9_and_a_hand_off(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    """Two instances; one is killed mid-stream and the survivor takes its partitions
+    over from their checkpoints: the same series, the same overflow (the budget is
+    derived from the restored windows), each series aggregate once in Kafka."""
+    workload, events = build_tagged_workload(18, messages=6000, rate=250, partitions=4)
+    expected, _ = expected_series(events)
+
+    async def kill_one(run: LiveRun) -> None:
+        async def half_sent() -> bool:
+            return run.feed.progress >= 0.5
+
+        await wait_for(half_sent, 60, "half of the stream sent")
+        run.kill9(1)
+
+        async def survivor_has_all() -> bool:
+            return await run.assigned() == [workload.partitions]
+
+        await wait_for(survivor_has_all, 30, "the survivor holding every partition")
+
+    run = LiveRun(
+        workload,
+        kafka_bootstrap=kafka_bootstrap,
+        postgres_dsn=postgres_dsn,
+        unique_name=unique_name,
+        workdir=tmp_path,
+        instances=2,
+        late=0,
+        env={**ENV, "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+    )
+    async with run:
+        await run.stream(kill_one)
+        rows = await settled(run, expected)
+        problems, messages = await output_problems(run, rows, expected, events)
+    assert not problems, "\n".join(problems)
+    assert run.exit_codes == {0: 0}
+    full, windows = acceptance_figures(rows, events)
+    print(
+        f"\n[tags, kill -9] {len(events)} events, {len(expected)} series aggregates, "
+        f"{full} of {windows} windows of {WIDE} with {BUDGET} + 1 series; "
+        f"Kafka {messages} messages"
     )
 
 
