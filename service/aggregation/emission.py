@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.kept import keep as keep_share
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
@@ -30,13 +31,15 @@ _RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUN
 
 class Taken:
     """The windows a boundary took out: merged by start, the partition that gave each
-    its first share (blamed when its result is unusable), and how many keys in all."""
+    its first share (blamed when its result is unusable), and how many keys in all;
+    ``revisions``: of corrections (:mod:`service.aggregation.corrections`), else 1."""
 
-    __slots__ = ("keys", "owner", "ready")
+    __slots__ = ("keys", "owner", "ready", "revisions")
 
     def __init__(self) -> None:
         self.ready: dict[float, dict[WindowKey, Acc]] = {}
         self.owner: dict[float, PartitionState] = {}
+        self.revisions: dict[float, dict[WindowKey, int]] = {}
         self.keys = 0
 
 
@@ -46,9 +49,12 @@ def take_through(
     interval: float,
     idle_s: float,
     metrics: MetricsCollector,
+    *,
+    keep: bool = False,
 ) -> Taken:
     """Take out every window ending at or before ``boundary``, merged over partitions,
-    and move each partition's emitted boundary."""
+    and move each partition's emitted boundary; ``keep`` (allowed lateness above 0):
+    each partition keeps a copy of its share for corrections."""
     taken = Taken()
     for p in parts:
         if p.closed_until >= boundary:
@@ -65,6 +71,8 @@ def take_through(
             p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
         for start in starts:
             keyed = p.windows.pop(start)
+            if keep:  # before _merge, which folds other shares into the first one
+                keep_share(p.kept, start, keyed)
             taken.keys += len(keyed)
             p.on_emitted(keyed)
             _merge(taken, p, start, keyed, metrics)
@@ -104,6 +112,7 @@ def aggregates_of(
     result_of = _RESULT
     for start in sorted(taken.ready):
         end = start + interval
+        revisions = taken.revisions.get(start)
         for (name, func), acc in taken.ready[start].items():
             try:
                 value = result_of[func](acc)
@@ -111,7 +120,8 @@ def aggregates_of(
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
-                append(Aggregate(name, func, value, acc[0], start, end, now))
+                revision = 1 if revisions is None else revisions[(name, func)]
+                append(Aggregate(name, func, value, acc[0], start, end, now, revision=revision))
             else:
                 _on_unusable(taken.owner[start], (name, func), start, acc, metrics)
     return emitted
