@@ -16,7 +16,6 @@ events of the window emitted before are not counted again).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
@@ -25,7 +24,7 @@ from service.aggregation.batch_run import Correction
 from service.aggregation.dead_letters import DeadLetters
 from service.aggregation.emission import Taken, aggregates_of
 from service.aggregation.functions import FUNCTIONS, Acc
-from service.aggregation.kept import Kept
+from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
@@ -139,7 +138,7 @@ def _emit(
     taken = Taken()
     for start, key in touched:
         shares = _shares(everyone, start, key)
-        merged = copy.deepcopy(shares[0].acc)
+        merged = shares[0].acc if len(shares) == 1 else copy_acc(shares[0].acc)
         for other in shares[1:]:
             try:
                 FUNCTIONS[key[1]].merge(merged, other.acc)

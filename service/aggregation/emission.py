@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
-from service.aggregation.kept import keep as keep_share
+from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
@@ -34,12 +34,14 @@ class Taken:
     its first share (blamed when its result is unusable), and how many keys in all;
     ``revisions``: of corrections (:mod:`service.aggregation.corrections`), else 1."""
 
-    __slots__ = ("keys", "owner", "ready", "revisions")
+    __slots__ = ("keys", "owner", "private", "ready", "revisions")
 
     def __init__(self) -> None:
         self.ready: dict[float, dict[WindowKey, Acc]] = {}
         self.owner: dict[float, PartitionState] = {}
         self.revisions: dict[float, dict[WindowKey, int]] = {}
+        # keeping: the merged accumulators that are copies (the others are kept shares)
+        self.private: dict[float, set[WindowKey]] | None = None
         self.keys = 0
 
 
@@ -54,8 +56,11 @@ def take_through(
 ) -> Taken:
     """Take out every window ending at or before ``boundary``, merged over partitions,
     and move each partition's emitted boundary; ``keep`` (allowed lateness above 0):
-    each partition keeps a copy of its share for corrections."""
+    each partition keeps its share for corrections (``kept``, revision 1), and a merge
+    of shares works on copies (only of the keys that several partitions share)."""
     taken = Taken()
+    if keep:
+        taken.private = {}
     for p in parts:
         if p.closed_until >= boundary:
             continue
@@ -71,8 +76,8 @@ def take_through(
             p.ahead_closed = {s for s in p.ahead_closed if s + interval > p.closed_until}
         for start in starts:
             keyed = p.windows.pop(start)
-            if keep:  # before _merge, which folds other shares into the first one
-                keep_share(p.kept, start, keyed)
+            if keep:
+                p.kept[start] = {key: Kept(acc, 1) for key, acc in keyed.items()}
             taken.keys += len(keyed)
             p.on_emitted(keyed)
             _merge(taken, p, start, keyed, metrics)
@@ -87,8 +92,9 @@ def _merge(
     metrics: MetricsCollector,
 ) -> None:
     into = taken.ready.get(start)
+    private = taken.private
     if into is None:
-        taken.ready[start] = keyed
+        taken.ready[start] = keyed if private is None else dict(keyed)
         taken.owner[start] = p
         return
     for key, acc in keyed.items():
@@ -96,6 +102,11 @@ def _merge(
         if mine is None:
             into[key] = acc
             continue
+        if private is not None:  # never merge into a kept share: into a copy of it
+            copied = private.setdefault(start, set())
+            if key not in copied:
+                into[key] = mine = copy_acc(mine)
+                copied.add(key)
         try:
             FUNCTIONS[key[1]].merge(mine, acc)
         except OverflowError:

@@ -1,11 +1,11 @@
 """Emitted windows kept for corrections (``AGGREGATION_ALLOWED_LATENESS``, contract §12.4).
 
 When a window is emitted and the allowed lateness is above 0, each partition keeps its
-own share of it (a copy of its accumulators, taken before the shares of several
-partitions are merged) with the revision last emitted, until its watermark passes the
-window's end plus the lateness (:func:`~service.aggregation.windows.is_expired`). A late
-event within that time is added to the share and the window is emitted again
-(:mod:`service.aggregation.corrections`).
+own share of it (its accumulators: emission and corrections merge the shares of several
+partitions into copies, never into a kept one) with the revision last emitted, until its
+watermark passes the window's end plus the lateness
+(:func:`~service.aggregation.windows.is_expired`). A late event within that time is
+added to the share and the window is emitted again (:mod:`service.aggregation.corrections`).
 
 Kept windows travel in the partition's checkpoint (``kept`` and ``kept_from``, written
 only while the lateness is above 0), so ``kill -9`` and hand-offs carry them. Windows
@@ -26,7 +26,7 @@ from typing import Any
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.windows import is_expired
 
-__all__ = ["Kept", "KeptWindows", "decode", "encode", "expire", "keep", "restored_from"]
+__all__ = ["Kept", "KeptWindows", "copy_acc", "decode", "encode", "expire", "restored_from"]
 
 Key = tuple[str, str]  # partition.WindowKey: (series, agg_func)
 
@@ -43,10 +43,10 @@ class Kept:
 KeptWindows = dict[float, dict[Key, Kept]]
 
 
-def keep(kept: KeptWindows, start: float, keyed: Mapping[Key, Acc]) -> None:
-    """Keep copies of a partition's share of a window being emitted as revision 1.
-    Copies: emission merges the shares of several partitions into the first one."""
-    kept[start] = {key: Kept(copy.deepcopy(acc), 1) for key, acc in keyed.items()}
+def copy_acc(acc: Acc) -> Acc:
+    """A copy of an accumulator to merge other shares into, leaving the kept one as it
+    is (a percentile's store is a list or a sketch: copied too)."""
+    return copy.deepcopy(acc)
 
 
 def expire(kept: KeptWindows, watermark: float, interval: float, lateness: float) -> int:

@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
+from tests.unit import test_aggregator_partitions as partitions
+from tests.unit.test_aggregator_partitions import scenario as partitions_scenario
 
 S = 1_700_000_000.0  # a window start (a multiple of 10)
 CLOCK = S + 3600.0  # no event of these tests is ahead of the service clock
@@ -268,3 +271,54 @@ def test_revisions_do_not_depend_on_batch_boundaries(stream: list[bytes], sizes:
         assert agg.ledger()["imbalance"] == 0
     keys = [(a[0], a[1], a[2], a[3]) for a in _outcome(together)[0]]
     assert len(keys) == len(set(keys)), "a revision emitted twice"
+
+
+@settings(max_examples=150, deadline=None)
+@given(partitions_scenario())
+def test_keeping_changes_no_first_emission_however_partitions_interleave(
+    case: tuple[list[list[dict[str, Any]]], list[tuple[int, int, bool]]],
+) -> None:
+    """The property of test_aggregator_partitions with windows kept: merging the shares
+    of a key spread over partitions must leave every kept share as it was."""
+    streams, steps = case
+    clock = ManualClock(partitions.NOW)
+    cfg = AggregationConfig(
+        interval_s=partitions.INTERVAL,
+        grace_s=partitions.GRACE,
+        idle_timeout_s=60.0,
+        allowed_lateness_s=1e9,  # nothing freed: every kept share is compared below
+    )
+    agg = EventAggregator(cfg, MetricsCollector(clock), clock)
+    names = [f"p{i}" for i in range(len(streams))]
+    agg.restore([PartitionCheckpoint(p, None, None) for p in names])  # the assignment
+    read = [0] * len(streams)
+    out = Outputs()
+
+    def deliver(i: int, n: int) -> None:
+        records = [orjson.dumps(e) for e in streams[i][read[i] : read[i] + n]]
+        read[i] += len(records)
+        batch = SourceBatch(names[i], records, "t", str(read[i]), partitions.NOW)
+        out.extend(agg.process(batch))
+        clock.advance(0.1)
+
+    for i, n, _ in steps:
+        deliver(i, n)
+    for i in range(len(streams)):
+        while read[i] < len(streams[i]):
+            deliver(i, 5)
+    clock.advance(60.0)
+    for i in range(len(streams)):
+        out.extend(
+            agg.process(SourceBatch(names[i], [], "t", None, partitions.NOW, caught_up=True))
+        )
+    got = {(a.name, a.agg_func, a.window_start): (a.value, a.count) for a in out.aggregates}
+    assert len(got) == len(out.aggregates)
+    assert {a.revision for a in out.aggregates} <= {1}
+    assert got == partitions.oracle(streams)
+    # the kept shares, merged, are the windows again: no merge changed one of them
+    kept: dict[tuple[str, str, float], int] = {}
+    for body in (state(agg, p) for p in names if p in agg.partition_ids()):
+        for start, name, func, acc, revision in body["kept"]:
+            assert revision == 1
+            kept[(name, func, start)] = kept.get((name, func, start), 0) + acc[0]
+    assert {k: c for k, (_, c) in got.items()} == kept
