@@ -33,8 +33,9 @@ BATCH = 10_000
 
 def feed(
     keys: int, windows: int, lateness: float, func: str, *, trace: bool
-) -> tuple[int, int, float]:
-    """(bytes held by the aggregator when ``trace``, kept keys, CPU seconds)."""
+) -> tuple[int, int, float, int, float]:
+    """(bytes held by the aggregator when ``trace``, kept keys, CPU seconds, checkpoint
+    state bytes, seconds to take the checkpoint)."""
     gc.collect()
     if trace:
         tracemalloc.start()
@@ -65,10 +66,13 @@ def feed(
     held = tracemalloc.get_traced_memory()[0] - base
     if trace:
         tracemalloc.stop()
+    t0 = time.perf_counter()
     [cp] = agg.snapshot()
-    kept = len(orjson.loads(cp.state or b"{}").get("kept", []))
+    took = time.perf_counter() - t0
+    state = cp.state or b"{}"
+    kept = len(orjson.loads(state).get("kept", []))
     del agg
-    return held, kept, cpu
+    return held, kept, cpu, len(state), took
 
 
 def main() -> None:
@@ -82,14 +86,18 @@ def main() -> None:
     args = ap.parse_args()
     runs = []
     for lateness in (0.0, args.lateness):
-        held, kept, _ = feed(args.keys, args.windows, lateness, args.func, trace=True)
-        cpu = feed(args.keys, args.windows, lateness, args.func, trace=False)[2]
-        runs.append((held, kept, cpu))
+        held, kept, *_ = feed(args.keys, args.windows, lateness, args.func, trace=True)
+        _, _, cpu, size, took = feed(args.keys, args.windows, lateness, args.func, trace=False)
+        runs.append((held, kept, cpu, size, took))
     off, on = runs
-    for label, (held, kept, cpu) in (("lateness 0", off), (f"lateness {args.lateness:g}", on)):
+    for label, (held, kept, cpu, size, took) in (
+        ("lateness 0", off),
+        (f"lateness {args.lateness:g}", on),
+    ):
         print(
             f"{label:>13}: {held / 1e6:7.2f} MB held, {kept:,} kept window keys, "
-            f"feed {cpu:.2f} CPU s ({args.keys * args.windows / cpu:,.0f} ev/CPU-s)"
+            f"feed {cpu:.2f} CPU s ({args.keys * args.windows / cpu:,.0f} ev/CPU-s), "
+            f"checkpoint {size / 1e6:.2f} MB in {took * 1000:.0f} ms"
         )
     extra = on[0] - off[0]
     print(

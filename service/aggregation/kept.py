@@ -74,10 +74,14 @@ def restored_from(closed_until: float, ahead_closed: Iterable[float]) -> float:
     return max(closed_until, math.nextafter(above, math.inf))
 
 
-def decode(body: Mapping[str, Any]) -> tuple[KeptWindows, float, list[str]] | None:
+def decode(
+    body: Mapping[str, Any], final_from: float
+) -> tuple[KeptWindows, float, list[str]] | None:
     """The kept windows and ``kept_from`` of a checkpoint body, and why entries were
-    dropped (a kept share that cannot be used loses its corrections only: its events
-    were emitted); None when the body has none (see :func:`restored_from`)."""
+    dropped; None when the body has none (see :func:`restored_from`). A share that
+    cannot be used makes its window final (and those before it; every window up to
+    ``final_from`` when its start is unknown): its events were emitted, only the
+    corrections are lost, and a late event must not start a revision 1 over again."""
     if "kept_from" not in body:
         return None
     raw_from = body["kept_from"]
@@ -94,8 +98,15 @@ def decode(body: Mapping[str, Any]) -> tuple[KeptWindows, float, list[str]] | No
         if why is None:
             start, name, func, acc, revision = entry
             kept.setdefault(float(start), {})[(name, func)] = Kept(acc, revision)
+            continue
+        dropped.append(why)
+        start: Any = entry[0] if type(entry) is list and entry else None
+        if type(start) in (int, float) and math.isfinite(start):
+            kept_from = max(kept_from, math.nextafter(float(start), math.inf))
         else:
-            dropped.append(why)
+            kept_from = max(kept_from, final_from)
+    for start in [s for s in kept if s < kept_from]:
+        del kept[start]
     return kept, kept_from, dropped
 
 

@@ -294,13 +294,14 @@ class PartitionState:
             problem = f"unreadable state: {exc!r}"
             return fresh, [Dropped(None, None, None, 0, problem, whole=True)]
         dropped: list[Dropped] = []
+        final_from = kept_windows.restored_from(p.closed_until, p.ahead_closed)
         try:
-            kept = kept_windows.decode(body)
+            kept = kept_windows.decode(body, final_from)
         except (TypeError, ValueError) as exc:
             kept = None
             dropped.append(Dropped(None, None, None, 0, f"kept windows unreadable: {exc!r}"))
         if kept is None:
-            p.kept_from = kept_windows.restored_from(p.closed_until, p.ahead_closed)
+            p.kept_from = final_from
         else:
             p.kept, p.kept_from, unusable = kept
             dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)

@@ -322,3 +322,22 @@ def test_keeping_changes_no_first_emission_however_partitions_interleave(
             assert revision == 1
             kept[(name, func, start)] = kept.get((name, func, start), 0) + acc[0]
     assert {k: c for k, (_, c) in got.items()} == kept
+
+
+def test_an_unusable_kept_window_in_a_checkpoint_makes_its_window_final() -> None:
+    """Its events were emitted: only corrections are lost (a late event for any key of
+    that window, or an earlier one, is dead-lettered), never a revision 1 again."""
+    agg, _ = make()
+    run(agg, [rec(ev("a", 1, S + 1), ev("b", 2, S + 1), ev("c", 1, S + 11))])
+    run(agg, [rec(ev("z", 0, S + 20))])
+    [cp] = agg.release(["p0"])
+    body = orjson.loads(cp.state or b"")
+    for entry in body["kept"]:
+        if entry[1] == "b":
+            entry[3] = [1, "not a number", 0.0]
+    other, metrics = make()
+    other.restore([PartitionCheckpoint("p0", cp.position, orjson.dumps(body))])
+    assert metrics.state_dropped == {"window": 1}
+    out = run(other, [rec(ev("a", 5, S + 2)), rec(ev("b", 5, S + 2))])
+    assert [d.reason for d in out.dead_letters] == ["late", "late"]
+    assert revs(run(other, [rec(ev("c", 5, S + 12))])) == [("c", "sum", S + 10, 2, 6.0, 2)]
