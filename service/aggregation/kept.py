@@ -100,9 +100,9 @@ def decode(
             kept.setdefault(float(start), {})[(name, func)] = Kept(acc, revision)
             continue
         dropped.append(why)
-        start: Any = entry[0] if type(entry) is list and entry else None
-        if type(start) in (int, float) and math.isfinite(start):
-            kept_from = max(kept_from, math.nextafter(float(start), math.inf))
+        at: Any = entry[0] if type(entry) is list and entry else None
+        if type(at) in (int, float) and math.isfinite(at):
+            kept_from = max(kept_from, math.nextafter(float(at), math.inf))
         else:
             kept_from = max(kept_from, final_from)
     for start in [s for s in kept if s < kept_from]:
