@@ -80,11 +80,18 @@ def _batch(draw: st.DrawFn) -> tuple[int, list[Any], float, bool]:
 
 
 def _run(
-    batches: list[tuple[int, list[Any], float, bool]], grace: float, max_open: int
+    batches: list[tuple[int, list[Any], float, bool]],
+    grace: float,
+    max_open: int,
+    lateness: float = 0.0,
 ) -> dict[str, Any]:
     clock = ManualClock(NOW)
     cfg = AggregationConfig(
-        interval_s=INTERVAL, grace_s=grace, max_open_windows=max_open, idle_timeout_s=60.0
+        interval_s=INTERVAL,
+        grace_s=grace,
+        max_open_windows=max_open,
+        idle_timeout_s=60.0,
+        allowed_lateness_s=lateness,
     )
     agg = EventAggregator(cfg, MetricsCollector(clock), clock, max_message_bytes=4096)
     dead, aggregates = [], []
@@ -112,14 +119,15 @@ def _run(
     batches=st.lists(_batch(), min_size=1, max_size=8),
     grace=st.sampled_from([0.0, 30.0, 90.0]),
     max_open=st.sampled_from([3, 1000]),
+    lateness=st.sampled_from([0.0, 120.0]),  # corrections take the reference step too
 )
 def test_hot_loop_gives_exactly_what_the_reference_path_gives(
-    batches: list[tuple[int, list[Any], float, bool]], grace: float, max_open: int
+    batches: list[tuple[int, list[Any], float, bool]], grace: float, max_open: int, lateness: float
 ) -> None:
-    hot = _run(batches, grace, max_open)
+    hot = _run(batches, grace, max_open, lateness)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
-        reference = _run(batches, grace, max_open)
+        reference = _run(batches, grace, max_open, lateness)
     assert hot == reference
     assert hot["ledger"]["imbalance"] == 0
 
