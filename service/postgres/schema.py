@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from service.core.errors import PermanentError
 from service.postgres.errors import pg_error
 
 __all__ = [
@@ -109,6 +110,31 @@ def _add_column_if_missing(quoted_table: str, column: str, definition: str) -> s
     END $$"""
 
 
+# The aggregates table's primary key: a series is (name, tags); tags last, so that the
+# per-name range queries the key serves keep their prefix.
+_AGGREGATES_KEY: Final = "name, agg_func, window_start, window_end, tags"
+
+
+def _key_with_tags(quoted_table: str) -> str:
+    """DDL swapping the primary key of a v1.2 table (without ``tags``) for one with it,
+    in one ALTER TABLE; the catalog is read first, so an upgraded table takes no lock.
+    The rows stay: the old key was unique, so it still is with ``tags = '{}'`` added."""
+    return f"""DO $$ DECLARE old_key name; BEGIN
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_constraint c JOIN pg_attribute a
+                ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+            WHERE c.conrelid = '{quoted_table}'::regclass AND c.contype = 'p'
+                AND a.attname = 'tags') THEN
+            SELECT conname INTO old_key FROM pg_constraint
+            WHERE conrelid = '{quoted_table}'::regclass AND contype = 'p';
+            IF old_key IS NOT NULL THEN
+                EXECUTE format('ALTER TABLE {quoted_table} DROP CONSTRAINT %I', old_key);
+            END IF;
+            ALTER TABLE {quoted_table} ADD PRIMARY KEY ({_AGGREGATES_KEY});
+        END IF;
+    END $$"""
+
+
 def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
     """DDL for the aggregates and dead-letter tables (docs/delivery.md#outputs-what-is-written)."""
     agg = quote_identifier(table)
@@ -116,19 +142,27 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
     return [
         f"""CREATE TABLE IF NOT EXISTS {agg} (
             name         text             NOT NULL,
+            tags         jsonb            NOT NULL DEFAULT '{{}}',
             agg_func     text             NOT NULL,
             window_start timestamptz      NOT NULL,
             window_end   timestamptz      NOT NULL,
             value        double precision NOT NULL,
             count        bigint           NOT NULL,
+            revision     bigint           NOT NULL DEFAULT 1,
+            sketch       bytea,
             emitted_at   timestamptz      NOT NULL,
             updated_at   timestamptz      NOT NULL DEFAULT now(),
-            PRIMARY KEY (name, agg_func, window_start, window_end)
+            PRIMARY KEY ({_AGGREGATES_KEY})
         )""",
-        # The revision guard of the upsert compares (count, emitted_at); a table from
-        # before emitted_at existed gets it, old rows ranking below any new emission.
+        # The revision guard of the upsert compares (revision, count, emitted_at); a table
+        # from before emitted_at existed gets it, old rows ranking below any new emission.
         _add_column_if_missing(agg, "emitted_at", "timestamptz NOT NULL DEFAULT '-infinity'"),
         _add_column_if_missing(agg, "updated_at", "timestamptz NOT NULL DEFAULT now()"),
+        # v1.3 (contract §12.3-§12.5): rows of a v1.2 table are untagged first emissions.
+        _add_column_if_missing(agg, "tags", "jsonb NOT NULL DEFAULT '{}'"),
+        _add_column_if_missing(agg, "revision", "bigint NOT NULL DEFAULT 1"),
+        _add_column_if_missing(agg, "sketch", "bytea"),
+        _key_with_tags(agg),
         # The primary key serves per-name range queries; this one serves "all names
         # in a time range" (dashboards, reports, retention deletes).
         f"CREATE INDEX IF NOT EXISTS {_index_name(table, 'window_start_idx')} "
@@ -240,7 +274,7 @@ async def migrate_connection(conn: Any, table: str, dead_letter_table: str) -> N
 async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
     """:func:`migrate_connection` for start-up: a user without ``CREATE`` privilege (the
     schema having been created by ``vabus-aggregator migrate`` as another user) passes
-    as long as every table already exists."""
+    as long as every table already exists in this release's shape."""
     await _ensure(
         conn,
         [
@@ -254,6 +288,32 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
         ],
         schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
     )
+    await _require_upgraded(conn, table)
+
+
+async def _require_upgraded(conn: Any, table: str) -> None:
+    """Raise :class:`PermanentError` when the aggregates table still has the v1.2 shape
+    (a user without ownership cannot upgrade it at start-up), instead of failing at the
+    first write; the rows are kept by ``migrate``, so say to run it."""
+    missing = await conn.fetchval(
+        """SELECT array_agg(c ORDER BY c) FROM unnest(ARRAY['tags', 'revision', 'sketch']) c
+           WHERE NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass
+                             AND attname = c AND NOT attisdropped)""",
+        quote_identifier(table),
+    )
+    keyed = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM pg_constraint c JOIN pg_attribute a
+               ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+           WHERE c.conrelid = $1::regclass AND c.contype = 'p' AND a.attname = 'tags')""",
+        quote_identifier(table),
+    )
+    if missing or not keyed:
+        lacks = f"columns {', '.join(missing)}" if missing else "tags in its primary key"
+        raise PermanentError(
+            f"table {table} was created by an earlier release and lacks {lacks}; run "
+            "`vabus-aggregator migrate` as its owner: it upgrades the table in place, "
+            "keeping its rows"
+        )
 
 
 async def ensure_checkpoint_table(conn: Any, checkpoint_table: str = CHECKPOINT_TABLE) -> None:

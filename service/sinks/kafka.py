@@ -10,13 +10,15 @@ guarantee rests on deterministic content, a revision and the commit order:
 
 * A failed write may have delivered part of the batch; the retry (or a replay after a
   crash, from the last checkpoint) delivers those records again. A replayed aggregate
-  is recomputed from the same events: same key, window, value and ``count``.
-* Each value carries ``"revision"`` (= ``count``, the number of events in it) besides
-  the fields docs/delivery.md lists under "Outputs". A later emission of one window can only hold
-  more events, so a consumer that keeps, per ``(name, agg_func, window_start)``, the
-  record with the greatest ``(revision, emitted_at)`` never lets an older value replace
-  a newer one, whatever order duplicates arrive in. Records of one name stay in one
-  partition, so they also arrive in emission order.
+  is recomputed from the same events: same key, window, revision, value and ``count``.
+  The read-back (:mod:`service.sinks.kafka_read_back`) skips every
+  ``(name, tags, agg_func, window_start, revision)`` already in the output, so each
+  revision of a window is written once; a later revision is a new record.
+* Each value carries ``"revision"`` (1 for the first emission of a window, one more per
+  correction) and, when set, ``"tags"`` and ``"sketch"`` (base64): docs/delivery.md
+  "Outputs". A consumer keeps, per ``(name, tags, agg_func, window_start)``, the record
+  with the greatest ``(revision, count, emitted_at)``, whatever order duplicates arrive
+  in. Records of one name stay in one partition, so they also arrive in emission order.
 * Source positions are committed only after every record before them is acknowledged.
 
 An aggregate that cannot be encoded (a name holding a lone UTF-16 surrogate, which
@@ -30,6 +32,7 @@ import asyncio
 import functools
 import json
 import logging
+from base64 import b64encode
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -68,8 +71,8 @@ _Record = tuple[bytes, bytes]  # key, value
 def encode_aggregates(
     aggregates: Sequence[Aggregate],
 ) -> tuple[list[_Record], list[tuple[Aggregate, Exception]]]:
-    """(records, refused): ``Aggregate.to_json_obj()`` plus ``"revision"`` as JSON,
-    keyed by name; ``refused`` holds the aggregates that cannot be encoded, with why.
+    """(records, refused): ``Aggregate.to_json_obj()`` as JSON, keyed by name;
+    ``refused`` holds the aggregates that cannot be encoded, with why.
 
     Formatting ISO times dominates the cost, and a batch repeats the same few window
     bounds and emission times, so each distinct time is formatted once per batch.
@@ -79,24 +82,22 @@ def encode_aggregates(
     records: list[_Record] = []
     refused: list[tuple[Aggregate, Exception]] = []
     for a in aggregates:
+        obj = {
+            "name": a.name,
+            "agg_func": a.agg_func,
+            "value": a.value,
+            "count": a.count,
+            "window_start": iso(a.window_start),
+            "window_end": iso(a.window_end),
+            "emitted_at": iso(a.emitted_at),
+            "revision": a.revision,
+        }
+        if a.tags is not None:  # orjson writes dicts only, not any Mapping
+            obj["tags"] = a.tags if type(a.tags) is dict else dict(a.tags)
+        if a.sketch is not None:
+            obj["sketch"] = b64encode(a.sketch).decode("ascii")
         try:
-            records.append(
-                (
-                    a.name.encode(),
-                    dumps(
-                        {
-                            "name": a.name,
-                            "agg_func": a.agg_func,
-                            "value": a.value,
-                            "count": a.count,
-                            "window_start": iso(a.window_start),
-                            "window_end": iso(a.window_end),
-                            "emitted_at": iso(a.emitted_at),
-                            "revision": a.count,
-                        }
-                    ),
-                )
-            )
+            records.append((a.name.encode(), dumps(obj)))
         except (UnicodeEncodeError, TypeError) as exc:  # lone surrogates in the name
             refused.append((a, exc))
     return records, refused
@@ -228,9 +229,10 @@ class KafkaSink(AsyncResource):
 
     async def read_back(self, offsets: Mapping[str, int]) -> None:
         """Read both topics from ``offsets`` to their end and remember every aggregate
-        and dead letter found there: :meth:`write` skips records identical to them
-        (a replay recomputes the same records), so a restart or hand-off never writes
-        one twice. Transient broker trouble raises :class:`TransientError`."""
+        and dead letter found there: :meth:`write` skips those records when a replay
+        recomputes them (aggregates by ``(name, tags, agg_func, window, revision)``,
+        :mod:`service.sinks.kafka_read_back`), so a restart or hand-off never writes one
+        twice. Transient broker trouble raises :class:`TransientError`."""
         started = self._clock.monotonic()
         ours = (self._cfg.topic, self._cfg.dlq_topic)
         tps = {}

@@ -5,12 +5,16 @@ revision wins) and upserted with ``INSERT ... SELECT FROM unnest(...) ON CONFLIC
 UPDATE`` in chunks, so a batch holding one key twice never hits "ON CONFLICT DO UPDATE
 command cannot affect row a second time".
 
-Revision guard: an aggregate's revision is ``(count, emitted_at)`` — a later emission
-of one window can only hold a superset of its events, so more events means newer, and
-equal counts are ordered by emission time. The upsert only replaces a stored row whose
-revision is lower (``DO UPDATE ... WHERE (t.count, t.emitted_at) < (EXCLUDED.count,
-EXCLUDED.emitted_at)``), so a stale replay never overwrites a newer row and an exact
-duplicate costs no row version.
+Revision guard: a stored row is replaced only by a higher ``(revision, count,
+emitted_at)`` (``DO UPDATE ... WHERE (t.revision, t.count, t.emitted_at) <
+(EXCLUDED.revision, ...)``): a correction (``revision`` + 1) replaces its window, a stale
+replay of an older revision never does, and an exact duplicate costs no row version.
+Within one revision more events means newer (a replay that decided differently about an
+event far behind its partition) and equal counts are ordered by emission time.
+
+A series is ``(name, tags)``: ``tags`` is a ``jsonb`` column of the primary key,
+``'{}'`` for an aggregate without tags; ``sketch`` is ``bytea`` (NULL but for
+percentiles).
 
 Dead letters are stored once: each one whose source names where it was read (a Kafka
 message: ``topic/partition offset=N``; an HTTP batch: its request cursor) gets a
@@ -22,21 +26,24 @@ redelivery computes the same keys. See
 
 Errors by SQLSTATE class (see :func:`service.postgres.errors.pg_error_kind`): connection,
 transaction-rollback and resource classes are :class:`TransientError` (the sender
-retries); a chunk that PostgreSQL refuses for its data (class 22/23) is bisected under
-savepoints until the bad rows are found, each becomes a dead letter with reason
-``invalid_value`` and everything else is stored; schema and permission errors (42) are
-a :class:`PermanentError` whose message says what the operator must do.
+retries); a chunk that PostgreSQL refuses for its data (class 22/23, or 54000: a row too
+large for the primary key) is bisected under savepoints until the bad rows are found,
+each becomes a dead letter with reason ``invalid_value`` and everything else is stored;
+schema and permission errors (42) are a :class:`PermanentError` whose message says what
+the operator must do.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
+import orjson
 
 from service.config import PostgresConfig
 from service.core.clock import Clock
@@ -59,7 +66,7 @@ _SCHEMA_HINT: Final = (
     "run `vabus-aggregator migrate` with a user that may create them, and grant the "
     "service's user SELECT, INSERT, UPDATE on them (and USAGE on the dead-letter id sequence)"
 )
-_AggKey = tuple[str, str, float, float]
+_AggKey = tuple[str, str, str, float, float]  # name, tags JSON, agg_func, window
 T = TypeVar("T")
 
 
@@ -77,16 +84,22 @@ class SinkStatements:
         # where bisection can isolate them.
         self.upsert = f"""
             INSERT INTO {tables.aggregates} AS t
-                (name, agg_func, window_start, window_end, value, count, emitted_at, updated_at)
-            SELECT n, f, to_timestamp(ws), to_timestamp(we), v, c, to_timestamp(ea), now()
-            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
-                        $6::int8[], $7::float8[]) AS u(n, f, ws, we, v, c, ea)
-            ON CONFLICT (name, agg_func, window_start, window_end) DO UPDATE SET
+                (name, tags, agg_func, window_start, window_end, value, count, emitted_at,
+                 revision, sketch, updated_at)
+            SELECT n, tg::jsonb, f, to_timestamp(ws), to_timestamp(we), v, c,
+                   to_timestamp(ea), r, sk, now()
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[],
+                        $6::float8[], $7::int8[], $8::float8[], $9::int8[], $10::bytea[])
+                 AS u(n, tg, f, ws, we, v, c, ea, r, sk)
+            ON CONFLICT (name, agg_func, window_start, window_end, tags) DO UPDATE SET
                 value = EXCLUDED.value,
                 count = EXCLUDED.count,
                 emitted_at = EXCLUDED.emitted_at,
+                revision = EXCLUDED.revision,
+                sketch = EXCLUDED.sketch,
                 updated_at = now()
-            WHERE (t.count, t.emitted_at) < (EXCLUDED.count, EXCLUDED.emitted_at)"""
+            WHERE (t.revision, t.count, t.emitted_at)
+                < (EXCLUDED.revision, EXCLUDED.count, EXCLUDED.emitted_at)"""
         self.insert_dead_letters = f"""
             INSERT INTO {tables.dead_letters}
                 (raw, reason, detail, source, received_at, dedup_key)
@@ -96,28 +109,48 @@ class SinkStatements:
             ON CONFLICT (dedup_key) DO NOTHING"""
 
 
-def _dedupe(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
-    """One aggregate per primary key: the highest revision ``(count, emitted_at)``,
-    the last one given among equals."""
-    latest: dict[_AggKey, Aggregate] = {}
+def _tags_text(a: Aggregate) -> str:
+    """The series' tags as JSON text for the ``jsonb`` cast, keys sorted so that equal
+    tags are equal text (the in-batch de-dup compares it); no tags is ``{}``."""
+    if not a.tags:
+        return "{}"
+    tags = dict(a.tags)
+    try:
+        return orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # a lone surrogate: escaped, for PostgreSQL to refuse row by row
+        return json.dumps(tags, sort_keys=True)
+
+
+def _dedupe(aggregates: Sequence[Aggregate]) -> list[tuple[Aggregate, str]]:
+    """One aggregate per primary key, with its tags' JSON text: the highest
+    ``(revision, count, emitted_at)``, the last one given among equals."""
+    latest: dict[_AggKey, tuple[Aggregate, str]] = {}
     for a in aggregates:
-        key = (a.name, a.agg_func, a.window_start, a.window_end)
+        tags = _tags_text(a)
+        key = (a.name, tags, a.agg_func, a.window_start, a.window_end)
         seen = latest.get(key)
-        if seen is None or (seen.count, seen.emitted_at) <= (a.count, a.emitted_at):
-            latest[key] = a
+        if seen is None or _rank(seen[0]) <= _rank(a):
+            latest[key] = (a, tags)
     return list(latest.values())
 
 
-async def _upsert(conn: Any, sql: SinkStatements, rows: Sequence[Aggregate]) -> None:
+def _rank(a: Aggregate) -> tuple[int, int, float]:
+    return a.revision, a.count, a.emitted_at
+
+
+async def _upsert(conn: Any, sql: SinkStatements, rows: Sequence[tuple[Aggregate, str]]) -> None:
     await conn.execute(
         sql.upsert,
-        [a.name for a in rows],
-        [a.agg_func for a in rows],
-        [a.window_start for a in rows],
-        [a.window_end for a in rows],
-        [a.value for a in rows],
-        [a.count for a in rows],
-        [a.emitted_at for a in rows],
+        [a.name for a, _ in rows],
+        [t for _, t in rows],
+        [a.agg_func for a, _ in rows],
+        [a.window_start for a, _ in rows],
+        [a.window_end for a, _ in rows],
+        [a.value for a, _ in rows],
+        [a.count for a, _ in rows],
+        [a.emitted_at for a, _ in rows],
+        [a.revision for a, _ in rows],
+        [a.sketch for a, _ in rows],
     )
 
 
@@ -166,6 +199,12 @@ async def _insert_dead_letters(
     )
 
 
+def _refused_for_its_data(exc: Exception) -> bool:
+    """A data error (22/23), or a row too large for an index (54000: a long name and
+    long tag values in the primary key), which only that row's values cause."""
+    return pg_error_kind(exc) == "data" or getattr(exc, "sqlstate", None) == "54000"
+
+
 async def _store_isolating(
     conn: Any,
     rows: Sequence[T],
@@ -185,7 +224,7 @@ async def _store_isolating(
             async with conn.transaction():
                 await store(chunk)
         except Exception as exc:
-            if pg_error_kind(exc) != "data":
+            if not _refused_for_its_data(exc):
                 raise
             if len(chunk) == 1:
                 refused.append((chunk[0], exc))
@@ -219,7 +258,7 @@ async def write_batch(
             source=f"sink:postgres:{sql.aggregates_label}",
             received_at=now,
         )
-        for agg, exc in refused
+        for (agg, _), exc in refused
     ]
     letters = [*dead_letters, *created]
     unstorable = await _store_isolating(

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -88,7 +90,7 @@ async def test_aggregates_are_keyed_by_name_and_carry_exactly_the_contract_field
             "window_start": "2023-11-14T22:14:00.000Z",
             "window_end": "2023-11-14T22:15:00.000Z",
             "emitted_at": "2023-11-14T22:15:01.500Z",
-            "revision": 4,
+            "revision": 1,
         },
         "héllo wörld".encode(): {
             "name": "héllo wörld",
@@ -105,16 +107,39 @@ async def test_aggregates_are_keyed_by_name_and_carry_exactly_the_contract_field
     assert all(ISO_Z.fullmatch(m[t]) for m in by_key.values() for t in times)
 
 
-def test_the_fast_encoder_writes_the_contract_json_plus_the_revision() -> None:
-    aggregates = [agg("cpu", 0.1 + 0.2, 3), agg("x" * 200, -1e300, 0, start=T0 + 0.001)]
+def test_the_fast_encoder_writes_the_contract_json() -> None:
+    aggregates = [
+        agg("cpu", 0.1 + 0.2, 3),
+        agg("x" * 200, -1e300, 0, start=T0 + 0.001),
+        replace(agg("cpu", 2.0, 9), revision=3, tags=MappingProxyType({"host": "a"})),
+        replace(agg("lat", 0.5, 2), agg_func="p99", tags={}, sketch=b"\x00\x01\xff"),
+    ]
 
     assert encode_aggregates(aggregates) == (
-        [
-            (a.name.encode(), orjson.dumps({**a.to_json_obj(), "revision": a.count}))
-            for a in aggregates
-        ],
+        [(a.name.encode(), orjson.dumps(a.to_json_obj())) for a in aggregates],
         [],
     )
+
+
+async def test_tags_revision_and_sketch_are_written_when_set(
+    sink: KafkaSink, kafka_bootstrap: str, unique_name: str
+) -> None:
+    tagged = replace(
+        agg("lat", 0.5, 2),
+        agg_func="p99",
+        tags={"host": "h\u00e9\u2028\"'\\", "region": "\U0001f600"},
+        revision=2,
+        sketch=bytes(range(256)),
+    )
+    await sink.write([tagged, agg("cpu")], [])
+
+    records = await consume(kafka_bootstrap, unique_name, 2)
+    by_key = {r.key: orjson.loads(r.value) for r in records}
+    assert by_key[b"lat"]["tags"] == {"host": "h\u00e9\u2028\"'\\", "region": "\U0001f600"}
+    assert by_key[b"lat"]["revision"] == 2
+    assert base64.b64decode(by_key[b"lat"]["sketch"], validate=True) == bytes(range(256))
+    assert "tags" not in by_key[b"cpu"] and "sketch" not in by_key[b"cpu"]
+    assert by_key[b"cpu"]["revision"] == 1
 
 
 def test_an_aggregate_utf8_cannot_carry_is_refused_by_the_encoder_not_raised() -> None:
@@ -269,13 +294,77 @@ async def test_after_a_read_back_a_replay_writes_nothing_twice(
         await first.write([agg("a", 2.0, 3), agg("b", 5.0, 1)], [dead])  # then the crash
     async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as second:
         await second.read_back(checkpoint)
-        replayed = [replace(agg("a", 2.0, 3), emitted_at=T0 + 99), agg("b", 6.0, 2)]
+        replayed = [replace(agg("a", 2.0, 3), emitted_at=T0 + 99), agg("b", 5.0, 1)]
         await second.write(replayed, [replace(dead, received_at=T0 + 99)])
-        await second.write([agg("a", 2.0, 3)], [])  # matched once: a third copy is new
-    records = await consume(kafka_bootstrap, cfg.topic, 5)
+        await second.write([agg("a", 2.0, 3)], [])  # a second replay: still skipped
+        await second.write([agg("c")], [])
+    records = await consume(kafka_bootstrap, cfg.topic, 4)
     seen = [(orjson.loads(r.value)["name"], orjson.loads(r.value)["count"]) for r in records]
-    assert sorted(seen) == [("a", 3), ("a", 3), ("b", 1), ("b", 2), ("before", 1)]
+    assert sorted(seen) == [("a", 3), ("b", 1), ("before", 1), ("c", 1)]
     assert len(await consume(kafka_bootstrap, cfg.dlq_topic, 1)) == 1
+
+
+def identities(records: list[Any]) -> list[tuple[Any, ...]]:
+    values = [orjson.loads(r.value) for r in records]
+    return sorted(
+        (v["name"], sorted(v.get("tags", {}).items()), v["revision"], v["count"]) for v in values
+    )
+
+
+async def test_each_revision_is_written_once_across_a_restart(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    """Revision 1 before the checkpoint, revision 2 and a tagged series after it, then
+    the crash; the replay recomputes the last two and goes on to revision 3."""
+    cfg = config(kafka_bootstrap, unique_name)
+    eu = {"region": "eu", "host": "é"}
+    first_rev = agg("cpu", 1.0, 2)
+    second_rev = replace(agg("cpu", 2.0, 3), revision=2)
+    tagged = replace(agg("cpu", 7.0, 1), tags=eu)
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as first:
+        await first.write([first_rev], [])
+        checkpoint = first.written_offsets()
+        await first.write([second_rev, tagged], [])
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as second:
+        await second.read_back(checkpoint)
+        await second.write([replace(second_rev, emitted_at=T0 + 99), tagged], [])
+        other_series = replace(agg("cpu", 7.0, 1), tags={**eu, "host": "e"})
+        await second.write([replace(agg("cpu", 3.0, 4), revision=3), other_series], [])
+
+    records = await consume(kafka_bootstrap, cfg.topic, 5)
+    assert identities(records) == [
+        ("cpu", [], 1, 2),
+        ("cpu", [], 2, 3),
+        ("cpu", [], 3, 4),
+        ("cpu", [("host", "e"), ("region", "eu")], 1, 1),
+        ("cpu", [("host", "é"), ("region", "eu")], 1, 1),
+    ]
+
+
+async def test_records_of_the_previous_release_are_not_written_again_after_an_upgrade(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    """v1.2 wrote ``revision`` = count and died past its checkpoint; this release
+    replays those windows from the v1.2 checkpoint as revision 1."""
+    cfg = config(kafka_bootstrap, unique_name)
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as sink:
+        checkpoint = sink.written_offsets()
+    v12 = [{**a.to_json_obj(), "revision": a.count} for a in (agg("a", 2.0, 3), agg("b"))]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for value in v12:
+            await producer.send_and_wait(cfg.topic, orjson.dumps(value), key=value["name"].encode())
+    finally:
+        await producer.stop()
+
+    async with KafkaSink(cfg, MetricsCollector(), SystemClock()) as upgraded:
+        await upgraded.read_back(checkpoint)
+        await upgraded.write([agg("a", 2.0, 3), agg("b")], [])  # the replay: nothing new
+        await upgraded.write([replace(agg("a", 2.5, 4), revision=2)], [])  # a correction
+
+    records = await consume(kafka_bootstrap, cfg.topic, 3)
+    assert identities(records) == [("a", [], 2, 4), ("a", [], 3, 3), ("b", [], 1, 1)]
 
 
 async def test_written_offsets_cover_every_output_partition_and_move_with_acks(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+import string
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,11 +100,14 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
         }
         assert columns == {
             "name": "text",
+            "tags": "jsonb",
             "agg_func": "text",
             "window_start": "timestamp with time zone",
             "window_end": "timestamp with time zone",
             "value": "double precision",
             "count": "bigint",
+            "revision": "bigint",
+            "sketch": "bytea",
             "emitted_at": "timestamp with time zone",
             "updated_at": "timestamp with time zone",
         }
@@ -109,7 +116,7 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
             "WHERE conrelid = $1::regclass AND contype = 'p'",
             table,
         )
-        assert pk == "PRIMARY KEY (name, agg_func, window_start, window_end)"
+        assert pk == "PRIMARY KEY (name, agg_func, window_start, window_end, tags)"
         dlq_columns = await conn.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = $1", dlq
         )
@@ -384,3 +391,128 @@ async def test_write_in_transaction_commits_the_extra_step_with_the_rows_or_neit
         assert await conn.fetchval(f"SELECT count(*) FROM {marks}") == 0
     finally:
         await conn.execute(f"DROP TABLE {marks}")
+
+
+async def series_rows(conn: Any, table: str) -> list[tuple[Any, ...]]:
+    found = await conn.fetch(
+        f"SELECT name, tags::text, value, count, revision, sketch FROM {table}"
+    )
+    return sorted(
+        [
+            (r["name"], orjson.loads(r["tags"]), r["value"], r["count"], r["revision"], r["sketch"])
+            for r in found
+        ],
+        key=repr,
+    )
+
+
+ODD_TAGS = [
+    {"host": "h\u00e9\u0301", "region": "\u05d0\u05d1 \u202e rtl"},
+    {"host": "\U0001f600 \u2028\u2029\ufeff", "region": '"quoted" \\ back\\slash {}'},
+    {"host": "", "region": "x" * 200},
+]
+
+
+async def test_tags_round_trip_and_series_differing_only_in_tags_are_separate_rows(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    series = [replace(agg("cpu", float(i), i + 1), tags=tags) for i, tags in enumerate(ODD_TAGS)]
+    untagged = [agg("cpu", 9.0, 9), replace(agg("mem", 1.0, 1), tags={})]
+
+    await sink.write([*series, *untagged], [])
+    await sink.write(series, [])  # a replay: no new rows
+
+    assert await series_rows(conn, f"{unique_name}_agg") == sorted(
+        [
+            *[("cpu", t, float(i), i + 1, 1, None) for i, t in enumerate(ODD_TAGS)],
+            ("cpu", {}, 9.0, 9, 1, None),
+            ("mem", {}, 1.0, 1, 1, None),
+        ],
+        key=repr,
+    )
+    found = await conn.fetchval(
+        f"SELECT value FROM {unique_name}_agg WHERE tags @> $1::jsonb",
+        orjson.dumps({"host": ODD_TAGS[1]["host"]}).decode(),
+    )
+    assert found == 1.0
+
+
+async def test_a_batch_holding_one_series_twice_in_any_key_order_stores_the_highest_revision(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    first = replace(agg("cpu", 1.0, 1), tags={"host": "a", "region": "eu"})
+    second = replace(agg("cpu", 2.0, 2), tags={"region": "eu", "host": "a"}, revision=2)
+
+    await sink.write([second, first], [])
+
+    assert await series_rows(conn, f"{unique_name}_agg") == [
+        ("cpu", {"host": "a", "region": "eu"}, 2.0, 2, 2, None)
+    ]
+
+
+async def test_a_stale_revision_never_replaces_a_correction(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    tags = {"host": "a"}
+    await sink.write([replace(agg("cpu", 5.0, 5), tags=tags, revision=2)], [])
+
+    # revision 1 replayed after kill -9: later, and even with more events (a replay that
+    # decided differently about an event far behind its partition), it stays older
+    stale = replace(emitted(agg("cpu", 9.0, 9), T0 + 500), tags=tags)
+    await sink.write([stale], [])
+    assert await series_rows(conn, f"{unique_name}_agg") == [("cpu", tags, 5.0, 5, 2, None)]
+
+    await sink.write([replace(agg("cpu", 6.0, 6), tags=tags, revision=3)], [])
+    assert await series_rows(conn, f"{unique_name}_agg") == [("cpu", tags, 6.0, 6, 3, None)]
+
+
+async def test_a_sketch_round_trips_as_bytea_and_a_correction_replaces_it(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    sketch = bytes(range(256)) * 4  # every byte value, NUL included
+    p99 = replace(agg("lat", 0.5, 3), agg_func="p99", sketch=sketch)
+    await sink.write([p99, agg("lat", 1.5, 3)], [])
+
+    stored = await conn.fetch(f"SELECT agg_func, sketch FROM {unique_name}_agg ORDER BY 1")
+    assert [(r["agg_func"], r["sketch"]) for r in stored] == [("p99", sketch), ("sum", None)]
+
+    await sink.write([replace(p99, value=0.7, count=4, revision=2, sketch=b"\x02")], [])
+    assert await conn.fetchval(f"SELECT sketch FROM {unique_name}_agg WHERE agg_func = 'p99'") == (
+        b"\x02"
+    )
+
+
+@pytest.mark.parametrize("value", ["nul\x00", "lone \ud800 surrogate"])
+async def test_a_tag_value_jsonb_cannot_hold_is_dead_lettered_and_the_rest_stored(
+    sink: PostgresSink, conn: Any, unique_name: str, value: str
+) -> None:
+    bad = replace(agg("cpu"), tags={"host": value})
+    good = replace(agg("cpu", 2.0, 2), tags={"host": "ok"})
+
+    await sink.write([bad, good], [])
+
+    assert await series_rows(conn, f"{unique_name}_agg") == [
+        ("cpu", {"host": "ok"}, 2.0, 2, 1, None)
+    ]
+    [letter] = await conn.fetch(f"SELECT raw, reason, detail FROM {unique_name}_dlq")
+    assert letter["reason"] == "invalid_value"
+    assert json.loads(letter["raw"])["tags"] == {"host": value}
+
+
+async def test_a_series_too_large_for_the_primary_key_is_dead_lettered_and_the_rest_stored(
+    sink: PostgresSink, conn: Any, unique_name: str
+) -> None:
+    """Tag values are at most 200 characters each, but many group-by keys add up."""
+    rng = random.Random(17)
+    tags = {f"k{i}": "".join(rng.choices(string.ascii_letters, k=200)) for i in range(30)}
+    huge = replace(agg("cpu"), tags=tags)
+    good = replace(agg("cpu", 2.0, 2), tags={"host": "ok"})
+
+    await sink.write([huge, good], [])
+
+    assert await series_rows(conn, f"{unique_name}_agg") == [
+        ("cpu", {"host": "ok"}, 2.0, 2, 1, None)
+    ]
+    [letter] = await conn.fetch(f"SELECT reason, detail FROM {unique_name}_dlq")
+    assert letter["reason"] == "invalid_value"
+    assert "54000" in letter["detail"]
