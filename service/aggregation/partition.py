@@ -229,6 +229,8 @@ class PartitionState:
             "lag": self.lag,
             "seconds_since_message": max(0.0, now_mono - self.last_message_at),
             "open_windows": self.open_windows(),
+            # emitted window keys kept for corrections (AGGREGATION_ALLOWED_LATENESS)
+            "kept_windows": sum(len(keyed) for keyed in self.kept.values()),
         }
 
     # -- checkpoint format ------------------------------------------------------------

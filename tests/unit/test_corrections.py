@@ -341,3 +341,11 @@ def test_an_unusable_kept_window_in_a_checkpoint_makes_its_window_final() -> Non
     out = run(other, [rec(ev("a", 5, S + 2)), rec(ev("b", 5, S + 2))])
     assert [d.reason for d in out.dead_letters] == ["late", "late"]
     assert revs(run(other, [rec(ev("c", 5, S + 12))])) == [("c", "sum", S + 10, 2, 6.0, 2)]
+
+
+def test_status_shows_the_kept_window_keys_per_partition() -> None:
+    agg, _ = make()
+    run(agg, [rec(ev("a", 1, S + 1), ev("b", 1, S + 1))])
+    assert agg.partitions()["p0"]["kept_windows"] == 0
+    run(agg, [rec(ev("a", 1, S + 10))])
+    assert agg.partitions()["p0"]["kept_windows"] == 2
