@@ -349,3 +349,17 @@ def test_status_shows_the_kept_window_keys_per_partition() -> None:
     assert agg.partitions()["p0"]["kept_windows"] == 0
     run(agg, [rec(ev("a", 1, S + 10))])
     assert agg.partitions()["p0"]["kept_windows"] == 2
+
+
+def test_a_restored_state_checkpoints_exactly_as_it_was_taken() -> None:
+    agg, _ = make()
+    run(agg, [rec(ev("a", 1, S + 1, "avg"), ev("b", 2, S + 3, "p90"), ev("c", 1, S + 12))])
+    run(agg, [rec(ev("z", 0, S + 21))])
+    run(agg, [rec(ev("a", 5, S + 2, "avg"))])  # revision 2 of a
+    [cp] = agg.snapshot()
+    other, _ = make()
+    other.restore([cp])
+    [again] = other.snapshot()
+    assert orjson.loads(again.state or b"") == orjson.loads(cp.state or b"")
+    kept = {(e[0], e[1], e[2]): e[4] for e in orjson.loads(cp.state or b"")["kept"]}
+    assert kept == {(S, "a", "avg"): 2, (S, "b", "p90"): 1, (S + 10, "c", "sum"): 1}
