@@ -18,6 +18,7 @@ from typing import Final
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.percentiles import sketch_of
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
@@ -132,7 +133,12 @@ def aggregates_of(
                 finite = False
             if finite:
                 revision = 1 if revisions is None else revisions[(name, func)]
-                append(Aggregate(name, func, value, acc[0], start, end, now, revision=revision))
+                sketch = sketch_of(func, acc)  # p50..p99: the DDSketch (contract 12.5)
+                append(
+                    Aggregate(
+                        name, func, value, acc[0], start, end, now, revision=revision, sketch=sketch
+                    )
+                )
             else:
                 _on_unusable(taken.owner[start], (name, func), start, acc, metrics)
     return emitted

@@ -17,7 +17,7 @@ first, last    ``ts, value`` of the chosen event
 stddev         ``mean, m2[, e]``: Welford's running mean and sum of squared deviations;
                with ``e`` both are of the values scaled by ``2**-e`` (values beyond ~1e154)
 p50 .. p99     a list of the raw values while there are at most
-               ``PERCENTILE_EXACT_LIMIT``, then a :mod:`~service.aggregation.sketch`
+               ``PERCENTILE_EXACT_LIMIT``, then a DDSketch state
                (:mod:`~service.aggregation.percentiles`)
 =============  ====================================================================
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from service.aggregation import percentiles, sketch
+from service.aggregation import percentiles
 from service.aggregation.percentiles import PERCENTILE_EXACT_LIMIT, exact_percentile
 
 __all__ = [
@@ -435,6 +435,5 @@ def valid(func: str, acc: Any) -> bool:
         store = acc[1]
         if type(store) is list:
             return len(store) == acc[0] and all(_finite(v) for v in store)
-        events: int = acc[0]
-        return sketch.valid_count(store) == events
+        return percentiles.valid_sketch(store, acc[0])
     return False

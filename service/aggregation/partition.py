@@ -46,6 +46,7 @@ from service.aggregation import kept as kept_windows
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.kept import KeptWindows
 from service.aggregation.origins import RoutedTime
+from service.aggregation.percentiles import PERCENTILES, v13_layout
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -53,6 +54,7 @@ from service.checkpoints.base import PartitionCheckpoint
 __all__ = [
     "NEG_INF",
     "STATE_FORMAT",
+    "V13_STATE_FORMAT",
     "WIDE_STATE_FORMAT",
     "Dropped",
     "PartitionState",
@@ -68,7 +70,10 @@ WIDE_STATE_FORMAT: Final = 2
 limit (a 4th element: ``sum``/``avg`` multiples of 2**1000, a scaled ``stddev``). Only
 such states get it, so that a release before it, which would misread them, refuses them
 (naming the format) and every other state stays readable by it."""
-READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT})
+V13_STATE_FORMAT: Final = 3
+"""A state holding what a release before 1.3 would misread: a DDSketch percentile state
+(its layout looks like the older hand-written sketch's). Those releases refuse it."""
+READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT})
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (name, agg_func) inside one window start
@@ -244,8 +249,9 @@ class PartitionState:
             for (name, func), acc in keyed.items()
         ]
         wide = any(len(w[3]) > 3 for w in windows)
+        v13 = any(w[2] in PERCENTILES and v13_layout(w[3]) for w in windows)
         body = {
-            "format": WIDE_STATE_FORMAT if wide else STATE_FORMAT,
+            "format": V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "ahead_ts": self.ahead_ts,
@@ -284,7 +290,7 @@ class PartitionState:
         if state_format not in READ_FORMATS:
             raise ValueError(
                 f"checkpoint of {cp.partition!r} has state format {state_format!r}; "
-                f"this version reads formats {STATE_FORMAT} and {WIDE_STATE_FORMAT}"
+                f"this version reads formats {sorted(READ_FORMATS)}"
             )
         try:
             p._restore_progress(body, now_mono)

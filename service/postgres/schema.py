@@ -20,6 +20,7 @@ import asyncpg
 
 from service.core.errors import PermanentError
 from service.postgres.errors import pg_error
+from service.postgres.sketch_sql import sketch_function_ddl
 
 __all__ = [
     "CHECKPOINT_TABLE",
@@ -186,6 +187,7 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
         f"ON {dlq} (received_at)",
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'reason_idx')} "
         f"ON {dlq} (reason, received_at)",
+        *sketch_function_ddl(),  # vabus_quantile & co. (contract 12.5, docs/sketches.md)
     ]
 
 

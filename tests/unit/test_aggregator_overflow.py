@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.aggregation import sketch
+from service.aggregation import quantile_sketch
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.functions import FUNCTIONS
 from service.aggregation.partition import PartitionState
@@ -260,7 +260,7 @@ def accumulators(draw: st.DrawFn, func: str) -> list[Any]:
         with contextlib.suppress(OverflowError):  # the aggregator rejects that event
             fn.add(acc, v, draw(st.floats(0, 2e9)))
     if func.startswith("p") and draw(st.booleans()):  # the sketch, as past 10,000 values
-        acc[1] = sketch.of(acc[1])
+        acc[1] = quantile_sketch.of(acc[1])
     if draw(st.booleans()):  # a count as a long-lived window could have
         acc[0] += draw(st.integers(0, 2**61)) if func == "count" else 0
     return acc

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.aggregation import sketch
+from service.aggregation import quantile_sketch
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.core.events import AGG_FUNCS
 
@@ -79,9 +79,9 @@ def test_percentile_between_opposite_near_max_values_is_finite(name: str) -> Non
     q = Fraction(int(name[1:]), 100)
     expected = float(Fraction(-1.7e308) + q * (Fraction(1.7e308) - Fraction(-1.7e308)))
     assert math.isclose(FUNCTIONS[name].result(acc), expected, rel_tol=1e-15)
-    big = sketch.of([-MAX, MAX, -1.7e308, 1.7e308])
+    big = quantile_sketch.of([-MAX, MAX, -1.7e308, 1.7e308])
     for q_ in (0.0, 0.3, 0.5, 0.99, 1.0):
-        assert math.isfinite(sketch.quantile(big, q_))
+        assert math.isfinite(quantile_sketch.quantile(big, q_))
 
 
 def test_sum_refuses_the_event_that_would_overflow_and_keeps_its_value() -> None:

@@ -1,0 +1,1 @@
+"""Helpers for consumers of the service's outputs; importing them starts nothing."""
