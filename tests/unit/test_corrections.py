@@ -187,7 +187,9 @@ def test_kept_windows_travel_in_the_checkpoint() -> None:
     [cp] = agg.release(["p0"])
     other, _ = make()
     other.restore([cp])
-    assert revs(run(other, [rec(ev("a", 7, S + 4, "p50"))])) == [("a", "p50", S, 3, 4.0, 4)]
+    out = run(other, [rec(ev("a", 7, S + 4, "p50"))])
+    assert revs(out) == [("a", "p50", S, 3, 4.0, 4)]
+    assert out.aggregates[0].sketch is not None  # a revision carries its sketch too
     assert other.ledger()["imbalance"] == 0
     assert other.ledger()["late_applied"] == 2  # the ledger is cumulative
 
