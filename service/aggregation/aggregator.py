@@ -17,9 +17,11 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from service.aggregation.batch_run import BatchRun, Limits
+from service.aggregation.batch_run import BatchRun, Correction, Limits
+from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
 from service.aggregation.emission import aggregates_of, take_through
+from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
 from service.aggregation.series import SeriesBudget, TagRule
@@ -59,6 +61,7 @@ class EventAggregator:
         self._cfg = cfg
         self._interval = cfg.interval_s
         self._idle_s = cfg.effective_idle_timeout_s
+        self._lateness = cfg.allowed_lateness_s  # 0: emitted windows are not kept
         self._metrics = metrics
         self._clock = clock
         self._max_bytes = max_message_bytes
@@ -100,7 +103,8 @@ class EventAggregator:
         """The ledger of the partitions held here, summed: cumulative counts (across
         restarts: they are checkpointed) and ``open`` (events in open windows) and
         ``imbalance`` = received - (emitted + open + late + rejected + dropped), which is 0
-        (``dropped``: events of windows whose state could not be used)."""
+        (``dropped``: events of windows whose state could not be used). ``late_applied``
+        (corrections, once there are any) counts among aggregated and emitted."""
         total: dict[str, int] = {}
         for p in self._parts.values():
             for key, n in p.ledger_totals().items():
@@ -128,7 +132,8 @@ class EventAggregator:
         keys = (
             list(self._parts) if partitions is None else [k for k in partitions if k in self._parts]
         )
-        return [self._parts[k].snapshot(k) for k in keys]
+        keeps = self._lateness > 0
+        return [self._parts[k].snapshot(k, keeps=keeps) for k in keys]
 
     def on_durable(self, checkpoints: Iterable[PartitionCheckpoint]) -> None:
         """These checkpoints (of :meth:`snapshot`) are durable: drop what they covered."""
@@ -228,6 +233,7 @@ class EventAggregator:
             part = self._parts[batch.partition] = PartitionState()
         seen = self._clock.monotonic() if batch.polled_at is None else batch.polled_at
         out = Outputs()
+        corrections: list[Correction] = []
         if batch.origins is not None:
             if part.routed is None:
                 part.routed = RoutedTime(known_at=seen)
@@ -238,7 +244,7 @@ class EventAggregator:
         part.reported_at = max(part.reported_at, seen)
         if batch.records:
             part.last_message_at = seen
-            self._aggregate(part, batch, out)
+            corrections = self._aggregate(part, batch, out)
         if batch.progress is not None and part.routed is not None:
             part.routed.on_progress(batch.progress, part.reported_at)
         if batch.next_position is not None:
@@ -249,16 +255,49 @@ class EventAggregator:
             self._close_ready(out)
         except Exception as exc:
             raise CloseError(f"closing windows raised {exc!r}") from exc
+        if self._lateness:
+            if corrections:  # after the close: a window this batch closed is emitted first
+                self._correct(part, batch, corrections, out)
+            self._free_kept()
         return out
 
-    def _aggregate(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> None:
+    def _aggregate(
+        self, part: PartitionState, batch: SourceBatch, out: Outputs
+    ) -> list[Correction]:
         """Apply the batch's records (:mod:`service.aggregation.batch_run`), then count
-        them in the ledger and the metrics."""
+        them in the ledger and the metrics; returns the corrections it found."""
         self._dead.forget()  # a batch that failed half-way: not its roll-ups
         run = self._start_run(part, batch, out)
         run.run()
         self._dead.finish(out)
         self._finish_run(part, batch, run)
+        return run.corrections
+
+    def _correct(
+        self, part: PartitionState, batch: SourceBatch, found: list[Correction], out: Outputs
+    ) -> None:
+        """Apply a batch's corrections (:mod:`service.aggregation.corrections`)."""
+        apply_corrections(
+            part,
+            self._parts.values(),
+            batch,
+            found,
+            out,
+            self._dead,
+            interval=self._interval,
+            now=self._clock.now(),
+            metrics=self._metrics,
+            tags=self._tags,
+        )
+
+    def _free_kept(self) -> None:
+        """Free the kept windows whose partition's watermark passed their end plus the
+        allowed lateness (a partition's event time moves only with its own batches, but
+        the windows it keeps are emitted when the slowest partition allows)."""
+        grace, interval, lateness = self._cfg.grace_s, self._interval, self._lateness
+        for p in self._parts.values():
+            if p.kept and p.max_ts is not None:
+                expire(p.kept, p.max_ts - grace, interval, lateness)
 
     def _start_run(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> BatchRun:
         cfg = self._cfg
@@ -284,6 +323,7 @@ class EventAggregator:
             others=others,
             idle_s=self._idle_s,
             tags=self._tags,
+            lateness=self._lateness,
         )
 
     def _finish_run(self, part: PartitionState, batch: SourceBatch, run: BatchRun) -> None:
@@ -361,7 +401,12 @@ class EventAggregator:
         """Emit every window ending at or before ``boundary``, merged over partitions
         (:mod:`service.aggregation.emission`)."""
         taken = take_through(
-            self._parts.values(), boundary, self._interval, self._idle_s, self._metrics
+            self._parts.values(),
+            boundary,
+            self._interval,
+            self._idle_s,
+            self._metrics,
+            keep=self._lateness > 0,
         )
         self._open -= taken.keys
         if not taken.ready:

@@ -44,6 +44,7 @@ from service.aggregation.windows import (
     close_index,
     event_time_limit,
     is_ahead,
+    is_correctable,
     is_late,
     window_index,
 )
@@ -52,7 +53,7 @@ from service.bus.base import SourceBatch
 if TYPE_CHECKING:
     from service.pipeline.flow import Outputs
 
-__all__ = ["BatchRun", "Limits"]
+__all__ = ["BatchRun", "Correction", "Limits"]
 
 # The accumulators by function, looked up at call time (tests wrap entries of them).
 _NEW: Final[dict[str, Callable[[float, float], Acc]]] = {k: f.new for k, f in FUNCTIONS.items()}
@@ -89,6 +90,19 @@ class Limits(NamedTuple):
     max_elements: int
 
 
+class Correction(NamedTuple):
+    """A late event within the allowed lateness of its emitted window, found by the run
+    and applied after the batch's windows have closed (a window this batch closed is
+    emitted first, then corrected: as if each record were its own batch), in record
+    order (:mod:`service.aggregation.corrections`)."""
+
+    idx: int  # its record (message) in the batch: one revision per record and key
+    start: float
+    key: WindowKey
+    event: WireEvent
+    raw: RawOf  # for a dead letter (overflow)
+
+
 class BatchRun:
     """One batch of one partition being applied; ``run()`` once, then read the results."""
 
@@ -105,6 +119,7 @@ class BatchRun:
         others: tuple[float, bool],
         idle_s: float,
         tags: TagRule | None = None,
+        lateness: float = 0.0,
     ) -> None:
         self.part, self.batch, self.out, self.dead, self.limits = part, batch, out, dead, limits
         self.now = now
@@ -128,6 +143,8 @@ class BatchRun:
             self.wire, self.decode_tagged = tags.wire, tags.decode
             if part.series is None:
                 part.series = SeriesBudget.of(part.windows)
+        self.lateness = lateness  # AGGREGATION_ALLOWED_LATENESS
+        self.corrections: list[Correction] = []
         if part.routed is not None:
             part.routed.limit(idle_s, part.reported_at)  # time and reports may have moved it
 
@@ -259,7 +276,7 @@ class BatchRun:
         there every event moves the slowest input partition's event time)."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
         k = window_index(ts, self.limits.interval)
-        keyed = self._accumulate(idx, record, evs, raws, ev, k * self.limits.interval)
+        keyed = self._accumulate(idx, record, evs, raws, ev, k * self.limits.interval, part_max)
         if keyed is None:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
         self.accepted += 1
@@ -277,6 +294,7 @@ class BatchRun:
         raws: list[Any] | None,
         ev: WireEvent,
         start: float,
+        part_max: float,
     ) -> dict[WindowKey, Acc] | None:
         """Add the event to the accumulator of its window (which starts at ``start``);
         returns that window, or None when the event was refused (dead-lettered). A name
@@ -288,7 +306,7 @@ class BatchRun:
         windows = self.part.windows
         if is_late(start, interval, self.closed_until, self.part.ahead_closed):
             if not self._bad_name(idx, record, evs, raws, ev):
-                self._late(idx, record, evs, raws, ev, start)
+                self._late(idx, record, evs, raws, ev, start, part_max)
             return None
         keyed = windows.get(start)
         if keyed is None:
@@ -468,7 +486,18 @@ class BatchRun:
         raws: list[Any] | None,
         ev: WireEvent,
         start: float,
+        part_max: float,
     ) -> None:
+        """An event for an emitted window: a correction while the window is correctable
+        by its partition's watermark at this event (event by event, so the same records
+        give the same decisions however they are batched), else dead-lettered."""
+        lim = self.limits
+        if self.lateness and is_correctable(
+            start, lim.interval, part_max - lim.grace, self.lateness, self.part.kept_from
+        ):
+            key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
+            self.corrections.append(Correction(idx, start, key, ev, RawOf(ev, evs, raws, record)))
+            return
         late_key = (name_of(ev.name), CANONICAL_FUNCS[ev.agg_func], start)  # per name
         late_windows = self.part.late_windows
         late_windows[late_key] = late_windows.get(late_key, 0) + 1

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
+from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import sketch_of
 from service.aggregation.series import SEP, split
@@ -32,13 +33,17 @@ _RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUN
 
 class Taken:
     """The windows a boundary took out: merged by start, the partition that gave each
-    its first share (blamed when its result is unusable), and how many keys in all."""
+    its first share (blamed when its result is unusable), and how many keys in all;
+    ``revisions``: of corrections (:mod:`service.aggregation.corrections`), else 1."""
 
-    __slots__ = ("keys", "owner", "ready")
+    __slots__ = ("keys", "owner", "private", "ready", "revisions")
 
     def __init__(self) -> None:
         self.ready: dict[float, dict[WindowKey, Acc]] = {}
         self.owner: dict[float, PartitionState] = {}
+        self.revisions: dict[float, dict[WindowKey, int]] = {}
+        # keeping: the merged accumulators that are copies (the others are kept shares)
+        self.private: dict[float, set[WindowKey]] | None = None
         self.keys = 0
 
 
@@ -48,10 +53,16 @@ def take_through(
     interval: float,
     idle_s: float,
     metrics: MetricsCollector,
+    *,
+    keep: bool = False,
 ) -> Taken:
     """Take out every window ending at or before ``boundary``, merged over partitions,
-    and move each partition's emitted boundary."""
+    and move each partition's emitted boundary; ``keep`` (allowed lateness above 0):
+    each partition keeps its share for corrections (``kept``, revision 1), and a merge
+    of shares works on copies (only of the keys that several partitions share)."""
     taken = Taken()
+    if keep:
+        taken.private = {}
     for p in parts:
         if p.closed_until >= boundary:
             continue
@@ -69,6 +80,8 @@ def take_through(
             keyed = p.windows.pop(start)
             if p.series is not None:
                 p.series.forget(start)
+            if keep:
+                p.kept[start] = {key: Kept(acc, 1) for key, acc in keyed.items()}
             taken.keys += len(keyed)
             p.on_emitted(keyed)
             _merge(taken, p, start, keyed, metrics)
@@ -83,8 +96,9 @@ def _merge(
     metrics: MetricsCollector,
 ) -> None:
     into = taken.ready.get(start)
+    private = taken.private
     if into is None:
-        taken.ready[start] = keyed
+        taken.ready[start] = keyed if private is None else dict(keyed)
         taken.owner[start] = p
         return
     for key, acc in keyed.items():
@@ -92,6 +106,11 @@ def _merge(
         if mine is None:
             into[key] = acc
             continue
+        if private is not None:  # never merge into a kept share: into a copy of it
+            copied = private.setdefault(start, set())
+            if key not in copied:
+                into[key] = mine = copy_acc(mine)
+                copied.add(key)
         try:
             FUNCTIONS[key[1]].merge(mine, acc)
         except OverflowError:
@@ -110,6 +129,7 @@ def aggregates_of(
     names: dict[str, tuple[str, Mapping[str, str] | None]] = {}  # series -> split, cached
     for start in sorted(taken.ready):
         end = start + interval
+        revisions = taken.revisions.get(start)
         for (series, func), acc in taken.ready[start].items():
             try:
                 value = result_of[func](acc)
@@ -117,15 +137,30 @@ def aggregates_of(
             except Exception:  # a broken state must not stop the stage: dropped
                 finite = False
             if finite:
+                revision = 1 if revisions is None else revisions[(series, func)]
                 sketch = sketch_of(func, acc)  # p50..p99: the DDSketch (contract 12.5)
                 if not tagged and SEP not in series:  # without tags: as before v1.3
-                    append(Aggregate(series, func, value, acc[0], start, end, now, sketch=sketch))
+                    append(
+                        Aggregate(
+                            series,
+                            func,
+                            value,
+                            acc[0],
+                            start,
+                            end,
+                            now,
+                            revision=revision,
+                            sketch=sketch,
+                        )
+                    )
                     continue
                 split_ = names.get(series)
                 if split_ is None:
                     split_ = names[series] = _split(series, tagged)
                 name, tags = split_
-                append(Aggregate(name, func, value, acc[0], start, end, now, tags, sketch=sketch))
+                append(
+                    Aggregate(name, func, value, acc[0], start, end, now, tags, revision, sketch)
+                )
             else:
                 _on_unusable(taken.owner[start], (series, func), start, acc, metrics)
     return emitted

@@ -42,7 +42,9 @@ from typing import Any, Final
 
 import orjson
 
+from service.aggregation import kept as kept_windows
 from service.aggregation.functions import FUNCTIONS, Acc, valid
+from service.aggregation.kept import KeptWindows
 from service.aggregation.origins import RoutedTime
 from service.aggregation.percentiles import PERCENTILES, v13_layout
 from service.aggregation.series import SEP, SeriesBudget, valid_series
@@ -107,6 +109,12 @@ class PartitionState:
     # AGGREGATION_GROUP_BY set: the tag sets open per window and name (the series
     # budget), derived from ``windows`` on first use, so never checkpointed
     series: SeriesBudget | None = None
+    # AGGREGATION_ALLOWED_LATENESS > 0: this partition's shares of emitted windows, kept
+    # for corrections (service.aggregation.kept); windows starting before ``kept_from``
+    # were emitted without being kept; late events applied as corrections per window
+    kept: KeptWindows = field(default_factory=dict)
+    kept_from: float = NEG_INF
+    late_applied: dict[tuple[str, str, float], int] = field(default_factory=dict)
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -131,6 +139,21 @@ class PartitionState:
     def on_emitted(self, keyed: dict[WindowKey, Acc]) -> None:
         self.totals["emitted"] = self.totals.get("emitted", 0) + sum(a[0] for a in keyed.values())
 
+    def on_corrected(
+        self, interval_start: float, applied: dict[tuple[str, str, float], int]
+    ) -> None:
+        """Count late events applied to emitted windows (``late_applied``, per interval of
+        receipt and per window). They are emitted once, with the revision they are in:
+        ``emitted`` counts them, not the whole window again."""
+        n = sum(applied.values())
+        bucket = self.intervals.setdefault(interval_start, {})
+        for target in (self.totals, bucket):
+            target["late_applied"] = target.get("late_applied", 0) + n
+        self.totals["emitted"] = self.totals.get("emitted", 0) + n
+        per_window = self.late_applied
+        for key, c in applied.items():
+            per_window[key] = per_window.get(key, 0) + c
+
     def ledger_totals(self) -> dict[str, int]:
         """Cumulative counts plus ``open``: the events in this partition's open windows."""
         view = dict(self.totals)
@@ -142,6 +165,11 @@ class PartitionState:
             "totals": dict(self.totals),
             "intervals": {repr(k): dict(v) for k, v in self.intervals.items()},
             "late_windows": [[n, f, s, c] for (n, f, s), c in self.late_windows.items()],
+            **(
+                {"late_applied": [[n, f, s, c] for (n, f, s), c in self.late_applied.items()]}
+                if self.late_applied
+                else {}
+            ),
         }
 
     def on_durable(self, ledger: Mapping[str, Any]) -> None:
@@ -154,11 +182,15 @@ class PartitionState:
         for start in starts[:-2]:
             if self.intervals.get(start) == ledger["intervals"][repr(start)]:
                 del self.intervals[start]
-        late = ledger.get("late_windows", [])
-        if len(late) > _LATE_WINDOWS_KEPT:
-            for n, f, start, c in sorted(late, key=lambda e: e[2])[:-_LATE_WINDOWS_KEPT]:
-                if self.late_windows.get((n, f, start)) == c:
-                    del self.late_windows[(n, f, start)]
+        for field_name, counts in (
+            ("late_windows", self.late_windows),
+            ("late_applied", self.late_applied),
+        ):
+            late = ledger.get(field_name, [])
+            if len(late) > _LATE_WINDOWS_KEPT:
+                for n, f, start, c in sorted(late, key=lambda e: e[2])[:-_LATE_WINDOWS_KEPT]:
+                    if counts.get((n, f, start)) == c:
+                        del counts[(n, f, start)]
 
     # -- the idleness rule ------------------------------------------------------------
     def idle(self, idle_timeout_s: float) -> bool:
@@ -213,6 +245,8 @@ class PartitionState:
             "lag": self.lag,
             "seconds_since_message": max(0.0, now_mono - self.last_message_at),
             "open_windows": self.open_windows(),
+            # emitted window keys kept for corrections (AGGREGATION_ALLOWED_LATENESS)
+            "kept_windows": sum(len(keyed) for keyed in self.kept.values()),
             **self._series_view(),
         }
 
@@ -227,9 +261,10 @@ class PartitionState:
         }
 
     # -- checkpoint format ------------------------------------------------------------
-    def snapshot(self, partition: str) -> PartitionCheckpoint:
+    def snapshot(self, partition: str, *, keeps: bool = False) -> PartitionCheckpoint:
         """The checkpoint of this state; changes nothing, since a checkpoint can be given
-        up before it is durable (:meth:`on_durable` follows when it is)."""
+        up before it is durable (:meth:`on_durable` follows when it is). ``keeps``: the
+        allowed lateness is above 0, the kept windows are written."""
         windows: list[list[Any]] = [
             [start, name, func, acc]
             for start, keyed in self.windows.items()
@@ -248,6 +283,8 @@ class PartitionState:
             "ledger": (ledger := self._ledger_body()),
             "windows": windows,
         }
+        if keeps:
+            body.update(kept_windows.encode(self.kept, self.kept_from))
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
@@ -287,6 +324,17 @@ class PartitionState:
             problem = f"unreadable state: {exc!r}"
             return fresh, [Dropped(None, None, None, 0, problem, whole=True)]
         dropped: list[Dropped] = []
+        final_from = kept_windows.restored_from(p.closed_until, p.ahead_closed)
+        try:
+            kept = kept_windows.decode(body, final_from)
+        except (TypeError, ValueError) as exc:
+            kept = None
+            dropped.append(Dropped(None, None, None, 0, f"kept windows unreadable: {exc!r}"))
+        if kept is None:
+            p.kept_from = final_from
+        else:
+            p.kept, p.kept_from, unusable = kept
+            dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
         for entry in entries:
             why = _invalid_window(entry)
             if why is None:
@@ -315,6 +363,9 @@ class PartitionState:
         }
         self.late_windows = {
             (str(n), str(f), float(st)): int(c) for n, f, st, c in ledger.get("late_windows", [])
+        }
+        self.late_applied = {
+            (str(n), str(f), float(st)): int(c) for n, f, st, c in ledger.get("late_applied", [])
         }
 
     def on_dropped(self, events: int, *, emitted: bool = False) -> None:

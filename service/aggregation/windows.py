@@ -21,6 +21,8 @@ __all__ = [
     "emitted_by",
     "event_time_limit",
     "is_ahead",
+    "is_correctable",
+    "is_expired",
     "is_idle",
     "is_late",
     "quiet_close",
@@ -65,6 +67,23 @@ def is_late(start: float, interval: float, closed_until: float, ahead_closed: se
     it ends at or before the emitted boundary, or the quiet rule emitted it above the
     partition's event time (``ahead_closed``, see :func:`quiet_close`)."""
     return start + interval <= closed_until or (bool(ahead_closed) and start in ahead_closed)
+
+
+def is_correctable(
+    start: float, interval: float, watermark: float, lateness: float, kept_from: float
+) -> bool:
+    """Whether an emitted window still takes a late event as a correction (contract
+    §12.4): its partition's watermark (its own event time minus the grace, at that event)
+    has not reached its end plus the allowed lateness, and it was emitted while emitted
+    windows were kept (it starts at or after ``kept_from``)."""
+    end = start + interval
+    return start >= kept_from and watermark < end + lateness
+
+
+def is_expired(start: float, interval: float, watermark: float, lateness: float) -> bool:
+    """Whether a kept window can no longer be corrected (the negation of
+    :func:`is_correctable`'s time rule): it is freed."""
+    return watermark >= start + interval + lateness
 
 
 def is_ahead(ts: float, lead_cap: float) -> bool:

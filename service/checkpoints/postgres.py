@@ -67,14 +67,30 @@ _LEDGER_UPSERT: Final = f"""
     FROM unnest($2::text[], $3::float8[], $4::text[], $5::int8[]) AS u(p, i, c, n)
     ON CONFLICT (namespace, partition, interval_start, counter) DO UPDATE SET
         n = EXCLUDED.n, updated_at = now()"""
-_LATE_UPSERT: Final = f"""
+
+
+def _late_upsert(column: str) -> str:
+    """Absolute counts of one column of ``vabus_window_late`` (``late``: dead-lettered,
+    ``late_applied``: corrections); one column per statement, so that a window whose
+    other count was already forgotten in memory (written, final) keeps it."""
+    other = "late_applied" if column == "late" else "late"
+    return f"""
     INSERT INTO {WINDOW_LATE_TABLE}
-        (namespace, partition, name, agg_func, window_start, late, updated_at)
-    SELECT $1, p, nm, f, to_timestamp(w), l, now()
+        (namespace, partition, name, agg_func, window_start, {column}, {other}, updated_at)
+    SELECT $1, p, nm, f, to_timestamp(w), l, 0, now()
     FROM unnest($2::text[], $3::text[], $4::text[], $5::float8[], $6::int8[])
         AS u(p, nm, f, w, l)
     ON CONFLICT (namespace, partition, name, agg_func, window_start) DO UPDATE SET
-        late = EXCLUDED.late, updated_at = now()"""
+        {column} = EXCLUDED.{column}, updated_at = now()"""
+
+
+_LATE_UPSERTS: Final = {
+    field: _late_upsert(column)
+    for field, column in (
+        ("late_windows", "late"),
+        ("late_applied", "late_applied"),
+    )
+}
 
 
 _CLAIM: Final = f"""
@@ -93,7 +109,6 @@ _OWNERS: Final = f"""
 async def _save_ledger(conn: Any, namespace: str, rows: Sequence[PartitionCheckpoint]) -> None:
     """The ledger of each checkpoint, as absolute counts: exact after any replay."""
     parts, starts, counters, counts = [], [], [], []
-    lparts, names, funcs, windows, lates = [], [], [], [], []
     for c in rows:
         if not c.ledger:
             continue
@@ -103,16 +118,19 @@ async def _save_ledger(conn: Any, namespace: str, rows: Sequence[PartitionCheckp
                 starts.append(float(start))
                 counters.append(counter)
                 counts.append(n)
-        for name, func, window, late in c.ledger.get("late_windows", []):
-            lparts.append(c.partition)
-            names.append(storable_text(name))  # never fail the checkpoint on a name
-            funcs.append(func)
-            windows.append(window)
-            lates.append(late)
     if parts:
         await conn.execute(_LEDGER_UPSERT, namespace, parts, starts, counters, counts)
-    if lparts:
-        await conn.execute(_LATE_UPSERT, namespace, lparts, names, funcs, windows, lates)
+    for field, upsert in _LATE_UPSERTS.items():
+        lparts, names, funcs, windows, lates = [], [], [], [], []
+        for c in rows:
+            for name, func, window, late in (c.ledger or {}).get(field, []):
+                lparts.append(c.partition)
+                names.append(storable_text(name))  # never fail the checkpoint on a name
+                funcs.append(func)
+                windows.append(window)
+                lates.append(late)
+        if lparts:
+            await conn.execute(upsert, namespace, lparts, names, funcs, windows, lates)
 
 
 async def save_in_transaction(

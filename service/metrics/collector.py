@@ -80,6 +80,7 @@ class MetricsCollector:
     events_received = Read("events_received", count)
     events_aggregated = Read("events_aggregated", count)
     events_late = Read("events_late", count)
+    events_late_applied = Read("events_late_applied", count)
     events_ahead = Read("events_ahead", count)
     series_overflow = Read("series_overflow", count)
     aggregates_emitted = Read("aggregates_emitted", count)
@@ -205,6 +206,10 @@ class MetricsCollector:
 
     def on_events_late(self, n: int = 1) -> None:
         self._counters["events_late"].inc(n)
+
+    def on_events_late_applied(self, n: int) -> None:
+        """Late events applied as corrections (AGGREGATION_ALLOWED_LATENESS)."""
+        self._counters["events_late_applied"].inc(n)
 
     def on_events_ahead(self, n: int) -> None:
         """Events aggregated without moving event time: further ahead of the clock than

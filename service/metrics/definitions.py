@@ -152,6 +152,11 @@ DECLARED: Final[tuple[Declared, ...]] = (
     _counter("events_aggregated", "Events added to windows.", bus=True),
     _counter("events_late", "Events behind the watermark past grace.", bus=True),
     _counter(
+        "events_late_applied",
+        "Late events applied to an emitted window as a correction (allowed lateness).",
+        bus=True,
+    ),
+    _counter(
         "events_ahead",
         "Events aggregated without moving event time: too far ahead of the clock.",
         bus=True,

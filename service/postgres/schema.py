@@ -225,9 +225,15 @@ def checkpoint_ddl(checkpoint_table: str = CHECKPOINT_TABLE) -> list[str]:
             agg_func     text        NOT NULL,
             window_start timestamptz NOT NULL,
             late         bigint      NOT NULL,
+            late_applied bigint      NOT NULL DEFAULT 0,
             updated_at   timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (namespace, partition, name, agg_func, window_start)
         )""",
+        # v1.3: late events applied as corrections (AGGREGATION_ALLOWED_LATENESS); a
+        # table of an older release gets the column, its rows 0 (they had none)
+        _add_column_if_missing(
+            quote_identifier(WINDOW_LATE_TABLE), "late_applied", "bigint NOT NULL DEFAULT 0"
+        ),
         # the epoch of each partition's owner: raised by every restore (a load), checked
         # by every save (service.checkpoints.postgres); ``store`` is the checkpoint table
         f"""CREATE TABLE IF NOT EXISTS {OWNER_TABLE} (

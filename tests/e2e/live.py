@@ -68,6 +68,9 @@ TIME_SCALE = 10.0  # event-time seconds per wall second
 OUT_OF_ORDER = 0.1  # fraction of events moved back in time
 MAX_SHIFT_MS = 999  # < GRACE_S / 2: out of order, never late
 CHECKPOINT_MARGIN_S = 3.0  # a written window is used for late events this long after
+# AGGREGATION_ALLOWED_LATENESS > 0: how far (event-time seconds) a late event stays from
+# the end of its window's correction time, on the side it is released for
+LATENESS_SAFETY_S = 10.0
 SEEN_LAG_S = 1.5  # a window may be seen this long after it was written (poll + read)
 TICK_S = 0.02  # producer pacing step
 POLL_S = 0.5  # how often the observed output is read for written windows
@@ -252,6 +255,8 @@ class LiveFeed:
         late: int,
         seed: int,
         late_partitions: Iterable[int] | None = None,
+        corrections: int = 0,
+        lateness: float = 0.0,
     ) -> None:
         self._bootstrap, self._topic, self._w = bootstrap, topic, workload
         self._observe, self._where = observe, where
@@ -263,6 +268,14 @@ class LiveFeed:
         first, last = min(4.5, workload.duration / 3), 0.85 * workload.duration
         step = (last - first) / max(late - 1, 1)
         self._late_due = [first + j * step for j in range(late)]
+        # AGGREGATION_ALLOWED_LATENESS: late events are released only for windows whose
+        # correction time has passed; ``corrections`` events only for windows still
+        # correctable (judged by the event time sent so far: the partition's own)
+        self._lateness = lateness
+        self._corrections = corrections
+        cstep = (last - first) / max(corrections - 1, 1)
+        self._correction_due = [first + 0.5 + j * cstep for j in range(corrections)]
+        self.corrected: list[LateEvent] = []
         self._written: dict[tuple[int, float], tuple[float, list[str]]] = {}
         self._disruptions: list[float] = []
         self.started = 0.0
@@ -300,13 +313,18 @@ class LiveFeed:
         msgs, i = self._w.messages, 0
         late_deadline = self._w.duration + 30.0
         try:
-            while i < len(msgs) or len(self.released) < self._late:
+            while (
+                i < len(msgs)
+                or len(self.released) < self._late
+                or len(self.corrected) < self._corrections
+            ):
                 now = self.elapsed()
                 chunk: list[Message] = []
                 while i < len(msgs) and msgs[i].at <= now:
                     chunk.append(msgs[i])
                     i += 1
                 chunk.extend(self._due_late(now))
+                chunk.extend(self._due_corrections(now))
                 if chunk:
                     await _send(producer, self._topic, chunk)
                     self.sent, self.done_at = i, self.elapsed()
@@ -315,25 +333,39 @@ class LiveFeed:
                 if now > late_deadline:
                     raise AssertionError(
                         f"harness: released {len(self.released)} of {self._late} late events "
+                        f"and {len(self.corrected)} of {self._corrections} corrections "
                         f"in {now:.0f} s: no window was seen written in {self._where}"
                     )
                 await asyncio.sleep(max(0.0, TICK_S - (self.elapsed() - now)))
         finally:
             await producer.stop()
 
+    def _usable(self, now: float) -> list[tuple[int, float]]:
+        """(partition, window) seen written, with a checkpoint since and no disruption
+        around: a late event for it is late in every possible run."""
+        return [
+            (p, ws)
+            for (p, ws), (seen, _) in self._written.items()
+            if p in self._allowed
+            and now - seen >= CHECKPOINT_MARGIN_S
+            and not any(
+                seen - SEEN_LAG_S <= d < seen + CHECKPOINT_MARGIN_S for d in self._disruptions
+            )
+        ]
+
+    def _event_time(self, now: float) -> float:
+        """About the largest event time sent to every partition by now."""
+        return self._w.t0 + TIME_SCALE * min(now, self._w.duration)
+
     def _due_late(self, now: float) -> list[Message]:
         out: list[Message] = []
+        # with lateness, a window whose correction time has passed (with a margin)
+        done_before = self._event_time(now) - GRACE_S - self._lateness - LATENESS_SAFETY_S
         while len(self.released) < self._late and self._late_due[len(self.released)] <= now:
             j = len(self.released)
-            usable = [
-                (p, ws)
-                for (p, ws), (seen, _) in self._written.items()
-                if p in self._allowed
-                and now - seen >= CHECKPOINT_MARGIN_S
-                and not any(
-                    seen - SEEN_LAG_S <= d < seen + CHECKPOINT_MARGIN_S for d in self._disruptions
-                )
-            ]
+            usable = self._usable(now)
+            if self._lateness:
+                usable = [(p, ws) for p, ws in usable if ws + INTERVAL <= done_before]
             if not usable:
                 break
             want = self._allowed[j % len(self._allowed)]
@@ -347,6 +379,32 @@ class LiveFeed:
                 "agg_func": self._w.funcs[name],
             }
             self.released.append(LateEvent(ev, p, ws, now))
+            key = None if self._w.unkeyed else name.encode()
+            out.append(Message(now, p, key, orjson.dumps(ev)))
+        return out
+
+    def _due_corrections(self, now: float) -> list[Message]:
+        """Late events for windows still correctable (``LATENESS_SAFETY_S`` before their
+        correction time ends), each for a window of its own partition."""
+        out: list[Message] = []
+        open_after = self._event_time(now) - GRACE_S - self._lateness + LATENESS_SAFETY_S
+        while (
+            len(self.corrected) < self._corrections
+            and self._correction_due[len(self.corrected)] <= now
+        ):
+            j = len(self.corrected)
+            usable = [(p, ws) for p, ws in self._usable(now) if ws + INTERVAL >= open_after]
+            if not usable:
+                break
+            p, ws = self._rng.choice(sorted(usable))
+            name = self._rng.choice(self._written[(p, ws)][1])
+            ev = {
+                "name": name,
+                "value": 2e6 + j,  # far from every other value
+                "timestamp": round(ws + self._rng.randint(0, 9_999) / 1000, 3),
+                "agg_func": self._w.funcs[name],
+            }
+            self.corrected.append(LateEvent(ev, p, ws, now))
             key = None if self._w.unkeyed else name.encode()
             out.append(Message(now, p, key, orjson.dumps(ev)))
         return out
@@ -431,10 +489,12 @@ def _epoch(iso: str) -> float:
 
 @dataclass
 class KafkaAggregates:
-    latest: dict[Key, tuple[float, int]]  # the last value per key, in offset order
+    latest: dict[Key, tuple[float, int]]  # per key: the highest revision, the last of it
     messages: int
-    conflicting: int  # keys that were emitted with two different values
-    repeated: Counter[Key] = field(default_factory=Counter)  # key -> messages beyond one
+    conflicting: int  # (key, revision)s that were emitted with two different values
+    repeated: Counter[Key] = field(default_factory=Counter)  # key -> (key, revision) repeats
+    # per key, the revision of each of its messages in offset order (corrections: 1, 2..)
+    revisions: dict[Key, list[int]] = field(default_factory=dict)
 
     def repeats_by_partition(self, workload: LiveWorkload) -> dict[int, int]:
         """Messages beyond the first per key, by the input partition of the key's name."""
@@ -453,29 +513,46 @@ class KafkaAggregates:
         return {p: sorted(v) for p, v in sorted(out.items())}
 
 
-async def read_aggregates(bootstrap: str, topic: str, expected: Results) -> KafkaAggregates:
-    def keyed(records: list[Any]) -> list[tuple[Key, tuple[float, int]]]:
-        out = []
-        for m in records:
-            v = orjson.loads(m.value)
-            out.append(
-                ((v["name"], v["agg_func"], _epoch(v["window_start"])), (v["value"], v["count"]))
-            )
-        return out
+def _keyed(m: Any) -> tuple[Key, int, tuple[float, int]]:
+    """(key, revision, (value, count)) of an aggregate message."""
+    v = orjson.loads(m.value)
+    key = (v["name"], v["agg_func"], _epoch(v["window_start"]))
+    return key, v.get("revision", 1), (v["value"], v["count"])
 
-    records = await _read_topic(
-        bootstrap, topic, lambda rs: expected.keys() <= {k for k, _ in keyed(rs)}
-    )
+
+async def read_aggregates(
+    bootstrap: str, topic: str, expected: Results | Callable[[], Results]
+) -> KafkaAggregates:
+    """The topic read to its end. Each ``(key, revision)`` is one aggregate: a second
+    message of it is a repeat; the result per key is its highest revision."""
+
+    def ready(records: list[Any]) -> bool:
+        """Every expected key there, with its count in its highest revision."""
+        want = expected() if callable(expected) else expected
+        got: dict[Key, tuple[int, int]] = {}
+        for m in records:
+            key, revision, (_, count) = _keyed(m)
+            got[key] = max(got.get(key, (0, 0)), (revision, count))
+        return want.keys() <= got.keys() and all(got[k][1] == want[k][1] for k in want)
+
+    records = await _read_topic(bootstrap, topic, ready)
     latest: dict[Key, tuple[float, int]] = {}
-    conflicting: set[Key] = set()
+    top: dict[Key, int] = {}
+    seen: dict[tuple[Key, int], tuple[float, int]] = {}
+    conflicting: set[tuple[Key, int]] = set()
     repeated: Counter[Key] = Counter()
-    for key, value in keyed(records):
-        if key in latest:
+    revisions: dict[Key, list[int]] = {}
+    for m in records:
+        key, revision, value = _keyed(m)
+        revisions.setdefault(key, []).append(revision)
+        if (key, revision) in seen:
             repeated[key] += 1
-            if latest[key] != value:
-                conflicting.add(key)
-        latest[key] = value
-    return KafkaAggregates(latest, len(records), len(conflicting), repeated)
+            if seen[(key, revision)] != value:
+                conflicting.add((key, revision))
+        seen[(key, revision)] = value
+        if revision >= top.get(key, 0):
+            top[key], latest[key] = revision, value
+    return KafkaAggregates(latest, len(records), len(conflicting), repeated, revisions)
 
 
 class AggregatesTail:
@@ -494,6 +571,7 @@ class AggregatesTail:
         self._lock = asyncio.Lock()
         self._started = False
         self.latest: dict[Key, tuple[float, int]] = {}
+        self._top: dict[Key, int] = {}
         self.messages = 0
 
     async def start(self) -> None:
@@ -512,9 +590,9 @@ class AggregatesTail:
                 batches = await self._consumer.getmany(timeout_ms=100, max_records=50_000)
                 got = [m for msgs in batches.values() for m in msgs]
                 for m in got:
-                    v = orjson.loads(m.value)
-                    key = (v["name"], v["agg_func"], _epoch(v["window_start"]))
-                    self.latest[key] = (v["value"], v["count"])
+                    key, revision, value = _keyed(m)
+                    if revision >= self._top.get(key, 0):  # the highest revision wins
+                        self._top[key], self.latest[key] = revision, value
                 self.messages += len(got)
                 if not got:
                     break
@@ -541,8 +619,9 @@ async def pg_dead_letters(dsn: str, source_topic: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def service_counters(port: int) -> tuple[int, Counter[str]] | None:
-    """(events_late_total, events_rejected_total by reason) from ``/metrics``."""
+async def service_counters(port: int) -> tuple[int, Counter[str], int] | None:
+    """(events_late_total, events_rejected_total by reason, events_late_applied_total)
+    from ``/metrics``."""
     try:
         async with (
             aiohttp.ClientSession() as http,
@@ -553,14 +632,53 @@ async def service_counters(port: int) -> tuple[int, Counter[str]] | None:
             text = await r.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
-    late, rejected = 0, Counter[str]()
+    late, rejected, applied = 0, Counter[str](), 0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "vabus_aggregator_events_late_total":
                 late = int(s.value)
+            elif s.name == "vabus_aggregator_events_late_applied_total":
+                applied = int(s.value)
             elif s.name == "vabus_aggregator_events_rejected_total" and s.value:
                 rejected[s.labels["reason"]] = int(s.value)
-    return late, rejected
+    return late, rejected, applied
+
+
+async def pg_revisions(dsn: str, table: str) -> dict[Key, int]:
+    """The ``revision`` of every row of an aggregates table."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT name, agg_func, extract(epoch FROM window_start)::float8 AS ws, revision "
+            f"FROM {table}"
+        )
+    finally:
+        await conn.close()
+    return {(r["name"], r["agg_func"], r["ws"]): r["revision"] for r in rows}
+
+
+def revision_problems(
+    kafka: KafkaAggregates, corrected: list[LateEvent], pg: dict[Key, int] | None
+) -> list[str]:
+    """Corrections: Kafka holds revisions 1..k of each key once each (k > 1 for every
+    corrected key), PostgreSQL the highest of them."""
+    problems = []
+    gaps = {k: r for k, r in kafka.revisions.items() if sorted(r) != list(range(1, len(r) + 1))}
+    if gaps:
+        problems.append(f"Kafka: {len(gaps)} keys whose revisions are not 1..k once each, e.g. "
+                        f"{sorted(gaps.items())[:3]}")  # fmt: skip
+    keys = {(c.event["name"], c.event["agg_func"], c.window_start) for c in corrected}
+    uncorrected = sorted(k for k in keys if max(kafka.revisions.get(k, [0])) < 2)
+    if uncorrected:
+        problems.append(f"Kafka: {len(uncorrected)} of {len(keys)} corrected keys have no "
+                        f"revision 2, e.g. {uncorrected[:3]}")  # fmt: skip
+    if pg is not None:
+        top = {k: max(r) for k, r in kafka.revisions.items()}
+        behind = {k: (pg.get(k), r) for k, r in top.items() if pg.get(k) != r}
+        if behind:
+            problems.append(f"PostgreSQL: {len(behind)} rows not at Kafka's highest revision "
+                            f"(PostgreSQL, Kafka), e.g. {sorted(behind.items())[:3]}")  # fmt: skip
+    return problems
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -670,6 +788,7 @@ class LiveRun:
         late_partitions: Iterable[int] | None = None,
         env: Mapping[str, str] = {},
         seed: int = 0,
+        corrections: int = 0,
     ) -> None:
         self.outputs = frozenset(storage.split(","))
         if not self.outputs <= {"kafka", "postgres"} or "kafka" not in self.outputs:
@@ -723,7 +842,13 @@ class LiveRun:
             late=late,
             seed=seed,
             late_partitions=late_partitions,
+            corrections=corrections,
+            lateness=float(env.get("AGGREGATION_ALLOWED_LATENESS", 0)),
         )
+
+    def expected(self) -> dict[Key, tuple[float, int]]:
+        """The workload's valid events and the corrections released so far."""
+        return expected_aggregates(self.workload.valid + [c.event for c in self.feed.corrected])
 
     async def observe(self) -> dict[Key, tuple[float, int]]:
         """The aggregates written so far in the observed output: PostgreSQL's rows when
@@ -812,7 +937,7 @@ class LiveRun:
         """The observed output once it equals the expected result, or once nothing is open
         and it has not changed for ``QUIET_S`` (a wrong result is reported, not waited
         out)."""
-        expected = self.workload.expected()
+        expected = self.expected()
         deadline = time.monotonic() + timeout
         last: dict[Key, tuple[float, int]] | None = None
         stable_since = time.monotonic()  # no open window and the same rows since then
@@ -840,8 +965,9 @@ class LiveRun:
         ``counters`` compares /metrics too (only meaningful if no process died)."""
         rows = await self.settle()
         settled_after = self.feed.elapsed() - (self.feed.done_at or 0.0)
-        w, released = self.workload, self.feed.released
-        expected, valid = w.expected(), w.valid_ids()
+        w, released, corrected = self.workload, self.feed.released, self.feed.corrected
+        expected = self.expected()
+        valid = w.valid_ids() | {_event_id(c.event) for c in corrected}
         problems = list(self.problems)
         with_pg = "postgres" in self.outputs
         if with_pg:  # else ``rows`` is the Kafka tail, checked below by an independent read
@@ -867,22 +993,38 @@ class LiveRun:
             # the ledger: exact across kills and hand-offs, every event accounted for
             ledger = await ledger_totals(self.dsn, self.namespace)
             rejects = w.rejects + Counter({"late": len(released)})
-            received = len(w.valid) + sum(rejects.values())
-            problems += ledger_problems(ledger, received, len(w.valid), rejects)
+            aggregated = len(w.valid) + len(corrected)
+            received = aggregated + sum(rejects.values())
+            problems += ledger_problems(ledger, received, aggregated, rejects, len(corrected))
             late_by_window = await window_late_total(self.dsn, self.namespace)
             if late_by_window != len(released):
                 problems.append(
                     f"vabus_window_late holds {late_by_window} late events, "
                     f"expected {len(released)}"
                 )
+            applied = await window_late_total(self.dsn, self.namespace, "late_applied")
+            if applied != len(corrected):
+                problems.append(
+                    f"vabus_window_late holds {applied} applied late events, "
+                    f"expected {len(corrected)}"
+                )
+        if corrected:
+            pg_revs = await pg_revisions(self.dsn, self.table) if with_pg else None
+            problems += revision_problems(kafka, corrected, pg_revs)
         late_metric: int | None = None
         if counters:
-            late_metric, rejected = 0, Counter[str]()
+            late_metric, rejected, applied_metric = 0, Counter[str](), 0
             for inc in self.alive():
                 got = await service_counters(inc.port)
                 assert got is not None, f"/metrics of port {inc.port} did not answer"
                 late_metric += got[0]
                 rejected += got[1]
+                applied_metric += got[2]
+            if applied_metric != len(corrected):
+                problems.append(
+                    f"/metrics events_late_applied_total {applied_metric}, "
+                    f"expected {len(corrected)}"
+                )
             if late_metric != len(released):
                 problems.append(
                     f"/metrics events_late_total {late_metric}, expected {len(released)}"
@@ -894,14 +1036,17 @@ class LiveRun:
         print(
             f"\n[live] {len(w.valid)} valid events + {sum(w.rejects.values())} garbage over "
             f"{w.partitions} partitions in {self.feed.main_done_at or 0:.1f} s, "
-            f"{len(released)} late released; final result {settled_after:.1f} s after the "
+            f"{len(released)} late released, {len(corrected)} corrections; final result "
+            f"{settled_after:.1f} s after the "
             f"last message; storage {','.join(sorted(self.outputs))}; "
             + (f"PostgreSQL {len(rows)}/{len(expected)} rows; " if with_pg else "")
             + f"Kafka {kafka.messages} messages for {len(kafka.latest)} keys "
             f"({sum(kafka.repeated.values())} repeats, by input partition "
             f"{kafka.repeats_by_partition(w)}, windows sent at (s) "
             f"{kafka.repeated_windows(w)}), {kafka.conflicting} keys "
-            f"re-emitted with another value; dead letters {len(dlq)} (Kafka)"
+            f"re-emitted with another value, "
+            f"{sum(1 for r in kafka.revisions.values() if max(r) > 1)} keys with revisions; "
+            f"dead letters {len(dlq)} (Kafka)"
             + (f" {len(pg_dead)} (PostgreSQL)" if with_pg else "")
             + f"; events_late_total {late_metric}; {len(problems)} problems"
         )

@@ -457,10 +457,13 @@ async def ledger_totals(dsn: str, namespace: str) -> Counter[str]:
 
 
 def ledger_problems(ledger: Counter[str], received: int, aggregated: int,
-                    rejects: Counter[str]) -> list[str]:  # fmt: skip
+                    rejects: Counter[str], late_applied: int = 0) -> list[str]:  # fmt: skip
     """What in the stored ledger disagrees with what was sent (the stream is over and
-    every window emitted, so nothing is open)."""
-    want: Counter[str] = Counter({"received": received, "aggregated": aggregated})
+    every window emitted, so nothing is open); ``late_applied``: corrections, among
+    ``aggregated``."""
+    want: Counter[str] = Counter(
+        {"received": received, "aggregated": aggregated, "late_applied": late_applied}
+    )
     for reason, n in rejects.items():
         want["late" if reason == "late" else f"rejected:{reason}"] += n
     got = +Counter({k: v for k, v in ledger.items()})
@@ -471,12 +474,14 @@ def ledger_problems(ledger: Counter[str], received: int, aggregated: int,
     return problems
 
 
-async def window_late_total(dsn: str, namespace: str) -> int:
-    """Late events the service recorded against their emitted windows."""
+async def window_late_total(dsn: str, namespace: str, column: str = "late") -> int:
+    """Late events the service recorded against their emitted windows: dead-lettered
+    (``late``) or applied as corrections (``late_applied``)."""
+    assert column in ("late", "late_applied")
     conn = await asyncpg.connect(dsn)
     try:
         n = await conn.fetchval(
-            "SELECT coalesce(sum(late), 0)::int8 FROM vabus_window_late WHERE namespace = $1",
+            f"SELECT coalesce(sum({column}), 0)::int8 FROM vabus_window_late WHERE namespace = $1",
             namespace,
         )
     finally:

@@ -81,6 +81,7 @@ def driven() -> MetricsCollector:
     m.on_stage_rewind()
     m.on_events_late()
     m.on_events_late(2)
+    m.on_events_late_applied(4)
     m.on_events_ahead(5)
     m.on_series_overflow(4)
     m.on_aggregates_emitted(

@@ -102,6 +102,7 @@ def _run(
     grace: float,
     max_open: int,
     group_by: tuple[str, ...] = (),
+    lateness: float = 0.0,
 ) -> dict[str, Any]:
     clock = ManualClock(NOW)
     cfg = AggregationConfig(
@@ -111,6 +112,7 @@ def _run(
         idle_timeout_s=60.0,
         group_by=group_by,
         max_series_per_name=2,
+        allowed_lateness_s=lateness,
     )
     agg = EventAggregator(cfg, MetricsCollector(clock), clock, max_message_bytes=4096)
     dead, aggregates = [], []
@@ -140,17 +142,19 @@ def _run(
     grace=st.sampled_from([0.0, 30.0, 90.0]),
     max_open=st.sampled_from([3, 1000]),
     group_by=st.sampled_from([(), ("host", "region")]),
+    lateness=st.sampled_from([0.0, 120.0]),  # corrections take the reference step too
 )
 def test_hot_loop_gives_exactly_what_the_reference_path_gives(
     batches: list[tuple[int, list[Any], float, bool]],
     grace: float,
     max_open: int,
     group_by: tuple[str, ...],
+    lateness: float,
 ) -> None:
-    hot = _run(batches, grace, max_open, group_by)
+    hot = _run(batches, grace, max_open, group_by, lateness)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
-        reference = _run(batches, grace, max_open, group_by)
+        reference = _run(batches, grace, max_open, group_by, lateness)
     assert hot == reference
     assert hot["ledger"]["imbalance"] == 0
 
