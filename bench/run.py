@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rate service_http_pg reached earlier in this session, else 75,000)",
     )
     ap.add_argument(
+        "--tags",
+        action="store_true",
+        help="every event carries tags (bench.hotpath.with_tags, one series per name) and "
+        "the service runs with AGGREGATION_GROUP_BY=host,region: the cost of two group-by tags",
+    )
+    ap.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -96,6 +102,11 @@ async def main_async(args: argparse.Namespace) -> int:
     needs_pg = any(t.output == "postgres" for t in tools)
     t0 = time.perf_counter()
     workload = generate(args.events, args.seed)
+    if args.tags:
+        from bench.hotpath import GROUP_BY, with_tags
+
+        with_tags(workload, 1)
+        args.service_env.append(f"AGGREGATION_GROUP_BY={','.join(GROUP_BY)}")
     print(
         f"workload: {workload.n:,} events, seed {workload.seed}, {len(workload.expected):,} "
         f"expected (name, window) results ({time.perf_counter() - t0:.1f} s)",
