@@ -21,6 +21,7 @@ from service.aggregation.emission import Taken
 from service.aggregation.functions import FUNCTIONS
 from service.aggregation.kept import copy_acc
 from service.aggregation.partition import PartitionState
+from service.aggregation.percentiles import PERCENTILES
 
 __all__ = ["covering", "take_panes"]
 
@@ -70,7 +71,9 @@ def take_panes(
                 for key, acc in keyed.items():
                     mine = into.get(key)
                     if mine is None:
-                        into[key] = copy_acc(acc)  # the pane serves later windows too
+                        # a copy: the pane serves later windows too (flat but
+                        # for a percentile's store: a list or a sketch)
+                        into[key] = copy_acc(acc) if key[1] in PERCENTILES else acc[:]
                         continue
                     try:
                         FUNCTIONS[key[1]].merge(mine, acc)
