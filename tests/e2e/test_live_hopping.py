@@ -20,7 +20,7 @@ import pytest
 from tests.e2e.live import LiveRun, _read_topic, build_live_workload
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import Key, Results
-from tests.fault.harness import ledger_problems, ledger_totals
+from tests.fault.harness import ledger_problems, ledger_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -121,6 +121,21 @@ async def settled(run: LiveRun, expected: Results, timeout: float = 120.0) -> Re
     return rows
 
 
+async def problems_of(run: LiveRun, expected: Results, events: int) -> list[str]:
+    """What PostgreSQL, Kafka (each window once, 20 s long) and the ledger get wrong."""
+    rows = await settled(run, expected)
+    kafka, written, lengths = await kafka_windows(run)
+    ledger = await ledger_totals(run.dsn, run.namespace)
+    problems = differences(rows, expected, "PostgreSQL")
+    problems += differences(kafka, expected, "Kafka")
+    twice = [k for k, c in written.items() if c > 1]
+    if twice:
+        problems.append(f"Kafka: {len(twice)} windows written more than once, e.g. {twice[:2]}")
+    if lengths != {INTERVAL_S}:
+        problems.append(f"window lengths {sorted(lengths)}, not {INTERVAL_S:g} s")
+    return problems + ledger_problems(ledger, events, events, Counter())
+
+
 @pytest.mark.timeout(240)
 async def test_live_hopping_windows_are_exact_in_both_outputs(
     kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
@@ -136,21 +151,11 @@ async def test_live_hopping_windows_are_exact_in_both_outputs(
         late=0,
         env=ENV,
     )
+    events = len(workload.valid)
     async with run:
         await run.stream()
-        rows = await settled(run, expected)
-        kafka, written, lengths = await kafka_windows(run)
-        ledger = await ledger_totals(run.dsn, run.namespace)
+        problems = await problems_of(run, expected, events)
         [status] = [await inc.status() for inc in run.alive()]
-    problems = differences(rows, expected, "PostgreSQL")
-    problems += differences(kafka, expected, "Kafka")
-    twice = [k for k, c in written.items() if c > 1]
-    if twice:
-        problems.append(f"Kafka: {len(twice)} windows written more than once, e.g. {twice[:2]}")
-    if lengths != {INTERVAL_S}:
-        problems.append(f"window lengths {sorted(lengths)}, not {INTERVAL_S:g} s")
-    events = len(workload.valid)
-    problems += ledger_problems(ledger, events, events, Counter())
     assert status is not None
     if status["config"]["aggregation"]["hop_s"] != HOP_S:
         problems.append(f"/status config hop {status['config']['aggregation']['hop_s']}")
@@ -160,3 +165,41 @@ async def test_live_hopping_windows_are_exact_in_both_outputs(
         f"\n[hopping] {events} events, {len(expected)} windows of {INTERVAL_S:g} s every "
         f"{HOP_S:g} s, exact in PostgreSQL and Kafka"
     )
+
+
+@pytest.mark.timeout(300)
+async def test_live_hopping_windows_survive_kill_9_and_a_hand_off(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    """Two instances; one is killed mid-stream and the survivor takes its partitions
+    over from their checkpoints (panes, state format 4): the same windows, each once."""
+    workload = build_live_workload(1802, events=8000, rate=400, partitions=4)
+    expected = expected_hopping(workload.valid)
+
+    async def kill_one(run: LiveRun) -> None:
+        async def half_sent() -> bool:
+            return run.feed.progress >= 0.5
+
+        await wait_for(half_sent, 60, "half of the stream sent")
+        run.kill9(1)
+
+        async def survivor_has_all() -> bool:
+            return await run.assigned() == [workload.partitions]
+
+        await wait_for(survivor_has_all, 30, "the survivor holding every partition")
+
+    run = LiveRun(
+        workload,
+        kafka_bootstrap=kafka_bootstrap,
+        postgres_dsn=postgres_dsn,
+        unique_name=unique_name,
+        workdir=tmp_path,
+        instances=2,
+        late=0,
+        env={**ENV, "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+    )
+    async with run:
+        await run.stream(kill_one)
+        problems = await problems_of(run, expected, len(workload.valid))
+    assert not problems, "\n".join(problems)
+    assert run.exit_codes == {0: 0}
