@@ -90,8 +90,8 @@ class Limits(NamedTuple):
     max_bytes: int
     max_elements: int
     # The window length; ``interval`` is the pane's, which is shorter with
-    # AGGREGATION_HOP (service.aggregation.hopping): a pane is open until the last
-    # window that covers it is emitted. Equal to ``interval`` for tumbling windows.
+    # AGGREGATION_HOP (service.aggregation.hopping): a late event misses every window
+    # covering its pane. Equal to ``interval`` for tumbling windows.
     reach: float
 
 
@@ -286,13 +286,8 @@ class BatchRun:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
         self.accepted += 1
         closed_until = self.closed_until
-        # a pane some of whose windows were emitted (hopping only: tumbling, the event
-        # was late): late for those windows, and never cached (the hot loop counts none)
-        partial = (k + 1.0) * self.limits.interval <= closed_until
-        if partial:
-            self._late_for(ev, k * self.limits.interval, closed_until)
         part_max = self._advance(idx, ts, part_max)
-        if self.closed_until != closed_until or partial or self.part.routed is not None:
+        if self.closed_until != closed_until or self.part.routed is not None:
             return part_max, self.x_next, 0.0, 0.0, _EMPTY
         return part_max, self.x_next, float(k), k + 1.0, keyed
 
@@ -313,7 +308,7 @@ class BatchRun:
         the common event pays nothing."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
         windows = self.part.windows
-        if is_late(start, self.limits.reach, self.closed_until, self.part.ahead_closed):
+        if is_late(start, self.limits.interval, self.closed_until, self.part.ahead_closed):
             if not self._bad_name(idx, record, evs, raws, ev):
                 self._late(idx, record, evs, raws, ev, start, part_max)
             return None
@@ -507,19 +502,17 @@ class BatchRun:
             key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
             self.corrections.append(Correction(idx, start, key, ev, RawOf(ev, evs, raws, record)))
             return
-        self._late_for(ev, start, NEG_INF)
+        self._late_for(ev, start)
         detail = f"window starting {start} was already emitted"
         self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
 
-    def _late_for(self, ev: WireEvent, start: float, open_from: float) -> None:
-        """Count ``ev`` late for each window covering its pane (``start``) that ends at
-        or before ``open_from`` (NEG_INF: every one), per name: tumbling, its window."""
+    def _late_for(self, ev: WireEvent, start: float) -> None:
+        """Count ``ev`` late, per name, for each window it misses: its window, or with
+        hopping windows each window covering its pane (``start``; hopping.py)."""
         name, func = name_of(ev.name), CANONICAL_FUNCS[ev.agg_func]
         late_windows = self.part.late_windows
-        lim = self.limits
-        for s in covering(start, lim.interval, lim.reach):
-            if open_from == NEG_INF or s + lim.reach <= open_from:
-                late_windows[(name, func, s)] = late_windows.get((name, func, s), 0) + 1
+        for s in covering(start, self.limits.interval, self.limits.reach):
+            late_windows[(name, func, s)] = late_windows.get((name, func, s), 0) + 1
 
     def _bad_name(
         self,

@@ -6,10 +6,12 @@ length), so an event is added once, to one accumulator, whatever the number of w
 it belongs to. A window ``[s, s + interval)`` is emitted when the close boundary passes
 its end, by merging copies of its ``interval / hop`` panes (over every partition); a
 pane is freed (and its events counted ``emitted`` in the ledger, once) with the last
-window that covers it. An event is late (dead-lettered) only when its pane is freed:
-every window covering it was emitted; an event whose pane is open but some of whose
-windows were emitted is aggregated and counted late for those windows (``late_windows``).
-docs/hopping.md shows the rules at work.
+window that covers it. An event is late (dead-lettered) once the first window covering
+its pane was emitted (the pane's end is at or before the emitted boundary: the tumbling
+rule with the hop), and counted late for each window covering it (``late_windows``): a
+pane takes no event after one of its windows went out, so every window holds exactly
+the events that were on time for all of it, however batches are cut (a replay gives the
+same windows). docs/hopping.md shows the rules at work.
 """
 
 from __future__ import annotations

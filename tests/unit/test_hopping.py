@@ -209,32 +209,51 @@ def test_windows_are_emitted_when_the_boundary_passes_their_end() -> None:
     assert agg.ledger()["emitted"] == 2 and agg.ledger()["open"] == 2
 
 
-def test_late_per_window_and_dead_letter_only_when_no_window_is_left() -> None:
+def test_a_late_event_misses_every_window_of_its_pane_and_counts_late_in_each() -> None:
     agg = make(interval=20.0, hop=5.0)
     agg.process(batch([ev("a", "sum", 1.0, T0 + 1), ev("a", "sum", 1.0, T0 + 30)]))
     p = agg._parts["p0"]
     assert p.closed_until == T0 + 30
-    # pane T0 + 15 is open (its last window ends at T0 + 35); of the windows covering
-    # it, those starting T0, T0 + 5 and T0 + 10 (ending <= T0 + 30) were emitted
+    # pane T0 + 15 ends at T0 + 20: its first window [T0, T0 + 20) is out, so the event
+    # is late for it and the 3 other windows covering the pane (T0 + 5 .. T0 + 15)
     out = agg.process(batch([ev("a", "sum", 5.0, T0 + 17)]))
-    assert out.dead_letters == []
-    assert p.late_windows == {("a", "sum", T0 + s): 1 for s in (0.0, 5.0, 10.0)}
-    # a pane whose every window was emitted: dead-lettered late, late for each window
-    out = agg.process(batch([ev("a", "sum", 5.0, T0 + 7)]))
     [dead] = out.dead_letters
     assert dead.reason == "late"
-    assert p.late_windows == {
-        **{("a", "sum", T0 + s): 1 for s in (-10.0, -5.0, 10.0)},
-        ("a", "sum", T0): 2,
-        ("a", "sum", T0 + 5): 2,
-    }
+    assert p.late_windows == {("a", "sum", T0 + s): 1 for s in (0.0, 5.0, 10.0, 15.0)}
+    out = agg.process(batch([ev("a", "sum", 5.0, T0 + 7)]))
+    assert [d.reason for d in out.dead_letters] == ["late"]
+    assert p.late_windows[("a", "sum", T0 - 10)] == 1
+    assert p.late_windows[("a", "sum", T0 + 5)] == 2
     ledger = agg.ledger()
-    assert ledger["late"] == 1 and ledger["imbalance"] == 0
-    # the accepted event reaches the window still to come
+    assert ledger["late"] == 2 and ledger["imbalance"] == 0
+    # the open pane (T0 + 30's) is all the window still to come holds
     out = agg.process(batch([ev("a", "sum", 1.0, T0 + 40)]))
     got = {a.window_start: a.value for a in out.aggregates}
-    assert got == {T0 + 15: 6.0, T0 + 20: 1.0}
+    assert got == {T0 + 15: 1.0, T0 + 20: 1.0}
     assert agg.ledger()["imbalance"] == 0
+
+
+def test_late_events_give_the_same_windows_however_batches_are_cut() -> None:
+    """Out of order beyond the grace: each window is the same for any batch cut."""
+    rng = random.Random(11)
+    times = [T0 + i * 0.5 + rng.choice([0.0, 0.0, -12.0, -30.0]) for i in range(400)]
+    records = [ev("a", rng.choice(FUNCS), float(i % 17), t) for i, t in enumerate(times)]
+
+    def run(size: int) -> tuple[dict[Key, tuple[float, int]], list[str]]:
+        agg = make(interval=20.0, hop=5.0)
+        out: list[Aggregate] = []
+        dead: list[str] = []
+        for i in range(0, len(records), size):
+            got = agg.process(batch(records[i : i + size]))
+            out += got.aggregates
+            dead += [d.reason for d in got.dead_letters]
+        assert agg.ledger()["imbalance"] == 0
+        return results(out), dead
+
+    whole = run(len(records))
+    for size in (1, 7, 50):
+        assert run(size) == whole
+    assert whole[1] and set(whole[1]) == {"late"}
 
 
 def test_checkpoint_round_trip_mid_window() -> None:

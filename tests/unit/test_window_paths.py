@@ -176,8 +176,8 @@ def test_hot_loop_gives_what_the_reference_path_gives_with_hopping_windows(
     group_by: tuple[str, ...],
     hop: float,
 ) -> None:
-    """Panes (AGGREGATION_HOP): the hot loop never caches a pane some of whose windows
-    were emitted, so late-per-window counts are the reference step's."""
+    """Panes (AGGREGATION_HOP): the same outputs, dead letters, late counts per window
+    and panes on both paths."""
     hot = _run(batches, grace, max_open, group_by, hop=hop)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
