@@ -21,6 +21,7 @@ from service.aggregation.batch_run import BatchRun, Correction, Limits
 from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
 from service.aggregation.emission import aggregates_of, take_through
+from service.aggregation.hopping import take_panes
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
@@ -60,6 +61,9 @@ class EventAggregator:
     ) -> None:
         self._cfg = cfg
         self._interval = cfg.interval_s
+        # AGGREGATION_HOP below the interval: state per hop-sized pane (hopping.py)
+        self._pane = cfg.pane_s
+        self._hopping = self._pane < self._interval
         self._idle_s = cfg.effective_idle_timeout_s
         self._lateness = cfg.allowed_lateness_s  # 0: emitted windows are not kept
         self._metrics = metrics
@@ -132,8 +136,8 @@ class EventAggregator:
         keys = (
             list(self._parts) if partitions is None else [k for k in partitions if k in self._parts]
         )
-        keeps = self._lateness > 0
-        return [self._parts[k].snapshot(k, keeps=keeps) for k in keys]
+        keeps, panes = self._lateness > 0, self._hopping
+        return [self._parts[k].snapshot(k, keeps=keeps, panes=panes) for k in keys]
 
     def on_durable(self, checkpoints: Iterable[PartitionCheckpoint]) -> None:
         """These checkpoints (of :meth:`snapshot`) are durable: drop what they covered."""
@@ -303,13 +307,14 @@ class EventAggregator:
         cfg = self._cfg
         now = self._clock.now()
         limits = Limits(
-            interval=self._interval,
+            interval=self._pane,
             grace=cfg.grace_s,
             budget=cfg.max_open_windows,
             max_ts=now + cfg.max_future_s,
             lead_cap=now + cfg.max_watermark_lead_s,
             max_bytes=self._max_bytes,
             max_elements=self._max_elements,
+            reach=self._interval,
         )
         others = self._others_limit(part)
         return BatchRun(
@@ -390,7 +395,7 @@ class EventAggregator:
         wm = self.watermark
         if wm is not None:
             self._metrics.set_watermark(wm)
-            self._emit_through(closed_boundary(wm, self._interval), out)
+            self._emit_through(closed_boundary(wm, self._pane), out)
         elif self._open and not any(p.holds(self._idle_s) for p in self._parts.values()):
             # every partition is silent: the quiet rule emits what is still open
             latest = max(s for p in self._parts.values() for s in p.windows)
@@ -399,15 +404,20 @@ class EventAggregator:
 
     def _emit_through(self, boundary: float, out: Outputs) -> None:
         """Emit every window ending at or before ``boundary``, merged over partitions
-        (:mod:`service.aggregation.emission`)."""
-        taken = take_through(
-            self._parts.values(),
-            boundary,
-            self._interval,
-            self._idle_s,
-            self._metrics,
-            keep=self._lateness > 0,
-        )
+        (:mod:`service.aggregation.emission`; hopping: from panes, hopping.py)."""
+        if self._hopping:
+            taken = take_panes(
+                self._parts.values(), boundary, self._pane, self._interval, self._idle_s
+            )
+        else:
+            taken = take_through(
+                self._parts.values(),
+                boundary,
+                self._interval,
+                self._idle_s,
+                self._metrics,
+                keep=self._lateness > 0,
+            )
         self._open -= taken.keys
         if not taken.ready:
             return

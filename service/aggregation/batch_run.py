@@ -38,6 +38,7 @@ from service.aggregation.decode import (
     parse_event,
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
+from service.aggregation.hopping import covering
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
 from service.aggregation.series import SeriesBudget, TagRule, name_of, series_key
 from service.aggregation.windows import (
@@ -88,6 +89,10 @@ class Limits(NamedTuple):
     lead_cap: float
     max_bytes: int
     max_elements: int
+    # The window length; ``interval`` is the pane's, which is shorter with
+    # AGGREGATION_HOP (service.aggregation.hopping): a late event misses every window
+    # covering its pane. Equal to ``interval`` for tumbling windows.
+    reach: float
 
 
 class Correction(NamedTuple):
@@ -150,7 +155,7 @@ class BatchRun:
 
     # -- the hot loop: names bound to locals; ``lo``, ``hi``, ``keyed``: the window cache
     def run(self) -> None:
-        interval, grace, _, max_ts, lead_cap, max_bytes, _ = self.limits
+        interval, grace, _, max_ts, lead_cap, max_bytes, _, _ = self.limits
         canon, big, nbig, sum_, avg_, min_, max_ = _CANON, _W, _NW, *_FUNCS
         place, cap, blocked, accepted, received = self.place, self.cap, self.blocked, 0, 0
         if self.tags is None:
@@ -302,9 +307,8 @@ class BatchRun:
         any state changes (see decode.fast_ok): an open key holds a checked name, so
         the common event pays nothing."""
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
-        interval = self.limits.interval
         windows = self.part.windows
-        if is_late(start, interval, self.closed_until, self.part.ahead_closed):
+        if is_late(start, self.limits.interval, self.closed_until, self.part.ahead_closed):
             if not self._bad_name(idx, record, evs, raws, ev):
                 self._late(idx, record, evs, raws, ev, start, part_max)
             return None
@@ -498,11 +502,17 @@ class BatchRun:
             key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
             self.corrections.append(Correction(idx, start, key, ev, RawOf(ev, evs, raws, record)))
             return
-        late_key = (name_of(ev.name), CANONICAL_FUNCS[ev.agg_func], start)  # per name
-        late_windows = self.part.late_windows
-        late_windows[late_key] = late_windows.get(late_key, 0) + 1
+        self._late_for(ev, start)
         detail = f"window starting {start} was already emitted"
         self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
+
+    def _late_for(self, ev: WireEvent, start: float) -> None:
+        """Count ``ev`` late, per name, for each window it misses: its window, or with
+        hopping windows each window covering its pane (``start``; hopping.py)."""
+        name, func = name_of(ev.name), CANONICAL_FUNCS[ev.agg_func]
+        late_windows = self.part.late_windows
+        for s in covering(start, self.limits.interval, self.limits.reach):
+            late_windows[(name, func, s)] = late_windows.get((name, func, s), 0) + 1
 
     def _bad_name(
         self,

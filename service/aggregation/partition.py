@@ -53,6 +53,7 @@ from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
 __all__ = [
+    "HOP_STATE_FORMAT",
     "NEG_INF",
     "STATE_FORMAT",
     "V13_STATE_FORMAT",
@@ -76,7 +77,12 @@ V13_STATE_FORMAT: Final = 3
 (its layout looks like the older hand-written sketch's), or a series with tags (a key
 ``name + "\x1f" + tags``, see :mod:`service.aggregation.series`) that such a release
 would emit as a name. Those releases refuse it; it reads wide accumulators too."""
-READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT})
+HOP_STATE_FORMAT: Final = 4
+"""A state holding panes of hopping windows (AGGREGATION_HOP, service.aggregation.hopping):
+a release before them would read each pane as a tumbling window of the interval."""
+READ_FORMATS: Final = frozenset(
+    {STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT, HOP_STATE_FORMAT}
+)
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (series, agg_func) inside one window start (series.py)
@@ -261,10 +267,13 @@ class PartitionState:
         }
 
     # -- checkpoint format ------------------------------------------------------------
-    def snapshot(self, partition: str, *, keeps: bool = False) -> PartitionCheckpoint:
+    def snapshot(
+        self, partition: str, *, keeps: bool = False, panes: bool = False
+    ) -> PartitionCheckpoint:
         """The checkpoint of this state; changes nothing, since a checkpoint can be given
         up before it is durable (:meth:`on_durable` follows when it is). ``keeps``: the
-        allowed lateness is above 0, the kept windows are written."""
+        allowed lateness is above 0, the kept windows are written; ``panes``: the
+        windows are panes of hopping windows."""
         windows: list[list[Any]] = [
             [start, name, func, acc]
             for start, keyed in self.windows.items()
@@ -272,8 +281,9 @@ class PartitionState:
         ]
         wide = any(len(w[3]) > 3 for w in windows)
         v13 = any(SEP in w[1] or (w[2] in PERCENTILES and v13_layout(w[3])) for w in windows)
+        state_format = V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT
         body = {
-            "format": V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT,
+            "format": HOP_STATE_FORMAT if panes and windows else state_format,
             "max_ts": self.max_ts,
             "closed_until": None if self.closed_until == NEG_INF else self.closed_until,
             "ahead_ts": self.ahead_ts,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, cast
 
 from service.config.masking import Secret
 from service.config.parsers import (
@@ -269,7 +269,10 @@ def read_aggregation(r: Reader) -> AggregationConfig:
         allowed_lateness_s=r.seconds(
             "AGGREGATION_ALLOWED_LATENESS", d.allowed_lateness_s, allow_zero=True
         ),
+        hop_s=_hop(r),
     )
+    if cfg.hop_s is not None:
+        cfg = _check_hop(r, cfg)
     if cfg.max_watermark_lead_s > cfg.max_future_s:
         # unset, the default follows a smaller AGGREGATION_MAX_FUTURE; set, it is a mistake:
         # a larger lead could never apply (no accepted event is further ahead)
@@ -279,6 +282,29 @@ def read_aggregation(r: Reader) -> AggregationConfig:
             "AGGREGATION_MAX_WATERMARK_LEAD",
             f"a number of seconds from 0 to AGGREGATION_MAX_FUTURE ({cfg.max_future_s:g})",
         )
+    return cfg
+
+
+def _hop(r: Reader) -> float | None:
+    """AGGREGATION_HOP as set (None: unset, tumbling windows)."""
+    return r.optional_seconds("AGGREGATION_HOP")
+
+
+def _check_hop(r: Reader, cfg: AggregationConfig) -> AggregationConfig:
+    """AGGREGATION_HOP must divide the interval (contract §12.7); equal to it, the
+    windows are tumbling and nothing changes (hop_s None)."""
+    hop, interval = cast(float, cfg.hop_s), cfg.interval_s
+    n = interval / hop
+    form = f"a number of seconds > 0 that divides AGGREGATION_INTERVAL ({interval:g})"
+    if n < 1.0 or abs(n - round(n)) > 1e-9 * n:
+        r.fail("AGGREGATION_HOP", form)
+        return replace(cfg, hop_s=None)
+    if round(n) == 1:
+        return replace(cfg, hop_s=None)
+    if cfg.allowed_lateness_s > 0:
+        # corrections are per emitted tumbling window (docs/hopping.md, "Not yet")
+        r.fail("AGGREGATION_HOP", f"{form}, or AGGREGATION_ALLOWED_LATENESS=0 with it")
+        return replace(cfg, hop_s=None)
     return cfg
 
 

@@ -123,6 +123,14 @@ class AggregationConfig:
     # AGGREGATION_ALLOWED_LATENESS: an emitted window stays correctable until its
     # partition's watermark passes window_end + this; 0: late events are dead letters
     allowed_lateness_s: float = 0.0
+    # AGGREGATION_HOP: windows of interval_s start at every multiple of it (hopping
+    # windows, state per hop-sized pane: docs/hopping.md); None: interval_s (tumbling)
+    hop_s: float | None = None
+
+    @property
+    def pane_s(self) -> float:
+        """The length of a pane, the unit of state: the hop (the interval when tumbling)."""
+        return self.interval_s if self.hop_s is None else self.hop_s
 
     @property
     def effective_idle_timeout_s(self) -> float:

@@ -111,6 +111,10 @@ PARSED: list[tuple[dict[str, str], Callable[[Config], Any], Any]] = [
     ),
     ({"AGGREGATION_IDLE_TIMEOUT": "12.5"}, lambda c: c.aggregation.idle_timeout_s, 12.5),
     ({"AGGREGATION_MAX_OPEN_WINDOWS": "10"}, lambda c: c.aggregation.max_open_windows, 10),
+    ({"AGGREGATION_HOP": "10"}, lambda c: c.aggregation.hop_s, 10.0),
+    ({"AGGREGATION_HOP": "0.5"}, lambda c: c.aggregation.pane_s, 0.5),
+    ({"AGGREGATION_HOP": "60"}, lambda c: c.aggregation.hop_s, None),  # = interval: tumbling
+    ({}, lambda c: c.aggregation.pane_s, 60.0),
     ({"HTTP_HOST": "127.0.0.1"}, lambda c: c.http.host, "127.0.0.1"),
     ({"HTTP_PORT": "0"}, lambda c: c.http.port, 0),
     ({"HTTP_PORT": "65535"}, lambda c: c.http.port, 65535),
@@ -269,6 +273,10 @@ INVALID: list[tuple[str, str]] = [
     ("AGGREGATION_MAX_WATERMARK_LEAD", "3601"),
     ("AGGREGATION_IDLE_TIMEOUT", "0"),
     ("AGGREGATION_MAX_OPEN_WINDOWS", "0"),
+    ("AGGREGATION_HOP", "0"),
+    ("AGGREGATION_HOP", "7"),  # does not divide the 60 s interval
+    ("AGGREGATION_HOP", "120"),
+    ("AGGREGATION_HOP", "-10"),
     ("HTTP_HOST", "   "),
     ("HTTP_PORT", "65536"),
     ("HTTP_PORT", "-1"),
@@ -292,6 +300,20 @@ def test_invalid_variable_is_reported_with_its_name_value_and_expected_form(
 ) -> None:
     [problem] = problems_of(**{name: value})
     assert problem.startswith(f"{name}={value!r}: expected ")
+
+
+def test_hop_that_does_not_divide_the_interval_names_it() -> None:
+    [problem] = problems_of(AGGREGATION_INTERVAL="20", AGGREGATION_HOP="3")
+    assert problem == (
+        "AGGREGATION_HOP='3': expected a number of seconds > 0 that divides "
+        "AGGREGATION_INTERVAL (20)"
+    )
+
+
+def test_hop_with_allowed_lateness_is_not_yet_supported() -> None:
+    [problem] = problems_of(AGGREGATION_HOP="10", AGGREGATION_ALLOWED_LATENESS="30")
+    assert problem.startswith("AGGREGATION_HOP='10': expected ")
+    assert "AGGREGATION_ALLOWED_LATENESS=0" in problem
 
 
 def test_postgres_output_without_dsn_is_reported() -> None:

@@ -103,6 +103,7 @@ def _run(
     max_open: int,
     group_by: tuple[str, ...] = (),
     lateness: float = 0.0,
+    hop: float | None = None,
 ) -> dict[str, Any]:
     clock = ManualClock(NOW)
     cfg = AggregationConfig(
@@ -113,6 +114,7 @@ def _run(
         group_by=group_by,
         max_series_per_name=2,
         allowed_lateness_s=lateness,
+        hop_s=hop,
     )
     agg = EventAggregator(cfg, MetricsCollector(clock), clock, max_message_bytes=4096)
     dead, aggregates = [], []
@@ -155,6 +157,31 @@ def test_hot_loop_gives_exactly_what_the_reference_path_gives(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
         reference = _run(batches, grace, max_open, group_by, lateness)
+    assert hot == reference
+    assert hot["ledger"]["imbalance"] == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(_batch(), min_size=1, max_size=8),
+    grace=st.sampled_from([0.0, 30.0, 90.0]),
+    max_open=st.sampled_from([3, 1000]),
+    group_by=st.sampled_from([(), ("host", "region")]),
+    hop=st.sampled_from([10.0, 30.0]),
+)
+def test_hot_loop_gives_what_the_reference_path_gives_with_hopping_windows(
+    batches: list[tuple[int, list[Any], float, bool]],
+    grace: float,
+    max_open: int,
+    group_by: tuple[str, ...],
+    hop: float,
+) -> None:
+    """Panes (AGGREGATION_HOP): the same outputs, dead letters, late counts per window
+    and panes on both paths."""
+    hot = _run(batches, grace, max_open, group_by, hop=hop)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BatchRun, "run", BatchRun.run_reference)
+        reference = _run(batches, grace, max_open, group_by, hop=hop)
     assert hot == reference
     assert hot["ledger"]["imbalance"] == 0
 

@@ -1,0 +1,97 @@
+"""Hopping windows (``AGGREGATION_HOP`` below ``AGGREGATION_INTERVAL``, contract §12.7):
+windows of the interval starting at every multiple of the hop, kept as hop-sized panes.
+
+A partition's ``windows`` hold panes (the tumbling machinery with the hop as its
+length), so an event is added once, to one accumulator, whatever the number of windows
+it belongs to. A window ``[s, s + interval)`` is emitted when the close boundary passes
+its end, by merging copies of its ``interval / hop`` panes (over every partition); a
+pane is freed (and its events counted ``emitted`` in the ledger, once) with the last
+window that covers it. An event is late (dead-lettered) once the first window covering
+its pane was emitted (the pane's end is at or before the emitted boundary: the tumbling
+rule with the hop), and counted late for each window covering it (``late_windows``): a
+pane takes no event after one of its windows went out, so every window holds exactly
+the events that were on time for all of it, however batches are cut (a replay gives the
+same windows). docs/hopping.md shows the rules at work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from service.aggregation.emission import Taken
+from service.aggregation.functions import FUNCTIONS
+from service.aggregation.kept import copy_acc
+from service.aggregation.partition import PartitionState
+from service.aggregation.percentiles import PERCENTILES
+
+__all__ = ["covering", "take_panes"]
+
+log = logging.getLogger(__name__)
+
+
+def covering(pane: float, pane_s: float, interval: float) -> list[float]:
+    """The starts of the windows that cover the pane starting at ``pane``, earliest
+    first: ``interval / pane_s`` of them (one, ``pane`` itself, when tumbling)."""
+    n = round(interval / pane_s)
+    return [pane - (n - 1 - j) * pane_s for j in range(n)]
+
+
+def take_panes(
+    parts: Iterable[PartitionState], boundary: float, pane_s: float, interval: float, idle_s: float
+) -> Taken:
+    """Emit every window ending in (a partition's emitted boundary, ``boundary``] from
+    copies of its panes, merged over partitions and panes, and free the panes whose last
+    window ends at or before ``boundary``.
+
+    A partition that holds the watermark, or has a pane below ``boundary``, moves its
+    emitted boundary to ``boundary``, so no window is emitted twice from its panes; a
+    silent one without such a pane keeps its own (emission.take_through's rule).
+    """
+    taken = Taken()
+    ready = taken.ready
+    for p in parts:
+        old = p.closed_until
+        if old >= boundary:
+            continue
+        panes = sorted(q for q in p.windows if q < boundary)
+        if not panes and not p.holds(idle_s):
+            continue
+        p.closed_until = boundary
+        if p.ahead_closed:
+            p.ahead_closed = {s for s in p.ahead_closed if s + interval > boundary}
+        for q in panes:  # earliest first: a merge treats ``into`` as the earlier events
+            keyed = p.windows[q]
+            for s in covering(q, pane_s, interval):
+                end = s + interval
+                if not old < end <= boundary:
+                    continue
+                into = ready.get(s)
+                if into is None:
+                    into = ready[s] = {}
+                    taken.owner[s] = p
+                for key, acc in keyed.items():
+                    mine = into.get(key)
+                    if mine is None:
+                        # a copy: the pane serves later windows too (flat but
+                        # for a percentile's store: a list or a sketch)
+                        into[key] = copy_acc(acc) if key[1] in PERCENTILES else acc[:]
+                        continue
+                    try:
+                        FUNCTIONS[key[1]].merge(mine, acc)
+                    except OverflowError:  # never in the ledger: the pane's events stay
+                        log.error(  # counted once, with the pane (hopping.md)
+                            "window %s of %r/%r: merging a pane of %d event(s) would make "
+                            "the sum non-finite; the window keeps the value it had",
+                            s,
+                            key[0],
+                            key[1],
+                            acc[0],
+                        )
+            if q + interval <= boundary:  # its last window is out: free it
+                del p.windows[q]
+                if p.series is not None:
+                    p.series.forget(q)
+                taken.keys += len(keyed)
+                p.on_emitted(keyed)
+    return taken
