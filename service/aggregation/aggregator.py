@@ -24,6 +24,7 @@ from service.aggregation.emission import aggregates_of, take_through
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
+from service.aggregation.rollups import keep_configured, partial_keys
 from service.aggregation.series import SeriesBudget, TagRule
 from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
@@ -62,6 +63,7 @@ class EventAggregator:
         self._interval = cfg.interval_s
         self._idle_s = cfg.effective_idle_timeout_s
         self._lateness = cfg.allowed_lateness_s  # 0: emitted windows are not kept
+        self._rollups = cfg.rollups_s  # (): no rollups (service.aggregation.rollups)
         self._metrics = metrics
         self._clock = clock
         self._max_bytes = max_message_bytes
@@ -78,6 +80,16 @@ class EventAggregator:
     @property
     def open_windows(self) -> int:
         return self._open
+
+    @property
+    def resolutions(self) -> list[float]:
+        """Window lengths written, in seconds: the interval, then each rollup's."""
+        return [self._interval, *self._rollups]
+
+    @property
+    def rollup_partials(self) -> int:
+        """Open rollup window keys (one accumulator each) over the partitions held."""
+        return sum(partial_keys(p.rollups) for p in self._parts.values())
 
     @property
     def oldest_window_start(self) -> float | None:
@@ -152,6 +164,8 @@ class EventAggregator:
             p, dropped = PartitionState.restored(cp, now)
             if self._tags is not None:  # the series budget, derived from the windows
                 p.series = SeriesBudget.of(p.windows)
+            for why in keep_configured(p.rollups, self._rollups):
+                log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:
@@ -288,6 +302,7 @@ class EventAggregator:
             now=self._clock.now(),
             metrics=self._metrics,
             tags=self._tags,
+            rollups=self._rollups,
         )
 
     def _free_kept(self) -> None:
@@ -407,13 +422,15 @@ class EventAggregator:
             self._idle_s,
             self._metrics,
             keep=self._lateness > 0,
+            rollups=self._rollups,
         )
         self._open -= taken.keys
-        if not taken.ready:
+        if not taken.ready and not taken.levels:
             return
-        emitted = aggregates_of(
-            taken, self._interval, self._clock.now(), self._metrics, tagged=self._tags is not None
-        )
+        now, tagged = self._clock.now(), self._tags is not None
+        emitted = aggregates_of(taken, self._interval, now, self._metrics, tagged=tagged)
+        for length, level in taken.levels:  # after the base windows that completed them
+            emitted.extend(aggregates_of(level, length, now, self._metrics, tagged=tagged))
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)

@@ -26,6 +26,7 @@ from service.aggregation.emission import Taken, aggregates_of
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.rollups import add_late
 from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_series
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
@@ -56,9 +57,12 @@ def apply_corrections(
     now: float,
     metrics: MetricsCollector,
     tags: TagRule | None = None,
+    rollups: Sequence[float] = (),
 ) -> None:
     """Apply ``corrections`` (of ``batch``, on ``part``) and emit one revision per
-    record and key; ``parts``: every partition of this instance, ``part`` among them."""
+    record and key; ``parts``: every partition of this instance, ``part`` among them.
+    ``rollups``: an applied event also joins its lowest open rollup window
+    (:func:`~service.aggregation.rollups.add_late`)."""
     everyone = list(parts)
     others = [q for q in everyone if q is not part]
     rejects: dict[str, int] = {}
@@ -74,6 +78,9 @@ def apply_corrections(
             key = _budgeted(part, c, tags)
             if _apply(part, others, c, key, batch, out, dead, rejects, now):
                 touched[(c.start, key)] = None
+                if rollups:
+                    ts: float = c.event.timestamp  # type: ignore[assignment]  # a float now
+                    add_late(part.rollups, rollups, c.start, key, c.event.value, ts)
                 overflowed += key is not c.key
                 late_key = (name_of(key[0]), key[1], c.start)  # per name, as late
                 applied[late_key] = applied.get(late_key, 0) + 1

@@ -43,10 +43,12 @@ from typing import Any, Final
 import orjson
 
 from service.aggregation import kept as kept_windows
+from service.aggregation import rollups as rollup_partials
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.kept import KeptWindows
 from service.aggregation.origins import RoutedTime
 from service.aggregation.percentiles import PERCENTILES, v13_layout
+from service.aggregation.rollups import ROLLUP_STATE_FORMAT, RollupPartials
 from service.aggregation.series import SEP, SeriesBudget, valid_series
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
@@ -76,7 +78,9 @@ V13_STATE_FORMAT: Final = 3
 (its layout looks like the older hand-written sketch's), or a series with tags (a key
 ``name + "\x1f" + tags``, see :mod:`service.aggregation.series`) that such a release
 would emit as a name. Those releases refuse it; it reads wide accumulators too."""
-READ_FORMATS: Final = frozenset({STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT})
+READ_FORMATS: Final = frozenset(
+    {STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT, ROLLUP_STATE_FORMAT}
+)
 NEG_INF: Final = -math.inf
 
 WindowKey = tuple[str, str]  # (series, agg_func) inside one window start (series.py)
@@ -115,6 +119,9 @@ class PartitionState:
     kept: KeptWindows = field(default_factory=dict)
     kept_from: float = NEG_INF
     late_applied: dict[tuple[str, str, float], int] = field(default_factory=dict)
+    # AGGREGATION_ROLLUPS set: this partition's partials of open rollup windows
+    # (service.aggregation.rollups), checkpointed as ``rollups``
+    rollups: RollupPartials = field(default_factory=dict)
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -285,6 +292,9 @@ class PartitionState:
         }
         if keeps:
             body.update(kept_windows.encode(self.kept, self.kept_from))
+        if self.rollups and (entries := rollup_partials.encode(self.rollups)):
+            body["format"] = ROLLUP_STATE_FORMAT
+            body["rollups"] = entries
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
@@ -335,6 +345,8 @@ class PartitionState:
         else:
             p.kept, p.kept_from, unusable = kept
             dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
+        p.rollups, unusable = rollup_partials.decode(body.get("rollups"))
+        dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
         for entry in entries:
             why = _invalid_window(entry)
             if why is None:
