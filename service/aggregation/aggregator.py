@@ -24,7 +24,7 @@ from service.aggregation.emission import aggregates_of, take_through
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
-from service.aggregation.rollups import keep_configured, partial_keys
+from service.aggregation.rollups import expire_kept, keep_configured, partial_keys
 from service.aggregation.series import SeriesBudget, TagRule
 from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
@@ -164,7 +164,7 @@ class EventAggregator:
             p, dropped = PartitionState.restored(cp, now)
             if self._tags is not None:  # the series budget, derived from the windows
                 p.series = SeriesBudget.of(p.windows)
-            for why in keep_configured(p.rollups, self._rollups):
+            for why in keep_configured(p, self._rollups):
                 log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
             self._parts[cp.partition] = p
             self._open += p.open_windows()
@@ -313,6 +313,8 @@ class EventAggregator:
         for p in self._parts.values():
             if p.kept and p.max_ts is not None:
                 expire(p.kept, p.max_ts - grace, interval, lateness)
+            if p.kept_rollups and p.max_ts is not None:
+                expire_kept(p, p.max_ts - grace, lateness)
 
     def _start_run(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> BatchRun:
         cfg = self._cfg

@@ -95,7 +95,7 @@ def take_through(
                 fold(p.rollups, rollups[0], start, keyed)
             _merge(taken, p, start, keyed, metrics)
     if rollups:
-        taken.levels = take_levels(parts, boundary, rollups)
+        taken.levels = take_levels(parts, boundary, rollups, keep=keep)
     return taken
 
 

@@ -122,6 +122,8 @@ class PartitionState:
     # AGGREGATION_ROLLUPS set: this partition's partials of open rollup windows
     # (service.aggregation.rollups), checkpointed as ``rollups``
     rollups: RollupPartials = field(default_factory=dict)
+    # and, with the allowed lateness above 0, its shares of emitted rollup windows
+    kept_rollups: dict[float, KeptWindows] = field(default_factory=dict)
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -295,6 +297,9 @@ class PartitionState:
         if self.rollups and (entries := rollup_partials.encode(self.rollups)):
             body["format"] = ROLLUP_STATE_FORMAT
             body["rollups"] = entries
+        if keeps and (kept := rollup_partials.encode_kept(self.kept_rollups)):
+            body["format"] = ROLLUP_STATE_FORMAT
+            body["kept_rollups"] = kept
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
@@ -346,7 +351,8 @@ class PartitionState:
             p.kept, p.kept_from, unusable = kept
             dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
         p.rollups, unusable = rollup_partials.decode(body.get("rollups"))
-        dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
+        p.kept_rollups, unkept = rollup_partials.decode_kept(body.get("kept_rollups"))
+        dropped.extend(Dropped(None, None, None, 0, why) for why in unusable + unkept)
         for entry in entries:
             why = _invalid_window(entry)
             if why is None:

@@ -12,9 +12,14 @@ window and key (the percentile ones are sketches beyond 10,000 values), never ev
 
 Partials travel in the partition's checkpoint (``rollups``; state format 4 while there
 are any, so a release before rollups refuses a state it would silently lose the hour
-of). Late events applied as corrections go into the lowest rollup window still open
-(:func:`add_late`); a rollup window that was already emitted is not corrected
-(docs/rollups.md).
+of).
+
+Corrections (``AGGREGATION_ALLOWED_LATENESS`` > 0): a partition also keeps its share of
+each emitted rollup window (``kept_rollups``, like :mod:`service.aggregation.kept`) until
+its watermark passes the rollup's end plus the lateness; a late event applied to a base
+window goes, level by level, into the rollup window's kept share (re-emitted with the
+next revision, :func:`correct`) until it reaches a level whose window is still open,
+whose partial takes it (no revision: the levels above get it when that one is taken).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from service.aggregation.functions import FUNCTIONS, Acc, valid
+from service.aggregation.kept import Kept, KeptWindows, expire
 from service.aggregation.series import SEP, valid_series
 from service.aggregation.windows import window_start
 
@@ -37,8 +43,12 @@ __all__ = [
     "ROLLUP_STATE_FORMAT",
     "RollupPartials",
     "add_late",
+    "corrected",
     "decode",
+    "decode_kept",
     "encode",
+    "encode_kept",
+    "expire_kept",
     "fold",
     "keep_configured",
     "partial_keys",
@@ -103,11 +113,17 @@ def _merge(into: Acc, other: Acc, key: Key, start: float, length: float) -> None
 
 
 def take_levels(
-    parts: Iterable[PartitionState], boundary: float, lengths: Sequence[float]
+    parts: Iterable[PartitionState],
+    boundary: float,
+    lengths: Sequence[float],
+    *,
+    keep: bool = False,
 ) -> list[tuple[float, Taken]]:
     """Take out every rollup window ending at or before ``boundary``, level by level
     (each partition's share folded into its next level first), merged over partitions;
-    returns (length, taken) for the levels that took any."""
+    returns (length, taken) for the levels that took any. ``keep`` (allowed lateness
+    above 0): each partition keeps its share (``kept_rollups``, revision 1) and the
+    merge works on copies."""
     from service.aggregation.emission import Taken  # emission imports this module
 
     parts = list(parts)
@@ -125,6 +141,11 @@ def take_levels(
                     fold(p.rollups, upper, rs, keyed)
                 if taken is None:
                     taken = Taken()
+                if keep:
+                    p.kept_rollups.setdefault(length, {})[rs] = {
+                        key: Kept(acc, 1) for key, acc in keyed.items()
+                    }
+                    keyed = {key: copy_acc(acc) for key, acc in keyed.items()}
                 _merge_share(taken, p, rs, keyed, length)
         if taken is not None:
             out.append((length, taken))
@@ -151,32 +172,108 @@ def _merge_share(
             _merge(mine, acc, key, start, length)
 
 
+Touched = dict[tuple[float, float, Key], None]  # (length, start, key), in touch order
+
+
 def add_late(
-    partials: RollupPartials,
+    part: PartitionState,
+    everyone: Sequence[PartitionState],
     lengths: Sequence[float],
     start: float,
     key: Key,
     value: float,
     ts: float,
-) -> bool:
-    """A late event applied to base window ``start`` goes into the lowest rollup window
-    of this partition that is still open (the levels above get it when that one is
-    taken). False when every level's window was emitted: not corrected (documented)."""
+    touched: Touched,
+) -> None:
+    """A late event applied to base window ``start`` of ``part``: into the kept share of
+    each emitted rollup window above it (noted in ``touched``, to be re-emitted), up to
+    the first level whose window is still open, whose partial takes it. A level emitted
+    but no longer kept anywhere (expired, or emitted before a restart without them)
+    stops it: a revision must never lack events emitted before."""
     func = FUNCTIONS[key[1]]
     for length in lengths:
-        into = partials.get(length, {}).get(window_start(start, length))
-        if into is None:
-            continue
-        acc = into.get(key)
-        if acc is None:
-            into[key] = func.new(value, ts)
-            return True
-        try:
-            func.add(acc, value, ts)
-        except OverflowError:
-            log.error("rollup window (%gs) of %r/%r: a late event would overflow", length, *key)
-        return True
-    return False
+        rs = window_start(start, length)
+        into = part.rollups.get(length, {}).get(rs)
+        if into is not None:  # open: the levels above get it when this one is taken
+            _add(into, key, func.new, func.add, value, ts, length)
+            return
+        shares = [q.kept_rollups.get(length, {}).get(rs) for q in everyone]
+        if not any(shares):
+            log.warning(
+                "a correction of %r/%r at %s: its %gs rollup window is no longer kept; "
+                "that rollup (and those above it) are not corrected",
+                key[0],
+                key[1],
+                start,
+                length,
+            )
+            return
+        mine = part.kept_rollups.setdefault(length, {}).setdefault(rs, {})
+        share = mine.get(key)
+        if share is None:  # a key new to this partition's share: its revision follows
+            revision = max((k.revision for k in _kept_shares(everyone, length, rs, key)), default=0)
+            mine[key] = Kept(func.new(value, ts), revision)
+        else:
+            try:
+                func.add(share.acc, value, ts)
+            except OverflowError:
+                log.error("rollup window %s of %r/%r: a late event would overflow", rs, *key)
+        touched[(length, rs, key)] = None
+
+
+def _add(
+    into: dict[Key, Acc], key: Key, new: Any, add: Any, value: float, ts: float, length: float
+) -> None:
+    acc = into.get(key)
+    if acc is None:
+        into[key] = new(value, ts)
+        return
+    try:
+        add(acc, value, ts)
+    except OverflowError:
+        log.error("rollup window (%gs) of %r/%r: a late event would overflow", length, *key)
+
+
+def _kept_shares(
+    parts: Iterable[PartitionState], length: float, start: float, key: Key
+) -> list[Kept]:
+    found = []
+    for q in parts:
+        keyed = q.kept_rollups.get(length, {}).get(start)
+        if keyed is not None and (k := keyed.get(key)) is not None:
+            found.append(k)
+    return found
+
+
+def corrected(
+    part: PartitionState, everyone: Sequence[PartitionState], touched: Touched
+) -> list[tuple[float, Taken]]:
+    """The touched rollup keys whole (the kept shares merged into a copy), with the next
+    revision, set on every share; (length, taken) per level, lowest first."""
+    from service.aggregation.emission import Taken
+
+    levels: dict[float, Taken] = {}
+    for length, start, key in touched:
+        shares = _kept_shares(everyone, length, start, key)
+        merged = copy_acc(shares[0].acc)
+        for other in shares[1:]:
+            _merge(merged, other.acc, key, start, length)
+        revision = max(k.revision for k in shares) + 1
+        for k in shares:
+            k.revision = revision
+        taken = levels.get(length)
+        if taken is None:
+            taken = levels[length] = Taken()
+        taken.ready.setdefault(start, {})[key] = merged
+        taken.owner.setdefault(start, part)
+        taken.revisions.setdefault(start, {})[key] = revision
+    return sorted(levels.items())
+
+
+def expire_kept(p: PartitionState, watermark: float, lateness: float) -> None:
+    """Free the kept rollup windows whose correction time has passed."""
+    for length, kept in p.kept_rollups.items():
+        expire(kept, watermark, length, lateness)
 
 
 def partial_keys(partials: RollupPartials) -> int:
@@ -194,6 +291,39 @@ def encode(partials: RollupPartials) -> list[list[Any]]:
         for start, keyed in level.items()
         for (series, func), acc in keyed.items()
     ]
+
+
+def encode_kept(kept: dict[float, KeptWindows]) -> list[list[Any]]:
+    """The ``kept_rollups`` field: ``[length, start, series, func, acc, revision]``."""
+    return [
+        [length, start, series, func, k.acc, k.revision]
+        for length, level in kept.items()
+        for start, keyed in level.items()
+        for (series, func), k in keyed.items()
+    ]
+
+
+def decode_kept(entries: Any) -> tuple[dict[float, KeptWindows], list[str]]:
+    """The kept rollup windows of a checkpoint and why entries were dropped (a dropped
+    share only loses that rollup's corrections: :func:`add_late` stops at it)."""
+    kept: dict[float, KeptWindows] = {}
+    if entries is None:
+        return kept, []
+    if type(entries) is not list:
+        return kept, [f"kept_rollups is a {type(entries).__name__}"]
+    dropped: list[str] = []
+    for entry in entries:
+        ok = type(entry) is list and len(entry) == 6
+        why = _invalid(entry[:5]) if ok else "a kept rollup entry is not a list of 6"
+        if why is None and (type(entry[5]) is not int or entry[5] < 0):
+            why = f"kept rollup revision {entry[5]!r} is not a revision"
+        if why is not None:
+            dropped.append(why)
+            continue
+        length, start, series, func, acc, revision = entry
+        level = kept.setdefault(float(length), {})
+        level.setdefault(float(start), {})[(series, func)] = Kept(acc, revision)
+    return kept, dropped
 
 
 def decode(entries: Any) -> tuple[RollupPartials, list[str]]:
@@ -216,12 +346,14 @@ def decode(entries: Any) -> tuple[RollupPartials, list[str]]:
     return partials, dropped
 
 
-def keep_configured(partials: RollupPartials, lengths: Sequence[float]) -> list[str]:
-    """Drop the partials of lengths not in ``lengths`` (AGGREGATION_ROLLUPS changed:
-    that resolution is no longer written); returns what was dropped."""
-    gone = [length for length in partials if length not in lengths]
+def keep_configured(p: PartitionState, lengths: Sequence[float]) -> list[str]:
+    """Drop the partials (and kept rollups) of lengths not in ``lengths``
+    (AGGREGATION_ROLLUPS changed: that resolution is no longer written)."""
+    gone = [length for length in p.rollups if length not in lengths]
+    for length in [length for length in p.kept_rollups if length not in lengths]:
+        del p.kept_rollups[length]
     return [
-        f"{partial_keys({length: partials.pop(length)})} partial(s) of rollup length "
+        f"{partial_keys({length: p.rollups.pop(length)})} partial(s) of rollup length "
         f"{length:g}, which AGGREGATION_ROLLUPS no longer lists"
         for length in gone
     ]

@@ -263,3 +263,61 @@ def test_a_rollup_is_emitted_in_the_close_step_of_its_last_window() -> None:
     feed(agg, [ev("m", 1.0, H + 55, "sum")])
     out = feed(agg, [ev("m", 1.0, H + 60, "sum")])
     assert sorted((a.window_start, a.window_end) for a in out) == [(H, H + 60), (H + 50, H + 60)]
+
+
+def rows_of(out: list[Aggregate]) -> list[tuple[float, float, int, float, int]]:
+    return sorted((a.window_start, a.window_end, a.revision, a.value, a.count) for a in out)
+
+
+def test_a_correction_of_an_emitted_hour_re_emits_it_with_the_next_revision() -> None:
+    agg = make(allowed_lateness_s=120.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum"), ev("m", 2.0, H + 42, "sum")])
+    out = feed(agg, [ev("m", 8.0, H + 61, "sum")])
+    assert (H, H + 60, 1, 3.0, 2) in rows_of(out)
+    out = feed(agg, [ev("m", 4.0, H + 3, "sum")])
+    assert rows_of(out) == [(H, H + 10, 2, 5.0, 2), (H, H + 60, 2, 7.0, 3)]
+    out = feed(agg, [ev("m", 1.0, H + 44, "sum")])  # another minute of the same hour
+    assert rows_of(out) == [(H, H + 60, 3, 8.0, 4), (H + 40, H + 50, 2, 3.0, 2)]
+
+
+def test_a_correction_raises_the_emitted_level_and_joins_the_open_one_above() -> None:
+    agg = make(rollups=(60.0, 180.0), allowed_lateness_s=120.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum")])
+    feed(agg, [ev("m", 2.0, H + 61, "sum")])  # the first hour (60 s) is emitted
+    out = feed(agg, [ev("m", 4.0, H + 3, "sum")])
+    assert rows_of(out) == [(H, H + 10, 2, 5.0, 2), (H, H + 60, 2, 5.0, 2)]
+    out = feed(agg, [ev("m", 0.0, H + 181, "sum")])
+    assert (H, H + 180, 1, 7.0, 3) in rows_of(out)
+
+
+def test_a_corrected_hour_merges_the_shares_of_every_partition() -> None:
+    agg = make(allowed_lateness_s=120.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum")], "p0")
+    feed(agg, [ev("m", 2.0, H + 2, "sum")], "p1")
+    feed(agg, [ev("m", 0.0, H + 61, "sum")], "p0")
+    out = feed(agg, [ev("m", 0.0, H + 61, "sum")], "p1")
+    assert (H, H + 60, 1, 3.0, 2) in rows_of(out)
+    out = feed(agg, [ev("m", 4.0, H + 5, "sum")], "p1")
+    assert rows_of(out) == [(H, H + 10, 2, 7.0, 3), (H, H + 60, 2, 7.0, 3)]
+
+
+def test_kept_hours_travel_in_the_checkpoint() -> None:
+    agg = make(allowed_lateness_s=120.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum"), ev("m", 8.0, H + 61, "sum")])
+    [cp] = agg.snapshot()
+    assert cp.state is not None
+    body = orjson.loads(cp.state)
+    assert body["format"] == 4 and body["kept_rollups"]
+    later = make(allowed_lateness_s=120.0)
+    later.restore([cp])
+    out = feed(later, [ev("m", 4.0, H + 3, "sum")])
+    assert rows_of(out) == [(H, H + 10, 2, 5.0, 2), (H, H + 60, 2, 5.0, 2)]
+
+
+def test_kept_hours_are_freed_after_the_lateness() -> None:
+    agg = make(allowed_lateness_s=30.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum"), ev("m", 8.0, H + 61, "sum")])
+    [p] = agg._parts.values()
+    assert p.kept_rollups[60.0]
+    feed(agg, [ev("m", 8.0, H + 90, "sum")])  # watermark at the hour's end + 30
+    assert not p.kept_rollups[60.0]
