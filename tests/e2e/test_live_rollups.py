@@ -204,3 +204,27 @@ async def test_hourly_rows_stay_exact_through_kill9_cycles(
         problems = await check(run, postgres_dsn)
     assert not problems, "\n".join(problems)
     assert run.exit_codes == {3: 0}
+
+
+@pytest.mark.timeout(240)
+async def test_hourly_rows_stay_exact_through_a_hand_off(
+    live: LiveFactory, postgres_dsn: str
+) -> None:
+    """A second instance joins mid-hour: half of the partitions move to it with their
+    partials (revoked, checkpointed, restored) and their hours are finished there."""
+    workload = build_live_workload(1803, events=36_000, rate=1000, partitions=4)
+
+    async def join(run: LiveRun) -> None:
+        await wait_for(_progress(run, 0.4), 60, "40% of the stream sent")
+        run.start_instance()
+
+        async def split() -> bool:
+            return sorted(await run.assigned()) == [2, 2]
+
+        await wait_for(split, 60, "the partitions split over both instances")
+
+    async with live(workload, postgres_dsn=postgres_dsn, seed=1803) as run:
+        await run.stream(join)
+        problems = await check(run, postgres_dsn)
+    assert not problems, "\n".join(problems)
+    assert run.exit_codes == {0: 0, 1: 0}
