@@ -189,7 +189,9 @@ def add_late(
     each emitted rollup window above it (noted in ``touched``, to be re-emitted), up to
     the first level whose window is still open, whose partial takes it. A level emitted
     but no longer kept anywhere (expired, or emitted before a restart without them)
-    stops it: a revision must never lack events emitted before."""
+    stops it: a revision must never lack events emitted before. A level not emitted
+    (kept nowhere, ending past the partition's emitted boundary) is open even when this
+    partition has no partial of it yet."""
     func = FUNCTIONS[key[1]]
     for length in lengths:
         rs = window_start(start, length)
@@ -198,6 +200,11 @@ def add_late(
             _add(into, key, func.new, func.add, value, ts, length)
             return
         shares = [q.kept_rollups.get(length, {}).get(rs) for q in everyone]
+        if not any(shares) and rs + length > part.closed_until:
+            # open, but this partition had no base window in it yet: its partial starts
+            level = part.rollups.setdefault(length, {})
+            _add(level.setdefault(rs, {}), key, func.new, func.add, value, ts, length)
+            return
         if not any(shares):
             log.warning(
                 "a correction of %r/%r at %s: its %gs rollup window is no longer kept; "

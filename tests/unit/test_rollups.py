@@ -321,3 +321,14 @@ def test_kept_hours_are_freed_after_the_lateness() -> None:
     assert p.kept_rollups[60.0]
     feed(agg, [ev("m", 8.0, H + 90, "sum")])  # watermark at the hour's end + 30
     assert not p.kept_rollups[60.0]
+
+
+def test_a_correction_opens_a_partial_in_a_partition_without_one_for_the_open_hour() -> None:
+    agg = make(allowed_lateness_s=120.0)
+    feed(agg, [ev("m", 1.0, H + 1, "sum"), ev("m", 0.0, H + 30, "sum")], "p0")
+    feed(agg, [ev("m", 2.0, H + 65, "sum")], "p1")  # p1's first window is in the next hour
+    out = feed(agg, [ev("m", 4.0, H + 2, "sum")], "p1")  # late for [H, H+10) on p1
+    assert rows_of(out) == [(H, H + 10, 2, 5.0, 2)]
+    out = feed(agg, [ev("m", 0.0, H + 70, "sum")], "p0")
+    hour = by_row(out)[("m", "sum", H, H + 60)]
+    assert (hour.value, hour.count, hour.revision) == (5.0, 3, 1)
