@@ -166,6 +166,8 @@ class EventAggregator:
                 p.series = SeriesBudget.of(p.windows)
             for why in keep_configured(p, self._rollups):
                 log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
+            if not self._lateness:  # nothing frees them, and nothing corrects them
+                p.kept_rollups.clear()
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:
