@@ -1,6 +1,7 @@
 """HOT PATH: the aggregator alone, in-process, on the benchmark workload (no I/O).
 
-``python -m bench.hotpath [-n N] [-r R] [--batch B] [--tags [S]] [--hop H] [--profile]``
+``python -m bench.hotpath [-n N] [-r R] [--batch B] [--tags [S]] [--hop H] [--rollups L,..]``
+``[--profile]``
 
 Feeds the workload's JSON texts as Kafka-like ``SourceBatch`` objects (``bytes``
 records with offsets, per partition, ``batch`` records each) through
@@ -20,6 +21,9 @@ weighted) for the check.
 
 ``--hop H``: hopping windows (``AGGREGATION_HOP=H``, docs/hopping.md): 60 / H times the
 windows; those starting at a multiple of 60 (the tumbling ones) are checked.
+``--rollups L[,L2]``: the aggregator runs with ``AGGREGATION_ROLLUPS`` (e.g. ``600`` or
+``600,1200`` over the workload's 20 minutes of 60 s windows); the base windows are
+checked as before, the rollup rows come on top (the cost of one or two levels).
 """
 
 from __future__ import annotations
@@ -107,10 +111,14 @@ def merged(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_once(
-    w: Workload, feed: list[SourceBatch], group_by: tuple[str, ...] = (), hop: float | None = None
+    w: Workload,
+    feed: list[SourceBatch],
+    group_by: tuple[str, ...] = (),
+    hop: float | None = None,
+    rollups: tuple[float, ...] = (),
 ) -> tuple[float, list[dict[str, Any]]]:
     clock = ManualClock(start=w_end(w) + 600)
-    cfg = AggregationConfig(interval_s=60.0, group_by=group_by, hop_s=hop)
+    cfg = AggregationConfig(interval_s=60.0, group_by=group_by, hop_s=hop, rollups_s=rollups)
     agg = EventAggregator(cfg, MetricsCollector(clock), clock)
     agg.restore([PartitionCheckpoint(b.partition, None, None) for b in feed[: w.partitions]])
     t0 = time.process_time()  # CPU time: less sensitive to other load on the machine
@@ -128,7 +136,8 @@ def run_once(
             "window_end": iso_utc(a.window_end),
         }
         for a in emitted
-        if a.window_start % 60.0 == 0.0  # with --hop: the tumbling windows among them
+        # the base windows (rollups on top); with --hop the tumbling ones among them
+        if a.window_end - a.window_start == 60.0 and a.window_start % 60.0 == 0.0
     ]
     return took, records
 
@@ -154,6 +163,13 @@ def main() -> None:
         help="events with 2 group-by tags, S series per name (default 1)",
     )
     ap.add_argument("--hop", type=float, default=None, help="AGGREGATION_HOP (seconds)")
+    ap.add_argument(
+        "--rollups",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        default=(),
+        metavar="L[,L2]",
+        help="AGGREGATION_ROLLUPS lengths in seconds (multiples of 60)",
+    )
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     w = generate(args.n)
@@ -165,13 +181,13 @@ def main() -> None:
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run_once(w, feed, group_by, args.hop)
+        run_once(w, feed, group_by, args.hop, args.rollups)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         return
     rates = []
     for rep in range(args.r):
-        took, records = run_once(w, feed, group_by, args.hop)
+        took, records = run_once(w, feed, group_by, args.hop, args.rollups)
         summary = check(merged(records) if group_by else records, w.expected)
         if not summary["ok"]:
             print(f"WRONG RESULT: {summary}", file=sys.stderr)
@@ -182,7 +198,8 @@ def main() -> None:
     print(
         f"median {rates[len(rates) // 2]:,.0f} ev/CPU-s, range {rates[0]:,.0f}-{rates[-1]:,.0f} "
         f"(n={args.n:,}, batch={args.batch}, {args.r} reps, "
-        f"{f'2 group-by tags, {args.tags} series per name, ' if group_by else ''}correct)"
+        f"{f'2 group-by tags, {args.tags} series per name, ' if group_by else ''}"
+        f"{f'rollups {args.rollups}, ' if args.rollups else ''}correct)"
     )
 
 

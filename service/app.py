@@ -134,6 +134,8 @@ class Service:
             "watermark": self.aggregator.watermark,
             "open_windows": self.aggregator.open_windows,
             "oldest_open_window_start": self.aggregator.oldest_window_start,
+            "resolutions": self.aggregator.resolutions,  # window lengths written (12.6)
+            "open_rollup_windows": self.aggregator.rollup_partials,
             "partitions": self.aggregator.partitions(),
             "subscribers": {
                 name: {

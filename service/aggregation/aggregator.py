@@ -25,6 +25,7 @@ from service.aggregation.hopping import take_panes
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
 from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, PartitionState
+from service.aggregation.rollups import expire_kept, keep_configured, partial_keys
 from service.aggregation.series import SeriesBudget, TagRule
 from service.aggregation.windows import closed_boundary, window_start
 from service.bus.base import SourceBatch
@@ -66,6 +67,7 @@ class EventAggregator:
         self._hopping = self._pane < self._interval
         self._idle_s = cfg.effective_idle_timeout_s
         self._lateness = cfg.allowed_lateness_s  # 0: emitted windows are not kept
+        self._rollups = cfg.rollups_s  # (): no rollups (service.aggregation.rollups)
         self._metrics = metrics
         self._clock = clock
         self._max_bytes = max_message_bytes
@@ -82,6 +84,16 @@ class EventAggregator:
     @property
     def open_windows(self) -> int:
         return self._open
+
+    @property
+    def resolutions(self) -> list[float]:
+        """Window lengths written, in seconds: the interval, then each rollup's."""
+        return [self._interval, *self._rollups]
+
+    @property
+    def rollup_partials(self) -> int:
+        """Open rollup window keys (one accumulator each) over the partitions held."""
+        return sum(partial_keys(p.rollups) for p in self._parts.values())
 
     @property
     def oldest_window_start(self) -> float | None:
@@ -156,6 +168,10 @@ class EventAggregator:
             p, dropped = PartitionState.restored(cp, now)
             if self._tags is not None:  # the series budget, derived from the windows
                 p.series = SeriesBudget.of(p.windows)
+            for why in keep_configured(p, self._rollups):
+                log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
+            if not self._lateness:  # nothing frees them, and nothing corrects them
+                p.kept_rollups.clear()
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:
@@ -292,6 +308,7 @@ class EventAggregator:
             now=self._clock.now(),
             metrics=self._metrics,
             tags=self._tags,
+            rollups=self._rollups,
         )
 
     def _free_kept(self) -> None:
@@ -302,6 +319,8 @@ class EventAggregator:
         for p in self._parts.values():
             if p.kept and p.max_ts is not None:
                 expire(p.kept, p.max_ts - grace, interval, lateness)
+            if p.kept_rollups and p.max_ts is not None:
+                expire_kept(p, p.max_ts - grace, lateness)
 
     def _start_run(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> BatchRun:
         cfg = self._cfg
@@ -417,13 +436,15 @@ class EventAggregator:
                 self._idle_s,
                 self._metrics,
                 keep=self._lateness > 0,
+                rollups=self._rollups,
             )
         self._open -= taken.keys
-        if not taken.ready:
+        if not taken.ready and not taken.levels:
             return
-        emitted = aggregates_of(
-            taken, self._interval, self._clock.now(), self._metrics, tagged=self._tags is not None
-        )
+        now, tagged = self._clock.now(), self._tags is not None
+        emitted = aggregates_of(taken, self._interval, now, self._metrics, tagged=tagged)
+        for length, level in taken.levels:  # after the base windows that completed them
+            emitted.extend(aggregates_of(level, length, now, self._metrics, tagged=tagged))
         out.aggregates.extend(emitted)
         self._metrics.on_aggregates_emitted(emitted)
         self._metrics.set_open_windows(self._open)

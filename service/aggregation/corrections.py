@@ -26,6 +26,7 @@ from service.aggregation.emission import Taken, aggregates_of
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
+from service.aggregation.rollups import Touched, add_late, corrected
 from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_series
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
@@ -56,9 +57,12 @@ def apply_corrections(
     now: float,
     metrics: MetricsCollector,
     tags: TagRule | None = None,
+    rollups: Sequence[float] = (),
 ) -> None:
     """Apply ``corrections`` (of ``batch``, on ``part``) and emit one revision per
-    record and key; ``parts``: every partition of this instance, ``part`` among them."""
+    record and key; ``parts``: every partition of this instance, ``part`` among them.
+    ``rollups``: an applied event also corrects the emitted rollup windows above its
+    window, up to the first one still open (:func:`~service.aggregation.rollups.add_late`)."""
     everyone = list(parts)
     others = [q for q in everyone if q is not part]
     rejects: dict[str, int] = {}
@@ -68,17 +72,25 @@ def apply_corrections(
     while i < n:
         idx = corrections[i].idx
         touched: dict[tuple[float, WindowKey], None] = {}  # in first-touch order
+        rolled: Touched = {}
         while i < n and corrections[i].idx == idx:
             c = corrections[i]
             i += 1
             key = _budgeted(part, c, tags)
             if _apply(part, others, c, key, batch, out, dead, rejects, now):
                 touched[(c.start, key)] = None
+                if rollups:
+                    ts: float = c.event.timestamp  # type: ignore[assignment]  # a float now
+                    add_late(part, everyone, rollups, c.start, key, c.event.value, ts, rolled)
                 overflowed += key is not c.key
                 late_key = (name_of(key[0]), key[1], c.start)  # per name, as late
                 applied[late_key] = applied.get(late_key, 0) + 1
         if touched:
             _emit(part, everyone, touched, out, interval, now, metrics, tagged=tags is not None)
+        for length, taken in corrected(part, everyone, rolled) if rolled else ():
+            emitted = aggregates_of(taken, length, now, metrics, tagged=tags is not None)
+            out.aggregates.extend(emitted)
+            metrics.on_aggregates_emitted(emitted)
     dead.finish(out)
     accepted = sum(applied.values())
     received_in = window_start(batch.received_at, interval)

@@ -12,13 +12,14 @@ by its own history.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Final
 
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import sketch_of
+from service.aggregation.rollups import fold, take_levels
 from service.aggregation.series import SEP, split
 from service.aggregation.windows import emitted_by, quiet_close
 from service.core.events import Aggregate
@@ -36,7 +37,7 @@ class Taken:
     its first share (blamed when its result is unusable), and how many keys in all;
     ``revisions``: of corrections (:mod:`service.aggregation.corrections`), else 1."""
 
-    __slots__ = ("keys", "owner", "private", "ready", "revisions")
+    __slots__ = ("keys", "levels", "owner", "private", "ready", "revisions")
 
     def __init__(self) -> None:
         self.ready: dict[float, dict[WindowKey, Acc]] = {}
@@ -45,21 +46,27 @@ class Taken:
         # keeping: the merged accumulators that are copies (the others are kept shares)
         self.private: dict[float, set[WindowKey]] | None = None
         self.keys = 0
+        # AGGREGATION_ROLLUPS: (length, windows) of the rollup levels this step took
+        self.levels: list[tuple[float, Taken]] = []
 
 
 def take_through(
-    parts: Iterable[PartitionState],
+    parts: Collection[PartitionState],
     boundary: float,
     interval: float,
     idle_s: float,
     metrics: MetricsCollector,
     *,
     keep: bool = False,
+    rollups: Sequence[float] = (),
 ) -> Taken:
     """Take out every window ending at or before ``boundary``, merged over partitions,
     and move each partition's emitted boundary; ``keep`` (allowed lateness above 0):
     each partition keeps its share for corrections (``kept``, revision 1), and a merge
-    of shares works on copies (only of the keys that several partitions share)."""
+    of shares works on copies (only of the keys that several partitions share).
+    ``rollups`` (AGGREGATION_ROLLUPS): each window taken is folded into its partition's
+    first rollup level, and the rollup windows the boundary passed are taken too
+    (``levels``, :mod:`service.aggregation.rollups`)."""
     taken = Taken()
     if keep:
         taken.private = {}
@@ -84,7 +91,11 @@ def take_through(
                 p.kept[start] = {key: Kept(acc, 1) for key, acc in keyed.items()}
             taken.keys += len(keyed)
             p.on_emitted(keyed)
+            if rollups:  # before the merge, which changes the first share in place
+                fold(p.rollups, rollups[0], start, keyed)
             _merge(taken, p, start, keyed, metrics)
+    if rollups:
+        taken.levels = take_levels(parts, boundary, rollups, keep=keep)
     return taken
 
 

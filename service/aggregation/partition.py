@@ -43,10 +43,12 @@ from typing import Any, Final
 import orjson
 
 from service.aggregation import kept as kept_windows
+from service.aggregation import rollups as rollup_partials
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.kept import KeptWindows
 from service.aggregation.origins import RoutedTime
 from service.aggregation.percentiles import PERCENTILES, v13_layout
+from service.aggregation.rollups import ROLLUP_STATE_FORMAT, RollupPartials
 from service.aggregation.series import SEP, SeriesBudget, valid_series
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
@@ -81,7 +83,7 @@ HOP_STATE_FORMAT: Final = 4
 """A state holding panes of hopping windows (AGGREGATION_HOP, service.aggregation.hopping):
 a release before them would read each pane as a tumbling window of the interval."""
 READ_FORMATS: Final = frozenset(
-    {STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT, HOP_STATE_FORMAT}
+    {STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT, HOP_STATE_FORMAT, ROLLUP_STATE_FORMAT}
 )
 NEG_INF: Final = -math.inf
 
@@ -121,6 +123,11 @@ class PartitionState:
     kept: KeptWindows = field(default_factory=dict)
     kept_from: float = NEG_INF
     late_applied: dict[tuple[str, str, float], int] = field(default_factory=dict)
+    # AGGREGATION_ROLLUPS set: this partition's partials of open rollup windows
+    # (service.aggregation.rollups), checkpointed as ``rollups``
+    rollups: RollupPartials = field(default_factory=dict)
+    # and, with the allowed lateness above 0, its shares of emitted rollup windows
+    kept_rollups: dict[float, KeptWindows] = field(default_factory=dict)
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -295,6 +302,12 @@ class PartitionState:
         }
         if keeps:
             body.update(kept_windows.encode(self.kept, self.kept_from))
+        if self.rollups and (entries := rollup_partials.encode(self.rollups)):
+            body["format"] = ROLLUP_STATE_FORMAT
+            body["rollups"] = entries
+        if keeps and (kept := rollup_partials.encode_kept(self.kept_rollups)):
+            body["format"] = ROLLUP_STATE_FORMAT
+            body["kept_rollups"] = kept
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
 
     @classmethod
@@ -345,6 +358,9 @@ class PartitionState:
         else:
             p.kept, p.kept_from, unusable = kept
             dropped.extend(Dropped(None, None, None, 0, why) for why in unusable)
+        p.rollups, unusable = rollup_partials.decode(body.get("rollups"))
+        p.kept_rollups, unkept = rollup_partials.decode_kept(body.get("kept_rollups"))
+        dropped.extend(Dropped(None, None, None, 0, why) for why in unusable + unkept)
         for entry in entries:
             why = _invalid_window(entry)
             if why is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields, replace
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from service.config.masking import Secret
 from service.config.parsers import (
@@ -27,6 +27,7 @@ from service.config.parsers import (
     parse_dsn,
     parse_identifier,
     parse_outputs,
+    parse_rollups,
     parse_servers,
     parse_tag_keys,
     parse_topic,
@@ -270,9 +271,11 @@ def read_aggregation(r: Reader) -> AggregationConfig:
             "AGGREGATION_ALLOWED_LATENESS", d.allowed_lateness_s, allow_zero=True
         ),
         hop_s=_hop(r),
+        rollups_s=r.custom("AGGREGATION_ROLLUPS", d.rollups_s, parse_rollups, _ROLLUPS_FORM),
     )
     if cfg.hop_s is not None:
         cfg = _check_hop(r, cfg)
+    _check_rollups(r, cfg)
     if cfg.max_watermark_lead_s > cfg.max_future_s:
         # unset, the default follows a smaller AGGREGATION_MAX_FUTURE; set, it is a mistake:
         # a larger lead could never apply (no accepted event is further ahead)
@@ -306,6 +309,42 @@ def _check_hop(r: Reader, cfg: AggregationConfig) -> AggregationConfig:
         r.fail("AGGREGATION_HOP", f"{form}, or AGGREGATION_ALLOWED_LATENESS=0 with it")
         return replace(cfg, hop_s=None)
     return cfg
+
+
+_ROLLUPS_FORM: Final = (
+    "a comma-separated list of window lengths in seconds, strictly increasing, each a "
+    "multiple of AGGREGATION_INTERVAL and of the one before it"
+)
+
+
+def _check_rollups(r: Reader, cfg: AggregationConfig) -> None:
+    """Rollups are merged from whole base windows: each length a larger multiple of
+    the interval (the parser checked them against each other), and tumbling base
+    windows only (contract §12.7: rollups with hops are an error)."""
+    if not cfg.rollups_s:
+        return
+    first = cfg.rollups_s[0]
+    k = round(first / cfg.interval_s)
+    if k < 2 or k * cfg.interval_s != first:
+        r.fail(
+            "AGGREGATION_ROLLUPS",
+            _ROLLUPS_FORM,
+            f"{first:g} is not a larger multiple of AGGREGATION_INTERVAL={cfg.interval_s:g}",
+        )
+    hop = r.raw("AGGREGATION_HOP")
+    if hop is not None and _number(hop) != cfg.interval_s:
+        r.fail(
+            "AGGREGATION_HOP",
+            f"AGGREGATION_INTERVAL ({cfg.interval_s:g}) or unset: rollups "
+            "(AGGREGATION_ROLLUPS) need tumbling base windows",
+        )
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def read_runtime(r: Reader) -> RuntimeConfig:

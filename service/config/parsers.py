@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +116,25 @@ def parse_tag_keys(value: str) -> tuple[str, ...]:
     if len(set(keys)) != len(keys):
         raise Invalid("a tag key is listed twice")
     return keys
+
+
+def parse_rollups(value: str) -> tuple[float, ...]:
+    """``3600, 86400`` -> ``(3600.0, 86400.0)``: finite seconds above 0, strictly
+    increasing, each a whole multiple of the one before (checked against the interval
+    by the loader)."""
+    lengths = tuple(float(v) for v in value.split(","))
+    for i, length in enumerate(lengths):
+        if not (math.isfinite(length) and length > 0):
+            raise Invalid(detail=f"{length!r} is not a number of seconds > 0")
+        if i and not _multiple(length, lengths[i - 1]):
+            raise Invalid(detail=f"{length:g} is not a larger multiple of {lengths[i - 1]:g}")
+    return lengths
+
+
+def _multiple(length: float, base: float) -> bool:
+    """``length`` is ``k * base`` for a whole ``k >= 2``."""
+    k = round(length / base)
+    return k >= 2 and k * base == length
 
 
 def parse_identifier(value: str) -> str:

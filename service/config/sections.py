@@ -123,6 +123,9 @@ class AggregationConfig:
     # AGGREGATION_ALLOWED_LATENESS: an emitted window stays correctable until its
     # partition's watermark passes window_end + this; 0: late events are dead letters
     allowed_lateness_s: float = 0.0
+    # AGGREGATION_ROLLUPS: longer windows merged from the finished ones below them
+    # (contract §12.6), strictly increasing, each a multiple of the one before; () none
+    rollups_s: tuple[float, ...] = ()
     # AGGREGATION_HOP: windows of interval_s start at every multiple of it (hopping
     # windows, state per hop-sized pane: docs/hopping.md); None: interval_s (tumbling)
     hop_s: float | None = None

@@ -99,10 +99,13 @@ def _percentile(values: list[float], q: float) -> float:
     return v[lo] + (h - lo) * (v[hi] - v[lo])
 
 
-def expected_aggregates(valid: list[dict[str, Any]]) -> dict[Key, tuple[float, int]]:
+def expected_aggregates(
+    valid: list[dict[str, Any]], interval: float = INTERVAL
+) -> dict[Key, tuple[float, int]]:
+    """Per (name, agg_func, window start) of ``interval`` seconds: (value, count)."""
     groups: dict[Key, list[tuple[float, float]]] = defaultdict(list)
     for e in valid:
-        start = math.floor(e["timestamp"] / INTERVAL) * INTERVAL
+        start = math.floor(e["timestamp"] / interval) * interval
         groups[(e["name"], e["agg_func"], start)].append((e["timestamp"], e["value"]))
     out: dict[Key, tuple[float, int]] = {}
     for key, pairs in groups.items():

@@ -559,3 +559,42 @@ def test_a_required_bus_url_that_is_unset_is_a_problem_naming_it() -> None:
     assert problem.startswith("VABUS_URL=''") and "not set" in problem
     explicit = load_config({"VABUS_URL": "demo://?rate=5"}, dotenv=None, require_bus=True)
     assert explicit.bus.kind == "demo"  # the generator only when asked for
+
+
+# --- rollups (contract §12.6) -------------------------------------------------------------
+
+
+def test_rollups_default_to_none_and_read_a_comma_list() -> None:
+    assert load().aggregation.rollups_s == ()
+    cfg = load(AGGREGATION_INTERVAL="60", AGGREGATION_ROLLUPS="3600, 86400").aggregation
+    assert cfg.rollups_s == (3600.0, 86400.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        ("90", "not a larger multiple of AGGREGATION_INTERVAL=60"),
+        ("60", "not a larger multiple of AGGREGATION_INTERVAL=60"),
+        ("3600,5400", "5400 is not a larger multiple of 3600"),
+        ("3600,3600", "3600 is not a larger multiple of 3600"),
+        ("86400,3600", "3600 is not a larger multiple of 86400"),
+        ("-3600", "is not a number of seconds > 0"),
+        ("hourly", ""),
+        ("3600,", ""),
+    ],
+)
+def test_rollups_that_are_not_increasing_multiples_exit_naming_the_variable(
+    value: str, detail: str
+) -> None:
+    [problem] = problems_of(AGGREGATION_INTERVAL="60", AGGREGATION_ROLLUPS=value)
+    assert problem.startswith(f"AGGREGATION_ROLLUPS={value!r}: expected a comma-separated list")
+    assert detail in problem
+
+
+def test_rollups_with_hops_are_an_error() -> None:
+    [problem] = problems_of(
+        AGGREGATION_INTERVAL="60", AGGREGATION_ROLLUPS="3600", AGGREGATION_HOP="10"
+    )
+    assert problem.startswith("AGGREGATION_HOP='10': expected AGGREGATION_INTERVAL (60)")
+    cfg = load(AGGREGATION_INTERVAL="60", AGGREGATION_ROLLUPS="3600", AGGREGATION_HOP="60")
+    assert cfg.aggregation.rollups_s == (3600.0,)
