@@ -7,6 +7,10 @@ is correct only if the key set equals the expected one exactly and, per key,
 ``agg_func`` and ``count`` are equal, ``window_end`` is right, and ``value`` is within
 1e-9 relative (1e-9 absolute near zero). Times may be Unix seconds or ISO-8601 strings
 (the service writes ``...Z`` strings).
+
+Rollup rows (``AGGREGATION_ROLLUPS``: a window longer than the workload's) are judged
+apart (:func:`check_rollups`): each must equal the merge of the expected windows it
+covers, and at least one must be there when the run asked for rollups.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from bench.workload import Key
+from bench.workload import WINDOW_S, Key
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-9
@@ -32,14 +36,19 @@ def to_epoch(value: Any) -> float:
 
 
 def key_of(record: Mapping[str, Any]) -> Key | None:
-    """The (name, window_start) of an output record; None for ``__`` names.
+    """The (name, window_start) of an output record; None for ``__`` names and rollup
+    rows (judged by :func:`check_rollups`).
 
     Raises KeyError/ValueError/TypeError for a malformed record.
     """
     name = record["name"]
     if name.startswith("__"):
         return None
-    return name, round(to_epoch(record["window_start"]))
+    start = round(to_epoch(record["window_start"]))
+    end = record.get("window_end")
+    if end is not None and round(to_epoch(end)) - start != WINDOW_S:
+        return None
+    return name, start
 
 
 def check(
@@ -113,3 +122,57 @@ def _compare(got: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
     if not math.isclose(value, want["value"], rel_tol=REL_TOL, abs_tol=ABS_TOL):
         problems.append(f"value {got.get('value')!r} != {want['value']!r}")
     return problems
+
+
+RollupKey = tuple[str, int, int]  # (name, window_start, window_end)
+
+
+def check_rollups(
+    records: Iterable[Mapping[str, Any]],
+    expected: Mapping[Key, Mapping[str, Any]],
+    max_examples: int = 5,
+) -> dict[str, Any]:
+    """Rollup rows against the merge of the expected windows each covers (the last
+    record per window, as for base windows). ``ok`` is False when there are none."""
+    last: dict[RollupKey, Mapping[str, Any]] = {}
+    for record in records:
+        try:
+            name = record["name"]
+            start = round(to_epoch(record["window_start"]))
+            end = round(to_epoch(record["window_end"]))
+        except (KeyError, ValueError, TypeError, AttributeError):
+            continue
+        if not name.startswith("__") and end - start != WINDOW_S:
+            last[(name, start, end)] = record
+    mismatches = []
+    for (name, start, end), got in last.items():
+        want = _merged(expected, name, start, end)
+        problems = ["covers no expected window"] if want is None else _compare(got, want)
+        if problems:
+            mismatches.append(((name, start, end), problems))
+    return {
+        "ok": bool(last) and not mismatches,
+        "rollup_windows": len(last),
+        "rollup_mismatches": len(mismatches),
+        "examples_rollup_mismatch": [[list(k), p] for k, p in mismatches[:max_examples]],
+    }
+
+
+def _merged(
+    expected: Mapping[Key, Mapping[str, Any]], name: str, start: int, end: int
+) -> dict[str, Any] | None:
+    """The expected result of ``name`` over ``[start, end)`` from its base windows
+    (the workload's functions: sum, avg, min and max)."""
+    parts = [expected[(name, ws)] for ws in range(start, end, WINDOW_S) if (name, ws) in expected]
+    if not parts:
+        return None
+    func = parts[0]["agg_func"]
+    count = sum(p["count"] for p in parts)
+    values = [p["value"] for p in parts]
+    if func == "sum":
+        value = math.fsum(values)
+    elif func == "avg":
+        value = math.fsum(p["value"] * p["count"] for p in parts) / count
+    else:
+        value = min(values) if func == "min" else max(values)
+    return {"agg_func": func, "count": count, "window_end": end, "value": value}

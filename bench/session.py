@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from bench.check import check
+from bench.check import check, check_rollups
 from bench.feed import (
     clean_env,
     feed_paced,
@@ -322,6 +322,15 @@ def _judge(session: Session, run: _Run, watched: Watched, res: dict[str, Any]) -
                 f"mismatches {summary['mismatches']}, bad records {summary['bad_format']}"
             )
         )
+        if session.service_env.get("AGGREGATION_ROLLUPS") and run.tool.runner == "service":
+            rollups = check_rollups(watched.records, w.expected)
+            res["check_rollups"] = rollups
+            if not rollups["ok"]:
+                res["correct"] = False
+                why = (
+                    f"{why}; rollups: {rollups['rollup_windows']} windows, "
+                    f"{rollups['rollup_mismatches']} wrong"
+                ).lstrip("; ")
     res["completed"] = watched.done_at is not None
     if not res["completed"]:
         why = f"incomplete ({watched.gave_up}); {why}".rstrip("; ")
