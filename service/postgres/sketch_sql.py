@@ -38,10 +38,30 @@ BEGIN
     RAISE EXCEPTION '%', message USING ERRCODE = '22023';
 END $$"""
 
+
+def _read_varint(target: str, keep_below: int, fail_at: int, what: str) -> str:
+    """PL/pgSQL that reads the varint at ``pos`` into ``target``: its bits below
+    ``keep_below`` are kept (the rest cannot matter for a tag or a length), and it is
+    refused as malformed ``what`` when it runs past the message or ``fail_at`` bits."""
+    return f"""{target} := 0; shift := 0;
+        LOOP
+            IF pos >= size OR shift >= {fail_at} THEN
+                PERFORM vabus_sketch_fail('malformed DDSketch: {what}');
+            END IF;
+            b := get_byte(msg, pos); pos := pos + 1;
+            IF shift < {keep_below} THEN
+                {target} := {target} | ((b & 127)::bigint << shift);
+            END IF;
+            shift := shift + 7;
+            EXIT WHEN b < 128;
+        END LOOP;"""
+
+
 # A protobuf message's fields in wire order: for varints ``ival`` (the low 63 bits), for
 # 64-bit fields ``dval`` (a little-endian IEEE 754 double), for length-delimited ones
-# ``sub``. 32-bit fields are skipped (ddsketch.proto has none), groups refused.
-_FIELDS: Final = r"""
+# ``sub``. 32-bit fields are skipped (ddsketch.proto has none), groups refused. A tag or
+# a length takes at most 5 bytes (35 bits), a varint 10.
+_FIELDS: Final = f"""
 CREATE OR REPLACE FUNCTION vabus_sketch_fields(msg bytea)
 RETURNS TABLE (ord integer, field integer, wire integer, ival bigint, dval float8, sub bytea)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
@@ -55,29 +75,11 @@ DECLARE
     n integer := 0;
 BEGIN
     WHILE pos < size LOOP
-        tag := 0; shift := 0;
-        LOOP
-            IF pos >= size THEN
-                PERFORM vabus_sketch_fail('malformed DDSketch: truncated field tag');
-            END IF;
-            b := get_byte(msg, pos); pos := pos + 1;
-            IF shift < 35 THEN tag := tag | ((b & 127)::bigint << shift); END IF;
-            shift := shift + 7;
-            EXIT WHEN b < 128;
-        END LOOP;
+        {_read_varint("tag", 35, 35, "bad field tag")}
         n := n + 1; ord := n; field := (tag >> 3)::integer; wire := (tag & 7)::integer;
         ival := NULL; dval := NULL; sub := NULL;
         IF wire = 0 THEN
-            v := 0; shift := 0;
-            LOOP
-                IF pos >= size OR shift >= 70 THEN
-                    PERFORM vabus_sketch_fail('malformed DDSketch: bad varint');
-                END IF;
-                b := get_byte(msg, pos); pos := pos + 1;
-                IF shift < 63 THEN v := v | ((b & 127)::bigint << shift); END IF;
-                shift := shift + 7;
-                EXIT WHEN b < 128;
-            END LOOP;
+            {_read_varint("v", 63, 70, "bad varint")}
             ival := v;
         ELSIF wire = 1 THEN
             IF pos + 8 > size THEN
@@ -85,16 +87,7 @@ BEGIN
             END IF;
             dval := vabus_sketch_double(msg, pos); pos := pos + 8;
         ELSIF wire = 2 THEN
-            v := 0; shift := 0;
-            LOOP
-                IF pos >= size OR shift >= 35 THEN
-                    PERFORM vabus_sketch_fail('malformed DDSketch: bad length');
-                END IF;
-                b := get_byte(msg, pos); pos := pos + 1;
-                v := v | ((b & 127)::bigint << shift);
-                shift := shift + 7;
-                EXIT WHEN b < 128;
-            END LOOP;
+            {_read_varint("v", 35, 35, "bad length")}
             IF pos + v > size THEN
                 PERFORM vabus_sketch_fail('malformed DDSketch: truncated field');
             END IF;
