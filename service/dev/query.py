@@ -19,8 +19,9 @@ async def _show(dsn: str, table: str, limit: int = 20) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            f"SELECT name, agg_func, window_start, window_end, value, count "
-            f"FROM {quote_identifier(table)} ORDER BY window_start DESC, name LIMIT $1",
+            f"SELECT name, tags::text AS tags, agg_func, window_start, window_end, value, "
+            f"count, revision FROM {quote_identifier(table)} "
+            f"ORDER BY window_start DESC, name LIMIT $1",
             limit,
         )
         total = await conn.fetchval(f"SELECT count(*) FROM {quote_identifier(table)}")
@@ -28,10 +29,18 @@ async def _show(dsn: str, table: str, limit: int = 20) -> None:
         await conn.close()
     print(f"{total} aggregates stored; newest {len(rows)}:")
     for r in rows:
-        print(
-            f"  {r['window_start']:%Y-%m-%d %H:%M:%S} {r['name']:<16} {r['agg_func']:<6} "
-            f"value={r['value']:<14.6g} count={r['count']}"
-        )
+        print(f"  {_line(r)}")
+
+
+def _line(r: asyncpg.Record) -> str:
+    """One row: its window (start and length, so rollup rows stand out), series,
+    function, value, count and revision (above 1 after corrections)."""
+    length = (r["window_end"] - r["window_start"]).total_seconds()
+    tags = "" if r["tags"] in (None, "{}") else f" {r['tags']}"
+    return (
+        f"{r['window_start']:%Y-%m-%d %H:%M:%S} +{length:g}s {r['name']}{tags} "
+        f"{r['agg_func']:<6} value={r['value']:<14.6g} count={r['count']} rev={r['revision']}"
+    )
 
 
 def main(argv: list[str]) -> int:
