@@ -211,6 +211,13 @@ DECLARED: Final[tuple[Declared, ...]] = (
     _counter("sink_writes", "Successful sink writes.", "sink"),
     _counter("sink_aggregates_written", "Aggregates made durable.", "sink"),
     _counter("sink_dead_letters_written", "Dead letters made durable.", "sink"),
+    _counter(
+        "route_aggregates_written",
+        "Aggregates made durable per route of ROUTES_FILE (default: no rule matched) and "
+        "destination (<output>:<topic or table>).",
+        "route",
+        "destination",
+    ),
     Declared(
         "sink_errors",
         "counter",
