@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -25,6 +26,7 @@ from tests.e2e.live import (
     read_aggregates,
     read_dead_letters,
 )
+from tests.e2e.test_cli import run_cli
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import Results
 from tests.fault.harness import wait_for
@@ -217,3 +219,40 @@ async def test_routes_stay_exact_through_kill9_cycles(
         f"\n[routes, kill -9 x2] {len(workload.valid)} events: "
         + ", ".join(f"{p}.* {len(dest.only[p])} aggregates" for p in PREFIXES)
     )
+
+
+def test_check_names_the_bad_rule_and_exits_2_before_connecting(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("routes:\n  - name: hosts\n    match: ['cpu.*']\n    outputs: [s3]\n")
+    env = {
+        "VABUS_URL": "http://127.0.0.1:9",  # nothing listens: exit 2 must come first
+        "STORAGE_TYPE": "kafka",
+        "ROUTES_FILE": str(routes),
+    }
+    started = time.monotonic()
+    done = run_cli(["check"], env, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "rule 1 'hosts': outputs=['s3']: expected a non-empty list" in done.stderr
+    assert time.monotonic() - started < 30
+
+
+async def test_migrate_creates_every_route_table(
+    postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    routes = Routed.routes_file(tmp_path / "routes.yaml", unique_name)
+    env = {
+        "STORAGE_TYPE": "kafka,postgres",
+        "POSTGRES_DSN": postgres_dsn,
+        "POSTGRES_TABLE": f"agg_{unique_name}",
+        "ROUTES_FILE": str(routes),
+    }
+    done = await asyncio.to_thread(run_cli, ["migrate"], env, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"tables agg_{unique_name}, host_{unique_name}," in done.stdout
+    assert await stored_rows(postgres_dsn, f"host_{unique_name}") == {}  # exists, empty
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"host_{unique_name}")
+        await conn.execute(f"DROP TABLE agg_{unique_name}, host_{unique_name}")
+    finally:
+        await conn.close()
