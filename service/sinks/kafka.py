@@ -464,6 +464,6 @@ class KafkaSink(AsyncResource):
         elif kind == "config":
             hint = (
                 "check KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
-                f"{self._cfg.topic!r} and {self._cfg.dlq_topic!r}"
+                f"{', '.join(map(repr, self._topics))} and {self._cfg.dlq_topic!r}"
             )
         return kafka_error(exc, f"kafka sink: {operation}", self._servers, hint=hint)
