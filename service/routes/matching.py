@@ -86,8 +86,17 @@ class Router:
         default last) with the topic or table of each; a route whose outputs leave out
         ``output`` gets nothing there."""
         groups: dict[int, list[Aggregate]] = {}
+        cache, index_of = self._cache, self.index_of
+        by_name = not self._by_tags  # then the cache is keyed by name: look it up inline
         for a in aggregates:
-            groups.setdefault(self.index_of(a.name, a.tags), []).append(a)
+            i = cache.get(a.name) if by_name else None
+            if i is None:
+                i = index_of(a.name, a.tags)
+            group = groups.get(i)
+            if group is None:
+                groups[i] = [a]
+            else:
+                group.append(a)
         default = self._default[output]
         out: list[Destined] = []
         for i in sorted(groups, key=lambda i: len(self._rules) if i < 0 else i):
