@@ -245,3 +245,36 @@ async def test_migrate_creates_the_route_tables_like_the_default_table(
         assert await conn.fetchval(key, own) == await conn.fetchval(key, table)
     finally:
         await conn.execute(f"DROP TABLE IF EXISTS {table}, {own}, {dlq}")
+
+
+async def test_postgres_routes_series_by_their_tags(
+    postgres_dsn: str, unique_name: str, conn: Any
+) -> None:
+    """A rule with tags takes only the series carrying them: one name, two tables."""
+    cfg = PostgresConfig(
+        dsn=Secret(postgres_dsn),
+        table=f"{unique_name}_agg",
+        dead_letter_table=f"{unique_name}_dlq",
+        pool_max_size=2,
+    )
+    eu = f"{unique_name}_eu"
+    rules = Routes(
+        rules=(Route("eu", ("cpu.*",), ("postgres",), tags=(("region", "eu"),), postgres_table=eu),)
+    )
+    r = router(rules, "unused", cfg.table)
+    try:
+        async with PostgresSink(cfg, MetricsCollector(), SystemClock(), router=r) as pg:
+            await pg.write(
+                [
+                    replace(agg("cpu.user"), tags={"region": "eu", "host": "a"}),
+                    replace(agg("cpu.user"), tags={"region": "us", "host": "a"}),
+                    replace(agg("cpu.user"), tags={}),
+                ],
+                [],
+            )
+        in_eu = await conn.fetch(f"SELECT tags::text AS t FROM {eu}")
+        rest = await conn.fetch(f"SELECT tags::text AS t FROM {cfg.table}")
+        assert [x["t"] for x in in_eu] == ['{"host": "a", "region": "eu"}']
+        assert sorted(x["t"] for x in rest) == ['{"host": "a", "region": "us"}', "{}"]
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {cfg.table}, {eu}, {cfg.dead_letter_table}")
