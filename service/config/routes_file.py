@@ -35,7 +35,10 @@ def read_routes(r: Reader, config: Config) -> Routes:
         reserved_tables=(config.postgres.dead_letter_table,),
         reserved_topics=tuple(
             dict.fromkeys(
-                [config.kafka.dlq_topic, *([bus.kafka_topic] if bus.kind == "kafka" else [])]
+                [
+                    config.kafka.dlq_topic,
+                    *([bus.kafka_topic, bus.kafka_metrics_topic] if bus.kind == "kafka" else []),
+                ]
             )
         ),
     )

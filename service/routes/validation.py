@@ -38,6 +38,7 @@ _GLOB_FORM: Final = (
 )
 _TAG_FORM: Final = "an object of AGGREGATION_GROUP_BY keys to strings, numbers or booleans"
 _OWN_TABLES: Final = "vabus_"  # checkpoints, ledger, leases: the service's own tables
+_OWN_TOPICS: Final = "vabus-"  # the checkpoint and repartition topics of a group
 _SHOWN: Final = 80  # characters of a bad value quoted in a message
 
 
@@ -220,15 +221,15 @@ class _Rule:
         output = key.split("_", 1)[0]
         reserved = self.ctx.reserved_tables if output == "postgres" else self.ctx.reserved_topics
         kind = "an SQL table name" if output == "postgres" else "a Kafka topic name"
-        others = ", ".join(
-            [*sorted(reserved), *([f"{_OWN_TABLES}*"] if output == "postgres" else [])]
-        )
+        own = _OWN_TABLES if output == "postgres" else _OWN_TOPICS
+        others = ", ".join([*sorted(reserved), f"{own}*"])
         form = f"{kind} other than {others}, with {output} in outputs"
         if (
             not isinstance(value, str)
             or value in reserved
             or (outputs and output not in outputs)  # () when outputs itself is wrong
             or (output == "postgres" and value.lower().startswith(_OWN_TABLES))
+            or (output == "kafka" and value.startswith(_OWN_TOPICS))
         ):
             self.fail(key, value, form)
             return None

@@ -134,6 +134,11 @@ def test_tag_values_are_kept_as_the_aggregator_stores_them(tmp_path: Path) -> No
             {"routes": [rule(kafka_topic="aggregated-events.dlq")]},
             "rule 1 'r': kafka_topic='aggregated-events.dlq': expected a Kafka topic name other",
         ),
+        (
+            {"routes": [rule(kafka_topic="vabus-checkpoints.g")]},
+            "rule 1 'r': kafka_topic='vabus-checkpoints.g': expected a Kafka topic name other "
+            "than aggregated-events.dlq, vabus-*, with kafka in outputs",
+        ),
         ({"routes": [rule(name="default")]}, "rule 1 'default': name='default': expected"),
         ({"routes": [rule(name="")]}, "rule 1 '': name='': expected a unique rule name"),
         ({"routes": [rule(), rule()]}, "rule 2 'r': name='r': expected a name no other rule"),
