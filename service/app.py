@@ -35,7 +35,7 @@ from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.pipeline.hub import EventHub
 from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
-from service.wiring import build_bus, build_lease, build_outputs
+from service.wiring import build_bus, build_lease, build_outputs, build_router
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -75,6 +75,8 @@ class Service:
         lease: Lease | None = None,
     ) -> None:
         self.config = config
+        router = build_router(config)
+        self.routes = [] if router is None else router.describe()
         self.bus = bus
         self.sinks = sinks
         self.store = store
@@ -130,6 +132,7 @@ class Service:
             "lease": None if self.lease is None else self.lease.role,
             "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
+            "routes": self.routes,  # ROUTES_FILE's rules and where each writes; [] none
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
             "open_windows": self.aggregator.open_windows,

@@ -53,8 +53,13 @@ async def migrate(config: Config) -> int:
         return 2
     from service.postgres.schema import migrate as run_migration
 
+    routed = config.routes.tables()  # ROUTES_FILE's own tables, created alike
     await run_migration(
-        config.postgres.dsn.value, config.postgres.table, config.postgres.dead_letter_table
+        config.postgres.dsn.value,
+        config.postgres.table,
+        config.postgres.dead_letter_table,
+        route_tables=routed,
     )
-    print(f"schema ready: tables {config.postgres.table}, {config.postgres.dead_letter_table}")
+    tables = ", ".join(dict.fromkeys([config.postgres.table, *routed]))
+    print(f"schema ready: tables {tables}, {config.postgres.dead_letter_table}")
     return 0

@@ -11,6 +11,7 @@ from service.config import Config
 from service.core.clock import Clock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.sender import ReadBackSink, SharedTransaction
+from service.routes.matching import Router
 from service.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -66,6 +67,18 @@ def checkpoint_namespace(cfg: Config) -> str:
     return "demo"
 
 
+def build_router(cfg: Config) -> Router | None:
+    """ROUTES_FILE's rules for the sinks; None without rules (nothing changes then)."""
+    if not cfg.routes:
+        return None
+    return Router(
+        cfg.routes,
+        outputs=cfg.outputs,
+        kafka_topic=cfg.kafka.topic,
+        postgres_table=cfg.postgres.table,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class OutputWiring:
     sinks: list[Sink]
@@ -88,10 +101,11 @@ def build_outputs(
     """
     sinks: list[Sink] = []
     read_back: list[ReadBackSink] = []
+    router = build_router(cfg)
     if "kafka" in cfg.outputs:
         from service.sinks.kafka import KafkaSink
 
-        kafka_sink = KafkaSink(cfg.kafka, metrics, clock)
+        kafka_sink = KafkaSink(cfg.kafka, metrics, clock, router=router)
         sinks.append(kafka_sink)
         read_back.append(kafka_sink)
     namespace = checkpoint_namespace(cfg)
@@ -99,7 +113,9 @@ def build_outputs(
         from service.checkpoints.postgres import PostgresCheckpointStore
         from service.sinks.postgres import PostgresSink
 
-        pg_sink = PostgresSink(cfg.postgres, metrics, clock, fence=fence, dedup_scope=namespace)
+        pg_sink = PostgresSink(
+            cfg.postgres, metrics, clock, fence=fence, dedup_scope=namespace, router=router
+        )
         pg_store = PostgresCheckpointStore(cfg.postgres.dsn.value, namespace, fence=fence)
         sinks.append(pg_sink)
         return OutputWiring(sinks, pg_store, SharedTransaction(pg_sink, pg_store), read_back)

@@ -34,6 +34,7 @@ from service.config.parsers import (
     pick,
 )
 from service.config.reader import Reader
+from service.config.routes_file import read_routes
 from service.config.sections import (
     AggregationConfig,
     BusConfig,
@@ -99,7 +100,7 @@ def read_config(r: Reader) -> Config:
     )
     config = replace(config, bus=with_bus_security(r, config.bus, config.kafka))
     check_consistency(r, config)
-    return config
+    return replace(config, routes=read_routes(r, config))
 
 
 def read_security(r: Reader, prefix: str) -> ClusterSecurity:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from service.config.masking import Secret, mask_password, plain
 from service.core.retry import BackoffKind
+from service.routes.rules import Routes
 
 __all__ = [
     "AggregationConfig",
@@ -189,6 +190,7 @@ class Config:
     http: HttpServerConfig = field(default_factory=HttpServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    routes: Routes = field(default_factory=Routes)  # ROUTES_FILE (docs/routes.md)
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able view for ``/status`` and start-up logs.

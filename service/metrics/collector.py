@@ -252,6 +252,10 @@ class MetricsCollector:
         self._counter("sink_dead_letters_written", sink).inc(dead_letters)
         self._histogram("sink_write_seconds", sink).observe(seconds)
 
+    def on_route_written(self, route: str, destination: str, aggregates: int) -> None:
+        """``aggregates`` of ``route`` are durable in ``destination`` (ROUTES_FILE)."""
+        self._counter("route_aggregates_written", route, destination).inc(aggregates)
+
     def on_sink_error(self, sink: str, retriable: bool) -> None:
         self._counter("sink_errors", sink, _bool(retriable)).inc()
 

@@ -98,6 +98,14 @@ def joined(v: Values) -> dict[str, int]:
     return {":".join(k): int(n) for k, n in v.items()}
 
 
+def nested(v: Values) -> dict[str, dict[str, int]]:
+    """``(a, b)`` -> ``{a: {b: n}}``: for label values that may hold ``:`` themselves."""
+    out: dict[str, dict[str, int]] = {}
+    for (a, b), n in v.items():
+        out.setdefault(a, {})[b] = int(n)
+    return out
+
+
 def by_retriable(v: Values) -> dict[str, dict[str, int]]:
     """``(name, "true"|"false")`` -> ``{name: {"retriable"|"permanent": n}}``."""
     out: dict[str, dict[str, int]] = {}
@@ -211,6 +219,14 @@ DECLARED: Final[tuple[Declared, ...]] = (
     _counter("sink_writes", "Successful sink writes.", "sink"),
     _counter("sink_aggregates_written", "Aggregates made durable.", "sink"),
     _counter("sink_dead_letters_written", "Dead letters made durable.", "sink"),
+    Declared(
+        "route_aggregates_written",
+        "counter",
+        "Aggregates made durable per route of ROUTES_FILE (default: no rule matched) and "
+        "destination (<output>:<topic or table>).",
+        ("route", "destination"),
+        status=(("route_aggregates_written", nested),),
+    ),
     Declared(
         "sink_errors",
         "counter",

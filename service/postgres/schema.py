@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -136,10 +137,9 @@ def _key_with_tags(quoted_table: str) -> str:
     END $$"""
 
 
-def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
-    """DDL for the aggregates and dead-letter tables (docs/delivery.md#outputs-what-is-written)."""
+def aggregates_ddl(table: str) -> list[str]:
+    """DDL for one aggregates table: the default one and each route's alike."""
     agg = quote_identifier(table)
-    dlq = quote_identifier(dead_letter_table)
     return [
         f"""CREATE TABLE IF NOT EXISTS {agg} (
             name         text             NOT NULL,
@@ -168,6 +168,16 @@ def schema_ddl(table: str, dead_letter_table: str) -> list[str]:
         # in a time range" (dashboards, reports, retention deletes).
         f"CREATE INDEX IF NOT EXISTS {_index_name(table, 'window_start_idx')} "
         f"ON {agg} (window_start)",
+    ]
+
+
+def schema_ddl(table: str, dead_letter_table: str, route_tables: Sequence[str] = ()) -> list[str]:
+    """DDL for the aggregates and dead-letter tables (docs/delivery.md#outputs-what-is-written),
+    and the routes' own aggregates tables (ROUTES_FILE, docs/routes.md) with the same DDL."""
+    dlq = quote_identifier(dead_letter_table)
+    return [
+        *aggregates_ddl(table),
+        *(stmt for t in route_tables if t != table for stmt in aggregates_ddl(t)),
         f"""CREATE TABLE IF NOT EXISTS {dlq} (
             id          bigserial   PRIMARY KEY,
             raw         text        NOT NULL,
@@ -268,12 +278,17 @@ async def _run_ddl(conn: Any, statements: list[str]) -> None:
             await conn.execute(stmt)
 
 
-async def migrate_connection(conn: Any, table: str, dead_letter_table: str) -> None:
-    """Create every table and index on an open asyncpg connection, in one transaction."""
-    await _run_ddl(conn, schema_ddl(table, dead_letter_table) + checkpoint_ddl())
+async def migrate_connection(
+    conn: Any, table: str, dead_letter_table: str, route_tables: Sequence[str] = ()
+) -> None:
+    """Create every table and index on an open asyncpg connection, in one transaction;
+    ``route_tables``: the routes' own aggregates tables (docs/routes.md)."""
+    await _run_ddl(conn, schema_ddl(table, dead_letter_table, route_tables) + checkpoint_ddl())
 
 
-async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
+async def ensure_schema(
+    conn: Any, table: str, dead_letter_table: str, route_tables: Sequence[str] = ()
+) -> None:
     """:func:`migrate_connection` for start-up: a user without ``CREATE`` privilege (the
     schema having been created by ``vabus-aggregator migrate`` as another user) passes
     as long as every table already exists in this release's shape."""
@@ -281,6 +296,7 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
         conn,
         [
             table,
+            *route_tables,
             dead_letter_table,
             CHECKPOINT_TABLE,
             LEDGER_TABLE,
@@ -288,9 +304,10 @@ async def ensure_schema(conn: Any, table: str, dead_letter_table: str) -> None:
             OWNER_TABLE,
             LEASE_TABLE,
         ],
-        schema_ddl(table, dead_letter_table) + checkpoint_ddl(),
+        schema_ddl(table, dead_letter_table, route_tables) + checkpoint_ddl(),
     )
-    await _require_upgraded(conn, table)
+    for aggregates_table in dict.fromkeys([table, *route_tables]):
+        await _require_upgraded(conn, aggregates_table)
 
 
 async def _require_upgraded(conn: Any, table: str) -> None:
@@ -343,18 +360,26 @@ async def _ensure(conn: Any, tables: list[str], statements: list[str]) -> None:
         log.info("schema: no CREATE privilege, but tables %s exist; using them", tables)
 
 
-async def migrate(dsn: str, table: str, dead_letter_table: str, *, timeout_s: float = 30.0) -> None:
+async def migrate(
+    dsn: str,
+    table: str,
+    dead_letter_table: str,
+    *,
+    route_tables: Sequence[str] = (),
+    timeout_s: float = 30.0,
+) -> None:
     """Create or upgrade the schema behind ``dsn``.
 
     Raises ``ValueError`` for a bad table name, :class:`TransientError` when the server
     cannot be reached and :class:`PermanentError` when it refuses (e.g. missing
     ``CREATE`` privilege or wrong credentials).
     """
-    TableNames.of(table, dead_letter_table)  # fail on bad names before connecting
+    for t in (table, *route_tables):
+        TableNames.of(t, dead_letter_table)  # fail on bad names before connecting
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout_s)
         try:
-            await migrate_connection(conn, table, dead_letter_table)
+            await migrate_connection(conn, table, dead_letter_table, route_tables)
         finally:
             await conn.close()
     except Exception as exc:

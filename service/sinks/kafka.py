@@ -1,5 +1,9 @@
 """KafkaSink: aggregates to ``KAFKA_TOPIC``, dead letters to ``KAFKA_DLQ_TOPIC``.
 
+With ``ROUTES_FILE`` (docs/routes.md) each aggregate goes to its route's own topic, or
+not here at all; every such topic is created, read back and de-duplicated on its own,
+like ``KAFKA_TOPIC``. Dead letters always go to ``KAFKA_DLQ_TOPIC``.
+
 Records are grouped by partition (murmur2 of the key, as the Java client does, so one
 name always lands on one partition) and handed to the producer as whole batches: about
 three times the throughput of one ``send()`` per record. ``write`` returns once the
@@ -51,6 +55,7 @@ from service.kafka.errors import KAFKA_FAILURES, kafka_error, kafka_error_kind
 from service.kafka.options import client_options, create_topics
 from service.kafka.reading import read_to_end
 from service.metrics.collector import MetricsCollector
+from service.routes.matching import Router
 from service.sinks.kafka_read_back import AlreadyWritten
 
 __all__ = ["KafkaSink", "encode_aggregates", "encode_dead_letter"]
@@ -146,8 +151,13 @@ class KafkaSink(AsyncResource):
         topic_partitions: int = 3,
         request_timeout_s: float = 30.0,
         check_timeout_s: float = 3.0,
+        router: Router | None = None,
     ) -> None:
         self._cfg = cfg
+        # ROUTES_FILE: aggregates go to their route's topic (or nowhere here); None: all
+        # to KAFKA_TOPIC, as without routing
+        self._router = router
+        self._topics = router.destinations("kafka") if router else (cfg.topic,)
         self._metrics = metrics
         self._clock = clock
         self._topic_partitions = topic_partitions
@@ -157,7 +167,10 @@ class KafkaSink(AsyncResource):
         self._servers = ",".join(cfg.bootstrap_servers)
         # "<topic>:<partition>" -> an offset up to which the partition is written
         self._written: dict[str, int] = {}
-        self._seen = AlreadyWritten()
+        self._seen = AlreadyWritten()  # KAFKA_TOPIC and the dead-letter topic
+        # each route's own topic: an identity is per topic (a route's record is not the
+        # default topic's)
+        self._seen_routed = {t: AlreadyWritten() for t in self._topics if t != cfg.topic}
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -196,7 +209,7 @@ class KafkaSink(AsyncResource):
 
     async def _ensure_topics(self) -> None:
         options = {**client_options(self._cfg), "request_timeout_ms": self._request_timeout_ms}
-        topics = [self._cfg.topic, self._cfg.dlq_topic]
+        topics = [*self._topics, self._cfg.dlq_topic]
         for error in (await create_topics(options, topics, self._topic_partitions)).values():
             raise error
 
@@ -208,7 +221,7 @@ class KafkaSink(AsyncResource):
         try:
             tps = [
                 TopicPartition(t, p)
-                for t in (self._cfg.topic, self._cfg.dlq_topic)
+                for t in (*self._topics, self._cfg.dlq_topic)
                 for p in (consumer.partitions_for_topic(t) or await self._partitions(t))
             ]
             ends = await consumer.end_offsets(tps) if tps else {}
@@ -234,7 +247,7 @@ class KafkaSink(AsyncResource):
         :mod:`service.sinks.kafka_read_back`), so a restart or hand-off never writes one
         twice. Transient broker trouble raises :class:`TransientError`."""
         started = self._clock.monotonic()
-        ours = (self._cfg.topic, self._cfg.dlq_topic)
+        ours = (*self._topics, self._cfg.dlq_topic)
         tps = {}
         for key, offset in offsets.items():
             topic, _, partition = key.rpartition(":")
@@ -265,7 +278,11 @@ class KafkaSink(AsyncResource):
             raise self._classify(exc, "read back the outputs") from exc
         finally:
             await consumer.stop()
-        self._seen.add(found, self._cfg.topic, self._clock.monotonic())
+        now = self._clock.monotonic()
+        routed = self._seen_routed
+        self._seen.add([f for f in found if f[0] not in routed], self._cfg.topic, now)
+        for topic, seen in routed.items():
+            seen.add([f for f in found if f[0] == topic], topic, now)
         log.info(
             "kafka: read back %d record(s) written after the checkpoint in %.2fs",
             len(found),
@@ -276,24 +293,32 @@ class KafkaSink(AsyncResource):
         self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
     ) -> None:
         """Produce every record and wait until the broker acknowledged all of them;
-        records read back after a restore are not written again."""
-        if self._seen:
-            aggregates, dead_letters = self._drop_written(aggregates, dead_letters)
-        if not aggregates and not dead_letters:
+        records read back after a restore are not written again. With routes, each
+        aggregate goes to its route's topic, or is not written here."""
+        if self._router is None:
+            groups: list[tuple[str | None, str, Sequence[Aggregate]]] = [
+                (None, self._cfg.topic, aggregates)
+            ]
+        else:
+            groups = [*self._router.split(aggregates, "kafka")]
+        if self._seen or any(self._seen_routed.values()):
+            groups, dead_letters = self._drop_written(groups, dead_letters)
+        if not dead_letters and not any(aggs for _, _, aggs in groups):
             return
         if self._producer is None:
             raise RuntimeError("KafkaSink is not started")
         started = self._clock.monotonic()
         futures: list[asyncio.Future[Any]] = []
-        records, refused = encode_aggregates(aggregates)
+        encoded = [(route, topic, *encode_aggregates(aggs)) for route, topic, aggs in groups]
         created = [
             DeadLetter(
                 raw=json.dumps(a.to_json_obj()),
                 reason="invalid_value",
                 detail=f"the Kafka output cannot encode this aggregate as UTF-8 JSON: {exc}",
-                source=f"sink:kafka:{self._cfg.topic}",
+                source=f"sink:kafka:{topic}",
                 received_at=self._clock.now(),
             )
+            for _, topic, _, refused in encoded
             for a, exc in refused
         ]
         if created:
@@ -302,7 +327,8 @@ class KafkaSink(AsyncResource):
             )
         try:
             try:
-                await self._send(self._cfg.topic, records, futures)
+                for _, topic, records, _ in encoded:
+                    await self._send(topic, records, futures)
                 await self._send(
                     self._cfg.dlq_topic,
                     [
@@ -321,20 +347,33 @@ class KafkaSink(AsyncResource):
             raise err from exc
         self._metrics.on_sink_write(
             self.name,
-            len(records),
+            sum(len(records) for _, _, records, _ in encoded),
             len(dead_letters) + len(created),
             self._clock.monotonic() - started,
         )
+        for route, topic, records, _ in encoded:
+            if route is not None and records:
+                self._metrics.on_route_written(route, f"kafka:{topic}", len(records))
 
     def _drop_written(
-        self, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
-    ) -> tuple[Sequence[Aggregate], Sequence[DeadLetter]]:
-        """The records not already in the output (:class:`AlreadyWritten`)."""
-        kept_a, kept_d = self._seen.drop_written(aggregates, dead_letters, self._clock.monotonic())
-        skipped = len(aggregates) - len(kept_a) + len(dead_letters) - len(kept_d)
+        self,
+        groups: list[tuple[str | None, str, Sequence[Aggregate]]],
+        dead_letters: Sequence[DeadLetter],
+    ) -> tuple[list[tuple[str | None, str, Sequence[Aggregate]]], Sequence[DeadLetter]]:
+        """The records not already in the output (:class:`AlreadyWritten`), per topic."""
+        now = self._clock.monotonic()
+        # dead letters are counted down once: they go to the one dead-letter topic
+        _, kept_d = self._seen.drop_written((), dead_letters, now)
+        skipped = len(dead_letters) - len(kept_d)
+        kept: list[tuple[str | None, str, Sequence[Aggregate]]] = []
+        for route, topic, aggs in groups:
+            seen = self._seen_routed.get(topic, self._seen)
+            kept_a, _ = seen.drop_written(aggs, (), now)
+            skipped += len(aggs) - len(kept_a)
+            kept.append((route, topic, kept_a))
         if skipped:
             log.info("kafka: %d record(s) already in the output were not written again", skipped)
-        return kept_a, kept_d
+        return kept, kept_d
 
     async def _send(
         self, topic: str, records: list[_Record], futures: list[asyncio.Future[Any]]
@@ -425,6 +464,6 @@ class KafkaSink(AsyncResource):
         elif kind == "config":
             hint = (
                 "check KAFKA_SECURITY_PROTOCOL, the SASL settings and the ACLs for topics "
-                f"{self._cfg.topic!r} and {self._cfg.dlq_topic!r}"
+                f"{', '.join(map(repr, self._topics))} and {self._cfg.dlq_topic!r}"
             )
         return kafka_error(exc, f"kafka sink: {operation}", self._servers, hint=hint)

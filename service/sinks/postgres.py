@@ -1,5 +1,9 @@
 """PostgresSink: idempotent multi-row upserts of aggregates, plus the dead-letter table.
 
+With ``ROUTES_FILE`` (docs/routes.md) each aggregate is upserted into its route's own
+table (created like ``POSTGRES_TABLE``), or not here at all; every table of one write,
+and the checkpoint that follows it, commit in the same transaction.
+
 A write is one transaction. Aggregates are de-duplicated by key in Python (the highest
 revision wins) and upserted with ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
 UPDATE`` in chunks, so a batch holding one key twice never hits "ON CONFLICT DO UPDATE
@@ -56,6 +60,7 @@ from service.postgres.errors import pg_error, pg_error_kind
 from service.postgres.schema import TableNames, ensure_schema
 from service.postgres.text import json_text
 from service.postgres.text import storable_text as _storable_text
+from service.routes.matching import Router
 
 __all__ = ["PostgresSink", "SinkStatements", "dead_letter_keys", "write_batch"]
 
@@ -298,6 +303,7 @@ class PostgresSink(AsyncResource):
         check_timeout_s: float = 3.0,
         fence: LeaseFence | None = None,
         dedup_scope: str = "",
+        router: Router | None = None,
     ) -> None:
         self._cfg = cfg
         self._fence = fence  # a leased bus's: rows commit only while the epoch is ours
@@ -305,6 +311,14 @@ class PostgresSink(AsyncResource):
         self._clock = clock
         tables = TableNames.of(cfg.table, cfg.dead_letter_table)
         self._sql = SinkStatements(tables, dedup_scope)
+        # ROUTES_FILE: aggregates go to their route's table (or nowhere here), all of one
+        # write in its one transaction; None: all to POSTGRES_TABLE, as without routing
+        self._router = router
+        self._routed_sql = {
+            t: SinkStatements(TableNames.of(t, cfg.dead_letter_table), dedup_scope)
+            for t in (router.destinations("postgres") if router else ())
+            if t != cfg.table
+        }
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._check_timeout_s = check_timeout_s
@@ -334,7 +348,9 @@ class PostgresSink(AsyncResource):
             raise pg_error(exc, "output start") from exc
         try:
             async with pool.acquire(timeout=self._connect_timeout_s) as conn:
-                await ensure_schema(conn, self._cfg.table, self._cfg.dead_letter_table)
+                await ensure_schema(
+                    conn, self._cfg.table, self._cfg.dead_letter_table, [*self._routed_sql]
+                )
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, Exception):
@@ -377,9 +393,14 @@ class PostgresSink(AsyncResource):
             async with pool.acquire(timeout=self._connect_timeout_s) as conn, conn.transaction():
                 if self._fence is not None and (aggregates or dead_letters):
                     await self._fence.check(conn)
-                created = await write_batch(
-                    conn, self._sql, aggregates, dead_letters, self._clock.now()
-                )
+                if self._router is None:
+                    created = await write_batch(
+                        conn, self._sql, aggregates, dead_letters, self._clock.now()
+                    )
+                    written = len(aggregates) - len(created)
+                else:
+                    created, routed = await self._write_routed(conn, aggregates, dead_letters)
+                    written = sum(n for _, _, n in routed)
                 if then is not None:
                     await then(conn)
         except FencedError:
@@ -395,12 +416,32 @@ class PostgresSink(AsyncResource):
             )
         if not aggregates and not dead_letters:
             return  # a checkpoint alone: no output was written
+        if self._router is not None:
+            for route, table, n in routed:
+                self._metrics.on_route_written(route, f"postgres:{table}", n)
         self._metrics.on_sink_write(
             self.name,
-            len(aggregates) - len(created),
+            written,
             len(dead_letters) + len(created),
             self._clock.monotonic() - started,
         )
+
+    async def _write_routed(
+        self, conn: Any, aggregates: Sequence[Aggregate], dead_letters: Sequence[DeadLetter]
+    ) -> tuple[list[DeadLetter], list[tuple[str, str, int]]]:
+        """:func:`write_batch` per route's table, in the caller's transaction: (the dead
+        letters created, (route, table, rows stored) of each route)."""
+        assert self._router is not None
+        now = self._clock.now()
+        created: list[DeadLetter] = []
+        routed: list[tuple[str, str, int]] = []
+        for route, table, aggs in self._router.split(aggregates, "postgres"):
+            sql = self._routed_sql.get(table, self._sql)
+            made = await write_batch(conn, sql, aggs, (), now)
+            created += made
+            routed.append((route, table, len(aggs) - len(made)))
+        created += await write_batch(conn, self._sql, (), dead_letters, now)
+        return created, routed
 
     async def check(self) -> None:
         pool = self.pool
