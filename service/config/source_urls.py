@@ -8,6 +8,7 @@ count) the same events twice or churn each other's rebalances, so both are refus
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from service.config.masking import mask_password
@@ -16,6 +17,8 @@ from service.config.sections import BusConfig
 
 __all__ = ["SOURCES_FORM", "parse_bus_urls"]
 
+_URL_START: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
 SOURCES_FORM: Final = (
     f"{HTTP_FORM} or {KAFKA_FORM}, several separated by whitespace (each its own source; "
     f"{DEMO_FORM} only alone)"
@@ -23,9 +26,12 @@ SOURCES_FORM: Final = (
 
 
 def parse_bus_urls(value: str) -> tuple[BusConfig, ...]:
-    """The sources of ``value``, in order (one or more)."""
+    """The sources of ``value``, in order (one or more). Text that is not a list of
+    ``scheme://`` URLs, or that holds credentials (``@``; a password may hold a space),
+    is one URL, parsed (and refused, its password masked) as it always was: no piece of
+    a password is ever shown as a URL of its own."""
     urls = value.split()
-    if len(urls) <= 1:
+    if len(urls) <= 1 or "@" in value or not all(_URL_START.match(url) for url in urls):
         return (parse_bus_url(value),)
     sources = tuple(_source(k, url) for k, url in enumerate(urls, start=1))
     for k, source in enumerate(sources, start=1):

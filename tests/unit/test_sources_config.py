@@ -100,3 +100,12 @@ def test_each_kafka_source_gets_the_bus_security_of_its_cluster() -> None:
     assert first.kafka_security.inherited and first.kafka_security.security_protocol == "SSL"
     assert not third.kafka_security.inherited
     assert third.kafka_security.security_protocol == "PLAINTEXT"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:p ss@bus.example", f"https://user:p http://x:y@z {K1}"]
+)
+def test_a_password_with_a_space_is_one_url_and_never_shown(url: str) -> None:
+    (line,) = problems(VABUS_URL=url)
+    assert line.startswith("VABUS_URL='https://user:***@")
+    assert "'https://user:p'" not in line and "p ss" not in line and "x:y" not in line
