@@ -38,7 +38,12 @@ def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
         (build_source(cfg, source, metrics.for_source(k), clock), source.url)
         for k, source in enumerate(cfg.sources, start=1)
     ]
-    return MultiBus(buses, clock, queue_size=cfg.runtime.source_queue_size)
+    return MultiBus(
+        buses,
+        clock,
+        queue_size=cfg.runtime.source_queue_size,
+        idle_timeout_s=cfg.aggregation.effective_idle_timeout_s,
+    )
 
 
 def build_source(cfg: Config, source: BusConfig, metrics: MetricsCollector, clock: Clock) -> Bus:

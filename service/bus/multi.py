@@ -55,13 +55,15 @@ from service.core.errors import TransientError, describe_error
 from service.core.events import Metric
 from service.core.retry import Backoff, retry
 
-__all__ = ["SILENT_AFTER_S", "MultiBus", "Source"]
+__all__ = ["SILENT_AFTER_S", "STARTING", "MultiBus", "Source"]
 
 log = logging.getLogger(__name__)
 
 SILENT_AFTER_S: Final = 2 * REPORT_INTERVAL_S
 """A source that hands over nothing for this long, while not held up by its queue, is
 reported silent (a bus that can read reports every :data:`REPORT_INTERVAL_S`)."""
+STARTING: Final = "(starting)"
+"""The local id of a source's placeholder partition while it starts (see ``run``)."""
 _START_BACKOFF: Final = Backoff(initial_s=0.5, maximum_s=15.0)
 
 
@@ -76,6 +78,8 @@ class Source:
     live: set[str] = field(default_factory=set)  # the ids assigned to it now
     last_item_at: float = 0.0  # monotonic time the bus last handed something over
     reported_at: float = 0.0  # monotonic time its partitions were last reported for it
+    starting: bool = False  # its placeholder partition holds the watermark (see run)
+    unreported: list[str] = field(default_factory=list)  # of a silent round, not yet reported
 
     @property
     def label(self) -> str:
@@ -90,7 +94,14 @@ class MultiBus:
     returns once every queue is drained into ``emit``.
     """
 
-    def __init__(self, buses: Sequence[tuple[Bus, str]], clock: Clock, *, queue_size: int) -> None:
+    def __init__(
+        self,
+        buses: Sequence[tuple[Bus, str]],
+        clock: Clock,
+        *,
+        queue_size: int,
+        idle_timeout_s: float,
+    ) -> None:
         if len(buses) < 2:
             raise ValueError("a MultiBus reads at least two sources")
         self.name = "+".join(bus.name for bus, _ in buses)
@@ -99,6 +110,7 @@ class MultiBus:
             for k, (bus, url) in enumerate(buses, start=1)
         ]
         self._clock = clock
+        self._idle_timeout_s = idle_timeout_s
         self._stopping = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -126,8 +138,17 @@ class MultiBus:
 
     # -- data path ------------------------------------------------------------------
     async def run(self, emit: Emit, restore: Restore) -> None:
+        """Read every source. Until a source's bus hands over its first item (a Kafka
+        source joins its group first, which takes seconds) a placeholder partition of
+        its own (:data:`STARTING`) holds the watermark with unknown event time, so the
+        sources that start first cannot close windows that its unread events belong
+        to; it is revoked at that first item, or once the source has said nothing for
+        the idle timeout (it is silent then, §11)."""
+        started = self._clock.monotonic()
         tasks: list[asyncio.Task[None]] = []
         for s in self.sources:
+            s.starting, s.last_item_at = True, started
+            s.queue.put_nowait(PartitionsAssigned([PartitionCheckpoint(_starting(s), None, None)]))
             tasks.append(asyncio.create_task(self._read(s, restore), name=f"read-{s.position}"))
             tasks.append(asyncio.create_task(self._forward(s, emit), name=f"fwd-{s.position}"))
         watch = asyncio.create_task(self._report_silent(), name="silent-sources")
@@ -146,7 +167,6 @@ class MultiBus:
 
     async def _read(self, s: Source, restore: Restore) -> None:
         """Start the source's bus, then run it; its end (a stop) is queued last."""
-        s.last_item_at = self._clock.monotonic()
         try:
             await retry(
                 s.bus.start,
@@ -174,6 +194,9 @@ class MultiBus:
         k = s.position
 
         async def emit(item: BusItem) -> None:
+            if s.starting:
+                s.starting = False
+                await s.queue.put(PartitionsRevoked([_starting(s)]))
             if type(item) is SourceBatch:
                 item.partition = qualify(k, item.partition)
             elif type(item) is PartitionsAssigned:
@@ -204,16 +227,31 @@ class MultiBus:
             await self._clock.sleep(REPORT_INTERVAL_S)
             now = self._clock.monotonic()
             for s in self.sources:
+                if s.starting and now - s.last_item_at >= self._idle_timeout_s:
+                    if s.queue.full():
+                        continue  # the next tick
+                    log.warning("%s: nothing read yet; it no longer holds the watermark", s.label)
+                    s.starting = False
+                    s.queue.put_nowait(PartitionsRevoked([_starting(s)]))
                 quiet = now - max(s.last_item_at, s.reported_at) >= SILENT_AFTER_S
                 if quiet and s.live and s.queue.empty() and not self._stopping.is_set():
-                    s.reported_at = now
-                    for partition in s.live:
-                        s.queue.put_nowait(_silent_report(s, partition, self._clock, now))
+                    s.unreported = s.unreported or sorted(s.live)
+                    # more partitions than the queue holds: the rest at the next tick
+                    while s.unreported and not s.queue.full():
+                        partition = s.unreported.pop()
+                        if partition in s.live:
+                            s.queue.put_nowait(_silent_report(s, partition, self._clock, now))
+                    if not s.unreported:
+                        s.reported_at = now
 
     def rewind(self, partitions: Sequence[str]) -> None:
-        for k, ids in _by_source(partitions).items():
+        for k, ids in _by_source(p for p in partitions if p not in self._placeholders).items():
             if k <= len(self.sources):
                 self.sources[k - 1].bus.rewind(list(ids))
+
+    @property
+    def _placeholders(self) -> set[str]:
+        return {_starting(s) for s in self.sources}
 
     # -- side channels ----------------------------------------------------------------
     async def commit(self, positions: Mapping[str, str]) -> None:
@@ -249,6 +287,12 @@ def _by_source(partitions: Iterable[str]) -> dict[int, dict[str, str]]:
     for partition in partitions:
         out.setdefault(source_of(partition), {})[local_partition(partition)] = partition
     return out
+
+
+def _starting(s: Source) -> str:
+    """The placeholder partition of a source that has not handed anything over yet: no
+    bus names a partition so (a Kafka topic name holds no parentheses)."""
+    return qualify(s.position, STARTING)
 
 
 def _requalified(k: int, c: PartitionCheckpoint) -> PartitionCheckpoint:

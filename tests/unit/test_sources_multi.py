@@ -8,8 +8,15 @@ from functools import partial
 
 import pytest
 
-from service.bus.base import BusItem, Emit, PartitionsAssigned, Restore, SourceBatch
-from service.bus.multi import SILENT_AFTER_S, MultiBus
+from service.bus.base import (
+    BusItem,
+    Emit,
+    PartitionsAssigned,
+    PartitionsRevoked,
+    Restore,
+    SourceBatch,
+)
+from service.bus.multi import SILENT_AFTER_S, STARTING, MultiBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError, TransientError
@@ -17,6 +24,7 @@ from service.core.events import Metric
 from tests.fakes.bus import MemoryBus
 
 WAIT_S = 5.0
+IDLE_S = 60.0
 
 
 class Collected:
@@ -61,7 +69,7 @@ async def test_source_two_is_prefixed_and_each_bus_sees_only_its_own_ids() -> No
     clock = ManualClock()
     first = MemoryBus({"p": [1, 2, 3]}, clock=clock)
     second = MemoryBus({"p": [4, 5, 6]}, clock=clock)
-    multi = MultiBus([(first, "a"), (second, "b")], clock, queue_size=2)
+    multi = MultiBus([(first, "a"), (second, "b")], clock, queue_size=2, idle_timeout_s=IDLE_S)
     asked: list[list[str]] = []
 
     async def restore(partitions: Sequence[str]) -> dict[str, PartitionCheckpoint]:
@@ -96,10 +104,12 @@ async def test_a_source_that_says_nothing_is_reported_silent_and_a_talking_one_i
     hung = MemoryBus({"x": [1]}, clock=clock)
     hung.hold("x")  # assigned, then nothing: as a server that stops answering
     talking = MemoryBus({"y": []}, clock=clock)
-    multi = MultiBus([(hung, "hung"), (talking, "talking")], clock, queue_size=4)
+    multi = MultiBus(
+        [(hung, "hung"), (talking, "talking")], clock, queue_size=4, idle_timeout_s=IDLE_S
+    )
     out = Collected()
     running = asyncio.create_task(multi.run(out.emit, nothing_stored))
-    await out.until(lambda items: sum(isinstance(i, PartitionsAssigned) for i in items) == 2)
+    await out.until(lambda items: sum(isinstance(i, PartitionsAssigned) for i in items) == 4)
     ticks = 0
     while not out.batches("x"):
         talking.report("y")  # the other source's bus reports on its own, every second
@@ -122,7 +132,7 @@ async def test_a_queue_full_of_one_source_never_holds_up_another() -> None:
     clock = ManualClock()
     busy = MemoryBus({"b": list(range(50))}, batch_size=1, clock=clock)
     other = MemoryBus({"o": [1, 2]}, clock=clock)
-    multi = MultiBus([(busy, "busy"), (other, "other")], clock, queue_size=1)
+    multi = MultiBus([(busy, "busy"), (other, "other")], clock, queue_size=1, idle_timeout_s=IDLE_S)
     gate = asyncio.Event()
     out = Collected()
 
@@ -155,7 +165,7 @@ async def test_a_source_down_at_start_up_delays_only_itself() -> None:
 
     down = DownAtFirst({"d": [1]}, clock=clock)
     up = MemoryBus({"u": [2]}, clock=clock)
-    multi = MultiBus([(down, "down"), (up, "up")], clock, queue_size=2)
+    multi = MultiBus([(down, "down"), (up, "up")], clock, queue_size=2, idle_timeout_s=IDLE_S)
     out = Collected()
     running = asyncio.create_task(multi.run(out.emit, nothing_stored))
     await out.until(lambda _: out.records("s2/u") == [2])
@@ -177,7 +187,9 @@ async def test_a_permanent_failure_of_one_source_ends_the_run_with_it() -> None:
             raise PermanentError("credentials refused")
 
     ok = MemoryBus({"o": [1]}, clock=clock)
-    multi = MultiBus([(ok, "ok"), (Refused({}), "refused")], clock, queue_size=2)
+    multi = MultiBus(
+        [(ok, "ok"), (Refused({}), "refused")], clock, queue_size=2, idle_timeout_s=IDLE_S
+    )
     out = Collected()
     with pytest.raises(PermanentError, match="credentials refused"):
         async with asyncio.timeout(WAIT_S):
@@ -187,7 +199,9 @@ async def test_a_permanent_failure_of_one_source_ends_the_run_with_it() -> None:
 async def test_check_names_each_failing_source() -> None:
     clock = ManualClock()
     a, b, c = MemoryBus({}), MemoryBus({}), MemoryBus({})
-    multi = MultiBus([(a, "url-a"), (b, "url-b"), (c, "url-c")], clock, queue_size=1)
+    multi = MultiBus(
+        [(a, "url-a"), (b, "url-b"), (c, "url-c")], clock, queue_size=1, idle_timeout_s=IDLE_S
+    )
     await multi.check()
     b.reachable = False
     c.reachable = False
@@ -199,4 +213,112 @@ async def test_check_names_each_failing_source() -> None:
 
 def test_a_multibus_needs_two_sources() -> None:
     with pytest.raises(ValueError, match="at least two"):
-        MultiBus([(MemoryBus({}), "a")], ManualClock(), queue_size=1)
+        MultiBus([(MemoryBus({}), "a")], ManualClock(), queue_size=1, idle_timeout_s=IDLE_S)
+
+
+def placeholder_events(out: Collected, partition: str) -> list[str]:
+    """``assigned``/``revoked`` for each item about ``partition``, in order."""
+    events = []
+    for item in out.items:
+        if isinstance(item, PartitionsAssigned) and partition in {
+            c.partition for c in item.checkpoints
+        }:
+            events.append("assigned")
+        elif isinstance(item, PartitionsRevoked) and partition in item.partitions:
+            events.append("revoked")
+    return events
+
+
+async def test_a_source_holds_the_watermark_from_the_start_until_it_hands_over_anything() -> None:
+    clock = ManualClock()
+
+    class DownAtFirst(MemoryBus):
+        failures = 1
+
+        async def start(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise TransientError("unreachable")
+            await super().start()
+
+    up = MemoryBus({"u": [1]}, clock=clock)
+    down = DownAtFirst({"d": [2]}, clock=clock)
+    multi = MultiBus([(up, "up"), (down, "down")], clock, queue_size=2, idle_timeout_s=IDLE_S)
+    out = Collected()
+    running = asyncio.create_task(multi.run(out.emit, nothing_stored))
+    await out.until(lambda _: out.records("u") == [1])
+    # the source that started has its placeholder gone before its first item; the
+    # other one's still holds (unknown event time) while its start is retried
+    first = out.items[: out.items.index(out.batches("u")[0])]
+    assert placeholder_events(out, STARTING) == ["assigned", "revoked"]
+    assert any(isinstance(i, PartitionsRevoked) and i.partitions == [STARTING] for i in first)
+    assert placeholder_events(out, f"s2/{STARTING}") == ["assigned"]
+    while not out.records("s2/d"):
+        async with asyncio.timeout(WAIT_S):
+            await clock.sleeping()
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+    assert placeholder_events(out, f"s2/{STARTING}") == ["assigned", "revoked"]
+    revoked = next(
+        i
+        for i in out.items
+        if isinstance(i, PartitionsRevoked) and i.partitions == [f"s2/{STARTING}"]
+    )
+    assert out.items.index(revoked) < out.items.index(out.batches("s2/d")[0])
+    multi.rewind([STARTING, f"s2/{STARTING}", "s2/d"])
+    assert up.rewinds == [] and down.rewinds == [["d"]]  # placeholders are nobody's
+    await stop(multi, running)
+
+
+async def test_a_source_that_never_says_anything_stops_holding_after_the_idle_timeout() -> None:
+    clock = ManualClock()
+
+    class Mute(MemoryBus):
+        async def run(self, emit: Emit, restore: Restore) -> None:
+            await asyncio.Event().wait()  # as a Kafka source that never gets partitions
+
+    talking = MemoryBus({"t": [1]}, clock=clock)
+    multi = MultiBus([(talking, "t"), (Mute({}), "mute")], clock, queue_size=2, idle_timeout_s=5)
+    out = Collected()
+    running = asyncio.create_task(multi.run(out.emit, nothing_stored))
+    await out.until(lambda _: out.records("t") == [1])
+    seconds = 0
+    while placeholder_events(out, f"s2/{STARTING}") != ["assigned", "revoked"]:
+        assert seconds < 5, out.items
+        async with asyncio.timeout(WAIT_S):
+            await clock.sleeping()
+        clock.advance(1.0)
+        seconds += 1
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert seconds == 5
+    multi.stop_intake()
+    running.cancel()
+
+
+async def test_a_silent_source_with_more_partitions_than_its_queue_holds_gets_each_reported() -> (
+    None
+):
+    clock = ManualClock()
+    hung = MemoryBus({f"h:{i}": [] for i in range(5)}, clock=clock)
+    talking = MemoryBus({"t": []}, clock=clock)
+    multi = MultiBus(
+        [(talking, "talking"), (hung, "hung")], clock, queue_size=1, idle_timeout_s=IDLE_S
+    )
+    out = Collected()
+    running = asyncio.create_task(multi.run(out.emit, nothing_stored))
+    hung_ids = {f"s2/h:{i}" for i in range(5)}
+
+    def all_reported(_: list[BusItem]) -> bool:
+        return all(out.batches(p) for p in hung_ids)
+
+    while not all_reported(out.items):
+        talking.report("t")
+        async with asyncio.timeout(WAIT_S):
+            await clock.sleeping()
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert clock.monotonic() < 20, out.items
+    assert all(b.caught_up and not b.records for p in hung_ids for b in out.batches(p))
+    await stop(multi, running)
