@@ -123,6 +123,20 @@ async def until_stored(
             await asyncio.sleep(0.3)
 
 
+async def positions(dsn: str, namespace: str) -> dict[str, str]:
+    """The checkpointed positions of a namespace, by partition id."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT partition, position FROM vabus_checkpoints"
+            " WHERE namespace = $1 AND position IS NOT NULL",
+            namespace,
+        )
+    finally:
+        await conn.close()
+    return {r["partition"]: r["position"] for r in rows}
+
+
 def closable(keys: set[Key]) -> set[Key]:
     """The windows the watermark closes while the sources hold it: all but the last."""
     last = max(k[2] for k in keys)
@@ -201,10 +215,18 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             await until_stored(postgres_dsn, table, closable(keys), proc)
             new = await feed(1)
             keys |= new
-            # killed while phase 1 is on its way: some of it durable, the rest not
+            # killed while phase 1 is on its way (some of it durable, the rest not), once
+            # every source has a checkpoint with a position, under its own ids
+            namespace = f"kafka:{topics[0]}:ga-{unique_name}"  # source 1's
             async with asyncio.timeout(60):
-                while not set(await stored_rows(postgres_dsn, table)) & new:
+                while not (
+                    set(await stored_rows(postgres_dsn, table)) & new
+                    and {p.split("/")[0] for p in await positions(postgres_dsn, namespace)}
+                    >= {topics[0] + ":0", "s2", "s3"}
+                ):
                     await asyncio.sleep(0.05)
+            stored = await positions(postgres_dsn, namespace)
+            assert "s3/http" in stored and f"s2/{topics[1]}:0" in stored, stored
             proc.kill()
             (tmp_path / "again").mkdir()
             proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path / "again")
