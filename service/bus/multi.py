@@ -15,14 +15,14 @@ partition stops holding it only on a bus report that finds it silent
 (:mod:`service.aggregation.partition`). A bus reports about once a second while it can
 read; one waiting on a server that does not answer, or retrying a broker that is gone,
 reports nothing, and its partitions would hold every other source's windows for as
-long. So when a source has handed over nothing at all for :data:`SILENT_AFTER_S` while
-its queue is empty (it is not waiting on us), its partitions are reported for it: no
-message, nothing known to be unread. The idleness rule then applies as the contract
-words it (§11: no message of any kind for ``interval + grace``, counted from the last
-one): such a partition stops holding the watermark within that bound plus a second or
-two, and the other sources' windows close on time. Its events that come after the
-windows they belong to are late (or corrections, with an allowed lateness), as for any
-partition that fell silent.
+long. So when a source has handed over nothing at all, not even a report, for the idle
+timeout (``AGGREGATION_IDLE_TIMEOUT``, default interval + grace) while its queue is
+empty (it is not waiting on us), its partitions are reported for it, every second
+while it stays so: no message, nothing known to be unread. That is the contract's
+idleness rule (§11: no message of any kind for that long); the partitions stop holding
+the watermark at once (a partition that never delivered too), and the other sources'
+windows close on time. Its events that come after the windows they belong to are late
+(or corrections, with an allowed lateness), as for any partition that fell silent.
 
 A source's transient failures are retried inside its bus (as with one source), so they
 stall nobody; a permanent one (refused credentials, say) ends :meth:`run` with that
@@ -55,13 +55,10 @@ from service.core.errors import TransientError, describe_error
 from service.core.events import Metric
 from service.core.retry import Backoff, retry
 
-__all__ = ["SILENT_AFTER_S", "STARTING", "MultiBus", "Source"]
+__all__ = ["STARTING", "MultiBus", "Source"]
 
 log = logging.getLogger(__name__)
 
-SILENT_AFTER_S: Final = 2 * REPORT_INTERVAL_S
-"""A source that hands over nothing for this long, while not held up by its queue, is
-reported silent (a bus that can read reports every :data:`REPORT_INTERVAL_S`)."""
 STARTING: Final = "(starting)"
 """The local id of a source's placeholder partition while it starts (see ``run``)."""
 _START_BACKOFF: Final = Backoff(initial_s=0.5, maximum_s=15.0)
@@ -233,8 +230,9 @@ class MultiBus:
                     log.warning("%s: nothing read yet; it no longer holds the watermark", s.label)
                     s.starting = False
                     s.queue.put_nowait(PartitionsRevoked([_starting(s)]))
-                quiet = now - max(s.last_item_at, s.reported_at) >= SILENT_AFTER_S
-                if quiet and s.live and s.queue.empty() and not self._stopping.is_set():
+                quiet = now - s.last_item_at >= self._idle_timeout_s
+                due = now - s.reported_at >= REPORT_INTERVAL_S
+                if quiet and due and s.live and s.queue.empty() and not self._stopping.is_set():
                     s.unreported = s.unreported or sorted(s.live)
                     # more partitions than the queue holds: the rest at the next tick
                     while s.unreported and not s.queue.full():

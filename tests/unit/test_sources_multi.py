@@ -16,7 +16,7 @@ from service.bus.base import (
     Restore,
     SourceBatch,
 )
-from service.bus.multi import SILENT_AFTER_S, STARTING, MultiBus
+from service.bus.multi import STARTING, MultiBus
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError, TransientError
@@ -104,9 +104,7 @@ async def test_a_source_that_says_nothing_is_reported_silent_and_a_talking_one_i
     hung = MemoryBus({"x": [1]}, clock=clock)
     hung.hold("x")  # assigned, then nothing: as a server that stops answering
     talking = MemoryBus({"y": []}, clock=clock)
-    multi = MultiBus(
-        [(hung, "hung"), (talking, "talking")], clock, queue_size=4, idle_timeout_s=IDLE_S
-    )
+    multi = MultiBus([(hung, "hung"), (talking, "talking")], clock, queue_size=4, idle_timeout_s=3)
     out = Collected()
     running = asyncio.create_task(multi.run(out.emit, nothing_stored))
     await out.until(lambda items: sum(isinstance(i, PartitionsAssigned) for i in items) == 4)
@@ -122,8 +120,8 @@ async def test_a_source_that_says_nothing_is_reported_silent_and_a_talking_one_i
         await asyncio.sleep(0)
     (report,) = out.batches("x")
     assert report.records == [] and report.caught_up and report.next_position is None
-    assert report.polled_at == SILENT_AFTER_S
-    assert ticks == SILENT_AFTER_S  # seconds the clock moved, the other reporting each
+    assert report.polled_at == 3.0  # the idle timeout after its last item
+    assert ticks == 3  # seconds the clock moved, the other reporting each
     assert all(b.source.startswith("memory") for b in out.batches("s2/y"))
     await stop(multi, running)
 
@@ -302,9 +300,7 @@ async def test_a_silent_source_with_more_partitions_than_its_queue_holds_gets_ea
     clock = ManualClock()
     hung = MemoryBus({f"h:{i}": [] for i in range(5)}, clock=clock)
     talking = MemoryBus({"t": []}, clock=clock)
-    multi = MultiBus(
-        [(talking, "talking"), (hung, "hung")], clock, queue_size=1, idle_timeout_s=IDLE_S
-    )
+    multi = MultiBus([(talking, "talking"), (hung, "hung")], clock, queue_size=1, idle_timeout_s=3)
     out = Collected()
     running = asyncio.create_task(multi.run(out.emit, nothing_stored))
     hung_ids = {f"s2/h:{i}" for i in range(5)}
