@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import pytest
 
+from service.aggregation.aggregator import EventAggregator
 from service.bus.base import (
     BusItem,
     Emit,
@@ -18,9 +20,11 @@ from service.bus.base import (
 )
 from service.bus.multi import STARTING, MultiBus
 from service.checkpoints.base import PartitionCheckpoint
+from service.config.sections import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError, TransientError
 from service.core.events import Metric
+from service.metrics.collector import MetricsCollector
 from tests.fakes.bus import MemoryBus
 
 WAIT_S = 5.0
@@ -49,6 +53,10 @@ class Collected:
 
     def records(self, partition: str) -> list[object]:
         return [r for b in self.batches(partition) for r in b.records]
+
+
+def delivered(out: Collected, partition: str, records: int, _: list[BusItem]) -> bool:
+    return len(out.records(partition)) >= records
 
 
 def reported(out: Collected, partition: str, times: int, _: list[BusItem]) -> bool:
@@ -317,4 +325,56 @@ async def test_a_silent_source_with_more_partitions_than_its_queue_holds_gets_ea
         await asyncio.sleep(0)
         assert clock.monotonic() < 20, out.items
     assert all(b.caught_up and not b.records for p in hung_ids for b in out.batches(p))
+    await stop(multi, running)
+
+
+async def test_the_watermark_stops_waiting_for_a_hung_source_after_the_idle_timeout() -> None:
+    """The MultiBus's items applied to a real aggregator on the same manual clock: a
+    source that delivered events and then hangs holds the watermark at its event time
+    until it has said nothing for the idle timeout, then the other's time rules."""
+    clock = ManualClock()
+    idle_s = 3.0
+
+    def events(start: float, n: int) -> list[dict[str, Any]]:
+        return [
+            {"name": "n", "agg_func": "sum", "value": 1.0, "timestamp": start + i} for i in range(n)
+        ]
+
+    hung = MemoryBus({"h": events(1000.0, 5)}, clock=clock)
+    flowing = MemoryBus({"f": events(1000.0, 60)}, clock=clock)
+    multi = MultiBus(
+        [(hung, "hung"), (flowing, "flowing")], clock, queue_size=4, idle_timeout_s=idle_s
+    )
+    aggregator = EventAggregator(
+        AggregationConfig(interval_s=10.0, idle_timeout_s=idle_s), MetricsCollector(clock), clock
+    )
+    out = Collected()
+
+    async def apply(item: BusItem) -> None:
+        if isinstance(item, PartitionsAssigned):
+            aggregator.restore(item.checkpoints)
+        elif isinstance(item, PartitionsRevoked):
+            aggregator.release(item.partitions)
+        else:
+            aggregator.process(item)
+        await out.emit(item)
+
+    running = asyncio.create_task(multi.run(apply, nothing_stored))
+    await out.until(lambda _: len(out.records("h")) == 5 and len(out.records("s2/f")) == 60)
+    await asyncio.sleep(0)
+    hung.hold("h")  # it delivered up to 1004 and now says nothing
+    assert aggregator.watermark == 1004.0
+    seconds = 0
+    while aggregator.watermark == 1004.0:
+        flowing.add("f", events(1060.0 + seconds, 1))  # the other goes on, every second
+        async with asyncio.timeout(WAIT_S):
+            await clock.sleeping()
+        clock.advance(1.0)
+        seconds += 1
+        await out.until(partial(delivered, out, "s2/f", 60 + seconds))
+        await asyncio.sleep(0)
+        assert seconds <= idle_s, aggregator.partitions()
+    assert seconds == idle_s
+    assert aggregator.watermark == 1060.0 + idle_s - 1  # the flowing source's event time
+    assert aggregator.partitions()["h"]["holds_watermark"] is False
     await stop(multi, running)
