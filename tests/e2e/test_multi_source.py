@@ -17,13 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.dev.emulator import Emulator
+from tests.e2e.test_status_page import CHROMIUM_FLAGS, chromium_path, number, poll
 from tests.e2e.workload import ServiceProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -137,6 +140,45 @@ async def positions(dsn: str, namespace: str) -> dict[str, str]:
     return {r["partition"]: r["position"] for r in rows}
 
 
+async def check_sources_shown(port: int, where: list[str]) -> None:
+    """Each source on /status, /metrics (label ``source``) and the page, in order."""
+    from playwright.async_api import async_playwright
+
+    executable = chromium_path()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/status") as r:
+            sources = (await r.json())["sources"]
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+    assert [s["source"] for s in sources] == [1, 2, 3]
+    assert [s["transport"] for s in sources] == ["kafka", "kafka", "http"]
+    assert all(w in s["url"] or w == "http" for s, w in zip(sources, where, strict=True))
+    assert all(s["events"] > 0 and s["last_event_time"] for s in sources), sources
+    received = {
+        m.labels["source"]: m.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "vabus_aggregator_source_events_received"
+        for m in f.samples
+    }
+    assert set(received) == {"1", "2", "3"} and all(received.values())
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{port}/", timeout=10_000)
+            rows = page.locator("#sources tr")
+
+            async def three_rows() -> bool:
+                return await rows.count() == 3
+
+            await poll(three_rows, 15, "three sources on the page")
+            cells = [await rows.nth(i).locator("td").all_text_contents() for i in range(3)]
+        finally:
+            await browser.close()
+    assert [c[:2] for c in cells] == [["1", "kafka"], ["2", "kafka"], ["3", "http"]]
+    assert all(number(c[3]) > 0 for c in cells), cells
+
+
 def closable(keys: set[Key]) -> set[Key]:
     """The windows the watermark closes while the sources hold it: all but the last."""
     last = max(k[2] for k in keys)
@@ -233,6 +275,7 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             await until_stored(postgres_dsn, table, closable(keys), proc)
             keys |= await feed(2)
             await until_stored(postgres_dsn, table, keys, proc)
+            await check_sources_shown(proc.http_port, [topics[0], topics[1], "http"])
         finally:
             code = proc.terminate()
         assert code == 0, proc.log_text()[-3000:]
