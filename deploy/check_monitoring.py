@@ -80,6 +80,9 @@ def exported_families() -> list[Family]:
     collector.set_watermark(0.0)
     collector.set_lease_leader(True)  # exported only on a bus with a lease
     collector.set_ledger_view(lambda: {"received": 0, "imbalance": 0})  # once partitions
+    collector.set_source_view(lambda: {"1": {"lag": 0, "queue_depth": 0}})  # once sources
+    collector.for_source(1).on_messages_received("kafka", 1, 1)  # once a source delivered
+    collector.for_source(1).on_bus_error("kafka", True)  # and once it failed
     families = []
     for fam in collector.registry.collect():
         labels = _LABELS[fam.name]  # a family without samples yet carries none to read

@@ -22,6 +22,7 @@ from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import Bus, BusItem
 from service.bus.leased import LeasedBus
+from service.bus.multi import MultiBus
 from service.checkpoints.base import CheckpointStore
 from service.config import Config
 from service.core.clock import Clock, SystemClock
@@ -30,6 +31,7 @@ from service.core.lifecycle import unless_stopped
 from service.core.retry import Backoff, output_backoff, retry
 from service.lease.base import Lease
 from service.metrics.collector import MetricsCollector
+from service.ops.sources import source_view, sources_status
 from service.ops.web import WebServer, build_web_app
 from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.pipeline.hub import EventHub
@@ -116,6 +118,10 @@ class Service:
         q = config.runtime.queue_size
         self.hub.subscribe(INPUT, "aggregator", stage.handle, maxsize=q, max_batch=16)
         self.hub.subscribe(OUTPUT, "sender", self.sender.handle, maxsize=q, max_batch=256)
+        depths = bus.queue_depths if isinstance(bus, MultiBus) else dict
+        metrics.set_source_view(
+            source_view(len(config.sources), self.aggregator.partitions, depths)
+        )
         self.stopping = asyncio.Event()
         self.web: WebServer | None = None
         self.phase = "starting"
@@ -128,7 +134,8 @@ class Service:
     def status(self) -> dict[str, Any]:
         return {
             "phase": self.phase,
-            "bus": {"transport": self.bus.name, "url": self.config.bus.url},
+            "bus": {"transport": self.bus.name, "url": self._bus_urls()},
+            "sources": sources_status(self.config, self.metrics),  # contract §12.8
             "lease": None if self.lease is None else self.lease.role,
             "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
@@ -151,6 +158,9 @@ class Service:
             },
             "config": self.config.redacted(),
         }
+
+    def _bus_urls(self) -> str:
+        return " ".join(source.url for source in self.config.sources)
 
     async def check_progress(self) -> None:
         """Readiness: no assigned partition sits on unread data without delivering any of
@@ -204,7 +214,7 @@ class Service:
             self.phase = "running"
             log.info(
                 "running: bus=%s outputs=%s",
-                self.config.bus.url,
+                self._bus_urls(),
                 ",".join(s.name for s in self.sinks),
             )
             async with asyncio.TaskGroup() as tg:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from service.bus.base import Bus
 from service.checkpoints.base import CheckpointStore
-from service.config import Config
+from service.config import BusConfig, Config
 from service.core.clock import Clock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.sender import ReadBackSink, SharedTransaction
@@ -18,25 +18,51 @@ if TYPE_CHECKING:
     from service.lease.fence import LeaseFence
     from service.lease.postgres import PostgresLease
 
-__all__ = ["OutputWiring", "build_bus", "build_lease", "build_outputs", "checkpoint_namespace"]
+__all__ = [
+    "OutputWiring",
+    "build_bus",
+    "build_lease",
+    "build_outputs",
+    "build_source",
+    "checkpoint_namespace",
+]
 
 
 def build_bus(cfg: Config, metrics: MetricsCollector, clock: Clock) -> Bus:
-    if cfg.bus.kind == "http":
+    """The bus of VABUS_URL: its one source's, or a :class:`MultiBus` over several, each
+    source's bus reporting through its own view of ``metrics`` (label ``source``)."""
+    if not cfg.more_sources:
+        return build_source(cfg, cfg.bus, metrics.for_source(1), clock)
+    from service.bus.multi import MultiBus
+
+    buses = [
+        (build_source(cfg, source, metrics.for_source(k), clock), source.url)
+        for k, source in enumerate(cfg.sources, start=1)
+    ]
+    return MultiBus(
+        buses,
+        clock,
+        queue_size=cfg.runtime.source_queue_size,
+        idle_timeout_s=cfg.aggregation.effective_idle_timeout_s,
+    )
+
+
+def build_source(cfg: Config, source: BusConfig, metrics: MetricsCollector, clock: Clock) -> Bus:
+    if source.kind == "http":
         from service.bus.http import HttpBus
 
-        return HttpBus(cfg.bus, metrics, clock)
-    if cfg.bus.kind == "kafka" and cfg.bus.kafka_repartition:
+        return HttpBus(source, metrics, clock)
+    if source.kind == "kafka" and source.kafka_repartition:
         from service.repartition.router import build_repartitioned_bus
 
-        return build_repartitioned_bus(cfg.bus, cfg.kafka, cfg.aggregation, metrics, clock)
-    if cfg.bus.kind == "kafka":
+        return build_repartitioned_bus(source, cfg.kafka, cfg.aggregation, metrics, clock)
+    if source.kind == "kafka":
         from service.bus.kafka import KafkaBus
 
-        return KafkaBus(cfg.bus, cfg.kafka, metrics, clock)
+        return KafkaBus(source, cfg.kafka, metrics, clock)
     from service.bus.demo import DemoBus
 
-    return DemoBus(cfg.bus, metrics, clock)
+    return DemoBus(source, metrics, clock)
 
 
 def build_lease(cfg: Config, clock: Clock) -> PostgresLease | None:
@@ -49,8 +75,10 @@ def build_lease(cfg: Config, clock: Clock) -> PostgresLease | None:
     bus checkpoints to a local file, which a standby on another machine could not read:
     there is no lease, and a second instance on the same HTTP bus is not supported (it
     would read the stream a second time, or half of it from a queue-like server).
+    Neither is it with several sources (docs/sources.md): their Kafka sources share
+    partitions through their groups, but nothing leases their HTTP sources yet.
     """
-    if cfg.bus.kind != "http" or "postgres" not in cfg.outputs:
+    if cfg.more_sources or cfg.bus.kind != "http" or "postgres" not in cfg.outputs:
         return None
     from service.lease.postgres import PostgresLease
 
@@ -58,7 +86,9 @@ def build_lease(cfg: Config, clock: Clock) -> PostgresLease | None:
 
 
 def checkpoint_namespace(cfg: Config) -> str:
-    """Identifies one logical input, so two services sharing a store never mix states."""
+    """Identifies one logical input, so two services sharing a store never mix states.
+    With several sources, source 1's: its checkpoints stay valid when sources are added
+    after it, and the others' partition ids are qualified (service.bus.sources)."""
     b = cfg.bus
     if b.kind == "kafka":
         return f"kafka:{b.kafka_topic}:{b.kafka_group}"

@@ -1,8 +1,10 @@
-"""How partitions of several sources are told apart (contract §12.8).
+"""Partition ids of several sources (contract §12.8): which source a partition is of.
 
-The partitions of source 1 (the first URL of ``VABUS_URL``) keep their names, so a
-deployment with one source sees the names and checkpoints it saw before; those of
-source k >= 2 are prefixed ``s{k}/``.
+Source 1 keeps the ids its bus gives (``events:0``, ``http``), so the checkpoints of a
+service that had one source stay valid when more are added after it; source ``k >= 2``
+prefixes them ``s{k}/`` (``s2/http``, ``s3/events:0``). Neither prefix can be mistaken
+for a plain id: a Kafka topic name cannot hold ``/``, and ``http`` is the HTTP bus's
+only id.
 """
 
 from __future__ import annotations
@@ -16,27 +18,24 @@ SOURCE_SEP: Final = "/"
 
 
 def qualify(position: int, partition: str) -> str:
-    """The partition ``partition`` of source ``position`` (1-based) as the pipeline
-    names it: unchanged for source 1, ``s{k}/partition`` otherwise."""
+    """The id of ``partition`` of the source at 1-based ``position`` in VABUS_URL."""
+    if position < 1:
+        raise ValueError(f"a source position is 1-based, not {position}")
     if position == 1:
         return partition
     return f"{SOURCE_PREFIX}{position}{SOURCE_SEP}{partition}"
 
 
-def _split(partition: str) -> tuple[int, str]:
-    head, sep, rest = partition.partition(SOURCE_SEP)
-    if sep and head.startswith(SOURCE_PREFIX) and head[1:].isascii() and head[1:].isdigit():
-        position = int(head[1:])
-        if position >= 2:
-            return position, rest
-    return 1, partition
-
-
 def source_of(partition: str) -> int:
-    """``"s2/http"`` -> 2, ``"events:0"`` -> 1."""
-    return _split(partition)[0]
+    """The 1-based position of the source a partition id belongs to."""
+    head, sep, _ = partition.partition(SOURCE_SEP)
+    if sep and head.startswith(SOURCE_PREFIX) and head[len(SOURCE_PREFIX) :].isdecimal():
+        return int(head[len(SOURCE_PREFIX) :])
+    return 1
 
 
 def local_partition(partition: str) -> str:
-    """``"s2/http"`` -> ``"http"``; a partition of source 1 unchanged."""
-    return _split(partition)[1]
+    """The id the source's own bus uses for ``partition`` (the prefix removed)."""
+    if source_of(partition) == 1:
+        return partition
+    return partition.partition(SOURCE_SEP)[2]

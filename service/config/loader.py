@@ -23,7 +23,6 @@ from service.config.parsers import (
     existing_file,
     non_empty,
     parse_auth_token,
-    parse_bus_url,
     parse_dsn,
     parse_identifier,
     parse_outputs,
@@ -47,6 +46,7 @@ from service.config.sections import (
     PostgresConfig,
     RuntimeConfig,
 )
+from service.config.source_urls import SOURCES_FORM, parse_bus_urls
 from service.core.errors import ConfigError
 from service.core.retry import BACKOFF_KINDS
 
@@ -83,8 +83,10 @@ def load_config(
 
 
 def read_config(r: Reader) -> Config:
+    sources = read_sources(r)
     config = Config(
-        bus=read_bus(r),
+        bus=sources[0],
+        more_sources=sources[1:],
         outputs=r.custom(
             "STORAGE_TYPE",
             Config().outputs,
@@ -98,7 +100,8 @@ def read_config(r: Reader) -> Config:
         log=read_log(r),
         runtime=read_runtime(r),
     )
-    config = replace(config, bus=with_bus_security(r, config.bus, config.kafka))
+    secured = [with_bus_security(r, bus, config.kafka) for bus in config.sources]
+    config = replace(config, bus=secured[0], more_sources=tuple(secured[1:]))
     check_consistency(r, config)
     return replace(config, routes=read_routes(r, config))
 
@@ -185,12 +188,21 @@ def read_log(r: Reader) -> LogConfig:
 
 
 def read_bus(r: Reader) -> BusConfig:
+    """VABUS_URL holding one source (the common case; :func:`read_sources` for any)."""
+    return read_sources(r)[0]
+
+
+def read_sources(r: Reader) -> tuple[BusConfig, ...]:
+    """VABUS_URL's sources (one, or several separated by whitespace), each with the
+    VABUS_* settings that apply to every source."""
     defaults = BusConfig()
-    from_url = r.custom(
-        "VABUS_URL", defaults, parse_bus_url, f"{HTTP_FORM}, {KAFKA_FORM} or {DEMO_FORM}"
-    )
-    return replace(
-        from_url,
+    raw = r.raw("VABUS_URL")
+    several = raw is not None and len(raw.split()) > 1
+    form = SOURCES_FORM if several else f"{HTTP_FORM}, {KAFKA_FORM} or {DEMO_FORM}"
+    one: tuple[BusConfig, ...] = (defaults,)
+    from_url = r.custom("VABUS_URL", one, parse_bus_urls, form)
+    # read once, applied to every source
+    settings = BusConfig(
         token=Secret(r.custom("VABUS_TOKEN", "", str, "a bearer token")),
         http_batch_limit=r.integer("VABUS_BATCH_LIMIT", defaults.http_batch_limit, low=1),
         http_wait_s=r.seconds("VABUS_WAIT", defaults.http_wait_s, allow_zero=True),
@@ -205,6 +217,20 @@ def read_bus(r: Reader) -> BusConfig:
         max_events_per_message=r.integer(
             "VABUS_MAX_EVENTS_PER_MESSAGE", defaults.max_events_per_message, low=1
         ),
+    )
+    return tuple(
+        replace(
+            source,
+            token=settings.token,
+            http_batch_limit=settings.http_batch_limit,
+            http_wait_s=settings.http_wait_s,
+            http_timeout_s=settings.http_timeout_s,
+            kafka_session_timeout_ms=settings.kafka_session_timeout_ms,
+            max_message_bytes=settings.max_message_bytes,
+            max_response_bytes=settings.max_response_bytes,
+            max_events_per_message=settings.max_events_per_message,
+        )
+        for source in from_url
     )
 
 
@@ -370,6 +396,7 @@ def read_runtime(r: Reader) -> RuntimeConfig:
             "READINESS_OUTPUT_FAILING_TIMEOUT", d.readiness_output_failing_s, allow_zero=True
         ),
         workers=r.integer("WORKERS", d.workers, low=1),
+        source_queue_size=r.integer("VABUS_SOURCE_QUEUE", d.source_queue_size, low=1),
     )
 
 
@@ -385,16 +412,21 @@ def check_consistency(r: Reader, config: Config) -> None:
         r.fail("POSTGRES_TABLE", f"a table other than {config.postgres.dead_letter_table!r}")
     if config.postgres.pool_min_size > config.postgres.pool_max_size:
         r.fail("POSTGRES_POOL_MIN", "at most POSTGRES_POOL_MAX")
-    bus = config.bus
-    same_cluster = set(bus.kafka_bootstrap_servers) & set(kafka.bootstrap_servers)
-    if bus.kind == "kafka" and same_cluster and bus.kafka_topic in (kafka.topic, kafka.dlq_topic):
-        # Reading our own output would aggregate aggregates forever.
-        r.fail("VABUS_URL", "an events topic other than KAFKA_TOPIC and KAFKA_DLQ_TOPIC")
-    if config.runtime.workers > 1 and bus.kind != "kafka" and not r.failed("VABUS_URL"):
+    for bus in config.sources:
+        same_cluster = set(bus.kafka_bootstrap_servers) & set(kafka.bootstrap_servers)
+        if (
+            bus.kind == "kafka"
+            and same_cluster
+            and bus.kafka_topic in (kafka.topic, kafka.dlq_topic)
+        ):
+            # Reading our own output would aggregate aggregates forever.
+            r.fail("VABUS_URL", "an events topic other than KAFKA_TOPIC and KAFKA_DLQ_TOPIC")
+    others = [b for b in config.sources if b.kind != "kafka"]
+    if config.runtime.workers > 1 and others and not r.failed("VABUS_URL"):
         # Only a consumer group shares one input among processes; two HTTP or demo
         # readers would each aggregate (and store) the whole stream.
         r.fail(
             "WORKERS",
-            f"1, because VABUS_URL={bus.url!r} is not a kafka:// bus "
+            f"1, because VABUS_URL={others[0].url!r} is not a kafka:// bus "
             "(only a Kafka consumer group shares one input among workers)",
         )

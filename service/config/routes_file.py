@@ -25,11 +25,10 @@ def read_routes(r: Reader, config: Config) -> Routes:
     path = r.custom("ROUTES_FILE", None, str, ROUTES_FORM)
     if path is None:
         return Routes()
-    bus = config.bus
     ctx = RouteContext(
         outputs=config.outputs,
         group_by=config.aggregation.group_by,
-        sources=max(1, len((r.raw("VABUS_URL") or "").split())),
+        sources=len(config.sources),
         table_ok=parse_identifier,
         topic_ok=parse_topic,
         reserved_tables=(config.postgres.dead_letter_table,),
@@ -37,7 +36,12 @@ def read_routes(r: Reader, config: Config) -> Routes:
             dict.fromkeys(
                 [
                     config.kafka.dlq_topic,
-                    *([bus.kafka_topic, bus.kafka_metrics_topic] if bus.kind == "kafka" else []),
+                    *(
+                        topic
+                        for bus in config.sources
+                        if bus.kind == "kafka"
+                        for topic in (bus.kafka_topic, bus.kafka_metrics_topic)
+                    ),
                 ]
             )
         ),

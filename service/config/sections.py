@@ -178,6 +178,9 @@ class RuntimeConfig:
     # WORKERS (or `run --workers N`): worker processes under one supervisor (Kafka bus
     # only); 1 runs the service in-process
     workers: int = 1
+    # VABUS_SOURCE_QUEUE: with several sources, batches buffered per source between its
+    # intake task and the hub (a full one holds up that source only)
+    source_queue_size: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     routes: Routes = field(default_factory=Routes)  # ROUTES_FILE (docs/routes.md)
+    # VABUS_URL's sources after the first (contract §12.8); ``bus`` is source 1
+    more_sources: tuple[BusConfig, ...] = ()
+
+    @property
+    def sources(self) -> tuple[BusConfig, ...]:
+        """Every source of VABUS_URL, source 1 (``bus``) first."""
+        return (self.bus, *self.more_sources)
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able view for ``/status`` and start-up logs.

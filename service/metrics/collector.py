@@ -10,6 +10,7 @@ ongoing outage, the components' own views) are computed when someone asks: a scr
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 from collections import defaultdict, deque
@@ -113,6 +114,13 @@ class MetricsCollector:
         self._partition_view: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
         self._ledger_view: Callable[[], Mapping[str, int]] = dict
         self._queue_view: Callable[[], Mapping[str, int]] = dict
+        # VABUS_URL's sources: the one a bus reports for (see for_source), when each last
+        # delivered (shared by every source's view), and their lag and queue depths
+        self._source: str | None = None
+        self._source_events: defaultdict[str, int] = defaultdict(int)
+        self._source_errors: defaultdict[str, int] = defaultdict(int)
+        self._source_last_event: dict[str, float] = {}
+        self._source_view: Callable[[], Mapping[str, Mapping[str, float | None]]] = dict
         self._views = self._scrape_views()
         self.registry = CollectorRegistry(auto_describe=False)
         self._counters: dict[str, Counter] = {}
@@ -156,14 +164,51 @@ class MetricsCollector:
         return _child(self._histograms, self._histogram_children, name, label_values)
 
     # -- intake ---------------------------------------------------------------------
+    def for_source(self, position: int) -> MetricsCollector:
+        """This collector as the bus of source ``position`` of VABUS_URL (1-based) sees
+        it: the same metrics (a shallow copy shares every one), and what the bus reports
+        through the intake hooks is also counted for that source (label ``source``)."""
+        view = copy.copy(self)
+        view._source = str(position)
+        return view
+
     def on_messages_received(self, transport: str, messages: int, events: int) -> None:
         """A bus fetch returned ``messages`` transport messages holding ``events`` events."""
         self._counter("messages_received", transport).inc(messages)
         self._counters["events_received"].inc(events)
         self._events_rate.add(events, self.clock.monotonic())
+        if self._source is not None:
+            self._source_events[self._source] += events
+            self._source_last_event[self._source] = self.clock.now()
 
     def on_bus_error(self, transport: str, retriable: bool) -> None:
         self._counter("bus_errors", transport, _bool(retriable)).inc()
+        if self._source is not None:
+            self._source_errors[self._source] += 1
+
+    def set_source_view(self, view: Callable[[], Mapping[str, Mapping[str, float | None]]]) -> None:
+        """Where each source's ``lag`` and ``queue_depth`` come from (by source position;
+        read when asked, as the partitions' are)."""
+        self._source_view = view
+
+    def sources(self) -> dict[str, dict[str, float | None]]:
+        """Per source (by position): events, errors, last event time, and what the source
+        view gives (lag, queue depth, partitions held)."""
+        events, errors = self.read("source_events_received"), self.read("source_errors")
+        computed = self._source_view()
+        keys = {k[0] for k in events} | {k[0] for k in errors} | set(computed)
+        out: dict[str, dict[str, float | None]] = {}
+        for key in sorted(keys, key=int):
+            view = computed.get(key, {})
+            out[key] = {
+                "events": int(events.get((key,), 0)),
+                "errors": int(errors.get((key,), 0)),
+                "last_event_time": self._source_last_event.get(key),
+                "lag": view.get("lag"),
+                "queue_depth": view.get("queue_depth"),
+                "partitions": view.get("partitions"),
+            }
+        return out
 
     def on_bus_protocol_error(self, transport: str, kind: str) -> None:
         """An answer or internal record refused as breaking the bus's protocol; ``kind``
@@ -393,7 +438,21 @@ class MetricsCollector:
         def one(value: Callable[[], float | None]) -> Callable[[], Values]:
             return lambda: {} if (v := value()) is None else {(): v}
 
+        def source(field: str) -> Callable[[], Values]:
+            return lambda: {
+                (k,): float(v)
+                for k, s in self._source_view().items()
+                if (v := s.get(field)) is not None
+            }
+
         return {
+            "source_events_received": lambda: {(k,): n for k, n in self._source_events.items()},
+            "source_errors": lambda: {(k,): n for k, n in self._source_errors.items()},
+            "source_last_event_seconds": lambda: {
+                (k,): t for k, t in self._source_last_event.items()
+            },
+            "source_lag_messages": source("lag"),
+            "source_queue_depth": source("queue_depth"),
             "sink_degraded_seconds": lambda: {
                 (s,): t for s, t in self.sink_degraded_seconds().items()
             },

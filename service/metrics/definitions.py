@@ -293,6 +293,48 @@ DECLARED: Final[tuple[Declared, ...]] = (
         "partition_seconds_since_message",
         "Seconds since the partition last delivered a message.",
     ),
+    # absent until a source's bus reports (the exposition of a collector without
+    # sources is what it was before there were several)
+    Declared(
+        "source_events_received",
+        "counter",
+        "Events received from each source of VABUS_URL.",
+        ("source",),
+        on_scrape=True,
+        optional=True,
+    ),
+    Declared(
+        "source_errors",
+        "counter",
+        "Failed bus operations of each source of VABUS_URL.",
+        ("source",),
+        on_scrape=True,
+        optional=True,
+    ),
+    Declared(
+        "source_last_event_seconds",
+        "gauge",
+        "When each source last delivered messages, Unix seconds.",
+        ("source",),
+        on_scrape=True,
+        optional=True,
+    ),
+    Declared(
+        "source_lag_messages",
+        "gauge",
+        "Messages unread in each source's partitions at their last reports (when known).",
+        ("source",),
+        on_scrape=True,
+        optional=True,
+    ),
+    Declared(
+        "source_queue_depth",
+        "gauge",
+        "Batches waiting in each source's own queue (several sources only).",
+        ("source",),
+        on_scrape=True,
+        optional=True,
+    ),
     Declared(
         "ledger_events",
         "gauge",

@@ -25,6 +25,9 @@ def test_the_exposition_holds_exactly_the_declared_families_in_their_order() -> 
     m.set_watermark(0.0)
     m.set_lease_leader(False)
     m.set_ledger_view(lambda: {"received": 0, "imbalance": 0})
+    m.set_source_view(lambda: {"1": {"lag": 0, "queue_depth": 0}})  # once sources read
+    m.for_source(1).on_messages_received("memory", 1, 1)
+    m.for_source(1).on_bus_error("memory", True)
     text = m.exposition().decode()
     exported = [f.name for f in text_string_to_metric_families(text)]
     assert exported == [d.full_name for d in DECLARED]

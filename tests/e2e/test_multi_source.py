@@ -1,0 +1,291 @@
+"""The whole service as a process over three sources at once (contract §12.8, issue 19):
+two Kafka topics and one HTTP bus (the emulator) in one VABUS_URL, into Kafka and
+PostgreSQL, fed live in three phases with a ``kill -9`` and a restart in the middle.
+
+The same names come from every source, so each window merges partitions of all three.
+Every aggregate must equal an independent computation over the events of all sources,
+in PostgreSQL and in the Kafka output, where each window is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.dev.emulator import Emulator
+from tests.e2e.test_status_page import CHROMIUM_FLAGS, chromium_path, number, poll
+from tests.e2e.workload import ServiceProcess, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+INTERVAL = 10.0
+NAMES = ("cpu.load", "billing.total", "queue.depth")
+FUNCS = ("sum", "count", "min", "max")
+PHASES = 3
+WINDOWS_PER_PHASE = 4
+
+Key = tuple[str, str, float]
+Event = dict[str, Any]
+
+
+def phase_events(source: int, phase: int, base: float) -> list[Event]:
+    """Events of one source for one phase: its windows only (a phase never reaches
+    back into an earlier one's windows), every name and function in each."""
+    out: list[Event] = []
+    first = base + phase * WINDOWS_PER_PHASE * INTERVAL
+    for w in range(WINDOWS_PER_PHASE):
+        for i in range(15):
+            ts = first + w * INTERVAL + (i * 0.61 + source * 0.17) % INTERVAL
+            for name in NAMES:
+                value = float((i * 7 + source * 3 + w) % 23) - 5.0
+                out.extend(
+                    {"name": name, "agg_func": f, "value": value, "timestamp": ts} for f in FUNCS
+                )
+    return out
+
+
+def expected_of(events: list[Event]) -> dict[Key, tuple[float, int]]:
+    by_key: dict[Key, list[float]] = defaultdict(list)
+    for e in events:
+        start = math.floor(e["timestamp"] / INTERVAL) * INTERVAL
+        by_key[(e["name"], e["agg_func"], start)].append(e["value"])
+    return {k: (_value(k[1], v), len(v)) for k, v in by_key.items()}
+
+
+def _value(func: str, values: list[float]) -> float:
+    if func == "count":
+        return float(len(values))
+    if func == "sum":
+        return float(sum(values))
+    return min(values) if func == "min" else max(values)
+
+
+async def produce(bootstrap: str, topic: str, events: list[Event]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def stored_rows(dsn: str, table: str) -> dict[Key, tuple[float, int]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+            return {}
+        rows = await conn.fetch(
+            "SELECT name, agg_func, extract(epoch from window_start)::float8 AS ws, value, count"
+            f' FROM "{table}"'
+        )
+    finally:
+        await conn.close()
+    return {(r["name"], r["agg_func"], r["ws"]): (r["value"], r["count"]) for r in rows}
+
+
+async def kafka_output(bootstrap: str, topic: str, at_least: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                if not batches and len(out) >= at_least:
+                    return out
+                for msgs in batches.values():
+                    out.extend(orjson.loads(m.value) for m in msgs)
+    except TimeoutError:
+        raise AssertionError(f"{topic}: {len(out)} of {at_least}") from None
+    finally:
+        await consumer.stop()
+
+
+async def until_stored(
+    dsn: str, table: str, keys: set[Key], proc: ServiceProcess, timeout_s: float = 90
+) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not keys <= set(await stored_rows(dsn, table)):
+            assert proc.proc.poll() is None, proc.log_text()[-3000:]
+            await asyncio.sleep(0.3)
+
+
+async def positions(dsn: str, namespace: str) -> dict[str, str]:
+    """The checkpointed positions of a namespace, by partition id."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT partition, position FROM vabus_checkpoints"
+            " WHERE namespace = $1 AND position IS NOT NULL",
+            namespace,
+        )
+    finally:
+        await conn.close()
+    return {r["partition"]: r["position"] for r in rows}
+
+
+async def check_sources_shown(port: int, where: list[str]) -> None:
+    """Each source on /status, /metrics (label ``source``) and the page, in order."""
+    from playwright.async_api import async_playwright
+
+    executable = chromium_path()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/status") as r:
+            sources = (await r.json())["sources"]
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+    assert [s["source"] for s in sources] == [1, 2, 3]
+    assert [s["transport"] for s in sources] == ["kafka", "kafka", "http"]
+    assert all(w in s["url"] or w == "http" for s, w in zip(sources, where, strict=True))
+    assert all(s["events"] > 0 and s["last_event_time"] for s in sources), sources
+    received = {
+        m.labels["source"]: m.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "vabus_aggregator_source_events_received"
+        for m in f.samples
+    }
+    assert set(received) == {"1", "2", "3"} and all(received.values())
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{port}/", timeout=10_000)
+            rows = page.locator("#sources tr")
+
+            async def three_rows() -> bool:
+                return await rows.count() == 3
+
+            await poll(three_rows, 15, "three sources on the page")
+            cells = [await rows.nth(i).locator("td").all_text_contents() for i in range(3)]
+        finally:
+            await browser.close()
+    assert [c[:2] for c in cells] == [["1", "kafka"], ["2", "kafka"], ["3", "http"]]
+    assert all(number(c[3]) > 0 for c in cells), cells
+
+
+def closable(keys: set[Key]) -> set[Key]:
+    """The windows the watermark closes while the sources hold it: all but the last."""
+    last = max(k[2] for k in keys)
+    return {k for k in keys if k[2] < last}
+
+
+def key_of(value: dict[str, Any]) -> Key:
+    return (
+        value["name"],
+        value["agg_func"],
+        datetime.fromisoformat(value["window_start"]).timestamp(),
+    )
+
+
+async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    topics = [f"in-a-{unique_name}", f"in-b-{unique_name}"]
+    output, table = f"out-{unique_name}", f"agg_{unique_name}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topics[0], 2, 1), NewTopic(topics[1], 3, 1), NewTopic(output, 1, 1)]
+        )
+    finally:
+        await admin.close()
+    base = math.floor(time.time() / INTERVAL) * INTERVAL - 3600.0
+    fed: list[Event] = []
+
+    async with Emulator() as emulator:
+
+        async def feed(phase: int) -> set[Key]:
+            """All three sources' events of ``phase``, within a moment of each other."""
+            a, b, h = (phase_events(s, phase, base) for s in (1, 2, 3))
+            await asyncio.gather(
+                produce(kafka_bootstrap, topics[0], a), produce(kafka_bootstrap, topics[1], b)
+            )
+            emulator.append(h)
+            fed.extend(a + b + h)
+            return set(expected_of(a + b + h))
+
+        env = {
+            "VABUS_URL": " ".join(
+                [
+                    f"kafka://{kafka_bootstrap}/{topics[0]}?group=ga-{unique_name}"
+                    f"&metrics_topic=m-{unique_name}",
+                    f"kafka://{kafka_bootstrap}/{topics[1]}?group=gb-{unique_name}",
+                    emulator.url,
+                ]
+            ),
+            "VABUS_WAIT": "0.5",
+            "VABUS_BATCH_LIMIT": "97",
+            "VABUS_KAFKA_SESSION_TIMEOUT_MS": "4000",
+            "STORAGE_TYPE": "kafka,postgres",
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "KAFKA_TOPIC": output,
+            "POSTGRES_DSN": postgres_dsn,
+            "POSTGRES_TABLE": table,
+            "AGGREGATION_INTERVAL": str(INTERVAL),
+            # every source is fed within a moment of the others; none falls idle first,
+            # and a Kafka source rejoining after kill -9 (the dead member's session of
+            # 4 s expires first) still holds the watermark while it does (sources.md)
+            "AGGREGATION_IDLE_TIMEOUT": "20",
+            "HTTP_HOST": "127.0.0.1",
+            "STATE_DIR": str(tmp_path / "state"),
+        }
+        # Each phase is fed while every source still holds the watermark (they fall
+        # idle only AGGREGATION_IDLE_TIMEOUT after their last message): a source that
+        # fell idle holds nothing, and the first one fed would close windows the others'
+        # events of the same phase still belong to. So the next phase follows as soon as
+        # the windows the watermark can close (all but each phase's last) are stored.
+        keys = await feed(0)
+        proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path)
+        try:
+            await until_stored(postgres_dsn, table, closable(keys), proc)
+            new = await feed(1)
+            keys |= new
+            # killed while phase 1 is on its way (some of it durable, the rest not), once
+            # every source has a checkpoint with a position, under its own ids
+            namespace = f"kafka:{topics[0]}:ga-{unique_name}"  # source 1's
+            async with asyncio.timeout(60):
+                while not (
+                    set(await stored_rows(postgres_dsn, table)) & new
+                    and {p.split("/")[0] for p in await positions(postgres_dsn, namespace)}
+                    >= {topics[0] + ":0", "s2", "s3"}
+                ):
+                    await asyncio.sleep(0.05)
+            stored = await positions(postgres_dsn, namespace)
+            assert "s3/http" in stored and f"s2/{topics[1]}:0" in stored, stored
+            proc.kill()
+            (tmp_path / "again").mkdir()
+            proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path / "again")
+            await until_stored(postgres_dsn, table, closable(keys), proc)
+            keys |= await feed(2)
+            await until_stored(postgres_dsn, table, keys, proc)
+            await check_sources_shown(proc.http_port, [topics[0], topics[1], "http"])
+        finally:
+            code = proc.terminate()
+        assert code == 0, proc.log_text()[-3000:]
+
+    expected = expected_of(fed)
+    assert set(expected) == keys
+    rows = await stored_rows(postgres_dsn, table)
+    wrong = {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
+    assert wrong == {} and len(rows) == len(expected)
+    written = await kafka_output(kafka_bootstrap, output, len(expected))
+    twice = [k for k, n in Counter(key_of(v) for v in written).items() if n > 1]
+    assert twice == []
+    assert {key_of(v): (v["value"], v["count"]) for v in written} == expected
