@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
@@ -36,6 +36,9 @@ from service.pipeline.hub import EventHub
 from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_lease, build_outputs
+
+if TYPE_CHECKING:  # pyarrow is imported only when ARCHIVE_URL is set
+    from service.archive.writer import ArchiveWriter
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -73,8 +76,10 @@ class Service:
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
         lease: Lease | None = None,
+        archive: ArchiveWriter | None = None,
     ) -> None:
         self.config = config
+        self.archive = archive  # ARCHIVE_URL: accepted events as Parquet (docs/archive.md)
         self.bus = bus
         self.sinks = sinks
         self.store = store
@@ -89,6 +94,7 @@ class Service:
             clock,
             max_message_bytes=config.bus.max_message_bytes,
             max_events_per_message=config.bus.max_events_per_message,
+            archive=archive is not None,
         )
         runtime = config.runtime
         self.sender = DataSender(
@@ -103,6 +109,7 @@ class Service:
             ),
             shared_transaction=shared_transaction,
             read_back=read_back,
+            archive=archive,
         )
         stage = AggregatorStage(
             self.aggregator,
@@ -130,6 +137,7 @@ class Service:
             "lease": None if self.lease is None else self.lease.role,
             "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
+            "archive": None if self.archive is None else self.config.archive.url,
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
             "open_windows": self.aggregator.open_windows,
@@ -253,6 +261,8 @@ class Service:
                 **{s.name: self.sender.readiness_check(s, failing_s) for s in self.sinks},
                 "checkpoints": self.sender.store_readiness_check(failing_s),
             }
+            if self.archive is not None:
+                checks[self.archive.name] = self.sender.readiness_check(self.archive, failing_s)
             app = build_web_app(
                 self.metrics,
                 checks,
@@ -268,6 +278,9 @@ class Service:
         for sink in self.sinks:
             stack.push_async_callback(sink.stop)  # before start: a half-started sink closes too
             await start_with_retry(f"output {sink.name}", sink.start, self.clock)
+        if self.archive is not None:
+            stack.push_async_callback(self.archive.stop)
+            await start_with_retry("archive", self.archive.start, self.clock)
         stack.push_async_callback(self.store.stop)
         await start_with_retry("checkpoint store", self.store.start, self.clock)
         stack.push_async_callback(self.bus.stop)
@@ -356,6 +369,11 @@ def build_service(
     bus = build_bus(config, metrics, clock)
     if lease is not None:
         bus = LeasedBus(bus, lease, metrics)
+    archive = None
+    if config.archive.enabled:
+        from service.archive.writer import build_archive
+
+        archive = build_archive(config.archive, metrics)
     return Service(
         config,
         bus=bus,
@@ -367,6 +385,7 @@ def build_service(
         shared_transaction=outputs.shared_transaction,
         read_back=outputs.read_back,
         lease=lease,
+        archive=archive,
     )
 
 

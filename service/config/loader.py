@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any, Final, cast
 
+from service.config.archive_url import read_archive
 from service.config.masking import Secret
 from service.config.parsers import (
     BEARER_FORM,
@@ -96,6 +97,7 @@ def read_config(r: Reader) -> Config:
         http=read_http(r),
         log=read_log(r),
         runtime=read_runtime(r),
+        archive=read_archive(r),
     )
     config = replace(config, bus=with_bus_security(r, config.bus, config.kafka))
     check_consistency(r, config)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from service.config.archive import ArchiveConfig
 from service.config.masking import Secret, mask_password, plain
 from service.core.retry import BackoffKind
 
 __all__ = [
     "AggregationConfig",
+    "ArchiveConfig",
     "BusConfig",
     "ClusterSecurity",
     "Config",
@@ -189,6 +191,7 @@ class Config:
     http: HttpServerConfig = field(default_factory=HttpServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)  # ARCHIVE_URL
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able view for ``/status`` and start-up logs.

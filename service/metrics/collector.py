@@ -252,6 +252,10 @@ class MetricsCollector:
         self._counter("sink_dead_letters_written", sink).inc(dead_letters)
         self._histogram("sink_write_seconds", sink).observe(seconds)
 
+    def on_archive_written(self, files: int, events: int) -> None:
+        self._counters["archive_files_written"].inc(files)
+        self._counters["archive_events_written"].inc(events)
+
     def on_sink_error(self, sink: str, retriable: bool) -> None:
         self._counter("sink_errors", sink, _bool(retriable)).inc()
 

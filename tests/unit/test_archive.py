@@ -1,0 +1,295 @@
+"""The archive (ARCHIVE_URL): configuration, file layout, the exactly-once writer step,
+and the service on fakes keeping exactly its accepted events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from service.app import Service
+from service.archive.layout import data_name, intent_name, token
+from service.archive.rows import ArchiveSlice, Rows
+from service.archive.stores import DirectoryStore
+from service.archive.writer import ArchiveWriter
+from service.checkpoints.file import FileCheckpointStore
+from service.config import AggregationConfig, Config, load_config
+from service.core.clock import ManualClock
+from service.core.errors import ConfigError, TransientError
+from service.metrics.collector import MetricsCollector
+from tests.archived import Row, archive_files, archive_rows
+from tests.fakes.bus import MemoryBus
+from tests.fakes.sinks import MemorySink
+
+START = 1_699_999_200.0  # the start of an hour: 2023-11-14T22:00Z
+HOUR = int(START // 3600)
+
+
+def us(ts: float) -> int:
+    return round(ts * 1_000_000)
+
+
+# -- configuration ------------------------------------------------------------------------
+def test_archive_url_takes_a_directory_or_a_bucket_with_its_endpoint() -> None:
+    cfg = load_config({"ARCHIVE_URL": "file:///var/archive/"}, dotenv=None).archive
+    assert (cfg.kind, cfg.path, cfg.enabled) == ("file", "/var/archive", True)
+    env = {"ARCHIVE_URL": "s3://raw-events/vabus/a", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    cfg = load_config(env, dotenv=None).archive
+    assert (cfg.kind, cfg.bucket, cfg.path, cfg.endpoint_url) == (
+        "s3",
+        "raw-events",
+        "vabus/a",
+        "http://127.0.0.1:9",
+    )
+    assert not load_config({}, dotenv=None).archive.enabled
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ARCHIVE_URL", "ftp://host/dir"),
+        ("ARCHIVE_URL", "file://relative/dir"),
+        ("ARCHIVE_URL", "s3://Bad_Bucket/x"),
+        ("ARCHIVE_URL", "s3://bucket/x?versioned=1"),
+        ("AWS_ENDPOINT_URL", "minio:9000"),
+    ],
+)
+def test_a_bad_archive_variable_is_reported_by_name_before_connecting(
+    name: str, value: str
+) -> None:
+    env = {"ARCHIVE_URL": "s3://bucket/p", name: value}
+    with pytest.raises(ConfigError) as info:
+        load_config(env, dotenv=None)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{name}='{value}': expected ")
+
+
+# -- layout -------------------------------------------------------------------------------
+def test_file_names_derive_from_partition_and_positions_one_to_one() -> None:
+    name = data_name(HOUR, "vabus-events:3", "120", "4400")
+    assert name == "hour=2023-11-14T22/vabus-events_3@120-4400.parquet"
+    assert intent_name("vabus-events:3") == "_intents/vabus-events_3.json"
+    # no two partitions or positions share a token
+    texts = ["a:b", "a_b", "origin", None, ".x", "x/y", "cursor=42", "é"]
+    tokens = [token(t) for t in texts]
+    assert len(set(tokens)) == len(tokens)
+    assert all("/" not in t and not t.startswith(".") for t in tokens)
+
+
+# -- the writer step ----------------------------------------------------------------------
+def rows_of(*events: tuple[str, float, float]) -> Rows:
+    rows = Rows()
+    for name, value, ts in events:
+        rows.add(name, "sum", value, ts, None)
+    return rows
+
+
+def writer(root: Path) -> ArchiveWriter:
+    return ArchiveWriter(DirectoryStore(str(root)), MetricsCollector(ManualClock(START)))
+
+
+def expected(*events: tuple[str, float, float]) -> Counter[Row]:
+    return Counter((n, "sum", float(v), us(ts), None) for n, v, ts in events)
+
+
+async def test_a_slice_is_one_file_per_hour_of_event_time(tmp_path: Path) -> None:
+    events = [("a", 1.0, START + 10), ("b", 2.0, START - 10), ("a", 3.0, START + 3600.5)]
+    await writer(tmp_path).write([ArchiveSlice("t:0", "0", "3", rows_of(*events), True)])
+    hours = sorted(p.parent.name for p in archive_files(tmp_path))
+    assert hours == ["hour=2023-11-14T21", "hour=2023-11-14T22", "hour=2023-11-14T23"]
+    assert archive_rows(tmp_path) == expected(*events)
+
+
+async def test_a_replay_from_the_same_position_supersedes_the_crashed_attempt_in_every_hour(
+    tmp_path: Path,
+) -> None:
+    # the crashed attempt read positions 10..20 (two hours) and never checkpointed 20
+    crashed = [("a", 1.0, START + 5), ("b", 2.0, START + 3605)]
+    await writer(tmp_path).write([ArchiveSlice("t:0", "10", "20", rows_of(*crashed), True)])
+    # the restart (a new writer: nothing in memory) restores 10 and cuts at 15 first:
+    # its first slice holds only the first hour's event
+    again = writer(tmp_path)
+    await again.write([ArchiveSlice("t:0", "10", "15", rows_of(crashed[0]), True)])
+    assert archive_rows(tmp_path) == expected(crashed[0])  # not the second hour's copy
+    await again.write([ArchiveSlice("t:0", "15", "20", rows_of(crashed[1]), False)])
+    assert archive_rows(tmp_path) == expected(*crashed)
+
+
+async def test_a_replay_with_nothing_accepted_still_removes_the_crashed_attempt(
+    tmp_path: Path,
+) -> None:
+    crashed = [("a", 1.0, START + 5)]
+    await writer(tmp_path).write([ArchiveSlice("t:0", "10", "20", rows_of(*crashed), True)])
+    await writer(tmp_path).write([ArchiveSlice("t:0", "10", "11", Rows(), True)])
+    assert archive_rows(tmp_path) == Counter()
+
+
+async def test_a_restore_at_a_later_position_keeps_what_was_checkpointed(tmp_path: Path) -> None:
+    first = [("a", 1.0, START + 5)]
+    await writer(tmp_path).write([ArchiveSlice("t:0", "10", "20", rows_of(*first), True)])
+    # the checkpoint at 20 was saved: a restart restores 20, not 10
+    await writer(tmp_path).write([ArchiveSlice("t:0", "20", "25", Rows(), True)])
+    second = [("b", 2.0, START + 6)]
+    await writer(tmp_path).write([ArchiveSlice("t:0", "20", "30", rows_of(*second), True)])
+    assert archive_rows(tmp_path) == expected(*first, *second)
+
+
+async def test_a_failed_write_is_transient_and_counted(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")  # the archive's root cannot be a directory
+    w = writer(blocker)
+    with pytest.raises(TransientError, match="archive"):
+        await w.write([ArchiveSlice("t:0", None, "1", rows_of(("a", 1.0, START)), True)])
+
+
+# -- the service on fakes -------------------------------------------------------------------
+def ev(name: str, value: float, ts: float, **extra: Any) -> bytes:
+    return orjson.dumps({"name": name, "value": value, "timestamp": ts, **extra})
+
+
+def build(
+    records: dict[str, list[Any]],
+    state: Path,
+    archive: Path,
+    agg: AggregationConfig,
+    *,
+    batch_size: int = 3,
+) -> tuple[Service, MemoryBus, MemorySink]:
+    clock = ManualClock(START + 7200)
+    metrics = MetricsCollector(clock)
+    bus = MemoryBus(records, batch_size=batch_size, clock=clock)
+    sink = MemorySink()
+    service = Service(
+        Config(aggregation=agg),
+        bus=bus,
+        sinks=[sink],
+        store=FileCheckpointStore(str(state), "test"),
+        metrics=metrics,
+        clock=clock,
+        serve_http=False,
+        archive=ArchiveWriter(DirectoryStore(str(archive)), metrics),
+    )
+    return service, bus, sink
+
+
+async def run_until_drained(service: Service, bus: MemoryBus, total: dict[str, int]) -> None:
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            while any(bus.positions.get(p) != n for p, n in total.items()):
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.01)
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_the_archive_holds_the_accepted_events_and_no_dead_letter(tmp_path: Path) -> None:
+    t = START + 60
+    records = {
+        "p0": [
+            ev("a", 1, t + 1, agg_func="avg"),
+            ev("a", 2, t + 70),  # closes the first window
+            ev("a", 3, t + 2),  # late: a dead letter
+            b"not json",
+            orjson.dumps([{"name": "b", "value": 4, "timestamp": t + 71}, {"name": "b"}]),
+            ev("c", 5.5, t + 75, agg_func="p99"),
+        ]
+    }
+    agg = AggregationConfig(interval_s=60.0)
+    service, bus, sink = build(records, tmp_path / "state", tmp_path / "archive", agg)
+    await run_until_drained(service, bus, {"p0": 6})
+    assert archive_rows(tmp_path / "archive") == Counter(
+        {
+            ("a", "avg", 1.0, us(t + 1), None): 1,
+            ("a", "sum", 2.0, us(t + 70), None): 1,
+            ("b", "sum", 4.0, us(t + 71), None): 1,
+            ("c", "p99", 5.5, us(t + 75), None): 1,
+        }
+    )
+    assert {d.reason for d in sink.dead_letters} == {"late", "invalid_json", "missing_value"}
+    snap = service.metrics.snapshot()
+    assert snap["archive_events_written"] == 4
+
+
+async def test_grouped_tags_are_archived_as_json_text_and_corrections_count(
+    tmp_path: Path,
+) -> None:
+    t = START + 60
+    records = {
+        "p0": [
+            ev("a", 1, t + 1, tags={"host": "h1", "other": "x"}),
+            ev("a", 2, t + 70, tags={}),  # closes the first window
+            ev("a", 3, t + 2, tags={"host": "h1"}),  # late, within the allowed lateness
+        ]
+    }
+    agg = AggregationConfig(interval_s=60.0, group_by=("host",), allowed_lateness_s=600.0)
+    service, bus, sink = build(records, tmp_path / "state", tmp_path / "archive", agg)
+    await run_until_drained(service, bus, {"p0": 3})
+    assert archive_rows(tmp_path / "archive") == Counter(
+        {
+            ("a", "sum", 1.0, us(t + 1), '{"host":"h1"}'): 1,
+            ("a", "sum", 2.0, us(t + 70), "{}"): 1,
+            ("a", "sum", 3.0, us(t + 2), '{"host":"h1"}'): 1,
+        }
+    )
+    assert not sink.dead_letters
+    assert max(a.revision for a in sink.aggregates.values()) == 2  # the correction
+
+
+async def test_restarts_keep_every_accepted_event_once(tmp_path: Path) -> None:
+    """A graceful stop after each part of the input, then a restart on the same state:
+    the archive holds each event once (a crash is the e2e kill -9 test)."""
+    events = [ev(f"n{i % 3}", i, START + 60 + i * 7) for i in range(40)]
+    state, archive = tmp_path / "state", tmp_path / "archive"
+    agg = AggregationConfig(interval_s=60.0)
+    for upto, size in ((13, 2), (29, 5), (40, 3)):
+        service, bus, _ = build({"p0": events[:upto]}, state, archive, agg, batch_size=size)
+        await run_until_drained(service, bus, {"p0": upto})
+    want = Counter((f"n{i % 3}", "sum", float(i), us(START + 60 + i * 7), None) for i in range(40))
+    assert archive_rows(archive) == want
+
+
+class FlakyStore(DirectoryStore):
+    """A directory whose writes fail while ``failing`` is set (a full disk, an outage)."""
+
+    failing = True
+
+    async def put(self, name: str, data: bytes) -> None:
+        if self.failing:
+            raise TransientError("archive write: disk full")
+        await super().put(name, data)
+
+
+async def test_a_failing_archive_holds_the_checkpoint_back_until_it_recovers(
+    tmp_path: Path,
+) -> None:
+    records = {"p0": [ev("a", 1, START + 61), ev("a", 2, START + 62)]}
+    service, bus, _ = build(records, tmp_path / "state", tmp_path / "archive", AggregationConfig())
+    store = FlakyStore(str(tmp_path / "archive"))
+    assert service.archive is not None
+    service.archive._store = store
+    clock = service.clock
+    assert isinstance(clock, ManualClock)
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            while "archive" not in service.sender.degraded:
+                clock.advance(1.0)  # ticks: a checkpoint is due
+                await asyncio.sleep(0.01)
+            assert all(c.get("p0") in (None, "0") for c in bus.commits)  # nothing past them
+            with pytest.raises(TransientError, match="writes failing"):
+                await service.sender.readiness_check(service.archive)()
+            store.failing = False
+            while {"p0": "2"} not in bus.commits or "archive" in service.sender.degraded:
+                clock.advance(1.0)  # the retry's backoff
+                await asyncio.sleep(0.01)
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert sum(archive_rows(tmp_path / "archive").values()) == 2
+    assert service.metrics.snapshot()["sink_retries"].get("archive", 0) >= 1
