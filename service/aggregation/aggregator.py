@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from service.aggregation.archived_run import Refusals, add_corrections, run_archived
+from service.aggregation.archived_run import CapturingRun, Refusals, add_corrections, capture
 from service.aggregation.batch_run import BatchRun, Correction, Limits
 from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
@@ -310,10 +310,9 @@ class EventAggregator:
         them in the ledger and the metrics; returns the corrections it found."""
         self._dead.forget()  # a batch that failed half-way: not its roll-ups
         run = self._start_run(part, batch, out)
-        if self._archive is None:
-            run.run()
-        else:  # the reference step, keeping what it accepts (archived_run.py)
-            run_archived(run, self._archive.rows_for(batch.partition))
+        run.run()
+        if type(run) is CapturingRun and self._archive is not None:  # archived_run.py
+            capture(run, self._archive.rows_for(batch.partition))
         self._dead.finish(out)
         self._finish_run(part, batch, run)
         return run.corrections
@@ -365,7 +364,8 @@ class EventAggregator:
             reach=self._interval,
         )
         others = self._others_limit(part)
-        return BatchRun(
+        kind = BatchRun if self._archive is None else CapturingRun  # ARCHIVE_URL
+        return kind(
             part,
             batch,
             out,

@@ -7,10 +7,10 @@ of the grouped tags, or null), and ``partition`` (the source partition, for diag
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from service.archive.rows import Rows
@@ -29,34 +29,33 @@ SCHEMA: Final = pa.schema(
 )
 
 
-def _micros(ts: float) -> int:
-    return round(ts * 1_000_000)
-
-
 def by_hour(rows: Rows, partition: str) -> dict[int, bytes]:
     """The Parquet bytes of ``rows`` per hour since the epoch, in event order."""
-    hours: dict[int, list[int]] = {}
-    for i, ts in enumerate(rows.times):
-        hours.setdefault(math.floor(ts / 3600.0), []).append(i)
-    files = {}
-    for hour, picked in hours.items():
-        table = pa.table(
-            [
-                pa.array([rows.names[i] for i in picked], pa.string()),
-                pa.array([rows.funcs[i] for i in picked], pa.string()),
-                pa.array([rows.values[i] for i in picked], pa.float64()),
-                pa.array([_micros(rows.times[i]) for i in picked], pa.int64()).cast(
-                    SCHEMA.field("timestamp").type
-                ),
-                pa.array([rows.tags[i] for i in picked], pa.string()),
-                pa.array([partition] * len(picked), pa.string()),
-            ],
-            schema=SCHEMA,
-        )
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        files[hour] = sink.getvalue().to_pybytes()
-    return files
+    seconds = pa.array(rows.times, pa.float64())
+    micros = pc.cast(pc.round(pc.multiply(seconds, 1_000_000.0)), pa.int64())
+    table = pa.table(
+        [
+            pa.array(rows.names, pa.string()),
+            pa.array(rows.funcs, pa.string()),
+            pa.array(rows.values, pa.float64()),
+            micros.cast(SCHEMA.field("timestamp").type),
+            pa.array(rows.tags, pa.string()),
+            pa.repeat(pa.scalar(partition, pa.string()), len(rows)),
+        ],
+        schema=SCHEMA,
+    )
+    hours = pc.cast(pc.floor(pc.divide(seconds, 3600.0)), pa.int64())
+    distinct = hours.unique().to_pylist()
+    if len(distinct) == 1:
+        return {distinct[0]: _encoded(table)}
+    return {h: _encoded(table.filter(pc.equal(hours, h))) for h in distinct}
+
+
+def _encoded(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def read_rows(data: bytes) -> pa.Table:

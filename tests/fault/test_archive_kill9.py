@@ -81,7 +81,7 @@ async def run_kill_cycles(
     incarnation runs until the archive holds as many events as were accepted, and stops
     gracefully. Returns a line per kill for the report."""
     rng = random.Random(seed_from_env(19))
-    feeder = asyncio.create_task(feed_kafka(bootstrap, source, stream, rate=2500))
+    feeder = asyncio.create_task(feed_kafka(bootstrap, source, stream, rate=1500))
     kills = []
     try:
         for cycle in range(cycles):

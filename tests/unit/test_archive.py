@@ -17,7 +17,7 @@ from service.archive.rows import ArchiveSlice, Rows
 from service.archive.stores import DirectoryStore
 from service.archive.writer import ArchiveWriter
 from service.checkpoints.file import FileCheckpointStore
-from service.config import AggregationConfig, Config, load_config
+from service.config import AggregationConfig, BusConfig, Config, load_config
 from service.core.clock import ManualClock
 from service.core.errors import ConfigError, TransientError
 from service.metrics.collector import MetricsCollector
@@ -149,6 +149,10 @@ async def test_a_failed_write_is_transient_and_counted(tmp_path: Path) -> None:
 # -- the service on fakes -------------------------------------------------------------------
 def ev(name: str, value: float, ts: float, **extra: Any) -> bytes:
     return orjson.dumps({"name": name, "value": value, "timestamp": ts, **extra})
+
+
+def ev_of(name: str, value: float, ts: float) -> dict[str, Any]:
+    return {"name": name, "value": value, "timestamp": ts}
 
 
 def build(
@@ -293,3 +297,74 @@ async def test_a_failing_archive_holds_the_checkpoint_back_until_it_recovers(
         await asyncio.wait_for(task, 10)
     assert sum(archive_rows(tmp_path / "archive").values()) == 2
     assert service.metrics.snapshot()["sink_retries"].get("archive", 0) >= 1
+
+
+async def test_every_kind_of_refusal_leaves_exactly_the_counted_events_in_the_archive(
+    tmp_path: Path,
+) -> None:
+    """Per window, the archive holds as many events as the aggregate counts: dead
+    letters of every kind (in single and array messages, on the fast and the reference
+    decode paths) are left out, corrections are kept, equal events are not merged."""
+    t = START + 60
+    big = {"name": "big", "value": 1e308, "timestamp": t + 5}
+    messages = [
+        ev("a", 1, t + 1),
+        ev("bad\x01", 1, t + 1),  # fast path: refused when it would open a key
+        orjson.dumps([{"name": "a", "value": 2, "timestamp": t + 2}, {"name": "a\x02"}]),
+        orjson.dumps({"name": "a", "value": 4, "timestamp": "2023-11-14T22:01:05Z"}),
+        orjson.dumps(big),
+        orjson.dumps([big, big, {**big, "value": 1.0}]),  # overflow twice, then fine
+        orjson.dumps([{"name": "e", "value": i, "timestamp": t + 3} for i in range(5)]),
+        orjson.dumps([{"name": "pad" * 200, "value": 1, "timestamp": t + 1}]),  # too large
+        ev("a", 5, t + 70),  # closes [t, t + 60)
+        orjson.dumps(
+            [
+                {"name": "a", "value": 6, "timestamp": t + 7},
+                {"name": "a", "value": 7, "timestamp": t + 71},
+            ]
+        ),
+        ev("a", 8, t + 185),
+        orjson.dumps(
+            [
+                {"name": "a", "value": 9, "timestamp": t + 8},
+                {"name": "a", "value": 10, "timestamp": t + 186},
+            ]
+        ),
+        ev("a", 11, t + 186),  # equal events: both kept
+        ev("a", 11, t + 186),
+        ev("z", 0, t + 400),  # closes everything before it
+        # 8 keys at most: z and c0..c6 open, c7 and c8 refused
+        *(orjson.dumps([ev_of(f"c{i}", i, t + 401) for i in range(j, j + 3)]) for j in (0, 3, 6)),
+    ]
+    clock = ManualClock(START + 7200)
+    metrics = MetricsCollector(clock)
+    bus = MemoryBus({"p0": messages}, batch_size=4, clock=clock)
+    sink = MemorySink()
+    agg = AggregationConfig(interval_s=60.0, max_open_windows=8)
+    service = Service(
+        Config(aggregation=agg, bus=BusConfig(max_message_bytes=500, max_events_per_message=3)),
+        bus=bus,
+        sinks=[sink],
+        store=FileCheckpointStore(str(tmp_path / "state"), "test"),
+        metrics=metrics,
+        clock=clock,
+        serve_http=False,
+        archive=ArchiveWriter(DirectoryStore(str(tmp_path / "archive")), metrics),
+    )
+    await run_until_drained(service, bus, {"p0": len(messages)})
+    reasons = Counter(d.reason for d in sink.dead_letters)
+    assert reasons == {
+        "invalid_name": 2,
+        "overflow": 2,
+        "cardinality_limit": 2,
+        "too_large": 2,
+        "late": 2,
+    }, reasons
+    archived: Counter[tuple[str, str, float]] = Counter()
+    for (name, func, _, micros, _), n in archive_rows(tmp_path / "archive").items():
+        archived[(name, func, (micros // 60_000_000) * 60.0)] += n
+    counted = {(a.name, a.agg_func, a.window_start): a.count for a in sink.aggregates.values()}
+    still_open = {k[0]: archived.pop(k) for k in list(archived) if k[2] == t + 360}
+    assert still_open == {"z": 1, **{f"c{i}": 1 for i in range(7)}}
+    assert dict(archived) == counted
+    assert counted[("a", "sum", t)] == 3  # 1, 2 and 4
