@@ -184,3 +184,41 @@ async def test_kill9_cycles_leave_every_accepted_event_once_in_an_s3_archive(
     print(f"\n[archive] s3: {len(stream.valid)} accepted events exactly once, {cycles} kills")
     for line in kills:
         print(f"[archive]   {line}")
+
+
+@pytest.mark.timeout(420)
+async def test_hand_offs_between_instances_and_a_kill9_keep_every_event_once(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path
+) -> None:
+    """Two, then three instances in one consumer group share the partitions: each join
+    hands partitions over (the old owner archives and checkpoints them first), and the
+    ``kill -9`` of one hands its partitions over from their last checkpoints."""
+    stream = across_an_hour(build_stream(seed_from_env(29), EVENTS // 2, late_every=701))
+    source = f"in-{unique_name}"
+    await create_topic(kafka_bootstrap, source)
+    root = tmp_path / "archive"
+    env = kafka_env(kafka_bootstrap, unique_name, tmp_path, f"file://{root}")
+    feeder = asyncio.create_task(feed_kafka(kafka_bootstrap, source, stream, rate=1500))
+    running: list[Incarnation] = []
+    try:
+        first = Incarnation(env, tmp_path, 0)
+        running.append(first)
+        await first.wait_events(1, timeout=60)
+        running.append(Incarnation(env, tmp_path, 1))  # joins: a hand-off
+        await running[1].wait_events(1, timeout=60)
+        await asyncio.sleep(1.5)
+        first.kill9()  # its partitions go over from their checkpoints
+        running.remove(first)
+        running.append(Incarnation(env, tmp_path, 2))  # joins: another hand-off
+        await asyncio.wait_for(feeder, 120)
+
+        async def archived_all() -> bool:
+            return sum(archive_rows(root).values()) >= len(stream.valid)
+
+        await wait_for(archived_all, 120, "every accepted event archived", running[0].proc)
+    finally:
+        feeder.cancel()
+        codes = [inc.terminate() for inc in running]
+    assert codes == [0] * len(running), [inc.proc.log_text()[-2000:] for inc in running]
+    assert_exactly_once(archive_rows(root), expected_rows(stream))
+    print(f"\n[archive] hand-offs: {len(stream.valid)} accepted events exactly once")
