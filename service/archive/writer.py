@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -77,16 +78,20 @@ class ArchiveWriter:
             self._known.pop(p, None)
 
     async def write(self, slices: Sequence[ArchiveSlice]) -> None:
-        """Make every slice durable (retried by the caller as a whole: idempotent)."""
-        for s in slices:
-            if s.fresh:
-                self._known.pop(s.partition, None)
-            try:
-                await self._write(s)
-            except Exception as exc:
-                self._known.pop(s.partition, None)  # read it again on the retry
-                self._metrics.on_sink_error(ARCHIVE, isinstance(exc, TransientError))
-                raise
+        """Make every slice durable (retried by the caller as a whole: idempotent). The
+        partitions are written side by side; all of them finish before a failure is
+        raised, so a retry never overlaps a write still under way."""
+        await _all(self._one(s) for s in slices)
+
+    async def _one(self, s: ArchiveSlice) -> None:
+        if s.fresh:
+            self._known.pop(s.partition, None)
+        try:
+            await self._write(s)
+        except Exception as exc:
+            self._known.pop(s.partition, None)  # read it again on the retry
+            self._metrics.on_sink_error(ARCHIVE, isinstance(exc, TransientError))
+            raise
 
     async def _write(self, s: ArchiveSlice) -> None:
         prior = self._known.get(s.partition)
@@ -104,7 +109,7 @@ class ArchiveWriter:
                     s.start,
                     len(stale),
                 )
-                await asyncio.gather(*(self._store.delete(n) for n in stale))
+                await _all(self._store.delete(n) for n in stale)
         elif not names:
             self._known[s.partition] = prior  # nothing to undo, nothing to write
             return
@@ -112,7 +117,7 @@ class ArchiveWriter:
         text = {"start": s.start, "end": s.end, "files": list(intent.files)}
         await self._store.put(intent_name(s.partition), orjson.dumps(text))
         self._known[s.partition] = intent
-        await asyncio.gather(*(self._store.put(n, data) for n, data in names.items()))
+        await _all(self._store.put(n, data) for n, data in names.items())
         if names:
             self._metrics.on_archive_written(len(names), len(s.rows))
 
@@ -131,6 +136,14 @@ class ArchiveWriter:
             log.error("archive: intent of %s unreadable, ignored: %r", partition, exc)
             return _NONE
         return _Intent(start, tuple(files))
+
+
+async def _all(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run ``steps`` side by side; raise the first failure once every one has ended
+    (so that nothing still runs when the caller retries)."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def build_archive(cfg: ArchiveConfig, metrics: MetricsCollector) -> ArchiveWriter:
