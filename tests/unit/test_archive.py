@@ -11,16 +11,21 @@ from typing import Any
 import orjson
 import pytest
 
+from service.aggregation.aggregator import EventAggregator
+from service.aggregation.batch_run import BatchRun
 from service.app import Service
 from service.archive.layout import data_name, intent_name, token
 from service.archive.rows import ArchiveSlice, Rows
 from service.archive.stores import DirectoryStore
 from service.archive.writer import ArchiveWriter
+from service.bus.base import SourceBatch
+from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.file import FileCheckpointStore
 from service.config import AggregationConfig, BusConfig, Config, load_config
 from service.core.clock import ManualClock
 from service.core.errors import ConfigError, TransientError
 from service.metrics.collector import MetricsCollector
+from service.pipeline.flow import Outputs
 from tests.archived import Row, archive_files, archive_rows
 from tests.fakes.bus import MemoryBus
 from tests.fakes.sinks import MemorySink
@@ -368,3 +373,48 @@ async def test_every_kind_of_refusal_leaves_exactly_the_counted_events_in_the_ar
     assert still_open == {"z": 1, **{f"c{i}": 1 for i in range(7)}}
     assert dict(archived) == counted
     assert counted[("a", "sum", t)] == 3  # 1, 2 and 4
+
+
+def batch_of(partition: str, records: list[bytes], end: int) -> SourceBatch:
+    return SourceBatch(partition, records, f"memory {partition}", str(end), START + 7200)
+
+
+def test_slices_run_from_the_restored_position_to_each_checkpoint_and_end_on_release() -> None:
+    clock = ManualClock(START + 7200)
+    agg = EventAggregator(AggregationConfig(), MetricsCollector(clock), clock, archive=True)
+    agg.restore([PartitionCheckpoint("p0", "5", None), PartitionCheckpoint("p1", None, None)])
+    agg.process(batch_of("p0", [ev("a", 1, START + 61), ev("a", 2, START + 62)], 7))
+    first = agg.archived(agg.snapshot()) or []
+    assert [(s.partition, s.start, s.end, len(s.rows), s.fresh) for s in first] == [
+        ("p0", "5", "7", 2, True),
+        ("p1", None, None, 0, True),
+    ]
+    agg.process(batch_of("p0", [ev("a", 3, START + 63)], 8))
+    last = agg.archived(agg.release(["p0"]), released=True) or []
+    assert [(s.partition, s.start, s.end, len(s.rows), s.fresh) for s in last] == [
+        ("p0", "7", "8", 1, False)
+    ]
+    assert agg.archived(agg.snapshot()) == [
+        ArchiveSlice("p1", None, None, Rows(), False)
+    ]  # p0 is gone
+
+
+def test_a_discarded_partition_drops_its_rows_and_starts_again_where_it_is_restored() -> None:
+    clock = ManualClock(START + 7200)
+    agg = EventAggregator(AggregationConfig(), MetricsCollector(clock), clock, archive=True)
+    agg.restore([PartitionCheckpoint("p0", "5", None)])
+    agg.process(batch_of("p0", [ev("a", 1, START + 61)], 6))
+    agg.discard(["p0"])  # a batch raised: read again from the checkpoint
+    agg.restore([PartitionCheckpoint("p0", "5", None)])
+    agg.process(batch_of("p0", [ev("a", 1, START + 61), ev("b", 2, START + 62)], 7))
+    (s,) = agg.archived(agg.snapshot()) or []
+    assert (s.start, s.end, s.rows.names, s.fresh) == ("5", "7", ["a", "b"], True)
+
+
+def test_without_an_archive_the_aggregator_runs_the_plain_batch_run() -> None:
+    clock = ManualClock(START + 7200)
+    agg = EventAggregator(AggregationConfig(), MetricsCollector(clock), clock)
+    agg.restore([PartitionCheckpoint("p0", None, None)])
+    run = agg._start_run(agg._parts["p0"], batch_of("p0", [], 0), Outputs())
+    assert type(run) is BatchRun
+    assert agg.archived(agg.snapshot()) is None
