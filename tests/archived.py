@@ -26,18 +26,27 @@ def archive_files(root: Path) -> list[Path]:
 
 
 def archive_rows(root: Path) -> Counter[Row]:
-    """Every archived event under a directory, counted (a duplicate counts 2)."""
-    return rows_of_blobs((str(p.relative_to(root)), p.read_bytes()) for p in archive_files(root))
+    """Every archived event under a directory, counted (a duplicate counts 2). A file
+    that a running service supersedes between listing and reading is left out."""
+    blobs = []
+    for path in archive_files(root):
+        with contextlib.suppress(FileNotFoundError):
+            blobs.append((str(path.relative_to(root)), path.read_bytes()))
+    return rows_of_blobs(blobs)
 
 
 def s3_rows(client: Any, bucket: str, prefix: str) -> Counter[Row]:
-    """Every archived event under an S3 prefix (boto3 ``client``), counted."""
+    """Every archived event under an S3 prefix (boto3 ``client``), counted; as
+    :func:`archive_rows`, a file deleted since the listing is left out."""
     blobs = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if key.endswith(".parquet") and not key.rsplit("/", 1)[-1].startswith("."):
-                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                try:
+                    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except client.exceptions.NoSuchKey:  # superseded since the listing
+                    continue
                 blobs.append((key, body))
     return rows_of_blobs(blobs)
 
