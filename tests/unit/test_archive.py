@@ -418,3 +418,18 @@ def test_without_an_archive_the_aggregator_runs_the_plain_batch_run() -> None:
     run = agg._start_run(agg._parts["p0"], batch_of("p0", [], 0), Outputs())
     assert type(run) is BatchRun
     assert agg.archived(agg.snapshot()) is None
+
+
+async def test_check_reports_the_archive_on_a_line_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.commands import check_all
+    from tests.e2e.workload import free_port
+
+    closed = f"postgresql://u@127.0.0.1:{free_port()}/db"  # the output fails, quickly
+    for root, word in ((tmp_path / "archive", "ok   "), (tmp_path / "file", "FAIL ")):
+        env = {"STORAGE_TYPE": "postgres", "POSTGRES_DSN": closed, "ARCHIVE_URL": f"file://{root}"}
+        (tmp_path / "file").write_bytes(b"")  # a file where the directory should be
+        assert await check_all(load_config(env, dotenv=None)) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert next(ln for ln in lines if " archive " in ln).startswith(f"{word} archive file://")
