@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.stage import AggregatorStage
@@ -38,6 +38,9 @@ from service.pipeline.hub import EventHub
 from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_lease, build_outputs, build_router
+
+if TYPE_CHECKING:  # pyarrow is imported only when ARCHIVE_URL is set
+    from service.archive.writer import ArchiveWriter
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -75,10 +78,12 @@ class Service:
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
         lease: Lease | None = None,
+        archive: ArchiveWriter | None = None,
     ) -> None:
         self.config = config
         router = build_router(config)
         self.routes = [] if router is None else router.describe()
+        self.archive = archive  # ARCHIVE_URL: accepted events as Parquet (docs/archive.md)
         self.bus = bus
         self.sinks = sinks
         self.store = store
@@ -93,6 +98,7 @@ class Service:
             clock,
             max_message_bytes=config.bus.max_message_bytes,
             max_events_per_message=config.bus.max_events_per_message,
+            archive=archive is not None,
         )
         runtime = config.runtime
         self.sender = DataSender(
@@ -107,6 +113,7 @@ class Service:
             ),
             shared_transaction=shared_transaction,
             read_back=read_back,
+            archive=archive,
         )
         stage = AggregatorStage(
             self.aggregator,
@@ -140,6 +147,7 @@ class Service:
             "lease_detail": None if self.lease is None else self.lease.describe(),
             "outputs": [s.name for s in self.sinks],
             "routes": self.routes,  # ROUTES_FILE's rules and where each writes; [] none
+            "archive": None if self.archive is None else self.config.archive.url,
             "degraded_outputs": dict(self.sender.degraded),
             "watermark": self.aggregator.watermark,
             "open_windows": self.aggregator.open_windows,
@@ -266,6 +274,8 @@ class Service:
                 **{s.name: self.sender.readiness_check(s, failing_s) for s in self.sinks},
                 "checkpoints": self.sender.store_readiness_check(failing_s),
             }
+            if self.archive is not None:
+                checks[self.archive.name] = self.sender.readiness_check(self.archive, failing_s)
             app = build_web_app(
                 self.metrics,
                 checks,
@@ -281,6 +291,9 @@ class Service:
         for sink in self.sinks:
             stack.push_async_callback(sink.stop)  # before start: a half-started sink closes too
             await start_with_retry(f"output {sink.name}", sink.start, self.clock)
+        if self.archive is not None:
+            stack.push_async_callback(self.archive.stop)
+            await start_with_retry("archive", self.archive.start, self.clock)
         stack.push_async_callback(self.store.stop)
         await start_with_retry("checkpoint store", self.store.start, self.clock)
         stack.push_async_callback(self.bus.stop)
@@ -369,6 +382,11 @@ def build_service(
     bus = build_bus(config, metrics, clock)
     if lease is not None:
         bus = LeasedBus(bus, lease, metrics)
+    archive = None
+    if config.archive.enabled:
+        from service.archive.writer import build_archive
+
+        archive = build_archive(config.archive, metrics)
     return Service(
         config,
         bus=bus,
@@ -380,6 +398,7 @@ def build_service(
         shared_transaction=outputs.shared_transaction,
         read_back=outputs.read_back,
         lease=lease,
+        archive=archive,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from service.config import Config
 from service.core.clock import SystemClock
@@ -31,7 +32,12 @@ async def check_all(config: Config) -> int:
     clock = SystemClock()
     bus = build_bus(config, metrics, clock)
     sinks = build_outputs(config, metrics, clock).sinks
-    targets = [(f"bus {bus.name} {config.bus.url}", bus)] + [(f"output {s.name}", s) for s in sinks]
+    targets: list[tuple[str, Any]] = [(f"bus {bus.name} {config.bus.url}", bus)]
+    targets += [(f"output {s.name}", s) for s in sinks]
+    if config.archive.enabled:  # ARCHIVE_URL: its directory or bucket (pyarrow only then)
+        from service.archive.writer import build_archive
+
+        targets.append((f"archive {config.archive.url}", build_archive(config.archive, metrics)))
     failed = 0
     for label, comp in targets:
         name, error = await _probe(label, comp.start, comp.check)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from service.aggregation.archived_run import CapturingRun, Refusals, add_corrections, capture
 from service.aggregation.batch_run import BatchRun, Correction, Limits
 from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
@@ -28,6 +29,7 @@ from service.aggregation.partition import NEG_INF, STATE_FORMAT, Dropped, Partit
 from service.aggregation.rollups import expire_kept, keep_configured, partial_keys
 from service.aggregation.series import SeriesBudget, TagRule
 from service.aggregation.windows import closed_boundary, window_start
+from service.archive.rows import ArchiveSlice, ArchiveTap
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
@@ -59,6 +61,7 @@ class EventAggregator:
         *,
         max_message_bytes: int = 1_048_576,
         max_events_per_message: int = 100_000,
+        archive: bool = False,
     ) -> None:
         self._cfg = cfg
         self._interval = cfg.interval_s
@@ -77,6 +80,8 @@ class EventAggregator:
         self._open = 0
         # AGGREGATION_GROUP_BY set: series keys and the series budget (docs/series.md)
         self._tags = TagRule(cfg.group_by, cfg.max_series_per_name) if cfg.group_by else None
+        # ARCHIVE_URL set: accepted events kept per partition until their checkpoint
+        self._archive = ArchiveTap() if archive else None
         metrics.set_partition_view(self.partitions)
         metrics.set_ledger_view(self.ledger)
 
@@ -151,6 +156,18 @@ class EventAggregator:
         keeps, panes = self._lateness > 0, self._hopping
         return [self._parts[k].snapshot(k, keeps=keeps, panes=panes) for k in keys]
 
+    def archived(
+        self, checkpoints: Sequence[PartitionCheckpoint], *, released: bool = False
+    ) -> list[ArchiveSlice] | None:
+        """The accepted events these checkpoints (of :meth:`snapshot`, or of
+        :meth:`release` when ``released``) cover, for the archive; None without one."""
+        if self._archive is None:
+            return None
+        slices = self._archive.take(checkpoints)
+        if released:
+            self._archive.release(c.partition for c in checkpoints)
+        return slices
+
     def on_durable(self, checkpoints: Iterable[PartitionCheckpoint]) -> None:
         """These checkpoints (of :meth:`snapshot`) are durable: drop what they covered."""
         for cp in checkpoints:
@@ -161,6 +178,8 @@ class EventAggregator:
     def restore(self, checkpoints: Sequence[PartitionCheckpoint]) -> None:
         """Adopt partitions (newly assigned), with their stored state when there is one."""
         now = self._clock.monotonic()
+        if self._archive is not None:
+            self._archive.restore(checkpoints)
         for cp in checkpoints:
             old = self._parts.pop(cp.partition, None)
             if old is not None:
@@ -217,8 +236,11 @@ class EventAggregator:
     def discard(self, partitions: Iterable[str]) -> None:
         """Forget partitions without a snapshot: their state is not trusted (applying a
         batch raised half-way); the stage has them delivered again from a checkpoint."""
+        partitions = list(partitions)
         for k in partitions:
             self._parts.pop(k, None)
+        if self._archive is not None:
+            self._archive.discard(partitions)
         # a batch that raised never stored its count of new windows: count them again
         self._open = sum(p.open_windows() for p in self._parts.values())
         self._metrics.set_open_windows(self._open)
@@ -289,6 +311,8 @@ class EventAggregator:
         self._dead.forget()  # a batch that failed half-way: not its roll-ups
         run = self._start_run(part, batch, out)
         run.run()
+        if type(run) is CapturingRun and self._archive is not None:  # archived_run.py
+            capture(run, self._archive.rows_for(batch.partition))
         self._dead.finish(out)
         self._finish_run(part, batch, run)
         return run.corrections
@@ -297,19 +321,23 @@ class EventAggregator:
         self, part: PartitionState, batch: SourceBatch, found: list[Correction], out: Outputs
     ) -> None:
         """Apply a batch's corrections (:mod:`service.aggregation.corrections`)."""
+        dead = self._dead if self._archive is None else Refusals(self._dead)
         apply_corrections(
             part,
             self._parts.values(),
             batch,
             found,
             out,
-            self._dead,
+            dead,
             interval=self._interval,
             now=self._clock.now(),
             metrics=self._metrics,
             tags=self._tags,
             rollups=self._rollups,
         )
+        if type(dead) is Refusals and self._archive is not None:
+            rows = self._archive.rows_for(batch.partition)
+            add_corrections(rows, found, dead, self._tags is not None)
 
     def _free_kept(self) -> None:
         """Free the kept windows whose partition's watermark passed their end plus the
@@ -336,7 +364,8 @@ class EventAggregator:
             reach=self._interval,
         )
         others = self._others_limit(part)
-        return BatchRun(
+        kind = BatchRun if self._archive is None else CapturingRun  # ARCHIVE_URL
+        return kind(
             part,
             batch,
             out,

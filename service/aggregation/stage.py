@@ -137,7 +137,8 @@ class AggregatorStage:
         elif type(item) is PartitionsRevoked:
             snapshot = self._agg.release(item.partitions)
             self._recovery.checkpointed(snapshot)
-            await self._emit(Checkpoint(snapshot, item.done))
+            archive = self._agg.archived(snapshot, released=True)
+            await self._emit(Checkpoint(snapshot, item.done, archive))
             log.info("partitions revoked: %s", item.partitions)
         elif type(item) is CheckpointRequest:
             await self._checkpoint(item)
@@ -219,7 +220,7 @@ class AggregatorStage:
     async def _send_checkpoint(
         self, snapshot: list[PartitionCheckpoint], done: Confirmation
     ) -> None:
-        await self._emit(Checkpoint(snapshot, done))
+        await self._emit(Checkpoint(snapshot, done, self._agg.archived(snapshot)))
         self._unconfirmed.append((done, snapshot))
 
     def _forget_durable(self) -> None:

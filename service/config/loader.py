@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any, Final, cast
 
+from service.config.archive_url import read_archive
 from service.config.masking import Secret
 from service.config.parsers import (
     BEARER_FORM,
@@ -99,6 +100,7 @@ def read_config(r: Reader) -> Config:
         http=read_http(r),
         log=read_log(r),
         runtime=read_runtime(r),
+        archive=read_archive(r),
     )
     secured = [with_bus_security(r, bus, config.kafka) for bus in config.sources]
     config = replace(config, bus=secured[0], more_sources=tuple(secured[1:]))

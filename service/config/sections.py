@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from service.config.archive import ArchiveConfig
 from service.config.masking import Secret, mask_password, plain
 from service.core.retry import BackoffKind
 from service.routes.rules import Routes
 
 __all__ = [
     "AggregationConfig",
+    "ArchiveConfig",
     "BusConfig",
     "ClusterSecurity",
     "Config",
@@ -194,6 +196,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     routes: Routes = field(default_factory=Routes)  # ROUTES_FILE (docs/routes.md)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)  # ARCHIVE_URL
     # VABUS_URL's sources after the first (contract §12.8); ``bus`` is source 1
     more_sources: tuple[BusConfig, ...] = ()
 

@@ -301,6 +301,10 @@ class MetricsCollector:
         """``aggregates`` of ``route`` are durable in ``destination`` (ROUTES_FILE)."""
         self._counter("route_aggregates_written", route, destination).inc(aggregates)
 
+    def on_archive_written(self, files: int, events: int) -> None:
+        self._counters["archive_files_written"].inc(files)
+        self._counters["archive_events_written"].inc(events)
+
     def on_sink_error(self, sink: str, retriable: bool) -> None:
         self._counter("sink_errors", sink, _bool(retriable)).inc()
 

@@ -217,6 +217,8 @@ DECLARED: Final[tuple[Declared, ...]] = (
         "kind",
     ),
     _counter("sink_writes", "Successful sink writes.", "sink"),
+    _counter("archive_files_written", "Parquet files written to the archive (ARCHIVE_URL)."),
+    _counter("archive_events_written", "Accepted events written to the archive (ARCHIVE_URL)."),
     _counter("sink_aggregates_written", "Aggregates made durable.", "sink"),
     _counter("sink_dead_letters_written", "Dead letters made durable.", "sink"),
     Declared(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from service.archive.rows import ArchiveSlice
 from service.checkpoints.base import PartitionCheckpoint
 from service.core.confirmation import Confirmation
 from service.core.events import Aggregate, DeadLetter
@@ -51,6 +52,9 @@ class Checkpoint:
 
     checkpoints: list[PartitionCheckpoint]
     done: Confirmation | None = None
+    # ARCHIVE_URL set: the accepted events these checkpoints cover, archived before
+    # they are saved (service.archive); None without an archive
+    archive: list[ArchiveSlice] | None = None
 
     @property
     def positions(self) -> dict[str, str]:

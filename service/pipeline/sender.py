@@ -15,6 +15,10 @@ A failure that is not retried here (a :class:`PermanentError` such as a refused
 privilege or login, or any other exception: a read-only or full disk) counts as
 failing just the same: the hub runs the handler again until the cause is fixed.
 
+The archive (ARCHIVE_URL): the accepted events a checkpoint covers are archived right
+before it is saved, retried like an output (its own breaker, ``degraded`` entry and
+readiness check), so a checkpoint never covers events the archive does not hold.
+
 One transaction for the last rows and the checkpoint: when the wiring hands over a
 :class:`SharedTransaction` (the PostgreSQL sink and a checkpoint store in the same
 database), the rows written just before a checkpoint and the checkpoint rows commit in
@@ -35,7 +39,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.checkpoints.base import CheckpointStore, PartitionCheckpoint
 from service.core.clock import Clock
@@ -47,6 +51,9 @@ from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Checkpoint, Outputs, ReadBack
 from service.pipeline.hub import Delivery
 from service.sinks.base import Sink
+
+if TYPE_CHECKING:  # pyarrow is imported only when ARCHIVE_URL is set
+    from service.archive.writer import ArchiveWriter
 
 __all__ = [
     "CHECKPOINT_STORE",
@@ -120,8 +127,10 @@ class DataSender:
         breaker_cooldown_s: float = 15.0,
         shared_transaction: SharedTransaction | None = None,
         read_back: Sequence[ReadBackSink] = (),
+        archive: ArchiveWriter | None = None,
     ) -> None:
         self._sinks = list(sinks)
+        self._archive = archive
         self._store = store
         self._commit = commit
         self._metrics = metrics
@@ -129,6 +138,8 @@ class DataSender:
         self._batch_size = batch_size
         self._backoff = backoff or output_backoff()
         names = [s.name for s in self._sinks] + [CHECKPOINT_STORE]
+        if archive is not None:
+            names.append(archive.name)
         self.breakers = {n: CircuitBreaker(breaker_threshold, breaker_cooldown_s) for n in names}
         self.degraded: dict[str, str] = {}  # sink -> last error, while it is failing
         self._degraded_since: dict[str, float] = {}
@@ -275,6 +286,8 @@ class DataSender:
             # (their new owner may have saved newer state than this), the shutdown at
             # its deadline. Not a redelivery: those never repeat a durable checkpoint.
             await self.write(aggregates, dead_letters)
+            if self._archive is not None:  # its slices are not written: intents unknown
+                self._archive.forget(c.partition for c in cp.checkpoints)
             log.warning(
                 "checkpoint of %s given up by its waiter; not saved",
                 [c.partition for c in cp.checkpoints],
@@ -282,6 +295,7 @@ class DataSender:
             return
         if shared is None:
             await self.write(aggregates, dead_letters)
+            await self._archived(cp)
             await self._checkpoint(cp, None)
             return
         *head, (last_a, last_d) = [*self._chunks(aggregates, dead_letters)] or [([], [])]
@@ -292,9 +306,16 @@ class DataSender:
         # The other sinks must hold the last rows before the checkpoint can commit.
         partner = shared.sink
         await self._write_all([s for s in self._sinks if s is not partner], last_a, last_d)
+        await self._archived(cp)
         await self._checkpoint(cp, (partner, shared.store, last_a, last_d))
         if last_a:
             self._metrics.on_aggregates_durable([a.emitted_at for a in last_a])
+
+    async def _archived(self, cp: Checkpoint) -> None:
+        """The archive holds the events ``cp`` covers (retried until it does)."""
+        archive = self._archive
+        if archive is not None and cp.archive:
+            await self._retrying(archive.name, partial(archive.write, cp.archive))
 
     def _with_outputs(self, checkpoints: list[PartitionCheckpoint]) -> list[PartitionCheckpoint]:
         """The checkpoints, each recording how far the outputs are written: everything
@@ -348,7 +369,7 @@ class DataSender:
             cp.done.confirm()
 
     def readiness_check(
-        self, sink: Sink, failing_for_s: float = 0.0
+        self, sink: Sink | ArchiveWriter, failing_for_s: float = 0.0
     ) -> Callable[[], Awaitable[None]]:
         """``sink.check`` that also fails once the sink's writes have been failing for
         ``failing_for_s`` (so a sink that answers a ping but refuses writes is not

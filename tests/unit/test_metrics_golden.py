@@ -97,6 +97,7 @@ def driven() -> MetricsCollector:
     m.on_sink_write("postgres", aggregates=2, dead_letters=3, seconds=0.02)
     m.on_sink_write("postgres", aggregates=5, dead_letters=0, seconds=1.0)
     m.on_sink_write("kafka", aggregates=7, dead_letters=1, seconds=0.0031)
+    m.on_archive_written(files=2, events=30)
     m.on_sink_error("kafka", retriable=True)
     m.on_sink_error("kafka", retriable=False)
     m.on_sink_retry("kafka")
