@@ -29,8 +29,11 @@ def qualify(position: int, partition: str) -> str:
 def source_of(partition: str) -> int:
     """The 1-based position of the source a partition id belongs to."""
     head, sep, _ = partition.partition(SOURCE_SEP)
-    if sep and head.startswith(SOURCE_PREFIX) and head[len(SOURCE_PREFIX) :].isdecimal():
-        return int(head[len(SOURCE_PREFIX) :])
+    digits = head[len(SOURCE_PREFIX) :]
+    if sep and head.startswith(SOURCE_PREFIX) and digits.isascii() and digits.isdecimal():
+        position = int(digits)
+        if position >= 2:  # "s0/x", "s1/x": no prefix qualify() writes, so source 1's own
+            return position
     return 1
 
 
