@@ -4,7 +4,9 @@ PostgreSQL, fed live in three phases with a ``kill -9`` and a restart in the mid
 
 The same names come from every source, so each window merges partitions of all three.
 Every aggregate must equal an independent computation over the events of all sources,
-in PostgreSQL and in the Kafka output, where each window is written once.
+in PostgreSQL and in the Kafka output, where each window is written once. The same run
+with issue 19's routes (ROUTES_FILE) must put exactly each route's share in each of its
+destinations.
 """
 
 from __future__ import annotations
@@ -193,9 +195,17 @@ def key_of(value: dict[str, Any]) -> Key:
     )
 
 
-async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
-    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
-) -> None:
+async def run_three_sources(
+    kafka_bootstrap: str,
+    postgres_dsn: str,
+    unique_name: str,
+    tmp_path: Path,
+    more_env: dict[str, str],
+    stored_in: str,
+) -> list[Event]:
+    """Feed two Kafka topics and the HTTP emulator live in three phases through one
+    service, with a ``kill -9`` and a restart during the second, until every window is
+    in the table ``stored_in``; the events fed."""
     topics = [f"in-a-{unique_name}", f"in-b-{unique_name}"]
     output, table = f"out-{unique_name}", f"agg_{unique_name}"
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -219,7 +229,10 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             )
             emulator.append(h)
             fed.extend(a + b + h)
-            return set(expected_of(a + b + h))
+            return {k for k in expected_of(a + b + h) if in_table(k)}
+
+        def in_table(key: Key) -> bool:
+            return stored_in == table or key[0].startswith("cpu.")
 
         env = {
             "VABUS_URL": " ".join(
@@ -245,6 +258,7 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             "AGGREGATION_IDLE_TIMEOUT": "20",
             "HTTP_HOST": "127.0.0.1",
             "STATE_DIR": str(tmp_path / "state"),
+            **more_env,
         }
         # Each phase is fed while every source still holds the watermark (they fall
         # idle only AGGREGATION_IDLE_TIMEOUT after their last message): a source that
@@ -254,7 +268,7 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
         keys = await feed(0)
         proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path)
         try:
-            await until_stored(postgres_dsn, table, closable(keys), proc)
+            await until_stored(postgres_dsn, stored_in, closable(keys), proc)
             new = await feed(1)
             keys |= new
             # killed while phase 1 is on its way (some of it durable, the rest not), once
@@ -262,7 +276,7 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             namespace = f"kafka:{topics[0]}:ga-{unique_name}"  # source 1's
             async with asyncio.timeout(60):
                 while not (
-                    set(await stored_rows(postgres_dsn, table)) & new
+                    set(await stored_rows(postgres_dsn, stored_in)) & new
                     and {p.split("/")[0] for p in await positions(postgres_dsn, namespace)}
                     >= {topics[0] + ":0", "s2", "s3"}
                 ):
@@ -272,16 +286,23 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
             proc.kill()
             (tmp_path / "again").mkdir()
             proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path / "again")
-            await until_stored(postgres_dsn, table, closable(keys), proc)
+            await until_stored(postgres_dsn, stored_in, closable(keys), proc)
             keys |= await feed(2)
-            await until_stored(postgres_dsn, table, keys, proc)
-            await check_sources_shown(proc.http_port, [topics[0], topics[1], "http"])
+            await until_stored(postgres_dsn, stored_in, keys, proc)
+            if not more_env:
+                await check_sources_shown(proc.http_port, [topics[0], topics[1], "http"])
         finally:
             code = proc.terminate()
         assert code == 0, proc.log_text()[-3000:]
+    return fed
 
+
+async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    output, table = f"out-{unique_name}", f"agg_{unique_name}"
+    fed = await run_three_sources(kafka_bootstrap, postgres_dsn, unique_name, tmp_path, {}, table)
     expected = expected_of(fed)
-    assert set(expected) == keys
     rows = await stored_rows(postgres_dsn, table)
     wrong = {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
     assert wrong == {} and len(rows) == len(expected)
@@ -289,3 +310,37 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
     twice = [k for k, n in Counter(key_of(v) for v in written).items() if n > 1]
     assert twice == []
     assert {key_of(v): (v["value"], v["count"]) for v in written} == expected
+
+
+async def test_three_sources_into_routes_every_destination_exact_through_kill_9(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    """Issue 19's acceptance routes over the three sources: ``cpu.*`` only to the table
+    ``host_metrics`` (here with a unique suffix), ``billing.*`` to its own topic and the
+    default table, the rest to the defaults; each destination holds exactly its share."""
+    output, table = f"out-{unique_name}", f"agg_{unique_name}"
+    hosts, billing = f"host_metrics_{unique_name}", f"billing-aggregates-{unique_name}"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "routes:\n"
+        f"  - {{name: hosts, match: ['cpu.*'], outputs: [postgres], postgres_table: {hosts}}}\n"
+        f"  - {{name: billing, match: ['billing.*'], outputs: [kafka, postgres],"
+        f" kafka_topic: {billing}}}\n"
+    )
+    fed = await run_three_sources(
+        kafka_bootstrap, postgres_dsn, unique_name, tmp_path, {"ROUTES_FILE": str(routes)}, hosts
+    )
+    expected = expected_of(fed)
+
+    def share(*prefixes: str) -> dict[Key, tuple[float, int]]:
+        return {k: v for k, v in expected.items() if k[0].startswith(prefixes)}
+
+    async with asyncio.timeout(60):  # the hosts table is complete; the others follow
+        while set(await stored_rows(postgres_dsn, table)) != set(share("billing.", "queue.")):
+            await asyncio.sleep(0.3)
+    assert await stored_rows(postgres_dsn, hosts) == share("cpu.")
+    assert await stored_rows(postgres_dsn, table) == share("billing.", "queue.")
+    for topic, want in ((billing, share("billing.")), (output, share("queue."))):
+        written = await kafka_output(kafka_bootstrap, topic, len(want))
+        assert [k for k, n in Counter(key_of(v) for v in written).items() if n > 1] == []
+        assert {key_of(v): (v["value"], v["count"]) for v in written} == want, topic
