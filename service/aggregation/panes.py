@@ -25,7 +25,7 @@ Flat layout per key after the count: ``count`` nothing; ``sum``/``avg``/``stddev
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from service.aggregation.functions import Acc
@@ -79,6 +79,19 @@ class KeyTable:
         self._refs[slot] += 1
         return slot
 
+    def slots(self, keys: Iterable[Key]) -> list[int]:
+        """:meth:`slot` of each key (the common case, a key held already, inlined)."""
+        index, refs, slot = self._index, self._refs, self.slot
+        out: list[int] = []
+        for key in keys:
+            at = index.get(key)
+            if at is None:
+                out.append(slot(key))
+            else:
+                refs[at] += 1
+                out.append(at)
+        return out
+
     def canonical(self, key: Key) -> Key:
         """The table's own ``key`` when it holds an equal one, else ``key``: a pane that
         still takes events stores that one, so a series' name is held once, not per pane."""
@@ -131,11 +144,12 @@ def _tail(func: str, acc: Acc) -> list[float] | None:
         values = acc[1] if func in PERCENTILES and len(acc) == 2 else None
         if type(values) is not list or len(values) != acc[0]:
             return None  # a sketch: kept as it is
-    else:
-        if len(acc) != tail + 1:
-            return None  # a wide layout
-        values = acc[1:]
-    return values if all(type(v) is float for v in values) else None
+        return values if all(type(v) is float for v in values) else None
+    if len(acc) != tail + 1:
+        return None  # a wide layout
+    if tail == 2:
+        return acc[1:] if type(acc[1]) is float and type(acc[2]) is float else None
+    return acc[1:] if tail == 0 or type(acc[1]) is float else None
 
 
 class PackedPanes:
@@ -149,13 +163,11 @@ class PackedPanes:
 
     def pack(self, start: float, keyed: dict[Key, Acc]) -> None:
         """Pack the pane starting at ``start`` (which no event can reach any more)."""
-        slot = self.table.slot
-        slots: list[int] = []
+        slots = self.table.slots(keyed)
         counts: list[int] = []
         data: list[float] = []
         extra: dict[Key, Acc] | None = None
         for key, acc in keyed.items():
-            slots.append(slot(key))
             n = acc[0]
             tail = _tail(key[1], acc) if type(n) is int and 0 < n <= _MAX_COUNT else None
             if tail is None:
