@@ -48,6 +48,7 @@ _TAIL: Final[dict[str, int]] = {  # doubles after the count; percentiles: the co
 }
 _U32: Final = "I" if array("I").itemsize >= 4 else "L"  # at least 32 bits
 _MAX_COUNT: Final = 2**32 - 1  # the largest count an ``array("I")`` holds
+_FREED: Final = ("", "")  # the key of a free slot
 _IN_EXTRA: Final = 0  # a count that no accumulator has: the key's state is in ``extra``
 
 
@@ -105,6 +106,7 @@ class KeyTable:
             refs[slot] -= 1
             if not refs[slot]:
                 del self._index[self.keys[slot]]
+                self.keys[slot] = _FREED  # the key (and its name) need not stay alive
                 self._free.append(slot)
 
     def __len__(self) -> int:
