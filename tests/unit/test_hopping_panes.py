@@ -17,9 +17,9 @@ from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.hopping import take_panes
 from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState
-from service.aggregation.percentiles import PERCENTILES
 from service.aggregation.quantile_sketch import of as sketch_of
-from tests.unit.test_hopping import T0, batch, ev, make
+from service.core.clock import ManualClock
+from tests.unit.test_hopping import T0, assert_equal, batch, ev, make, reference, results
 
 HOP, INTERVAL = 10.0, 60.0
 Pane = dict[tuple[str, str], Acc]
@@ -166,22 +166,31 @@ def test_a_key_is_held_once_by_every_packed_and_open_pane() -> None:
     assert agg.ledger()["imbalance"] == 0
 
 
-def test_many_events_in_a_pane_and_late_ones_keep_the_ledger_exact() -> None:
+def test_a_pane_of_hundreds_of_events_a_key_gives_its_windows_exactly() -> None:
+    """Counts above a byte (a wider count array), a late event for a packed pane, the
+    ledger while panes are packed, then every window against the raw events."""
     agg = make(interval=INTERVAL, hop=HOP)
     rng = random.Random(5)
-    records = [
-        ev("a", rng.choice(sorted(FUNCTIONS)), rng.uniform(-5, 5), T0 + i * 0.01)
-        for i in range(3_000)  # 300 events a pane and function: counts above a byte
+    funcs = sorted(FUNCTIONS)
+    events = [
+        ("a", funcs[i % len(funcs)], round(rng.uniform(-5, 5), 3), T0 + i * 0.0015)
+        for i in range(6_000)  # 500 events a function, all in the pane at T0
     ]
-    agg.process(batch(records))
+    events.append(("a", "sum", 1.0, T0 + 15))  # the boundary passes the pane's end
+    out = agg.process(batch([ev(*e) for e in events])).aggregates
+    p = agg._parts["p0"]
+    assert p.packed is not None and list(p.packed.panes) == [T0]
+    assert p.packed.panes[T0].counts.typecode == "H"
     late = agg.process(batch([ev("a", "sum", 1.0, T0 + 1)]))
     assert [d.reason for d in late.dead_letters] == ["late"]
-    p = agg._parts["p0"]
-    assert p.packed is not None and p.packed.panes
     ledger = agg.ledger()
-    assert ledger["imbalance"] == 0
-    assert ledger["open"] == sum(
-        acc[0] for keyed in p.windows.values() for acc in keyed.values()
-    ) + sum(pane.events for pane in p.packed.panes.values())
-    assert agg.open_windows == p.open_windows()
-    assert all(func in FUNCTIONS for func in PERCENTILES)
+    assert ledger["imbalance"] == 0 and ledger["open"] == 6_001
+    assert agg.open_windows == p.open_windows() == len(funcs) + 1
+    out += late.aggregates
+    clock = agg._clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(3600.0)
+    out += agg.process(batch([], caught_up=True)).aggregates
+    out += agg.process(batch([], caught_up=True)).aggregates
+    assert_equal(results(out), reference(events, INTERVAL, HOP))
+    assert agg.ledger()["emitted"] == 6_001
