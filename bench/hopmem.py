@@ -1,22 +1,24 @@
 """OPEN-STATE MEMORY of hopping windows against tumbling ones (issue 18, docs/hopping.md).
 
-``python -m bench.hopmem [-n N] [--hop H] [--interval I] [--names K]``
+``python -m bench.hopmem [-n N] [--hop H] [--interval I] [--names K] [--collect]``
 
 Feeds the same events (the benchmark workload's shape: ``K`` names, event time rising
 over 1,200 s) through an aggregator with tumbling windows of ``I`` seconds and one with
 hopping windows (``AGGREGATION_HOP=H``), and reports the peak and the mean over batches
 of the memory ``tracemalloc`` sees allocated and not freed (the open state: windows or
-panes, the ledger; every output is dropped as it comes).
+panes, the ledger; every output is dropped as it comes; bench.heap). ``--collect``
+samples after a full collection, which also empties CPython's free lists (freed
+objects kept for reuse, which tracemalloc counts as allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import tracemalloc
 
 import orjson
 
+from bench.heap import Heap
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -45,7 +47,9 @@ def events(n: int, names: int, seed: int = 1) -> list[list[bytes]]:
     return per
 
 
-def measure(per: list[list[bytes]], interval: float, hop: float | None) -> tuple[int, int]:
+def measure(
+    per: list[list[bytes]], interval: float, hop: float | None, *, collect: bool = False
+) -> tuple[int, int]:
     """(peak, mean) bytes of open state over the batches."""
     clock = ManualClock(T0 + SPAN_S + 3600)
     cfg = AggregationConfig(interval_s=interval, hop_s=hop)
@@ -56,14 +60,11 @@ def measure(per: list[list[bytes]], interval: float, hop: float | None) -> tuple
         for j in range(0, max(len(r) for r in per), 1000)
         for i, recs in enumerate(per)
     ]
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    samples = []
-    for b in feed:
-        agg.process(b)  # outputs dropped at once
-        samples.append(tracemalloc.get_traced_memory()[0] - base)
-    tracemalloc.stop()
-    return max(samples), sum(samples) // len(samples)
+    with Heap(collect=collect) as heap:
+        for b in feed:
+            agg.process(b)  # outputs dropped at once
+            heap.sample()
+    return heap.peak, heap.mean
 
 
 def main() -> None:
@@ -72,10 +73,15 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=60.0)
     ap.add_argument("--hop", type=float, default=10.0)
     ap.add_argument("--names", type=int, default=1000)
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="sample after a full collection (also empties CPython's free lists)",
+    )
     args = ap.parse_args()
     per = events(args.n, args.names)
-    t_peak, t_mean = measure(per, args.interval, None)
-    h_peak, h_mean = measure(per, args.interval, args.hop)
+    t_peak, t_mean = measure(per, args.interval, None, collect=args.collect)
+    h_peak, h_mean = measure(per, args.interval, args.hop, collect=args.collect)
     print(f"{args.n:,} events, {args.names} names, interval {args.interval:g} s")
     print(f"tumbling:     peak {t_peak / 1e6:8.2f} MB  mean {t_mean / 1e6:8.2f} MB")
     print(f"hop {args.hop:<6g}    peak {h_peak / 1e6:8.2f} MB  mean {h_mean / 1e6:8.2f} MB")

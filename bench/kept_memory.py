@@ -14,12 +14,11 @@ of one kept window key.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
-import tracemalloc
 
 import orjson
 
+from bench.heap import Heap
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.config import AggregationConfig
@@ -36,36 +35,32 @@ def feed(
 ) -> tuple[int, int, float, int, float]:
     """(bytes held by the aggregator when ``trace``, kept keys, CPU seconds, checkpoint
     state bytes, seconds to take the checkpoint)."""
-    gc.collect()
-    if trace:
-        tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    clock = ManualClock(T0 + windows * INTERVAL + 3600.0)
-    cfg = AggregationConfig(interval_s=INTERVAL, allowed_lateness_s=lateness, idle_timeout_s=3600.0)
-    agg = EventAggregator(cfg, MetricsCollector(clock), clock)
-    dumps = orjson.dumps
-    cpu = 0.0
-    for w in range(windows):
-        for first in range(0, keys, BATCH):
-            records = [
-                dumps(
-                    {
-                        "name": f"host-{i:07d}.cpu.load",
-                        "value": i * 0.5,
-                        "timestamp": T0 + w * INTERVAL + (i % 10) * 0.9,
-                        "agg_func": func,
-                    }
-                )
-                for i in range(first, min(first + BATCH, keys))
-            ]
-            t0 = time.process_time()
-            agg.process(SourceBatch("p0", records, "bench", str(w), T0))
-            cpu += time.process_time() - t0
-    del records  # orjson's bytes are ~4 KB each: not the aggregator's
-    gc.collect()
-    held = tracemalloc.get_traced_memory()[0] - base
-    if trace:
-        tracemalloc.stop()
+    with Heap(trace=trace) as heap:
+        clock = ManualClock(T0 + windows * INTERVAL + 3600.0)
+        cfg = AggregationConfig(
+            interval_s=INTERVAL, allowed_lateness_s=lateness, idle_timeout_s=3600.0
+        )
+        agg = EventAggregator(cfg, MetricsCollector(clock), clock)
+        dumps = orjson.dumps
+        cpu = 0.0
+        for w in range(windows):
+            for first in range(0, keys, BATCH):
+                records = [
+                    dumps(
+                        {
+                            "name": f"host-{i:07d}.cpu.load",
+                            "value": i * 0.5,
+                            "timestamp": T0 + w * INTERVAL + (i % 10) * 0.9,
+                            "agg_func": func,
+                        }
+                    )
+                    for i in range(first, min(first + BATCH, keys))
+                ]
+                t0 = time.process_time()
+                agg.process(SourceBatch("p0", records, "bench", str(w), T0))
+                cpu += time.process_time() - t0
+        del records  # orjson's bytes are ~4 KB each: not the aggregator's
+        held = heap.held()
     t0 = time.perf_counter()
     [cp] = agg.snapshot()
     took = time.perf_counter() - t0

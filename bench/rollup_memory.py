@@ -15,12 +15,11 @@ events went into it (a partial never holds events, only an accumulator).
 from __future__ import annotations
 
 import argparse
-import gc
 import time
-import tracemalloc
 
 import orjson
 
+from bench.heap import Heap
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.config import AggregationConfig
@@ -36,38 +35,32 @@ def feed(
     keys: int, windows: int, per: int, rollups: tuple[float, ...], func: str, *, trace: bool
 ) -> tuple[int, int, float]:
     """(bytes held by the aggregator when ``trace``, open rollup keys, CPU seconds)."""
-    gc.collect()
-    if trace:
-        tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    clock = ManualClock(T0 + windows * INTERVAL + 3600.0)
-    cfg = AggregationConfig(interval_s=INTERVAL, rollups_s=rollups, idle_timeout_s=3600.0)
-    agg = EventAggregator(cfg, MetricsCollector(clock), clock)
-    dumps = orjson.dumps
-    cpu = 0.0
-    records: list[bytes] = []
-    for w in range(windows):
-        for first in range(0, keys, BATCH):
-            records = [
-                dumps(
-                    {
-                        "name": f"host-{i:07d}.cpu.load",
-                        "value": i * 0.5 + j,
-                        "timestamp": T0 + w * INTERVAL + (j * 10 + i % 10) * 0.9 / per,
-                        "agg_func": func,
-                    }
-                )
-                for i in range(first, min(first + BATCH, keys))
-                for j in range(per)
-            ]
-            t0 = time.process_time()
-            agg.process(SourceBatch("p0", records, "bench", str(w), T0))
-            cpu += time.process_time() - t0
-    del records  # orjson's bytes: not the aggregator's
-    gc.collect()
-    held = tracemalloc.get_traced_memory()[0] - base
-    if trace:
-        tracemalloc.stop()
+    with Heap(trace=trace) as heap:
+        clock = ManualClock(T0 + windows * INTERVAL + 3600.0)
+        cfg = AggregationConfig(interval_s=INTERVAL, rollups_s=rollups, idle_timeout_s=3600.0)
+        agg = EventAggregator(cfg, MetricsCollector(clock), clock)
+        dumps = orjson.dumps
+        cpu = 0.0
+        records: list[bytes] = []
+        for w in range(windows):
+            for first in range(0, keys, BATCH):
+                records = [
+                    dumps(
+                        {
+                            "name": f"host-{i:07d}.cpu.load",
+                            "value": i * 0.5 + j,
+                            "timestamp": T0 + w * INTERVAL + (j * 10 + i % 10) * 0.9 / per,
+                            "agg_func": func,
+                        }
+                    )
+                    for i in range(first, min(first + BATCH, keys))
+                    for j in range(per)
+                ]
+                t0 = time.process_time()
+                agg.process(SourceBatch("p0", records, "bench", str(w), T0))
+                cpu += time.process_time() - t0
+        del records  # orjson's bytes: not the aggregator's
+        held = heap.held()
     partials = agg.rollup_partials
     del agg
     return held, partials, cpu

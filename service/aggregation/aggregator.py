@@ -103,7 +103,7 @@ class EventAggregator:
     @property
     def oldest_window_start(self) -> float | None:
         """Start of the oldest window still open, for /status (None when none is)."""
-        starts = [min(p.windows) for p in self._parts.values() if p.windows]
+        starts = [min(s) for p in self._parts.values() if (s := p.open_starts())]
         return min(starts) if starts else None
 
     @property
@@ -446,7 +446,7 @@ class EventAggregator:
             self._emit_through(closed_boundary(wm, self._pane), out)
         elif self._open and not any(p.holds(self._idle_s) for p in self._parts.values()):
             # every partition is silent: the quiet rule emits what is still open
-            latest = max(s for p in self._parts.values() for s in p.windows)
+            latest = max(s for p in self._parts.values() for s in p.open_starts())
             log.info("every partition is silent: flushing %d open window(s)", self._open)
             self._emit_through(latest + self._interval, out)
 

@@ -149,6 +149,8 @@ class BatchRun:
             if part.series is None:
                 part.series = SeriesBudget.of(part.windows)
         self.lateness = lateness  # AGGREGATION_ALLOWED_LATENESS
+        # hopping windows: new keys take the packed panes' equal key (panes.KeyTable)
+        self.canon = None if part.packed is None else part.packed.table.canonical
         self.corrections: list[Correction] = []
         if part.routed is not None:
             part.routed.limit(idle_s, part.reported_at)  # time and reports may have moved it
@@ -361,7 +363,8 @@ class BatchRun:
             detail = f"{self.limits.budget} open windows reached"
             self._reject(idx, RawOf(ev, evs, raws, record), "cardinality_limit", detail)
             return False
-        keyed[(series, func)] = _NEW[func](ev.value, ev.timestamp)  # type: ignore[arg-type]
+        key = (series, func) if self.canon is None else self.canon((series, func))
+        keyed[key] = _NEW[func](ev.value, ev.timestamp)  # type: ignore[arg-type]
         self.open_now += 1
         if series is not ev.name:
             self.overflowed += 1

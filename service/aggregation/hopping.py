@@ -6,12 +6,16 @@ length), so an event is added once, to one accumulator, whatever the number of w
 it belongs to. A window ``[s, s + interval)`` is emitted when the close boundary passes
 its end, by merging copies of its ``interval / hop`` panes (over every partition); a
 pane is freed (and its events counted ``emitted`` in the ledger, once) with the last
-window that covers it. An event is late (dead-lettered) once the first window covering
-its pane was emitted (the pane's end is at or before the emitted boundary: the tumbling
-rule with the hop), and counted late for each window covering it (``late_windows``): a
-pane takes no event after one of its windows went out, so every window holds exactly
-the events that were on time for all of it, however batches are cut (a replay gives the
-same windows). docs/hopping.md shows the rules at work.
+window that covers it.
+
+An event is late (dead-lettered) once the first window covering its pane was emitted
+(the pane's end is at or before the emitted boundary: the tumbling rule with the hop),
+and counted late for each window covering it (``late_windows``): a pane takes no event
+after one of its windows went out, so every window holds exactly the events that were
+on time for all of it, however batches are cut (a replay gives the same windows). Such
+a pane is held packed until it is freed (:mod:`service.aggregation.panes`,
+``PartitionState.packed``; ``windows`` holds the panes still open to events).
+docs/hopping.md shows the rules at work.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import logging
 from collections.abc import Iterable
 
 from service.aggregation.emission import Taken
-from service.aggregation.functions import FUNCTIONS
+from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import copy_acc
-from service.aggregation.partition import PartitionState
+from service.aggregation.panes import PackedPanes
+from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import PERCENTILES
 
 __all__ = ["covering", "take_panes"]
@@ -41,57 +46,79 @@ def take_panes(
     parts: Iterable[PartitionState], boundary: float, pane_s: float, interval: float, idle_s: float
 ) -> Taken:
     """Emit every window ending in (a partition's emitted boundary, ``boundary``] from
-    copies of its panes, merged over partitions and panes, and free the panes whose last
-    window ends at or before ``boundary``.
+    copies of its panes, merged over partitions and panes, free the panes whose last
+    window ends at or before ``boundary`` and pack the others it passed (panes.py).
 
     A partition that holds the watermark, or has a pane below ``boundary``, moves its
     emitted boundary to ``boundary``, so no window is emitted twice from its panes; a
     silent one without such a pane keeps its own (emission.take_through's rule).
     """
     taken = Taken()
-    ready = taken.ready
     for p in parts:
         old = p.closed_until
         if old >= boundary:
             continue
-        panes = sorted(q for q in p.windows if q < boundary)
-        if not panes and not p.holds(idle_s):
+        packed = p.packed
+        live = [q for q in p.windows if q < boundary]
+        if not live and not (packed is not None and packed.panes) and not p.holds(idle_s):
             continue
         p.closed_until = boundary
         if p.ahead_closed:
             p.ahead_closed = {s for s in p.ahead_closed if s + interval > boundary}
-        for q in panes:  # earliest first: a merge treats ``into`` as the earlier events
-            keyed = p.windows[q]
+        if packed is None:
+            packed = p.packed = PackedPanes()
+        # earliest first: a merge treats ``into`` as the earlier events
+        for q in sorted([*live, *packed.panes]):
+            is_live = q in p.windows
             for s in covering(q, pane_s, interval):
-                end = s + interval
-                if not old < end <= boundary:
-                    continue
-                into = ready.get(s)
-                if into is None:
-                    into = ready[s] = {}
-                    taken.owner[s] = p
-                for key, acc in keyed.items():
-                    mine = into.get(key)
-                    if mine is None:
-                        # a copy: the pane serves later windows too (flat but
-                        # for a percentile's store: a list or a sketch)
-                        into[key] = copy_acc(acc) if key[1] in PERCENTILES else acc[:]
-                        continue
-                    try:
-                        FUNCTIONS[key[1]].merge(mine, acc)
-                    except OverflowError:  # never in the ledger: the pane's events stay
-                        log.error(  # counted once, with the pane (hopping.md)
-                            "window %s of %r/%r: merging a pane of %d event(s) would make "
-                            "the sum non-finite; the window keeps the value it had",
-                            s,
-                            key[0],
-                            key[1],
-                            acc[0],
-                        )
+                if old < s + interval <= boundary:
+                    if is_live:
+                        _merge(taken, p, s, p.windows[q].items(), copy=True)
+                    else:
+                        _merge(taken, p, s, packed.entries(q), copy=False)
             if q + interval <= boundary:  # its last window is out: free it
-                del p.windows[q]
+                if is_live:
+                    keyed = p.windows.pop(q)
+                    keys, events = len(keyed), sum(acc[0] for acc in keyed.values())
+                else:
+                    keys, events = packed.free(q)
                 if p.series is not None:
                     p.series.forget(q)
-                taken.keys += len(keyed)
-                p.on_emitted(keyed)
+                taken.keys += keys
+                p.on_emitted_events(events)
+            elif is_live:  # no event can reach it any more: packed until then
+                packed.pack(q, p.windows.pop(q))
     return taken
+
+
+def _merge(
+    taken: Taken,
+    p: PartitionState,
+    start: float,
+    entries: Iterable[tuple[WindowKey, Acc]],
+    *,
+    copy: bool,
+) -> None:
+    """Merge a pane's accumulators into the window starting at ``start``; ``copy``:
+    they are the pane's own (it serves later windows too), else new lists to keep."""
+    into = taken.ready.get(start)
+    if into is None:
+        into = taken.ready[start] = {}
+        taken.owner[start] = p
+    for key, acc in entries:
+        mine = into.get(key)
+        if mine is None:
+            # flat but for a percentile's store: a list or a sketch
+            into[key] = (copy_acc(acc) if key[1] in PERCENTILES else acc[:]) if copy else acc
+            continue
+        try:
+            FUNCTIONS[key[1]].merge(mine, acc)
+        except OverflowError:  # never in the ledger: the pane's events stay
+            log.error(  # counted once, with the pane (hopping.md)
+                "window %s of %r/%r: merging a pane of %d event(s) would make "
+                "the sum non-finite; the window keeps the value it had",
+                start,
+                key[0],
+                key[1],
+                acc[0],
+            )

@@ -47,6 +47,7 @@ from service.aggregation import rollups as rollup_partials
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.kept import KeptWindows
 from service.aggregation.origins import RoutedTime
+from service.aggregation.panes import PackedPanes
 from service.aggregation.percentiles import PERCENTILES, v13_layout
 from service.aggregation.rollups import ROLLUP_STATE_FORMAT, RollupPartials
 from service.aggregation.series import SEP, SeriesBudget, valid_series
@@ -128,6 +129,9 @@ class PartitionState:
     rollups: RollupPartials = field(default_factory=dict)
     # and, with the allowed lateness above 0, its shares of emitted rollup windows
     kept_rollups: dict[float, KeptWindows] = field(default_factory=dict)
+    # AGGREGATION_HOP: the panes the emitted boundary passed whose windows are not all
+    # out, packed (service.aggregation.panes); ``windows`` holds the others
+    packed: PackedPanes | None = None
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -150,7 +154,10 @@ class PartitionState:
         self.totals["series_overflow"] = self.totals.get("series_overflow", 0) + events
 
     def on_emitted(self, keyed: dict[WindowKey, Acc]) -> None:
-        self.totals["emitted"] = self.totals.get("emitted", 0) + sum(a[0] for a in keyed.values())
+        self.on_emitted_events(sum(a[0] for a in keyed.values()))
+
+    def on_emitted_events(self, events: int) -> None:
+        self.totals["emitted"] = self.totals.get("emitted", 0) + events
 
     def on_corrected(
         self, interval_start: float, applied: dict[tuple[str, str, float], int]
@@ -171,6 +178,8 @@ class PartitionState:
         """Cumulative counts plus ``open``: the events in this partition's open windows."""
         view = dict(self.totals)
         view["open"] = sum(acc[0] for keyed in self.windows.values() for acc in keyed.values())
+        if self.packed is not None:
+            view["open"] += self.packed.events()
         return view
 
     def _ledger_body(self) -> dict[str, Any]:
@@ -227,7 +236,13 @@ class PartitionState:
         return self.max_ts
 
     def open_windows(self) -> int:
-        return sum(len(w) for w in self.windows.values())
+        packed = 0 if self.packed is None else self.packed.keys()
+        return packed + sum(len(w) for w in self.windows.values())
+
+    def open_starts(self) -> list[float]:
+        """The starts of the open windows (or panes, packed ones too)."""
+        starts = list(self.windows)
+        return starts if self.packed is None else [*starts, *self.packed.panes]
 
     def view(self, idle_timeout_s: float, grace_s: float, now_mono: float) -> dict[str, Any]:
         """A JSON-able description for /status and the per-partition metrics."""
@@ -286,6 +301,12 @@ class PartitionState:
             for start, keyed in self.windows.items()
             for (name, func), acc in keyed.items()
         ]
+        if self.packed is not None:  # unpacked: the same entries as before packing
+            windows += [
+                [start, name, func, acc]
+                for start in self.packed.panes
+                for (name, func), acc in self.packed.entries(start)
+            ]
         wide = any(len(w[3]) > 3 for w in windows)
         v13 = any(SEP in w[1] or (w[2] in PERCENTILES and v13_layout(w[3])) for w in windows)
         state_format = V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT

@@ -171,7 +171,7 @@ def test_every_window_equals_the_raw_events_for_all_functions() -> None:
     assert all(a.window_end - a.window_start == 60.0 for a in out)
     assert_equal(results(out), reference(arrival_order(by_part), 60.0, 10.0))
     assert agg.open_windows == 0
-    assert all(not p.windows for p in agg._parts.values())  # every pane freed
+    assert all(not p.open_starts() for p in agg._parts.values())  # every pane freed
     ledger = agg.ledger()
     assert ledger["imbalance"] == 0
     assert ledger["received"] == ledger["emitted"] == 1200
@@ -201,11 +201,11 @@ def test_windows_are_emitted_when_the_boundary_passes_their_end() -> None:
     got = {(a.window_start, a.window_end): a.value for a in out.aggregates}
     assert got == {(T0 - 15, T0 + 5): 3.0, (T0 - 10, T0 + 10): 3.0}
     # a pane is freed with its last window only: T0's once T0 + 20 is passed
-    assert sorted(agg._parts["p0"].windows) == [T0, T0 + 10]
+    assert sorted(agg._parts["p0"].open_starts()) == [T0, T0 + 10]
     out = agg.process(batch([ev("a", "sum", 8.0, T0 + 21)]))
     got = {(a.window_start, a.window_end): a.value for a in out.aggregates}
     assert got == {(T0 - 5, T0 + 15): 7.0, (T0, T0 + 20): 7.0}
-    assert sorted(agg._parts["p0"].windows) == [T0 + 10, T0 + 20]
+    assert sorted(agg._parts["p0"].open_starts()) == [T0 + 10, T0 + 20]
     assert agg.ledger()["emitted"] == 2 and agg.ledger()["open"] == 2
 
 
