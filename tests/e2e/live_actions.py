@@ -22,8 +22,15 @@ def progress(run: LiveRun, fraction: float) -> Callable[[], Coroutine[Any, Any, 
     return reached
 
 
+async def _sent(run: LiveRun, fraction: float) -> None:
+    """Until ``fraction`` of the stream is sent (the feed runs at its own pace: a long
+    stream gets its time, and a minute more)."""
+    timeout = fraction * run.workload.duration + 60
+    await wait_for(progress(run, fraction), timeout, f"{fraction:.0%} of the stream sent")
+
+
 async def _kill(run: LiveRun, index: int, at: float, *, replace: bool) -> None:
-    await wait_for(progress(run, at), 90, f"{at:.0%} of the stream sent")
+    await _sent(run, at)
     run.kill9(index)
     if replace:
         run.start_instance()
@@ -58,7 +65,7 @@ def join_at(fraction: float) -> Action:
     """A second instance joins: half of the partitions move to it (a hand-off)."""
 
     async def join(run: LiveRun) -> None:
-        await wait_for(progress(run, fraction), 60, f"{fraction:.0%} of the stream sent")
+        await _sent(run, fraction)
         run.feed.disrupt()  # windows written just before may not be checkpointed yet
         run.start_instance()
         half = run.workload.partitions // 2

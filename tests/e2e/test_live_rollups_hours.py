@@ -304,7 +304,7 @@ async def acceptance(
             f"rows: max {max(lags, default=math.nan):.2f} s, median "
             f"{statistics.median(lags) if lags else math.nan:.2f} s ({across_kill} left out: "
             f"a kill -9 between them); max relative error per function "
-            f"{ {f: float(f'{e:.2g}') for f, e in max_errors(got, hourly).items()} }"
+            f"{ {f: float(f'{e:.3g}') for f, e in max_errors(got, hourly).items()} }"
         )
     hours = sorted({k[3] for k in hourly})
     print(
