@@ -4,9 +4,9 @@ Unlike a topic filled before the service starts, a live feed keeps the service c
 up with the head of every partition, which is when partition-level watermark bugs show.
 The stream is built so that its correct result does not depend on timing:
 
-* event time runs ``TIME_SCALE`` times wall time from a ``t0`` in the recent past, the
-  same clock for every partition, so partitions stay within one producer tick of each
-  other;
+* event time runs the workload's ``time_scale`` (``TIME_SCALE`` unless the test sets
+  it) times wall time from a ``t0`` in the recent past, the same clock for every
+  partition, so partitions stay within one producer tick of each other;
 * a tenth of the events are moved back by less than ``GRACE_S / 2``: within the grace
   of their own partition's progress, never late;
 * "really late" events are released only after a window of their partition was seen
@@ -100,6 +100,7 @@ class LiveWorkload:
     funcs: dict[str, str]  # name -> agg_func
     partition_of: dict[str, int]  # keyed input: the partition of each name
     unkeyed: bool = False  # messages carry no key and go round-robin over the partitions
+    time_scale: float = TIME_SCALE  # event-time seconds per wall second
     messages: list[Message] = field(default_factory=list)
     valid: list[dict[str, Any]] = field(default_factory=list)
     rejects: Counter[str] = field(default_factory=Counter)
@@ -168,17 +169,21 @@ def build_live_workload(
     silent_partition: int | None = None,
     silent_after: float = 0.1,
     unkeyed: bool = False,
+    time_scale: float = TIME_SCALE,
+    t0: float | None = None,
 ) -> LiveWorkload:
     """``events`` valid and ``garbage`` invalid messages sent at ``rate`` messages/s over
     ``partitions`` partitions, names assigned round-robin (so each partition carries every
     function). ``silent_partition`` gets events only during the first ``silent_after`` of
     the stream. ``unkeyed``: no message has a key, message ``m`` goes to partition
     ``m % partitions``, so every name is spread over every partition (the input of
-    ``repartition=true``). Deterministic for a seed, except ``t0`` (event time must be
-    recent)."""
+    ``repartition=true``). Event time runs ``time_scale`` times wall time from ``t0``
+    (default: a recent window start). Deterministic for a seed, except the default
+    ``t0`` (event time must be recent)."""
     rng = random.Random(seed)
     # recent enough for AGGREGATION_MAX_FUTURE: the stream ends well before "now"
-    t0 = math.floor((time.time() - 3000) / INTERVAL) * INTERVAL
+    if t0 is None:
+        t0 = math.floor((time.time() - 3000) / INTERVAL) * INTERVAL
     names = [f"live.{f}.{k}" for f in FUNCS for k in range(names_per_func)]
     w = LiveWorkload(
         partitions,
@@ -187,6 +192,7 @@ def build_live_workload(
         funcs={n: n.split(".")[1] for n in names},
         partition_of={n: i % partitions for i, n in enumerate(names)},
         unkeyed=unkeyed,
+        time_scale=time_scale,
     )
     total = events + garbage
     garbage_at = set(rng.sample(range(total), garbage))
@@ -195,7 +201,7 @@ def build_live_workload(
     bad = 0
     for m in range(total):
         at = m / rate
-        base = round(t0 + TIME_SCALE * at, 3)
+        base = round(t0 + time_scale * at, 3)
         pool = names if silent_partition is None or at < silent_after * total / rate else loud
         name = rng.choice(pool)
         func = w.funcs[name]
@@ -220,10 +226,10 @@ def build_live_workload(
         ev = {"name": name, "value": v, "timestamp": ts, "agg_func": sent_func}
         key = None if unkeyed else name.encode()
         w.messages.append(Message(at, p, key, orjson.dumps(ev), ts))
-    assert t0 + TIME_SCALE * w.duration < time.time() + 3600
+    assert t0 + time_scale * w.duration < time.time() + 3600
     # and never more than AGGREGATION_MAX_WATERMARK_LEAD (60 s) ahead of the clock when
     # sent: such events would move no event time (docs/aggregation.md, "Clock skew")
-    assert t0 + TIME_SCALE * w.duration < time.time() + w.duration + 60
+    assert t0 + time_scale * w.duration < time.time() + w.duration + 60
     return w
 
 
@@ -355,7 +361,7 @@ class LiveFeed:
 
     def _event_time(self, now: float) -> float:
         """About the largest event time sent to every partition by now."""
-        return self._w.t0 + TIME_SCALE * min(now, self._w.duration)
+        return self._w.t0 + self._w.time_scale * min(now, self._w.duration)
 
     def _due_late(self, now: float) -> list[Message]:
         out: list[Message] = []
@@ -508,7 +514,7 @@ class KafkaAggregates:
         the stream (when the window's events were sent)."""
         out: dict[int, set[float]] = {}
         for name, _, ws in self.repeated:
-            at = round((ws - workload.t0) / TIME_SCALE, 1)
+            at = round((ws - workload.t0) / workload.time_scale, 1)
             out.setdefault(workload.partition_of.get(name, -1), set()).add(at)
         return {p: sorted(v) for p, v in sorted(out.items())}
 
@@ -825,6 +831,7 @@ class LiveRun:
         self._workdir, self._count = workdir, instances
         self.instances: list[Incarnation] = []
         self.killed: set[int] = set()
+        self.kill_times: list[float] = []  # feed.elapsed() of each kill -9
         self.exit_codes: dict[int, int] = {}
         self.problems: list[str] = []  # found by actions during the stream
         self._tail: AggregatesTail | None = None
@@ -915,6 +922,7 @@ class LiveRun:
 
     def kill9(self, index: int) -> None:
         self.feed.disrupt()
+        self.kill_times.append(self.feed.elapsed())
         self.instances[index].kill9()
         self.killed.add(index)
 

@@ -13,38 +13,15 @@ cycles and a hand-off of partitions to a second instance (a join mid-stream).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from tests.e2e.live import LiveRun, build_live_workload
-from tests.fault.harness import wait_for
+from tests.e2e.conftest import LiveFactory
+from tests.e2e.live import build_live_workload
+from tests.e2e.live_actions import FAST_TAKEOVER, join_at, kill_and_replace_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 LATENESS = {"AGGREGATION_ALLOWED_LATENESS": "60", "AGGREGATION_INTERVAL": "10"}
-LiveFactory = Callable[..., LiveRun]
-
-
-@pytest.fixture
-def live(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> LiveFactory:
-    return functools.partial(
-        LiveRun,
-        kafka_bootstrap=kafka_bootstrap,
-        unique_name=unique_name,
-        workdir=tmp_path,
-        env=LATENESS,
-    )
-
-
-def _progress(run: LiveRun, fraction: float) -> Callable[[], Coroutine[Any, Any, bool]]:
-    async def reached() -> bool:
-        return run.feed.progress >= fraction
-
-    return reached
 
 
 @pytest.mark.timeout(200)
@@ -52,7 +29,9 @@ async def test_late_events_within_the_lateness_correct_their_window(
     live: LiveFactory, postgres_dsn: str
 ) -> None:
     workload = build_live_workload(1701, events=50_000, rate=2000, partitions=4)
-    async with live(workload, postgres_dsn=postgres_dsn, seed=1701, late=20, corrections=40) as run:
+    async with live(
+        workload, postgres_dsn=postgres_dsn, seed=1701, late=20, corrections=40, env=LATENESS
+    ) as run:
         await run.stream()
         problems = await run.check()
     assert len(run.feed.corrected) == 40 and len(run.feed.released) == 20
@@ -67,27 +46,15 @@ async def test_corrections_stay_exact_through_kill9_cycles(
     """The instance is killed and replaced three times: every replay recomputes the
     same revisions, and the read-back writes none of them twice to Kafka."""
     workload = build_live_workload(1702, events=60_000, rate=1500, partitions=4)
-
-    async def kill_cycles(run: LiveRun) -> None:
-        for at in (0.3, 0.55, 0.8):
-            await wait_for(_progress(run, at), 90, f"{at:.0%} of the stream sent")
-            run.kill9(len(run.instances) - 1)
-            run.start_instance()
-
-            async def taken_over() -> bool:
-                return await run.assigned() == [workload.partitions]
-
-            await wait_for(taken_over, 60, "the new instance holding every partition")
-
     async with live(
         workload,
         postgres_dsn=postgres_dsn,
         seed=1702,
         late=15,
         corrections=40,
-        env={**LATENESS, "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+        env={**LATENESS, **FAST_TAKEOVER},
     ) as run:
-        await run.stream(kill_cycles)
+        await run.stream(kill_and_replace_at(0.3, 0.55, 0.8))
         problems = await run.check(counters=False)  # the killed instances' counters died
     assert not problems, "\n".join(problems)
     assert run.exit_codes == {3: 0}
@@ -100,19 +67,10 @@ async def test_corrections_stay_exact_through_a_hand_off(
     """A second instance joins mid-stream: half of the partitions move to it with their
     kept windows (revoked, checkpointed, restored) and are corrected there."""
     workload = build_live_workload(1703, events=60_000, rate=2000, partitions=4)
-
-    async def join(run: LiveRun) -> None:
-        await wait_for(_progress(run, 0.4), 60, "40% of the stream sent")
-        run.feed.disrupt()  # windows written just before may not be checkpointed yet
-        run.start_instance()
-
-        async def split() -> bool:
-            return sorted(await run.assigned()) == [2, 2]
-
-        await wait_for(split, 60, "the partitions split over both instances")
-
-    async with live(workload, postgres_dsn=postgres_dsn, seed=1703, late=15, corrections=40) as run:
-        await run.stream(join)
+    async with live(
+        workload, postgres_dsn=postgres_dsn, seed=1703, late=15, corrections=40, env=LATENESS
+    ) as run:
+        await run.stream(join_at(0.4))
         # the first instance counted what it did before the hand-off, the second what it
         # re-read from the checkpoints too: /metrics need not add up
         problems = await run.check(counters=False)

@@ -6,17 +6,15 @@ letters (garbage and really-late events, never a valid event) and the late count
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
-from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from service.dev.postgres_server import EmbeddedPostgres
+from tests.e2e.conftest import LiveFactory
 from tests.e2e.live import GRACE_S, INTERVAL, TIME_SCALE, LiveRun, build_live_workload
+from tests.e2e.live_actions import FAST_TAKEOVER, kill_second_at, progress
 from tests.e2e.test_e2e_http import stored_rows
 from tests.fault.harness import wait_for
 
@@ -24,16 +22,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 PG_DOWN_S = 15.0
 SILENT_IDLE_S = 3.0  # AGGREGATION_IDLE_TIMEOUT of the silent-partition test
-
-LiveFactory = Callable[..., LiveRun]
-
-
-@pytest.fixture
-def live(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> LiveFactory:
-    """``LiveRun`` on the session broker, with this test's names and directory."""
-    return functools.partial(
-        LiveRun, kafka_bootstrap=kafka_bootstrap, unique_name=unique_name, workdir=tmp_path
-    )
 
 
 @pytest.mark.timeout(150)
@@ -55,7 +43,7 @@ async def test_live_stream_through_a_postgres_outage_is_exact(
     workload = build_live_workload(202, events=60_000, rate=2000, partitions=4)
 
     async def outage(run: LiveRun) -> None:
-        await wait_for(_progress(run, 0.25), 60, "a quarter of the stream sent")
+        await wait_for(progress(run, 0.25), 60, "a quarter of the stream sent")
         await pg_restartable.stop()
         down_at = time.monotonic()
         try:
@@ -93,23 +81,14 @@ async def test_two_instances_one_killed_mid_stream_is_exact(
     instance's partitions over with their windows and their emitted history."""
     workload = build_live_workload(404, events=60_000, rate=2500, partitions=8)
 
-    async def kill_one(run: LiveRun) -> None:
-        await wait_for(_progress(run, 0.5), 60, "half of the stream sent")
-        run.kill9(1)
-
-        async def survivor_has_all() -> bool:
-            return await run.assigned() == [workload.partitions]
-
-        await wait_for(survivor_has_all, 30, "the survivor holding every partition")
-
     async with live(
         workload,
         postgres_dsn=postgres_dsn,
         instances=2,
-        env={"VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+        env=FAST_TAKEOVER,
         seed=404,
     ) as run:
-        await run.stream(kill_one)
+        await run.stream(kill_second_at(0.5))
         # the dead instance's counters died with it and the survivor re-reads what came
         # after its checkpoints: /metrics cannot add up to the totals here
         problems = await run.check(counters=False)
@@ -174,10 +153,3 @@ async def test_a_partition_that_falls_silent_does_not_stop_windows(
         problems = await run.check()
     assert not problems, "\n".join(problems)
     assert run.exit_codes == {0: 0}
-
-
-def _progress(run: LiveRun, fraction: float) -> Callable[[], Coroutine[Any, Any, bool]]:
-    async def reached() -> bool:
-        return run.feed.progress >= fraction
-
-    return reached

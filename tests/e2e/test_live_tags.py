@@ -6,21 +6,28 @@ counts sum to the events sent; no dead letter."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
+from tests.e2e.conftest import LiveFactory
 from tests.e2e.live import TIME_SCALE, LiveRun, LiveWorkload, Message
+from tests.e2e.live_actions import FAST_TAKEOVER, kill_second_at
+from tests.e2e.live_outputs import (
+    differences,
+    every_event_aggregated,
+    kafka_rows,
+    pg_rows,
+    series,
+    settled,
+    tags_json,
+)
 from tests.e2e.workload import INTERVAL
-from tests.fault.harness import ledger_problems, ledger_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -34,10 +41,6 @@ PER_MESSAGE = 40  # events per message of the wide name (a JSON array)
 
 SeriesKey = tuple[str, str, str, float]  # (name, tags as sorted JSON, agg_func, window)
 Results = dict[SeriesKey, tuple[float, int]]
-
-
-def _tags_json(tags: dict[str, Any]) -> str:
-    return orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _narrow_tags(rng: random.Random) -> dict[str, Any] | None:
@@ -121,7 +124,7 @@ def expected_series(events: list[dict[str, Any]], budget: int = BUDGET) -> tuple
             for k in GROUP_BY
             if k in raw
         }
-        series = _tags_json(tags)
+        series = tags_json(tags)
         seen = admitted.setdefault((ev["name"], ws), set())
         if series not in seen:
             if len(seen) < budget:
@@ -145,96 +148,33 @@ def expected_series(events: list[dict[str, Any]], budget: int = BUDGET) -> tuple
     return out, overflowed
 
 
-async def pg_series(dsn: str, table: str) -> Results:
-    conn = await asyncpg.connect(dsn)
-    try:
-        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
-            return {}
-        rows = await conn.fetch(
-            "SELECT name, tags::text AS tags, agg_func,"
-            " extract(epoch from window_start)::float8 AS ws, value, count"
-            f' FROM "{table}"'
-        )
-    finally:
-        await conn.close()
-    return {
-        (r["name"], _tags_json(orjson.loads(r["tags"])), r["agg_func"], r["ws"]): (
-            r["value"],
-            r["count"],
-        )
-        for r in rows
-    }
-
-
-async def kafka_series(run: LiveRun) -> tuple[Results, int]:
-    """The last value per series key in the aggregates topic, and the messages read."""
-    from tests.e2e.live import _read_topic
-
-    records = await _read_topic(run.bootstrap, run.topic, lambda rs: False, timeout=30.0)
-    out: Results = {}
-    for m in records:
-        v = orjson.loads(m.value)
-        assert m.key == v["name"].encode(), "the message key stays the name"
-        ws = _epoch(v["window_start"])
-        out[(v["name"], _tags_json(v["tags"]), v["agg_func"], ws)] = (v["value"], v["count"])
-    return out, len(records)
-
-
-def _epoch(iso: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def differences(actual: Results, expected: Results, where: str) -> list[str]:
-    missing = sorted(expected.keys() - actual.keys())
-    extra = sorted(actual.keys() - expected.keys())
-    wrong = sorted(
-        k
-        for k in expected.keys() & actual.keys()
-        if actual[k][1] != expected[k][1]
-        or not math.isclose(actual[k][0], expected[k][0], rel_tol=1e-9, abs_tol=1e-9)
-    )
-    if not (missing or extra or wrong):
-        return []
-    return [
-        f"{where}: {len(actual)} series rows for {len(expected)}; {len(missing)} missing, "
-        f"{len(extra)} extra, {len(wrong)} wrong; e.g. missing {missing[:2]}, extra "
-        f"{extra[:2]}, wrong {[(k, actual[k], expected[k]) for k in wrong[:2]]}"
-    ]
-
-
 ENV = {
     "AGGREGATION_GROUP_BY": ",".join(GROUP_BY),
     "AGGREGATION_MAX_SERIES_PER_NAME": str(BUDGET),
 }
 
 
-async def settled(run: LiveRun, expected: Results, timeout: float = 90.0) -> Results:
-    """PostgreSQL's rows once they equal ``expected`` (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    rows: Results = {}
-    while time.monotonic() < deadline:
-        run.check_alive()
-        rows = await pg_series(run.dsn, run.table)
-        if not differences(rows, expected, ""):
-            break
-        await asyncio.sleep(0.5)
-    return rows
-
-
 async def output_problems(
-    run: LiveRun, rows: Results, expected: Results, events: list[dict[str, Any]]
-) -> tuple[list[str], int]:
-    """What PostgreSQL, Kafka (each series aggregate once) and the ledger get wrong."""
-    kafka, messages = await kafka_series(run)
-    ledger = await ledger_totals(run.dsn, run.namespace)
-    problems = differences(rows, expected, "PostgreSQL")
-    problems += differences(kafka, expected, "Kafka (last value per series)")
-    if messages != len(expected):
-        problems.append(f"Kafka: {messages} messages for {len(expected)} series aggregates")
-    problems += ledger_problems(ledger, len(events), len(events), Counter())
-    return problems, messages
+    run: LiveRun, expected: Results, events: list[dict[str, Any]]
+) -> tuple[Results, list[str], int]:
+    """PostgreSQL's rows once settled, and what PostgreSQL, Kafka (each series aggregate
+    once, keyed by its name) and the ledger get wrong."""
+
+    async def stored() -> Results:
+        return series(await pg_rows(run.dsn, run.table))
+
+    rows = dict(await settled(run, expected, stored))
+    kafka = await kafka_rows(run.bootstrap, run.topic)
+    problems = differences(rows, expected, "PostgreSQL", "series rows")
+    problems += differences(
+        series(kafka.rows), expected, "Kafka (last value per series)", "series rows"
+    )
+    if kafka.messages != len(expected):
+        problems.append(f"Kafka: {kafka.messages} messages for {len(expected)} series aggregates")
+    if kafka.miskeyed:
+        problems.append(f"Kafka: {kafka.miskeyed} messages not keyed by their name")
+    problems += await every_event_aggregated(run, len(events))
+    return rows, problems, kafka.messages
 
 
 def acceptance_figures(rows: Results, events: list[dict[str, Any]]) -> tuple[int, int]:
@@ -261,85 +201,62 @@ def acceptance_figures(rows: Results, events: list[dict[str, Any]]) -> tuple[int
     return len(full), len(by_window)
 
 
+def passed(
+    run: LiveRun,
+    problems: list[str],
+    rows: Results,
+    events: list[dict[str, Any]],
+    note: str,
+    messages: int,
+) -> None:
+    """No problem, a clean exit, and the acceptance figures (printed)."""
+    assert not problems, "\n".join(problems)
+    assert run.exit_codes == {0: 0}
+    full, windows = acceptance_figures(rows, events)
+    print(
+        f"\n[tags] {len(events)} events, {len(rows)} series aggregates, "
+        f"{full} of {windows} windows of {WIDE} with {BUDGET} + 1 series; {note}"
+        f"Kafka {messages} messages"
+    )
+
+
 @pytest.mark.timeout(240)
 async def test_live_series_with_a_budget_are_exact_in_both_outputs(
-    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+    live: LiveFactory, postgres_dsn: str
 ) -> None:
     workload, events = build_tagged_workload(17, messages=6000, rate=300, partitions=4)
     expected, overflowed = expected_series(events)
-    run = LiveRun(
-        workload,
-        kafka_bootstrap=kafka_bootstrap,
-        postgres_dsn=postgres_dsn,
-        unique_name=unique_name,
-        workdir=tmp_path,
-        late=0,
-        env=ENV,
-    )
-    async with run:
+    async with live(workload, postgres_dsn=postgres_dsn, late=0, env=ENV) as run:
         await run.stream()
-        rows = await settled(run, expected)
+        rows, problems, messages = await output_problems(run, expected, events)
         [status] = [await inc.status() for inc in run.alive()]
-        problems, messages = await output_problems(run, rows, expected, events)
     assert status is not None
     if status.get("series_overflow") != overflowed:
         problems.append(f"/status series_overflow {status.get('series_overflow')}, {overflowed}")
     if status.get("events_rejected"):
         problems.append(f"/status events_rejected {status.get('events_rejected')}")
-    assert not problems, "\n".join(problems)
-    assert run.exit_codes == {0: 0}
-    full, windows = acceptance_figures(rows, events)
-    print(
-        f"\n[tags] {len(events)} events, {len(expected)} series aggregates, "
-        f"{full} of {windows} windows of {WIDE} with {BUDGET} + 1 series, "
-        f"{overflowed} events in overflow series; Kafka {messages} messages"
-    )
+    passed(run, problems, rows, events, f"{overflowed} events in overflow series; ", messages)
 
 
 @pytest.mark.timeout(300)
 async def test_live_series_survive_kill_9_and_a_hand_off(
-    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+    live: LiveFactory, postgres_dsn: str
 ) -> None:
     """Two instances; one is killed mid-stream and the survivor takes its partitions
     over from their checkpoints: the same series, the same overflow (the budget is
     derived from the restored windows), each series aggregate once in Kafka."""
     workload, events = build_tagged_workload(18, messages=6000, rate=250, partitions=4)
     expected, _ = expected_series(events)
-
-    async def kill_one(run: LiveRun) -> None:
-        async def half_sent() -> bool:
-            return run.feed.progress >= 0.5
-
-        await wait_for(half_sent, 60, "half of the stream sent")
-        run.kill9(1)
-
-        async def survivor_has_all() -> bool:
-            return await run.assigned() == [workload.partitions]
-
-        await wait_for(survivor_has_all, 30, "the survivor holding every partition")
-
-    run = LiveRun(
+    async with live(
         workload,
-        kafka_bootstrap=kafka_bootstrap,
         postgres_dsn=postgres_dsn,
-        unique_name=unique_name,
-        workdir=tmp_path,
         instances=2,
         late=0,
-        env={**ENV, "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
-    )
-    async with run:
-        await run.stream(kill_one)
-        rows = await settled(run, expected)
-        problems, messages = await output_problems(run, rows, expected, events)
-    assert not problems, "\n".join(problems)
-    assert run.exit_codes == {0: 0}
-    full, windows = acceptance_figures(rows, events)
-    print(
-        f"\n[tags, kill -9] {len(events)} events, {len(expected)} series aggregates, "
-        f"{full} of {windows} windows of {WIDE} with {BUDGET} + 1 series; "
-        f"Kafka {messages} messages"
-    )
+        env={**ENV, **FAST_TAKEOVER},
+    ) as run:
+        await run.stream(kill_second_at(0.5))
+        rows, problems, messages = await output_problems(run, expected, events)
+    passed(run, problems, rows, events, "kill -9: ", messages)
 
 
 def test_the_expected_series_follow_the_budget() -> None:

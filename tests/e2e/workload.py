@@ -107,30 +107,30 @@ def expected_aggregates(
     for e in valid:
         start = math.floor(e["timestamp"] / interval) * interval
         groups[(e["name"], e["agg_func"], start)].append((e["timestamp"], e["value"]))
-    out: dict[Key, tuple[float, int]] = {}
-    for key, pairs in groups.items():
-        values = [v for _, v in pairs]
-        func = key[1]
-        if func == "sum":
-            r = math.fsum(values)
-        elif func == "avg":
-            r = statistics.fmean(values)
-        elif func == "min":
-            r = min(values)
-        elif func == "max":
-            r = max(values)
-        elif func == "count":
-            r = float(len(values))
-        elif func == "first":
-            r = min(enumerate(pairs), key=lambda ip: (ip[1][0], ip[0]))[1][1]
-        elif func == "last":
-            r = max(enumerate(pairs), key=lambda ip: (ip[1][0], ip[0]))[1][1]
-        elif func == "stddev":
-            r = statistics.pstdev(values)
-        else:
-            r = _percentile(values, int(func[1:]) / 100)
-        out[key] = (r, len(values))
-    return out
+    return {key: (reference_value(key[1], pairs), len(pairs)) for key, pairs in groups.items()}
+
+
+def reference_value(func: str, pairs: list[tuple[float, float]]) -> float:
+    """``func`` over (event time, value) pairs in arrival order (first/last: the earliest
+    or latest event time, ties by arrival)."""
+    values = [v for _, v in pairs]
+    if func == "sum":
+        return math.fsum(values)
+    if func == "avg":
+        return statistics.fmean(values)
+    if func == "min":
+        return min(values)
+    if func == "max":
+        return max(values)
+    if func == "count":
+        return float(len(values))
+    if func == "first":
+        return min(enumerate(pairs), key=lambda ip: (ip[1][0], ip[0]))[1][1]
+    if func == "last":
+        return max(enumerate(pairs), key=lambda ip: (ip[1][0], ip[0]))[1][1]
+    if func == "stddev":
+        return statistics.pstdev(values)
+    return _percentile(values, int(func[1:]) / 100)
 
 
 Results = Mapping[Key, tuple[float, int]]
