@@ -32,7 +32,8 @@ async def check_all(config: Config) -> int:
     clock = SystemClock()
     bus = build_bus(config, metrics, clock)
     sinks = build_outputs(config, metrics, clock).sinks
-    targets: list[tuple[str, Any]] = [(f"bus {bus.name} {config.bus.url}", bus)]
+    urls = " ".join(source.url for source in config.sources)  # MultiBus names a failing one
+    targets: list[tuple[str, Any]] = [(f"bus {bus.name} {urls}", bus)]
     targets += [(f"output {s.name}", s) for s in sinks]
     if config.archive.enabled:  # ARCHIVE_URL: its directory or bucket (pyarrow only then)
         from service.archive.writer import build_archive

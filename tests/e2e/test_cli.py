@@ -116,6 +116,24 @@ def test_check_prints_one_line_per_connection_and_fails_when_one_is_down(
 
 
 @pytest.mark.integration
+def test_check_names_every_source_and_the_one_that_is_down(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {
+        "VABUS_URL": f"kafka://{kafka_bootstrap}/check-in {dead}",
+        "STORAGE_TYPE": "kafka",
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+    }
+    result = run_cli(["check"], env, tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert lines[0].startswith("FAIL") and f"kafka://{kafka_bootstrap}/check-in" in lines[0]
+    assert dead in lines[0] and "source 2" in lines[0], lines[0]
+    assert lines[1].startswith("ok") and "kafka" in lines[1]
+
+
+@pytest.mark.integration
 def test_migrate_creates_the_schema(postgres_dsn: str, unique_name: str, tmp_path: Path) -> None:
     env = {"STORAGE_TYPE": "postgres", "POSTGRES_DSN": postgres_dsn, "POSTGRES_TABLE": unique_name}
     result = run_cli(["migrate"], env, tmp_path)
