@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -87,6 +88,12 @@ def moto_s3() -> Iterator[tuple[Any, str]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in this process, not in the server: start from none, or a
+    # bucket of an earlier test (another server, same process) is still there
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    ):
+        pass
     client = boto3.client(
         "s3",
         endpoint_url=endpoint,
