@@ -38,7 +38,7 @@ from service.aggregation.decode import (
     parse_event,
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
-from service.aggregation.hopping import covering
+from service.aggregation.hopping import covering, reached
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
 from service.aggregation.series import SeriesBudget, TagRule, name_of, series_key
 from service.aggregation.windows import (
@@ -102,10 +102,14 @@ class Correction(NamedTuple):
     order (:mod:`service.aggregation.corrections`)."""
 
     idx: int  # its record (message) in the batch: one revision per record and key
-    start: float
+    start: float  # its window's, or with hopping windows its pane's
     key: WindowKey
     event: WireEvent
     raw: RawOf  # for a dead letter (overflow)
+    # hopping windows (hop_corrections.py): the partition's emitted boundary and
+    # watermark at the event, which decide the windows it reaches
+    boundary: float = NEG_INF
+    watermark: float = NEG_INF
 
 
 class BatchRun:
@@ -499,6 +503,9 @@ class BatchRun:
         by its partition's watermark at this event (event by event, so the same records
         give the same decisions however they are batched), else dead-lettered."""
         lim = self.limits
+        if self.lateness and lim.reach != lim.interval:
+            self._late_pane(idx, record, evs, raws, ev, start, part_max)
+            return
         if self.lateness and is_correctable(
             start, lim.interval, part_max - lim.grace, self.lateness, self.part.kept_from
         ):
@@ -508,6 +515,38 @@ class BatchRun:
         self._late_for(ev, start)
         detail = f"window starting {start} was already emitted"
         self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
+
+    def _late_pane(
+        self,
+        idx: int,
+        record: Any,
+        evs: Sequence[WireEvent],
+        raws: list[Any] | None,
+        ev: WireEvent,
+        pane: float,
+        part_max: float,
+    ) -> None:
+        """Hopping windows with corrections: an event for a pane the boundary passed
+        reaches the windows covering it that are still open at it, and those emitted
+        and still correctable; it is late (counted per window) for the others, and
+        dead-lettered when it reaches none (hop_corrections.py)."""
+        lim = self.limits
+        wm = part_max - lim.grace
+        hit, missed = reached(
+            pane, lim.interval, lim.reach, self.closed_until, wm, self.lateness, self.part.kept_from
+        )
+        if missed:
+            name, func = name_of(ev.name), CANONICAL_FUNCS[ev.agg_func]
+            late_windows = self.part.late_windows
+            for s in missed:
+                late_windows[(name, func, s)] = late_windows.get((name, func, s), 0) + 1
+        if not hit:
+            detail = f"window starting {missed[0]} was already emitted"
+            self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
+            return
+        key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
+        raw = RawOf(ev, evs, raws, record)
+        self.corrections.append(Correction(idx, pane, key, ev, raw, self.closed_until, wm))
 
     def _late_for(self, ev: WireEvent, start: float) -> None:
         """Count ``ev`` late, per name, for each window it misses: its window, or with

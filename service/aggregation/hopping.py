@@ -30,7 +30,7 @@ from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import PERCENTILES
 
-__all__ = ["covering", "take_panes"]
+__all__ = ["covering", "keep_pane", "reached", "take_panes"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,46 @@ def covering(pane: float, pane_s: float, interval: float) -> list[float]:
     return [pane - (n - 1 - j) * pane_s for j in range(n)]
 
 
+def reached(
+    pane: float,
+    pane_s: float,
+    interval: float,
+    boundary: float,
+    watermark: float,
+    lateness: float,
+    kept_from: float,
+) -> tuple[list[float], list[float]]:
+    """The windows covering ``pane`` that an event for it reaches, and those it misses,
+    judged at the event (its partition's emitted ``boundary`` and ``watermark`` then):
+    a window still open, or emitted and correctable (contract §12.4: the watermark
+    below its end plus the allowed ``lateness``, emitted while panes were kept: it
+    starts at or after ``kept_from``), is reached."""
+    hit: list[float] = []
+    missed: list[float] = []
+    for s in covering(pane, pane_s, interval):
+        end = s + interval
+        if end > boundary or (s >= kept_from and watermark < end + lateness):
+            hit.append(s)
+        else:
+            missed.append(s)
+    return hit, missed
+
+
 def take_panes(
-    parts: Iterable[PartitionState], boundary: float, pane_s: float, interval: float, idle_s: float
+    parts: Iterable[PartitionState],
+    boundary: float,
+    pane_s: float,
+    interval: float,
+    idle_s: float,
+    *,
+    keep: bool = False,
 ) -> Taken:
     """Emit every window ending in (a partition's emitted boundary, ``boundary``] from
     copies of its panes, merged over partitions and panes, free the panes whose last
     window ends at or before ``boundary`` and pack the others it passed (panes.py).
+    ``keep`` (AGGREGATION_ALLOWED_LATENESS above 0): a pane whose last window is out
+    moves, packed, to the partition's ``kept_panes`` instead of being freed
+    (:mod:`service.aggregation.hop_corrections`); it counts as emitted all the same.
 
     A partition that holds the watermark, or has a pane below ``boundary``, moves its
     emitted boundary to ``boundary``, so no window is emitted twice from its panes; a
@@ -80,6 +114,11 @@ def take_panes(
                 if is_live:
                     keyed = p.windows.pop(q)
                     keys, events = len(keyed), sum(acc[0] for acc in keyed.values())
+                    if keep:
+                        packed.pack(q, keyed)
+                        keep_pane(p, packed, q)
+                elif keep:
+                    keys, events = keep_pane(p, packed, q)
                 else:
                     keys, events = packed.free(q)
                 if p.series is not None:
@@ -89,6 +128,16 @@ def take_panes(
             elif is_live:  # no event can reach it any more: packed until then
                 packed.pack(q, p.windows.pop(q))
     return taken
+
+
+def keep_pane(p: PartitionState, packed: PackedPanes, q: float) -> tuple[int, int]:
+    """Move packed pane ``q`` to the partition's kept panes (the same key table, so the
+    pane moves as it is); returns (keys, events) it holds."""
+    kept = p.kept_panes
+    if kept is None:
+        kept = p.kept_panes = PackedPanes(packed.table)
+    pane = kept.panes[q] = packed.panes.pop(q)
+    return len(pane.slots), pane.events
 
 
 def _merge(
