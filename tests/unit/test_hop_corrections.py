@@ -270,3 +270,25 @@ def test_a_checkpoint_without_kept_panes_makes_the_emitted_windows_final() -> No
     out = agg.process(batch([ev("a", "sum", 5.0, T0 + 22)]))
     assert out.dead_letters == [] and out.aggregates == []
     assert agg.ledger()["imbalance"] == 0
+
+
+def test_a_correction_merges_the_panes_of_every_partition() -> None:
+    agg = make(interval=20.0, hop=5.0, allowed_lateness_s=30.0)
+    for p in ("p0", "p1"):
+        agg.process(batch([], p))
+    agg.process(batch([ev("a", "sum", 1.0, T0 + 1)], "p0"))
+    agg.process(batch([ev("a", "sum", 10.0, T0 + 2)], "p1"))
+    agg.process(batch([ev("a", "sum", 0.0, T0 + 30)], "p0"))
+    out = agg.process(batch([ev("a", "sum", 0.0, T0 + 30)], "p1")).aggregates
+    assert {(a.window_start, a.revision): a.value for a in out if a.window_start == T0} == {
+        (T0, 1): 11.0
+    }
+    out = agg.process(batch([ev("a", "sum", 5.0, T0 + 3)], "p0")).aggregates
+    got = {(a.window_start, a.revision): a.value for a in out}
+    assert got == {(T0 + s, 2): 16.0 for s in (-15.0, -10.0, -5.0, 0.0)}
+    # p1 contributed: it holds the revision too, and its own correction follows it
+    assert agg._parts["p1"].hop_revisions[(T0, ("a", "sum"))] == 2
+    out = agg.process(batch([ev("a", "sum", 1.0, T0 + 4)], "p1")).aggregates
+    got = {(a.window_start, a.revision): a.value for a in out}
+    assert got == {(T0 + s, 3): 17.0 for s in (-15.0, -10.0, -5.0, 0.0)}
+    assert agg.ledger()["imbalance"] == 0
