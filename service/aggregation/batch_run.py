@@ -38,7 +38,7 @@ from service.aggregation.decode import (
     parse_event,
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
-from service.aggregation.hopping import covering, reached
+from service.aggregation.hopping import covering, first_window
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
 from service.aggregation.series import SeriesBudget, TagRule, name_of, series_key
 from service.aggregation.windows import (
@@ -106,10 +106,9 @@ class Correction(NamedTuple):
     key: WindowKey
     event: WireEvent
     raw: RawOf  # for a dead letter (overflow)
-    # hopping windows (hop_corrections.py): the partition's emitted boundary and
-    # watermark at the event, which decide the windows it reaches
+    # hopping windows (hop_corrections.py): the partition's emitted boundary at the
+    # event (the windows covering its pane that were out then get a revision)
     boundary: float = NEG_INF
-    watermark: float = NEG_INF
 
 
 class BatchRun:
@@ -503,50 +502,21 @@ class BatchRun:
         by its partition's watermark at this event (event by event, so the same records
         give the same decisions however they are batched), else dead-lettered."""
         lim = self.limits
-        if self.lateness and lim.reach != lim.interval:
-            self._late_pane(idx, record, evs, raws, ev, start, part_max)
-            return
+        # hopping windows (hop_corrections.py): the pane's first window decides, the one
+        # whose correction time ends first, so that a pane holds no event that one of
+        # the windows covering it must lack
+        hop = lim.reach != lim.interval
+        judged = first_window(start, lim.interval, lim.reach) if hop else start
         if self.lateness and is_correctable(
-            start, lim.interval, part_max - lim.grace, self.lateness, self.part.kept_from
+            judged, lim.reach, part_max - lim.grace, self.lateness, self.part.kept_from
         ):
             key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
-            self.corrections.append(Correction(idx, start, key, ev, RawOf(ev, evs, raws, record)))
+            raw = RawOf(ev, evs, raws, record)
+            self.corrections.append(Correction(idx, start, key, ev, raw, self.closed_until))
             return
         self._late_for(ev, start)
         detail = f"window starting {start} was already emitted"
         self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
-
-    def _late_pane(
-        self,
-        idx: int,
-        record: Any,
-        evs: Sequence[WireEvent],
-        raws: list[Any] | None,
-        ev: WireEvent,
-        pane: float,
-        part_max: float,
-    ) -> None:
-        """Hopping windows with corrections: an event for a pane the boundary passed
-        reaches the windows covering it that are still open at it, and those emitted
-        and still correctable; it is late (counted per window) for the others, and
-        dead-lettered when it reaches none (hop_corrections.py)."""
-        lim = self.limits
-        wm = part_max - lim.grace
-        hit, missed = reached(
-            pane, lim.interval, lim.reach, self.closed_until, wm, self.lateness, self.part.kept_from
-        )
-        if missed:
-            name, func = name_of(ev.name), CANONICAL_FUNCS[ev.agg_func]
-            late_windows = self.part.late_windows
-            for s in missed:
-                late_windows[(name, func, s)] = late_windows.get((name, func, s), 0) + 1
-        if not hit:
-            detail = f"window starting {missed[0]} was already emitted"
-            self._reject(idx, RawOf(ev, evs, raws, record), "late", detail)
-            return
-        key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
-        raw = RawOf(ev, evs, raws, record)
-        self.corrections.append(Correction(idx, pane, key, ev, raw, self.closed_until, wm))
 
     def _late_for(self, ev: WireEvent, start: float) -> None:
         """Count ``ev`` late, per name, for each window it misses: its window, or with

@@ -1,19 +1,23 @@
 """Corrections of hopping windows (``AGGREGATION_HOP`` with
 ``AGGREGATION_ALLOWED_LATENESS`` above 0, contract §12.4 and §12.7).
 
-A late event for pane ``q`` (the boundary passed its end) is late for the windows
-covering it that were emitted and on time for those still open. To give the same
-revisions whatever the batch cuts, each :class:`~service.aggregation.batch_run.Correction`
-carries its partition's emitted boundary and watermark *at the event*, and the batch's
-corrections are applied after its run but before its final close, in record order:
+A late event for pane ``q`` (the boundary passed its end) is a correction while the
+first window covering it is correctable (its partition's watermark at the event below
+``q + hop + lateness``; every later window covering it is then correctable or open),
+else it is dead-lettered and late for every window covering it: a pane never holds an
+event that one of its windows lacks, so a window merged from panes is exact whichever
+partition's correction emits it. The correction is late for the windows covering it
+that were emitted and on time for those still open. To give the same revisions
+whatever the batch cuts, each :class:`~service.aggregation.batch_run.Correction`
+carries its partition's emitted boundary *at the event*, and the batch's corrections
+are applied after its run but before its final close, in record order:
 
 1. emit every window ending at or before the correction's boundary (they were out
    before the event, so their revision 1 lacks it, as with one record per batch);
 2. add the event to its pane (unpacking a packed or kept one, packed again after);
-3. once a record's corrections are in, emit again each window they reached that was
-   emitted (:func:`~service.aggregation.hopping.reached`), whole, from the panes of
-   every partition of this instance, with the highest revision recorded for it plus
-   one: one revision per record and key.
+3. once a record's corrections are in, emit again each window covering them that was
+   emitted at the event, whole, from the panes of every partition of this instance,
+   with the highest revision recorded for it plus one: one revision per record and key.
 
 The windows still open at the event take it in their revision 1 at the final close.
 A pane whose windows are all out is kept packed (``kept_panes``) until its partition's
@@ -34,7 +38,7 @@ from service.aggregation.batch_run import Correction
 from service.aggregation.dead_letters import DeadLetters
 from service.aggregation.emission import Taken, aggregates_of
 from service.aggregation.functions import FUNCTIONS, Acc
-from service.aggregation.hopping import reached
+from service.aggregation.hopping import covering
 from service.aggregation.kept import copy_acc
 from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
@@ -79,6 +83,9 @@ class HopCorrector:
         self.now, self.metrics, self.tagged = now, metrics, tagged
         self.emit_through = emit_through
         self.opened = 0
+        # packed panes unpacked by this batch (kept up to date by its corrections): a
+        # pane of a thousand keys is unpacked once, not once per late record
+        self._unpacked: dict[tuple[int, float], dict[WindowKey, Acc]] = {}
 
     def apply(
         self,
@@ -107,17 +114,8 @@ class HopCorrector:
                     continue
                 accepted += 1
                 done += added
-                hit, _ = reached(
-                    c.start,
-                    self.pane,
-                    self.interval,
-                    c.boundary,
-                    c.watermark,
-                    self.lateness,
-                    part.kept_from,
-                )
                 name = name_of(c.key[0])
-                for s in hit:
+                for s in covering(c.start, self.pane, self.interval):
                     if s + self.interval <= c.boundary:  # emitted before the event
                         touched[(s, c.key)] = touched.get((s, c.key), 0) + 1
                         late_key = (name, c.key[1], s)
@@ -156,12 +154,16 @@ class HopCorrector:
         else:  # none of its events came through this partition
             is_open = q + self.interval > c.boundary
             store = p.packed if is_open else p.kept_panes
-        keyed = store.unpack(q) if q in store.panes else {}
-        ok = self._add_to(keyed, key, ev.value, ts, open_pane=is_open)
-        if keyed:
-            store.pack(q, keyed)
-        if not ok:
+        # a new dict, and a new list for the key: the unpacked copy stays as it was
+        keyed = dict(_pane(p, q, self._unpacked))
+        if key in keyed:
+            keyed[key] = copy_acc(keyed[key])
+        if not self._add_to(keyed, key, ev.value, ts, open_pane=is_open):
             return None
+        if q in store.panes:
+            store.free(q)
+        store.pack(q, keyed)
+        self._unpacked[(id(p), q)] = keyed
         return 0 if is_open else 1
 
     def _add_to(
@@ -192,7 +194,7 @@ class HopCorrector:
         emission (more than this record added: any other correction of it after its
         emission recorded one), else 1."""
         taken = Taken()
-        panes: dict[tuple[int, float], dict[WindowKey, Acc]] = {}  # unpacked once
+        panes = self._unpacked
         for (start, key), added in touched.items():
             merged: Acc | None = None
             shares: list[PartitionState] = []
@@ -234,7 +236,7 @@ def _pane(
     p: PartitionState, q: float, cache: dict[tuple[int, float], dict[WindowKey, Acc]]
 ) -> dict[WindowKey, Acc]:
     """The accumulators of partition ``p``'s pane ``q``, wherever it is held (empty when
-    it has none); packed ones unpacked into new lists, once per emission."""
+    it has none); packed ones unpacked into new lists, once (``cache``)."""
     live = p.windows.get(q)
     if live is not None:
         return live

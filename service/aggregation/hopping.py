@@ -30,7 +30,7 @@ from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import PERCENTILES
 
-__all__ = ["covering", "keep_pane", "reached", "take_panes"]
+__all__ = ["covering", "first_window", "keep_pane", "take_panes"]
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,9 @@ def covering(pane: float, pane_s: float, interval: float) -> list[float]:
     return [pane - (n - 1 - j) * pane_s for j in range(n)]
 
 
-def reached(
-    pane: float,
-    pane_s: float,
-    interval: float,
-    boundary: float,
-    watermark: float,
-    lateness: float,
-    kept_from: float,
-) -> tuple[list[float], list[float]]:
-    """The windows covering ``pane`` that an event for it reaches, and those it misses,
-    judged at the event (its partition's emitted ``boundary`` and ``watermark`` then):
-    a window still open, or emitted and correctable (contract §12.4: the watermark
-    below its end plus the allowed ``lateness``, emitted while panes were kept: it
-    starts at or after ``kept_from``), is reached."""
-    hit: list[float] = []
-    missed: list[float] = []
-    for s in covering(pane, pane_s, interval):
-        end = s + interval
-        if end > boundary or (s >= kept_from and watermark < end + lateness):
-            hit.append(s)
-        else:
-            missed.append(s)
-    return hit, missed
+def first_window(pane: float, pane_s: float, interval: float) -> float:
+    """The start of the earliest window covering ``pane`` (the first to be emitted)."""
+    return pane - (round(interval / pane_s) - 1) * pane_s
 
 
 def take_panes(

@@ -40,11 +40,12 @@ def expected(
 ) -> tuple[dict[RevKey, tuple[float, int]], int, int]:
     """Every revision of every window, judging each event alone in the order given (the
     per-record semantics), independently of the service: an event for a pane the
-    boundary passed reaches a covering window still open, or one emitted whose end plus
-    the lateness the watermark has not reached; it is dead-lettered when it reaches
-    none. Revision 1 holds the events that reached the window before it was emitted; each
-    record that reaches it after gives the next revision. Returns the revisions, the
-    dead-lettered and the applied late events."""
+    boundary passed is in every window covering the pane while the first of them (the
+    earliest) has an end plus the lateness the watermark has not reached, else
+    dead-lettered (a window emitted before the event gets a revision, one still open
+    has it in its revision 1). Revision 1 holds the events that reached the window
+    before it was emitted; each record that reaches it after gives the next revision.
+    Returns the revisions, the dead-lettered and the applied late events."""
     n = round(interval / hop)
     max_ts = -math.inf
     members: dict[tuple[str, str, float], list[tuple[float, float, int, bool]]] = defaultdict(list)
@@ -59,13 +60,11 @@ def expected(
                     members[(name, func, s)].append((ts, value, r, False))
                 max_ts = max(max_ts, ts)
                 continue
-            wm = max_ts - grace
-            hit = [s for s in cover if s + interval > boundary or wm < s + interval + lateness]
-            if not hit:
+            if max_ts - grace >= cover[0] + interval + lateness:
                 dead += 1
                 continue
             applied += 1
-            for s in hit:
+            for s in cover:
                 members[(name, func, s)].append((ts, value, r, s + interval <= boundary))
     out: dict[RevKey, tuple[float, int]] = {}
     for (name, func, s), ms in members.items():
@@ -222,20 +221,28 @@ def test_a_late_event_is_a_revision_for_emitted_windows_and_in_open_ones() -> No
     out = agg.process(batch([ev("a", "sum", 1.0, T0 + 36)]))
     got = {(a.window_start, a.revision): a.value for a in out.aggregates}
     assert got == {(T0 + 15, 1): 6.0}  # 5 (late, open then) + 1 at T0 + 30
-    # pane T0 + 5 at watermark T0 + 36: windows T0 - 10 .. T0 are beyond the lateness
-    # (late for each), T0 + 5 is corrected again
-    out = agg.process(batch([ev("a", "sum", 100.0, T0 + 7)]))
+    # pane T0 + 20 at watermark T0 + 36: its first window, T0 + 5, is correctable
+    # until T0 + 40; windows T0 + 5 .. T0 + 15 are out (revisions), T0 + 20 is open
+    out = agg.process(batch([ev("a", "sum", 100.0, T0 + 22)]))
     assert out.dead_letters == []
     got = {(a.window_start, a.revision): a.value for a in out.aggregates}
-    assert got == {(T0 + 5, 3): 107.0}
-    assert {s for (_, _, s) in p.late_windows} == {T0 - 10, T0 - 5, T0}
+    assert got == {(T0 + 5, 3): 107.0, (T0 + 10, 3): 107.0, (T0 + 15, 2): 106.0}
+    # pane T0 + 5: its first window, T0 - 10, was correctable until T0 + 25: dead-lettered
+    # though window T0 + 5 still is (a pane holds no event one of its windows lacks)
+    out = agg.process(batch([ev("a", "sum", 100.0, T0 + 7)]))
+    assert [d.reason for d in out.dead_letters] == ["late"]
+    assert {s for (_, _, s) in p.late_windows} == {T0 - 10, T0 - 5, T0, T0 + 5}
+    out = agg.process(batch([ev("a", "sum", 1.0, T0 + 41)]))
+    got = {(a.window_start, a.revision): a.value for a in out.aggregates}
+    assert got == {(T0 + 20, 1): 102.0}  # T0 + 22 (late, open then), T0 + 30, T0 + 36
     ledger = agg.ledger()
-    assert ledger["imbalance"] == 0 and ledger["late_applied"] == 2 and ledger["late"] == 0
+    assert ledger["imbalance"] == 0 and ledger["late_applied"] == 2 and ledger["late"] == 1
     # far later: every kept pane and revision expires
     agg.process(batch([ev("a", "sum", 1.0, T0 + 200)]))
     assert p.kept_panes is not None and not p.kept_panes.panes and not p.hop_revisions
     out = agg.process(batch([ev("a", "sum", 1.0, T0 + 16)]))
     assert [d.reason for d in out.dead_letters] == ["late"]
+    assert agg.ledger()["late"] == 2
     assert agg.ledger()["imbalance"] == 0
 
 
@@ -265,10 +272,9 @@ def test_a_checkpoint_without_kept_panes_makes_the_emitted_windows_final() -> No
     agg.restore([cp])
     out = agg.process(batch([ev("a", "sum", 5.0, T0 + 2)]))  # pane T0: all windows out
     assert [d.reason for d in out.dead_letters] == ["late"] and out.aggregates == []
-    # pane T0 + 20: windows T0 + 5 and T0 + 10 are out (final), T0 + 15 and T0 + 20 are
-    # open: they take it
+    # pane T0 + 20: its first window, T0 + 5, is final: late too (though T0 + 20 is open)
     out = agg.process(batch([ev("a", "sum", 5.0, T0 + 22)]))
-    assert out.dead_letters == [] and out.aggregates == []
+    assert [d.reason for d in out.dead_letters] == ["late"] and out.aggregates == []
     assert agg.ledger()["imbalance"] == 0
 
 
