@@ -114,8 +114,9 @@ async def test_live_hopping_windows_survive_kill_9_and_a_hand_off(
 
 
 # the live harness releases late events by its window of 10 s (tests.e2e.workload):
-# with a hop of 5 every window covering such an event is within the lateness (or open)
-# when it is released as a correction, and past it when released as a late one
+# with a hop of 5 the first window covering such an event (which decides, docs/hopping.md)
+# is within the lateness when it is released as a correction (by 5 s at least), and
+# past it when released as a late one (by 10 s)
 LATE_ENV = {
     "AGGREGATION_INTERVAL": "10",
     "AGGREGATION_HOP": "5",
