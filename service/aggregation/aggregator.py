@@ -22,7 +22,7 @@ from service.aggregation.batch_run import BatchRun, Correction, Limits
 from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
 from service.aggregation.emission import aggregates_of, take_through
-from service.aggregation.hop_corrections import HopCorrector, expire_hop_kept
+from service.aggregation.hop_corrections import HopCorrector, drop_hop_kept, expire_hop_kept
 from service.aggregation.hopping import take_panes
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
@@ -192,6 +192,7 @@ class EventAggregator:
                 log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
             if not self._lateness:  # nothing frees them, and nothing corrects them
                 p.kept_rollups.clear()
+                drop_hop_kept(p)
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:

@@ -31,6 +31,7 @@ The ledger counts each applied event once: ``aggregated`` and ``late_applied``, 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -50,7 +51,7 @@ from service.metrics.collector import MetricsCollector
 if TYPE_CHECKING:
     from service.pipeline.flow import Outputs
 
-__all__ = ["HopCorrector", "expire_hop_kept"]
+__all__ = ["HopCorrector", "drop_hop_kept", "expire_hop_kept"]
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +263,8 @@ def expire_hop_kept(p: PartitionState, watermark: float, interval: float, latene
         gone = [k for k in p.hop_revisions if watermark >= k[0] + interval + lateness]
         for k in gone:
             del p.hop_revisions[k]
+
+
+def drop_hop_kept(p: PartitionState) -> None:
+    """Free every kept pane and revision (restored with the lateness now 0)."""
+    expire_hop_kept(p, math.inf, 0.0, 0.0)

@@ -298,3 +298,18 @@ def test_a_correction_merges_the_panes_of_every_partition() -> None:
     got = {(a.window_start, a.revision): a.value for a in out}
     assert got == {(T0 + s, 3): 17.0 for s in (-15.0, -10.0, -5.0, 0.0)}
     assert agg.ledger()["imbalance"] == 0
+
+
+def test_restored_with_lateness_0_kept_panes_are_freed() -> None:
+    agg = make(interval=20.0, hop=5.0, allowed_lateness_s=30.0)
+    agg.process(batch([ev("a", "sum", 1.0, T0 + 1), ev("a", "sum", 1.0, T0 + 30)]))
+    agg.process(batch([ev("a", "sum", 5.0, T0 + 2)]))
+    [cp] = agg.snapshot()
+    again = make(interval=20.0, hop=5.0)
+    again.restore([cp])
+    p = again._parts["p0"]
+    assert p.kept_panes is not None and not p.kept_panes.panes and not p.hop_revisions
+    assert p.packed is not None and len(p.packed.table) == 0  # no key held for them
+    out = again.process(batch([ev("a", "sum", 1.0, T0 + 3)]))
+    assert [d.reason for d in out.dead_letters] == ["late"]
+    assert again.ledger()["imbalance"] == 0
