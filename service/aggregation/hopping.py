@@ -14,8 +14,9 @@ and counted late for each window covering it (``late_windows``): a pane takes no
 after one of its windows went out, so every window holds exactly the events that were
 on time for all of it, however batches are cut (a replay gives the same windows). Such
 a pane is held packed until it is freed (:mod:`service.aggregation.panes`,
-``PartitionState.packed``; ``windows`` holds the panes still open to events).
-docs/hopping.md shows the rules at work.
+``PartitionState.packed``; ``windows`` holds the panes still open to events). With
+AGGREGATION_ALLOWED_LATENESS above 0 such an event may instead be a correction
+(:mod:`service.aggregation.hop_corrections`). docs/hopping.md shows the rules at work.
 """
 
 from __future__ import annotations
