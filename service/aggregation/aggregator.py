@@ -336,7 +336,7 @@ class EventAggregator:
                 lateness=self._lateness,
                 now=self._clock.now(),
                 metrics=self._metrics,
-                tagged=self._tags is not None,
+                tags=self._tags,
                 emit_through=self._emit_through,
             )
             hop.apply(batch, found, out, dead)

@@ -43,7 +43,7 @@ from service.aggregation.hopping import covering
 from service.aggregation.kept import copy_acc
 from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
-from service.aggregation.series import name_of
+from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_series
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
 from service.metrics.collector import MetricsCollector
@@ -76,12 +76,13 @@ class HopCorrector:
         lateness: float,
         now: float,
         metrics: MetricsCollector,
-        tagged: bool,
+        tags: TagRule | None,
         emit_through: Callable[[float, Outputs], None],
     ) -> None:
         self.part, self.everyone = part, list(parts)
         self.pane, self.interval, self.lateness = pane, interval, lateness
-        self.now, self.metrics, self.tagged = now, metrics, tagged
+        self.now, self.metrics, self.tags, self.tagged = now, metrics, tags, tags is not None
+        self.overflowed = 0  # corrections put into a name's overflow series
         self.emit_through = emit_through
         self.opened = 0
         # packed panes unpacked by this batch (kept up to date by its corrections): a
@@ -108,18 +109,19 @@ class HopCorrector:
                 c = corrections[i]
                 i += 1
                 self.emit_through(c.boundary, out)
-                added = self._add(c)
+                key, added = self._add(c)
                 if added is None:
                     exc = f"adding {c.event.value!r} would make the sum non-finite"
                     dead.reject(out, rejects, batch, c.idx, c.raw, "overflow", exc, self.now)
                     continue
                 accepted += 1
                 done += added
-                name = name_of(c.key[0])
+                self.overflowed += key is not c.key
+                name = name_of(key[0])
                 for s in covering(c.start, self.pane, self.interval):
                     if s + self.interval <= c.boundary:  # emitted before the event
-                        touched[(s, c.key)] = touched.get((s, c.key), 0) + 1
-                        late_key = (name, c.key[1], s)
+                        touched[(s, key)] = touched.get((s, key), 0) + 1
+                        late_key = (name, key[1], s)
                         applied[late_key] = applied.get(late_key, 0) + 1
             if touched:
                 self._emit(touched, out)
@@ -133,17 +135,21 @@ class HopCorrector:
         metrics.on_events_late_applied(accepted)
         for reason, count in rejects.items():
             metrics.on_events_rejected(reason, count)
+        if self.overflowed:
+            part.on_series_overflow(self.overflowed)
+            metrics.on_series_overflow(self.overflowed)
 
-    def _add(self, c: Correction) -> int | None:
-        """Add the event to its pane in this partition: 1 when the pane's windows are
-        all out (kept: the event counts as emitted now), 0 when it is still open (counted
-        with it), None when refused (a non-finite sum)."""
-        p, q, key = self.part, c.start, c.key
+    def _add(self, c: Correction) -> tuple[WindowKey, int | None]:
+        """Add the event to its pane in this partition; returns the key it went to and
+        1 when the pane's windows are all out (kept: the event counts as emitted now),
+        0 when it is still open (counted with it), None when refused (a non-finite sum)."""
+        p, q = self.part, c.start
         ev = c.event
         ts: float = ev.timestamp  # type: ignore[assignment]  # a float by now
         live = p.windows.get(q)
         if live is not None:  # restored and not packed yet: an open pane
-            return None if not self._add_to(live, key, ev.value, ts, open_pane=True) else 0
+            key = self._budgeted(live, c.key)
+            return key, None if not self._add_to(live, key, ev.value, ts, open_pane=True) else 0
         if p.packed is None:
             p.packed = PackedPanes()
         if p.kept_panes is None:
@@ -157,15 +163,31 @@ class HopCorrector:
             store = p.packed if is_open else p.kept_panes
         # a new dict, and a new list for the key: the unpacked copy stays as it was
         keyed = dict(_pane(p, q, self._unpacked))
+        key = self._budgeted(keyed, c.key)
         if key in keyed:
             keyed[key] = copy_acc(keyed[key])
         if not self._add_to(keyed, key, ev.value, ts, open_pane=is_open):
-            return None
+            return key, None
         if q in store.panes:
             store.free(q)
         store.pack(q, keyed)
         self._unpacked[(id(p), q)] = keyed
-        return 0 if is_open else 1
+        return key, 0 if is_open else 1
+
+    def _budgeted(self, keyed: dict[WindowKey, Acc], key: WindowKey) -> WindowKey:
+        """The key a correction goes to: a tag set new to its pane counts against
+        AGGREGATION_MAX_SERIES_PER_NAME as in an open pane (corrections.py's rule, per
+        pane as the series budget of hopping windows is), beyond it the name's overflow
+        series."""
+        tags = self.tags
+        series, func = key
+        if tags is None or SEP not in series or key in keyed:
+            return key
+        name = name_of(series)
+        known = {s for s, _ in keyed if SEP in s and name_of(s) == name and not is_overflow(s)}
+        if series in known or len(known) < tags.max_series:
+            return key
+        return overflow_series(name, tags.group_by), func
 
     def _add_to(
         self,

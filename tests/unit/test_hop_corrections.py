@@ -313,3 +313,29 @@ def test_restored_with_lateness_0_kept_panes_are_freed() -> None:
     out = again.process(batch([ev("a", "sum", 1.0, T0 + 3)]))
     assert [d.reason for d in out.dead_letters] == ["late"]
     assert again.ledger()["imbalance"] == 0
+
+
+def test_a_late_tag_set_beyond_the_series_budget_goes_to_the_overflow_series() -> None:
+    agg = make(
+        interval=20.0,
+        hop=5.0,
+        allowed_lateness_s=30.0,
+        group_by=("host",),
+        max_series_per_name=1,
+    )
+
+    def tagged(host: str, value: float, ts: float) -> bytes:
+        body = {"name": "a", "agg_func": "sum", "value": value, "timestamp": ts}
+        return orjson.dumps({**body, "tags": {"host": host}})
+
+    agg.process(batch([tagged("h1", 1.0, T0 + 1), tagged("h1", 1.0, T0 + 30)]))
+    out = agg.process(batch([tagged("h2", 5.0, T0 + 2)]))  # pane T0 holds h1 already
+    assert out.dead_letters == []
+    hosts = {(a.window_start, a.revision): dict(a.tags or {}) for a in out.aggregates}
+    assert hosts and all(h["host"] != "h2" for h in hosts.values())
+    assert {a.value for a in out.aggregates} == {5.0}  # revision 1 of the overflow series
+    assert agg.ledger()["series_overflow"] == 1 and agg.ledger()["imbalance"] == 0
+    out = agg.process(batch([tagged("h1", 2.0, T0 + 3)]))
+    assert {(a.window_start, a.revision, a.value) for a in out.aggregates} == {
+        (T0 + s, 2, 3.0) for s in (-15.0, -10.0, -5.0, 0.0)
+    }
