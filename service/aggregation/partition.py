@@ -388,7 +388,8 @@ class PartitionState:
                 start, name, func, acc = entry
                 panes.setdefault(float(start), {})[(name, func)] = acc
                 continue
-            dropped.append(_dropped(entry, why))
+            # its events were emitted: only the corrections of its windows are lost
+            dropped.append(Dropped(None, None, None, 0, f"kept pane {_clip(entry)}: {why}"))
             self._final_through(entry)
         if panes:
             if self.packed is None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.partition import HOP_LATE_STATE_FORMAT, HOP_STATE_FORMAT
+from service.checkpoints.base import PartitionCheckpoint
 from service.core.clock import ManualClock
 from service.core.events import Aggregate
 from tests.unit.test_hopping import FUNCS, T0, assert_equal, batch, ev, make, reference
@@ -339,3 +340,27 @@ def test_a_late_tag_set_beyond_the_series_budget_goes_to_the_overflow_series() -
     assert {(a.window_start, a.revision, a.value) for a in out.aggregates} == {
         (T0 + s, 2, 3.0) for s in (-15.0, -10.0, -5.0, 0.0)
     }
+
+
+def test_an_unusable_kept_pane_makes_its_windows_final() -> None:
+    agg = make(interval=20.0, hop=5.0, allowed_lateness_s=30.0)
+    agg.process(batch([ev("a", "sum", 1.0, T0 + 1), ev("a", "sum", 1.0, T0 + 30)]))
+    [cp] = agg.snapshot()
+    body: dict[str, Any] = orjson.loads(cp.state or b"{}")
+    [entry] = body["kept_panes"]
+    assert entry[0] == T0
+    entry[3] = ["not", "a", "sum"]
+    broken = PartitionCheckpoint(cp.partition, cp.position, orjson.dumps(body), cp.ledger)
+    again = make(interval=20.0, hop=5.0, allowed_lateness_s=30.0)
+    again.restore([broken])
+    assert again.ledger()["imbalance"] == 0  # its events were emitted: none dropped
+    out = again.process(batch([ev("a", "sum", 5.0, T0 + 2)]))
+    assert [d.reason for d in out.dead_letters] == ["late"] and out.aggregates == []
+    # pane T0 + 15's first window is T0 too: final; pane T0 + 20's (T0 + 5) is not
+    out = again.process(batch([ev("a", "sum", 5.0, T0 + 17)]))
+    assert [d.reason for d in out.dead_letters] == ["late"]
+    out = again.process(batch([ev("a", "sum", 5.0, T0 + 22)]))
+    assert out.dead_letters == []
+    got = {(a.window_start, a.revision): a.value for a in out.aggregates}
+    assert got == {(T0 + 5, 1): 5.0, (T0 + 10, 1): 5.0}  # no event of a there before
+    assert again.ledger()["imbalance"] == 0
