@@ -1,6 +1,6 @@
 """OPEN-STATE MEMORY of hopping windows against tumbling ones (issue 18, docs/hopping.md).
 
-``python -m bench.hopmem [-n N] [--hop H] [--interval I] [--names K] [--collect]``
+``python -m bench.hopmem [-n N] [--hop H] [--interval I] [--names K] [--lateness L] [--collect]``
 
 Feeds the same events (the benchmark workload's shape: ``K`` names, event time rising
 over 1,200 s) through an aggregator with tumbling windows of ``I`` seconds and one with
@@ -8,7 +8,8 @@ hopping windows (``AGGREGATION_HOP=H``), and reports the peak and the mean over 
 of the memory ``tracemalloc`` sees allocated and not freed (the open state: windows or
 panes, the ledger; every output is dropped as it comes; bench.heap). ``--collect``
 samples after a full collection, which also empties CPython's free lists (freed
-objects kept for reuse, which tracemalloc counts as allocated).
+objects kept for reuse, which tracemalloc counts as allocated). ``--lateness``: both
+run with AGGREGATION_ALLOWED_LATENESS (emitted windows, or panes, kept for corrections).
 
 Then, untraced, it runs the hopping aggregator once more and checks every window it
 emits against an independent computation from the raw events (every window of
@@ -56,11 +57,16 @@ def events(n: int, names: int, seed: int = 1) -> list[list[bytes]]:
 
 
 def measure(
-    per: list[list[bytes]], interval: float, hop: float | None, *, collect: bool = False
+    per: list[list[bytes]],
+    interval: float,
+    hop: float | None,
+    *,
+    collect: bool = False,
+    lateness: float = 0.0,
 ) -> tuple[int, int]:
     """(peak, mean) bytes of open state over the batches."""
     clock = ManualClock(T0 + SPAN_S + 3600)
-    cfg = AggregationConfig(interval_s=interval, hop_s=hop)
+    cfg = AggregationConfig(interval_s=interval, hop_s=hop, allowed_lateness_s=lateness)
     agg = EventAggregator(cfg, MetricsCollector(clock), clock)
     agg.restore([PartitionCheckpoint(f"p{i}", None, None) for i in range(len(per))])
     feed = [
@@ -152,6 +158,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=60.0)
     ap.add_argument("--hop", type=float, default=10.0)
     ap.add_argument("--names", type=int, default=1000)
+    ap.add_argument("--lateness", type=float, default=0.0, help="AGGREGATION_ALLOWED_LATENESS")
     ap.add_argument(
         "--collect",
         action="store_true",
@@ -159,9 +166,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     per = events(args.n, args.names)
-    t_peak, t_mean = measure(per, args.interval, None, collect=args.collect)
-    h_peak, h_mean = measure(per, args.interval, args.hop, collect=args.collect)
-    print(f"{args.n:,} events, {args.names} names, interval {args.interval:g} s")
+    late = args.lateness
+    t_peak, t_mean = measure(per, args.interval, None, collect=args.collect, lateness=late)
+    h_peak, h_mean = measure(per, args.interval, args.hop, collect=args.collect, lateness=late)
+    print(f"{args.n:,} events, {args.names} names, interval {args.interval:g} s", end="")
+    print(f", allowed lateness {late:g} s" if late else "")
     print(f"tumbling:     peak {t_peak / 1e6:8.2f} MB  mean {t_mean / 1e6:8.2f} MB")
     print(f"hop {args.hop:<6g}    peak {h_peak / 1e6:8.2f} MB  mean {h_mean / 1e6:8.2f} MB")
     print(f"ratio: peak {h_peak / t_peak:.2f}x  mean {h_mean / t_mean:.2f}x")

@@ -22,6 +22,7 @@ from service.aggregation.batch_run import BatchRun, Correction, Limits
 from service.aggregation.corrections import apply_corrections
 from service.aggregation.dead_letters import DEAD_LETTERS_PER_MESSAGE, DeadLetters
 from service.aggregation.emission import aggregates_of, take_through
+from service.aggregation.hop_corrections import HopCorrector, drop_hop_kept, expire_hop_kept
 from service.aggregation.hopping import take_panes
 from service.aggregation.kept import expire
 from service.aggregation.origins import RoutedTime
@@ -191,6 +192,7 @@ class EventAggregator:
                 log.warning("checkpoint of partition %s: dropped %s", cp.partition, why)
             if not self._lateness:  # nothing frees them, and nothing corrects them
                 p.kept_rollups.clear()
+                drop_hop_kept(p)
             self._parts[cp.partition] = p
             self._open += p.open_windows()
             for d in dropped:
@@ -293,6 +295,9 @@ class EventAggregator:
             part.position = batch.next_position
         part.caught_up = batch.caught_up
         part.lag = batch.lag
+        if corrections and self._hopping:  # before the close: hop_corrections.py
+            self._correct(part, batch, corrections, out)
+            corrections = []
         try:
             self._close_ready(out)
         except Exception as exc:
@@ -322,19 +327,35 @@ class EventAggregator:
     ) -> None:
         """Apply a batch's corrections (:mod:`service.aggregation.corrections`)."""
         dead = self._dead if self._archive is None else Refusals(self._dead)
-        apply_corrections(
-            part,
-            self._parts.values(),
-            batch,
-            found,
-            out,
-            dead,
-            interval=self._interval,
-            now=self._clock.now(),
-            metrics=self._metrics,
-            tags=self._tags,
-            rollups=self._rollups,
-        )
+        if self._hopping:
+            hop = HopCorrector(
+                part,
+                self._parts.values(),
+                pane=self._pane,
+                interval=self._interval,
+                lateness=self._lateness,
+                now=self._clock.now(),
+                metrics=self._metrics,
+                tags=self._tags,
+                emit_through=self._emit_through,
+            )
+            hop.apply(batch, found, out, dead)
+            self._open += hop.opened
+            self._metrics.set_open_windows(self._open)
+        else:
+            apply_corrections(
+                part,
+                self._parts.values(),
+                batch,
+                found,
+                out,
+                dead,
+                interval=self._interval,
+                now=self._clock.now(),
+                metrics=self._metrics,
+                tags=self._tags,
+                rollups=self._rollups,
+            )
         if type(dead) is Refusals and self._archive is not None:
             rows = self._archive.rows_for(batch.partition)
             add_corrections(rows, found, dead, self._tags is not None)
@@ -349,6 +370,8 @@ class EventAggregator:
                 expire(p.kept, p.max_ts - grace, interval, lateness)
             if p.kept_rollups and p.max_ts is not None:
                 expire_kept(p, p.max_ts - grace, lateness)
+            if (p.kept_panes is not None or p.hop_revisions) and p.max_ts is not None:
+                expire_hop_kept(p, p.max_ts - grace, interval, lateness)
 
     def _start_run(self, part: PartitionState, batch: SourceBatch, out: Outputs) -> BatchRun:
         cfg = self._cfg
@@ -455,7 +478,12 @@ class EventAggregator:
         (:mod:`service.aggregation.emission`; hopping: from panes, hopping.py)."""
         if self._hopping:
             taken = take_panes(
-                self._parts.values(), boundary, self._pane, self._interval, self._idle_s
+                self._parts.values(),
+                boundary,
+                self._pane,
+                self._interval,
+                self._idle_s,
+                keep=self._lateness > 0,
             )
         else:
             taken = take_through(

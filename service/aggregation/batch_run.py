@@ -38,7 +38,7 @@ from service.aggregation.decode import (
     parse_event,
 )
 from service.aggregation.functions import FUNCTIONS, SUM_PLAIN_LIMIT, Acc
-from service.aggregation.hopping import covering
+from service.aggregation.hopping import covering, first_window
 from service.aggregation.partition import NEG_INF, PartitionState, WindowKey
 from service.aggregation.series import SeriesBudget, TagRule, name_of, series_key
 from service.aggregation.windows import (
@@ -102,10 +102,13 @@ class Correction(NamedTuple):
     order (:mod:`service.aggregation.corrections`)."""
 
     idx: int  # its record (message) in the batch: one revision per record and key
-    start: float
+    start: float  # its window's, or with hopping windows its pane's
     key: WindowKey
     event: WireEvent
     raw: RawOf  # for a dead letter (overflow)
+    # hopping windows (hop_corrections.py): the partition's emitted boundary at the
+    # event (the windows covering its pane that were out then get a revision)
+    boundary: float = NEG_INF
 
 
 class BatchRun:
@@ -499,11 +502,17 @@ class BatchRun:
         by its partition's watermark at this event (event by event, so the same records
         give the same decisions however they are batched), else dead-lettered."""
         lim = self.limits
+        # hopping windows (hop_corrections.py): the pane's first window decides, the one
+        # whose correction time ends first, so that a pane holds no event that one of
+        # the windows covering it must lack
+        hop = lim.reach != lim.interval
+        judged = first_window(start, lim.interval, lim.reach) if hop else start
         if self.lateness and is_correctable(
-            start, lim.interval, part_max - lim.grace, self.lateness, self.part.kept_from
+            judged, lim.reach, part_max - lim.grace, self.lateness, self.part.kept_from
         ):
             key = (ev.name, CANONICAL_FUNCS[ev.agg_func])
-            self.corrections.append(Correction(idx, start, key, ev, RawOf(ev, evs, raws, record)))
+            raw = RawOf(ev, evs, raws, record)
+            self.corrections.append(Correction(idx, start, key, ev, raw, self.closed_until))
             return
         self._late_for(ev, start)
         detail = f"window starting {start} was already emitted"

@@ -14,8 +14,9 @@ and counted late for each window covering it (``late_windows``): a pane takes no
 after one of its windows went out, so every window holds exactly the events that were
 on time for all of it, however batches are cut (a replay gives the same windows). Such
 a pane is held packed until it is freed (:mod:`service.aggregation.panes`,
-``PartitionState.packed``; ``windows`` holds the panes still open to events).
-docs/hopping.md shows the rules at work.
+``PartitionState.packed``; ``windows`` holds the panes still open to events). With
+AGGREGATION_ALLOWED_LATENESS above 0 such an event may instead be a correction
+(:mod:`service.aggregation.hop_corrections`). docs/hopping.md shows the rules at work.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import PERCENTILES
 
-__all__ = ["covering", "take_panes"]
+__all__ = ["covering", "first_window", "keep_pane", "take_panes"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,26 @@ def covering(pane: float, pane_s: float, interval: float) -> list[float]:
     return [pane - (n - 1 - j) * pane_s for j in range(n)]
 
 
+def first_window(pane: float, pane_s: float, interval: float) -> float:
+    """The start of the earliest window covering ``pane`` (the first to be emitted)."""
+    return pane - (round(interval / pane_s) - 1) * pane_s
+
+
 def take_panes(
-    parts: Iterable[PartitionState], boundary: float, pane_s: float, interval: float, idle_s: float
+    parts: Iterable[PartitionState],
+    boundary: float,
+    pane_s: float,
+    interval: float,
+    idle_s: float,
+    *,
+    keep: bool = False,
 ) -> Taken:
     """Emit every window ending in (a partition's emitted boundary, ``boundary``] from
     copies of its panes, merged over partitions and panes, free the panes whose last
     window ends at or before ``boundary`` and pack the others it passed (panes.py).
+    ``keep`` (AGGREGATION_ALLOWED_LATENESS above 0): a pane whose last window is out
+    moves, packed, to the partition's ``kept_panes`` instead of being freed
+    (:mod:`service.aggregation.hop_corrections`); it counts as emitted all the same.
 
     A partition that holds the watermark, or has a pane below ``boundary``, moves its
     emitted boundary to ``boundary``, so no window is emitted twice from its panes; a
@@ -80,6 +95,11 @@ def take_panes(
                 if is_live:
                     keyed = p.windows.pop(q)
                     keys, events = len(keyed), sum(acc[0] for acc in keyed.values())
+                    if keep:
+                        packed.pack(q, keyed)
+                        keep_pane(p, packed, q)
+                elif keep:
+                    keys, events = keep_pane(p, packed, q)
                 else:
                     keys, events = packed.free(q)
                 if p.series is not None:
@@ -89,6 +109,16 @@ def take_panes(
             elif is_live:  # no event can reach it any more: packed until then
                 packed.pack(q, p.windows.pop(q))
     return taken
+
+
+def keep_pane(p: PartitionState, packed: PackedPanes, q: float) -> tuple[int, int]:
+    """Move packed pane ``q`` to the partition's kept panes (the same key table, so the
+    pane moves as it is); returns (keys, events) it holds."""
+    kept = p.kept_panes
+    if kept is None:
+        kept = p.kept_panes = PackedPanes(packed.table)
+    pane = kept.panes[q] = packed.panes.pop(q)
+    return len(pane.slots), pane.events
 
 
 def _merge(

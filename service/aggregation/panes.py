@@ -155,12 +155,13 @@ def _tail(func: str, acc: Acc) -> list[float] | None:
 
 
 class PackedPanes:
-    """A partition's packed panes by start, and the table of their keys."""
+    """A partition's packed panes by start, and the table of their keys (``table``: one
+    shared with another store, so that a pane moves between them as it is)."""
 
     __slots__ = ("panes", "table")
 
-    def __init__(self) -> None:
-        self.table = KeyTable()
+    def __init__(self, table: KeyTable | None = None) -> None:
+        self.table = KeyTable() if table is None else table
         self.panes: dict[float, PackedPane] = {}
 
     def pack(self, start: float, keyed: dict[Key, Acc]) -> None:
@@ -211,6 +212,13 @@ class PackedPanes:
         pane = self.panes.pop(start)
         self.table.release(pane.slots)
         return len(pane.slots), pane.events
+
+    def unpack(self, start: float) -> dict[Key, Acc]:
+        """Take the pane out as the dict it was packed from (to add a correction to it:
+        :mod:`service.aggregation.hop_corrections` packs it again)."""
+        keyed = dict(self.entries(start))
+        self.free(start)
+        return keyed
 
     def keys(self) -> int:
         return sum(len(p.slots) for p in self.panes.values())

@@ -56,6 +56,7 @@ from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 
 __all__ = [
+    "HOP_LATE_STATE_FORMAT",
     "HOP_STATE_FORMAT",
     "NEG_INF",
     "STATE_FORMAT",
@@ -83,8 +84,19 @@ would emit as a name. Those releases refuse it; it reads wide accumulators too."
 HOP_STATE_FORMAT: Final = 4
 """A state holding panes of hopping windows (AGGREGATION_HOP, service.aggregation.hopping):
 a release before them would read each pane as a tumbling window of the interval."""
+HOP_LATE_STATE_FORMAT: Final = 5
+"""A state of hopping windows holding kept panes or revisions of emitted windows
+(AGGREGATION_ALLOWED_LATENESS with AGGREGATION_HOP, service.aggregation.hop_corrections):
+a release before them would drop those and emit a correction as a new revision 1."""
 READ_FORMATS: Final = frozenset(
-    {STATE_FORMAT, WIDE_STATE_FORMAT, V13_STATE_FORMAT, HOP_STATE_FORMAT, ROLLUP_STATE_FORMAT}
+    {
+        STATE_FORMAT,
+        WIDE_STATE_FORMAT,
+        V13_STATE_FORMAT,
+        HOP_STATE_FORMAT,
+        ROLLUP_STATE_FORMAT,
+        HOP_LATE_STATE_FORMAT,
+    }
 )
 NEG_INF: Final = -math.inf
 
@@ -132,6 +144,11 @@ class PartitionState:
     # AGGREGATION_HOP: the panes the emitted boundary passed whose windows are not all
     # out, packed (service.aggregation.panes); ``windows`` holds the others
     packed: PackedPanes | None = None
+    # and with the allowed lateness above 0: the panes whose windows are all out, kept
+    # packed (same key table) for corrections, and the revision last emitted per
+    # corrected window (service.aggregation.hop_corrections), both checkpointed
+    kept_panes: PackedPanes | None = None
+    hop_revisions: dict[tuple[float, WindowKey], int] = field(default_factory=dict)
 
     # -- the ledger ---------------------------------------------------------------------
     def count(
@@ -160,16 +177,23 @@ class PartitionState:
         self.totals["emitted"] = self.totals.get("emitted", 0) + events
 
     def on_corrected(
-        self, interval_start: float, applied: dict[tuple[str, str, float], int]
+        self,
+        interval_start: float,
+        applied: dict[tuple[str, str, float], int],
+        *,
+        events: int | None = None,
+        emitted: int | None = None,
     ) -> None:
         """Count late events applied to emitted windows (``late_applied``, per interval of
         receipt and per window). They are emitted once, with the revision they are in:
-        ``emitted`` counts them, not the whole window again."""
-        n = sum(applied.values())
+        ``emitted`` counts them, not the whole window again. Hopping windows
+        (hop_corrections.py) give ``events`` (one event reaches several windows) and
+        ``emitted``: those added to a pane still open are counted with it."""
+        n = sum(applied.values()) if events is None else events
         bucket = self.intervals.setdefault(interval_start, {})
         for target in (self.totals, bucket):
             target["late_applied"] = target.get("late_applied", 0) + n
-        self.totals["emitted"] = self.totals.get("emitted", 0) + n
+        self.totals["emitted"] = self.totals.get("emitted", 0) + (n if emitted is None else emitted)
         per_window = self.late_applied
         for key, c in applied.items():
             per_window[key] = per_window.get(key, 0) + c
@@ -274,7 +298,8 @@ class PartitionState:
             "seconds_since_message": max(0.0, now_mono - self.last_message_at),
             "open_windows": self.open_windows(),
             # emitted window keys kept for corrections (AGGREGATION_ALLOWED_LATENESS)
-            "kept_windows": sum(len(keyed) for keyed in self.kept.values()),
+            "kept_windows": sum(len(keyed) for keyed in self.kept.values())
+            + (0 if self.kept_panes is None else self.kept_panes.keys()),
             **self._series_view(),
         }
 
@@ -323,6 +348,9 @@ class PartitionState:
         }
         if keeps:
             body.update(kept_windows.encode(self.kept, self.kept_from))
+            if panes and (hop_body := self._hop_kept_body()):
+                body.update(hop_body)
+                body["format"] = HOP_LATE_STATE_FORMAT
         if self.rollups and (entries := rollup_partials.encode(self.rollups)):
             body["format"] = ROLLUP_STATE_FORMAT
             body["rollups"] = entries
@@ -330,6 +358,68 @@ class PartitionState:
             body["format"] = ROLLUP_STATE_FORMAT
             body["kept_rollups"] = kept
         return PartitionCheckpoint(partition, self.position, orjson.dumps(body), ledger=ledger)
+
+    def _hop_kept_body(self) -> dict[str, Any]:
+        """The kept panes (unpacked, as windows are) and revisions of hopping windows."""
+        body: dict[str, Any] = {}
+        kept = self.kept_panes
+        if kept is not None and kept.panes:
+            body["kept_panes"] = [
+                [start, name, func, acc]
+                for start in kept.panes
+                for (name, func), acc in kept.entries(start)
+            ]
+        if self.hop_revisions:
+            body["hop_revisions"] = [
+                [start, name, func, revision]
+                for (start, (name, func)), revision in self.hop_revisions.items()
+            ]
+        return body
+
+    def _restore_hop_kept(self, body: dict[str, Any]) -> list[Dropped]:
+        """Kept panes and revisions of hopping windows (absent before format 5: every
+        window emitted before is final, ``kept_from``). A kept pane that cannot be used
+        makes the windows covering it final."""
+        dropped: list[Dropped] = []
+        panes: dict[float, dict[WindowKey, Acc]] = {}
+        for entry in body.get("kept_panes", ()):
+            why = _invalid_window(entry)
+            if why is None:
+                start, name, func, acc = entry
+                panes.setdefault(float(start), {})[(name, func)] = acc
+                continue
+            # its events were emitted: only the corrections of its windows are lost
+            dropped.append(Dropped(None, None, None, 0, f"kept pane {_clip(entry)}: {why}"))
+            self._final_through(entry)
+        if panes:
+            if self.packed is None:
+                self.packed = PackedPanes()
+            kept = self.kept_panes = PackedPanes(self.packed.table)
+            for start, keyed in panes.items():
+                kept.pack(start, keyed)
+        for entry in body.get("hop_revisions", ()):
+            if (
+                type(entry) is list
+                and len(entry) == 4
+                and type(entry[0]) in (int, float)
+                and math.isfinite(entry[0])
+                and type(entry[1]) is str
+                and entry[2] in FUNCTIONS
+                and type(entry[3]) is int
+                and entry[3] >= 1
+            ):
+                self.hop_revisions[(float(entry[0]), (entry[1], entry[2]))] = entry[3]
+            else:  # its window must not be emitted again with a revision used before
+                dropped.append(Dropped(None, None, None, 0, f"hop revision {_clip(entry)}"))
+                self._final_through(entry)
+        return dropped
+
+    def _final_through(self, entry: Any) -> None:
+        """The windows starting at or before an unusable entry's start (all of them when
+        it has none) are final: no revision is emitted that lacks what it held."""
+        at: Any = entry[0] if type(entry) is list and entry else None
+        final = float(at) if type(at) in (int, float) and math.isfinite(at) else math.inf
+        self.kept_from = max(self.kept_from, math.nextafter(final, math.inf))
 
     @classmethod
     def restored(
@@ -382,6 +472,13 @@ class PartitionState:
         p.rollups, unusable = rollup_partials.decode(body.get("rollups"))
         p.kept_rollups, unkept = rollup_partials.decode_kept(body.get("kept_rollups"))
         dropped.extend(Dropped(None, None, None, 0, why) for why in unusable + unkept)
+        if "kept_panes" in body or "hop_revisions" in body:
+            try:
+                dropped.extend(p._restore_hop_kept(body))
+            except (TypeError, ValueError) as exc:
+                p.kept_panes, p.hop_revisions = None, {}
+                p.kept_from = max(p.kept_from, final_from)
+                dropped.append(Dropped(None, None, None, 0, f"kept panes unreadable: {exc!r}"))
         for entry in entries:
             why = _invalid_window(entry)
             if why is None:

@@ -333,10 +333,6 @@ def _check_hop(r: Reader, cfg: AggregationConfig) -> AggregationConfig:
         return replace(cfg, hop_s=None)
     if round(n) == 1:
         return replace(cfg, hop_s=None)
-    if cfg.allowed_lateness_s > 0:
-        # corrections are per emitted tumbling window (docs/hopping.md, "Not yet")
-        r.fail("AGGREGATION_HOP", f"{form}, or AGGREGATION_ALLOWED_LATENESS=0 with it")
-        return replace(cfg, hop_s=None)
     return cfg
 
 

@@ -310,10 +310,10 @@ def test_hop_that_does_not_divide_the_interval_names_it() -> None:
     )
 
 
-def test_hop_with_allowed_lateness_is_not_yet_supported() -> None:
-    [problem] = problems_of(AGGREGATION_HOP="10", AGGREGATION_ALLOWED_LATENESS="30")
-    assert problem.startswith("AGGREGATION_HOP='10': expected ")
-    assert "AGGREGATION_ALLOWED_LATENESS=0" in problem
+def test_hop_with_allowed_lateness_is_accepted() -> None:
+    # corrections of hopping windows (docs/hopping.md, service.aggregation.hop_corrections)
+    cfg = load(AGGREGATION_HOP="10", AGGREGATION_ALLOWED_LATENESS="30").aggregation
+    assert (cfg.hop_s, cfg.allowed_lateness_s) == (10.0, 30.0)
 
 
 def test_postgres_output_without_dsn_is_reported() -> None:

@@ -168,6 +168,7 @@ def test_hot_loop_gives_exactly_what_the_reference_path_gives(
     max_open=st.sampled_from([3, 1000]),
     group_by=st.sampled_from([(), ("host", "region")]),
     hop=st.sampled_from([10.0, 30.0]),
+    lateness=st.sampled_from([0.0, 120.0]),  # corrections of hopping windows too
 )
 def test_hot_loop_gives_what_the_reference_path_gives_with_hopping_windows(
     batches: list[tuple[int, list[Any], float, bool]],
@@ -175,13 +176,14 @@ def test_hot_loop_gives_what_the_reference_path_gives_with_hopping_windows(
     max_open: int,
     group_by: tuple[str, ...],
     hop: float,
+    lateness: float,
 ) -> None:
     """Panes (AGGREGATION_HOP): the same outputs, dead letters, late counts per window
     and panes on both paths."""
-    hot = _run(batches, grace, max_open, group_by, hop=hop)
+    hot = _run(batches, grace, max_open, group_by, lateness, hop=hop)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BatchRun, "run", BatchRun.run_reference)
-        reference = _run(batches, grace, max_open, group_by, hop=hop)
+        reference = _run(batches, grace, max_open, group_by, lateness, hop=hop)
     assert hot == reference
     assert hot["ledger"]["imbalance"] == 0
 
