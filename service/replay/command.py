@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import orjson
 
 from service.archive.stores import ArchiveStore, build_store
-from service.config import Config
+from service.config import AggregationConfig, Config
 from service.core.clock import Clock, SystemClock
 from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
@@ -37,7 +37,7 @@ from service.replay.span import ReplaySpan
 from service.routes.matching import Router
 from service.sinks.postgres import PostgresSink
 
-__all__ = ["Summary", "replay", "usable"]
+__all__ = ["Summary", "recomputed", "replay", "usable"]
 
 log = logging.getLogger(__name__)
 
@@ -125,33 +125,11 @@ async def _replay(
     router: Router | None,
 ) -> Summary:
     agg = config.aggregation
-    levels = levels_of(agg)
-    longest = max(level.length for level in levels)
-    hours = hours_of(span.start, span.end + longest)
     summary = Summary()
-    parts = await list_files(store, hours)
-    progress = Progress(err, hours, tty)
-    progress.expect([name for part in parts for name in part.files])
-    shares: list[list[Windows]] = []
-    for part in parts:
-        panes: Windows = {}
-        for name in part.files:
-            for table in await read(store, [name]):
-                cols = Columns()
-                cols.extend(table)
-                summary.events += add_events(panes, cols, agg.pane_s, span)
-            summary.files += 1
-            progress.done(name)
-        shares.append(partition_levels(panes, levels))
-    progress.finish()
     now = clock.now()
-    tagged = bool(agg.group_by)
-    fresh: list[Aggregate] = []
-    for i, level in enumerate(levels):
-        windows = merged(share[i] for share in shares)
-        fresh += aggregates(windows, level.length, span, now, tagged=tagged)
+    fresh = await recomputed(store, agg, span, now, summary, Progress(err, tty))
     tables = _tables(config, router)
-    held, through = await _held(sink, tables, span, longest)
+    held, through = await _held(sink, tables, span)
     # the service may still emit or correct a window until its watermark passes the
     # window's end plus the allowed lateness; it has passed the end of every window it
     # wrote, so the latest end written bounds it from below
@@ -185,6 +163,40 @@ async def _replay(
     return summary
 
 
+async def recomputed(
+    store: ArchiveStore,
+    agg: AggregationConfig,
+    span: ReplaySpan,
+    now: float,
+    summary: Summary,
+    progress: Progress,
+) -> list[Aggregate]:
+    """Every window of every level starting in the span, from the archive's hours
+    ``[start, end + the longest window)``, as the service computes it."""
+    levels = levels_of(agg)
+    longest = max(level.length for level in levels)
+    hours = hours_of(span.start, span.end + longest)
+    parts = await list_files(store, hours)
+    progress.expect(hours, [name for part in parts for name in part.files])
+    shares: list[list[Windows]] = []
+    for part in parts:  # one partition at a time, its files in position order
+        panes: Windows = {}
+        for name in part.files:
+            for table in await read(store, [name]):
+                cols = Columns()
+                cols.extend(table)
+                summary.events += add_events(panes, cols, agg.pane_s, span)
+            summary.files += 1
+            progress.done(name)
+        shares.append(partition_levels(panes, levels))
+    progress.finish()
+    fresh: list[Aggregate] = []
+    for i, level in enumerate(levels):
+        windows = merged(share[i] for share in shares)
+        fresh += aggregates(windows, level.length, span, now, tagged=bool(agg.group_by))
+    return fresh
+
+
 def _router(config: Config) -> Router | None:
     if not config.routes:
         return None
@@ -209,7 +221,7 @@ def _destined(
 
 
 async def _held(
-    sink: PostgresSink, tables: Sequence[str], span: ReplaySpan, longest: float
+    sink: PostgresSink, tables: Sequence[str], span: ReplaySpan
 ) -> tuple[dict[tuple[str, HeldKey], Held], float]:
     """The rows of the range per table, and the latest window end written from the
     range's start on (the service's watermark has passed it)."""

@@ -15,16 +15,17 @@ _WIDTH = 30
 
 
 class Progress:
-    def __init__(self, out: TextIO, hours: Sequence[int], tty: bool | None = None) -> None:
+    def __init__(self, out: TextIO, tty: bool | None = None) -> None:
         self._out = out
         self._tty = out.isatty() if tty is None else tty
-        self._hours = [hour_dir(h) for h in hours]
+        self._hours: list[str] = []
         self._left: Counter[str] = Counter()
         self._total = 0
         self._done = 0
 
-    def expect(self, files: Sequence[str]) -> None:
-        """The files to be read (names under the archive's root)."""
+    def expect(self, hours: Sequence[int], files: Sequence[str]) -> None:
+        """The hours covered and the files to be read (names under the archive's root)."""
+        self._hours = [hour_dir(h) for h in hours]
         for name in files:
             self._left[name.partition("/")[0]] += 1
         self._total += len(files)

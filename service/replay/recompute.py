@@ -51,10 +51,14 @@ def add_events(panes: Windows, cols: Columns, pane_s: float, span: ReplaySpan) -
     """Add one partition's events, in their order, to its panes; returns how many."""
     fns = FUNCTIONS
     added = 0
+    wanted: dict[str, bool] = {}  # --names decided once per name
     for name, func, value, ts, tags in zip(
         cols.names, cols.funcs, cols.values, cols.times, cols.tags, strict=True
     ):
-        if not span.wants(name):
+        want = wanted.get(name)
+        if want is None:
+            want = wanted[name] = span.wants(name)
+        if not want:
             continue
         fn = fns.get(func)
         if fn is None:

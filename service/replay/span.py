@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import translate
 from typing import Final
@@ -32,13 +32,14 @@ class ReplaySpan:
     start: float
     end: float
     names: str | None = None
+    _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pattern = None if self.names is None else re.compile(translate(self.names))
+        object.__setattr__(self, "_pattern", pattern)
 
     def wants(self, name: str) -> bool:
         return self._pattern is None or self._pattern.match(name) is not None
-
-    @property
-    def _pattern(self) -> re.Pattern[str] | None:
-        return None if self.names is None else re.compile(translate(self.names))
 
 
 def parse_instant(option: str, text: str) -> float:
