@@ -49,7 +49,7 @@ def test_instants_are_iso_8601_with_an_offset_or_unix_seconds() -> None:
 @pytest.mark.parametrize(
     ("since", "until", "names", "says"),
     [
-        ("2023-11-14T22:00:00", "1700006400", None, "--from='2023-11-14T22:00:00': the time has no offset"),
+        ("2023-11-14T22:00:00", "1700006400", None, "the time has no offset"),
         ("yesterday", "1700006400", None, "--from='yesterday': expected ISO-8601 with an offset"),
         ("1700006400", "1700006400", None, "is not before --to"),
         ("1700006400", "1e400", None, "--to='1e400': expected"),
