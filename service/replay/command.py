@@ -8,6 +8,7 @@ range or a configuration replay cannot serve (no ARCHIVE_URL, no PostgreSQL outp
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from service.metrics.collector import MetricsCollector
 from service.postgres.schema import quote_identifier
 from service.replay.archived import Columns, hours_of, list_files, read
 from service.replay.compare import Held, HeldKey, decide, held_key, tags_text
+from service.replay.kafka_held import kafka_held
 from service.replay.progress import Progress
 from service.replay.recompute import (
     Windows,
@@ -34,7 +36,7 @@ from service.replay.recompute import (
     partition_levels,
 )
 from service.replay.span import ReplaySpan
-from service.routes.matching import Router
+from service.routes.matching import Output, Router
 from service.sinks.postgres import PostgresSink
 
 __all__ = ["Summary", "recomputed", "replay", "usable"]
@@ -77,20 +79,9 @@ class Summary:
 
 def usable(config: Config) -> list[str]:
     """Why this configuration cannot be replayed (empty: it can)."""
-    problems = []
     if not config.archive.enabled:
-        problems.append("ARCHIVE_URL is not set: replay reads the archive")
-    if "postgres" not in config.outputs:
-        problems.append(
-            "STORAGE_TYPE has no postgres: replay compares with and writes PostgreSQL "
-            "(the Kafka output is not replayed yet: docs/replay.md)"
-        )
-    elif "kafka" in config.outputs:
-        problems.append(
-            "STORAGE_TYPE has kafka: replay does not write the Kafka output yet, and "
-            "writing PostgreSQL alone would make the two disagree (docs/replay.md)"
-        )
-    return problems
+        return ["ARCHIVE_URL is not set: replay reads the archive"]
+    return []
 
 
 async def replay(
@@ -104,13 +95,22 @@ async def replay(
     clock = clock or SystemClock()
     err = err or sys.stderr
     router = _router(config)
-    sink = PostgresSink(config.postgres, MetricsCollector(), clock, router=router)
+    metrics = MetricsCollector()
     store = build_store(config.archive)
-    await sink.start()
+    sinks: dict[Output, Any] = {}
     try:
-        return await _replay(config, span, clock, err, tty, sink, store, router)
+        if "postgres" in config.outputs:
+            sinks["postgres"] = PostgresSink(config.postgres, metrics, clock, router=router)
+        if "kafka" in config.outputs:
+            from service.sinks.kafka import KafkaSink
+
+            sinks["kafka"] = KafkaSink(config.kafka, metrics, clock, router=router)
+        for sink in sinks.values():
+            await sink.start()
+        return await _replay(config, span, clock, err, tty, sinks, store, router)
     finally:
-        await sink.stop()
+        for sink in sinks.values():
+            await sink.stop()
         await store.close()
 
 
@@ -120,7 +120,7 @@ async def _replay(
     clock: Clock,
     err: TextIO,
     tty: bool | None,
-    sink: PostgresSink,
+    sinks: dict[Output, Any],
     store: ArchiveStore,
     router: Router | None,
 ) -> Summary:
@@ -128,38 +128,51 @@ async def _replay(
     summary = Summary()
     now = clock.now()
     fresh = await recomputed(store, agg, span, now, summary, Progress(err, tty))
-    tables = _tables(config, router)
-    held, through = await _held(sink, tables, span)
+    summary.windows = len(fresh)
+    held: dict[tuple[str, HeldKey], Held] = {}  # (output:destination, key)
+    through = -math.inf
+    for output, sink in sinks.items():
+        if output == "postgres":
+            got, latest = await _held(sink, _destinations(config, router, output), span)
+        else:
+            since = span.start - agg.max_future_s
+            topics = _destinations(config, router, output)
+            got, latest = await kafka_held(config.kafka, topics, span, since)
+        held.update({(f"{output}:{d}", key): h for (d, key), h in got.items()})
+        through = max(through, latest)
     # the service may still emit or correct a window until its watermark passes the
     # window's end plus the allowed lateness; it has passed the end of every window it
     # wrote, so the latest end written bounds it from below
     final_until = min(now, through) - agg.allowed_lateness_s
-    to_write: list[Aggregate] = []
+    writes: dict[Output, list[Aggregate]] = {output: [] for output in sinks}
     seen: set[tuple[str, HeldKey]] = set()
-    for table, aggs in _destined(fresh, router, config.postgres.table):
-        for a in aggs:
-            key = held_key(a)
-            seen.add((table, key))
-            summary.windows += 1
-            if a.window_end > final_until:
-                summary.skipped_open += 1
-                continue
-            held_row = held.get((table, key))
-            out = decide(a, held_row)
-            if out is None:
-                summary.unchanged += 1
-                continue
-            if held_row is None:
-                summary.new += 1
-            else:
-                summary.changed += 1
-            to_write.append(out)
-            summary.written[f"postgres:{table}"] += 1
+    for output in sinks:
+        default = config.kafka.topic if output == "kafka" else config.postgres.table
+        for dest, aggs in _destined(fresh, router, output, default):
+            where = f"{output}:{dest}"
+            for a in aggs:
+                key = held_key(a)
+                seen.add((where, key))
+                if a.window_end > final_until:
+                    summary.skipped_open += 1
+                    continue
+                held_row = held.get((where, key))
+                out = decide(a, held_row)
+                if out is None:
+                    summary.unchanged += 1
+                    continue
+                if held_row is None:
+                    summary.new += 1
+                else:
+                    summary.changed += 1
+                writes[output].append(out)
+                summary.written[where] += 1
     summary.held_only = sum(
         1 for k in held if k not in seen and span.wants(k[1][0]) and k[1][4] <= final_until
     )
-    for i in range(0, len(to_write), _WRITE_CHUNK):
-        await sink.write(to_write[i : i + _WRITE_CHUNK], ())
+    for output, aggs in writes.items():
+        for i in range(0, len(aggs), _WRITE_CHUNK):
+            await sinks[output].write(aggs[i : i + _WRITE_CHUNK], ())
     return summary
 
 
@@ -208,16 +221,18 @@ def _router(config: Config) -> Router | None:
     )
 
 
-def _tables(config: Config, router: Router | None) -> tuple[str, ...]:
-    return router.destinations("postgres") if router else (config.postgres.table,)
+def _destinations(config: Config, router: Router | None, output: Output) -> tuple[str, ...]:
+    if router is not None:
+        return router.destinations(output)
+    return (config.kafka.topic if output == "kafka" else config.postgres.table,)
 
 
 def _destined(
-    fresh: Sequence[Aggregate], router: Router | None, table: str
+    fresh: Sequence[Aggregate], router: Router | None, output: Output, default: str
 ) -> list[tuple[str, Sequence[Aggregate]]]:
     if router is None:
-        return [(table, fresh)]
-    return [(t, aggs) for _, t, aggs in router.split(fresh, "postgres")]
+        return [(default, fresh)]
+    return [(dest, aggs) for _, dest, aggs in router.split(fresh, output)]
 
 
 async def _held(
