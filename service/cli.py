@@ -1,4 +1,4 @@
-"""Sub-commands: run, demo, check, migrate, emulator (and ``worker``, internal: one worker
+"""Sub-commands: run, demo, check, migrate, replay, emulator (and ``worker``, internal: one worker
 of ``run`` with WORKERS above 1). Exit codes: 0 ok, 1 failure, 2 invalid configuration
 or usage."""
 
