@@ -30,7 +30,9 @@ from service.metrics.collector import MetricsCollector
 from service.replay import command
 from service.replay.command import Summary, replay
 from service.replay.span import ReplaySpan
+from service.routes.rules import Route, Routes
 from service.sinks.postgres import PostgresSink
+from service.wiring import build_router
 from tests.archived import archive_rows
 from tests.fakes.bus import MemoryBus
 
@@ -91,7 +93,7 @@ class Running:
         self.clock = ManualClock(START + 5 * 3600)
         metrics = MetricsCollector(self.clock)
         self.bus = MemoryBus(feeds, batch_size=25, clock=self.clock)
-        self.sink = PostgresSink(config.postgres, metrics, self.clock)
+        self.sink = PostgresSink(config.postgres, metrics, self.clock, router=build_router(config))
         self.service = Service(
             config,
             bus=self.bus,
@@ -105,11 +107,15 @@ class Running:
         self.total = {p: len(r) for p, r in feeds.items()}
 
 
-@pytest.fixture
+@pytest.fixture(params=["default", "routed"])
 async def running(
-    postgres_dsn: str, unique_name: str, tmp_path: Path
+    request: pytest.FixtureRequest, postgres_dsn: str, unique_name: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Running, Config, list[tuple[str, str, float, float]]]]:
+    # routed: n3 to a table of its own (ROUTES_FILE), the rest to the default table
+    own = Route("own", ("n3",), ("postgres",), postgres_table=f"{unique_name}_n3")
+    routes = Routes("routes.yaml", (own,)) if request.param == "routed" else Routes()
     config = Config(
+        routes=routes,
         aggregation=AggregationConfig(interval_s=60.0),
         outputs=("postgres",),
         postgres=PostgresConfig(
@@ -141,25 +147,42 @@ async def running(
         await asyncio.wait_for(task, 30)
 
 
-async def table_rows(dsn: str, table: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """Every row, every column as text (byte for byte), by primary key."""
+async def table_rows(dsn: str, config: Config) -> dict[tuple[Any, ...], str]:
+    """Every row of every table, every column as text (byte for byte), by table and
+    primary key."""
+    out: dict[tuple[Any, ...], str] = {}
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT t::text AS row, name, agg_func, window_start, tags::text AS tags "
-            f"FROM {table} t"
-        )
+        for table in tables_of(config):
+            rows = await conn.fetch(
+                "SELECT t::text AS row, name, agg_func, window_start, tags::text AS tags "
+                f"FROM {table} t"
+            )
+            for r in rows:
+                key = (r["name"], r["agg_func"], r["window_start"].timestamp(), r["tags"], table)
+                out[key] = r["row"]
     finally:
         await conn.close()
-    return {
-        (r["name"], r["agg_func"], r["window_start"].timestamp(), r["tags"]): (r["row"],)
-        for r in rows
-    }
+    return out
+
+
+def tables_of(config: Config) -> list[str]:
+    return [config.postgres.table, *config.routes.tables()]
 
 
 async def hour2_values(
-    dsn: str, table: str
+    dsn: str, config: Config
 ) -> dict[tuple[str, str, float], tuple[float, int, int]]:
+    """Hour 2 over every table (a name lives in one table only)."""
+    out: dict[tuple[str, str, float], tuple[float, int, int]] = {}
+    for table in tables_of(config):
+        got = await table_hour2(dsn, table)
+        assert not set(got) & set(out), "a window in two tables"
+        out.update(got)
+    return out
+
+
+async def table_hour2(dsn: str, table: str) -> dict[tuple[str, str, float], tuple[float, int, int]]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -176,26 +199,28 @@ async def hour2_values(
     }
 
 
-async def corrupt(dsn: str, table: str) -> dict[str, int]:
-    """Hour 2: values shifted, counts raised, rows deleted; hour-1 and hour-3 untouched."""
+async def corrupt(dsn: str, config: Config) -> dict[str, int]:
+    """Hour 2: values shifted (n0, and n3's first minute, in its own table when routed),
+    counts raised (n1), rows deleted (n2); hours 1 and 3 untouched."""
+    where = f"window_start >= to_timestamp({HOUR2}) AND window_start < to_timestamp({HOUR2 + 3600})"
+    first = f"window_start = to_timestamp({HOUR2})"
+    done: dict[str, int] = {}
     conn = await asyncpg.connect(dsn)
     try:
-        where = (
-            f"window_start >= to_timestamp({HOUR2}) AND window_start < to_timestamp({HOUR2 + 3600})"
-        )
-        shifted = await conn.execute(
-            f"UPDATE {table} SET value = value + 1 WHERE {where} AND name = 'n0'"
-        )
-        counted = await conn.execute(
-            f"UPDATE {table} SET count = count + 1 WHERE {where} AND name = 'n1'"
-        )
-        deleted = await conn.execute(f"DELETE FROM {table} WHERE {where} AND name = 'n2'")
+        for table in tables_of(config):
+            for what, sql in (
+                ("shifted", f"UPDATE {table} SET value = value + 1 WHERE {where} AND name = 'n0'"),
+                ("counted", f"UPDATE {table} SET count = count + 1 WHERE {where} AND name = 'n1'"),
+                ("deleted", f"DELETE FROM {table} WHERE {where} AND name = 'n2'"),
+                ("n3", f"UPDATE {table} SET value = value - 1 WHERE {first} AND name = 'n3'"),
+            ):
+                n = int((await conn.execute(sql)).split()[-1])
+                done[what] = done.get(what, 0) + n
+                if n:
+                    done[f"{what}:{table}"] = n
     finally:
         await conn.close()
-    return {
-        k: int(v.split()[-1])
-        for k, v in (("shifted", shifted), ("counted", counted), ("deleted", deleted))
-    }
+    return done
 
 
 def assert_hour2_exact(
@@ -212,43 +237,51 @@ async def test_a_corrupted_hour_is_replayed_exactly_and_a_second_run_writes_noth
     running: tuple[Running, Config, list[Any]], postgres_dsn: str
 ) -> None:
     run, config, events = running
-    table = config.postgres.table
-    before = await table_rows(postgres_dsn, table)
-    assert_hour2_exact({k: v for k, v in (await hour2_values(postgres_dsn, table)).items()}, events)
-    done = await corrupt(postgres_dsn, table)
-    assert all(n > 10 for n in done.values()), done
+    before = await table_rows(postgres_dsn, config)
+    assert_hour2_exact(await hour2_values(postgres_dsn, config), events)
+    done = await corrupt(postgres_dsn, config)
+    assert all(done[k] > 10 for k in ("shifted", "counted", "deleted")) and done["n3"], done
     span = ReplaySpan(HOUR2, HOUR2 + 3600)
     out = io.StringIO()
     summary = await replay(config, span, clock=run.clock, err=out, tty=False)
-    assert summary.changed == done["shifted"] + done["counted"]
+    assert summary.changed == done["shifted"] + done["counted"] + done["n3"]
     assert summary.new == done["deleted"]
-    assert summary.written == {f"postgres:{table}": summary.changed + summary.new}
+    default, own = config.postgres.table, (*config.routes.tables(), None)[0]
+    if own is None:  # every name in the default table
+        assert summary.written == {f"postgres:{default}": summary.changed + summary.new}
+    else:  # each window written at its route's table
+        assert done[f"n3:{own}"] == done["n3"]
+        assert summary.written == {
+            f"postgres:{default}": summary.changed + summary.new - done["n3"],
+            f"postgres:{own}": done["n3"],
+        }
     assert summary.skipped_open == 0 and summary.held_only == 0
     assert summary.windows == summary.changed + summary.new + summary.unchanged
     assert "replay: 2023-11-14T23 read" in out.getvalue()
-    got = await hour2_values(postgres_dsn, table)
+    got = await hour2_values(postgres_dsn, config)
     assert_hour2_exact(got, events)
-    revisions = {k[0]: v[2] for k, v in got.items()}
-    assert revisions == {"n0": 2, "n1": 2, "n2": 1, "n3": 1}
-    after = await table_rows(postgres_dsn, table)
+    revisions = {k: v[2] for k, v in got.items()}
+    for (name, func, start), revision in revisions.items():
+        corrected = name in ("n0", "n1") or (name == "n3" and start == HOUR2)
+        assert revision == (2 if corrected else 1), (name, func, start)
+    after = await table_rows(postgres_dsn, config)
     outside = [k for k in before if not HOUR2 <= k[2] < HOUR2 + 3600]
     assert len(outside) > 500
     assert {k: after[k] for k in outside} == {k: before[k] for k in outside}
-    untouched = [k for k in before if HOUR2 <= k[2] < HOUR2 + 3600 and k[0] == "n3"]
+    untouched = [k for k in before if HOUR2 < k[2] < HOUR2 + 3600 and k[0] == "n3"]
     assert {k: after[k] for k in untouched} == {k: before[k] for k in untouched}
     again = await replay(config, span, clock=run.clock, err=io.StringIO(), tty=False)
     assert (again.changed, again.new, sum(again.written.values())) == (0, 0, 0)
     assert again.unchanged == summary.windows
-    assert await table_rows(postgres_dsn, table) == after
+    assert await table_rows(postgres_dsn, config) == after
 
 
 async def test_a_replay_that_fails_half_way_then_runs_again_writes_each_revision_once(
     running: tuple[Running, Config, list[Any]], postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, config, events = running
-    table = config.postgres.table
-    await corrupt(postgres_dsn, table)
-    corrupted = await hour2_values(postgres_dsn, table)
+    await corrupt(postgres_dsn, config)
+    corrupted = await hour2_values(postgres_dsn, config)
     writes = 0
     real_write = PostgresSink.write
 
@@ -264,11 +297,11 @@ async def test_a_replay_that_fails_half_way_then_runs_again_writes_each_revision
     span = ReplaySpan(HOUR2, HOUR2 + 3600)
     with pytest.raises(ConnectionResetError):
         await replay(config, span, clock=run.clock, err=io.StringIO(), tty=False)
-    half = await hour2_values(postgres_dsn, table)
+    half = await hour2_values(postgres_dsn, config)
     assert sum(1 for k, v in half.items() if corrupted.get(k) != v) == 10  # the first chunk
     monkeypatch.setattr(PostgresSink, "write", real_write)
     rerun: Summary = await replay(config, span, clock=run.clock, err=io.StringIO(), tty=False)
-    got = await hour2_values(postgres_dsn, table)
+    got = await hour2_values(postgres_dsn, config)
     assert_hour2_exact(got, events)
     assert {v[2] for v in got.values()} == {1, 2}  # never a third revision
     assert rerun.unchanged >= 10
