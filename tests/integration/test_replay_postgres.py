@@ -23,6 +23,7 @@ from service.app import Service
 from service.archive.stores import DirectoryStore
 from service.archive.writer import ArchiveWriter
 from service.checkpoints.file import FileCheckpointStore
+from service.cli import main
 from service.config import AggregationConfig, Config, PostgresConfig, Secret
 from service.config.archive import ArchiveConfig
 from service.core.clock import ManualClock
@@ -323,3 +324,38 @@ def replace_lateness(config: Config, lateness: float) -> Config:
     from dataclasses import replace
 
     return replace(config, aggregation=replace(config.aggregation, allowed_lateness_s=lateness))
+
+
+async def test_the_command_line_configured_by_the_environment_prints_its_summary(
+    running: tuple[Running, Config, list[Any]],
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    _, config, _ = running
+    if config.routes:
+        pytest.skip("the routes file is the other case's")
+    await corrupt(postgres_dsn, config)
+    env = {
+        "STORAGE_TYPE": "postgres",
+        "POSTGRES_DSN": postgres_dsn,
+        "POSTGRES_TABLE": config.postgres.table,
+        "ARCHIVE_URL": config.archive.url,
+        "AGGREGATION_INTERVAL": "60",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)  # no .env
+    # the root logger stays pytest's
+    monkeypatch.setattr("service.cli.setup_logging", lambda *a, **k: None)
+    argv = ["replay", "--from", "2023-11-14T23:00:00Z", "--to", str(int(HOUR2 + 3600))]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("replay: ") and "archive file(s)" in lines[0]
+    assert lines[1].startswith("windows read ") and ": changed " in lines[1]
+    assert lines[2].startswith(f"written to postgres:{config.postgres.table}: ")
+    assert "replay: 2023-11-14T23 read" in out.err  # not a terminal: a line per hour
+    assert await asyncio.to_thread(main, argv) == 0
+    assert "written: nothing" in capsys.readouterr().out

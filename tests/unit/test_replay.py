@@ -77,6 +77,8 @@ def test_the_command_exits_2_on_a_bad_range_or_without_an_archive(
     for var in ("ARCHIVE_URL", "STORAGE_TYPE", "POSTGRES_DSN", "ROUTES_FILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    # the root logger stays pytest's
+    monkeypatch.setattr("service.cli.setup_logging", lambda *a, **k: None)
     assert main(["replay", "--from", "10:00", "--to", "1700006400"]) == 2
     assert "--from='10:00'" in capsys.readouterr().err
     assert main(["replay", "--from", "0", "--to", "1700006400"]) == 2
