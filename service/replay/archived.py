@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -107,27 +107,27 @@ async def list_files(store: ArchiveStore, hours: Sequence[int]) -> list[Partitio
 
 
 async def _counted(store: ArchiveStore, part: str, files: list[_File]) -> list[_File]:
+    """``files`` without those of superseded attempts (see the module's docstring)."""
     ends: dict[str, set[str]] = {}
     for f in files:
         ends.setdefault(f.start, set()).add(f.end)
     doubled = {start for start, e in ends.items() if len(e) > 1}
     if not doubled:
         return files
-    intent = await _intent_files(store, part)
-    keep: list[_File] = []
+    intent = await _intent_files(store, part) or set()
+    named = {f.start for f in files if f.name in intent}
+    for start in doubled - named:
+        raise ArchiveAmbiguous(
+            f"archive: partition {part} has two attempts from position {start} "
+            f"(ends {sorted(ends[start])}) and no intent naming either; wait for the "
+            "service to write that partition again, then replay"
+        )
+    keep = []
     for f in files:
-        if f.start not in doubled:
-            keep.append(f)
-        elif intent is None or not any(g.start == f.start and g.name in intent for g in files):
-            raise ArchiveAmbiguous(
-                f"archive: partition {part} has two attempts from position {f.start} "
-                f"(ends {sorted(ends[f.start])}) and no intent naming either; wait for the "
-                "service to write that partition again, then replay"
-            )
-        elif f.name in intent:
-            keep.append(f)
-        else:
+        if f.start in doubled and f.name not in intent:
             log.info("replay: %s superseded by the intent of %s; not counted", f.name, part)
+        else:
+            keep.append(f)
     return keep
 
 
@@ -185,14 +185,11 @@ def _s3_names(store: S3Store, folder: str) -> list[str]:
     return sorted(names)
 
 
-async def read(store: ArchiveStore, files: Sequence[str]) -> Iterator[pa.Table]:
-    """The tables of ``files``, in that order (a file deleted since it was listed was an
-    attempt superseded meanwhile: skipped)."""
-    tables = []
-    for name in files:
-        data = await store.get(name)
-        if data is None:
-            log.info("replay: %s is gone since it was listed; not counted", name)
-            continue
-        tables.append(pq.read_table(pa.BufferReader(data)))
-    return iter(tables)
+async def read(store: ArchiveStore, name: str) -> pa.Table | None:
+    """One file as a table; None when it is gone since it was listed (an attempt
+    superseded meanwhile, whose events the retry's files hold)."""
+    data = await store.get(name)
+    if data is None:
+        log.info("replay: %s is gone since it was listed; not counted", name)
+        return None
+    return pq.read_table(pa.BufferReader(data))

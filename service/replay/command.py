@@ -195,11 +195,12 @@ async def recomputed(
     for part in parts:  # one partition at a time, its files in position order
         panes: Windows = {}
         for name in part.files:
-            for table in await read(store, [name]):
+            table = await read(store, name)
+            if table is not None:
                 cols = Columns()
                 cols.extend(table)
                 summary.events += add_events(panes, cols, agg.pane_s, span)
-            summary.files += 1
+                summary.files += 1
             progress.done(name)
         shares.append(partition_levels(panes, levels))
     progress.finish()

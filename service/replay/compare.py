@@ -2,11 +2,11 @@
 
 Equal means the same ``count`` and the same value: exactly for the functions whose
 result does not depend on the order of the events (``count``, ``min``, ``max``,
-``first``, ``last`` and percentiles, whose exact lists are sorted and whose sketches
-count bins), and within a relative ``1e-9`` for ``sum``, ``avg`` and ``stddev``. Those
-are compensated or Welford sums whose last bits depend on the order in which the
-partitions' shares were merged, which differs between the running service and a
-replay; a real difference (a lost or doubled event, a wrong value) is many orders of
+``first`` and ``last`` by event time, and percentiles, whose exact lists are sorted
+and whose sketches count bins), and within a relative ``1e-9`` for ``sum``, ``avg``
+and ``stddev``. Those are compensated or Welford sums whose last bits depend on the
+order in which the partitions' shares were merged, which differs between the running
+service and a replay; a real difference (a lost or doubled event, a wrong value) is many orders of
 magnitude larger than that.
 
 A window that differs is written with the held revision plus one (1 when none is held),
