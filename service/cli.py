@@ -55,8 +55,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "replay", help="recompute windows from ARCHIVE_URL; write those that differ (revision + 1)"
     )
-    rep.add_argument("--from", dest="since", required=True, metavar="T1", help="ISO-8601 or Unix s")
-    rep.add_argument("--to", dest="until", required=True, metavar="T2", help="exclusive")
+    when = "ISO-8601 with an offset, or Unix seconds"
+    rep.add_argument(
+        "--from", dest="since", required=True, metavar="T1", help=f"windows from: {when}"
+    )
+    rep.add_argument("--to", dest="until", required=True, metavar="T2", help="up to (excluded)")
     rep.add_argument("--names", metavar="PATTERN", help="a glob on event names (default: all)")
     emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
     if command == "emulator":
