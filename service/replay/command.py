@@ -2,7 +2,7 @@
 
 Exit codes as for every sub-command: 0 done (even when nothing differed), 1 a failure
 on the way (what was written stays written: a rerun finishes the job), 2 an invalid
-range or a configuration replay cannot serve (no ARCHIVE_URL, no PostgreSQL output).
+range or no ARCHIVE_URL.
 """
 
 from __future__ import annotations
