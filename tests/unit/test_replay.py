@@ -296,3 +296,16 @@ async def test_hopping_windows_and_a_names_glob_come_out_as_the_service_emitted_
     service = [a for a in service if a.name in ("n0", "n1")]
     assert {a.window_start % 60 for a in service} == {0.0, 15.0, 30.0, 45.0}
     assert_same(service, replayed)
+
+
+def test_the_summary_says_what_was_read_compared_skipped_and_written() -> None:
+    s = Summary(files=3, events=10, windows=4, unchanged=1, changed=1, new=1, skipped_open=1)
+    assert s.lines()[-1] == "written: nothing"
+    s.written["postgres:aggregated_events"] += 2
+    s.held_only = 5
+    assert s.lines() == [
+        "replay: 3 archive file(s), 10 event(s)",
+        "windows read 4: changed 1, new 1, unchanged 1, skipped (still open or correctable) 1",
+        "held by the outputs without any archived event: 5 (left as they are: docs/replay.md)",
+        "written to postgres:aggregated_events: 2",
+    ]
