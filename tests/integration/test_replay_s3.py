@@ -34,7 +34,8 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, str]]:
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     with moto_s3() as server:
-        server[0].create_bucket(Bucket="raw-events")
+        # a bucket of its own: moto keeps its buckets for the whole test process
+        server[0].create_bucket(Bucket="replay-archive")
         yield server
 
 
@@ -72,12 +73,12 @@ async def replayed(store: ArchiveStore) -> tuple[list[list[str]], list[Aggregate
 
 async def test_a_bucket_reads_back_as_a_directory_does(s3: tuple[Any, str], tmp_path: Path) -> None:
     client, endpoint = s3
-    bucket = S3Store("raw-events", "vabus", endpoint)
+    bucket = S3Store("replay-archive", "vabus", endpoint)
     directory = DirectoryStore(str(tmp_path / "archive"))
     try:
         await fill(bucket)
         await fill(directory)
-        client.put_object(Bucket="raw-events", Key="vabus/hour=2023-11-14T22/.x.tmp", Body=b"")
+        client.put_object(Bucket="replay-archive", Key="vabus/hour=2023-11-14T22/.x.tmp", Body=b"")
         from_s3, from_dir = await replayed(bucket), await replayed(directory)
     finally:
         await bucket.close()
