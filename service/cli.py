@@ -1,4 +1,4 @@
-"""Sub-commands: run, demo, check, migrate, emulator (and ``worker``, internal: one worker
+"""Sub-commands: run, demo, check, migrate, replay, emulator (and ``worker``, internal: one worker
 of ``run`` with WORKERS above 1). Exit codes: 0 ok, 1 failure, 2 invalid configuration
 or usage."""
 
@@ -31,7 +31,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="vabus-aggregator",
         description="Aggregate VaBus events into tumbling windows; write them to Kafka/PostgreSQL.",
     )
-    public = ("run", "demo", "check", "migrate", "emulator")
+    public = ("run", "demo", "check", "migrate", "replay", "emulator")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(public) + "}")
     run = sub.add_parser(
         "run", help="run the service, configured by environment variables and .env"
@@ -52,6 +52,15 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=8080, help="service HTTP port (8080)")
     sub.add_parser("check", help="test every configured connection; exit 0 if all are reachable")
     sub.add_parser("migrate", help="create or upgrade the PostgreSQL schema")
+    rep = sub.add_parser(
+        "replay", help="recompute windows from ARCHIVE_URL; write those that differ (revision + 1)"
+    )
+    when = "ISO-8601 with an offset, or Unix seconds"
+    rep.add_argument(
+        "--from", dest="since", required=True, metavar="T1", help=f"windows from: {when}"
+    )
+    rep.add_argument("--to", dest="until", required=True, metavar="T2", help="up to (excluded)")
+    rep.add_argument("--names", metavar="PATTERN", help="a glob on event names (default: all)")
     emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
     if command == "emulator":
         from service.dev.emulator import add_arguments as add_emulator_arguments
@@ -129,4 +138,8 @@ def main(argv: Sequence[str]) -> int:
         from service.commands import migrate
 
         return asyncio.run(migrate(config))
+    if args.command == "replay":
+        from service.replay.cli import replay_command
+
+        return replay_command(config, args.since, args.until, args.names)
     return EXIT_CONFIG
