@@ -38,6 +38,7 @@ from service.replay.recompute import (
 from service.replay.span import ReplaySpan
 from service.routes.matching import Output, Router
 from service.sinks.postgres import PostgresSink
+from service.wiring import build_router
 
 __all__ = ["Summary", "recomputed", "replay", "usable"]
 
@@ -94,7 +95,7 @@ async def replay(
 ) -> Summary:
     clock = clock or SystemClock()
     err = err or sys.stderr
-    router = _router(config)
+    router = build_router(config)
     metrics = MetricsCollector()
     store = build_store(config.archive)
     sinks: dict[Output, Any] = {}
@@ -209,17 +210,6 @@ async def recomputed(
         windows = merged(share[i] for share in shares)
         fresh += aggregates(windows, level.length, span, now, tagged=bool(agg.group_by))
     return fresh
-
-
-def _router(config: Config) -> Router | None:
-    if not config.routes:
-        return None
-    return Router(
-        config.routes,
-        outputs=config.outputs,
-        kafka_topic=config.kafka.topic,
-        postgres_table=config.postgres.table,
-    )
 
 
 def _destinations(config: Config, router: Router | None, output: Output) -> tuple[str, ...]:

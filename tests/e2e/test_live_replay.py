@@ -23,6 +23,7 @@ import pytest
 from tests.archived import archive_rows
 from tests.e2e.workload import checkout_on_path
 from tests.fault.harness import Incarnation, Stream, create_topic, feed_kafka, service_env, wait_for
+from tests.replayed import rows_between
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -80,20 +81,7 @@ async def rows(dsn: str, table: str) -> dict[tuple[str, str, float], str]:
 
 
 async def hour2(dsn: str, table: str) -> dict[Window, tuple[float, int, int]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        got = await conn.fetch(
-            "SELECT name, agg_func, extract(epoch FROM window_start)::float8 AS ws, value, "
-            f"count, revision FROM {table} "
-            "WHERE window_start >= to_timestamp($1) AND window_start < to_timestamp($2)",
-            HOUR2,
-            HOUR2 + 3600,
-        )
-    finally:
-        await conn.close()
-    return {
-        (r["name"], r["agg_func"], r["ws"]): (r["value"], r["count"], r["revision"]) for r in got
-    }
+    return await rows_between(dsn, table, HOUR2, HOUR2 + 3600)
 
 
 def run_replay(env: dict[str, str], workdir: Path) -> subprocess.CompletedProcess[str]:

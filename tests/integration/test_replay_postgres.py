@@ -36,6 +36,7 @@ from service.sinks.postgres import PostgresSink
 from service.wiring import build_router
 from tests.archived import archive_rows
 from tests.fakes.bus import MemoryBus
+from tests.replayed import rows_between
 
 pytestmark = pytest.mark.integration
 
@@ -184,20 +185,7 @@ async def hour2_values(
 
 
 async def table_hour2(dsn: str, table: str) -> dict[tuple[str, str, float], tuple[float, int, int]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT name, agg_func, extract(epoch FROM window_start)::float8 AS ws, value, "
-            f"count, revision FROM {table} "
-            "WHERE window_start >= to_timestamp($1) AND window_start < to_timestamp($2)",
-            HOUR2,
-            HOUR2 + 3600,
-        )
-    finally:
-        await conn.close()
-    return {
-        (r["name"], r["agg_func"], r["ws"]): (r["value"], r["count"], r["revision"]) for r in rows
-    }
+    return await rows_between(dsn, table, HOUR2, HOUR2 + 3600)
 
 
 async def corrupt(dsn: str, config: Config) -> dict[str, int]:
