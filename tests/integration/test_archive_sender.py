@@ -15,7 +15,7 @@ from service.archive.stores import DirectoryStore
 from service.archive.writer import ArchiveWriter
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.config import PostgresConfig, Secret
+from service.config import PostgresConfig
 from service.core.clock import SystemClock
 from service.core.confirmation import Confirmation
 from service.core.errors import TransientError
@@ -43,14 +43,9 @@ class FlakyStore(DirectoryStore):
 
 
 async def test_the_shared_transaction_commits_only_after_the_archive_holds_the_events(
-    postgres_dsn: str, unique_name: str, tmp_path: Path
+    postgres_dsn: str, unique_name: str, tmp_path: Path, pg_outputs: PostgresConfig
 ) -> None:
-    cfg = PostgresConfig(
-        dsn=Secret(postgres_dsn),
-        table=f"{unique_name}_agg",
-        dead_letter_table=f"{unique_name}_dlq",
-        pool_max_size=2,
-    )
+    cfg = pg_outputs
     metrics = MetricsCollector()
     commits: list[Mapping[str, str]] = []
 

@@ -7,16 +7,15 @@ output and the checkpoints go on; the valid events around them are exact."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import asyncpg
 import pytest
 
 from service.aggregation.aggregator import EventAggregator
 from service.bus.base import SourceBatch
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.config import AggregationConfig, PostgresConfig, Secret
+from service.config import AggregationConfig, PostgresConfig
 from service.core.clock import ManualClock, SystemClock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Checkpoint
@@ -38,22 +37,10 @@ def message(name_json: str | bytes, value: float, ts: float) -> bytes:
     return b'{"name":' + name + f',"value":{value},"timestamp":{ts}}}'.encode()
 
 
-@pytest.fixture
-async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
-    c = await asyncpg.connect(postgres_dsn)
-    yield c
-    await c.close()
-
-
 async def test_hostile_names_on_time_and_late_are_dead_letters_and_output_and_checkpoints_go_on(
-    postgres_dsn: str, unique_name: str, conn: Any
+    postgres_dsn: str, unique_name: str, conn: Any, pg_outputs: PostgresConfig
 ) -> None:
-    cfg = PostgresConfig(
-        dsn=Secret(postgres_dsn),
-        table=f"{unique_name}_agg",
-        dead_letter_table=f"{unique_name}_dlq",
-        pool_max_size=2,
-    )
+    cfg = pg_outputs
     cp_table = f"{unique_name}_cp"
     clock = ManualClock(NOW)
     metrics = MetricsCollector(clock)

@@ -56,13 +56,6 @@ def config(dsn: str, prefix: str) -> PostgresConfig:
 
 
 @pytest.fixture
-async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
-    c = await asyncpg.connect(postgres_dsn)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
 async def sink(postgres_dsn: str, unique_name: str, conn: Any) -> AsyncIterator[PostgresSink]:
     async with PostgresSink(
         config(postgres_dsn, unique_name), MetricsCollector(), SystemClock()

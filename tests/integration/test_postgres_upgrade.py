@@ -37,13 +37,6 @@ def v12_statements(table: str, dlq: str) -> list[str]:
 
 
 @pytest.fixture
-async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
-    c = await asyncpg.connect(postgres_dsn)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
 async def v12_tables(conn: Any, unique_name: str) -> AsyncIterator[tuple[str, str]]:
     """The tables as v1.2 made them, holding rows of v1.2: two aggregates and two dead
     letters (one with a dedup key)."""

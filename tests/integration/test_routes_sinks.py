@@ -4,18 +4,17 @@ topic or table only, read back per topic, every table in the checkpoint's transa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.config import KafkaConfig, PostgresConfig, Secret
+from service.config import KafkaConfig, PostgresConfig
 from service.core.clock import SystemClock
 from service.core.errors import PermanentError
 from service.core.events import Aggregate, DeadLetter
@@ -153,26 +152,14 @@ async def test_a_route_identity_in_one_topic_does_not_hide_it_in_another(
     assert [x["name"] for x in await topic_records(kafka_bootstrap, own)] == ["billing.a"]
 
 
-@pytest.fixture
-async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
-    c = await asyncpg.connect(postgres_dsn)
-    yield c
-    await c.close()
-
-
 async def _no_commit(positions: Mapping[str, str]) -> None:
     return None
 
 
 async def test_postgres_upserts_each_route_into_its_table_with_the_checkpoint(
-    postgres_dsn: str, unique_name: str, conn: Any
+    postgres_dsn: str, unique_name: str, conn: Any, pg_outputs: PostgresConfig
 ) -> None:
-    cfg = PostgresConfig(
-        dsn=Secret(postgres_dsn),
-        table=f"{unique_name}_agg",
-        dead_letter_table=f"{unique_name}_dlq",
-        pool_max_size=2,
-    )
+    cfg = pg_outputs
     own = f"{unique_name}_hosts"
     cp_table = f"{unique_name}_cp"
     metrics = MetricsCollector()
@@ -248,15 +235,10 @@ async def test_migrate_creates_the_route_tables_like_the_default_table(
 
 
 async def test_postgres_routes_series_by_their_tags(
-    postgres_dsn: str, unique_name: str, conn: Any
+    postgres_dsn: str, unique_name: str, conn: Any, pg_outputs: PostgresConfig
 ) -> None:
     """A rule with tags takes only the series carrying them: one name, two tables."""
-    cfg = PostgresConfig(
-        dsn=Secret(postgres_dsn),
-        table=f"{unique_name}_agg",
-        dead_letter_table=f"{unique_name}_dlq",
-        pool_max_size=2,
-    )
+    cfg = pg_outputs
     eu = f"{unique_name}_eu"
     rules = Routes(
         rules=(Route("eu", ("cpu.*",), ("postgres",), tags=(("region", "eu"),), postgres_table=eu),)

@@ -4,15 +4,14 @@ rows written just before a checkpoint and the checkpoint commit together."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
-import asyncpg
 import pytest
 
 from service.checkpoints.base import PartitionCheckpoint
 from service.checkpoints.postgres import PostgresCheckpointStore
-from service.config import PostgresConfig, Secret, load_config
+from service.config import PostgresConfig, load_config
 from service.core.clock import SystemClock
 from service.core.confirmation import Confirmation
 from service.core.errors import PermanentError
@@ -34,22 +33,10 @@ def agg(name: str, count: int = 1) -> Aggregate:
     return Aggregate(name, "sum", float(count), count, T0, T0 + 60, T0 + 61)
 
 
-@pytest.fixture
-async def conn(postgres_dsn: str) -> AsyncIterator[Any]:
-    c = await asyncpg.connect(postgres_dsn)
-    yield c
-    await c.close()
-
-
 async def test_rows_and_checkpoint_commit_in_one_transaction_after_the_other_outputs(
-    postgres_dsn: str, unique_name: str, conn: Any
+    postgres_dsn: str, unique_name: str, conn: Any, pg_outputs: PostgresConfig
 ) -> None:
-    cfg = PostgresConfig(
-        dsn=Secret(postgres_dsn),
-        table=f"{unique_name}_agg",
-        dead_letter_table=f"{unique_name}_dlq",
-        pool_max_size=2,
-    )
+    cfg = pg_outputs
     cp_table = f"{unique_name}_cp"
     metrics = MetricsCollector()
     commits: list[Mapping[str, str]] = []
