@@ -15,6 +15,7 @@ from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import INPUT, CheckpointRequest
 from tests.fakes.bus import MemoryBus
+from tests.fakes.running import run_until
 from tests.fakes.sinks import MemorySink
 
 START = 1_699_999_980.0  # a multiple of 60
@@ -40,18 +41,6 @@ def build(
         serve_http=False,
     )
     return service, bus
-
-
-async def run_until(service: Service, cond: Any) -> None:
-    task = asyncio.create_task(service.run())
-    try:
-        async with asyncio.timeout(10):
-            while not cond():
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.01)
-    finally:
-        service.request_stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_restart_after_graceful_stop_continues_open_windows_exactly(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ continues each one from its own position, exactly."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from service.config import AggregationConfig, BusConfig, Config
 from service.core.clock import ManualClock
 from service.metrics.collector import MetricsCollector
 from tests.fakes.bus import MemoryBus
+from tests.fakes.running import run_until
 from tests.fakes.sinks import MemorySink
 
 START = 1_699_999_980.0  # a multiple of 60
@@ -44,18 +44,6 @@ def build(
         serve_http=False,
     )
     return service, one, two
-
-
-async def run_until(service: Service, cond: Any) -> None:
-    task = asyncio.create_task(service.run())
-    try:
-        async with asyncio.timeout(10):
-            while not cond():
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.01)
-    finally:
-        service.request_stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_each_source_resumes_from_its_own_checkpoint_after_a_restart(
