@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
@@ -26,10 +24,10 @@ from tests.e2e.live import (
     read_aggregates,
     read_dead_letters,
 )
+from tests.e2e.live_actions import FAST_TAKEOVER, kill_and_replace_at
 from tests.e2e.test_cli import run_cli
 from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import Results
-from tests.fault.harness import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -128,13 +126,6 @@ routes:
         return out
 
 
-def _progress(run: LiveRun, fraction: float) -> Callable[[], Coroutine[Any, Any, bool]]:
-    async def reached() -> bool:
-        return run.feed.progress >= fraction
-
-    return reached
-
-
 @pytest.mark.timeout(240)
 async def test_each_destination_holds_exactly_its_routes_aggregates(
     kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
@@ -189,17 +180,6 @@ async def test_routes_stay_exact_through_kill9_cycles(
     workload = routed(1902, events=12_000, rate=600, partitions=4)
     routes = Routed.routes_file(tmp_path / "routes.yaml", unique_name)
 
-    async def kill_cycles(run: LiveRun) -> None:
-        for at in (0.35, 0.7):
-            await wait_for(_progress(run, at), 90, f"{at:.0%} of the stream sent")
-            run.kill9(len(run.instances) - 1)
-            run.start_instance()
-
-            async def taken_over() -> bool:
-                return await run.assigned() == [workload.partitions]
-
-            await wait_for(taken_over, 60, "the new instance holding every partition")
-
     run = LiveRun(
         workload,
         kafka_bootstrap=kafka_bootstrap,
@@ -207,11 +187,11 @@ async def test_routes_stay_exact_through_kill9_cycles(
         unique_name=unique_name,
         workdir=tmp_path,
         late=0,
-        env={"ROUTES_FILE": str(routes), "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+        env={"ROUTES_FILE": str(routes), **FAST_TAKEOVER},
     )
     dest = Routed(run, unique_name)
     async with run:
-        await run.stream(kill_cycles)
+        await run.stream(kill_and_replace_at(0.35, 0.7))
         problems = await dest.problems()
     assert not problems, "\n".join(problems)
     assert run.exit_codes == {2: 0}
@@ -245,16 +225,6 @@ async def test_kafka_only_routes_survive_kill9_with_checkpoints_in_kafka(
         ).decode()
     )
 
-    async def kill_once(run: LiveRun) -> None:
-        await wait_for(_progress(run, 0.5), 90, "half of the stream sent")
-        run.kill9(0)
-        run.start_instance()
-
-        async def taken_over() -> bool:
-            return await run.assigned() == [workload.partitions]
-
-        await wait_for(taken_over, 60, "the new instance holding every partition")
-
     run = LiveRun(
         workload,
         kafka_bootstrap=kafka_bootstrap,
@@ -262,7 +232,7 @@ async def test_kafka_only_routes_survive_kill9_with_checkpoints_in_kafka(
         workdir=tmp_path,
         storage="kafka",
         late=0,
-        env={"ROUTES_FILE": str(routes), "VABUS_KAFKA_SESSION_TIMEOUT_MS": "3000"},
+        env={"ROUTES_FILE": str(routes), **FAST_TAKEOVER},
     )
     expected = run.expected()
     want = {
@@ -270,7 +240,7 @@ async def test_kafka_only_routes_survive_kill9_with_checkpoints_in_kafka(
         run.topic: {k: v for k, v in expected.items() if not k[0].startswith("cpu.")},
     }
     async with run:
-        await run.stream(kill_once)
+        await run.stream(kill_and_replace_at(0.5))
         # the default topic alone never equals every name: this returns once no window
         # is open and the topic is quiet (the last windows close on the idle rule)
         await run.settle()
