@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.check import check
-from bench.hotpath import batches, w_end
+from bench.hotpath import batches, output_records, w_end
 from bench.workload import Workload, generate
 from service.aggregation.aggregator import EventAggregator
 from service.archive.stores import DirectoryStore
@@ -31,7 +31,6 @@ from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
-from service.core.events import iso_utc
 from service.metrics.collector import MetricsCollector
 
 
@@ -52,19 +51,8 @@ async def run_once(
             slices = agg.archived(agg.snapshot())
             await writer.write(slices or [])
     took = time.process_time() - t0
-    records = [
-        {
-            "name": a.name,
-            "agg_func": a.agg_func,
-            "value": a.value,
-            "count": a.count,
-            "window_start": iso_utc(a.window_start),
-            "window_end": iso_utc(a.window_end),
-        }
-        for a in emitted
-    ]
     files = 0 if root is None else len(list(root.rglob("*.parquet")))
-    return took, records, files
+    return took, output_records(emitted), files
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import shutil
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import orjson
 
 from bench import report
 from bench.session import Session, run_once
-from bench.tools import DEFAULT_TOOLS, TOOLS
+from bench.tools import DEFAULT_TOOLS, TOOLS, export_tree, variants
 from bench.workload import generate, produce
 
 
@@ -79,6 +80,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra environment for the service runs (repeatable)",
     )
+    ap.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also run each service tool on the service package of commit REV "
+        "(tool name <tool>-at-REV), round-robin with the others in this session (repeatable)",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also run each service tool with this environment (tool name <tool>-with-NAME); "
+        "'{run}' in a value is the run's directory (repeatable)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.events, args.reps = 100_000, 1
@@ -86,6 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.tool_list if t not in TOOLS]
     if unknown:
         ap.error(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(TOOLS)}")
+    bad_rev = [r for r in args.before if not re.fullmatch(r"[A-Za-z0-9._-]+", r)]
+    if bad_rev:
+        ap.error(f"--before wants a commit (letters, digits, . _ -), got {bad_rev}")
+    args.variants = {}
+    for v in args.variant:
+        name, _, pairs = v.partition(":")
+        env = dict(p.split("=", 1) for p in pairs.split(",") if "=" in p)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or len(env) != len(pairs.split(",")):
+            ap.error(f"--variant wants NAME:VAR=VALUE[,VAR=VALUE], got {v!r}")
+        args.variants[name] = env
     bad_env = [e for e in args.service_env if "=" not in e]
     if bad_env:
         ap.error(f"--service-env wants NAME=VALUE, got {bad_env}")
@@ -98,7 +125,8 @@ async def main_async(args: argparse.Namespace) -> int:
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="vabus-bench-"))
     runs_dir.mkdir(parents=True, exist_ok=True)
     out = args.out or runs_dir / "results.jsonl"
-    tools = [TOOLS[t] for t in args.tool_list]
+    before = {rev: export_tree(rev, runs_dir / f"code-{rev}") for rev in args.before}
+    tools = variants([TOOLS[t] for t in args.tool_list], before, args.variants)
     needs_pg = any(t.output == "postgres" for t in tools)
     t0 = time.perf_counter()
     workload = generate(args.events, args.seed)

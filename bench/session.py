@@ -261,6 +261,9 @@ def _launch_spec(session: Session, run: _Run) -> tuple[list[str], Path, dict[str
     if tool.output == "postgres":
         env.update({"POSTGRES_DSN": session.dsn, "POSTGRES_TABLE": run.table})
     env.update(session.service_env)
+    env.update({k: v.replace("{run}", str(run.dir)) for k, v in tool.env})
+    if tool.code:  # an earlier tree's service package, first on the path
+        env["PYTHONPATH"] = tool.code
     # cwd is the run directory: a stray .env elsewhere must not configure the service
     return [tool.python(), "-m", "service", "run"], run.dir, env
 

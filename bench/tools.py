@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,9 @@ class Tool:
     repartition: bool = False  # service only: kafka://…&repartition=true
     script: str = ""  # repo: module name; peer: script file name
     venv: str = ""  # peer only
+    code: str = ""  # service only: another tree's service package (PYTHONPATH), or this one
+    rev: str = ""  # service only: the commit of ``code``
+    env: tuple[tuple[str, str], ...] = ()  # service only: more environment ("{run}": run dir)
 
     def python(self) -> str:
         return str(PEER_VENVS / self.venv / "bin" / "python") if self.venv else sys.executable
@@ -142,7 +145,7 @@ PEERS = ("baseline", "quix", "bytewax")  # the ratio columns besides the limit
 def version_of(tool: Tool) -> str:
     """The package version that the tool's row stands for."""
     if tool.runner == "service":
-        return f"vabus-aggregator @{_git_head()}"
+        return f"vabus-aggregator @{tool.rev or _git_head()}"
     dist = {"quix": "quixstreams", "bytewax": "bytewax"}.get(tool.name, "aiokafka")
     code = f"import importlib.metadata as m; print(m.version({dist!r}))"
     try:
@@ -167,3 +170,36 @@ def _git_head() -> str:
     except (OSError, subprocess.SubprocessError):
         return "?"
     return out.stdout.strip()
+
+
+def variants(
+    tools: list[Tool], before: dict[str, Path], named: dict[str, dict[str, str]]
+) -> list[Tool]:
+    """``tools`` and, after each service tool, the same tool on each earlier tree of
+    ``before`` (``<tool>-at-<rev>``) and with each named environment (``<tool>-with-<name>``;
+    the names become Kafka topic names, so letters, digits, ``.``, ``_`` and ``-`` only):
+    one session runs them round-robin on one broker, so before and after share its load."""
+    out: list[Tool] = []
+    for t in tools:
+        out.append(t)
+        if t.runner != "service":
+            continue
+        out += [
+            replace(t, name=f"{t.name}-at-{rev}", label=t.label, code=str(tree), rev=rev)
+            for rev, tree in before.items()
+        ]
+        out += [
+            replace(t, name=f"{t.name}-with-{n}", label=f"{t.label}, {n}", env=tuple(env.items()))
+            for n, env in named.items()
+        ]
+    return out
+
+
+def export_tree(rev: str, into: Path) -> Path:
+    """The ``service`` package of commit ``rev`` of this repository, under ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "service"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
