@@ -1,0 +1,149 @@
+"""The dead letters of ``dlq replay`` in PostgreSQL: selecting them, marking them with
+the ledger and the run in one transaction, and the runs still to finish (docs/dlq.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from service.dlq.revalidate import Event
+from service.postgres.schema import DLQ_RUNS_TABLE, LEDGER_TABLE, dlq_replay_ddl, quote_identifier
+
+__all__ = [
+    "DeadLetterRow",
+    "PendingRun",
+    "count_replayed",
+    "finish_run",
+    "lock",
+    "mark",
+    "pending_runs",
+    "prepare",
+    "select",
+]
+
+LEDGER_PARTITION: Final = "dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    raw: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRun:
+    """Marked dead letters whose accepted events are still to archive and recompute."""
+
+    id: int
+    events: list[tuple[int, list[Event]]]  # per dead letter id
+
+
+async def prepare(conn: Any, table: str) -> None:
+    """The columns and the runs table (as start-up and ``migrate`` add them)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", 0x7661627573)  # schema.py's
+        for stmt in dlq_replay_ddl(table):
+            await conn.execute(stmt)
+
+
+async def lock(conn: Any, table: str) -> bool:
+    """One ``dlq replay`` per dead-letter table at a time (held with the connection)."""
+    got: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_lock(hashtext($1))", f"vabus dlq replay {table}"
+    )
+    return got
+
+
+async def select(conn: Any, table: str, reason: str, since: float | None) -> list[DeadLetterRow]:
+    q = quote_identifier(table)
+    rows = await conn.fetch(
+        f"SELECT id, raw, reason, detail FROM {q} WHERE reason = $1 AND replayed_at IS NULL "
+        "AND ($2::float8 IS NULL OR received_at >= to_timestamp($2)) ORDER BY id",
+        reason,
+        since,
+    )
+    return [DeadLetterRow(r["id"], r["raw"], r["reason"], r["detail"]) for r in rows]
+
+
+async def count_replayed(conn: Any, table: str, reason: str, since: float | None) -> int:
+    q = quote_identifier(table)
+    n: int = await conn.fetchval(
+        f"SELECT count(*) FROM {q} WHERE reason = $1 AND replayed_at IS NOT NULL "
+        "AND ($2::float8 IS NULL OR received_at >= to_timestamp($2))",
+        reason,
+        since,
+    )
+    return n
+
+
+async def mark(
+    conn: Any,
+    table: str,
+    outcomes: Sequence[tuple[int, str]],
+    ledger: Mapping[str, int],
+    namespace: str,
+    interval_start: float,
+    events: Sequence[tuple[int, list[Event]]],
+) -> int | None:
+    """In one transaction: each dead letter's ``replayed_at`` and outcome, the ledger's
+    counters, and the run holding the accepted events (its id; None without any).
+    Raises when a row was marked meanwhile (nothing is then written)."""
+    q = quote_identifier(table)
+    async with conn.transaction():
+        done = await conn.execute(
+            f"""UPDATE {q} d SET replayed_at = now(), replay_outcome = u.outcome
+                FROM unnest($1::int8[], $2::text[]) AS u(id, outcome)
+                WHERE d.id = u.id AND d.replayed_at IS NULL""",
+            [i for i, _ in outcomes],
+            [o for _, o in outcomes],
+        )
+        if int(done.split()[-1]) != len(outcomes):
+            raise RuntimeError("dead letters were marked by another run meanwhile")
+        counters = sorted(ledger)
+        await conn.execute(
+            f"""INSERT INTO {LEDGER_TABLE}
+                    (namespace, partition, interval_start, counter, n, updated_at)
+                SELECT $1, $2, to_timestamp($3), c, n, now()
+                FROM unnest($4::text[], $5::int8[]) AS u(c, n)
+                ON CONFLICT (namespace, partition, interval_start, counter) DO UPDATE SET
+                    n = {LEDGER_TABLE}.n + EXCLUDED.n, updated_at = now()""",
+            namespace,
+            LEDGER_PARTITION,
+            interval_start,
+            counters,
+            [ledger[c] for c in counters],
+        )
+        if not events:
+            return None
+        run_id: int = await conn.fetchval(
+            f"INSERT INTO {DLQ_RUNS_TABLE} (dead_letter_table, events) VALUES ($1, $2::jsonb) "
+            "RETURNING id",
+            table,
+            orjson.dumps([[i, evs] for i, evs in events]).decode(),
+        )
+        return run_id
+
+
+async def pending_runs(conn: Any, table: str) -> list[PendingRun]:
+    rows = await conn.fetch(
+        f"SELECT id, events::text AS events FROM {DLQ_RUNS_TABLE} "
+        "WHERE dead_letter_table = $1 AND finished_at IS NULL ORDER BY id",
+        table,
+    )
+    out = []
+    for r in rows:
+        events = [
+            (int(i), [(e[0], e[1], float(e[2]), float(e[3]), e[4]) for e in evs])
+            for i, evs in orjson.loads(r["events"])
+        ]
+        out.append(PendingRun(r["id"], events))
+    return out
+
+
+async def finish_run(conn: Any, run_id: int) -> None:
+    await conn.execute(f"UPDATE {DLQ_RUNS_TABLE} SET finished_at = now() WHERE id = $1", run_id)
