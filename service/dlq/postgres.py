@@ -9,6 +9,7 @@ from typing import Any, Final
 
 import orjson
 
+from service.core.errors import PermanentError
 from service.dlq.revalidate import Event
 from service.postgres.schema import DLQ_RUNS_TABLE, LEDGER_TABLE, dlq_replay_ddl, quote_identifier
 
@@ -44,7 +45,21 @@ class PendingRun:
 
 
 async def prepare(conn: Any, table: str) -> None:
-    """The columns and the runs table (as start-up and ``migrate`` add them)."""
+    """The columns and the runs table (as start-up and ``migrate`` add them); nothing
+    to do, so no privilege needed, once they are there."""
+    ready = await conn.fetchval(
+        """SELECT to_regclass($1) IS NOT NULL AND (
+               SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass($2)
+               AND attname IN ('replayed_at', 'replay_outcome') AND NOT attisdropped) = 2""",
+        DLQ_RUNS_TABLE,
+        quote_identifier(table),
+    )
+    if ready:
+        return
+    if await conn.fetchval("SELECT to_regclass($1)", quote_identifier(table)) is None:
+        raise PermanentError(
+            f"table {table} does not exist: run `vabus-aggregator migrate` (or the service) first"
+        )
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", 0x7661627573)  # schema.py's
         for stmt in dlq_replay_ddl(table):

@@ -31,6 +31,7 @@ from service.cli import main
 from service.config import AggregationConfig, BusConfig, Config, PostgresConfig, Secret, load_config
 from service.config.archive import ArchiveConfig
 from service.core.clock import ManualClock
+from service.core.errors import PermanentError
 from service.dlq.command import DlqSummary, dlq_replay
 from service.metrics.collector import MetricsCollector
 from service.sinks.postgres import PostgresSink
@@ -391,3 +392,17 @@ async def test_the_command_line_validates_and_prints_its_summary(
     assert lines[1].startswith("windows recomputed ") and lines[2].startswith("written to ")
     assert await asyncio.to_thread(main, argv) == 0
     assert "written: nothing" in capsys.readouterr().out
+
+
+async def test_a_dead_letter_table_that_does_not_exist_is_named(
+    postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    config = Config(
+        outputs=("postgres",),
+        postgres=PostgresConfig(
+            dsn=Secret(postgres_dsn), table=f"{unique_name}_agg", dead_letter_table=unique_name
+        ),
+        archive=ArchiveConfig(kind="file", url=f"file://{tmp_path}", path=str(tmp_path)),
+    )
+    with pytest.raises(PermanentError, match=f"table {unique_name} does not exist"):
+        await dlq_replay(config, "too_large", None, err=io.StringIO())
