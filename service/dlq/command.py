@@ -18,12 +18,13 @@ The order of the steps is what makes a ``kill -9`` anywhere safe (docs/dlq.md):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -41,8 +42,8 @@ from service.config import Config
 from service.core.clock import Clock, SystemClock
 from service.core.errors import ServiceError
 from service.dlq import postgres as pg
-from service.dlq.revalidate import Event, revalidate
-from service.postgres.schema import quote_identifier
+from service.dlq.base import DeadLetterSource, Marked, PendingRun, Redriven
+from service.dlq.revalidate import Event, Outcome, revalidate
 from service.replay.command import replay
 from service.replay.recompute import levels_of
 from service.replay.span import ReplaySpan
@@ -104,17 +105,12 @@ class DlqSummary:
 
 def usable(config: Config) -> list[str]:
     """Why this configuration cannot redrive (empty: it can)."""
-    problems = []
+    problems: list[str] = []
     if not config.archive.enabled:
         problems.append(
             "ARCHIVE_URL is not set: dlq replay adds the accepted events to the archive "
             "and recomputes their windows from it, where the windows' other events are "
             "(docs/dlq.md)"
-        )
-    if "postgres" not in config.outputs:
-        problems.append(
-            "STORAGE_TYPE has no postgres: dlq replay reads and marks the dead letters "
-            "of PostgreSQL (the Kafka DLQ topic as a source is not supported yet)"
         )
     return problems
 
@@ -129,24 +125,62 @@ async def dlq_replay(
     step: Step | None = None,
 ) -> DlqSummary:
     clock = clock or SystemClock()
-    err = err or sys.stderr
     summary = DlqSummary()
-    table = config.postgres.dead_letter_table
     store = build_store(config.archive)
+    try:
+        async with _source(config, clock) as source:
+            run = _Run(config, clock, err or sys.stderr, step or _nothing, store, source, summary)
+            for pending in await source.pending():
+                summary.resumed += 1
+                await run.finish(pending)
+            await run.redrive(reason, since)
+    finally:
+        await store.close()
+    return summary
+
+
+@contextlib.asynccontextmanager
+async def _source(config: Config, clock: Clock) -> AsyncIterator[DeadLetterSource]:
+    """The dead letters of PostgreSQL when it is an output, else of the Kafka topic."""
+    if "postgres" not in config.outputs:
+        from service.dlq.kafka import KafkaDeadLetters
+
+        async with KafkaDeadLetters(config, clock) as kafka:
+            yield kafka
+        return
+    table = config.postgres.dead_letter_table
     conn: Any = await asyncpg.connect(config.postgres.dsn.value)
     try:
         await pg.prepare(conn, table)
         if not await pg.lock(conn, table):
             raise DlqBusy(f"another dlq replay is running on {table}; run this one after it")
-        run = _Run(config, clock, err, step or _nothing, store, conn, summary)
-        for pending in await pg.pending_runs(conn, table):
-            summary.resumed += 1
-            await run.finish(pending)
-        await run.redrive(reason, since)
+        interval = window_start(clock.now(), config.aggregation.interval_s)
+        yield pg.PostgresDeadLetters(
+            conn, table, checkpoint_namespace(config), interval, _tables(config)
+        )
     finally:
         await conn.close()
-        await store.close()
-    return summary
+
+
+def _tables(config: Config) -> tuple[str, ...]:
+    """The PostgreSQL outputs' aggregates tables (the routes' own too)."""
+    if not config.routes:
+        return (config.postgres.table,)
+    router = Router(
+        config.routes,
+        outputs=config.outputs,
+        kafka_topic=config.kafka.topic,
+        postgres_table=config.postgres.table,
+    )
+    return router.destinations("postgres")
+
+
+def _counts(got: Outcome) -> dict[str, int]:
+    """A dead letter's ledger counts (docs/dlq.md, "The ledger")."""
+    n = len(got.accepted)
+    counts = {"redriven": n + sum(got.failed.values()), "redriven:accepted": n}
+    counts.update({f"redriven:rejected:{why}": k for why, k in got.failed.items()})
+    return {c: k for c, k in counts.items() if k}
 
 
 def _nothing(_: str) -> None:
@@ -161,72 +195,64 @@ class _Run:
         err: TextIO,
         step: Step,
         store: ArchiveStore,
-        conn: Any,
+        source: DeadLetterSource,
         summary: DlqSummary,
     ) -> None:
         self.config, self.clock, self.err, self.step = config, clock, err, step
-        self.store, self.conn, self.summary = store, conn, summary
+        self.store, self.source, self.summary = store, source, summary
 
     async def redrive(self, reason: str, since: float | None) -> None:
-        cfg, agg, s = self.config, self.config.aggregation, self.summary
-        table = cfg.postgres.dead_letter_table
-        rows = await pg.select(self.conn, table, reason, since)
+        agg, s = self.config.aggregation, self.summary
+        rows, s.skipped = await self.source.select(reason, since)
         s.selected = len(rows)
-        s.skipped = await pg.count_replayed(self.conn, table, reason, since)
         if not rows:
             return
         limits, tags = self._limits()
-        final_until = min(self.clock.now(), await self._through()) - agg.allowed_lateness_s
-        outcomes: list[tuple[int, str]] = []
-        ledger: Counter[str] = Counter()
-        accepted: list[tuple[int, list[Event]]] = []
-        for row in rows:
-            got = revalidate(row.raw, row.reason, row.detail, limits, tags, self.clock)
+        outcomes: list[Marked] = []
+        accepted: list[Redriven] = []
+        checked = [
+            (row, revalidate(row.raw, row.reason, row.detail, limits, tags, self.clock))
+            for row in rows
+        ]
+        times = [ev[3] for _, got in checked for ev in got.accepted]
+        final_until = -math.inf
+        if times:
+            through = await self.source.through(min(times) - agg.max_future_s)
+            final_until = min(self.clock.now(), through) - agg.allowed_lateness_s
+        for row, got in checked:
             if got.accepted:
                 end = max(self._last_end(ev[3]) for ev in got.accepted)
                 if end > final_until:
                     s.deferred += 1
                     s.rerun_after = max(s.rerun_after, end + agg.allowed_lateness_s)
                     continue
-                accepted.append((row.id, got.accepted))
-            outcomes.append((row.id, got.label))
+                accepted.append((row.start, row.end, got.accepted))
+            outcomes.append((row, got.label, _counts(got)))
             s.events += len(got.accepted)
             s.accepted += not got.failed
             s.failed.update(got.failed)
-            ledger["redriven"] += len(got.accepted) + sum(got.failed.values())
-            ledger["redriven:accepted"] += len(got.accepted)
-            for why, n in got.failed.items():
-                ledger[f"redriven:rejected:{why}"] += n
         if not outcomes:
             return
-        run_id = await pg.mark(
-            self.conn,
-            table,
-            outcomes,
-            +ledger,
-            checkpoint_namespace(cfg),
-            window_start(self.clock.now(), agg.interval_s),
-            accepted,
-        )
+        run = await self.source.mark(outcomes, accepted)
         self.step("marked")
-        if run_id is not None:
-            await self.finish(pg.PendingRun(run_id, accepted))
+        if run is not None:
+            await self.finish(run)
 
-    async def finish(self, run: pg.PendingRun) -> None:
+    async def finish(self, run: PendingRun) -> None:
         """Steps 4 and 5 for one run; both may be repeated (a crash, a rerun)."""
-        for dead_letter_id, events in run.events:
-            await self._archive(dead_letter_id, events)
+        for start, end, events in run.events:
+            await self._archive(start, end, events)
         self.step("archived")
         by_name: dict[str, list[float]] = {}
-        for _, events in run.events:
+        for _, _, events in run.events:
             for ev in events:
                 by_name.setdefault(ev[0], []).append(ev[3])
         longest = max(level.length for level in levels_of(self.config.aggregation))
         complete = True
         for name, times in sorted(by_name.items()):
             # every window of every level holding one of these events starts in it
-            start = window_start(min(times), longest) - longest
-            span = ReplaySpan(start, math.floor(max(times)) + 1.0, glob.escape(name))
+            first = window_start(min(times), longest) - longest
+            span = ReplaySpan(first, math.floor(max(times)) + 1.0, glob.escape(name))
             got = await replay(self.config, span, clock=self.clock, err=self.err, tty=False)
             s = self.summary
             s.windows += got.windows
@@ -235,17 +261,16 @@ class _Run:
             s.written.update(got.written)
             complete = complete and got.skipped_open == 0
         if complete:
-            await pg.finish_run(self.conn, run.id)
+            await self.source.finished(run)
         else:  # the service may still write one of them: a rerun recomputes it
             self.summary.pending += 1
 
-    async def _archive(self, dead_letter_id: int, events: Sequence[Event]) -> None:
+    async def _archive(self, start: str, end: str, events: Sequence[Event]) -> None:
         rows = Rows()
         for ev in events:
             rows.add(*ev)
-        position = (str(dead_letter_id), str(dead_letter_id + 1))
         for hour, data in by_hour(rows, ARCHIVE_PARTITION).items():
-            await self.store.put(data_name(hour, ARCHIVE_PARTITION, *position), data)
+            await self.store.put(data_name(hour, ARCHIVE_PARTITION, start, end), data)
 
     def _limits(self) -> tuple[Limits, TagRule | None]:
         agg, bus, now = self.config.aggregation, self.config.bus, self.clock.now()
@@ -268,25 +293,3 @@ class _Run:
             window_start(ts, level.step) + level.length
             for level in levels_of(self.config.aggregation)
         )
-
-    async def _through(self) -> float:
-        """The latest window end the PostgreSQL outputs hold: the service's event time
-        has passed it (as replay's ``final_until`` reads it)."""
-        cfg = self.config
-        tables: tuple[str, ...] = (cfg.postgres.table,)
-        if cfg.routes:
-            router = Router(
-                cfg.routes,
-                outputs=cfg.outputs,
-                kafka_topic=cfg.kafka.topic,
-                postgres_table=cfg.postgres.table,
-            )
-            tables = router.destinations("postgres")
-        through = -math.inf
-        for t in tables:
-            latest = await self.conn.fetchval(
-                f"SELECT extract(epoch FROM max(window_end))::float8 FROM {quote_identifier(t)}"
-            )
-            if latest is not None:
-                through = max(through, float(latest))
-        return through

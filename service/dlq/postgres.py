@@ -1,47 +1,73 @@
 """The dead letters of ``dlq replay`` in PostgreSQL: selecting them, marking them with
-the ledger and the run in one transaction, and the runs still to finish (docs/dlq.md)."""
+the ledger and the run in one transaction, the runs still to finish (docs/dlq.md)."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
 from service.core.errors import PermanentError
-from service.dlq.revalidate import Event
+from service.dlq.base import DeadLetterRow, Marked, PendingRun, Redriven
 from service.postgres.schema import DLQ_RUNS_TABLE, LEDGER_TABLE, dlq_replay_ddl, quote_identifier
 
-__all__ = [
-    "DeadLetterRow",
-    "PendingRun",
-    "count_replayed",
-    "finish_run",
-    "lock",
-    "mark",
-    "pending_runs",
-    "prepare",
-    "select",
-]
+__all__ = ["LEDGER_PARTITION", "PostgresDeadLetters", "lock", "prepare"]
 
 LEDGER_PARTITION: Final = "dlq"
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetterRow:
-    id: int
-    raw: str
-    reason: str
-    detail: str
+class PostgresDeadLetters:
+    """:class:`~service.dlq.base.DeadLetterSource` of a dead-letter table, on one
+    connection (which holds the command's lock)."""
 
+    def __init__(
+        self,
+        conn: Any,
+        table: str,
+        namespace: str,
+        interval_start: float,
+        aggregate_tables: Sequence[str],
+    ) -> None:
+        self.conn, self.table = conn, table
+        self.namespace, self.interval_start = namespace, interval_start
+        self.aggregate_tables = aggregate_tables
 
-@dataclass(frozen=True, slots=True)
-class PendingRun:
-    """Marked dead letters whose accepted events are still to archive and recompute."""
+    async def pending(self) -> list[PendingRun]:
+        return await pending_runs(self.conn, self.table)
 
-    id: int
-    events: list[tuple[int, list[Event]]]  # per dead letter id
+    async def select(self, reason: str, since: float | None) -> tuple[list[DeadLetterRow], int]:
+        rows = await select(self.conn, self.table, reason, since)
+        return rows, await count_replayed(self.conn, self.table, reason, since)
+
+    async def mark(
+        self,
+        outcomes: Sequence[Marked],
+        accepted: Sequence[Redriven],
+    ) -> PendingRun | None:
+        ids = [(int(row.key), outcome) for row, outcome, _ in outcomes]
+        ledger: Counter[str] = Counter()
+        for _, _, counts in outcomes:
+            ledger.update(counts)
+        run_id = await mark(
+            self.conn, self.table, ids, ledger, self.namespace, self.interval_start, accepted
+        )
+        return None if run_id is None else PendingRun(run_id, list(accepted))
+
+    async def finished(self, run: PendingRun) -> None:
+        await finish_run(self.conn, run.ref)
+
+    async def through(self, since: float) -> float:
+        latest = -math.inf
+        for t in self.aggregate_tables:
+            got = await self.conn.fetchval(
+                f"SELECT extract(epoch FROM max(window_end))::float8 FROM {quote_identifier(t)}"
+            )
+            if got is not None:
+                latest = max(latest, float(got))
+        return latest
 
 
 async def prepare(conn: Any, table: str) -> None:
@@ -82,7 +108,10 @@ async def select(conn: Any, table: str, reason: str, since: float | None) -> lis
         reason,
         since,
     )
-    return [DeadLetterRow(r["id"], r["raw"], r["reason"], r["detail"]) for r in rows]
+    return [
+        DeadLetterRow(r["id"], r["raw"], r["reason"], r["detail"], str(r["id"]), str(r["id"] + 1))
+        for r in rows
+    ]
 
 
 async def count_replayed(conn: Any, table: str, reason: str, since: float | None) -> int:
@@ -103,7 +132,7 @@ async def mark(
     ledger: Mapping[str, int],
     namespace: str,
     interval_start: float,
-    events: Sequence[tuple[int, list[Event]]],
+    events: Sequence[Redriven],
 ) -> int | None:
     """In one transaction: each dead letter's ``replayed_at`` and outcome, the ledger's
     counters, and the run holding the accepted events (its id; None without any).
@@ -139,7 +168,7 @@ async def mark(
             f"INSERT INTO {DLQ_RUNS_TABLE} (dead_letter_table, events) VALUES ($1, $2::jsonb) "
             "RETURNING id",
             table,
-            orjson.dumps([[i, evs] for i, evs in events]).decode(),
+            orjson.dumps([list(e) for e in events]).decode(),
         )
         return run_id
 
@@ -152,9 +181,9 @@ async def pending_runs(conn: Any, table: str) -> list[PendingRun]:
     )
     out = []
     for r in rows:
-        events = [
-            (int(i), [(e[0], e[1], float(e[2]), float(e[3]), e[4]) for e in evs])
-            for i, evs in orjson.loads(r["events"])
+        events: list[Redriven] = [
+            (start, end, [(e[0], e[1], float(e[2]), float(e[3]), e[4]) for e in evs])
+            for start, end, evs in orjson.loads(r["events"])
         ]
         out.append(PendingRun(r["id"], events))
     return out

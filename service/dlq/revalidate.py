@@ -14,8 +14,9 @@ What a dead letter's ``raw`` holds decides what may be redriven:
   ``raw``, is refused ("unrecognised") rather than guessed.
 
 Refused without decoding: a raw cut at :data:`~service.aggregation.decode.RAW_LIMIT`
-("truncated": the events are not all there), and a roll-up of many elements under one
-raw ("rolled_up": only the first is there). Never half-counted.
+or by the Kafka output ("truncated": the events are not all there), and a roll-up of
+many elements under one raw ("rolled_up": only the first is there). Never
+half-counted.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _PAST_FIRST: Final = re.compile(
     r"\(VABUS_MAX_EVENTS_PER_MESSAGE\); raw is the message"
 )
 _MESSAGE_BYTES: Final = re.compile(r"message of (?P<size>\d+) bytes exceeds \d+")
+KAFKA_CUT: Final = "...[truncated]"  # service.sinks.kafka.encode_dead_letter
 _ROLLED_UP: Final = re.compile(r"(?P<n>\d+) more elements of this message rejected as ")
 
 
@@ -91,7 +93,10 @@ def revalidate(
 
 def _truncated(raw: str) -> bool:
     # raw_text cuts at RAW_LIMIT characters (or bytes, decoded): one that long may have
-    # been cut, and is taken as cut
+    # been cut, and is taken as cut; the Kafka output cuts a record over its request
+    # size further, and says so at the end
+    if raw.endswith(KAFKA_CUT):
+        return True
     return len(raw) >= RAW_LIMIT or len(raw.encode("utf-8", "surrogatepass")) >= RAW_LIMIT
 
 
