@@ -7,11 +7,11 @@ The order of the steps is what makes a ``kill -9`` anywhere safe (docs/dlq.md):
 2. select the unmarked dead letters of the reason, and revalidate each
    (:mod:`.revalidate`); one whose events' windows the service may still emit or
    correct is deferred: left unmarked, for a later run;
-3. in one transaction: mark the others (``replayed_at``, ``replay_outcome``), add to
-   the ledger, and record a run holding the accepted events;
+3. mark the others durably, each at once with its ledger counts and its accepted
+   events (PostgreSQL: one transaction and a run row; Kafka: one marker record each);
 4. write each marked dead letter's events to the archive under a name of its own
-   (partition ``dlq:redrive``, positions ``<id>-<id+1>``): writing it again after a
-   crash writes the same file;
+   (partition ``dlq:redrive``, positions from its row id or topic offset): writing it
+   again after a crash writes the same file;
 5. ``replay`` the span and names touched (it writes the windows that differ, with the
    next revision; idempotent), then mark the run finished.
 """
@@ -54,7 +54,8 @@ __all__ = ["ARCHIVE_PARTITION", "DlqSummary", "Step", "dlq_replay", "usable"]
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_PARTITION = "dlq:redrive"  # no source partition is named so (Kafka's are numbers)
+# no source partition is named so: Kafka's end in a number, other sources' are prefixed
+ARCHIVE_PARTITION = "dlq:redrive"
 Step = Callable[[str], None]  # called after "marked" and "archived": tests crash there
 
 
