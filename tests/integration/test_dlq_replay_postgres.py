@@ -102,11 +102,20 @@ class Feed:
 RAW_CHECK = 4096  # every raw is far from decode.RAW_LIMIT: none truncated
 
 
-def expected(events: list[Ev]) -> dict[tuple[str, str, float], tuple[float, int]]:
-    """The independent computation: value and count per (name, func, window_start)."""
-    values: dict[tuple[str, str, float], list[float]] = defaultdict(list)
+Window = tuple[str, str, float, float]  # name, agg_func, window_start, window_end
+
+
+def expected(
+    events: list[Ev], lengths: tuple[float, ...] = (60.0,)
+) -> dict[Window, tuple[float, int]]:
+    """The independent computation: value and count per window of each length, up to
+    the second hour's end (the service emits the windows that ended by then)."""
+    values: dict[Window, list[float]] = defaultdict(list)
     for name, func, value, ts in events:
-        values[(name, func, math.floor(ts / 60) * 60.0)].append(value)
+        for length in lengths:
+            start = math.floor(ts / length) * length
+            if start + length <= START + 2 * 3600:
+                values[(name, func, start, start + length)].append(value)
     out = {}
     for key, vs in values.items():
         result = {
@@ -141,11 +150,14 @@ class Running:
 Setup = tuple[Running, Config, Feed]
 
 
-@pytest.fixture
-async def running(postgres_dsn: str, unique_name: str, tmp_path: Path) -> AsyncIterator[Setup]:
+@pytest.fixture(params=["minutes", "rollups"])
+async def running(
+    request: pytest.FixtureRequest, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> AsyncIterator[Setup]:
+    rollups = (3600.0,) if request.param == "rollups" else ()  # hourly rows too
     config = Config(
         bus=SMALL,
-        aggregation=AggregationConfig(interval_s=60.0),
+        aggregation=AggregationConfig(interval_s=60.0, rollups_s=rollups),
         outputs=("postgres",),
         postgres=PostgresConfig(
             dsn=Secret(postgres_dsn),
@@ -181,17 +193,21 @@ def raised(config: Config, **aggregation: Any) -> Config:
     return replace(config, bus=RAISED, aggregation=replace(config.aggregation, **aggregation))
 
 
-async def windows(dsn: str, table: str) -> dict[tuple[str, str, float], tuple[float, int, int]]:
+async def windows(dsn: str, table: str) -> dict[Window, tuple[float, int, int]]:
+    """The windows that ended by the second hour's end (later ones may still be open)."""
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT name, agg_func, extract(epoch FROM window_start)::float8 AS ws, value, "
-            f"count, revision FROM {table} WHERE name <> 'zz'"
+            "SELECT name, agg_func, extract(epoch FROM window_start)::float8 AS ws, "
+            "extract(epoch FROM window_end)::float8 AS we, value, count, revision "
+            f"FROM {table} WHERE name <> 'zz' AND window_end <= to_timestamp($1)",
+            START + 2 * 3600,
         )
     finally:
         await conn.close()
     return {
-        (r["name"], r["agg_func"], r["ws"]): (r["value"], r["count"], r["revision"]) for r in rows
+        (r["name"], r["agg_func"], r["ws"], r["we"]): (r["value"], r["count"], r["revision"])
+        for r in rows
     }
 
 
@@ -218,11 +234,15 @@ async def ledger(dsn: str) -> dict[str, int]:
     return {r["counter"]: r["n"] for r in rows}
 
 
-def assert_exact(got: dict[tuple[str, str, float], tuple[float, int, int]], feed: Feed) -> None:
-    want = expected(feed.first + feed.redriven)
+def lengths(config: Config) -> tuple[float, ...]:
+    return (config.aggregation.interval_s, *config.aggregation.rollups_s)
+
+
+def assert_exact(got: dict[Window, tuple[float, int, int]], feed: Feed, config: Config) -> None:
+    want = expected(feed.first + feed.redriven, lengths(config))
     assert set(got) == set(want)
-    touched = {(n, f, math.floor(ts / 60) * 60.0) for n, f, _, ts in feed.redriven}
-    first = expected(feed.first)
+    touched = set(expected(feed.redriven, lengths(config)))
+    first = expected(feed.first, lengths(config))
     assert touched - set(first) and touched & set(first)  # both kinds are tested
     for key, (value, count) in want.items():
         assert got[key][1] == count, key
@@ -242,7 +262,7 @@ async def test_raised_limits_redrive_too_large_exactly_once(
     run, config, feed = running
     agg_table, dlq_table = config.postgres.table, config.postgres.dead_letter_table
     before = await windows(postgres_dsn, agg_table)
-    first = expected(feed.first)
+    first = expected(feed.first, lengths(config))
     assert set(before) == set(first)  # the dead-lettered events are in no window yet
     assert all(before[k][1:] == (n, 1) for k, (_, n) in first.items())
     letters = await dead_letters(postgres_dsn, dlq_table)
@@ -259,7 +279,7 @@ async def test_raised_limits_redrive_too_large_exactly_once(
     )
     assert not summary.failed and summary.deferred == 0 and summary.skipped == 0
     assert summary.changed + summary.new > 0
-    assert_exact(await windows(postgres_dsn, agg_table), feed)
+    assert_exact(await windows(postgres_dsn, agg_table), feed, config)
     marked = await dead_letters(postgres_dsn, dlq_table)
     assert all(d["replayed_at"] is not None and d["replay_outcome"] == "accepted" for d in marked)
     n = len(feed.redriven)
@@ -309,7 +329,7 @@ async def test_dead_letters_of_windows_still_correctable_are_deferred(
     assert all(d["replayed_at"] is None for d in letters)
     later = await dlq_replay(raised(config), "too_large", None, clock=run.clock, err=io.StringIO())
     assert later.events == len(feed.redriven)
-    assert_exact(await windows(postgres_dsn, config.postgres.table), feed)
+    assert_exact(await windows(postgres_dsn, config.postgres.table), feed, config)
 
 
 class Crash(Exception):
@@ -335,7 +355,7 @@ async def test_a_run_killed_after_a_step_is_finished_by_the_next(
         raised(config), "too_large", None, clock=run.clock, err=io.StringIO()
     )
     assert rerun.resumed == 1 and rerun.selected == 0 and rerun.skipped == len(letters)
-    assert_exact(await windows(postgres_dsn, config.postgres.table), feed)
+    assert_exact(await windows(postgres_dsn, config.postgres.table), feed, config)
     n = len(feed.redriven)
     assert delta(await ledger(postgres_dsn), ledger_before) == {
         "redriven": n,
@@ -361,6 +381,8 @@ async def test_the_command_line_validates_and_prints_its_summary(
         "AGGREGATION_INTERVAL": "60",
         "VABUS_MAX_EVENTS_PER_MESSAGE": "100",
     }
+    if config.aggregation.rollups_s:
+        env["AGGREGATION_ROLLUPS"] = "3600"
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)  # no .env
