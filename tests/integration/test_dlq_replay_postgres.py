@@ -107,17 +107,22 @@ RAW_CHECK = 4096  # every raw is far from decode.RAW_LIMIT: none truncated
 Window = tuple[str, str, float, float]  # name, agg_func, window_start, window_end
 
 
+Level = tuple[float, float]  # windows of this length, starting every step
+
+
 def expected(
-    events: list[Ev], lengths: tuple[float, ...] = (60.0,)
+    events: list[Ev], levels: tuple[Level, ...] = ((60.0, 60.0),)
 ) -> dict[Window, tuple[float, int]]:
-    """The independent computation: value and count per window of each length, up to
+    """The independent computation: value and count per window of each level, up to
     the second hour's end (the service emits the windows that ended by then)."""
     values: dict[Window, list[float]] = defaultdict(list)
     for name, func, value, ts in events:
-        for length in lengths:
-            start = math.floor(ts / length) * length
-            if start + length <= START + 2 * 3600:
-                values[(name, func, start, start + length)].append(value)
+        for length, step in levels:
+            last = math.floor(ts / step) * step
+            for k in range(round(length / step)):
+                start = last - k * step
+                if start + length <= START + 2 * 3600:
+                    values[(name, func, start, start + length)].append(value)
     out = {}
     for key, vs in values.items():
         result = {
@@ -152,14 +157,15 @@ class Running:
 Setup = tuple[Running, Config, Feed]
 
 
-@pytest.fixture(params=["minutes", "rollups"])
+@pytest.fixture(params=["minutes", "rollups", "hopping"])
 async def running(
     request: pytest.FixtureRequest, postgres_dsn: str, unique_name: str, tmp_path: Path
 ) -> AsyncIterator[Setup]:
     rollups = (3600.0,) if request.param == "rollups" else ()  # hourly rows too
+    hop = 20.0 if request.param == "hopping" else None  # minutes every 20 s
     config = Config(
         bus=SMALL,
-        aggregation=AggregationConfig(interval_s=60.0, rollups_s=rollups),
+        aggregation=AggregationConfig(interval_s=60.0, rollups_s=rollups, hop_s=hop),
         outputs=("postgres",),
         postgres=PostgresConfig(
             dsn=Secret(postgres_dsn),
@@ -236,8 +242,9 @@ async def ledger(dsn: str) -> dict[str, int]:
     return {r["counter"]: r["n"] for r in rows}
 
 
-def lengths(config: Config) -> tuple[float, ...]:
-    return (config.aggregation.interval_s, *config.aggregation.rollups_s)
+def lengths(config: Config) -> tuple[Level, ...]:
+    agg = config.aggregation
+    return ((agg.interval_s, agg.pane_s), *((r, r) for r in agg.rollups_s))
 
 
 def assert_exact(got: dict[Window, tuple[float, int, int]], feed: Feed, config: Config) -> None:
@@ -385,6 +392,8 @@ async def test_the_command_line_validates_and_prints_its_summary(
     }
     if config.aggregation.rollups_s:
         env["AGGREGATION_ROLLUPS"] = "3600"
+    if config.aggregation.hop_s:
+        env["AGGREGATION_HOP"] = "20"
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)  # no .env
