@@ -32,6 +32,7 @@ from service.config import AggregationConfig, BusConfig, Config, PostgresConfig,
 from service.config.archive import ArchiveConfig
 from service.core.clock import ManualClock
 from service.core.errors import PermanentError
+from service.dlq import command
 from service.dlq.command import DlqSummary, dlq_replay
 from service.metrics.collector import MetricsCollector
 from service.sinks.postgres import PostgresSink
@@ -439,3 +440,29 @@ async def test_a_dead_letter_table_that_does_not_exist_is_named(
     )
     with pytest.raises(PermanentError, match=f"table {unique_name} does not exist"):
         await dlq_replay(config, "too_large", None, err=io.StringIO())
+
+
+async def test_a_run_whose_recomputation_skipped_a_window_is_finished_by_the_next(
+    running: Setup, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service may still write a window the replay found open (its own rule, which
+    the deferral mirrors): the run stays unfinished, and the next one finishes it."""
+    run, config, feed = running
+    if config.aggregation.rollups_s or config.aggregation.hop_s:
+        pytest.skip("the minutes case's")
+    from service.replay.command import replay as real
+
+    async def skips_everything(cfg: Config, span: Any, **kw: Any) -> Any:
+        late = replace(cfg, aggregation=replace(cfg.aggregation, allowed_lateness_s=1e6))
+        return await real(late, span, **kw)
+
+    monkeypatch.setattr(command, "replay", skips_everything)
+    first = await dlq_replay(raised(config), "too_large", None, clock=run.clock, err=io.StringIO())
+    assert first.pending == 1 and not first.written
+    assert any(line.startswith("runs left to finish") for line in first.lines())
+    monkeypatch.setattr(command, "replay", real)
+    rerun = await dlq_replay(raised(config), "too_large", None, clock=run.clock, err=io.StringIO())
+    assert rerun.resumed == 1 and rerun.pending == 0 and rerun.selected == 0
+    assert_exact(await windows(postgres_dsn, config.postgres.table), feed, config)
+    again = await dlq_replay(raised(config), "too_large", None, clock=run.clock, err=io.StringIO())
+    assert again.resumed == 0 and not again.written
