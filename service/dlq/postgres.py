@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import orjson
 
-from service.core.errors import PermanentError
+from service.core.errors import PermanentError, TransientError
 from service.dlq.base import DeadLetterRow, Marked, PendingRun, Redriven
 from service.postgres.schema import DLQ_RUNS_TABLE, LEDGER_TABLE, dlq_replay_ddl, quote_identifier
 
@@ -147,7 +147,7 @@ async def mark(
             [o for _, o in outcomes],
         )
         if int(done.split()[-1]) != len(outcomes):
-            raise RuntimeError("dead letters were marked by another run meanwhile")
+            raise TransientError("dead letters were marked by another run meanwhile")
         counters = sorted(ledger)
         await conn.execute(
             f"""INSERT INTO {LEDGER_TABLE}
