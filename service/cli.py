@@ -1,6 +1,6 @@
-"""Sub-commands: run, demo, check, migrate, replay, emulator (and ``worker``, internal: one worker
-of ``run`` with WORKERS above 1). Exit codes: 0 ok, 1 failure, 2 invalid configuration
-or usage."""
+"""Sub-commands: run, demo, check, migrate, replay, dlq, emulator (and ``worker``,
+internal: one worker of ``run`` with WORKERS above 1). Exit codes: 0 ok, 1 failure, 2
+invalid configuration or usage."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="vabus-aggregator",
         description="Aggregate VaBus events into tumbling windows; write them to Kafka/PostgreSQL.",
     )
-    public = ("run", "demo", "check", "migrate", "replay", "emulator")
+    public = ("run", "demo", "check", "migrate", "replay", "dlq", "emulator")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(public) + "}")
     run = sub.add_parser(
         "run", help="run the service, configured by environment variables and .env"
@@ -61,6 +61,15 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     rep.add_argument("--to", dest="until", required=True, metavar="T2", help="up to (excluded)")
     rep.add_argument("--names", metavar="PATTERN", help="a glob on event names (default: all)")
+    dlq = sub.add_parser(
+        "dlq", help="dead letters: `dlq replay` sends them through validation again"
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="{replay}")
+    dlq_replay = dlq_sub.add_parser(
+        "replay", help="revalidate dead letters of a reason; count the accepted once"
+    )
+    dlq_replay.add_argument("--reason", required=True, metavar="R", help="a dead-letter reason")
+    dlq_replay.add_argument("--since", metavar="T", help=f"received at or after: {when}")
     emu = sub.add_parser("emulator", help="run the VaBus HTTP emulator (protocol v1)")
     if command == "emulator":
         from service.dev.emulator import add_arguments as add_emulator_arguments
@@ -142,4 +151,8 @@ def main(argv: Sequence[str]) -> int:
         from service.replay.cli import replay_command
 
         return replay_command(config, args.since, args.until, args.names)
+    if args.command == "dlq":
+        from service.dlq.cli import dlq_command
+
+        return dlq_command(config, args.reason, args.since)
     return EXIT_CONFIG

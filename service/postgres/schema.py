@@ -25,10 +25,12 @@ from service.postgres.sketch_sql import sketch_function_ddl
 
 __all__ = [
     "CHECKPOINT_TABLE",
+    "DLQ_RUNS_TABLE",
     "LEASE_TABLE",
     "OWNER_TABLE",
     "TableNames",
     "checkpoint_ddl",
+    "dlq_replay_ddl",
     "ensure_checkpoint_table",
     "ensure_lease_table",
     "ensure_schema",
@@ -44,6 +46,7 @@ LEDGER_TABLE: Final = "vabus_ledger"
 WINDOW_LATE_TABLE: Final = "vabus_window_late"
 LEASE_TABLE: Final = "vabus_leases"  # the HTTP bus lease's epoch (service.lease.fence)
 OWNER_TABLE: Final = "vabus_partition_owners"  # who last restored a partition's checkpoint
+DLQ_RUNS_TABLE: Final = "vabus_dlq_runs"  # dlq replay: marked dead letters to archive
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +201,24 @@ def schema_ddl(table: str, dead_letter_table: str, route_tables: Sequence[str] =
         f"CREATE INDEX IF NOT EXISTS {_index_name(dead_letter_table, 'reason_idx')} "
         f"ON {dlq} (reason, received_at)",
         *sketch_function_ddl(),  # vabus_quantile & co. (contract 12.5, docs/sketches.md)
+        *dlq_replay_ddl(dead_letter_table),
+    ]
+
+
+def dlq_replay_ddl(dead_letter_table: str) -> list[str]:
+    """``dlq replay`` (docs/dlq.md): when each dead letter was replayed and how it went
+    (NULL on rows never replayed), and the runs whose windows are still to recompute."""
+    dlq = quote_identifier(dead_letter_table)
+    return [
+        _add_column_if_missing(dlq, "replayed_at", "timestamptz"),
+        _add_column_if_missing(dlq, "replay_outcome", "text"),
+        f"""CREATE TABLE IF NOT EXISTS {DLQ_RUNS_TABLE} (
+            id                bigserial   PRIMARY KEY,
+            dead_letter_table text        NOT NULL,
+            events            jsonb       NOT NULL,
+            started_at        timestamptz NOT NULL DEFAULT now(),
+            finished_at       timestamptz
+        )""",
     ]
 
 

@@ -122,6 +122,8 @@ async def test_migration_creates_the_contract_tables_and_indexes_and_can_run_aga
             "received_at",
             "stored_at",
             "dedup_key",  # a replay stores a dead letter once (test_dead_letters_once.py)
+            "replayed_at",  # dlq replay: each dead letter at most once (docs/dlq.md)
+            "replay_outcome",
         }
         indexes = {
             r["indexdef"].split(" USING ")[1]
