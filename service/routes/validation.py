@@ -20,8 +20,6 @@ from fnmatch import translate
 from pathlib import Path
 from typing import Any, Final
 
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
-
 from service.routes.rules import DEFAULT_ROUTE, Route, Routes
 
 __all__ = ["RouteContext", "RoutesProblem", "parse_routes", "read_routes_file"]
@@ -70,6 +68,9 @@ def read_routes_file(path: str, ctx: RouteContext) -> Routes:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RoutesProblem([f"cannot read the file: {exc}"]) from exc
+    # imported here: only a deployment with ROUTES_FILE pays for it at start-up
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
+
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
