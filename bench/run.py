@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -96,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run each service tool with this environment (tool name <tool>-with-NAME); "
         "'{run}' in a value is the run's directory (repeatable)",
     )
+    ap.add_argument(
+        "--wrap",
+        default="",
+        metavar="CMD",
+        help="put CMD in front of every service run, e.g. 'valgrind --tool=cachegrind "
+        "--cache-sim=no --cachegrind-out-file={run}/cachegrind.out': the instructions it "
+        "counts are reported per run (instructions=...); '{run}' is the run's directory",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.events, args.reps = 100_000, 1
@@ -159,6 +168,7 @@ async def main_async(args: argparse.Namespace) -> int:
             stall_s=args.stall,
             paced_rate=args.paced_rate,
             service_env=dict(e.split("=", 1) for e in args.service_env),
+            wrap=shlex.split(args.wrap),
         )
         t0 = time.perf_counter()
         await produce(workload, session.bootstrap, session.input_topic)
@@ -202,6 +212,7 @@ def _one_line(res: dict[str, object]) -> str:
         "cpu_s",
         "peak_rss_mb",
         "durable_p99_s",
+        "instructions",
         "why",
         "note",
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import signal
 import traceback
 import uuid
@@ -54,6 +55,7 @@ class Session:
     stall_s: float
     paced_rate: float = 0.0
     service_env: dict[str, str] = field(default_factory=dict)
+    wrap: list[str] = field(default_factory=list)  # service runs: a command put in front
     http_rates: list[float] = field(default_factory=list)  # service_http_pg, this session
     _versions: dict[str, str] = field(default_factory=dict)
 
@@ -165,7 +167,16 @@ async def _execute(session: Session, run: _Run, res: dict[str, Any]) -> None:
     if status is not None:
         res.update(_service_figures(status))
     res["visible_p50_s"], res["visible_p99_s"] = quantiles(watched.visible_lag_s, (0.5, 0.99))
+    if session.wrap and tool.runner == "service":
+        res["instructions"] = _instructions(run.dir / "tool.log")
     _judge(session, run, watched, res)
+
+
+def _instructions(log: Path) -> int | None:
+    """The instructions a ``valgrind --tool=cachegrind`` wrapper counted (its summary on
+    the service's stderr), or None."""
+    found = re.findall(r"I\s+refs:\s+([\d,]+)", log.read_text(errors="replace"))
+    return int(found[-1].replace(",", "")) if found else None
 
 
 async def _wait_for_completion(
@@ -265,7 +276,8 @@ def _launch_spec(session: Session, run: _Run) -> tuple[list[str], Path, dict[str
     if tool.code:  # an earlier tree's service package, first on the path
         env["PYTHONPATH"] = tool.code
     # cwd is the run directory: a stray .env elsewhere must not configure the service
-    return [tool.python(), "-m", "service", "run"], run.dir, env
+    wrap = [w.replace("{run}", str(run.dir)) for w in session.wrap]
+    return [*wrap, tool.python(), "-m", "service", "run"], run.dir, env
 
 
 def _first_from_files(run: _Run) -> float | None:
