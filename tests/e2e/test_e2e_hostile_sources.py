@@ -26,7 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -386,3 +388,154 @@ async def test_hostile_names_values_and_tags_through_two_sources_routes_and_the_
         )
         for t, want in tables.items():
             exact(await table_rows(postgres_dsn, t), want)
+
+
+# -- a source whose clock is far ahead, among two ------------------------------------
+
+LIVE_INTERVAL = 5.0
+LIVE_IDLE_S = 4.0  # AGGREGATION_IDLE_TIMEOUT: the on-time source pauses longer than this
+
+
+class LiveFeed:
+    """On-time events stamped with the wall clock, one per source every ``step`` s:
+    ``on.k`` through Kafka (with one event ``ahead.k`` ahead of the clock by nearly
+    AGGREGATION_MAX_FUTURE) and ``on.h`` through the emulator, which pauses."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, emulator: Emulator) -> None:
+        self.producer, self.topic, self.emulator = producer, topic, emulator
+        self.fed: list[Event] = []
+
+    async def kafka(self, e: Event) -> None:
+        await self.producer.send_and_wait(self.topic, orjson.dumps(e), key=b"k")
+        self.fed.append(e)
+
+    def http(self, e: Event) -> None:
+        self.emulator.append([e])
+        self.fed.append(e)
+
+    async def run(self, seconds: float, *, http_pause: tuple[float, float] | None) -> None:
+        """Feed for ``seconds``; the HTTP source says nothing in ``http_pause``."""
+        start = time.monotonic()
+        while (t := time.monotonic() - start) < seconds:
+            now = round(time.time(), 3)
+            await self.kafka({"name": "on.k", "agg_func": "sum", "value": 1.0, "timestamp": now})
+            if http_pause is None or not http_pause[0] <= t < http_pause[1]:
+                self.http({"name": "on.h", "agg_func": "sum", "value": 1.0, "timestamp": now})
+            await asyncio.sleep(0.25)  # the pace of a live feed, not a wait for an outcome
+
+
+async def test_a_source_with_one_event_far_ahead_makes_no_on_time_event_late_across_a_restart(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    """Contract §12.1: one event up to AGGREGATION_MAX_FUTURE ahead must not make on-time
+    events late. The Kafka source delivers one event 3,500 s ahead among on-time ones;
+    the HTTP source then says nothing for longer than the idle timeout (the Kafka
+    source's event time alone moves the watermark), and its on-time events after the
+    pause are not late; the same after a restart, with routes and the archive on."""
+    source, topic, table = f"in-{unique_name}", f"agg-{unique_name}", f"agg_{unique_name}"
+    ahead_table = f"ahead_{unique_name}"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"routes:\n  - {{name: ahead, match: ['ahead.*'], outputs: [postgres],"
+        f" postgres_table: {ahead_table}}}\n"
+    )
+    archive = tmp_path / "archive"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(source, 1, 1), NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    async with Emulator() as emulator:
+        env = {
+            "VABUS_URL": f"kafka://{kafka_bootstrap}/{source}?group=g-{unique_name}"
+            f"&metrics_topic=m-{unique_name} {emulator.url}",
+            "VABUS_WAIT": "0.2",
+            "STORAGE_TYPE": "kafka,postgres",
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "KAFKA_TOPIC": topic,
+            "POSTGRES_DSN": postgres_dsn,
+            "POSTGRES_TABLE": table,
+            "AGGREGATION_INTERVAL": str(LIVE_INTERVAL),
+            "AGGREGATION_GRACE": "1",  # the two sources' transit differs by milliseconds
+            "AGGREGATION_IDLE_TIMEOUT": str(LIVE_IDLE_S),
+            "AGGREGATION_MAX_FUTURE": "3600",
+            "ROUTES_FILE": str(routes),
+            "ARCHIVE_URL": archive.as_uri(),
+            "HTTP_HOST": "127.0.0.1",
+            "STATE_DIR": str(tmp_path / "state"),
+        }
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=0)
+        await producer.start()
+        feed = LiveFeed(producer, source, emulator)
+        runs: list[ServiceProcess] = []
+
+        def start() -> ServiceProcess:
+            workdir = tmp_path / f"run{len(runs)}"
+            workdir.mkdir()
+            runs.append(ServiceProcess({**env, "HTTP_PORT": str(free_port())}, workdir))
+            return runs[-1]
+
+        try:
+            proc = start()
+            await until_source_reads(proc, 2)
+            await feed.run(3, http_pause=None)
+            ahead = round(time.time() + 3500.0, 3)
+            await feed.kafka(
+                {"name": "ahead.k", "agg_func": "sum", "value": 7.0, "timestamp": ahead}
+            )
+            await feed.run(LIVE_IDLE_S + 8, http_pause=(1, LIVE_IDLE_S + 4))
+            assert proc.terminate() == 0, proc.log_text()[-3000:]
+            proc = start()
+            await until_source_reads(proc, 2)
+            await feed.run(LIVE_IDLE_S + 8, http_pause=(1, LIVE_IDLE_S + 4))
+            expected: set[Key] = {
+                (e["name"], frozenset(), "sum", math.floor(e["timestamp"] / LIVE_INTERVAL) * 5.0)
+                for e in feed.fed
+            }
+            # every partition then falls silent: the quiet rule writes the rest, the
+            # window of the event ahead too
+            got: dict[Key, tuple[float, int]] = {}
+            async with asyncio.timeout(60):
+                while set(got) != expected:
+                    assert proc.proc.poll() is None, proc.log_text()[-3000:]
+                    await asyncio.sleep(0.3)
+                    got = await table_rows(postgres_dsn, table)
+                    got |= await table_rows(postgres_dsn, ahead_table)
+        finally:
+            await producer.stop()
+            for run in runs:
+                run.terminate()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        late = await conn.fetch(
+            "SELECT raw, detail FROM dead_letters WHERE reason = 'late' AND raw LIKE '%on._%'"
+        )
+    finally:
+        await conn.close()
+    assert [(r["raw"], r["detail"]) for r in late] == []
+    counts = Counter(
+        (e["name"], math.floor(e["timestamp"] / LIVE_INTERVAL) * LIVE_INTERVAL) for e in feed.fed
+    )
+    assert {(k[0], k[3]): v for k, v in got.items()} == {
+        k: (7.0 if k[0] == "ahead.k" else float(n), n) for k, n in counts.items()
+    }
+    assert ("ahead.k", math.floor(ahead / LIVE_INTERVAL) * LIVE_INTERVAL) in counts
+    assert sum(archive_rows(archive).values()) == len(feed.fed)
+
+
+async def until_source_reads(proc: ServiceProcess, sources: int) -> None:
+    """Until /status shows every source with partitions of its own (the Kafka source
+    has joined its group), so that the live feed is read as it goes."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        while True:
+            assert proc.proc.poll() is None, proc.log_text()[-3000:]
+            try:
+                async with http.get(f"http://127.0.0.1:{proc.http_port}/status") as r:
+                    parts = list((await r.json())["partitions"])
+            except (aiohttp.ClientError, KeyError):
+                parts = []
+            real = [p for p in parts if "(starting)" not in p]
+            if len(real) >= sources:
+                return
+            await asyncio.sleep(0.2)
