@@ -23,12 +23,13 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.dev.emulator import Emulator
 from tests.archived import Row, archive_rows
+from tests.e2e.kafka_pg import produce, read_all, stored_rows
 from tests.e2e.test_status_page import CHROMIUM_FLAGS, chromium_path, number, poll
 from tests.e2e.workload import ServiceProcess, free_port
 from tests.hanging_vabus import serve_hanging_vabus
@@ -75,50 +76,6 @@ def _value(func: str, values: list[float]) -> float:
     if func == "sum":
         return float(sum(values))
     return min(values) if func == "min" else max(values)
-
-
-async def produce(bootstrap: str, topic: str, events: list[Event]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
-
-
-async def stored_rows(dsn: str, table: str) -> dict[Key, tuple[float, int]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
-            return {}
-        rows = await conn.fetch(
-            "SELECT name, agg_func, extract(epoch from window_start)::float8 AS ws, value, count"
-            f' FROM "{table}"'
-        )
-    finally:
-        await conn.close()
-    return {(r["name"], r["agg_func"], r["ws"]): (r["value"], r["count"]) for r in rows}
-
-
-async def kafka_output(bootstrap: str, topic: str, at_least: int) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(60):
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                if not batches and len(out) >= at_least:
-                    return out
-                for msgs in batches.values():
-                    out.extend(orjson.loads(m.value) for m in msgs)
-    except TimeoutError:
-        raise AssertionError(f"{topic}: {len(out)} of {at_least}") from None
-    finally:
-        await consumer.stop()
 
 
 async def until_stored(
@@ -308,7 +265,7 @@ async def test_two_kafka_topics_and_an_http_bus_stay_exact_through_kill_9(
     rows = await stored_rows(postgres_dsn, table)
     wrong = {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
     assert wrong == {} and len(rows) == len(expected)
-    written = await kafka_output(kafka_bootstrap, output, len(expected))
+    written = await read_all(kafka_bootstrap, output, len(expected))
     twice = [k for k, n in Counter(key_of(v) for v in written).items() if n > 1]
     assert twice == []
     assert {key_of(v): (v["value"], v["count"]) for v in written} == expected
@@ -343,7 +300,7 @@ async def test_three_sources_into_routes_every_destination_exact_through_kill_9(
     assert await stored_rows(postgres_dsn, hosts) == share("cpu.")
     assert await stored_rows(postgres_dsn, table) == share("billing.", "queue.")
     for topic, want in ((billing, share("billing.")), (output, share("queue."))):
-        written = await kafka_output(kafka_bootstrap, topic, len(want))
+        written = await read_all(kafka_bootstrap, topic, len(want))
         assert [k for k, n in Counter(key_of(v) for v in written).items() if n > 1] == []
         assert {key_of(v): (v["value"], v["count"]) for v in written} == want, topic
 
@@ -590,7 +547,7 @@ async def test_acceptance_routes_archive_kill_9_and_a_hung_http_source(
     assert await stored_rows(postgres_dsn, hosts) == share("cpu.")
     assert await stored_rows(postgres_dsn, table) == share("billing.", "queue.")
     for topic, want in ((billing, share("billing.")), (output, share("queue."))):
-        written = await kafka_output(kafka_bootstrap, topic, len(want))
+        written = await read_all(kafka_bootstrap, topic, len(want))
         assert [k for k, n in Counter(key_of(v) for v in written).items() if n > 1] == []
         assert {key_of(v): (v["value"], v["count"]) for v in written} == want, topic
     want_rows: Counter[Row] = Counter(

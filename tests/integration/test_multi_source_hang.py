@@ -23,12 +23,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import build_service
 from service.bus.multi import MultiBus
 from service.config.loader import load_config
+from tests.e2e.kafka_pg import produce
 from tests.e2e.workload import free_port
 from tests.hanging_vabus import HangingVabus, serve_hanging_vabus
 
@@ -103,16 +104,6 @@ class Output:
             raise AssertionError(
                 f"{len(missing)} windows not written, e.g. {missing[:3]}"
             ) from None
-
-
-async def produce(bootstrap: str, topic: str, events: list[Event]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
 
 
 async def test_a_hung_http_source_delays_no_window_of_the_kafka_source(
