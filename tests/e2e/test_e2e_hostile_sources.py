@@ -414,15 +414,57 @@ class LiveFeed:
         self.emulator.append([e])
         self.fed.append(e)
 
-    async def run(self, seconds: float, *, http_pause: tuple[float, float] | None) -> None:
-        """Feed for ``seconds``; the HTTP source says nothing in ``http_pause``."""
+    async def run(
+        self, seconds: float, *, http_pause: tuple[float, float] | None, kafka_ahead: float = 0
+    ) -> None:
+        """Feed for ``seconds``; the HTTP source says nothing in ``http_pause``; with
+        ``kafka_ahead``, every Kafka event is that far ahead (``ahead.k``: a wrong clock)."""
         start = time.monotonic()
+        name = "ahead.k" if kafka_ahead else "on.k"
         while (t := time.monotonic() - start) < seconds:
             now = round(time.time(), 3)
-            await self.kafka({"name": "on.k", "agg_func": "sum", "value": 1.0, "timestamp": now})
+            ts = round(now + kafka_ahead, 3)
+            await self.kafka({"name": name, "agg_func": "sum", "value": 1.0, "timestamp": ts})
             if http_pause is None or not http_pause[0] <= t < http_pause[1]:
                 self.http({"name": "on.h", "agg_func": "sum", "value": 1.0, "timestamp": now})
             await asyncio.sleep(0.25)  # the pace of a live feed, not a wait for an outcome
+
+
+async def live_env(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path, http_url: str
+) -> dict[str, str]:
+    """A Kafka topic (one partition) and the emulator into PostgreSQL and Kafka, names
+    ``ahead.*`` routed to a table of their own, a directory archive."""
+    source, topic, table = f"in-{unique_name}", f"agg-{unique_name}", f"agg_{unique_name}"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"routes:\n  - {{name: ahead, match: ['ahead.*'], outputs: [postgres],"
+        f" postgres_table: ahead_{unique_name}}}\n"
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(source, 1, 1), NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    return {
+        "VABUS_URL": f"kafka://{kafka_bootstrap}/{source}?group=g-{unique_name}"
+        f"&metrics_topic=m-{unique_name} {http_url}",
+        "VABUS_WAIT": "0.2",
+        "STORAGE_TYPE": "kafka,postgres",
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA_TOPIC": topic,
+        "POSTGRES_DSN": postgres_dsn,
+        "POSTGRES_TABLE": table,
+        "AGGREGATION_INTERVAL": str(LIVE_INTERVAL),
+        "AGGREGATION_GRACE": "1",  # the two sources' transit differs by milliseconds
+        "AGGREGATION_IDLE_TIMEOUT": str(LIVE_IDLE_S),
+        "AGGREGATION_MAX_FUTURE": "3600",
+        "ROUTES_FILE": str(routes),
+        "ARCHIVE_URL": (tmp_path / "archive").as_uri(),
+        "HTTP_HOST": "127.0.0.1",
+        "STATE_DIR": str(tmp_path / "state"),
+    }
 
 
 async def test_a_source_with_one_event_far_ahead_makes_no_on_time_event_late_across_a_restart(
@@ -433,39 +475,10 @@ async def test_a_source_with_one_event_far_ahead_makes_no_on_time_event_late_acr
     the HTTP source then says nothing for longer than the idle timeout (the Kafka
     source's event time alone moves the watermark), and its on-time events after the
     pause are not late; the same after a restart, with routes and the archive on."""
-    source, topic, table = f"in-{unique_name}", f"agg-{unique_name}", f"agg_{unique_name}"
-    ahead_table = f"ahead_{unique_name}"
-    routes = tmp_path / "routes.yaml"
-    routes.write_text(
-        f"routes:\n  - {{name: ahead, match: ['ahead.*'], outputs: [postgres],"
-        f" postgres_table: {ahead_table}}}\n"
-    )
-    archive = tmp_path / "archive"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(source, 1, 1), NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    source, table = f"in-{unique_name}", f"agg_{unique_name}"
+    ahead_table, archive = f"ahead_{unique_name}", tmp_path / "archive"
     async with Emulator() as emulator:
-        env = {
-            "VABUS_URL": f"kafka://{kafka_bootstrap}/{source}?group=g-{unique_name}"
-            f"&metrics_topic=m-{unique_name} {emulator.url}",
-            "VABUS_WAIT": "0.2",
-            "STORAGE_TYPE": "kafka,postgres",
-            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "KAFKA_TOPIC": topic,
-            "POSTGRES_DSN": postgres_dsn,
-            "POSTGRES_TABLE": table,
-            "AGGREGATION_INTERVAL": str(LIVE_INTERVAL),
-            "AGGREGATION_GRACE": "1",  # the two sources' transit differs by milliseconds
-            "AGGREGATION_IDLE_TIMEOUT": str(LIVE_IDLE_S),
-            "AGGREGATION_MAX_FUTURE": "3600",
-            "ROUTES_FILE": str(routes),
-            "ARCHIVE_URL": archive.as_uri(),
-            "HTTP_HOST": "127.0.0.1",
-            "STATE_DIR": str(tmp_path / "state"),
-        }
+        env = await live_env(kafka_bootstrap, postgres_dsn, unique_name, tmp_path, emulator.url)
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=0)
         await producer.start()
         feed = LiveFeed(producer, source, emulator)
@@ -542,3 +555,39 @@ async def until_source_reads(proc: ServiceProcess, sources: int) -> None:
             if len(real) >= sources:
                 return
             await asyncio.sleep(0.2)
+
+
+async def test_a_source_whose_clock_is_far_ahead_stalls_no_window_of_the_other(
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+) -> None:
+    """A producer whose clock is 3,500 s fast sends through the Kafka source all the
+    time (it never falls idle), the HTTP source on time: the HTTP source's windows are
+    written as they close, not when the fast source stops (contract §12.8)."""
+    table = f"agg_{unique_name}"
+    async with Emulator() as emulator:
+        env = await live_env(kafka_bootstrap, postgres_dsn, unique_name, tmp_path, emulator.url)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=0)
+        await producer.start()
+        feed = LiveFeed(producer, f"in-{unique_name}", emulator)
+        proc = ServiceProcess({**env, "HTTP_PORT": str(free_port())}, tmp_path)
+        try:
+            await until_source_reads(proc, 2)
+            began = time.time()
+            await feed.run(5 * LIVE_INTERVAL, http_pause=None, kafka_ahead=3500.0)
+            # the HTTP source's windows that ended (plus the grace) 3 s ago or more: written
+            # by now, while the fast source has not yet been quiet for the idle timeout
+            closed: set[Key] = {
+                ("on.h", frozenset(), "sum", s)
+                for s in (
+                    math.floor(e["timestamp"] / LIVE_INTERVAL) * LIVE_INTERVAL
+                    for e in feed.fed
+                    if e["name"] == "on.h"
+                )
+                if began < s and s + LIVE_INTERVAL + 1.0 + 3.0 < time.time()
+            }
+            assert len(closed) >= 2
+            got = set(await table_rows(postgres_dsn, table))
+            assert closed <= got, (sorted(closed - got, key=repr), proc.log_text()[-2000:])
+        finally:
+            await producer.stop()
+            assert proc.terminate() == 0, proc.log_text()[-3000:]
