@@ -247,7 +247,11 @@ class PartitionState:
         """Whether this partition holds the watermark back (see the module docstring)."""
         if self.routed is not None:
             return self.routed.holds(idle_timeout_s, self.reported_at)
-        if self.max_ts is None and self.ahead_ts is None:
+        if self.max_ts is None:
+            # no event time yet (events ahead of the clock say nothing of it): it holds
+            # while it has unread data, which may be of any time; caught up it holds no
+            # one back, or a producer whose clock is far ahead would stall every other
+            # source's windows for as long as it sends (§12.8)
             return not self.caught_up
         return not self.idle(idle_timeout_s)
 
@@ -276,8 +280,9 @@ class PartitionState:
             holding, expected, slowest = self.routed.slowest(idle_timeout_s, self.reported_at)
             why = f"{holding} of {expected} input partitions hold it"
             why += f", the slowest is {slowest}" if slowest is not None else ""
-        elif self.max_ts is None and self.ahead_ts is not None and holds:
+        elif self.max_ts is None and self.ahead_ts is not None:
             why = "delivered only events ahead of the clock (event time unknown)"
+            why += ", unread data" if holds else ", nothing unread"
         elif self.max_ts is None:
             why = "unread data of unknown event time" if holds else "nothing delivered yet"
         elif holds:

@@ -139,8 +139,9 @@ class MultiBus:
         source joins its group first, which takes seconds) a placeholder partition of
         its own (:data:`STARTING`) holds the watermark with unknown event time, so the
         sources that start first cannot close windows that its unread events belong
-        to; it is revoked at that first item, or once the source has said nothing for
-        the idle timeout (it is silent then, §11)."""
+        to; it is revoked right after that first item (its own partitions hold from
+        then on), or once the source has said nothing for the idle timeout (it is
+        silent then, §11)."""
         started = self._clock.monotonic()
         tasks: list[asyncio.Task[None]] = []
         for s in self.sources:
@@ -191,9 +192,9 @@ class MultiBus:
         k = s.position
 
         async def emit(item: BusItem) -> None:
-            if s.starting:
-                s.starting = False
-                await s.queue.put(PartitionsRevoked([_starting(s)]))
+            # the placeholder goes right after the first item, not before: in between,
+            # another source's batch could be applied while this one holds nothing
+            first, s.starting = s.starting, False
             if type(item) is SourceBatch:
                 item.partition = qualify(k, item.partition)
             elif type(item) is PartitionsAssigned:
@@ -205,6 +206,8 @@ class MultiBus:
                 s.live.difference_update(item.partitions)
             s.last_item_at = self._clock.monotonic()
             await s.queue.put(item)
+            if first:
+                await s.queue.put(PartitionsRevoked([_starting(s)]))
 
         return emit
 

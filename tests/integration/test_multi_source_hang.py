@@ -23,14 +23,15 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import build_service
 from service.bus.multi import MultiBus
 from service.config.loader import load_config
+from tests.e2e.kafka_pg import produce
 from tests.e2e.workload import free_port
+from tests.hanging_vabus import HangingVabus, serve_hanging_vabus
 
 pytestmark = pytest.mark.integration
 
@@ -42,89 +43,10 @@ Key = tuple[str, str, float]
 Event = dict[str, Any]
 
 
-class HangingVabus:
-    """A VaBus HTTP server (protocol v1: long-poll ``GET /events`` with cursors) that
-    stops answering once it has handed out ``hang_at`` events: every request then waits
-    until :meth:`release`."""
-
-    def __init__(self) -> None:
-        self.events: list[bytes] = []
-        self.handed = 0  # the largest cursor answered
-        self.hang_at: int | None = None
-        self.hung_since: float | None = None  # monotonic time it stopped answering
-        self.answered_while_hung = 0
-        self.hanging = asyncio.Event()
-        self._released = asyncio.Event()
-        self._released.set()
-        self._added = asyncio.Event()
-
-    def add(self, events: list[Event]) -> None:
-        self.events.extend(orjson.dumps(e) for e in events)
-        self._added.set()
-
-    def hang(self) -> None:
-        self.hung_since = time.monotonic()
-        self._released.clear()
-        self.hanging.set()
-
-    def release(self) -> None:
-        self.hang_at = None
-        self._released.set()
-
-    @property
-    def hung(self) -> bool:
-        return not self._released.is_set()
-
-    async def get_events(self, request: web.Request) -> web.Response:
-        cursor = int(request.query.get("cursor", "0"))
-        limit = int(request.query["limit"])
-        wait = float(request.query.get("wait", "0"))
-        if self.hang_at is not None and cursor >= self.hang_at and not self.hung:
-            self.hang()  # the request right after the last events it hands out
-        await self._released.wait()
-        deadline = time.monotonic() + wait
-        while limit and cursor >= len(self.events) and time.monotonic() < deadline:
-            self._added.clear()
-            try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    await self._added.wait()
-            except TimeoutError:
-                break
-        await self._released.wait()  # a long poll under way when it hung answers not
-        if self.hung:  # pragma: no cover - would make the test's claim false
-            self.answered_while_hung += 1
-        batch = self.events[cursor : cursor + limit]
-        self.handed = max(self.handed, cursor + len(batch))
-        body = (
-            b'{"events":['
-            + b",".join(batch)
-            + b'],"cursor":"'
-            + str(cursor + len(batch)).encode()
-            + b'"}'
-        )
-        return web.Response(body=body, content_type="application/json")
-
-    async def post_metrics(self, request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(status=204)
-
-
 @pytest.fixture
 async def vabus() -> AsyncIterator[tuple[HangingVabus, str]]:
-    server = HangingVabus()
-    app = web.Application()
-    app.router.add_get("/events", server.get_events)
-    app.router.add_post("/metrics", server.post_metrics)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        server.release()
-        await runner.cleanup()
+    async with serve_hanging_vabus() as served:
+        yield served
 
 
 def events_of(name: str, start: float, end: float, n: int) -> list[Event]:
@@ -182,16 +104,6 @@ class Output:
             raise AssertionError(
                 f"{len(missing)} windows not written, e.g. {missing[:3]}"
             ) from None
-
-
-async def produce(bootstrap: str, topic: str, events: list[Event]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
 
 
 async def test_a_hung_http_source_delays_no_window_of_the_kafka_source(

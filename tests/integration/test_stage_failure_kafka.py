@@ -20,15 +20,14 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.aggregation import batch_run
 from service.aggregation.functions import Acc
 from service.app import build_service
 from service.config.loader import load_config
+from tests.e2e.kafka_pg import produce, read_all, stored_rows
 from tests.e2e.live import pg_dead_letters
-from tests.e2e.test_e2e_http import stored_rows
 from tests.e2e.workload import free_port
 
 pytestmark = pytest.mark.integration
@@ -39,37 +38,6 @@ POISON = 13.0  # raises every time it is applied
 ONCE = 11.0  # raises the first time only
 
 Key = tuple[str, str, float]
-
-
-async def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        sent = [await producer.send(topic, orjson.dumps(e), key=e["name"].encode()) for e in events]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
-
-
-async def read_all(bootstrap: str, topic: str, at_least: int) -> list[dict[str, Any]]:
-    """Every message of ``topic``: at least ``at_least``, then until a second of silence."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(60):
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                if not batches and len(out) >= at_least:
-                    return out
-                for msgs in batches.values():
-                    out.extend(orjson.loads(m.value) for m in msgs)
-    except TimeoutError:
-        raise AssertionError(f"{topic}: {len(out)} of {at_least}") from None
-    finally:
-        await consumer.stop()
 
 
 def expected_of(events: list[dict[str, Any]]) -> dict[Key, tuple[int, float]]:
