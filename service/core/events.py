@@ -72,6 +72,9 @@ class Aggregate:
     no ``tags`` field, as before v1.3), else the series' group-by tags (maybe empty).
     ``revision`` is 1 for the first emission, one more for each correction (§12.4).
     ``sketch`` is the DDSketch of a percentile aggregate (protobuf bytes), else None.
+    ``route`` is the source rule its events were marked with at intake (several
+    sources, docs/routes.md "Sources"), else None; it picks the destination and is
+    written to no output.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Aggregate:
     tags: Mapping[str, str] | None = None
     revision: int = 1
     sketch: bytes | None = None
+    route: str | None = None
 
     def to_json_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
