@@ -17,7 +17,6 @@ from tests.e2e.test_multi_source import (
     NAMES,
     PHASES,
     WINDOWS_PER_PHASE,
-    Event,
     Key,
     expected_of,
     kafka_output,
@@ -31,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 PER_SOURCE_PHASE = WINDOWS_PER_PHASE * 15 * len(NAMES) * len(FUNCS)  # phase_events' size
 
 
-def source_of(fed: list[Event], i: int) -> int:
+def source_of(i: int) -> int:
     """The source of ``fed[i]``: run_three_sources feeds each phase as source 1's events,
     then 2's, then 3's, each phase_events long."""
     return (i // PER_SOURCE_PHASE) % 3 + 1
@@ -52,10 +51,8 @@ async def test_a_source_rule_takes_exactly_its_sources_windows_through_kill_9(
         kafka_bootstrap, postgres_dsn, unique_name, tmp_path, {"ROUTES_FILE": str(routes)}, hosts
     )
     assert len(fed) == PHASES * 3 * PER_SOURCE_PHASE
-    routed = [e for i, e in enumerate(fed) if source_of(fed, i) == 2 and e["name"] == "cpu.load"]
-    rest = [
-        e for i, e in enumerate(fed) if not (source_of(fed, i) == 2 and e["name"] == "cpu.load")
-    ]
+    routed = [e for i, e in enumerate(fed) if source_of(i) == 2 and e["name"] == "cpu.load"]
+    rest = [e for i, e in enumerate(fed) if not (source_of(i) == 2 and e["name"] == "cpu.load")]
     mine, others = expected_of(routed), expected_of(rest)
     assert set(mine) == {k for k in others if k[0] == "cpu.load"}  # one name, two series
     async with asyncio.timeout(60):  # the hosts table is complete; the default follows
