@@ -211,3 +211,36 @@ def test_the_hot_loop_marks_exactly_as_the_reference_path(
         reference = _paths_run(batches, group_by)
     assert hot == reference
     assert hot[3]["imbalance"] == 0
+
+
+def test_rollups_of_a_marked_series_keep_its_route() -> None:
+    agg = make(rollups_s=(60.0,), allowed_lateness_s=0.0)
+    start(agg)
+    r = S + 40  # a multiple of 60
+    for w in range(6):  # six windows of 10 s: one rollup window of 60 s
+        run(agg, ONE, ev("cpu.user", 1, r + w * 10 + 1))
+        run(agg, TWO, ev("cpu.user", 10, r + w * 10 + 2))
+    got = close(agg, r + 60)
+    hour = {(a.name, a.route, a.value, a.count) for a in got if a.window_end - a.window_start == 60}
+    assert hour == {("cpu.user", None, 6.0, 6), ("cpu.user", "hosts", 60.0, 6)}
+
+
+def test_hopping_windows_of_a_marked_series_keep_its_route() -> None:
+    agg = make(hop_s=5.0)
+    start(agg)
+    run(agg, ONE, ev("cpu.user", 1, S + 1), ev("cpu.user", 1, S + 6))
+    run(agg, TWO, ev("cpu.user", 10, S + 2), ev("cpu.user", 10, S + 7))
+    got = {(a.route, a.window_start, a.value) for a in close(agg, S + 15)}
+    assert got == {
+        (None, S - 5, 1.0),
+        ("hosts", S - 5, 10.0),
+        (None, S, 2.0),
+        ("hosts", S, 20.0),
+        (None, S + 5, 1.0),
+        ("hosts", S + 5, 10.0),
+    }
+    late = run(agg, TWO, ev("cpu.user", 100, S + 3))  # a correction of both windows
+    assert {(a.route, a.window_start, a.value, a.revision) for a in late.aggregates} == {
+        ("hosts", S - 5, 110.0, 2),
+        ("hosts", S, 120.0, 2),
+    }
