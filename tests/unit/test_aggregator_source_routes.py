@@ -31,12 +31,13 @@ HOSTS = Route("hosts", ("cpu.*",), ("postgres",), source=2, postgres_table="host
 RULES = Routes("r.yaml", (HOSTS,), sources=3)
 
 
-def make(rules: Routes = RULES, **cfg: Any) -> EventAggregator:
+def make(rules: Routes = RULES, *, archive: bool = False, **cfg: Any) -> EventAggregator:
     clock = ManualClock(CLOCK)
     config = AggregationConfig(
         **{"interval_s": 10.0, "allowed_lateness_s": 60.0, "idle_timeout_s": 600.0, **cfg}
     )
-    return EventAggregator(config, MetricsCollector(clock), clock, marks=SourceMarks(rules))
+    metrics = MetricsCollector(clock)
+    return EventAggregator(config, metrics, clock, archive=archive, marks=SourceMarks(rules))
 
 
 def ev(name: str, value: float, ts: float, **tags: str) -> bytes:
@@ -244,3 +245,22 @@ def test_hopping_windows_of_a_marked_series_keep_its_route() -> None:
         ("hosts", S - 5, 110.0, 2),
         ("hosts", S, 120.0, 2),
     }
+
+
+def test_the_archive_keeps_the_events_of_a_marked_series_under_their_own_name() -> None:
+    """The archive keeps the partition, which gives the mark again (replay): names
+    and tags stay as sent, for accepted, refused and corrected events alike."""
+    agg = make(archive=True, group_by=("host",))
+    start(agg)
+    run(agg, TWO, ev("cpu.user", 1, S + 1, host="a"), ev("cpu.user", 2, S + 2))
+    close(agg)
+    run(agg, TWO, ev("cpu.user", 3, S + 3, host="a"))  # a correction
+    run(agg, TWO, ev("cpu.user", 4, S - 100))  # too late: refused, not archived
+    slices = agg.archived(agg.snapshot([TWO])) or []
+    [rows] = [s.rows for s in slices if s.partition == TWO]
+    got = sorted(zip(rows.names, rows.values, rows.tags, strict=True))
+    assert [g for g in got if g[0] != "tick"] == [
+        ("cpu.user", 1.0, '{"host":"a"}'),
+        ("cpu.user", 2.0, "{}"),
+        ("cpu.user", 3.0, '{"host":"a"}'),
+    ]
