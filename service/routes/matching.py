@@ -75,7 +75,9 @@ class Router:
         self._cache: dict[object, int] = {}
 
     def index_of(self, name: str, tags: Mapping[str, str] | None) -> int:
-        """The position of the first rule matching, or -1 (the default route)."""
+        """The position of the first rule matching, or -1 (the default route); with
+        several sources the rules with ``source`` are left out (they take only the
+        aggregates marked with them: :meth:`marked_index`)."""
         key: object = (name, tuple(sorted(tags.items()))) if self._by_tags and tags else name
         found = self._cache.get(key)
         if found is not None:
