@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.aggregation.archived_run import CapturingRun, Refusals, add_corrections, capture
 from service.aggregation.batch_run import BatchRun, Correction, Limits
@@ -37,7 +37,9 @@ from service.config import AggregationConfig
 from service.core.clock import Clock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
-from service.routes.marks import SourceMarks
+
+if TYPE_CHECKING:  # the routes package is the outputs' (and imports YAML): not needed here
+    from service.routes.marks import SourceMarks
 
 __all__ = [
     "DEAD_LETTERS_PER_MESSAGE",
