@@ -57,6 +57,7 @@ from service.bus.base import SourceBatch
 
 if TYPE_CHECKING:
     from service.pipeline.flow import Outputs
+    from service.routes.marks import Marker
 
 __all__ = ["BatchRun", "Correction", "Limits"]
 
@@ -132,7 +133,7 @@ class BatchRun:
         idle_s: float,
         tags: TagRule | None = None,
         lateness: float = 0.0,
-        marker: Callable[[str], str] | None = None,
+        marker: Marker | None = None,
     ) -> None:
         self.part, self.batch, self.out, self.dead, self.limits = part, batch, out, dead, limits
         self.now = now
@@ -282,21 +283,25 @@ class BatchRun:
         """The fast decoder of a run with a ``marker``: each event's series marked,
         its name checked before (a marked name holds a control character); None when
         the reference decoder must decide. A list has passed :meth:`fast_all`."""
-        mark = cast(Callable[[str], str], self.marker)
+        marker = cast("Marker", self.marker)
+        known = marker.known  # a series seen before: its name was checked then
         if self.tags is not None:
             d = self.fast_tagged(record)  # names checked, series keys made
             if d is None:
                 return None
             if type(d) is self.wire:
-                d.name = mark(d.name)
+                d.name = known(d.name) or marker(d.name)
                 return d
         else:
             d = decode_fast(record)
             if type(d) is WireEvent:
                 name = d.name
-                if not name.isprintable() and name_fault(name) is not None:
-                    return None
-                d.name = mark(name)
+                got = known(name)
+                if got is None:
+                    if not name.isprintable() and name_fault(name) is not None:
+                        return None
+                    got = marker(name)
+                d.name = got
                 return d
             d = self.fast_all(cast(list[WireEvent], d))
             if d is None or any(
@@ -304,7 +309,7 @@ class BatchRun:
             ):
                 return None
         for e in d:
-            e.name = mark(e.name)
+            e.name = known(e.name) or marker(e.name)
         return d
 
     # -- the reference step -------------------------------------------------------------

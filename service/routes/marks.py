@@ -19,7 +19,7 @@ looked at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from service.aggregation.series import mark, split
@@ -37,11 +37,14 @@ class Marker:
     ``marker(series)``. The decision is cached per series, since a stream repeats its
     series and the globs cost far more than a look-up."""
 
-    __slots__ = ("_cache", "_rules")
+    __slots__ = ("_cache", "_rules", "known")
 
     def __init__(self, rules: Sequence[Compiled]) -> None:
         self._rules = tuple(rules)  # those without source and this source's, in order
         self._cache: dict[str, str] = {}
+        # the decision for a series decided before, else None: a C call for the hot
+        # path. Only checked names are ever decided (the decoders check them first).
+        self.known: Callable[[str], str | None] = self._cache.get
 
     def __call__(self, series: str) -> str:
         got = self._cache.get(series)
