@@ -22,7 +22,7 @@ from service.aggregation.percentiles import sketch_of
 from service.aggregation.rollups import fold, take_levels
 from service.aggregation.series import ROUTE_SEP, SEP, split_route
 from service.aggregation.windows import emitted_by, quiet_close
-from service.core.events import Aggregate
+from service.core.events import Aggregate, RoutedAggregate
 from service.metrics.collector import MetricsCollector
 
 __all__ = ["Taken", "aggregates_of", "take_through"]
@@ -172,11 +172,14 @@ def aggregates_of(
                 if split_ is None:
                     split_ = names[series] = _split(series, tagged)
                 name, tags, route = split_
-                append(
-                    Aggregate(
-                        name, func, value, acc[0], start, end, now, tags, revision, sketch, route
+                n = acc[0]
+                if route is None:
+                    append(Aggregate(name, func, value, n, start, end, now, tags, revision, sketch))
+                else:  # a source rule's series (service.routes.marks)
+                    made = RoutedAggregate(
+                        name, func, value, n, start, end, now, tags, revision, sketch, route
                     )
-                )
+                    append(made)
             else:
                 _on_unusable(taken.owner[start], (series, func), start, acc, metrics)
     return emitted

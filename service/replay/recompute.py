@@ -26,7 +26,7 @@ from service.aggregation.percentiles import sketch_of
 from service.aggregation.series import ROUTE_SEP, SEP, split_route
 from service.aggregation.windows import window_start
 from service.config import AggregationConfig
-from service.core.events import Aggregate
+from service.core.events import Aggregate, RoutedAggregate
 from service.replay.archived import Columns
 from service.replay.span import ReplaySpan
 
@@ -153,10 +153,10 @@ def aggregates(
                 got: Mapping[str, str] | None = {} if tagged and tags is None else tags
             else:
                 name, got = series, None
-            out.append(
-                Aggregate(
-                    name, func, value, acc[0], start, start + length, now, got, 1,
-                    sketch_of(func, acc), route,
-                )
-            )  # fmt: skip
+            args = (name, func, value, acc[0], start, start + length, now, got, 1)
+            sketch = sketch_of(func, acc)
+            if route is None:
+                out.append(Aggregate(*args, sketch))
+            else:  # a source rule's series, as the service emits it
+                out.append(RoutedAggregate(*args, sketch, route))
     return out

@@ -27,7 +27,7 @@ from service.aggregation.series import (
 )
 from service.config import load_config
 from service.core.errors import ConfigError
-from service.core.events import Aggregate
+from service.core.events import Aggregate, RoutedAggregate
 from service.routes import Route, Router, Routes
 from service.routes.marks import SourceMarks
 
@@ -58,7 +58,9 @@ def router(r: Routes) -> Router:
 
 
 def agg(name: str, route: str | None = None, tags: dict[str, str] | None = None) -> Aggregate:
-    return Aggregate(name, "sum", 1.0, 1, 0.0, 60.0, 61.0, tags, route=route)
+    if route is None:
+        return Aggregate(name, "sum", 1.0, 1, 0.0, 60.0, 61.0, tags)
+    return RoutedAggregate(name, "sum", 1.0, 1, 0.0, 60.0, 61.0, tags, route=route)
 
 
 # -- the series key ----------------------------------------------------------------------
