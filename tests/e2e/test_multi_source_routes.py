@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.kafka_pg import read_all, stored_rows
 from tests.e2e.test_multi_source import (
     FUNCS,
     NAMES,
@@ -19,10 +20,8 @@ from tests.e2e.test_multi_source import (
     WINDOWS_PER_PHASE,
     Key,
     expected_of,
-    kafka_output,
     key_of,
     run_three_sources,
-    stored_rows,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -60,7 +59,7 @@ async def test_a_source_rule_takes_exactly_its_sources_windows_through_kill_9(
             await asyncio.sleep(0.3)
     assert await stored_rows(postgres_dsn, hosts) == mine
     assert await stored_rows(postgres_dsn, table) == others
-    written = await kafka_output(kafka_bootstrap, output, len(others))
+    written = await read_all(kafka_bootstrap, output, len(others))
     assert [k for k, n in Counter(key_of(v) for v in written).items() if n > 1] == []
     got: dict[Key, tuple[float, int]] = {key_of(v): (v["value"], v["count"]) for v in written}
     assert got == others
