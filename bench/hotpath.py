@@ -1,7 +1,7 @@
 """HOT PATH: the aggregator alone, in-process, on the benchmark workload (no I/O).
 
 ``python -m bench.hotpath [-n N] [-r R] [--batch B] [--tags [S]] [--hop H] [--rollups L,..]``
-``[--profile]``
+``[--source-rule] [--profile]``
 
 Feeds the workload's JSON texts as Kafka-like ``SourceBatch`` objects (``bytes``
 records with offsets, per partition, ``batch`` records each) through
@@ -24,6 +24,9 @@ windows; those starting at a multiple of 60 (the tumbling ones) are checked.
 ``--rollups L[,L2]``: the aggregator runs with ``AGGREGATION_ROLLUPS`` (e.g. ``600`` or
 ``600,1200`` over the workload's 20 minutes of 60 s windows); the base windows are
 checked as before, the rollup rows come on top (the cost of one or two levels).
+``--source-rule``: the partitions are source 2's of three (``s2/...``) and a routing rule
+``{match: ["*"], source: 2}`` marks every event's series at intake (docs/routes.md,
+"Sources"): the cost of deciding routes per event, at its worst.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pstats
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -47,6 +50,9 @@ from service.config import AggregationConfig
 from service.core.clock import ManualClock
 from service.core.events import Aggregate, iso_utc
 from service.metrics.collector import MetricsCollector
+
+if TYPE_CHECKING:
+    from service.routes.marks import SourceMarks
 
 
 def batches(w: Workload, size: int) -> list[SourceBatch]:
@@ -117,10 +123,11 @@ def run_once(
     group_by: tuple[str, ...] = (),
     hop: float | None = None,
     rollups: tuple[float, ...] = (),
+    marks: SourceMarks | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     clock = ManualClock(start=w_end(w) + 600)
     cfg = AggregationConfig(interval_s=60.0, group_by=group_by, hop_s=hop, rollups_s=rollups)
-    agg = EventAggregator(cfg, MetricsCollector(clock), clock)
+    agg = EventAggregator(cfg, MetricsCollector(clock), clock, marks=marks)
     agg.restore([PartitionCheckpoint(b.partition, None, None) for b in feed[: w.partitions]])
     t0 = time.process_time()  # CPU time: less sensitive to other load on the machine
     emitted = []
@@ -177,6 +184,7 @@ def main() -> None:
         metavar="L[,L2]",
         help="AGGREGATION_ROLLUPS lengths in seconds (multiples of 60)",
     )
+    ap.add_argument("--source-rule", action="store_true", help="every event marked at intake")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     w = generate(args.n)
@@ -185,16 +193,25 @@ def main() -> None:
         with_tags(w, args.tags)
         group_by = GROUP_BY
     feed = batches(w, args.batch)
+    marks = None
+    if args.source_rule:  # imported here: without it, the same modules as before
+        from service.routes.marks import SourceMarks
+        from service.routes.rules import Route, Routes
+
+        rule = Route("all", ("*",), ("postgres",), source=2, postgres_table="t")
+        marks = SourceMarks(Routes("bench", (rule,), sources=3))
+        for b in feed:
+            b.partition = f"s2/{b.partition}"
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run_once(w, feed, group_by, args.hop, args.rollups)
+        run_once(w, feed, group_by, args.hop, args.rollups, marks)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         return
     rates = []
     for rep in range(args.r):
-        took, records = run_once(w, feed, group_by, args.hop, args.rollups)
+        took, records = run_once(w, feed, group_by, args.hop, args.rollups, marks)
         summary = check(merged(records) if group_by else records, w.expected)
         if not summary["ok"]:
             print(f"WRONG RESULT: {summary}", file=sys.stderr)
@@ -206,7 +223,8 @@ def main() -> None:
         f"median {rates[len(rates) // 2]:,.0f} ev/CPU-s, range {rates[0]:,.0f}-{rates[-1]:,.0f} "
         f"(n={args.n:,}, batch={args.batch}, {args.r} reps, "
         f"{f'2 group-by tags, {args.tags} series per name, ' if group_by else ''}"
-        f"{f'rollups {args.rollups}, ' if args.rollups else ''}correct)"
+        f"{f'rollups {args.rollups}, ' if args.rollups else ''}"
+        f"{'every event marked by a source rule, ' if marks else ''}correct)"
     )
 
 

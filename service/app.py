@@ -36,6 +36,7 @@ from service.ops.web import WebServer, build_web_app
 from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.pipeline.hub import EventHub
 from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
+from service.routes.marks import SourceMarks
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_lease, build_outputs, build_router
 
@@ -99,6 +100,7 @@ class Service:
             max_message_bytes=config.bus.max_message_bytes,
             max_events_per_message=config.bus.max_events_per_message,
             archive=archive is not None,
+            marks=SourceMarks(config.routes),  # rules with source, several sources
         )
         runtime = config.runtime
         self.sender = DataSender(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.aggregation.archived_run import CapturingRun, Refusals, add_corrections, capture
 from service.aggregation.batch_run import BatchRun, Correction, Limits
@@ -37,6 +37,9 @@ from service.config import AggregationConfig
 from service.core.clock import Clock
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
+
+if TYPE_CHECKING:  # the routes package is the outputs' (and imports YAML): not needed here
+    from service.routes.marks import SourceMarks
 
 __all__ = [
     "DEAD_LETTERS_PER_MESSAGE",
@@ -63,6 +66,7 @@ class EventAggregator:
         max_message_bytes: int = 1_048_576,
         max_events_per_message: int = 100_000,
         archive: bool = False,
+        marks: SourceMarks | None = None,
     ) -> None:
         self._cfg = cfg
         self._interval = cfg.interval_s
@@ -83,6 +87,8 @@ class EventAggregator:
         self._tags = TagRule(cfg.group_by, cfg.max_series_per_name) if cfg.group_by else None
         # ARCHIVE_URL set: accepted events kept per partition until their checkpoint
         self._archive = ArchiveTap() if archive else None
+        # routing rules with source, several sources: marks per batch (routes/marks.py)
+        self._marks = marks or None
         metrics.set_partition_view(self.partitions)
         metrics.set_ledger_view(self.ledger)
 
@@ -400,6 +406,7 @@ class EventAggregator:
             idle_s=self._idle_s,
             tags=self._tags,
             lateness=self._lateness,
+            marker=None if self._marks is None else self._marks.for_partition(batch.partition),
         )
 
     def _finish_run(self, part: PartitionState, batch: SourceBatch, run: BatchRun) -> None:

@@ -32,7 +32,7 @@ from service.aggregation.decode import (
     loads_message,
     parse_event,
 )
-from service.aggregation.series import SEP, TagRule, series_key
+from service.aggregation.series import SEP, TagRule, series_key, unmarked
 from service.archive.rows import Rows
 from service.bus.base import SourceBatch
 
@@ -42,7 +42,8 @@ Content = tuple[str, str, float, float]  # (name or series key, canonical func, 
 
 
 def _content(ev: WireEvent) -> Content:
-    return (ev.name, CANONICAL_FUNCS[ev.agg_func], ev.value, ev.timestamp)  # type: ignore[return-value]  # floats by now
+    """As :func:`valid_events` gives it: without a source rule's mark."""
+    return (unmarked(ev.name), CANONICAL_FUNCS[ev.agg_func], ev.value, ev.timestamp)  # type: ignore[return-value]  # floats by now
 
 
 class CapturingRun(BatchRun):
@@ -104,6 +105,7 @@ def valid_events(record: Any, lim: Limits, tags: TagRule | None) -> list[Content
 
 def _add(rows: Rows, name: str, func: str, value: float, ts: float, tagged: bool) -> None:
     tags = None
+    name = unmarked(name)  # the archive keeps the partition, which gives the mark
     if tagged:  # the series key: name, separator, the group-by tags' JSON text
         name, sep, text = name.partition(SEP)
         tags = text if sep else "{}"

@@ -19,6 +19,10 @@ With ``AGGREGATION_GROUP_BY`` set (``tags``), an event's ``name`` holds its seri
 (:mod:`service.aggregation.series`) from decoding on, and its name was checked there:
 the hot loop is the same, keyed by series. The series budget applies where a key opens
 (:meth:`BatchRun.new_key`), so a series over it costs the reference step per event.
+
+A batch of a source that a routing rule names (``marker``: service.routes.marks) marks
+each event's series with its source rule, if it has one, as it is decoded, the name
+checked first, as with tags: the hot loop is again the same.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from service.bus.base import SourceBatch
 
 if TYPE_CHECKING:
     from service.pipeline.flow import Outputs
+    from service.routes.marks import Marker
 
 __all__ = ["BatchRun", "Correction", "Limits"]
 
@@ -128,6 +133,7 @@ class BatchRun:
         idle_s: float,
         tags: TagRule | None = None,
         lateness: float = 0.0,
+        marker: Marker | None = None,
     ) -> None:
         self.part, self.batch, self.out, self.dead, self.limits = part, batch, out, dead, limits
         self.now = now
@@ -152,6 +158,7 @@ class BatchRun:
             if part.series is None:
                 part.series = SeriesBudget.of(part.windows)
         self.lateness = lateness  # AGGREGATION_ALLOWED_LATENESS
+        self.marker = marker  # series -> its marked series (service.routes.marks)
         # hopping windows: new keys take the packed panes' equal key (panes.KeyTable)
         self.canon = None if part.packed is None else part.packed.table.canonical
         self.corrections: list[Correction] = []
@@ -169,6 +176,8 @@ class BatchRun:
             fast_all: Callable[[list[WireEvent]], list[WireEvent] | None] = self.fast_all
         else:  # names checked and series keys made by fast_tagged
             one, fast, fast_all = self.tags.wire, self.fast_tagged, _checked
+        if self.marker is not None:  # names checked and series marked by fast_marked
+            fast, fast_all = self.fast_marked, _checked
         keyed, lo, hi, part_max, x_next = _EMPTY, 0.0, 0.0, self.part_max, self.x_next
         for idx, record in enumerate(self.batch.records):
             evs: Sequence[WireEvent] | None = None
@@ -269,6 +278,39 @@ class BatchRun:
         for e, key in zip(many, keys, strict=True):
             e.name = cast(str, key)
         return many
+
+    def fast_marked(self, record: bytes) -> Any:
+        """The fast decoder of a run with a ``marker``: each event's series marked,
+        its name checked before (a marked name holds a control character); None when
+        the reference decoder must decide. A list has passed :meth:`fast_all`."""
+        marker = cast("Marker", self.marker)
+        known = marker.known  # a series seen before: its name was checked then
+        if self.tags is not None:
+            d = self.fast_tagged(record)  # names checked, series keys made
+            if d is None:
+                return None
+            if type(d) is self.wire:
+                d.name = known(d.name) or marker(d.name)
+                return d
+        else:
+            d = decode_fast(record)
+            if type(d) is WireEvent:
+                name = d.name
+                got = known(name)
+                if got is None:
+                    if not name.isprintable() and name_fault(name) is not None:
+                        return None
+                    got = marker(name)
+                d.name = got
+                return d
+            d = self.fast_all(cast(list[WireEvent], d))
+            if d is None or any(
+                not e.name.isprintable() and name_fault(e.name) is not None for e in d
+            ):
+                return None
+        for e in d:
+            e.name = known(e.name) or marker(e.name)
+        return d
 
     # -- the reference step -------------------------------------------------------------
     def place(
@@ -453,6 +495,8 @@ class BatchRun:
                 name, func, value, ts = parse_event(item, lim.max_ts)
                 if tags is not None:  # the event's name becomes its series key
                     name = series_key(name, item.get("tags"), tags.group_by)
+                if self.marker is not None:
+                    name = self.marker(name)
             except Rejected as exc:
                 self._reject(idx, item, exc.reason, exc.detail)
                 continue
@@ -536,8 +580,8 @@ class BatchRun:
     ) -> bool:
         """Dead-letter ``ev`` as ``invalid_name`` if its name may not be stored (the
         fast path's share of :func:`parse_event`'s name rule), and say whether it did.
-        A tagged run checked every name when it made the series key."""
-        if self.tags is not None:
+        A tagged or marking run checked every name when it made the series key."""
+        if self.tags is not None or self.marker is not None:
             return False
         fault = name_fault(ev.name)
         if fault is None:

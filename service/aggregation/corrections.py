@@ -27,7 +27,7 @@ from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.rollups import Touched, add_late, corrected
-from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_series
+from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_of
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
 from service.metrics.collector import MetricsCollector
@@ -149,7 +149,7 @@ def _budgeted(part: PartitionState, c: Correction, tags: TagRule | None) -> Wind
     known = {s for s, _ in kept if SEP in s and name_of(s) == name and not is_overflow(s)}
     if series in known or len(known) < tags.max_series:
         return c.key
-    return overflow_series(name, tags.group_by), func
+    return overflow_of(series, tags.group_by), func
 
 
 def _shares(parts: Iterable[PartitionState], start: float, key: WindowKey) -> list[Kept]:

@@ -20,14 +20,16 @@ from service.aggregation.kept import Kept, copy_acc
 from service.aggregation.partition import PartitionState, WindowKey
 from service.aggregation.percentiles import sketch_of
 from service.aggregation.rollups import fold, take_levels
-from service.aggregation.series import SEP, split
+from service.aggregation.series import ROUTE_SEP, SEP, split_route
 from service.aggregation.windows import emitted_by, quiet_close
-from service.core.events import Aggregate
+from service.core.events import Aggregate, RoutedAggregate
 from service.metrics.collector import MetricsCollector
 
 __all__ = ["Taken", "aggregates_of", "take_through"]
 
 log = logging.getLogger(__name__)
+
+_Split = tuple[str, Mapping[str, str] | None, str | None]  # (name, tags, route)
 
 _RESULT: Final[dict[str, Callable[[Acc], float]]] = {k: f.result for k, f in FUNCTIONS.items()}
 
@@ -137,7 +139,7 @@ def aggregates_of(
     emitted: list[Aggregate] = []
     append = emitted.append
     result_of = _RESULT
-    names: dict[str, tuple[str, Mapping[str, str] | None]] = {}  # series -> split, cached
+    names: dict[str, _Split] = {}  # series -> split, cached
     for start in sorted(taken.ready):
         end = start + interval
         revisions = taken.revisions.get(start)
@@ -150,7 +152,8 @@ def aggregates_of(
             if finite:
                 revision = 1 if revisions is None else revisions[(series, func)]
                 sketch = sketch_of(func, acc)  # p50..p99: the DDSketch (contract 12.5)
-                if not tagged and SEP not in series:  # without tags: as before v1.3
+                if not tagged and SEP not in series and ROUTE_SEP not in series:
+                    # without tags: as before v1.3
                     append(
                         Aggregate(
                             series,
@@ -168,21 +171,25 @@ def aggregates_of(
                 split_ = names.get(series)
                 if split_ is None:
                     split_ = names[series] = _split(series, tagged)
-                name, tags = split_
-                append(
-                    Aggregate(name, func, value, acc[0], start, end, now, tags, revision, sketch)
-                )
+                name, tags, route = split_
+                n = acc[0]
+                if route is None:
+                    append(Aggregate(name, func, value, n, start, end, now, tags, revision, sketch))
+                else:  # a source rule's series (service.routes.marks)
+                    made = RoutedAggregate(
+                        name, func, value, n, start, end, now, tags, revision, sketch, route
+                    )
+                    append(made)
             else:
                 _on_unusable(taken.owner[start], (series, func), start, acc, metrics)
     return emitted
 
 
-def _split(series: str, tagged: bool) -> tuple[str, Mapping[str, str] | None]:
-    """(name, tags) of an aggregate; a tagged series restored into a run without
+def _split(series: str, tagged: bool) -> _Split:
+    """(name, tags, route) of an aggregate; a tagged series restored into a run without
     AGGREGATION_GROUP_BY keeps its tags rather than merge into the name's series."""
-    if tagged or SEP in series:
-        return split(series)
-    return series, None
+    name, tags, route = split_route(series)
+    return name, ({} if tagged and tags is None else tags), route
 
 
 def _on_merge_overflow(

@@ -43,7 +43,7 @@ from service.aggregation.hopping import covering
 from service.aggregation.kept import copy_acc
 from service.aggregation.panes import PackedPanes
 from service.aggregation.partition import PartitionState, WindowKey
-from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_series
+from service.aggregation.series import SEP, TagRule, is_overflow, name_of, overflow_of
 from service.aggregation.windows import window_start
 from service.bus.base import SourceBatch
 from service.metrics.collector import MetricsCollector
@@ -187,7 +187,7 @@ class HopCorrector:
         known = {s for s, _ in keyed if SEP in s and name_of(s) == name and not is_overflow(s)}
         if series in known or len(known) < tags.max_series:
             return key
-        return overflow_series(name, tags.group_by), func
+        return overflow_of(series, tags.group_by), func
 
     def _add_to(
         self,

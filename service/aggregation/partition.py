@@ -50,7 +50,7 @@ from service.aggregation.origins import RoutedTime
 from service.aggregation.panes import PackedPanes
 from service.aggregation.percentiles import PERCENTILES, v13_layout
 from service.aggregation.rollups import ROLLUP_STATE_FORMAT, RollupPartials
-from service.aggregation.series import SEP, SeriesBudget, valid_series
+from service.aggregation.series import SeriesBudget, is_plain, valid_series
 from service.aggregation.windows import is_idle
 from service.bus.base import SourceBatch
 from service.checkpoints.base import PartitionCheckpoint
@@ -338,7 +338,7 @@ class PartitionState:
                 for (name, func), acc in self.packed.entries(start)
             ]
         wide = any(len(w[3]) > 3 for w in windows)
-        v13 = any(SEP in w[1] or (w[2] in PERCENTILES and v13_layout(w[3])) for w in windows)
+        v13 = any(not is_plain(w[1]) or (w[2] in PERCENTILES and v13_layout(w[3])) for w in windows)
         state_format = V13_STATE_FORMAT if v13 else WIDE_STATE_FORMAT if wide else STATE_FORMAT
         body = {
             "format": HOP_STATE_FORMAT if panes and windows else state_format,
@@ -586,8 +586,8 @@ def _invalid_window(entry: Any) -> str | None:
         return f"window start {start!r} is not a time"
     if type(name) is not str or type(func) is not str or func not in FUNCTIONS:
         return f"name {name!r} or function {func!r} is not valid"
-    if SEP in name and not valid_series(name):
-        return f"series {_clip(name)} is not a name and its tags"
+    if not is_plain(name) and not valid_series(name):
+        return f"series {_clip(name)} is not a name, its tags and its route"
     if not valid(func, acc):
         return f"state {_clip(acc)} is not a valid {func} accumulator"
     return None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from service.aggregation.functions import FUNCTIONS, Acc, valid
 from service.aggregation.kept import Kept, KeptWindows, expire
-from service.aggregation.series import SEP, valid_series
+from service.aggregation.series import is_plain, valid_series
 from service.aggregation.windows import window_start
 
 if TYPE_CHECKING:
@@ -375,8 +375,8 @@ def _invalid(entry: Any) -> str | None:
             return f"rollup time {t!r} is not a time"
     if type(series) is not str or type(func) is not str or func not in FUNCTIONS:
         return f"rollup series {str(series)[:100]!r} or function {func!r} is not valid"
-    if SEP in series and not valid_series(series):
-        return f"rollup series {series[:100]!r} is not a name and its tags"
+    if not is_plain(series) and not valid_series(series):
+        return f"rollup series {series[:100]!r} is not a name, its tags and its route"
     if not valid(func, acc):
         return f"rollup state of {series[:100]!r}/{func} is not a valid accumulator"
     return None

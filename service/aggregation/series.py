@@ -7,6 +7,13 @@ no spaces). A name cannot hold a control character (decode.name_fault), so the f
 ``"\\x1f"`` always ends the name. Only this module builds and splits the key; every
 other module treats it as opaque.
 
+A series of a source-routed event (a rule with ``source``, several sources in
+``VABUS_URL``: docs/routes.md, "Sources") is *marked* with that rule's name:
+``series + "\x1e" + rule name``. Neither a name nor the tags' JSON (which escapes
+control characters) can hold ``"\x1e"``, so the first one ends the unmarked series;
+the mark keeps that series apart from the same name's events of other sources in every
+window, kept window, rollup and checkpoint, and tells the outputs its route.
+
 The series budget (``AGGREGATION_MAX_SERIES_PER_NAME``) counts distinct tag sets per
 partition, window and name; a tag set beyond it is aggregated into the name's overflow
 series (every group-by key -> ``"__overflow__"``), which is not counted against it.
@@ -32,20 +39,28 @@ from service.aggregation.decode import (
 
 __all__ = [
     "OVERFLOW",
+    "ROUTE_SEP",
     "SEP",
     "SeriesBudget",
     "TagRule",
     "fast_series",
     "is_overflow",
+    "is_plain",
+    "mark",
     "name_of",
+    "overflow_of",
     "overflow_series",
+    "route_of",
     "series_key",
     "split",
+    "split_route",
     "tag_text",
+    "unmarked",
     "valid_series",
 ]
 
 SEP: Final = "\x1f"
+ROUTE_SEP: Final = "\x1e"  # before a source rule's name (docs/routes.md, "Sources")
 OVERFLOW: Final = "__overflow__"
 _SORTED: Final = orjson.OPT_SORT_KEYS
 _INT64: Final = 2**63
@@ -110,20 +125,56 @@ def fast_series(name: str, values: tuple[Any, ...], group_by: tuple[str, ...]) -
         return None
 
 
+def mark(series: str, route: str) -> str:
+    """``series`` marked as an event of the source rule ``route`` (a rule name)."""
+    return series + ROUTE_SEP + route
+
+
+def route_of(series: str) -> str | None:
+    """The source rule a series is marked with, or None."""
+    _, sep, route = series.partition(ROUTE_SEP)
+    return route if sep else None
+
+
+def unmarked(series: str) -> str:
+    """``series`` without its mark (the same object when it has none)."""
+    return series.partition(ROUTE_SEP)[0] if ROUTE_SEP in series else series
+
+
+def is_plain(series: str) -> bool:
+    """Whether ``series`` is only a name: no tags, no mark."""
+    return SEP not in series and ROUTE_SEP not in series
+
+
 def name_of(series: str) -> str:
-    return series.partition(SEP)[0]
+    name = series.partition(SEP)[0]
+    return name.partition(ROUTE_SEP)[0] if ROUTE_SEP in name else name
 
 
 def split(series: str) -> tuple[str, dict[str, str]]:
-    """``series`` -> (name, group-by tags); ``{}`` for a series without tags."""
-    name, sep, tags = series.partition(SEP)
+    """``series`` -> (name, group-by tags); ``{}`` for a series without tags. A mark
+    is left out (:func:`split_route`)."""
+    name, sep, tags = unmarked(series).partition(SEP)
     return name, (orjson.loads(tags) if sep else {})
 
 
+def split_route(series: str) -> tuple[str, dict[str, str] | None, str | None]:
+    """``series`` -> (name, group-by tags or None for none, route mark or None)."""
+    base, marked, route = series.partition(ROUTE_SEP)
+    name, sep, tags = base.partition(SEP)
+    return name, (orjson.loads(tags) if sep else None), (route if marked else None)
+
+
 def valid_series(series: str) -> bool:
-    """Whether a series key read from a checkpoint splits into a name and string tags."""
+    """Whether a series key read from a checkpoint splits into a name, string tags (if
+    it has a tag separator) and a rule name (if it has a mark)."""
+    base, marked, route = series.partition(ROUTE_SEP)
+    if marked and (not route or not route.isprintable()):
+        return False
+    if SEP not in base:
+        return bool(base) and name_fault(base) is None
     try:
-        name, tags = split(series)
+        name, tags = split(base)
     except orjson.JSONDecodeError:
         return False
     return (
@@ -138,8 +189,16 @@ def overflow_series(name: str, group_by: tuple[str, ...]) -> str:
     return name + SEP + orjson.dumps(dict.fromkeys(group_by, OVERFLOW), option=_SORTED).decode()
 
 
+def overflow_of(series: str, group_by: tuple[str, ...]) -> str:
+    """The overflow series of ``series``'s name, with ``series``'s mark: a source
+    rule's events overflow into a series of their own route."""
+    over = overflow_series(name_of(series), group_by)
+    route = route_of(series)
+    return over if route is None else mark(over, route)
+
+
 def is_overflow(series: str) -> bool:
-    _, sep, tags = series.partition(SEP)
+    _, sep, tags = unmarked(series).partition(SEP)
     return bool(sep) and all(v == OVERFLOW for v in orjson.loads(tags).values())
 
 
@@ -221,7 +280,7 @@ class SeriesBudget:
             return series
         if OVERFLOW in series and is_overflow(series):
             return series
-        return overflow_series(name, group_by)
+        return overflow_of(series, group_by)
 
     def record(self, start: float, series: str) -> None:
         """A key of ``series`` was opened in the window at ``start``."""

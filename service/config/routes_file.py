@@ -29,6 +29,8 @@ def read_routes(r: Reader, config: Config) -> Routes:
         outputs=config.outputs,
         group_by=config.aggregation.group_by,
         sources=len(config.sources),
+        default_table=config.postgres.table,
+        default_topic=config.kafka.topic,
         table_ok=parse_identifier,
         topic_ok=parse_topic,
         reserved_tables=(config.postgres.dead_letter_table,),

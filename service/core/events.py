@@ -72,6 +72,7 @@ class Aggregate:
     no ``tags`` field, as before v1.3), else the series' group-by tags (maybe empty).
     ``revision`` is 1 for the first emission, one more for each correction (§12.4).
     ``sketch`` is the DDSketch of a percentile aggregate (protobuf bytes), else None.
+    ``route`` is None: a :class:`RoutedAggregate` carries one.
     """
 
     name: str
@@ -84,6 +85,12 @@ class Aggregate:
     tags: Mapping[str, str] | None = None
     revision: int = 1
     sketch: bytes | None = None
+
+    @property
+    def route(self) -> str | None:
+        """The source rule the series' events were marked with at intake (several
+        sources, docs/routes.md "Sources"): only a :class:`RoutedAggregate` has one."""
+        return None
 
     def to_json_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -101,6 +108,15 @@ class Aggregate:
         if self.sketch is not None:
             obj["sketch"] = base64.b64encode(self.sketch).decode("ascii")
         return obj
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedAggregate(Aggregate):
+    """An aggregate of a series a source rule took at intake: ``route`` names the rule;
+    it picks the destination and is written to no output. A class of its own so that
+    every other aggregate is made exactly as before (a field more costs every one)."""
+
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

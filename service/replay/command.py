@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -36,6 +36,7 @@ from service.replay.recompute import (
     partition_levels,
 )
 from service.replay.span import ReplaySpan
+from service.routes.marks import SourceMarks
 from service.routes.matching import Output, Router
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_router
@@ -128,7 +129,8 @@ async def _replay(
     agg = config.aggregation
     summary = Summary()
     now = clock.now()
-    fresh = await recomputed(store, agg, span, now, summary, Progress(err, tty))
+    marks = SourceMarks(config.routes)  # rules with source: marked as the service does
+    fresh = await recomputed(store, agg, span, now, summary, Progress(err, tty), marks)
     summary.windows = len(fresh)
     held: dict[tuple[str, HeldKey], Held] = {}  # (output:destination, key)
     through = -math.inf
@@ -184,9 +186,11 @@ async def recomputed(
     now: float,
     summary: Summary,
     progress: Progress,
+    marks: SourceMarks | None = None,
 ) -> list[Aggregate]:
     """Every window of every level starting in the span, from the archive's hours
-    ``[start, end + the longest window)``, as the service computes it."""
+    ``[start, end + the longest window)``, as the service computes it (``marks``: the
+    routing rules' source marks, read from each file's ``partition`` column)."""
     levels = levels_of(agg)
     longest = max(level.length for level in levels)
     hours = hours_of(span.start, span.end + longest)
@@ -200,7 +204,8 @@ async def recomputed(
             if table is not None:
                 cols = Columns()
                 cols.extend(table)
-                summary.events += add_events(panes, cols, agg.pane_s, span)
+                marker = _marker(marks, table)
+                summary.events += add_events(panes, cols, agg.pane_s, span, marker)
                 summary.files += 1
             progress.done(name)
         shares.append(partition_levels(panes, levels))
@@ -210,6 +215,13 @@ async def recomputed(
         windows = merged(share[i] for share in shares)
         fresh += aggregates(windows, level.length, span, now, tagged=bool(agg.group_by))
     return fresh
+
+
+def _marker(marks: SourceMarks | None, table: Any) -> Callable[[str], str] | None:
+    """The source marks of the partition a file holds (one per file: its slice's)."""
+    if not marks or table.num_rows == 0:
+        return None
+    return marks.for_partition(table.column("partition")[0].as_py())
 
 
 def _destinations(config: Config, router: Router | None, output: Output) -> tuple[str, ...]:

@@ -7,22 +7,26 @@ window is its panes merged earliest first (one pane when tumbling), as
 windows of the level below, per partition (rollups are never computed from raw events:
 :mod:`service.aggregation.rollups`); then each window is merged over the partitions and
 its aggregate made as :func:`service.aggregation.emission.aggregates_of` makes it.
+
+With rules that match by source (several sources), a partition's events are marked as
+the service marked them (service.routes.marks), from the partition the archive keeps:
+a source rule's windows are series of their own here too.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from service.aggregation.functions import FUNCTIONS, Acc
 from service.aggregation.hopping import covering
 from service.aggregation.kept import copy_acc
 from service.aggregation.percentiles import sketch_of
-from service.aggregation.series import SEP, split
+from service.aggregation.series import ROUTE_SEP, SEP, split_route
 from service.aggregation.windows import window_start
 from service.config import AggregationConfig
-from service.core.events import Aggregate
+from service.core.events import Aggregate, RoutedAggregate
 from service.replay.archived import Columns
 from service.replay.span import ReplaySpan
 
@@ -47,8 +51,15 @@ def levels_of(cfg: AggregationConfig) -> list[Level]:
     return [Level(cfg.interval_s, cfg.pane_s), *(Level(r, r) for r in cfg.rollups_s)]
 
 
-def add_events(panes: Windows, cols: Columns, pane_s: float, span: ReplaySpan) -> int:
-    """Add one partition's events, in their order, to its panes; returns how many."""
+def add_events(
+    panes: Windows,
+    cols: Columns,
+    pane_s: float,
+    span: ReplaySpan,
+    marker: Callable[[str], str] | None = None,
+) -> int:
+    """Add one partition's events, in their order, to its panes; returns how many.
+    ``marker``: the partition's source rule marks (as the aggregator's)."""
     fns = FUNCTIONS
     added = 0
     wanted: dict[str, bool] = {}  # --names decided once per name
@@ -65,6 +76,8 @@ def add_events(panes: Windows, cols: Columns, pane_s: float, span: ReplaySpan) -
             log.warning("replay: archived event of %r has unknown function %r", name, func)
             continue
         series = name if tags is None or tags == "{}" else name + SEP + tags
+        if marker is not None:
+            series = marker(series)
         keyed = panes.setdefault(window_start(ts, pane_s), {})
         acc = keyed.get((series, func))
         if acc is None:
@@ -134,15 +147,16 @@ def aggregates(
             value = FUNCTIONS[func].result(acc)
             if value - value != 0.0:
                 continue
-            if tagged or SEP in series:
-                name, tags = split(series)
-                got: Mapping[str, str] | None = tags
+            route = None
+            if tagged or SEP in series or ROUTE_SEP in series:
+                name, tags, route = split_route(series)
+                got: Mapping[str, str] | None = {} if tagged and tags is None else tags
             else:
                 name, got = series, None
-            out.append(
-                Aggregate(
-                    name, func, value, acc[0], start, start + length, now, got, 1,
-                    sketch_of(func, acc),
-                )
-            )  # fmt: skip
+            args = (name, func, value, acc[0], start, start + length, now, got, 1)
+            sketch = sketch_of(func, acc)
+            if route is None:
+                out.append(Aggregate(*args, sketch))
+            else:  # a source rule's series, as the service emits it
+                out.append(RoutedAggregate(*args, sketch, route))
     return out

@@ -1,8 +1,10 @@
 """Which route an aggregate takes, and where each output then writes it.
 
 A route is decided from the aggregate alone: its name and its group-by tags are in it.
-A ``source`` rule is accepted only while ``VABUS_URL`` holds one source, where every
-event is from source 1 (service.routes.validation), so it too is decided here.
+With one source in ``VABUS_URL`` every event is from source 1, so a ``source`` rule is
+decided here like any other. With several, the route of a source rule is decided per
+event at intake (service.routes.marks) and the aggregate carries it (``route``); an
+aggregate without one is routed by the other rules only (docs/routes.md, "Sources").
 
 The decision is cached per series: aggregates of one series repeat every window and
 for every function, and the globs cost far more than a dict look-up. The cache is
@@ -19,7 +21,7 @@ from typing import Final, Literal
 from service.core.events import Aggregate
 from service.routes.rules import DEFAULT_ROUTE, Route, Routes
 
-__all__ = ["DEFAULT_ROUTE", "Destined", "Router"]
+__all__ = ["DEFAULT_ROUTE", "Compiled", "Destined", "Router"]
 
 _CACHE_LIMIT: Final = 100_000
 
@@ -28,11 +30,12 @@ Destined = tuple[str, str, list[Aggregate]]
 """(route name, destination: a topic or a table, the aggregates)."""
 
 
-class _Compiled:
-    __slots__ = ("name", "outputs", "pattern", "table", "tags", "topic")
+class Compiled:
+    __slots__ = ("name", "outputs", "pattern", "source", "table", "tags", "topic")
 
     def __init__(self, route: Route) -> None:
         self.name = route.name
+        self.source = route.source
         self.pattern = re.compile("|".join(f"(?:{translate(p)})" for p in route.match))
         self.tags = route.tags
         self.outputs = frozenset(route.outputs)
@@ -60,25 +63,41 @@ class Router:
     ) -> None:
         self.routes = routes
         self._outputs = tuple(outputs)
-        self._rules = [_Compiled(r) for r in routes.rules]
+        self._rules = [Compiled(r) for r in routes.rules]
         self._by_tags = any(r.tags for r in self._rules)
+        # several sources: a source rule routes only the aggregates marked with it
+        self._by_source = routes.by_source
+        self._plain = [
+            (i, r) for i, r in enumerate(self._rules) if not self._by_source or r.source is None
+        ]
+        self._marked = {r.name: i for i, r in enumerate(self._rules) if r.source is not None}
         self._default = {"kafka": kafka_topic, "postgres": postgres_table}
         self._cache: dict[object, int] = {}
 
     def index_of(self, name: str, tags: Mapping[str, str] | None) -> int:
-        """The position of the first rule matching, or -1 (the default route)."""
+        """The position of the first rule matching, or -1 (the default route); with
+        several sources the rules with ``source`` are left out (they take only the
+        aggregates marked with them: :meth:`marked_index`)."""
         key: object = (name, tuple(sorted(tags.items()))) if self._by_tags and tags else name
         found = self._cache.get(key)
         if found is not None:
             return found
-        found = next((i for i, r in enumerate(self._rules) if r.matches(name, tags)), -1)
+        found = next((i for i, r in self._plain if r.matches(name, tags)), -1)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = found
         return found
 
+    def marked_index(self, route: str) -> int | None:
+        """The position of the source rule an aggregate is marked with; None when no
+        rule of that name has a source (the rules changed since a checkpoint kept the
+        mark: such an aggregate is routed like an unmarked one)."""
+        return self._marked.get(route) if self._by_source else None
+
     def route_of(self, a: Aggregate) -> str:
-        i = self.index_of(a.name, a.tags)
+        i = None if a.route is None else self.marked_index(a.route)
+        if i is None:
+            i = self.index_of(a.name, a.tags)
         return DEFAULT_ROUTE if i < 0 else self._rules[i].name
 
     def split(self, aggregates: Sequence[Aggregate], output: Output) -> list[Destined]:
@@ -88,8 +107,11 @@ class Router:
         groups: dict[int, list[Aggregate]] = {}
         cache, index_of = self._cache, self.index_of
         by_name = not self._by_tags  # then the cache is keyed by name: look it up inline
+        by_source, marked = self._by_source, self.marked_index
         for a in aggregates:
             i = cache.get(a.name) if by_name else None
+            if by_source and a.route is not None:
+                i = marked(a.route)
             if i is None:
                 i = index_of(a.name, a.tags)
             group = groups.get(i)

@@ -34,9 +34,17 @@ class Routes:
 
     file: str | None = None
     rules: tuple[Route, ...] = ()
+    sources: int = 1  # URLs in VABUS_URL
 
     def __bool__(self) -> bool:
         return bool(self.rules)
+
+    @property
+    def by_source(self) -> bool:
+        """Whether events are marked with their source rule at intake: several sources
+        and a rule with ``source`` (docs/routes.md, "Sources"). With one source a
+        ``source: 1`` rule matches every event, like a rule without it."""
+        return self.sources > 1 and any(r.source is not None for r in self.rules)
 
     def tables(self) -> tuple[str, ...]:
         """The rules' own PostgreSQL tables, each once, in rule order."""

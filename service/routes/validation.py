@@ -59,6 +59,8 @@ class RouteContext:
     topic_ok: Callable[[str], object]  # raises ValueError for a bad topic name
     reserved_tables: Collection[str] = ()  # dead letters, checkpoints: never a route's
     reserved_topics: Collection[str] = ()  # the dead-letter and bus topics
+    default_table: str = ""  # POSTGRES_TABLE
+    default_topic: str = ""  # KAFKA_TOPIC
 
 
 def read_routes_file(path: str, ctx: RouteContext) -> Routes:
@@ -77,7 +79,7 @@ def read_routes_file(path: str, ctx: RouteContext) -> Routes:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         kind = "JSON" if path.endswith(".json") else "YAML"
         raise RoutesProblem([f"not valid {kind}: {first}"]) from exc
-    return Routes(file=path, rules=parse_routes(data, ctx))
+    return Routes(file=path, rules=parse_routes(data, ctx), sources=ctx.sources)
 
 
 def parse_routes(data: Any, ctx: RouteContext) -> tuple[Route, ...]:
@@ -90,6 +92,7 @@ def parse_routes(data: Any, ctx: RouteContext) -> tuple[Route, ...]:
         raise RoutesProblem([f"routes={_show(rules)}: expected a non-empty list of rules"])
     problems: list[str] = []
     parsed: list[Route] = []
+    positions: list[int] = []
     seen: dict[str, int] = {}
     for position, raw in enumerate(rules, start=1):
         rule = _Rule(position, raw, ctx, problems)
@@ -101,6 +104,9 @@ def parse_routes(data: Any, ctx: RouteContext) -> tuple[Route, ...]:
             seen[name] = position
         if route is not None and not rule.failed:
             parsed.append(route)
+            positions.append(position)
+    if ctx.sources > 1:
+        problems += _shared_destinations(parsed, positions, ctx)
     if problems:
         raise RoutesProblem(problems)
     return tuple(parsed)
@@ -180,16 +186,6 @@ class _Rule:
         if type(value) is not int or not 1 <= value <= n:
             self.fail("source", value, f"the position of a source in VABUS_URL (1 to {n})")
             return None
-        if n > 1:
-            # A window of one name merges every partition: matching several sources
-            # needs the route decided per event (docs/routes.md, "Sources").
-            self.fail(
-                "source",
-                value,
-                "no source: matching by source with several sources "
-                "in VABUS_URL is not supported yet (docs/routes.md)",
-            )
-            return None
         return value
 
     def _tags(self, value: Any) -> tuple[tuple[str, str], ...]:
@@ -240,6 +236,41 @@ class _Rule:
             self.fail(key, value, form)
             return None
         return value
+
+
+def _shared_destinations(routes: list[Route], positions: list[int], ctx: RouteContext) -> list[str]:
+    """With several sources, a rule with ``source`` writes series of names that other
+    sources may feed too (service.routes.marks): each of its outputs needs a table or
+    topic of its own, which no other rule and not the default one writes, else two
+    series of one name would meet in one destination (docs/routes.md, "Sources")."""
+    problems: list[str] = []
+    for route, position in zip(routes, positions, strict=True):
+        if route.source is None:
+            continue
+        for output in route.outputs:
+            key, default = (
+                ("postgres_table", ctx.default_table)
+                if output == "postgres"
+                else ("kafka_topic", ctx.default_topic)
+            )
+            own = route.postgres_table if output == "postgres" else route.kafka_topic
+            why = None
+            if own is None or own == default:
+                why = f"the default {default!r}"
+            else:
+                for other, at in zip(routes, positions, strict=True):
+                    theirs = other.postgres_table if output == "postgres" else other.kafka_topic
+                    if other is not route and output in other.outputs and theirs == own:
+                        why = f"rule {at} {other.name!r}"
+                        break
+            if why is not None:
+                problems.append(
+                    f"rule {position} {route.name!r}: {key}={_show(own)}: expected a "
+                    f"{key.split('_')[1]} of its own for a rule with source while VABUS_URL "
+                    f"holds several sources (it would share {why}, mixing its series with "
+                    "other sources' of the same names; docs/routes.md)"
+                )
+    return problems
 
 
 def _good_glob(pattern: Any) -> bool:
