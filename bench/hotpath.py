@@ -52,7 +52,7 @@ from service.core.events import Aggregate, iso_utc
 from service.metrics.collector import MetricsCollector
 
 if TYPE_CHECKING:
-    from service.routes.marks import SourceMarks
+    from service.aggregation.source_marks import SourceMarks
 
 
 def batches(w: Workload, size: int) -> list[SourceBatch]:
@@ -195,7 +195,7 @@ def main() -> None:
     feed = batches(w, args.batch)
     marks = None
     if args.source_rule:  # imported here: without it, the same modules as before
-        from service.routes.marks import SourceMarks
+        from service.aggregation.source_marks import SourceMarks
         from service.routes.rules import Route, Routes
 
         rule = Route("all", ("*",), ("postgres",), source=2, postgres_table="t")

@@ -19,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from service.aggregation.aggregator import EventAggregator
+from service.aggregation.source_marks import SourceMarks
 from service.aggregation.stage import AggregatorStage
 from service.bus.base import Bus, BusItem
 from service.bus.leased import LeasedBus
@@ -36,7 +37,6 @@ from service.ops.web import WebServer, build_web_app
 from service.pipeline.flow import INPUT, OUTPUT, CheckpointRequest, Tick
 from service.pipeline.hub import EventHub
 from service.pipeline.sender import DataSender, ReadBackSink, SharedTransaction
-from service.routes.marks import SourceMarks
 from service.sinks.base import Sink
 from service.wiring import build_bus, build_lease, build_outputs, build_router
 

@@ -39,7 +39,7 @@ from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
 
 if TYPE_CHECKING:  # the routes package is the outputs' (and imports YAML): not needed here
-    from service.routes.marks import SourceMarks
+    from service.aggregation.source_marks import SourceMarks
 
 __all__ = [
     "DEAD_LETTERS_PER_MESSAGE",
@@ -87,7 +87,7 @@ class EventAggregator:
         self._tags = TagRule(cfg.group_by, cfg.max_series_per_name) if cfg.group_by else None
         # ARCHIVE_URL set: accepted events kept per partition until their checkpoint
         self._archive = ArchiveTap() if archive else None
-        # routing rules with source, several sources: marks per batch (routes/marks.py)
+        # routing rules with source, several sources: marks per batch (aggregation/source_marks.py)
         self._marks = marks or None
         metrics.set_partition_view(self.partitions)
         metrics.set_ledger_view(self.ledger)

@@ -20,7 +20,7 @@ With ``AGGREGATION_GROUP_BY`` set (``tags``), an event's ``name`` holds its seri
 the hot loop is the same, keyed by series. The series budget applies where a key opens
 (:meth:`BatchRun.new_key`), so a series over it costs the reference step per event.
 
-A batch of a source that a routing rule names (``marker``: service.routes.marks) marks
+A batch of a source that a routing rule names (``marker``: service.aggregation.source_marks) marks
 each event's series with its source rule, if it has one, as it is decoded, the name
 checked first, as with tags: the hot loop is again the same.
 """
@@ -56,8 +56,8 @@ from service.aggregation.windows import (
 from service.bus.base import SourceBatch
 
 if TYPE_CHECKING:
+    from service.aggregation.source_marks import Marker
     from service.pipeline.flow import Outputs
-    from service.routes.marks import Marker
 
 __all__ = ["BatchRun", "Correction", "Limits"]
 
@@ -158,7 +158,7 @@ class BatchRun:
             if part.series is None:
                 part.series = SeriesBudget.of(part.windows)
         self.lateness = lateness  # AGGREGATION_ALLOWED_LATENESS
-        self.marker = marker  # series -> its marked series (service.routes.marks)
+        self.marker = marker  # series -> its marked series (service.aggregation.source_marks)
         # hopping windows: new keys take the packed panes' equal key (panes.KeyTable)
         self.canon = None if part.packed is None else part.packed.table.canonical
         self.corrections: list[Correction] = []

@@ -175,7 +175,7 @@ def aggregates_of(
                 n = acc[0]
                 if route is None:
                     append(Aggregate(name, func, value, n, start, end, now, tags, revision, sketch))
-                else:  # a source rule's series (service.routes.marks)
+                else:  # a source rule's series (service.aggregation.source_marks)
                     made = RoutedAggregate(
                         name, func, value, n, start, end, now, tags, revision, sketch, route
                     )

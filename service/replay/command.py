@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from service.aggregation.source_marks import SourceMarks
 from service.archive.stores import ArchiveStore, build_store
 from service.config import AggregationConfig, Config
 from service.core.clock import Clock, SystemClock
@@ -36,7 +37,6 @@ from service.replay.recompute import (
     partition_levels,
 )
 from service.replay.span import ReplaySpan
-from service.routes.marks import SourceMarks
 from service.routes.matching import Output, Router
 from service.sinks.postgres import PostgresSink
 from service.wiring import build_router

@@ -9,7 +9,7 @@ windows of the level below, per partition (rollups are never computed from raw e
 its aggregate made as :func:`service.aggregation.emission.aggregates_of` makes it.
 
 With rules that match by source (several sources), a partition's events are marked as
-the service marked them (service.routes.marks), from the partition the archive keeps:
+the service marked them (service.aggregation.source_marks), from the partition the archive keeps:
 a source rule's windows are series of their own here too.
 """
 

@@ -3,8 +3,9 @@
 A route is decided from the aggregate alone: its name and its group-by tags are in it.
 With one source in ``VABUS_URL`` every event is from source 1, so a ``source`` rule is
 decided here like any other. With several, the route of a source rule is decided per
-event at intake (service.routes.marks) and the aggregate carries it (``route``); an
-aggregate without one is routed by the other rules only (docs/routes.md, "Sources").
+event at intake (service.aggregation.source_marks) and the aggregate carries it
+(``route``); an aggregate without one is routed by the other rules only
+(docs/routes.md, "Sources").
 
 The decision is cached per series: aggregates of one series repeat every window and
 for every function, and the globs cost far more than a dict look-up. The cache is

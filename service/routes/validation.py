@@ -240,9 +240,9 @@ class _Rule:
 
 def _shared_destinations(routes: list[Route], positions: list[int], ctx: RouteContext) -> list[str]:
     """With several sources, a rule with ``source`` writes series of names that other
-    sources may feed too (service.routes.marks): each of its outputs needs a table or
-    topic of its own, which no other rule and not the default one writes, else two
-    series of one name would meet in one destination (docs/routes.md, "Sources")."""
+    sources may feed too (service.aggregation.source_marks): each of its outputs needs a
+    table or topic of its own, which no other rule and not the default one writes, else
+    two series of one name would meet in one destination (docs/routes.md, "Sources")."""
     problems: list[str] = []
     for route, position in zip(routes, positions, strict=True):
         if route.source is None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from service.aggregation.aggregator import EventAggregator
 from service.aggregation.batch_run import BatchRun
+from service.aggregation.source_marks import SourceMarks
 from service.bus.base import SourceBatch
 from service.config import AggregationConfig
 from service.core.clock import ManualClock
@@ -21,7 +22,6 @@ from service.core.events import Aggregate
 from service.metrics.collector import MetricsCollector
 from service.pipeline.flow import Outputs
 from service.routes import Route, Routes
-from service.routes.marks import SourceMarks
 from tests.unit import test_window_paths as paths
 
 S = 1_700_000_000.0  # a window start (a multiple of 10)

@@ -25,11 +25,11 @@ from service.aggregation.series import (
     unmarked,
     valid_series,
 )
+from service.aggregation.source_marks import SourceMarks
 from service.config import load_config
 from service.core.errors import ConfigError
 from service.core.events import Aggregate, RoutedAggregate
 from service.routes import Route, Router, Routes
-from service.routes.marks import SourceMarks
 
 K1 = "kafka://broker.example:9092/one"
 K2 = "kafka://broker.example:9092/two?group=agg-two"
