@@ -35,16 +35,21 @@ def source_of(i: int) -> int:
     return (i // PER_SOURCE_PHASE) % 3 + 1
 
 
+@pytest.mark.parametrize("with_kafka", [False, True], ids=["table", "table-and-topic"])
 async def test_a_source_rule_takes_exactly_its_sources_windows_through_kill_9(
-    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path
+    kafka_bootstrap: str, postgres_dsn: str, unique_name: str, tmp_path: Path, with_kafka: bool
 ) -> None:
+    """Also with the rule writing to Kafka: then its own topic holds exactly source 2's
+    cpu windows, each once, and the default topic the others."""
     output, table = f"out-{unique_name}", f"agg_{unique_name}"
-    hosts = f"host_metrics_{unique_name}"
+    hosts, hosts_topic = f"host_metrics_{unique_name}", f"hosts-{unique_name}"
+    outputs = "[postgres, kafka]" if with_kafka else "[postgres]"
+    topic = f", kafka_topic: {hosts_topic}" if with_kafka else ""
     routes = tmp_path / "routes.yaml"
     routes.write_text(
         "routes:\n"
-        f"  - {{name: hosts, match: ['cpu.*'], source: 2, outputs: [postgres],"
-        f" postgres_table: {hosts}}}\n"
+        f"  - {{name: hosts, match: ['cpu.*'], source: 2, outputs: {outputs},"
+        f" postgres_table: {hosts}{topic}}}\n"
     )
     fed = await run_three_sources(
         kafka_bootstrap, postgres_dsn, unique_name, tmp_path, {"ROUTES_FILE": str(routes)}, hosts
@@ -63,3 +68,7 @@ async def test_a_source_rule_takes_exactly_its_sources_windows_through_kill_9(
     assert [k for k, n in Counter(key_of(v) for v in written).items() if n > 1] == []
     got: dict[Key, tuple[float, int]] = {key_of(v): (v["value"], v["count"]) for v in written}
     assert got == others
+    if with_kafka:
+        own = await read_all(kafka_bootstrap, hosts_topic, len(mine))
+        assert [k for k, n in Counter(key_of(v) for v in own).items() if n > 1] == []
+        assert {key_of(v): (v["value"], v["count"]) for v in own} == mine
